@@ -34,10 +34,13 @@ _SINGLE = re.compile(r"^single@(\d+)(?:-top(\d+))?$")
 
 @dataclass(frozen=True)
 class HeadSet:
-    """A sorted, duplicate-free set of (layer, head) pairs with a name saying where it came from."""
+    """A sorted, duplicate-free set of (layer, head) pairs with a name saying where it came from.
+
+    Equality and hashing look at the heads only: the name is a label.
+    """
 
     heads: tuple[Head, ...]
-    name: str = ""
+    name: str = field(default="", compare=False)
     meta: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:

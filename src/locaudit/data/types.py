@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "val", "test")
+
+
+def normalise_text(text: str) -> str:
+    """Whitespace-collapsed, stripped text: the form question ids are computed from."""
+    return " ".join(str(text).split())
+
+
+def question_id(text: str, prefix: str = "tqa") -> str:
+    """A stable id from the question text, e.g. 'tqa-1a2b3c4d5e'.
+
+    Derived from the whitespace-normalised text, so the v1 CSV, the Jan-2025 CSV, the hub copy and
+    mc_task.json give the same id to the same question, independent of row order.
+    """
+    digest = hashlib.sha1(normalise_text(text).encode("utf-8")).hexdigest()[:10]
+    return f"{prefix}-{digest}"
 
 
 @dataclass(frozen=True)

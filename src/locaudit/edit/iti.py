@@ -1,0 +1,280 @@
+"""ITI steering (Li et al. 2023): add alpha * sigma * u to chosen heads' outputs at every position.
+
+Per chosen head (l, h): u = mean(o | label 1) - mean(o | label 0) over TRAIN examples (mass-mean shift),
+or the probe weight; unit-normalised. sigma = std (ddof 0, as ITI's np.std) of the train activations
+projected on u. theta_h = sigma * u, and theta^l = concat_h theta_h is zero outside the chosen heads.
+
+The edit adds alpha * theta^l to layer l's o_proj INPUT at every position of every sequence (scoring
+and generation alike; ITI's original code edited only the last position). Equivalently it adds
+alpha * W^l theta^l to o_proj's bias (`baked`), which the tests use as an independent check.
+
+Files: ``iti.safetensors`` (tensor ``theta``, float32, [L, H*D]) and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from locaudit.errors import ConfigError, DataError
+from locaudit.heads import HeadSet
+from locaudit.io import atomic_path, write_json_atomic
+from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["mass_mean", "probe"]
+DIRECTIONS = ("mass_mean", "probe")
+THETA_FILE = "iti.safetensors"
+META_FILE = "meta.json"
+
+
+def _field(example: Any, name: str) -> Any:
+    """An example's field, whether it is a dict (examples.jsonl) or an object (ActivationSet.examples)."""
+    if isinstance(example, dict):
+        if name not in example:
+            raise DataError(f"activation example {example!r} has no field {name!r}")
+        return example[name]
+    if not hasattr(example, name):
+        raise DataError(f"activation example {example!r} has no field {name!r}")
+    return getattr(example, name)
+
+
+def _model_of(acts: Any) -> dict:
+    meta = getattr(acts, "meta", None) or {}
+    model = meta.get("model", {}) if isinstance(meta, dict) else {}
+    if isinstance(model, str):
+        model = {"name": model}
+    out = {"name": model.get("name", meta.get("model_name", "")),
+           "fingerprint": model.get("fingerprint", meta.get("model_fingerprint", ""))}
+    return {k: v for k, v in out.items() if v}
+
+
+def mass_mean_directions(X: Tensor, y: Tensor) -> Tensor:
+    """Float[Tensor, "n k d"], labels Long[Tensor, "n"] -> Float[Tensor, "k d"]: mean(true) - mean(false)."""
+    pos, neg = y == 1, y == 0
+    if not pos.any() or not neg.any():
+        raise DataError(f"ITI needs train examples of both labels; got {int(pos.sum())} true and {int(neg.sum())} false")
+    return X[pos].mean(0) - X[neg].mean(0)
+
+
+def fit_iti(
+    acts: Any,
+    heads: HeadSet,
+    direction: Direction = "mass_mean",
+    probe: Any = None,
+    split: str | Sequence[str] = "train",
+    alpha: float = 1.0,
+) -> "ITIEdit":
+    """Fit ITI's theta on `heads` from an ActivationSet (`heads` Float[N, L, H, D], `examples` with label, split).
+
+    `direction="probe"` uses `probe.weight` (a ProbeResult, Float[L, H, D]) instead of the mass-mean shift.
+    Only examples whose split is in `split` are used for the direction and for sigma.
+    """
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"ITI direction {direction!r} is not one of {DIRECTIONS}")
+    X_all: Tensor = acts.heads
+    if X_all.dim() != 4:
+        raise DataError(f"activations must be [N, L, H, D]; got shape {tuple(X_all.shape)}")
+    N, L, H, D = X_all.shape
+    if len(acts.examples) != N:
+        raise DataError(f"activation set has {N} rows but {len(acts.examples)} examples")
+    heads.check(L, H)
+    if len(heads) == 0:
+        raise ConfigError("ITI needs at least one head")
+    splits = {split} if isinstance(split, str) else set(split)
+    idx = [i for i, ex in enumerate(acts.examples) if _field(ex, "split") in splits]
+    if not idx:
+        raise DataError(f"no activation examples in split(s) {sorted(splits)}")
+    labels = torch.tensor([int(_field(acts.examples[i], "label")) for i in idx])
+    ls = torch.tensor([l for l, _ in heads.heads])
+    hs = torch.tensor([h for _, h in heads.heads])
+    X = X_all[torch.tensor(idx)][:, ls, hs, :].double()  # [n, K, D]
+
+    if direction == "mass_mean":
+        u = mass_mean_directions(X, labels)
+    else:
+        if probe is None:
+            raise ConfigError("direction='probe' needs a probe (a ProbeResult with weight [L, H, D])")
+        W = probe.weight if hasattr(probe, "weight") else probe
+        W = torch.as_tensor(W)
+        if tuple(W.shape) != (L, H, D):
+            raise DataError(f"probe weight has shape {tuple(W.shape)}, activations need {(L, H, D)}")
+        u = W[ls, hs, :].double()
+    norms = u.norm(dim=-1, keepdim=True)
+    if (norms == 0).any():
+        bad = [heads.heads[i] for i in torch.nonzero(norms.squeeze(-1) == 0).flatten().tolist()]
+        raise DataError(f"ITI direction is zero at heads {bad}: no signal to steer along")
+    u = u / norms
+    proj = torch.einsum("nkd,kd->nk", X, u)
+    sigma = proj.std(0, unbiased=False)  # [K]
+    theta = torch.zeros(L, H, D, dtype=torch.float64)
+    theta[ls, hs, :] = sigma[:, None] * u
+    return ITIEdit(theta.reshape(L, H * D).float(), alpha=alpha, heads=heads, direction=direction,
+                   model=_model_of(acts), n_heads=H)
+
+
+class ITIEdit:
+    """theta Float[Tensor, "layer head*head_dim"] added (times alpha) to o_proj's input at every position."""
+
+    kind = "iti"
+
+    def __init__(
+        self,
+        theta: Tensor,
+        alpha: float = 1.0,
+        heads: HeadSet | None = None,
+        direction: str = "mass_mean",
+        model: dict | str | None = None,
+        n_heads: int | None = None,
+    ) -> None:
+        if theta.dim() != 2:
+            raise ConfigError(f"ITI theta must be [L, H*D]; got shape {tuple(theta.shape)}")
+        self.theta = theta.detach().float().cpu().contiguous()
+        self.alpha = float(alpha)
+        self.direction = direction
+        self.model = {"name": model} if isinstance(model, str) else dict(model or {})
+        self.n_heads = n_heads  # needed only to recover the head set from theta
+        if heads is None:
+            heads = self._heads_from_theta()
+        self.heads = heads
+
+    def _heads_from_theta(self) -> HeadSet:
+        if self.n_heads is None:
+            layers = torch.nonzero(self.theta.abs().sum(1) > 0).flatten().tolist()
+            return HeadSet((), name=f"layers{layers}") if layers else HeadSet((), name="none")
+        L, HD = self.theta.shape
+        nz = self.theta.reshape(L, self.n_heads, HD // self.n_heads).abs().sum(-1) > 0
+        return HeadSet.from_heads(torch.nonzero(nz).tolist())
+
+    # ------------------------------------------------------------------ variants
+    def with_alpha(self, alpha: float) -> "ITIEdit":
+        """The same directions at another strength (theta is shared, not copied)."""
+        new = ITIEdit.__new__(ITIEdit)
+        new.__dict__.update(self.__dict__)
+        new.alpha = float(alpha)
+        return new
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "heads": self.heads.name, "n_edit_heads": len(self.heads),
+                "alpha": self.alpha, "direction": self.direction, "model": self.model.get("name", "")}
+
+    def __repr__(self) -> str:
+        return f"ITIEdit(heads={self.heads.name!r}, alpha={self.alpha}, direction={self.direction!r})"
+
+    # ------------------------------------------------------------------ application
+    def _check(self, lm: LoadedModel) -> None:
+        L, H, D = lm.sites.shape
+        if tuple(self.theta.shape) != (L, H * D):
+            raise ConfigError(
+                f"ITI edit theta has shape {tuple(self.theta.shape)} but model {lm.name!r} needs {(L, H * D)}"
+            )
+        fp = self.model.get("fingerprint")
+        if fp and fp != lm.fingerprint:
+            log.warning("ITI edit was fitted on model fingerprint %s, applying to %s (%s)", fp, lm.fingerprint, lm.name)
+
+    def _active_layers(self) -> list[int]:
+        if self.alpha == 0.0:
+            return []
+        return torch.nonzero(self.theta.abs().sum(1) > 0).flatten().tolist()
+
+    def shift(self, layer: int, device=None, dtype=None) -> Tensor:
+        """Float[Tensor, "head*head_dim"]: alpha * theta^l, the vector added to o_proj's input."""
+        return (self.alpha * self.theta[layer]).to(device=device, dtype=dtype)
+
+    @contextmanager
+    def applied(self, lm: LoadedModel) -> Iterator[None]:
+        """Add alpha * theta^l to layer l's o_proj input at every position; hooks removed on exit."""
+        self._check(lm)
+        pre = {}
+        for l in self._active_layers():
+            w = lm.sites.o_proj(l).weight
+            vec = self.shift(l, w.device, w.dtype)
+
+            def fn(o: Tensor, vec=vec) -> Tensor:  # o: Float[Tensor, "batch pos head*head_dim"]
+                return o + vec.to(o.dtype)
+
+            pre[l] = fn
+        with o_proj_hooks(lm.sites, pre=pre):
+            yield
+
+    @contextmanager
+    def baked(self, lm: LoadedModel) -> Iterator[None]:
+        """Add alpha * W^l theta^l to o_proj's bias (a bias is created where absent); restored exactly on exit."""
+        self._check(lm)
+        saved: list[tuple[nn.Module, Tensor | None, bool]] = []
+        try:
+            for l in self._active_layers():
+                op = lm.sites.o_proj(l)
+                W = lm.sites.weight(l)  # [d, HD]
+                delta = W.double() @ self.shift(l, W.device, torch.float64)
+                bias = getattr(op, "bias", None)
+                registered = "bias" in op._parameters
+                saved.append((op, None if bias is None else bias.detach().clone(), registered))
+                if bias is None:
+                    new = nn.Parameter(delta.to(W.dtype), requires_grad=False)
+                    if registered:
+                        op.bias = new
+                    else:
+                        op.register_parameter("bias", new)
+                else:
+                    with torch.no_grad():
+                        bias.copy_((bias.double() + delta).to(bias.dtype))
+            yield
+        finally:
+            for op, orig, registered in reversed(saved):
+                if orig is None:
+                    if registered:
+                        op.register_parameter("bias", None)
+                    else:
+                        del op._parameters["bias"]
+                else:
+                    with torch.no_grad():
+                        op.bias.copy_(orig)
+
+    # ------------------------------------------------------------------ files
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``iti.safetensors`` (tensor ``theta`` [L, H*D]) and ``meta.json`` into `out_dir`."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / THETA_FILE) as tmp:
+            save_file({"theta": self.theta.contiguous()}, str(tmp))
+        meta = {"kind": self.kind, "model": self.model, "heads": self.heads.to_dict(), "alpha": self.alpha,
+                "direction": self.direction, "shape": list(self.theta.shape), "n_heads": self.n_heads}
+        write_json_atomic(out / META_FILE, meta)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, alpha: float | None = None) -> "ITIEdit":
+        """Read a folder written by `save`; `alpha` overrides the saved strength."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path, theta_path = path / META_FILE, path / THETA_FILE
+        for p in (meta_path, theta_path):
+            if not p.exists():
+                raise ConfigError(f"{path} is not an ITI edit folder: {p.name} is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{meta_path}: not valid JSON ({e})") from e
+        if meta.get("kind") != "iti":
+            raise ConfigError(f"{meta_path}: field 'kind' is {meta.get('kind')!r}, expected 'iti'")
+        try:
+            theta = load_file(str(theta_path))["theta"]
+        except (KeyError, SafetensorError, OSError) as e:
+            raise ConfigError(f"{theta_path}: expected a safetensors file with tensor 'theta' ({e})") from e
+        heads = HeadSet.from_dict(meta["heads"]) if "heads" in meta else None
+        return cls(theta, alpha=meta.get("alpha", 1.0) if alpha is None else alpha, heads=heads,
+                   direction=meta.get("direction", "mass_mean"), model=meta.get("model"),
+                   n_heads=meta.get("n_heads"))
