@@ -1,0 +1,93 @@
+"""CAA's A/B behaviour datasets (nrimsky/CAA, Rimsky et al. 2024) as preference pairs.
+
+Each record is {question, answer_matching_behavior, answer_not_matching_behavior}; the options are
+written inside `question` and the answers are option letters such as "(A)". Convention: chosen = the
+answer MATCHING the behaviour (so an edit trained on the pairs steers towards the behaviour, as CAA's
+positive vector does); `invert=True` swaps the sides (steer away from it).
+
+Layout under the root: datasets/generate/<name>/generate_dataset.json (the default, CAA's vector
+data) and datasets/test/<name>/test_dataset_ab.json (name it 'test/<name>').
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from locaudit.data.types import PreferencePair, question_id
+from locaudit.errors import DataError
+
+FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
+
+
+def caa_root(root: str | Path | None = None) -> Path | None:
+    """The CAA folder: `root`, else $LOCAUDIT_DATA/caa, else the repository's sibling ../shared/data/caa."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("LOCAUDIT_DATA")
+    if env:
+        return Path(env) / "caa"
+    sibling = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "caa"
+    return sibling if sibling.is_dir() else None
+
+
+def available_behaviours(root: str | Path | None = None) -> list[str]:
+    """Behaviour names under the CAA root (generate sets, then 'test/<name>' A/B test sets)."""
+    base = caa_root(root)
+    if base is None:
+        return []
+    names = [p.parent.name for p in sorted((base / "datasets" / "generate").glob("*/generate_dataset.json"))]
+    names += [f"test/{p.parent.name}" for p in sorted((base / "datasets" / "test").glob("*/test_dataset_ab.json"))]
+    return names
+
+
+def resolve_caa(name_or_path: str | Path, root: str | Path | None = None) -> Path:
+    """A CAA JSON file from a path or a behaviour name ('sycophancy', 'test/sycophancy')."""
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.is_file():
+        if not p.is_file():
+            raise DataError(f"{p}: file not found")
+        return p
+    base = caa_root(root)
+    name = str(name_or_path).strip("/")
+    if base is not None:
+        if name.startswith("test/"):
+            cand = base / "datasets" / "test" / name[len("test/") :] / "test_dataset_ab.json"
+        else:
+            cand = base / "datasets" / "generate" / name / "generate_dataset.json"
+        if cand.is_file():
+            return cand
+    where = f"under {base}" if base is not None else "(no CAA root: pass root=, set LOCAUDIT_DATA, or give a path)"
+    avail = available_behaviours(root)
+    raise DataError(f"CAA behaviour {name!r} not found {where}; available: {avail or 'none'}")
+
+
+def load_caa(name_or_path: str | Path, root: str | Path | None = None, invert: bool = False) -> list[PreferencePair]:
+    """CAA A/B items as pairs: chosen = answer_matching_behavior (rejected with `invert=True`)."""
+    path = resolve_caa(name_or_path, root)
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of A/B items, got {type(items).__name__}")
+    pairs = []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected an object with fields {FIELDS}, got {type(item).__name__}")
+        for f in FIELDS:
+            v = item.get(f)
+            if v is None:
+                extra = " (an open-ended file? use the A/B file)" if f != "question" else ""
+                raise DataError(f"{where}: missing field {f!r}{extra}")
+            if not isinstance(v, str) or not v.strip():
+                raise DataError(f"{where}: field {f!r} must be a non-empty string, got {v!r}")
+        match, other = item["answer_matching_behavior"].strip(), item["answer_not_matching_behavior"].strip()
+        chosen, rejected = (other, match) if invert else (match, other)
+        q = item["question"].strip()
+        pairs.append(PreferencePair(qid=question_id(q, prefix="caa"), question=q, chosen=chosen, rejected=rejected))
+    if not pairs:
+        raise DataError(f"{path}: no items")
+    return pairs

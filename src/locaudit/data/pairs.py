@@ -1,0 +1,118 @@
+"""Preference pairs: every (correct, incorrect) answer combination of a question, or pairs from a file.
+
+The paper trains on every (correct, incorrect) combination of each training question. A combination
+whose two answers are the same text (v1 lists "Unknown" as both correct and incorrect for two
+questions) is skipped: it carries no preference.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from locaudit.data.types import PreferencePair, Question, question_id
+from locaudit.errors import DataError
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def preference_pairs(questions: Iterable[Question]) -> list[PreferencePair]:
+    """Every (correct, incorrect) combination, question by question, in answer order."""
+    return [
+        PreferencePair(qid=q.qid, question=q.question, chosen=c, rejected=r)
+        for q in questions
+        for c in q.correct
+        for r in q.incorrect
+        if c != r
+    ]
+
+
+def load_pairs(path: str | Path) -> list[PreferencePair]:
+    """Pairs from a JSONL (or JSON list) or CSV file with fields prompt, chosen, rejected (optional qid).
+
+    Without a qid, pairs that share a prompt share the id 'pair-<hash of prompt>', so question-level
+    splits keep them together.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    if suffix == ".jsonl":
+        records = _jsonl_records(path, text)
+    elif suffix == ".json":
+        records = _json_records(path, text)
+    elif suffix == ".csv":
+        records = _csv_records(path, text)
+    else:
+        raise DataError(f"{path}: unknown pairs format {suffix!r}; use .jsonl, .json or .csv with fields {PAIR_FIELDS}")
+    pairs = [_pair(path, line, rec) for line, rec in records]
+    if not pairs:
+        raise DataError(f"{path}: no pairs")
+    return pairs
+
+
+def _jsonl_records(path: Path, text: str):
+    for i, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from e
+        yield i, rec
+
+
+def _json_records(path: Path, text: str):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of pair objects, got {type(data).__name__}")
+    return [(f"item {i}", rec) for i, rec in enumerate(data)]
+
+
+def _csv_records(path: Path, text: str):
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [f for f in PAIR_FIELDS if f not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} (found {header})")
+    reader.fieldnames = header
+    start = 2
+    for row in reader:
+        line, start = start, reader.line_num + 1
+        if None in row:
+            raise DataError(f"{path}:{line}: more fields than columns ({len(header)}); check the quoting")
+        yield line, row
+
+
+def _pair(path: Path, line, rec) -> PreferencePair:
+    where = f"{path}:{line}" if isinstance(line, int) else f"{path}: {line}"
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object with fields {PAIR_FIELDS}, got {type(rec).__name__}")
+    values = {}
+    for f in PAIR_FIELDS:
+        v = rec.get(f)
+        if v is None:
+            raise DataError(f"{where}: missing field {f!r}")
+        if not isinstance(v, str) or not v.strip():
+            raise DataError(f"{where}: field {f!r} must be a non-empty string, got {v!r}")
+        values[f] = v.strip()
+    qid = rec.get("qid")
+    if isinstance(qid, str) and not qid.strip():
+        qid = None  # an empty CSV cell: no id given
+    if qid is not None and (not isinstance(qid, (str, int)) or isinstance(qid, bool)):
+        raise DataError(f"{where}: field 'qid' must be a string, got {qid!r}")
+    return PreferencePair(
+        qid=str(qid).strip() if qid is not None else question_id(values["prompt"], prefix="pair"),
+        question=values["prompt"],
+        chosen=values["chosen"],
+        rejected=values["rejected"],
+    )
