@@ -15,7 +15,10 @@ SHARED_DATA = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared"
 def _isolated_cache(tmp_path_factory):
     """Tests write caches under a temporary folder, except the dequantized default model, which is
     shared with the user's cache (it is content-keyed and read-only once written)."""
-    os.environ.setdefault("LOCAUDIT_TEST_CACHE", str(tmp_path_factory.mktemp("cache")))
+    from locaudit.io import cache_dir
+
+    os.environ.setdefault("LOCAUDIT_MODEL_CACHE", str(cache_dir("models")))
+    os.environ["LOCAUDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
 
 

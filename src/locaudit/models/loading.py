@@ -113,10 +113,19 @@ def default_model_dir() -> Path:
     """The dequantized SmolLM2 folder in the cache, created on first use."""
     gguf = smollm2_gguf_path()
     key = stable_hash({"gguf": gguf.name, "size": gguf.stat().st_size, "sha": file_sha256(gguf)})
-    out = cache_dir("models") / f"{DEFAULT_MODEL}-{key}"
+    out = _models_dir() / f"{DEFAULT_MODEL}-{key}"
     if not (out / "model.safetensors").exists():
         dequantize_gguf(gguf, out)
     return out
+
+
+def _models_dir() -> Path:
+    """Where dequantized models live: $LOCAUDIT_MODEL_CACHE, else <cache>/models."""
+    env = os.environ.get("LOCAUDIT_MODEL_CACHE")
+    if env:
+        Path(env).mkdir(parents=True, exist_ok=True)
+        return Path(env)
+    return cache_dir("models")
 
 
 def resolve_model_path(name: str) -> tuple[str, str | None]:
@@ -128,7 +137,7 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         if not p.exists():
             raise ConfigError(f"GGUF file {p} does not exist")
         key = stable_hash({"gguf": str(p.resolve()), "size": p.stat().st_size, "mtime": p.stat().st_mtime_ns})
-        out = cache_dir("models") / f"{p.stem}-{key}"
+        out = _models_dir() / f"{p.stem}-{key}"
         if not (out / "model.safetensors").exists():
             dequantize_gguf(p.resolve(), out)
         return str(out), None
