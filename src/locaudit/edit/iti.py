@@ -96,7 +96,7 @@ def fit_iti(
     labels = torch.tensor([int(_field(acts.examples[i], "label")) for i in idx])
     ls = torch.tensor([l for l, _ in heads.heads])
     hs = torch.tensor([h for _, h in heads.heads])
-    X = X_all[torch.tensor(idx)][:, ls, hs, :].double()  # [n, K, D]
+    X = X_all[:, ls, hs, :][torch.tensor(idx)].double()  # [n, K, D]: chosen heads first (memory-mapped input)
 
     if direction == "mass_mean":
         u = mass_mean_directions(X, labels)

@@ -1,0 +1,106 @@
+"""`locaudit eval`: score one edit (none, ITI, optimal) with MC, KL/CE, held-out preferences, generation
+and judges; writes result.json and appends a row to results.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+EXAMPLE = (
+    "Examples:\n\n"
+    "  locaudit eval --model smollm2-135m-instruct --data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv "
+    "--metrics mc,kl,ce,pref --split test --out runs/eval/baseline\n\n"
+    "  locaudit eval --data truthfulqa:PATH.csv --iti runs/iti16 --alpha 15 --metrics all --judge NAME --out runs/eval/iti16"
+)
+
+
+def resolve_judge(name: str, data: str, split: str, seed: int = 0, max_questions: int | None = None,
+                  device: str = "cpu"):
+    """A judge by name via locaudit.evaluate.judges.get_judge (disk-cached). For TruthfulQA data the
+    judge gets the reference answers, and a judge trained on first use holds out the evaluation split."""
+    from locaudit.errors import ConfigError
+
+    try:
+        from locaudit.evaluate.judges import get_judge
+    except ImportError as e:
+        raise ConfigError(f"--judge {name!r}: judges are unavailable in this install ({e})") from e
+    kwargs: dict = {"device": device, "seed": seed, "max_questions": max_questions,
+                    "holdout_splits": tuple(dict.fromkeys((split, "test")))}
+    if data.startswith("truthfulqa:"):
+        kwargs.update(references=data, holdout=data)
+    return get_judge(name, **kwargs)
+
+
+def evaluate(
+    data: str = typer.Option(..., "--data", help="Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), "
+                             "caa:NAME_OR_PATH or pairs:PATH; split by question as for collect."),
+    out: Path = typer.Option(..., "--out", help="Folder for result.json, results.csv, generations.jsonl, "
+                             "mc_items.jsonl, judgements.jsonl."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="HF hub id, local folder, .gguf file or "
+                              "smollm2-135m-instruct."),
+    edit: Optional[Path] = typer.Option(None, "--edit", help="A saved edit folder (ITI or optimal); "
+                                        "none = the unedited model."),
+    iti: Optional[Path] = typer.Option(None, "--iti", help="A saved ITI edit folder (same as --edit, "
+                                       "with --alpha to change its strength)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Override an ITI edit's saved alpha."),
+    metrics: str = typer.Option("mc,kl,ce,pref,gen", "--metrics", help="Comma-separated subset of "
+                                "mc,kl,ce,pref,gen, or all. kl and ce share one pass."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Judge scoring the generations for True/Info "
+                                        "(needs gen in --metrics): trained:DIR, hf:TRUTH,INFO, api:MODEL@URL, "
+                                        "reference[:bleu|rouge1|rouge2|rougeL] or default (see `locaudit judge`)."),
+    split: str = typer.Option("test", "--split", help="Evaluation split: train, val or test."),
+    fmt: str = typer.Option("plain", "--format", help="Prompt format: plain or chat."),
+    seed: int = typer.Option(0, "--seed", help="Question split seed (as for collect/edit)."),
+    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Seeded question subset "
+                                                "before splitting (as for collect/edit)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass when scoring."),
+    gen_batch_size: int = typer.Option(16, "--gen-batch-size", help="Questions generated together."),
+    max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Greedy tokens per answer at most."),
+    max_length: int = typer.Option(512, "--max-length", help="Longest scored sequence in tokens."),
+    kl_text: Optional[Path] = typer.Option(None, "--kl-text", help="A text file for KL/CE instead of the "
+                                           "split's questions with their best answers."),
+    mc_primer: bool = typer.Option(False, "--mc-primer/--no-mc-primer", help="Put TruthfulQA's six-shot QA "
+                                   "primer before each MC prompt (its original setting)."),
+    autocast: str = typer.Option("none", "--autocast", help="none, bf16 or fp16 autocast for matmuls."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="CSV to append the result row to "
+                                       "(default OUT/results.csv)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Model dtype: fp32, bf16 or fp16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the checkpoint."),
+) -> None:
+    """Evaluate an edit (or the unedited model) on one split with every asked-for metric."""
+    import json
+
+    from locaudit.data.behaviour import load_behaviour
+    from locaudit.edit.base import load_edit
+    from locaudit.errors import ConfigError
+    from locaudit.evaluate.runner import EvalConfig, evaluate_edit, parse_metrics
+    from locaudit.models.loading import load_model
+
+    if edit is not None and iti is not None:
+        raise ConfigError("give --edit or --iti, not both")
+    chosen = edit or iti
+    if alpha is not None and chosen is None:
+        raise ConfigError("--alpha needs --iti DIR (or --edit DIR of an ITI edit)")
+    metric_list = parse_metrics(metrics)
+    cfg = EvalConfig(format=fmt, batch_size=batch_size, gen_batch_size=gen_batch_size, max_new_tokens=max_new_tokens,
+                     max_length=max_length, kl_text=str(kl_text) if kl_text else None, autocast=autocast,
+                     mc_primer=mc_primer)
+    the_edit = None
+    if chosen is not None:
+        the_edit = load_edit(chosen, alpha=alpha) if alpha is not None else load_edit(chosen)
+        if iti is not None and the_edit.kind != "iti":
+            raise ConfigError(f"--iti {iti}: the folder holds a {the_edit.kind!r} edit; use --edit")
+    the_judge = resolve_judge(judge, data, split, seed, max_questions, device) if judge else None
+    bd = load_behaviour(data, seed=seed, max_questions=max_questions)
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    res = evaluate_edit(lm, the_edit, bd, split, metric_list, the_judge, out, cfg, csv)
+    keys = ("mc1", "mc2", "mc0", "kl", "ce", "pref_acc", "pref_margin", "true", "info", "true_info")
+    typer.echo(json.dumps({"edit": res.edit, **{k: getattr(res, k) for k in keys if getattr(res, k) is not None}}))
+    typer.echo(f"-> {out / 'result.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", help=(evaluate.__doc__ or "") + "\n\n" + EXAMPLE)(evaluate)

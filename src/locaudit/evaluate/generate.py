@@ -1,0 +1,177 @@
+"""Batched greedy answers with an edit applied at every position (prompt and each new token).
+
+Prompts are left-padded so that every sequence's next token sits in the last column; `model.generate`
+keeps the KV cache (which holds keys/values of the EDITED model, since the edit was active while the
+prompt was encoded) and derives position ids from the attention mask. A stopping criterion ends each
+sequence at a stop string (a new "Q:" in the plain format, the end token in chat), which is then
+stripped from the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from locaudit.data.prompts import PromptFormat
+from locaudit.data.types import Question
+from locaudit.edit.base import Edit
+from locaudit.errors import DataError
+from locaudit.io import write_text_atomic
+from locaudit.evaluate.view import edited
+from locaudit.models.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One generated answer, keyed by question id."""
+
+    qid: str
+    question: str
+    answer: str
+
+
+def add_special_tokens_for(fmt: PromptFormat, tokenizer, prompt: str) -> bool:
+    """Add the tokenizer's special tokens unless a chat template already wrote its BOS into `prompt`."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (fmt.kind == "chat" and bos and prompt.startswith(bos))
+
+
+@contextmanager
+def padding_side(tokenizer, side: str) -> Iterator[None]:
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+def strip_stop(text: str, stops: Sequence[str]) -> str:
+    """Cut `text` at the first stop string and strip surrounding whitespace."""
+    cut = len(text)
+    for s in stops:
+        if s and (i := text.find(s)) >= 0:
+            cut = min(cut, i)
+    return text[:cut].strip()
+
+
+class _StopOnStrings:
+    """Per-sequence stopping criterion: True once the generated text contains a stop string."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops: Sequence[str]) -> None:
+        self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, [s for s in stops if s]
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+def _generation_config(lm: LoadedModel, max_new_tokens: int):
+    from transformers import GenerationConfig
+
+    tok = lm.tokenizer
+    eos = getattr(tok, "eos_token_id", None)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            eos_token_id=eos, pad_token_id=tok.pad_token_id, use_cache=True)
+
+
+def greedy_generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    max_new_tokens: int = 50,
+    stops: Sequence[str] = (),
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of `prompts` (batched, left-padded), cut at the first stop string.
+
+    Runs under whatever edit the caller has applied; batches are formed from length-sorted prompts.
+    """
+    from transformers import StoppingCriteriaList
+
+    tok, model = lm.tokenizer, lm.model
+    config = _generation_config(lm, max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate", unit="q", disable=not progress)
+    with padding_side(tok, "left"), torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                      add_special_tokens=add_special_tokens).to(lm.device)
+            T = enc["input_ids"].shape[1]
+            stopping = StoppingCriteriaList([_StopOnStrings(tok, T, stops)]) if stops else None
+            gen = model.generate(**enc, generation_config=config, stopping_criteria=stopping)
+            texts = tok.batch_decode(gen[:, T:], skip_special_tokens=False)
+            for i, t in zip(idx, texts):
+                out[i] = strip_stop(_drop_special(t, tok), stops)
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _drop_special(text: str, tok) -> str:
+    """Remove padding (and cut at the end token), keeping every other character of the answer."""
+    eos = getattr(tok, "eos_token", None)
+    if eos and eos in text:
+        text = text[: text.index(eos)]
+    pad = getattr(tok, "pad_token", None)
+    if pad:
+        text = text.replace(pad, "")
+    return text
+
+
+def generate_answers(
+    lm: LoadedModel,
+    edit: Edit | None,
+    questions: Sequence[Question],
+    fmt: PromptFormat = PromptFormat("plain"),
+    max_new_tokens: int = 50,
+    batch_size: int = 16,
+    out_path: str | Path | None = None,
+    progress: bool = True,
+    autocast: torch.dtype | None = None,
+) -> list[GenerationRecord]:
+    """Greedy answers to `questions` with `edit` applied at every position; optionally saved as JSONL."""
+    prompts = [fmt.prompt(q.question, lm.tokenizer) for q in questions]
+    special = add_special_tokens_for(fmt, lm.tokenizer, prompts[0]) if prompts else True
+    with edited(lm, edit, autocast):
+        answers = greedy_generate(lm, prompts, max_new_tokens, fmt.stop_strings(lm.tokenizer), batch_size,
+                                  special, progress)
+    records = [GenerationRecord(q.qid, q.question, a) for q, a in zip(questions, answers)]
+    if out_path is not None:
+        save_generations(records, out_path)
+    return records
+
+
+def save_generations(records: Sequence[GenerationRecord], path: str | Path) -> Path:
+    """Write records as JSONL (qid, question, answer), atomically."""
+    path = Path(path)
+    write_text_atomic(path, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def load_generations(path: str | Path) -> list[GenerationRecord]:
+    """Read a JSONL file written by `save_generations`; a bad line is named by number and field."""
+    path = Path(path)
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+        missing = [k for k in ("qid", "question", "answer") if k not in d]
+        if missing:
+            raise DataError(f"{path}:{n}: missing field(s) {missing}")
+        out.append(GenerationRecord(str(d["qid"]), str(d["question"]), str(d["answer"])))
+    return out
