@@ -1,0 +1,222 @@
+"""Train locaudit's own truth / info judges on TruthfulQA's judge data, offline, with no leakage.
+
+Every judge-data question that is an evaluation question (the held-out splits of the study's own
+seeded question-level split, matched by normalised text; an unmatched question that resembles one is
+dropped too) is kept out of training; held-out accuracy is measured on exactly those questions.
+Features: frozen-LM states of "Q: q\\nA: a" (features.py) and reference-aware features (reffeatures.py).
+Heads: L2 logistic regression and a small MLP; the L2 strength and the head type are chosen on a
+seeded question-level validation split of the training questions, then refit on all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from locaudit.errors import ConfigError
+from locaudit.evaluate.judges.base import References, normalise_question
+from locaudit.evaluate.judges.data import JudgeExample, load_holdout, load_judge_data
+from locaudit.evaluate.judges.features import PairEncoder
+from locaudit.evaluate.judges.heads import Head, fit_logistic, fit_mlp
+from locaudit.evaluate.judges.reffeatures import LEXICAL
+from locaudit.evaluate.judges.trained import (JudgeFeatures, TrainedJudge, head_input, load_trained_judge,
+                                              save_trained_judge)
+from locaudit.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+LEX_EXACT = [LEXICAL.index("exact_correct"), LEXICAL.index("exact_incorrect")]
+
+
+class JudgeTrainConfig(BaseModel):
+    """What `locaudit judge train` does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[str] = Field(["truth", "info"], description="which judges to train: truth, info or both")
+    model: str = Field("smollm2-135m-instruct", description="frozen backbone model whose states are the features")
+    truth_data: Path | None = Field(None, description="finetune_truth.jsonl (TruthfulQA's truth-judge data)")
+    info_data: Path | None = Field(None, description="finetune_info.jsonl (TruthfulQA's info-judge data)")
+    holdout: str = Field(..., description="behaviour spec whose evaluation questions are held out, truthfulqa:PATH.csv")
+    holdout_splits: list[str] = Field(["test"], description="splits of that spec held out of training")
+    seed: int = Field(0, description="seed of the study's question-level split (must match the study)")
+    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train/val/test fractions of the study")
+    max_questions: int | None = Field(None, description="the study's max_questions (a subset changes the split)")
+    layers: list[int] = Field([3, 6, 9, 12], description="backbone layers whose states are features")
+    max_length: int = Field(256, description="max tokens of 'Q: ..\\nA: ..'")
+    autocast: bool = Field(True, description="bf16 autocast for the backbone's forward passes")
+    batch_size: int = Field(64, description="backbone batch size")
+    device: str = Field("auto", description="cpu, cuda or auto")
+    val_fraction: float = Field(0.2, description="fraction of training questions used to choose the head")
+    l2_grid: list[float] = Field([1e-2, 3e-2, 0.1, 0.3], description="L2 strengths tried for logistic heads")
+    mlp_weight_decay: list[float] = Field([1e-2], description="AdamW weight decays tried for MLP heads")
+    heads: list[str] = Field(["logistic", "mlp"], description="head types tried (logistic, mlp)")
+    max_train_examples: int | None = Field(None, description="cap on training examples per kind (quick runs)")
+    max_heldout_examples: int | None = Field(None, description="cap on held-out examples evaluated (quick runs)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if k not in ("truth", "info")]
+        if bad or not v:
+            raise ValueError(f"kinds {v!r}: each must be 'truth' or 'info'")
+        return list(dict.fromkeys(v))
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[str]) -> list[str]:
+        bad = [h for h in v if h not in ("logistic", "mlp")]
+        if bad or not v:
+            raise ValueError(f"heads {v!r}: each must be 'logistic' or 'mlp'")
+        return v
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _val(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"val_fraction {v}: must be in (0, 1)")
+        return v
+
+
+def _metrics(p: torch.Tensor, y: torch.Tensor) -> dict:
+    pred = (p > 0.5).float()
+    out = {"n": int(len(y)), "accuracy": float((pred == y).float().mean()) if len(y) else float("nan"),
+           "positive_rate": float(y.mean()) if len(y) else float("nan")}
+    tpr = float(pred[y == 1].mean()) if (y == 1).any() else float("nan")
+    tnr = float(1 - pred[y == 0].mean()) if (y == 0).any() else float("nan")
+    out["balanced_accuracy"] = (tpr + tnr) / 2
+    if (y == 1).any() and (y == 0).any():  # AUC by ranks
+        ranks = torch.empty_like(p)
+        ranks[p.argsort()] = torch.arange(1, len(p) + 1, dtype=p.dtype)
+        n1, n0 = float((y == 1).sum()), float((y == 0).sum())
+        out["auc"] = float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return out
+
+
+def _fit(kind: str, x: torch.Tensor, y: torch.Tensor, l2: float, seed: int) -> Head:
+    return fit_logistic(x, y, l2) if kind == "logistic" else fit_mlp(x, y, weight_decay=l2, seed=seed)
+
+
+def _choose_and_fit(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], cfg: JudgeTrainConfig,
+                    label: str) -> tuple[Head, dict]:
+    """Pick the head on a question-level validation split of the training questions: each head type with
+    its best L2 strength, and the average of the best of each type (ensemble); then refit on everything."""
+    qs = sorted(set(groups))
+    random.Random(f"locaudit-judge-val-{cfg.seed}").shuffle(qs)
+    val_q = set(qs[: max(1, round(cfg.val_fraction * len(qs)))])
+    is_val = torch.tensor([g in val_q for g in groups])
+    results, best_of = [], {}
+    for head in cfg.heads:
+        grid = cfg.l2_grid if head == "logistic" else cfg.mlp_weight_decay
+        for l2 in grid:
+            h = _fit(head, x[~is_val], y[~is_val], l2, cfg.seed)
+            p = h.prob(x[is_val])
+            acc = _metrics(p, y[is_val])["accuracy"]
+            results.append({"head": head, "l2": l2, "val_accuracy": acc})
+            log.info("%s: %s l2=%g val acc %.4f", label, head, l2, acc)
+            if head not in best_of or acc > best_of[head][0]:
+                best_of[head] = (acc, l2, p)
+    if len(best_of) > 1:
+        p = torch.stack([b[2] for b in best_of.values()]).mean(0)
+        acc = _metrics(p, y[is_val])["accuracy"]
+        results.append({"head": "ensemble", "l2": {h: b[1] for h, b in best_of.items()}, "val_accuracy": acc})
+        log.info("%s: ensemble of the best %s val acc %.4f", label, list(best_of), acc)
+    best = max(results, key=lambda r: r["val_accuracy"])
+    if best["head"] == "ensemble":
+        final = Head.ensemble([_fit(h, x, y, l2, cfg.seed) for h, l2 in best["l2"].items()])
+    else:
+        final = _fit(best["head"], x, y, best["l2"], cfg.seed)
+    return final, {"chosen": best, "search": results, "n_val_questions": len(val_q), "n_train_examples": int(len(y))}
+
+
+def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
+    """Train, evaluate on the held-out questions, save to `out_dir`; returns the report (also in judge.json)."""
+    from locaudit.models.loading import load_model
+
+    t0 = time.time()
+    holdout = load_holdout(cfg.holdout, cfg.holdout_splits, cfg.seed, cfg.fractions, cfg.max_questions)
+    references = References.from_spec(cfg.holdout)
+    data: dict[str, list[JudgeExample]] = {}
+    for kind in cfg.kinds:
+        path = cfg.truth_data if kind == "truth" else cfg.info_data
+        if path is None:
+            raise ConfigError(f"--{kind}-data: no {kind} judge data file given (finetune_{kind}.jsonl)")
+        data[kind] = load_judge_data(path, kind)
+    role = holdout.assign([e.question for ex in data.values() for e in ex])
+    split: dict[str, dict[str, list[JudgeExample]]] = {}
+    for kind, ex in data.items():
+        tr = [e for e in ex if role[e.question] in ("train", "unmatched")]
+        te = [e for e in ex if role[e.question] == "held_out"]
+        rng = random.Random(f"locaudit-judge-cap-{cfg.seed}")
+        if cfg.max_train_examples is not None and len(tr) > cfg.max_train_examples:
+            tr = rng.sample(tr, cfg.max_train_examples)
+        if cfg.max_heldout_examples is not None and len(te) > cfg.max_heldout_examples:
+            te = rng.sample(te, cfg.max_heldout_examples)
+        held_q = {normalise_question(e.question) for e in te}
+        assert not held_q & {normalise_question(e.question) for e in tr}, "leak: a held-out question is in training"
+        assert held_q <= holdout.held_out
+        split[kind] = {"train": tr, "held_out": te}
+    if lm is None:
+        lm = load_model(cfg.model, dtype="fp32", device=cfg.device)
+    encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length, autocast=cfg.autocast)
+    pairs = list(dict.fromkeys((e.question, e.answer) for s in split.values() for part in s.values() for e in part))
+    log.info("judge features: %d distinct (question, answer) pairs, layers %s of %s", len(pairs), encoder.layers, cfg.model)
+    t_feat = time.time()
+    feats = JudgeFeatures(encoder, references)
+    hidden4 = feats.hidden([p[0] for p in pairs], [p[1] for p in pairs])
+    train_pairs = {(e.question, e.answer) for s in split.values() for e in s["train"]}
+    index = {p: i for i, p in enumerate(pairs)}
+    train_rows = torch.tensor([index[p] for p in pairs if p in train_pairs])
+    feats.center = hidden4[train_rows][:, :, 0].float().mean(0)
+    ref, has = feats.ref([p[0] for p in pairs], [p[1] for p in pairs], hidden4)
+    hidden = hidden4.reshape(len(pairs), -1)
+    feat_s = time.time() - t_feat
+
+    heads: dict[tuple[str, str], Head] = {}
+    report: dict = {"kinds": {}, "holdout": holdout.describe(),
+                    "questions": {r: sum(1 for v in role.values() if v == r) for r in set(role.values())}}
+    for kind, s in split.items():
+        rows_tr = torch.tensor([index[(e.question, e.answer)] for e in s["train"]])
+        rows_te = torch.tensor([index[(e.question, e.answer)] for e in s["held_out"]], dtype=torch.long)
+        y_tr = torch.tensor([float(e.label) for e in s["train"]])
+        y_te = torch.tensor([float(e.label) for e in s["held_out"]])
+        groups = [normalise_question(e.question) for e in s["train"]]
+        kind_report: dict = {"n_train_questions": len(set(groups)),
+                             "n_heldout_questions": len({normalise_question(e.question) for e in s["held_out"]})}
+        for variant in ("ref", "noref"):
+            keep = has[rows_tr] if variant == "ref" else torch.ones(len(rows_tr), dtype=torch.bool)
+            x = head_input(variant, hidden[rows_tr[keep]], ref[rows_tr[keep]])
+            head, search = _choose_and_fit(x, y_tr[keep], [g for g, k in zip(groups, keep.tolist()) if k], cfg,
+                                           f"{kind}.{variant}")
+            heads[(kind, variant)] = head
+            kind_report[variant] = {"selection": search}
+        # held-out: the judge as it scores (ref head where references exist), and the no-reference head alone
+        p_ref = heads[(kind, "noref")].prob(hidden[rows_te])
+        h_te = has[rows_te]
+        if h_te.any():
+            p_ref[h_te] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows_te][h_te], ref[rows_te][h_te]))
+        kind_report["held_out"] = _metrics(p_ref, y_te)
+        kind_report["held_out_noref"] = _metrics(heads[(kind, "noref")].prob(hidden[rows_te]), y_te)
+        exact = ref[rows_te][:, LEX_EXACT].sum(1) > 0
+        kind_report["held_out_not_a_reference"] = _metrics(p_ref[~exact], y_te[~exact])
+        report["kinds"][kind] = kind_report
+        log.info("%s judge: held-out accuracy %.4f on %d answers to %d held-out questions", kind,
+                 kind_report["held_out"]["accuracy"], len(y_te), kind_report["n_heldout_questions"])
+    report["feature_seconds"] = round(feat_s, 1)
+    report["total_seconds"] = round(time.time() - t0, 1)
+    meta = {"model": cfg.model, "model_fingerprint": lm.fingerprint,
+            "encoder": {"layers": list(encoder.layers), "max_length": cfg.max_length, "autocast": cfg.autocast},
+            "ref_features": feats.ref_names,
+            "references": {"source": references.source, "fingerprint": references.fingerprint},
+            "config": cfg.model_dump(mode="json"), "report": report}
+    save_trained_judge(out_dir, meta, heads, feats.center)
+    write_json_atomic(Path(out_dir) / "report.json", report)
+    return report
+
+
+__all__ = ["JudgeTrainConfig", "TrainedJudge", "load_trained_judge", "train_judge"]
