@@ -126,8 +126,15 @@ def _build(
     max_questions: int | None,
     source: dict,
 ) -> BehaviourData:
-    questions = subsample_questions(questions, max_questions, seed)
     splits = split_questions(questions, fractions, seed)
+    if max_questions is not None and max_questions < len(questions):
+        # split first, then subsample each split in proportion: a small run's test questions are always
+        # test questions of the full data, so a judge that holds out the full test split stays leak-free
+        n_total = len(questions)
+        splits = {s: subsample_questions(qs, max(1, round(max_questions * len(qs) / n_total)) if qs else None, seed)
+                  for s, qs in splits.items()}
+        keep = {q.qid for qs in splits.values() for q in qs}
+        questions = [q for q in questions if q.qid in keep]
     split_of = {q.qid: s for s, qs in splits.items() for q in qs}
     if pairs is None:
         pairs = preference_pairs(questions)
@@ -164,7 +171,8 @@ def load_behaviour(
 ) -> BehaviourData:
     """Load a behaviour dataset from a spec (see the module docstring) and split it by question.
 
-    `max_questions` keeps a seeded subset of questions BEFORE splitting, so small runs stay 60/20/20.
+    `max_questions` keeps a seeded subset of each split (in proportion, so small runs stay 60/20/20) AFTER
+    splitting the full data: the questions of a split are always questions of that split of the full data.
     """
     check_fractions(fractions)
     if max_questions is not None and max_questions < 1:
