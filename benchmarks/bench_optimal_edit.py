@@ -1,0 +1,241 @@
+"""Benchmark: one IPO epoch of an optimal edit with locaudit vs TRL's DPOTrainer(loss_type="ipo") + PEFT.
+
+Same model (SmolLM2-135M-Instruct), same TruthfulQA train pairs, same batch size, both at their default
+precision (bf16 autocast; TRL's DPOConfig defaults bf16=True). Each measurement runs in its own
+subprocess so that peak RSS is comparable: the peak (VmHWM) is reset after loading the model and the
+pairs, and the RSS at that point is subtracted.
+Wall time and process CPU time are both reported (CPU time is steadier on a shared machine).
+
+Reported (JSON on stdout, and --out FILE):
+- trl vs locaudit at all heads (TRL: rank-1 LoRA on every o_proj): pairs/s for one epoch including the
+  reference pass, and with the reference cached (every later epoch or trial on the same data), peak memory;
+- frozen prefix: a single head at a late layer l, training loop with vs without the prefix cache
+  (reference cached in both), against the ideal L / (L - l);
+- multi-edit: 8 single heads trained in one pass vs 8 sequential runs (reference cached in both).
+
+Usage: python benchmarks/bench_optimal_edit.py [--pairs 32] [--batch-size 4] [--threads 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CSV = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def reset_peak_rss() -> float:
+    """Current RSS (MB), after resetting the peak (VmHWM) to it, so that loading transients do not count."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS (MB) since the last reset (VmHWM), else ru_maxrss."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm == hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_pairs(n: int):
+    from locaudit.data.behaviour import load_behaviour
+    from locaudit.data.types import PreferencePair
+
+    if CSV.exists():
+        pairs = load_behaviour(f"truthfulqa:{CSV}", seed=0).pairs("train")
+        return random.Random(0).sample(pairs, n)
+    return [PreferencePair(f"q{i}", f"What is fact number {i} about the world?", "It is not known.",
+                           "Everyone knows it is true.") for i in range(n)]
+
+
+class Clock:
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
+    import torch
+
+    from locaudit.models import load_model
+
+    if kind == "trl":  # library code is not training memory: import before the baseline
+        import datasets, peft, trl  # noqa: F401,E401
+    else:
+        import locaudit.edit.multi  # noqa: F401
+    lm = load_model("smollm2-135m-instruct")
+    pairs = load_pairs(n_pairs)
+    base_rss = reset_peak_rss()
+    L, H = lm.sites.n_layers, lm.sites.n_heads
+    out: dict = {"kind": kind, "pairs": n_pairs, "batch_size": batch_size, "threads": torch.get_num_threads()}
+    if kind == "trl":
+        out.update(run_trl(lm, pairs, batch_size))
+    else:
+        from locaudit.data.prompts import PromptFormat
+        from locaudit.edit.config import TrainConfig
+        from locaudit.edit.encoded import encode_pairs
+        from locaudit.edit.multi import train_edits
+        from locaudit.edit.reference import reference_logps
+        from locaudit.heads import HeadSet
+
+        cfg = TrainConfig(epochs=1, batch_size=batch_size, progress=False, eval_each_epoch=False,
+                          reference_disk_cache=False)
+        enc = encode_pairs(lm.tokenizer, pairs, PromptFormat("plain"), cfg.max_length, lm.fingerprint)
+        if kind == "locaudit_all":
+            heads = [HeadSet.all(L, H)]
+            with Clock() as ref_clock:
+                reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False)
+            with Clock() as c:
+                train_edits(lm, heads, pairs, None, config=cfg)
+            out.update(reference_wall=ref_clock.wall, reference_cpu=ref_clock.cpu, loop_wall=c.wall, loop_cpu=c.cpu,
+                       wall=ref_clock.wall + c.wall, cpu=ref_clock.cpu + c.cpu)
+        elif kind.startswith("prefix"):
+            layer = int(kind.split(":")[1])
+            use = kind.startswith("prefix_on")
+            heads = [HeadSet.parse(f"L{layer}H3")]
+            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False)
+            c0 = cfg.model_copy(update={"frozen_prefix": use})
+            if use:  # one-time state collection, reported apart (shared by every trial at this layer)
+                from locaudit.edit.prefix import PREFIX_CACHE
+                from locaudit.edit.fastcast import frozen_bf16_weights
+                from locaudit.edit.train import _store_dtype
+
+                with Clock() as sc, frozen_bf16_weights(lm.model):
+                    PREFIX_CACHE.get(lm, enc, layer, True, _store_dtype(c0), c0.eval_batch_size)
+                out.update(states_wall=sc.wall, states_cpu=sc.cpu)
+            with Clock() as c:
+                train_edits(lm, heads, pairs, None, config=c0)
+            out.update(wall=c.wall, cpu=c.cpu, layer=layer, n_layers=L)
+        elif kind.startswith("multi"):
+            n_edits = 8
+            heads = [HeadSet.parse(f"single@{s}", L, H) for s in range(n_edits)]
+            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False)
+            together = kind == "multi_one_pass"
+            with Clock() as c:
+                if together:
+                    train_edits(lm, heads, pairs, None, config=cfg.model_copy(update={"max_parallel": n_edits}))
+                else:
+                    for hs in heads:
+                        train_edits(lm, [hs], pairs, None, config=cfg)
+            out.update(wall=c.wall, cpu=c.cpu, heads=[hs.name for hs in heads],
+                       lowest_layers=sorted(min(hs.layers) for hs in heads))
+        else:
+            raise SystemExit(f"unknown worker kind {kind!r}")
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_delta_mb"] = out["peak_rss_mb"] - base_rss
+    return out
+
+
+def run_trl(lm, pairs, batch_size: int) -> dict:
+    import logging
+    import warnings
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    ds = Dataset.from_list([{"prompt": f"Q: {p.question}\nA:", "chosen": f" {p.chosen}", "rejected": f" {p.rejected}"}
+                            for p in pairs])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, loss_type=["ipo"], beta=0.1, per_device_train_batch_size=batch_size,
+                         num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine", report_to=[],
+                         use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                         dataloader_num_workers=0, seed=0)
+        peft_cfg = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["o_proj"], task_type="CAUSAL_LM")
+        trainer = DPOTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
+                             peft_config=peft_cfg)
+        with Clock() as c:
+            trainer.train()
+    return {"wall": c.wall, "cpu": c.cpu, "bf16": bool(args.bf16)}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def spawn(kind: str, n_pairs: int, batch_size: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, __file__, "--worker", kind, "--pairs", str(n_pairs), "--batch-size", str(batch_size)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=32, help="training pairs (one epoch)")
+    ap.add_argument("--batch-size", type=int, default=4, help="pairs per batch, both tools")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    ap.add_argument("--layer", type=int, default=24, help="layer of the single head for the frozen-prefix run")
+    ap.add_argument("--only", default="trl,prefix,multi", help="comma list of parts: trl, prefix, multi")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.pairs, a.batch_size)))
+        return
+    parts = set(a.only.split(","))
+    runs: dict = {}
+    result: dict = {"pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "model": "smollm2-135m-instruct"}
+    if "trl" in parts:
+        runs["locaudit_all"] = spawn("locaudit_all", a.pairs, a.batch_size, a.threads)
+        runs["trl"] = spawn("trl", a.pairs, a.batch_size, a.threads)
+        loc, trl = runs["locaudit_all"], runs["trl"]
+        result["vs_trl_all_heads"] = {
+            "trl_pairs_per_s": a.pairs / trl["wall"],
+            "locaudit_pairs_per_s": a.pairs / loc["wall"],
+            "locaudit_pairs_per_s_reference_cached": a.pairs / loc["loop_wall"],
+            "speedup_wall": trl["wall"] / loc["wall"],
+            "speedup_cpu": trl["cpu"] / loc["cpu"],
+            "speedup_wall_reference_cached": trl["wall"] / loc["loop_wall"],
+            "speedup_cpu_reference_cached": trl["cpu"] / loc["loop_cpu"],
+            "trl_peak_rss_delta_mb": trl["peak_rss_delta_mb"],
+            "locaudit_peak_rss_delta_mb": loc["peak_rss_delta_mb"],
+        }
+    if "prefix" in parts:
+        on = runs["prefix_on"] = spawn(f"prefix_on:{a.layer}", a.pairs, a.batch_size, a.threads)
+        off = runs["prefix_off"] = spawn(f"prefix_off:{a.layer}", a.pairs, a.batch_size, a.threads)
+        L = on["n_layers"]
+        result["frozen_prefix"] = {"layer": a.layer, "n_layers": L, "ideal": L / (L - a.layer),
+                                   "speedup_wall": off["wall"] / on["wall"], "speedup_cpu": off["cpu"] / on["cpu"],
+                                   "one_time_states_wall": on["states_wall"],
+                                   "peak_rss_delta_mb_on": on["peak_rss_delta_mb"],
+                                   "peak_rss_delta_mb_off": off["peak_rss_delta_mb"]}
+    if "multi" in parts:
+        one = runs["multi_one_pass"] = spawn("multi_one_pass", a.pairs, a.batch_size, a.threads)
+        seq = runs["multi_sequential"] = spawn("multi_sequential", a.pairs, a.batch_size, a.threads)
+        result["multi_edit_8_single_heads"] = {"speedup_wall": seq["wall"] / one["wall"],
+                                               "speedup_cpu": seq["cpu"] / one["cpu"], "heads": one["heads"],
+                                               "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
+                                               "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
+    result["runs"] = runs
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

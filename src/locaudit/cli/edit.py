@@ -1,0 +1,119 @@
+"""`locaudit edit`: train an optimal localized edit (head-masked reparameterised LoRA, IPO) at a head set."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = (
+    "Example:\n\n"
+    "  locaudit edit --data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv --probe runs/probe "
+    "--heads top16 --objective ipo --tau 0.1 --epochs 2 --out runs/edit_top16"
+)
+
+
+def edit(
+    out: Path = typer.Option(..., "--out", help="Folder for the edit: edit.safetensors (a, b) and meta.json."),
+    data: str = typer.Option(..., "--data", help="Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), "
+                             "caa:NAME_OR_PATH or pairs:PATH (JSONL/CSV with prompt, chosen, rejected)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Hub id, local folder, .gguf file or "
+                              "the embedded default smollm2-135m-instruct."),
+    heads: str = typer.Option("top16", "--heads", help="Head set: top16 (needs --probe), random16@3, "
+                              "random16@3-top16, single@5, L12, L12H3,L20H1 or all."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="Folder written by `locaudit probe`; its "
+                                         "ranking resolves topK head sets."),
+    objective: str = typer.Option("ipo", "--objective", help="ipo (the paper's), dpo or sft (NLL of the "
+                                  "preferred answer, a sanity baseline)."),
+    tau: float = typer.Option(0.1, "--tau", help="IPO tau: the target average log-ratio gap is 1/(2 tau)."),
+    beta: float = typer.Option(0.1, "--beta", help="DPO beta."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate; default follows the paper by "
+                                       "head-set size (2e-3 one head, 5e-4 16 heads, 1e-4 all heads)."),
+    epochs: int = typer.Option(2, "--epochs", help="Passes over the training pairs."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Preference pairs per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    rank: int = typer.Option(1, "--rank", help="Rank r of the edit."),
+    reparam: bool = typer.Option(True, "--reparam/--plain", help="Reparameterised <a,o> W b (the paper's) "
+                                 "or plain LoRA <a,o> b'."),
+    train_seed: int = typer.Option(0, "--train-seed", help="Seed of the initialisation and batch order."),
+    seed: int = typer.Option(0, "--seed", help="Question split seed (as for collect/probe)."),
+    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Seeded subset of questions, "
+                                                "taken before the 60/20/20 split (small runs)."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Seeded subset of training pairs."),
+    max_val_pairs: Optional[int] = typer.Option(None, "--max-val-pairs", help="Seeded subset of held-out pairs."),
+    val_split: str = typer.Option("val", "--val-split", help="Held-out split for validation loss and "
+                                  "preference accuracy: val or test."),
+    fmt: str = typer.Option("plain", "--format", help="Prompt format: plain (Q: ..\\nA:) or chat (template)."),
+    max_length: int = typer.Option(256, "--max-length", help="Maximum tokens of prompt + answer."),
+    autocast: bool = typer.Option(True, "--autocast/--no-autocast", help="bf16 autocast for matmuls "
+                                  "(CPU AMX or GPU); --no-autocast trains in the model's dtype."),
+    frozen_prefix: bool = typer.Option(True, "--frozen-prefix/--no-frozen-prefix", help="Cache the states "
+                                       "below the lowest edited layer and run only the layers above."),
+    export_merged: Optional[Path] = typer.Option(None, "--export-merged", help="Also save a merged HF model "
+                                                 "folder with the edit folded into o_proj."),
+    export_peft: Optional[Path] = typer.Option(None, "--export-peft", help="Also save a PEFT LoRA adapter "
+                                               "on o_proj."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Model dtype: fp32, bf16 or fp16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train an optimal localized edit at a head set on preference pairs and save it."""
+    from locaudit.data.behaviour import load_behaviour
+    from locaudit.data.prompts import PromptFormat
+    from locaudit.edit.config import TrainConfig
+    from locaudit.edit.train import train_edit
+    from locaudit.errors import ConfigError
+    from locaudit.heads import HeadSet
+    from locaudit.models.loading import load_model
+
+    if val_split not in ("val", "test"):
+        raise ConfigError(f"--val-split {val_split!r}: use val or test (never train)")
+    config = TrainConfig.make(objective=objective, tau=tau, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size,
+                              grad_accum=grad_accum, rank=rank, reparam=reparam, seed=train_seed, autocast=autocast,
+                              max_length=max_length, frozen_prefix=frozen_prefix, progress=progress)
+    lm = load_model(model, dtype=dtype, device=device)
+    L, H = lm.sites.n_layers, lm.sites.n_heads
+    ranking = None
+    if probe is not None:
+        from locaudit.localize.probe import ProbeResult
+
+        pr = ProbeResult.load(probe)
+        if pr.shape != (L, H):
+            raise ConfigError(f"--probe {probe}: probes are {pr.shape[0]}x{pr.shape[1]} heads, model {model} "
+                              f"has {L}x{H}")
+        ranking = pr.ranking()
+    head_set = HeadSet.parse(heads, L, H, ranking)
+    bd = load_behaviour(data, seed=seed, max_questions=max_questions)
+    train_pairs, val_pairs = bd.pairs("train"), bd.pairs(val_split)
+    if max_pairs is not None and max_pairs < len(train_pairs):
+        train_pairs = random.Random(seed).sample(train_pairs, max_pairs)
+    if max_val_pairs is not None and max_val_pairs < len(val_pairs):
+        val_pairs = random.Random(seed + 1).sample(val_pairs, max_val_pairs)
+    typer.echo(f"{lm.name}: {len(head_set)} heads ({head_set.name}), {len(train_pairs)} train pairs, "
+               f"{len(val_pairs)} {val_split} pairs")
+    result, tlog = train_edit(lm, head_set, train_pairs, val_pairs, PromptFormat(fmt), config)
+    result.meta["data"].update({"spec": data, "fingerprint": bd.fingerprint, "seed": seed,
+                                "max_questions": max_questions, "val_split": val_split})
+    result.save(out)
+    b, a = tlog.before, tlog.after
+    typer.echo(f"held-out ({val_split}) preference accuracy: {b['val_accuracy']:.3f} -> {a['val_accuracy']:.3f}; "
+               f"margin {b['val_margin']:+.3f} -> {a['val_margin']:+.3f}; {objective} loss "
+               f"{b['val_loss']:.3f} -> {a['val_loss']:.3f}  ({tlog.seconds:.0f} s) -> {out}")
+    if export_merged is not None or export_peft is not None:
+        from locaudit.edit import export
+
+        if export_merged is not None:
+            export.export_merged(result, lm, export_merged, overwrite=True)
+            typer.echo(f"merged model -> {export_merged}")
+        if export_peft is not None:
+            export.export_peft(result, lm, export_peft, overwrite=True)
+            typer.echo(f"PEFT adapter -> {export_peft}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("edit", help=(edit.__doc__ or "") + "\n\n" + EXAMPLE)(edit)

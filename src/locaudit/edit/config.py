@@ -1,0 +1,87 @@
+"""Training configuration of optimal localized edits, with the paper's defaults."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from locaudit.errors import ConfigError
+
+# (number of heads, learning rate) from the paper: single head, 16 heads; all heads is added per model
+_LR_SINGLE, _LR_16, _LR_ALL = 2e-3, 5e-4, 1e-4
+
+
+def default_lr(n_heads: int, total_heads: int) -> float:
+    """The paper's learning rate for a head set of `n_heads` out of `total_heads`.
+
+    2e-3 for one head, 5e-4 for 16, 1e-4 for all heads; log-log interpolation in between.
+    """
+    points = [(1, _LR_SINGLE), (16, _LR_16), (max(total_heads, 17), _LR_ALL)]
+    if total_heads <= 16:  # small (test) models: single head to all heads only
+        points = [(1, _LR_SINGLE), (max(total_heads, 2), _LR_ALL)]
+    n = min(max(n_heads, 1), points[-1][0])
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= n <= x1:
+            t = (math.log(n) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return float(math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0))))
+    return points[-1][1]
+
+
+class TrainConfig(BaseModel):
+    """How to train an optimal localized edit (defaults follow Wang & Veitch 2025)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    objective: Literal["ipo", "dpo", "sft"] = Field("ipo", description="training objective: ipo, dpo or sft (chosen NLL)")
+    tau: float = Field(0.1, gt=0, description="IPO regularisation tau: the target log-ratio gap is 1/(2 tau)")
+    beta: float = Field(0.1, gt=0, description="DPO inverse temperature beta")
+    lr: float | None = Field(None, gt=0, description="learning rate; None = paper default for the head-set size")
+    epochs: int = Field(2, ge=1, description="passes over the training pairs")
+    batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of optimizer steps with linear warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm per edit (None: no clipping)")
+    rank: int = Field(1, ge=1, description="rank r of the edit (number of (a, b) components per layer)")
+    reparam: bool = Field(True, description="reparameterised form <a,o> W b (True) or plain LoRA <a,o> b' (False)")
+    seed: int = Field(0, description="seed of the initialisation and the batch order")
+    autocast: bool = Field(True, description="bf16 autocast for matmuls (CPU AMX / GPU); False = model dtype")
+    cast_frozen_weights: bool = Field(
+        True, description="under autocast, hold bf16 copies of frozen matmul weights (same numbers, no per-call casts)")
+    max_length: int = Field(256, ge=8, description="maximum tokens of prompt + completion (prompt cut from the left)")
+    eval_batch_size: int = Field(16, ge=1, description="pairs per batch in no-grad passes (reference, validation)")
+    eval_each_epoch: bool = Field(True, description="validation loss and preference accuracy after every epoch")
+    frozen_prefix: bool = Field(True, description="cache the states entering the lowest edited layer and run only the layers above")
+    prefix_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="storage of cached prefix states; auto = bf16 under autocast, else fp32")
+    reference_disk_cache: bool = Field(True, description="also cache reference log-probs on disk (keyed by content)")
+    max_parallel: int = Field(8, ge=1, description="multi-edit: edits trained together in one pass")
+    progress: bool = Field(True, description="show a progress bar with the loss")
+
+    @field_validator("tau", "beta", "lr")
+    @classmethod
+    def _finite(cls, v):
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @classmethod
+    def make(cls, **kwargs) -> "TrainConfig":
+        """Build a config, raising ConfigError (naming the field and value) instead of pydantic's error."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, "TrainConfig")) from None
+
+    def resolved_lr(self, n_heads: int, total_heads: int) -> float:
+        return self.lr if self.lr is not None else default_lr(n_heads, total_heads)
+
+
+def format_validation_error(e: ValidationError, where: str) -> str:
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "?"
+        parts.append(f"{where}.{field} = {err.get('input')!r}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,76 @@
+"""Reference log-probs of the frozen model, computed once per dataset and cached.
+
+Key: model fingerprint + encoded pairs (content, format, max_length) + autocast. The cache lives in
+memory and on disk (cache_dir("reference")/<key>.safetensors), so no epoch, trial or process pays for
+the reference forward twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from locaudit.edit.encoded import EncodedPairs
+from locaudit.edit.objectives import PairLogps
+from locaudit.edit.prefix import autocast
+from locaudit.io import atomic_path, cache_dir, stable_hash
+from locaudit.models.loading import LoadedModel
+from locaudit.models.scoring import collate_completions, completion_logprobs
+
+log = logging.getLogger(__name__)
+
+_MEMORY: dict[str, PairLogps] = {}
+
+
+def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 16,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad summed completion log-probs and token counts of all 2N sequences (length-sorted batches)."""
+    seqs = enc.sequences()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+    sums = torch.zeros(len(seqs))
+    counts = torch.zeros(len(seqs), dtype=torch.long)
+    dev = lm.device
+    with torch.no_grad(), autocast(dev, use_autocast):
+        for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress,
+                      leave=False):
+            idx = order[s: s + batch_size]
+            b = collate_completions([seqs[i] for i in idx], enc.pad_id).to(dev)
+            lp, n = completion_logprobs(lm.model, b)
+            sums[idx] = lp.float().cpu()
+            counts[idx] = n.cpu()
+    return sums, counts
+
+
+def reference_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 16,
+                    disk: bool = True, progress: bool = False) -> PairLogps:
+    """The frozen model's PairLogps of `enc`, from memory, disk, or one batched no-grad pass."""
+    from safetensors.torch import load_file, save_file
+
+    key = stable_hash({"model": lm.fingerprint, "data": enc.key, "autocast": bool(use_autocast)})
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = cache_dir("reference") / f"{key}.safetensors" if disk else None
+    if path is not None and path.exists():
+        try:
+            t = load_file(str(path))
+            out = PairLogps(t["chosen"], t["rejected"], t["n_chosen"], t["n_rejected"])
+            if out.chosen.shape[0] == len(enc):
+                _MEMORY[key] = out
+                return out
+        except Exception as e:  # a corrupt cache file is recomputed, not fatal
+            log.warning("ignoring unreadable reference cache %s (%s)", path, e)
+    sums, counts = sequence_logps(lm, enc, use_autocast, batch_size, progress)
+    n = len(enc)
+    out = PairLogps(sums[:n].clone(), sums[n:].clone(), counts[:n].clone(), counts[n:].clone())
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({"chosen": out.chosen, "rejected": out.rejected, "n_chosen": out.n_chosen,
+                       "n_rejected": out.n_rejected}, str(tmp))
+    _MEMORY[key] = out
+    return out
+
+
+def clear_memory() -> None:
+    _MEMORY.clear()

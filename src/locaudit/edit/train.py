@@ -1,0 +1,287 @@
+"""Train optimal localized edits: IPO (or DPO, SFT) on preference pairs, one or many edits per pass.
+
+`train_edit` trains one edit; `train_stack` is the loop behind it and behind `multi.train_edits`: E edits
+share every forward pass (the batch is replicated E times, copy e routed to edit e), their losses are
+summed (so gradients stay independent) and each edit has its own AdamW group and gradient clipping,
+which makes the result equal to E separate runs. The frozen model's reference log-probs are computed
+once per dataset (edit/reference.py) and, where the lowest edited layer is l > 0, the states entering
+layer l are cached once (edit/prefix.py) so that only layers l..L-1 run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from locaudit.data.prompts import PromptFormat
+from locaudit.data.types import PreferencePair
+from locaudit.edit.config import TrainConfig
+from locaudit.edit.fastcast import frozen_bf16_weights
+from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, replicate
+from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
+from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
+from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates, autocast, prefix_supported, run_from_layer
+from locaudit.edit.reference import reference_logps
+from locaudit.errors import ConfigError, LocauditError
+from locaudit.heads import HeadSet
+from locaudit.models.loading import LoadedModel
+from locaudit.models.scoring import completion_logprobs
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(LocauditError, RuntimeError):
+    """Training diverged (a NaN or inf loss); the message names the step, the batch and the edit."""
+
+
+@dataclass
+class TrainLog:
+    """The training curve of one edit: per optimizer step and per epoch, plus validation before training."""
+
+    heads: str
+    lr: float
+    steps: list[dict] = field(default_factory=list)  # {step, epoch, loss, lr, grad_norm}
+    epochs: list[dict] = field(default_factory=list)  # {epoch, train_loss, val_loss, val_accuracy, val_margin}
+    before: dict = field(default_factory=dict)  # validation of the unedited model
+    seconds: float = 0.0
+    n_train: int = 0
+    n_val: int = 0
+    lowest_layer: int = 0
+    frozen_prefix: bool = False
+
+    @property
+    def after(self) -> dict:
+        """Validation after the last epoch (empty without validation data)."""
+        return self.epochs[-1] if self.epochs else {}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cosine_schedule(total: int, warmup: int):
+    """HF's get_cosine_schedule_with_warmup multiplier: linear warm-up, then half a cosine to 0."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return f
+
+
+def _store_dtype(config: TrainConfig) -> torch.dtype:
+    if config.prefix_dtype == "auto":
+        return torch.bfloat16 if config.autocast else torch.float32
+    return torch.bfloat16 if config.prefix_dtype == "bf16" else torch.float32
+
+
+class StackRunner:
+    """Forward passes of a LoRAStack on pair batches: full model, or from the cached prefix."""
+
+    def __init__(self, lm: LoadedModel, stack: LoRAStack, config: TrainConfig) -> None:
+        self.lm, self.stack, self.config = lm, stack, config
+        self.lowest = min(stack.layers)
+        self.use_prefix = bool(config.frozen_prefix and self.lowest > 0 and prefix_supported(lm))
+        if config.frozen_prefix and self.lowest > 0 and not self.use_prefix:
+            log.info("frozen prefix not enabled for family %r: using the full forward", lm.sites.model_type)
+
+    def states(self, enc: EncodedPairs) -> PrefixStates | None:
+        if not self.use_prefix:
+            return None
+        return PREFIX_CACHE.get(self.lm, enc, self.lowest, self.config.autocast, _store_dtype(self.config),
+                                self.config.eval_batch_size, self.config.progress)
+
+    def logps(self, enc: EncodedPairs, idx: Sequence[int], states: PrefixStates | None) -> PairLogps:
+        """Policy PairLogps with tensors [E, B] (edit e on copy e of the batch of pairs `idx`)."""
+        E, B = self.stack.n_edits, len(idx)
+        batch = enc.batch(idx)
+        dev = self.lm.device
+        run = run_from_layer(self.lm, self.lowest) if states is not None else nullcontext()
+        with autocast(dev, self.config.autocast), self.stack.attached(), run as feed:
+            if states is not None:
+                h = states.batch(idx, len(enc), batch.input_ids.shape[1])
+                feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
+            sums, counts = completion_logprobs(self.lm.model, replicate(batch, E).to(dev))
+        sums, counts = sums.float().view(E, 2 * B), counts.view(E, 2 * B)
+        return PairLogps(sums[:, :B], sums[:, B:], counts[:, :B], counts[:, B:])
+
+    def evaluate(self, enc: EncodedPairs, ref: PairLogps | None, states: PrefixStates | None) -> list[dict]:
+        """Per edit: validation loss, preference accuracy and mean margin (no grad, length-sorted batches)."""
+        E = self.stack.n_edits
+        order = length_sorted(enc)
+        per = max(1, self.config.eval_batch_size // E)
+        parts = []
+        with torch.no_grad():
+            for s in range(0, len(order), per):
+                idx = order[s: s + per]
+                parts.append((idx, self.logps(enc, idx, states)))
+        idx_all = [i for idx, _ in parts for i in idx]
+        cat = PairLogps(*(torch.cat([getattr(p, f) for _, p in parts], dim=1).cpu()
+                          for f in ("chosen", "rejected", "n_chosen", "n_rejected")))
+        out = []
+        for e in range(E):
+            pol = cat.index((e, slice(None)))
+            stats = preference_stats(pol)
+            r = ref.index(idx_all) if ref is not None else None
+            loss = pair_loss(self.config.objective, pol, r, self.config.tau, self.config.beta)
+            out.append({"val_loss": float(loss.mean()), "val_accuracy": stats["accuracy"],
+                        "val_margin": stats["margin"]})
+        return out
+
+
+def validation_before(config: TrainConfig, ref_val: PairLogps) -> dict:
+    """Validation of the unedited model: the policy is the reference itself."""
+    stats = preference_stats(ref_val)
+    loss = pair_loss(config.objective, ref_val, ref_val, config.tau, config.beta)
+    return {"val_loss": float(loss.mean()), "val_accuracy": stats["accuracy"], "val_margin": stats["margin"]}
+
+
+def train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
+                enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
+                label: str = "") -> tuple[LoRAStack, list[TrainLog]]:
+    """Train len(heads_list) edits together; returns the trained stack and one TrainLog per edit."""
+    if len(lrs) != len(heads_list):
+        raise ConfigError(f"train_stack: {len(lrs)} learning rates for {len(heads_list)} edits")
+    with frozen_bf16_weights(lm.model, config.autocast and config.cast_frozen_weights):
+        return _train_stack(lm, heads_list, enc_train, enc_val, config, lrs, label)
+
+
+def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
+                 enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
+                 label: str) -> tuple[LoRAStack, list[TrainLog]]:
+    t0 = time.perf_counter()
+    E = len(heads_list)
+    dev = lm.device
+    cfg = config
+    stack = build_stack(lm.sites, heads_list, cfg.rank, cfg.reparam, seeds=[cfg.seed] * E).to(dev)
+    runner = StackRunner(lm, stack, cfg)
+    need_ref = cfg.objective in ("ipo", "dpo")
+    ref_train = reference_logps(lm, enc_train, cfg.autocast, cfg.eval_batch_size, cfg.reference_disk_cache,
+                                cfg.progress) if need_ref else None
+    ref_val = reference_logps(lm, enc_val, cfg.autocast, cfg.eval_batch_size, cfg.reference_disk_cache,
+                              cfg.progress) if enc_val is not None else None
+    st_train = runner.states(enc_train)
+    st_val = runner.states(enc_val) if enc_val is not None and cfg.eval_each_epoch else None
+
+    logs = [TrainLog(hs.name, float(lr), n_train=len(enc_train), n_val=len(enc_val) if enc_val else 0,
+                     lowest_layer=runner.lowest, frozen_prefix=runner.use_prefix) for hs, lr in zip(heads_list, lrs)]
+    if ref_val is not None:
+        before = validation_before(cfg, ref_val)
+        for lg in logs:
+            lg.before = dict(before)
+
+    opt = torch.optim.AdamW([{"params": stack.edit_parameters(e), "lr": float(lrs[e])} for e in range(E)],
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    n = len(enc_train)
+    n_micro = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, math.ceil(cfg.warmup_ratio * total)))
+
+    step = 0
+    bar = tqdm(total=cfg.epochs * n_micro, desc=label or f"train {E} edit(s)", disable=not cfg.progress,
+               leave=False)
+    try:
+        for epoch in range(cfg.epochs):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g).tolist()
+            batches = [perm[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+            epoch_loss = torch.zeros(E)
+            acc_loss = torch.zeros(E)
+            opt.zero_grad(set_to_none=True)
+            for k, idx in enumerate(batches):
+                group_start = (k // cfg.grad_accum) * cfg.grad_accum
+                group_size = min(cfg.grad_accum, len(batches) - group_start)
+                pol = runner.logps(enc_train, idx, st_train)
+                ref = ref_train.index(idx).to(dev) if ref_train is not None else None
+                losses = pair_loss(cfg.objective, pol, ref, cfg.tau, cfg.beta).mean(-1)  # [E]
+                if not torch.isfinite(losses.detach()).all():
+                    bad = [heads_list[e].name for e in range(E) if not math.isfinite(float(losses[e].detach()))]
+                    raise TrainingError(
+                        f"non-finite {cfg.objective} loss at optimizer step {step} (epoch {epoch}, micro-batch {k}) "
+                        f"on pairs {idx} (qids {[enc_train.pairs[i].qid for i in idx]}) for edit(s) {bad}: "
+                        f"{losses.tolist()}; try a lower lr or autocast=False"
+                    )
+                (losses.sum() / group_size).backward()
+                ld = losses.detach().float().cpu()
+                epoch_loss += ld
+                acc_loss += ld / group_size
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(ld.mean()):.4f}", epoch=epoch)
+                if k + 1 == group_start + group_size:
+                    norms = []
+                    for e in range(E):
+                        if cfg.max_grad_norm is not None:
+                            norms.append(float(torch.nn.utils.clip_grad_norm_(stack.edit_parameters(e),
+                                                                               cfg.max_grad_norm)))
+                        else:
+                            norms.append(float("nan"))
+                    lr_now = [grp["lr"] for grp in opt.param_groups]
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    for e in range(E):
+                        logs[e].steps.append({"step": step, "epoch": epoch, "loss": float(acc_loss[e]),
+                                              "lr": lr_now[e], "grad_norm": norms[e]})
+                    acc_loss.zero_()
+                    step += 1
+            rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / len(batches))} for e in range(E)]
+            if enc_val is not None and cfg.eval_each_epoch:
+                for e, v in enumerate(runner.evaluate(enc_val, ref_val, st_val)):
+                    rec[e].update(v)
+            for e in range(E):
+                logs[e].epochs.append(rec[e])
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    for lg in logs:
+        lg.seconds = secs
+    return stack, logs
+
+
+def make_edit(lm: LoadedModel, stack: LoRAStack, e: int, heads: HeadSet, config: TrainConfig, lr: float,
+              fmt: PromptFormat, tlog: TrainLog, enc_train: EncodedPairs, enc_val: EncodedPairs | None) -> LoRAEdit:
+    """Edit e of a trained stack as a LoRAEdit with its meta (model, objective, hyper-parameters, curve)."""
+    a, b = stack.edit_tensors(e)
+    cfg = config.model_dump()
+    cfg["lr"] = float(lr)
+    meta = {
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint},
+        "objective": config.objective,
+        "config": cfg,
+        "format": {"kind": fmt.kind, "system": fmt.system},
+        "data": {"n_train": len(enc_train), "n_val": len(enc_val) if enc_val else 0, "train_key": enc_train.key,
+                 "val_key": enc_val.key if enc_val else None},
+        "final": {"before": tlog.before, "after": tlog.after},
+        "curve": tlog.to_dict(),
+    }
+    return LoRAEdit(a, b, heads, config.reparam, meta)
+
+
+def resolve_config(config: TrainConfig | dict | None, **overrides) -> TrainConfig:
+    if config is None:
+        config = TrainConfig.make(**overrides)
+    elif isinstance(config, dict):
+        config = TrainConfig.make(**{**config, **overrides})
+    elif overrides:
+        config = TrainConfig.make(**{**config.model_dump(), **overrides})
+    return config
+
+
+def train_edit(lm: LoadedModel, heads: HeadSet, train_pairs: Sequence[PreferencePair],
+               val_pairs: Sequence[PreferencePair] | None = None, fmt: PromptFormat | None = None,
+               config: TrainConfig | dict | None = None, **overrides) -> tuple[LoRAEdit, TrainLog]:
+    """Train one optimal localized edit at `heads`; returns the edit and its training curve.
+
+    `config` (or keyword overrides of its fields) sets the objective and hyper-parameters; lr=None takes
+    the paper's default for len(heads).
+    """
+    from locaudit.edit.multi import train_edits
+
+    return train_edits(lm, [heads], train_pairs, val_pairs, fmt, config, **overrides)[0]
