@@ -1,0 +1,175 @@
+"""Run a study into a run folder, resumably.
+
+`run_study(spec, run_dir)` expands the study into trials, records them in the ledger, resets trials
+left running by a dead process, then runs every pending trial whose dependencies are done, on the
+chosen executor, recording each one as it ends. Done trials are never run again; failed ones only with
+``retry_failed=True``. The per-trial work is a group function (default: `locaudit.study.steps.run_group`,
+the real collect / probe / ITI / optimal / evaluation steps); tests inject their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from locaudit.errors import ConfigError
+from locaudit.study.executors import GroupFn, LocalExecutor, Outcome, RayExecutor
+from locaudit.study.ledger import Ledger
+from locaudit.study.spec import StudySpec
+from locaudit.study.trials import Trial, expand
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What one `run_study` call did."""
+
+    run_dir: Path
+    total: int
+    added: int
+    reset: list[str] = field(default_factory=list)
+    ran: int = 0
+    done: int = 0
+    failed: int = 0
+    blocked: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        c = self.counts
+        return (f"{self.total} trials ({self.added} new, {len(self.reset)} restarted after an interruption): "
+                f"ran {self.ran} now ({self.done} done, {self.failed} failed) in {self.wall_s:.0f} s; ledger: "
+                f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('pending', 0)} pending"
+                + (f", {len(self.blocked)} blocked by failed dependencies" if self.blocked else ""))
+
+
+def default_group_fn() -> GroupFn:
+    from locaudit.study.steps import run_group
+
+    return run_group
+
+
+def make_executor(name: str, fn: GroupFn, spec: StudySpec, run_dir: Path, address: str | None = None,
+                  cpus: float | None = None, gpus: float | None = None, num_cpus: int | None = None):
+    if name == "local":
+        return LocalExecutor(fn, spec, run_dir)
+    if name == "ray":
+        return RayExecutor(fn, spec, run_dir, address=address, cpus=cpus, gpus=gpus, num_cpus=num_cpus)
+    raise ConfigError(f"--executor {name!r}: expected 'local' or 'ray'")
+
+
+def _next_group(todo: list[Trial], status: dict[str, str], batch_max: int) -> list[Trial]:
+    """The first ready trial plus (for batchable trials) up to batch_max-1 ready ones sharing its batch key."""
+    for i, t in enumerate(todo):
+        if all(status.get(d) == "done" for d in t.deps):
+            group = [t]
+            if t.batch_key and batch_max > 1:
+                for u in todo[i + 1:]:
+                    if len(group) >= batch_max:
+                        break
+                    if u.batch_key == t.batch_key and all(status.get(d) == "done" for d in u.deps):
+                        group.append(u)
+            return group
+    return []
+
+
+def run_study(
+    spec: StudySpec,
+    run_dir: str | Path,
+    executor: str = "local",
+    address: str | None = None,
+    retry_failed: bool = False,
+    fn: GroupFn | None = None,
+    kinds: tuple[str, ...] | None = None,
+    max_trials: int | None = None,
+    cpus: float | None = None,
+    gpus: float | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Run (or resume) `spec` in `run_dir`; see the module docstring. `kinds` limits which trial kinds
+    run this time; `max_trials` stops after that many trials have been started."""
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    trials = expand(spec)
+    own_steps = fn is None
+    fn = fn or default_group_fn()
+    with Ledger(run_dir, writer=True) as ledger:
+        ledger.set_meta("spec", spec.to_json())
+        ledger.set_meta("study_name", spec.name)
+        sync = ledger.sync(trials)
+        reset = ledger.reset_interrupted()
+        if reset:
+            log.info("restarting %d trial(s) interrupted by a dead process", len(reset))
+        if retry_failed:
+            n = len(ledger.retry_failed())
+            if n:
+                log.info("retrying %d failed trial(s)", n)
+        status = ledger.status_of()
+        todo = [t for t in trials if status.get(t.key) == "pending" and (kinds is None or t.kind in kinds)]
+        summary = RunSummary(run_dir, sync["total"], sync["added"], reset)
+        ex = make_executor(executor, fn, spec, run_dir, address, cpus, gpus, num_cpus) if todo else None
+        bar = tqdm(total=len(todo), desc=f"study {spec.name}", unit="trial", disable=not progress)
+        started: set[str] = set()
+        inflight: set[str] = set()
+        try:
+            while todo or (ex is not None and ex.in_flight()):
+                while ex is not None and ex.in_flight() < ex.capacity and todo:
+                    if max_trials is not None and len(started) >= max_trials:
+                        todo = []
+                        break
+                    group = _next_group(todo, status, spec.optimal.batch_edits)
+                    if not group:
+                        break
+                    if max_trials is not None:
+                        group = group[: max_trials - len(started)]
+                    keys = [t.key for t in group]
+                    ledger.mark_running(keys, worker=ex.name)
+                    for k in keys:
+                        status[k] = "running"
+                        started.add(k)
+                        inflight.add(k)
+                    todo = [t for t in todo if t.key not in set(keys)]
+                    ex.submit(group)
+                if ex is None or not ex.in_flight():
+                    break  # what is left waits on dependencies that failed or were not run
+                for trial, outcome in ex.collect():
+                    _record(ledger, trial, outcome)
+                    inflight.discard(trial.key)
+                    status[trial.key] = outcome.status
+                    summary.ran += 1
+                    summary.done += outcome.status == "done"
+                    summary.failed += outcome.status == "failed"
+                    bar.update(1)
+                    bar.set_postfix_str(f"{trial.name[:40]} {outcome.status}")
+        except BaseException:
+            if ex is not None:
+                ex.cancel()
+            ledger.release(sorted(inflight))
+            raise
+        finally:
+            bar.close()
+            if ex is not None:
+                ex.shutdown()
+            if own_steps:  # free this process's model and activations
+                from locaudit.study.steps import clear_contexts
+
+                clear_contexts()
+        summary.blocked = [t.key for t in todo]
+        summary.counts = ledger.counts()
+    summary.wall_s = time.time() - t0
+    return summary
+
+
+def _record(ledger: Ledger, trial: Trial, outcome: Outcome) -> None:
+    if outcome.status == "failed":
+        first = (outcome.error or "").strip().splitlines()[-1:] or ["?"]
+        log.warning("trial %s (%s) failed: %s", trial.key, trial.name, first[0])
+    ledger.finish(trial.key, outcome.status, outcome.metrics, outcome.artifacts, outcome.error,
+                  started=outcome.started or None, finished=outcome.finished or None, worker=outcome.worker or None,
+                  cpu_s=outcome.cpu_s)

@@ -1,0 +1,163 @@
+"""A study expanded into trials, each keyed by a hash of its full content.
+
+Trial kinds, in the order the data flows:
+  collect   head activations of the probing examples (shared by probe and ITI)
+  probe     per-head probes -> the head ranking (shared by top-K and exclude-top localizers)
+  judge     build (for locaudit's default judge: train once, into the cache) the True/Info judge
+  baseline  the unedited model, evaluated
+  iti       fit ITI at a localization, one alpha, evaluated
+  optimal   train an optimal localized edit (one tau, lr, seed), evaluated
+
+A trial's key is `stable_hash` of its content: the model and data identity, its own parameters and the
+keys of the trials it reads from. It never depends on the rest of the grid, so adding a grid value adds
+trials and leaves every other key as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from locaudit.io import stable_hash
+from locaudit.study.localizers import Localizer
+from locaudit.study.spec import StudySpec
+
+KINDS = ("collect", "probe", "judge", "baseline", "iti", "optimal")
+SHARED_KINDS = ("collect", "probe", "judge")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One unit of work. `content` is what is hashed; the other fields are derived views of it."""
+
+    key: str
+    kind: str
+    content: dict = field(compare=False, hash=False)
+    deps: tuple[str, ...] = ()
+    batch_key: str | None = None  # trials sharing it may be trained in one pass (optimal edits)
+
+    @property
+    def localizer(self) -> Localizer | None:
+        loc = self.content.get("localizer")
+        return Localizer.from_dict(loc) if loc else None
+
+    @property
+    def name(self) -> str:
+        loc = self.localizer
+        grid = ",".join(f"{k}={v}" for k, v in self.grid.items())
+        parts = [self.kind] + ([loc.name] if loc else []) + ([grid] if grid else [])
+        if "seed" in self.content and self.kind == "optimal":
+            parts.append(f"seed={self.content['seed']}")
+        return " ".join(parts)
+
+    @property
+    def group(self) -> str:
+        loc = self.localizer
+        return loc.group if loc else ("none" if self.kind == "baseline" else "shared")
+
+    @property
+    def grid(self) -> dict[str, Any]:
+        """The hyper-parameters that vary over the grid (statistics select the best over them)."""
+        if self.kind == "iti":
+            return {"alpha": self.content["alpha"]}
+        if self.kind == "optimal":
+            return {"tau": self.content["tau"], "lr": self.content["lr"]}
+        return {}
+
+    @property
+    def replicate(self) -> int:
+        return int(self.content.get("seed", 0)) if self.kind == "optimal" else 0
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "kind": self.kind, "content": self.content, "deps": list(self.deps),
+                "batch_key": self.batch_key}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trial":
+        return cls(d["key"], d["kind"], d["content"], tuple(d.get("deps", ())), d.get("batch_key"))
+
+
+def make_trial(kind: str, content: dict, deps: tuple[str, ...] = (), batch_fields: tuple[str, ...] = ()) -> Trial:
+    content = {"kind": kind, **content}
+    key = stable_hash(content)
+    batch_key = stable_hash({k: v for k, v in content.items() if k not in batch_fields}) if batch_fields else None
+    return Trial(key, kind, content, deps, batch_key)
+
+
+def localizers_of(spec: StudySpec, groups: list[str]) -> list[Localizer]:
+    """The localizers of the chosen groups, in a stable order."""
+    L = spec.localizers
+    top_k = L.probe.top_k
+    out: list[Localizer] = []
+    if "top" in groups:
+        out.append(Localizer("top", k=top_k))
+    if "random" in groups:
+        ex = top_k if L.random.exclude_top else None
+        out += [Localizer("random", k=spec.random_k, seed=s, exclude_top=ex) for s in L.random.draw_seeds()]
+    if "single" in groups:
+        ex = top_k if L.single.exclude_top else None
+        out += [Localizer("single", seed=L.single.seed, index=i, exclude_top=ex) for i in range(L.single.n)]
+        out += [Localizer("heads", heads=h) for h in L.single.heads]
+    if "all" in groups and L.all:
+        out.append(Localizer("all"))
+    return out
+
+
+def expand(spec: StudySpec) -> list[Trial]:
+    """Every trial of the study, dependencies first."""
+    common = {"model": spec.model_identity(), "data": spec.data_identity()}
+    ev = spec.evaluation
+    evaluation = {"metrics": sorted(ev.metrics), "judge": spec.resolved_judge(), "split": ev.split,
+                  "max_questions": ev.max_questions, "max_new_tokens": ev.max_new_tokens, "autocast": ev.autocast,
+                  "mc_primer": ev.mc_primer}
+    P = spec.localizers.probe
+    need_probe = (spec.iti.enabled and bool(spec.iti.localizers)) or any(
+        lo.needs_ranking for lo in localizers_of(spec, list(spec.optimal.localizers)) if spec.optimal.enabled)
+
+    trials: list[Trial] = []
+    collect = probe = None
+    if spec.iti.enabled or need_probe:
+        collect = make_trial("collect", {**common, "batch_size": P.collect_batch_size, "autocast": P.autocast})
+        trials.append(collect)
+        probe = make_trial("probe", {**common, "collect": collect.key, "l2": P.l2}, deps=(collect.key,))
+        trials.append(probe)
+    judge: tuple[str, ...] = ()
+    if ev.judge and "gen" in ev.metrics:
+        jt = make_trial("judge", {**common, "judge": spec.resolved_judge(), "split": ev.split})
+        trials.append(jt)
+        judge = (jt.key,)
+    if ev.baseline:
+        trials.append(make_trial("baseline", {**common, "evaluation": evaluation}, deps=judge))
+    if spec.iti.enabled:
+        assert collect is not None and probe is not None
+        for loc in localizers_of(spec, list(spec.iti.localizers)):
+            for alpha in spec.iti.alphas:
+                trials.append(make_trial(
+                    "iti", {**common, "collect": collect.key, "probe": probe.key, "localizer": loc.to_dict(),
+                            "alpha": float(alpha), "direction": spec.iti.direction, "evaluation": evaluation},
+                    deps=(collect.key, probe.key) + judge))
+    if spec.optimal.enabled:
+        O = spec.optimal
+        for loc in localizers_of(spec, list(O.localizers)):
+            deps = (probe.key,) if loc.needs_ranking and probe is not None else ()
+            probe_dep = deps[0] if deps else None
+            deps = deps + judge
+            for tau in O.taus:
+                for lr in getattr(O.lr, loc.group):
+                    for seed in O.seeds:
+                        trials.append(make_trial(
+                            "optimal",
+                            {**common, "probe": probe_dep, "localizer": loc.to_dict(),
+                             "tau": float(tau), "lr": float(lr), "objective": O.objective, "rank": O.rank,
+                             "epochs": int(O.epochs), "batch_size": O.batch_size,
+                             "max_train_pairs": O.max_train_pairs, "max_val_pairs": O.max_val_pairs,
+                             "train_options": dict(sorted(O.train_options.items())), "seed": int(seed),
+                             "evaluation": evaluation},
+                            deps=deps, batch_fields=("localizer", "probe", "lr")))
+    seen: set[str] = set()
+    unique = []
+    for t in trials:  # two spellings of one localization (e.g. a listed head twice) are one trial
+        if t.key not in seen:
+            seen.add(t.key)
+            unique.append(t)
+    return unique

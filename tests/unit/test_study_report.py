@@ -1,0 +1,141 @@
+"""The report from a partial and a complete ledger (fake trial function, synthetic metrics)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from locaudit.study.analysis import comparisons, results_frame, singles_table, verdict
+from locaudit.study.ledger import Ledger
+from locaudit.study.report import build_report
+from locaudit.study.runner import run_study
+from locaudit.study.spec import parse_study
+
+STUDY = {
+    "name": "synthetic",
+    "model": {"name": "tiny:llama"},
+    "data": {"spec": "pairs:pairs.jsonl"},
+    "localizers": {"probe": {"top_k": 4}, "random": {"n": 8}, "single": {"n": 6}},
+    "iti": {"alphas": [2.0, 8.0]},
+    "optimal": {"taus": [0.1, 0.3]},
+    "evaluation": {"judge": "fake"},
+}
+
+
+def paper_like(trials, spec, run_dir):
+    """Synthetic metrics shaped like the paper's finding: ITI favours the top-K heads, optimal edits do not."""
+    for t in trials:
+        rng = np.random.default_rng(int(hashlib.sha256(t.key.encode()).hexdigest()[:8], 16))
+        if t.kind in ("collect", "probe"):
+            yield t.key, {"metrics": {}, "artifacts": {}}
+            continue
+        g = t.group
+        if t.kind == "baseline":
+            true = 0.40
+        elif t.kind == "iti":
+            true = 0.40 + (0.30 if g == "top" else 0.02) + 0.02 * rng.normal()
+        else:
+            true = 0.80 + (0.05 if g == "all" else 0.0) + 0.03 * rng.normal()
+        info = 0.9 - 0.05 * rng.random()
+        yield t.key, {"metrics": {"true": true, "info": info, "true_info": true * info, "mc1": 0.3 + 0.05 * rng.random(),
+                                  "mc2": 0.5 + 0.05 * rng.random(), "kl": 0.0 if t.kind == "baseline" else 0.2 * rng.random(),
+                                  "ce": 2.5 + 0.1 * rng.random()},
+                      "artifacts": {"heads": f"L{rng.integers(3)}H{rng.integers(4)}" if g == "single" else None}}
+
+
+@pytest.fixture
+def spec(tmp_path: Path):
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    return parse_study(STUDY, tmp_path, "synthetic.yaml")
+
+
+def test_report_from_partial_ledger(tmp_path: Path, spec) -> None:
+    run = tmp_path / "run"
+    with Ledger(run, writer=True) as led:  # nothing run yet: only the spec
+        led.set_meta("spec", spec.to_json())
+    rep = build_report(run)
+    assert "No evaluated trials yet" in rep.verdict["headline"] and rep.index.exists()
+    run_study(spec, run, fn=paper_like, max_trials=12, progress=False)  # collect, probe, baseline, some ITI
+    rep = build_report(run, n_resamples=999)
+    html = rep.index.read_text()
+    assert "Partial report" in html and "Verdict pending" in rep.verdict["headline"]
+    assert rep.verdict["counts"]["done"] == 12 and rep.verdict["counts"]["pending"] > 0
+    for name in ("trials.csv", "trials.parquet", "results.csv", "comparisons.csv", "singles.csv", "verdict.json"):
+        assert (rep.out_dir / name).exists(), name
+    assert len(pd.read_parquet(rep.out_dir / "trials.parquet")) == len(pd.read_csv(rep.out_dir / "trials.csv"))
+    # a failed trial shows up with its error
+    with Ledger(run, writer=True) as led:
+        key = led.rows(status="pending")[0]["key"]
+        led.mark_running([key])
+        led.finish(key, "failed", error="Traceback ...\nRuntimeError: out of memory")
+    html = build_report(run, n_resamples=999).index.read_text()
+    assert "Failed trials" in html and "RuntimeError: out of memory" in html
+
+
+def test_report_complete_study(tmp_path: Path, spec) -> None:
+    run = tmp_path / "run"
+    s = run_study(spec, run, fn=paper_like, progress=False)
+    assert s.failed == 0
+    rep = build_report(run, n_resamples=999)
+    v = rep.verdict
+    assert v["primary_metric"] == "true_info"
+    assert v["headline"].startswith("Edit-based evidence for localization: none")
+    assert "heuristic ITI edit made the candidate look special" in v["headline"]
+    rows = {r["method"]: r for r in v["table"]}
+    assert rows["iti"]["candidate_special"] and rows["iti"]["p"] < 1e-3 and rows["iti"]["percentile"] == 100
+    assert not rows["optimal"]["candidate_special"] and rows["optimal"]["n_random"] == 8
+    assert rows["optimal"]["n_single"] == 6
+    for fig in ("hist_iti", "hist_optimal", "truth_info", "kl_mc", "single_vs_full_optimal", "grid_iti", "grid_optimal"):
+        assert fig in rep.figures and rep.figures[fig].stat().st_size > 5000, fig
+    html = rep.index.read_text()
+    assert html.count("data:image/png;base64,") == len(rep.figures)
+    assert "Partial report" not in html
+    comp = pd.read_csv(rep.out_dir / "comparisons.csv")
+    assert {"best", "alpha=2", "alpha=8", "pooled"} <= set(comp[comp["method"] == "iti"]["scope"])
+    assert json.loads((rep.out_dir / "verdict.json").read_text())["headline"] == v["headline"]
+
+
+def test_best_grid_point_selection(tmp_path: Path, spec) -> None:
+    run = tmp_path / "run"
+    run_study(spec, run, fn=paper_like, progress=False)
+    with Ledger(run) as led:
+        res = results_frame(led.rows())
+    comp = comparisons(res, n_resamples=199)
+    best = comp[(comp["method"] == "iti") & (comp["metric"] == "true_info") & (comp["scope"] == "best")].iloc[0]
+    iti = res[res["kind"] == "iti"]
+    top_best = iti[iti["group"] == "top"]["true_info"].max()
+    rand_best = iti[iti["group"] == "random"].groupby("localizer")["true_info"].max()
+    assert best["candidate_mean"] == pytest.approx(top_best)
+    assert best["random_mean"] == pytest.approx(rand_best.mean())
+    assert best["n_random"] == 8
+    singles = singles_table(res)
+    assert len(singles[singles["method"] == "optimal"]) == 6
+    v = verdict(res, comp, singles, top_k=4)
+    assert any("single heads" in x for x in v.lines)
+
+
+def test_cli_report_and_dry_run(tmp_path: Path, spec) -> None:
+    from typer.testing import CliRunner
+
+    from locaudit.cli.main import app
+
+    run = tmp_path / "run"
+    run_study(spec, run, fn=paper_like, max_trials=8, progress=False)
+    res = CliRunner().invoke(app, ["report", str(run), "--resamples", "199"])
+    assert res.exit_code == 0, res.output
+    assert "8 done" in res.output and (run / "report" / "index.html").exists()
+    study = tmp_path / "s.yaml"
+    import yaml
+
+    study.write_text(yaml.safe_dump(STUDY))
+    res = CliRunner().invoke(app, ["run", str(study), "--out", str(run), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count(" done ") == 8 and "pending" in res.output
+    assert "trials: 1 collect, 1 probe, 1 judge, 1 baseline, 18 iti, 32 optimal" in res.output
+    res = CliRunner().invoke(app, ["run", str(study), "--out", str(run), "--only", "bogus"])
+    assert res.exit_code != 0
