@@ -2,8 +2,8 @@
 
 Same model (SmolLM2-135M-Instruct), same TruthfulQA train pairs, same batch size, both at their default
 precision (bf16 autocast; TRL's DPOConfig defaults bf16=True). Each measurement runs in its own
-subprocess so that peak RSS is comparable: the peak (VmHWM) is reset after loading the model and the
-pairs, and the RSS at that point is subtracted.
+subprocess so that peak RSS is comparable: the peak (VmHWM) is reset after loading the model (its
+memory-mapped weights paged in) and the pairs, and the RSS at that point is subtracted.
 Wall time and process CPU time are both reported (CPU time is steadier on a shared machine).
 
 Reported (JSON on stdout, and --out FILE):
@@ -11,7 +11,8 @@ Reported (JSON on stdout, and --out FILE):
   reference pass, and with the reference cached (every later epoch or trial on the same data), peak memory;
 - frozen prefix: a single head at a late layer l, training loop with vs without the prefix cache
   (reference cached in both), against the ideal L / (L - l);
-- multi-edit: 8 single heads trained in one pass vs 8 sequential runs (reference cached in both).
+- multi-edit: 8 single heads, and 8 random 16-head sets, trained in one pass vs 8 sequential runs
+  (reference cached in both).
 
 Usage: python benchmarks/bench_optimal_edit.py [--pairs 32] [--batch-size 4] [--threads 2] [--out FILE]
 """
@@ -87,6 +88,9 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         import locaudit.edit.multi  # noqa: F401
     lm = load_model("smollm2-135m-instruct")
     pairs = load_pairs(n_pairs)
+    with torch.no_grad():  # page in the memory-mapped weights, so that the baseline holds the whole model
+        for p in lm.model.parameters():
+            p.sum()
     base_rss = reset_peak_rss()
     L, H = lm.sites.n_layers, lm.sites.n_heads
     out: dict = {"kind": kind, "pairs": n_pairs, "batch_size": batch_size, "threads": torch.get_num_threads()}
@@ -106,7 +110,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         if kind == "locaudit_all":
             heads = [HeadSet.all(L, H)]
             with Clock() as ref_clock:
-                reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False)
+                reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             with Clock() as c:
                 train_edits(lm, heads, pairs, None, config=cfg)
             out.update(reference_wall=ref_clock.wall, reference_cpu=ref_clock.cpu, loop_wall=c.wall, loop_cpu=c.cpu,
@@ -115,7 +119,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             layer = int(kind.split(":")[1])
             use = kind.startswith("prefix_on")
             heads = [HeadSet.parse(f"L{layer}H3")]
-            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False)
+            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             c0 = cfg.model_copy(update={"frozen_prefix": use})
             if use:  # one-time state collection, reported apart (shared by every trial at this layer)
                 from locaudit.edit.prefix import PREFIX_CACHE
@@ -130,9 +134,10 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             out.update(wall=c.wall, cpu=c.cpu, layer=layer, n_layers=L)
         elif kind.startswith("multi"):
             n_edits = 8
-            heads = [HeadSet.parse(f"single@{s}", L, H) for s in range(n_edits)]
-            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False)
-            together = kind == "multi_one_pass"
+            size = 16 if kind.startswith("multi16") else 1
+            heads = [HeadSet.parse(f"random{size}@{s}", L, H) for s in range(n_edits)]
+            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
+            together = kind.endswith("one_pass")
             with Clock() as c:
                 if together:
                     train_edits(lm, heads, pairs, None, config=cfg.model_copy(update={"max_parallel": n_edits}))
@@ -189,7 +194,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per batch, both tools")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     ap.add_argument("--layer", type=int, default=24, help="layer of the single head for the frozen-prefix run")
-    ap.add_argument("--only", default="trl,prefix,multi", help="comma list of parts: trl, prefix, multi")
+    ap.add_argument("--only", default="trl,prefix,multi,multi16",
+                    help="comma list of parts: trl, prefix, multi (8 single heads), multi16 (8 random 16-head sets)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -230,6 +236,14 @@ def main() -> None:
                                                "speedup_cpu": seq["cpu"] / one["cpu"], "heads": one["heads"],
                                                "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
                                                "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
+    if "multi16" in parts:
+        one = runs["multi16_one_pass"] = spawn("multi16_one_pass", a.pairs, a.batch_size, a.threads)
+        seq = runs["multi16_sequential"] = spawn("multi16_sequential", a.pairs, a.batch_size, a.threads)
+        result["multi_edit_8_random16_sets"] = {"speedup_wall": seq["wall"] / one["wall"],
+                                                "speedup_cpu": seq["cpu"] / one["cpu"],
+                                                "lowest_layers": one["lowest_layers"],
+                                                "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
+                                                "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
     result["runs"] = runs
     text = json.dumps(result, indent=2)
     print(text)

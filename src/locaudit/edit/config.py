@@ -50,8 +50,12 @@ class TrainConfig(BaseModel):
     autocast: bool = Field(True, description="bf16 autocast for matmuls (CPU AMX / GPU); False = model dtype")
     cast_frozen_weights: bool = Field(
         True, description="under autocast, hold bf16 copies of frozen matmul weights (same numbers, no per-call casts)")
+    tiled_logps: bool = Field(
+        True, description="LM head on completion tokens only, in tiles (less memory); checked against the full head")
     max_length: int = Field(256, ge=8, description="maximum tokens of prompt + completion (prompt cut from the left)")
-    eval_batch_size: int = Field(16, ge=1, description="pairs per batch in no-grad passes (reference, validation)")
+    eval_batch_size: int = Field(
+        8, ge=2, description="sequences per forward in no-grad passes (reference, prefix states, validation); "
+        "bounds the [seq, pos, vocab] logits in memory")
     eval_each_epoch: bool = Field(True, description="validation loss and preference accuracy after every epoch")
     frozen_prefix: bool = Field(True, description="cache the states entering the lowest edited layer and run only the layers above")
     prefix_dtype: Literal["auto", "fp32", "bf16"] = Field(

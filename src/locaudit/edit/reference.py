@@ -1,6 +1,6 @@
 """Reference log-probs of the frozen model, computed once per dataset and cached.
 
-Key: model fingerprint + encoded pairs (content, format, max_length) + autocast. The cache lives in
+Key: model fingerprint + encoded pairs (content, format, max_length) + autocast + log-prob function. The cache lives in
 memory and on disk (cache_dir("reference")/<key>.safetensors), so no epoch, trial or process pays for
 the reference forward twice.
 """
@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locaudit.edit.encoded import EncodedPairs
+from locaudit.edit.logps import tiled_completion_logprobs
 from locaudit.edit.objectives import PairLogps
 from locaudit.edit.prefix import autocast
 from locaudit.io import atomic_path, cache_dir, stable_hash
@@ -24,9 +25,11 @@ log = logging.getLogger(__name__)
 _MEMORY: dict[str, PairLogps] = {}
 
 
-def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 16,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """No-grad summed completion log-probs and token counts of all 2N sequences (length-sorted batches)."""
+def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 8,
+                   progress: bool = False, tiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """No-grad summed completion log-probs and token counts of all 2N sequences (length-sorted batches);
+    `tiled` uses edit.logps.tiled_completion_logprobs (same values, less memory)."""
+    fn = tiled_completion_logprobs if tiled else completion_logprobs
     seqs = enc.sequences()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
     sums = torch.zeros(len(seqs))
@@ -37,18 +40,18 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch
                       leave=False):
             idx = order[s: s + batch_size]
             b = collate_completions([seqs[i] for i in idx], enc.pad_id).to(dev)
-            lp, n = completion_logprobs(lm.model, b)
+            lp, n = fn(lm.model, b)
             sums[idx] = lp.float().cpu()
             counts[idx] = n.cpu()
     return sums, counts
 
 
-def reference_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 16,
-                    disk: bool = True, progress: bool = False) -> PairLogps:
+def reference_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 8,
+                    disk: bool = True, progress: bool = False, tiled: bool = False) -> PairLogps:
     """The frozen model's PairLogps of `enc`, from memory, disk, or one batched no-grad pass."""
     from safetensors.torch import load_file, save_file
 
-    key = stable_hash({"model": lm.fingerprint, "data": enc.key, "autocast": bool(use_autocast)})
+    key = stable_hash({"model": lm.fingerprint, "data": enc.key, "autocast": bool(use_autocast), "tiled": bool(tiled)})
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir("reference") / f"{key}.safetensors" if disk else None
@@ -61,7 +64,7 @@ def reference_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batc
                 return out
         except Exception as e:  # a corrupt cache file is recomputed, not fatal
             log.warning("ignoring unreadable reference cache %s (%s)", path, e)
-    sums, counts = sequence_logps(lm, enc, use_autocast, batch_size, progress)
+    sums, counts = sequence_logps(lm, enc, use_autocast, batch_size, progress, tiled)
     n = len(enc)
     out = PairLogps(sums[:n].clone(), sums[n:].clone(), counts[:n].clone(), counts[n:].clone())
     if path is not None:

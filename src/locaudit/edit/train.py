@@ -25,6 +25,7 @@ from locaudit.data.types import PreferencePair
 from locaudit.edit.config import TrainConfig
 from locaudit.edit.fastcast import frozen_bf16_weights
 from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, replicate
+from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
 from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates, autocast, prefix_supported, run_from_layer
@@ -55,6 +56,7 @@ class TrainLog:
     n_val: int = 0
     lowest_layer: int = 0
     frozen_prefix: bool = False
+    tiled_logps: bool = False
 
     @property
     def after(self) -> dict:
@@ -90,6 +92,17 @@ class StackRunner:
         self.use_prefix = bool(config.frozen_prefix and self.lowest > 0 and prefix_supported(lm))
         if config.frozen_prefix and self.lowest > 0 and not self.use_prefix:
             log.info("frozen prefix not enabled for family %r: using the full forward", lm.sites.model_type)
+        self.logp_fn = completion_logprobs
+        self.tiled = False
+
+    def choose_logp_fn(self, enc: EncodedPairs) -> bool:
+        """Use tiled log-probs if configured and equal to `completion_logprobs` on a batch of `enc`."""
+        if self.config.tiled_logps:
+            batch = enc.batch(list(range(min(2, len(enc))))).to(self.lm.device)
+            with autocast(self.lm.device, self.config.autocast):
+                self.tiled = check_tiled(self.lm.model, batch)
+        self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
+        return self.tiled
 
     def states(self, enc: EncodedPairs) -> PrefixStates | None:
         if not self.use_prefix:
@@ -107,7 +120,7 @@ class StackRunner:
             if states is not None:
                 h = states.batch(idx, len(enc), batch.input_ids.shape[1])
                 feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
-            sums, counts = completion_logprobs(self.lm.model, replicate(batch, E).to(dev))
+            sums, counts = self.logp_fn(self.lm.model, replicate(batch, E).to(dev))
         sums, counts = sums.float().view(E, 2 * B), counts.view(E, 2 * B)
         return PairLogps(sums[:, :B], sums[:, B:], counts[:, :B], counts[:, B:])
 
@@ -115,7 +128,7 @@ class StackRunner:
         """Per edit: validation loss, preference accuracy and mean margin (no grad, length-sorted batches)."""
         E = self.stack.n_edits
         order = length_sorted(enc)
-        per = max(1, self.config.eval_batch_size // E)
+        per = max(1, self.config.eval_batch_size // (2 * E))  # pairs per forward: 2 sequences x E copies
         parts = []
         with torch.no_grad():
             for s in range(0, len(order), per):
@@ -161,16 +174,18 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     cfg = config
     stack = build_stack(lm.sites, heads_list, cfg.rank, cfg.reparam, seeds=[cfg.seed] * E).to(dev)
     runner = StackRunner(lm, stack, cfg)
+    tiled = runner.choose_logp_fn(enc_train)
     need_ref = cfg.objective in ("ipo", "dpo")
     ref_train = reference_logps(lm, enc_train, cfg.autocast, cfg.eval_batch_size, cfg.reference_disk_cache,
-                                cfg.progress) if need_ref else None
+                                cfg.progress, tiled) if need_ref else None
     ref_val = reference_logps(lm, enc_val, cfg.autocast, cfg.eval_batch_size, cfg.reference_disk_cache,
-                              cfg.progress) if enc_val is not None else None
+                              cfg.progress, tiled) if enc_val is not None else None
     st_train = runner.states(enc_train)
     st_val = runner.states(enc_val) if enc_val is not None and cfg.eval_each_epoch else None
 
     logs = [TrainLog(hs.name, float(lr), n_train=len(enc_train), n_val=len(enc_val) if enc_val else 0,
-                     lowest_layer=runner.lowest, frozen_prefix=runner.use_prefix) for hs, lr in zip(heads_list, lrs)]
+                     lowest_layer=runner.lowest, frozen_prefix=runner.use_prefix,
+                     tiled_logps=tiled) for hs, lr in zip(heads_list, lrs)]
     if ref_val is not None:
         before = validation_before(cfg, ref_val)
         for lg in logs:
