@@ -7,6 +7,7 @@
   results.csv       finished evaluations only
   comparisons.csv   top-K vs random draws per method, metric and scope (stats.compare)
   singles.csv       single heads vs full alignment
+  timing.csv        trials, wall and CPU seconds per trial kind
   verdict.json      the verdict, its lines and its numbers
 """
 
@@ -68,6 +69,25 @@ def export_trials(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         clean.to_parquet(tmp, index=False, engine="pyarrow")
     paths["trials.parquet"] = pq
     return paths
+
+
+def timing_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per trial kind: trials done, wall and CPU seconds (sum and mean)."""
+    if df.empty:
+        return pd.DataFrame()
+    d = df[df["status"] == "done"]
+    if d.empty:
+        return pd.DataFrame()
+    g = d.groupby("kind", sort=False)
+    out = pd.DataFrame({"trials": g.size(), "wall_s": g["duration_s"].sum(), "mean_wall_s": g["duration_s"].mean()})
+    if "cpu_s" in d and d["cpu_s"].notna().any():
+        out["cpu_s"] = g["cpu_s"].sum()
+    out = out.reset_index()
+    total = {"kind": "total", "trials": int(out["trials"].sum()), "wall_s": float(out["wall_s"].sum()),
+             "mean_wall_s": None}
+    if "cpu_s" in out:
+        total["cpu_s"] = float(out["cpu_s"].sum())
+    return pd.concat([out, pd.DataFrame([total])], ignore_index=True)
 
 
 def _probe(run_dir: Path, rows: list[dict]):
@@ -186,6 +206,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     ranking = probe.ranking() if probe is not None else None
     singles = singles_table(res, ranking)
     tables["singles.csv"] = _write_df(singles, out / "singles.csv")
+    tables["timing.csv"] = _write_df(timing_table(all_df), out / "timing.csv")
     v = verdict(res, comp, singles, top_k=top_k)
     vd = {"headline": v.headline, "lines": v.lines, "table": v.table, "missing": v.missing, "counts": counts,
           "primary_metric": primary_metric(res), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -237,6 +258,7 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
         parts.append("<details><summary>Per grid point and pooled</summary>"
                      + _table(comp[comp["scope"] != "best"], cols) + "</details>")
     parts.append("<h2>Single heads vs full alignment</h2>" + _table(singles))
+    parts.append("<h2>Compute</h2>" + _table(timing_table(all_df)))
     metrics = metric_columns(res)
     parts.append("<h2>Results</h2>" + _table(res, ["kind", "group", "localizer", "alpha", "tau", "lr", "seed", *metrics,
                                                    "duration_s"]))

@@ -252,6 +252,18 @@ class StudySpec(_Strict):
         return expand_env(self.model.name, "model.name")
 
     def resolved_judge(self) -> str | None:
+        """evaluation.judge with ${VAR} expanded; a relative trained:DIR resolves against base_dir."""
+        j = self.evaluation.judge
+        if not j:
+            return None
+        j = expand_env(j, "evaluation.judge")
+        kind, sep, rest = j.partition(":")
+        if kind == "trained" and rest and not Path(rest).expanduser().is_absolute():
+            return f"trained:{_resolve_path(rest, Path(self.base_dir or '.'))}"
+        return j
+
+    def judge_identity(self) -> str | None:
+        """What the judge contributes to trial keys: its spec with ${VAR} expanded, paths as written."""
         j = self.evaluation.judge
         return expand_env(j, "evaluation.judge") if j else None
 

@@ -107,7 +107,7 @@ def expand(spec: StudySpec) -> list[Trial]:
     """Every trial of the study, dependencies first."""
     common = {"model": spec.model_identity(), "data": spec.data_identity()}
     ev = spec.evaluation
-    evaluation = {"metrics": sorted(ev.metrics), "judge": spec.resolved_judge(), "split": ev.split,
+    evaluation = {"metrics": sorted(ev.metrics), "judge": spec.judge_identity(), "split": ev.split,
                   "max_questions": ev.max_questions, "max_new_tokens": ev.max_new_tokens, "autocast": ev.autocast,
                   "mc_primer": ev.mc_primer}
     P = spec.localizers.probe
@@ -123,7 +123,7 @@ def expand(spec: StudySpec) -> list[Trial]:
         trials.append(probe)
     judge: tuple[str, ...] = ()
     if ev.judge and "gen" in ev.metrics:
-        jt = make_trial("judge", {**common, "judge": spec.resolved_judge(), "split": ev.split})
+        jt = make_trial("judge", {**common, "judge": spec.judge_identity(), "split": ev.split})
         trials.append(jt)
         judge = (jt.key,)
     if ev.baseline:
