@@ -147,7 +147,7 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
             self._started_ray = True
-        self._remote = ray.remote(_ray_group)
+        self._remote = ray.remote(max_calls=0)(_ray_group)  # max_calls is only settable here, not in .options()
         self._refs: dict = {}
         res = ray.cluster_resources()
         fit_cpu = int(res.get("CPU", 1) // self.cpus) if self.cpus > 0 else 10**6
@@ -169,7 +169,7 @@ class RayExecutor:
     def submit(self, group: list[Trial]) -> None:
         # max_calls=0: a worker (GPU ones too, whose Ray default is 1) keeps its process, hence its loaded
         # model and activations, for the next trial
-        ref = self._remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0, max_calls=0).remote(
+        ref = self._remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0).remote(
             self.fn, [t.to_dict() for t in group], self.spec.to_json(), str(self.run_dir), self.cpus)
         self._refs[ref] = group
 
