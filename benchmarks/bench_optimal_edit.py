@@ -9,6 +9,8 @@ Wall time and process CPU time are both reported (CPU time is steadier on a shar
 Reported (JSON on stdout, and --out FILE):
 - trl vs locaudit at all heads (TRL: rank-1 LoRA on every o_proj): pairs/s for one epoch including the
   reference pass, and with the reference cached (every later epoch or trial on the same data), peak memory;
+  at both tools' defaults (TRL's DPOConfig turns gradient checkpointing on) and with checkpointing on/off
+  in both;
 - frozen prefix: a single head at a late layer l, training loop with vs without the prefix cache
   (reference cached in both), against the ideal L / (L - l);
 - multi-edit: 8 single heads, and 8 random 16-head sets, trained in one pass vs 8 sequential runs
@@ -82,7 +84,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
 
     from locaudit.models import load_model
 
-    if kind == "trl":  # library code is not training memory: import before the baseline
+    if kind.startswith("trl"):  # library code is not training memory: import before the baseline
         import datasets, peft, trl  # noqa: F401,E401
     else:
         import locaudit.edit.multi  # noqa: F401
@@ -94,8 +96,8 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
     base_rss = reset_peak_rss()
     L, H = lm.sites.n_layers, lm.sites.n_heads
     out: dict = {"kind": kind, "pairs": n_pairs, "batch_size": batch_size, "threads": torch.get_num_threads()}
-    if kind == "trl":
-        out.update(run_trl(lm, pairs, batch_size))
+    if kind.startswith("trl"):
+        out.update(run_trl(lm, pairs, batch_size, gradient_checkpointing=kind != "trl:nogc"))
     else:
         from locaudit.data.prompts import PromptFormat
         from locaudit.edit.config import TrainConfig
@@ -107,8 +109,9 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         cfg = TrainConfig(epochs=1, batch_size=batch_size, progress=False, eval_each_epoch=False,
                           reference_disk_cache=False)
         enc = encode_pairs(lm.tokenizer, pairs, PromptFormat("plain"), cfg.max_length, lm.fingerprint)
-        if kind == "locaudit_all":
+        if kind.startswith("locaudit_all"):
             heads = [HeadSet.all(L, H)]
+            cfg = cfg.model_copy(update={"gradient_checkpointing": kind == "locaudit_all:gc"})
             with Clock() as ref_clock:
                 reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             with Clock() as c:
@@ -153,7 +156,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
     return out
 
 
-def run_trl(lm, pairs, batch_size: int) -> dict:
+def run_trl(lm, pairs, batch_size: int, gradient_checkpointing: bool = True) -> dict:
     import logging
     import warnings
 
@@ -169,13 +172,13 @@ def run_trl(lm, pairs, batch_size: int) -> dict:
         args = DPOConfig(output_dir=tmp, loss_type=["ipo"], beta=0.1, per_device_train_batch_size=batch_size,
                          num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine", report_to=[],
                          use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                         dataloader_num_workers=0, seed=0)
+                         dataloader_num_workers=0, seed=0, gradient_checkpointing=gradient_checkpointing)
         peft_cfg = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["o_proj"], task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
                              peft_config=peft_cfg)
         with Clock() as c:
             trainer.train()
-    return {"wall": c.wall, "cpu": c.cpu, "bf16": bool(args.bf16)}
+    return {"wall": c.wall, "cpu": c.cpu, "bf16": bool(args.bf16), "gradient_checkpointing": gradient_checkpointing}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -206,19 +209,23 @@ def main() -> None:
     runs: dict = {}
     result: dict = {"pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "model": "smollm2-135m-instruct"}
     if "trl" in parts:
-        runs["locaudit_all"] = spawn("locaudit_all", a.pairs, a.batch_size, a.threads)
-        runs["trl"] = spawn("trl", a.pairs, a.batch_size, a.threads)
-        loc, trl = runs["locaudit_all"], runs["trl"]
+        # defaults of both tools (TRL: gradient checkpointing on), then each with and without checkpointing
+        for kind in ("locaudit_all", "trl", "locaudit_all:gc", "trl:nogc"):
+            runs[kind] = spawn(kind, a.pairs, a.batch_size, a.threads)
+
+        def compare(loc: dict, trl: dict) -> dict:
+            return {"trl_pairs_per_s": a.pairs / trl["wall"], "locaudit_pairs_per_s": a.pairs / loc["wall"],
+                    "locaudit_pairs_per_s_reference_cached": a.pairs / loc["loop_wall"],
+                    "speedup_wall": trl["wall"] / loc["wall"], "speedup_cpu": trl["cpu"] / loc["cpu"],
+                    "speedup_wall_reference_cached": trl["wall"] / loc["loop_wall"],
+                    "speedup_cpu_reference_cached": trl["cpu"] / loc["loop_cpu"],
+                    "trl_peak_rss_delta_mb": trl["peak_rss_delta_mb"],
+                    "locaudit_peak_rss_delta_mb": loc["peak_rss_delta_mb"]}
+
         result["vs_trl_all_heads"] = {
-            "trl_pairs_per_s": a.pairs / trl["wall"],
-            "locaudit_pairs_per_s": a.pairs / loc["wall"],
-            "locaudit_pairs_per_s_reference_cached": a.pairs / loc["loop_wall"],
-            "speedup_wall": trl["wall"] / loc["wall"],
-            "speedup_cpu": trl["cpu"] / loc["cpu"],
-            "speedup_wall_reference_cached": trl["wall"] / loc["loop_wall"],
-            "speedup_cpu_reference_cached": trl["cpu"] / loc["loop_cpu"],
-            "trl_peak_rss_delta_mb": trl["peak_rss_delta_mb"],
-            "locaudit_peak_rss_delta_mb": loc["peak_rss_delta_mb"],
+            "defaults (locaudit no checkpointing, TRL checkpointing)": compare(runs["locaudit_all"], runs["trl"]),
+            "both gradient checkpointing": compare(runs["locaudit_all:gc"], runs["trl"]),
+            "neither gradient checkpointing": compare(runs["locaudit_all"], runs["trl:nogc"]),
         }
     if "prefix" in parts:
         on = runs["prefix_on"] = spawn(f"prefix_on:{a.layer}", a.pairs, a.batch_size, a.threads)

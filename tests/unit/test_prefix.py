@@ -43,9 +43,10 @@ def _loss_and_grads(lm, heads_list, enc, use_prefix: bool):
     states = runner.states(enc) if use_prefix else None
     ref = reference_mod.reference_logps(lm, enc, False, disk=False)
     idx = [3, 0, 5]
-    pol = runner.logps(enc, idx, states)
-    loss = ipo_loss(pol, ref.index(idx), 0.1).mean(-1).sum()
-    loss.backward()
+    with runner.session():
+        pol = runner.logps(enc, idx, states)
+        loss = ipo_loss(pol, ref.index(idx), 0.1).mean(-1).sum()
+        loss.backward()
     grads = [p.grad.clone() for p in stack.parameters()]
     return pol, loss.detach(), grads
 
@@ -112,3 +113,17 @@ def test_training_with_prefix_equals_without():
     assert l1.frozen_prefix and not l0.frozen_prefix and l1.lowest_layer == 3
     torch.testing.assert_close(e1.b, e0.b, rtol=1e-3, atol=1e-6)
     assert l1.after["val_loss"] == pytest.approx(l0.after["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_gradient_checkpointing_same_result(family, prefix):
+    lm = tiny_model(family, n_layers=4)
+    pairs = toy_pairs(6)
+    cfg = dict(progress=False, reference_disk_cache=False, autocast=False, epochs=1, lr=1e-2, prefix_dtype="fp32",
+               frozen_prefix=prefix)
+    e1, l1 = train_edit(lm, HeadSet.parse("L2H1,L3H0"), pairs, pairs, config=dict(cfg, gradient_checkpointing=True))
+    e0, l0 = train_edit(lm, HeadSet.parse("L2H1,L3H0"), pairs, pairs, config=dict(cfg, gradient_checkpointing=False))
+    assert l1.frozen_prefix == prefix
+    torch.testing.assert_close(e1.b, e0.b, rtol=1e-4, atol=1e-6)
+    assert len(lm.sites.layer_list) == 4 and all(type(m).__name__ != "_Checkpointed" for m in lm.model.modules())

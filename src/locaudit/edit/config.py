@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
         True, description="under autocast, hold bf16 copies of frozen matmul weights (same numbers, no per-call casts)")
     tiled_logps: bool = Field(
         True, description="LM head on completion tokens only, in tiles (less memory); checked against the full head")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute layer activations in the backward pass (less memory, ~30% slower)")
     max_length: int = Field(256, ge=8, description="maximum tokens of prompt + completion (prompt cut from the left)")
     eval_batch_size: int = Field(
         8, ge=2, description="sequences per forward in no-grad passes (reference, prefix states, validation); "

@@ -69,7 +69,7 @@ def capture_input(lm: LoadedModel, layer: int, stop: bool = True) -> Iterator[di
 def run_from_layer(lm: LoadedModel, layer: int) -> Iterator[dict]:
     """Within the block the model runs layers[layer:] only, on the states put in feed["h"] before each call.
 
-    feed["h"]: Float[Tensor, "batch pos d_model"] for the batch of the next forward (consumed by it).
+    feed["h"]: Float[Tensor, "batch pos d_model"], set before each forward to that forward's batch.
     """
     if layer == 0:
         raise ConfigError("run_from_layer(0) is the full forward: call the model directly")
@@ -85,7 +85,7 @@ def run_from_layer(lm: LoadedModel, layer: int) -> Iterator[dict]:
     def pre(module, args, kwargs):
         if "h" not in feed:
             raise RuntimeError("run_from_layer: no cached hidden states were fed for this forward pass")
-        h = feed.pop("h")
+        h = feed["h"]  # kept: gradient checkpointing re-runs this layer in the backward pass
         cur = _hidden_arg(args, kwargs)
         if h.shape != cur.shape:
             raise RuntimeError(f"run_from_layer: fed states {tuple(h.shape)} do not match the batch {tuple(cur.shape)}")
@@ -106,6 +106,44 @@ def run_from_layer(lm: LoadedModel, layer: int) -> Iterator[dict]:
         if layer_types is not None:
             config.layer_types = layer_types
         handle.remove()
+
+
+class _Checkpointed(nn.Module):
+    """A layer run under non-reentrant activation checkpointing; attributes pass through to the layer."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        if not torch.is_grad_enabled():
+            return self.layer(*args, **kwargs)
+        return checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.layer, name)
+
+
+@contextmanager
+def checkpointed_layers(lm: LoadedModel, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every (kept) layer recomputes its activations in the backward pass instead of
+    storing them (less memory, one more forward). Enter it inside `run_from_layer`, not around it."""
+    if not enabled:
+        yield
+        return
+    parent_path, _, attr = lm.sites.spec.layers.rpartition(".")
+    parent = _get(lm.model, parent_path) if parent_path else lm.model
+    current = getattr(parent, attr)
+    try:
+        setattr(parent, attr, nn.ModuleList([_Checkpointed(layer) for layer in current]))
+        yield
+    finally:
+        setattr(parent, attr, current)
 
 
 @dataclass

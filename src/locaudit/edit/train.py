@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +28,8 @@ from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, rep
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
-from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates, autocast, prefix_supported, run_from_layer
+from locaudit.edit.prefix import (PREFIX_CACHE, PrefixStates, autocast, checkpointed_layers, prefix_supported,
+                                  run_from_layer)
 from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
@@ -94,6 +95,8 @@ class StackRunner:
             log.info("frozen prefix not enabled for family %r: using the full forward", lm.sites.model_type)
         self.logp_fn = completion_logprobs
         self.tiled = False
+        self.feed: dict | None = None
+        self.active = False
 
     def choose_logp_fn(self, enc: EncodedPairs) -> bool:
         """Use tiled log-probs if configured and equal to `completion_logprobs` on a batch of `enc`."""
@@ -110,16 +113,29 @@ class StackRunner:
         return PREFIX_CACHE.get(self.lm, enc, self.lowest, self.config.autocast, _store_dtype(self.config),
                                 self.config.eval_batch_size, self.config.progress)
 
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Attach the edits, cut the model to the layers above the prefix and (optionally) checkpoint them,
+        for a whole training run: the backward passes, which recompute checkpointed layers, need them too."""
+        run = run_from_layer(self.lm, self.lowest) if self.use_prefix else nullcontext()
+        with self.stack.attached(), run as feed, checkpointed_layers(self.lm, self.config.gradient_checkpointing):
+            self.feed, self.active = feed, True
+            try:
+                yield
+            finally:
+                self.feed, self.active = None, False
+
     def logps(self, enc: EncodedPairs, idx: Sequence[int], states: PrefixStates | None) -> PairLogps:
-        """Policy PairLogps with tensors [E, B] (edit e on copy e of the batch of pairs `idx`)."""
+        """Policy PairLogps with tensors [E, B] (edit e on copy e of the batch of pairs `idx`); inside `session`."""
+        if not self.active:
+            raise RuntimeError("StackRunner.logps runs inside StackRunner.session()")
         E, B = self.stack.n_edits, len(idx)
         batch = enc.batch(idx)
         dev = self.lm.device
-        run = run_from_layer(self.lm, self.lowest) if states is not None else nullcontext()
-        with autocast(dev, self.config.autocast), self.stack.attached(), run as feed:
-            if states is not None:
-                h = states.batch(idx, len(enc), batch.input_ids.shape[1])
-                feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
+        if states is not None:
+            h = states.batch(idx, len(enc), batch.input_ids.shape[1])
+            self.feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
+        with autocast(dev, self.config.autocast):
             sums, counts = self.logp_fn(self.lm.model, replicate(batch, E).to(dev))
         sums, counts = sums.float().view(E, 2 * B), counts.view(E, 2 * B)
         return PairLogps(sums[:, :B], sums[:, B:], counts[:, :B], counts[:, B:])
@@ -200,60 +216,61 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, math.ceil(cfg.warmup_ratio * total)))
 
     step = 0
-    bar = tqdm(total=cfg.epochs * n_micro, desc=label or f"train {E} edit(s)", disable=not cfg.progress,
-               leave=False)
-    try:
-        for epoch in range(cfg.epochs):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=g).tolist()
-            batches = [perm[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
-            epoch_loss = torch.zeros(E)
-            acc_loss = torch.zeros(E)
-            opt.zero_grad(set_to_none=True)
-            for k, idx in enumerate(batches):
-                group_start = (k // cfg.grad_accum) * cfg.grad_accum
-                group_size = min(cfg.grad_accum, len(batches) - group_start)
-                pol = runner.logps(enc_train, idx, st_train)
-                ref = ref_train.index(idx).to(dev) if ref_train is not None else None
-                losses = pair_loss(cfg.objective, pol, ref, cfg.tau, cfg.beta).mean(-1)  # [E]
-                if not torch.isfinite(losses.detach()).all():
-                    bad = [heads_list[e].name for e in range(E) if not math.isfinite(float(losses[e].detach()))]
-                    raise TrainingError(
-                        f"non-finite {cfg.objective} loss at optimizer step {step} (epoch {epoch}, micro-batch {k}) "
-                        f"on pairs {idx} (qids {[enc_train.pairs[i].qid for i in idx]}) for edit(s) {bad}: "
-                        f"{losses.tolist()}; try a lower lr or autocast=False"
-                    )
-                (losses.sum() / group_size).backward()
-                ld = losses.detach().float().cpu()
-                epoch_loss += ld
-                acc_loss += ld / group_size
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(ld.mean()):.4f}", epoch=epoch)
-                if k + 1 == group_start + group_size:
-                    norms = []
-                    for e in range(E):
-                        if cfg.max_grad_norm is not None:
-                            norms.append(float(torch.nn.utils.clip_grad_norm_(stack.edit_parameters(e),
-                                                                               cfg.max_grad_norm)))
-                        else:
-                            norms.append(float("nan"))
-                    lr_now = [grp["lr"] for grp in opt.param_groups]
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    for e in range(E):
-                        logs[e].steps.append({"step": step, "epoch": epoch, "loss": float(acc_loss[e]),
-                                              "lr": lr_now[e], "grad_norm": norms[e]})
-                    acc_loss.zero_()
-                    step += 1
-            rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / len(batches))} for e in range(E)]
-            if enc_val is not None and cfg.eval_each_epoch:
-                for e, v in enumerate(runner.evaluate(enc_val, ref_val, st_val)):
-                    rec[e].update(v)
-            for e in range(E):
-                logs[e].epochs.append(rec[e])
-    finally:
-        bar.close()
+    with runner.session():
+        bar = tqdm(total=cfg.epochs * n_micro, desc=label or f"train {E} edit(s)", disable=not cfg.progress,
+                   leave=False)
+        try:
+            for epoch in range(cfg.epochs):
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                perm = torch.randperm(n, generator=g).tolist()
+                batches = [perm[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+                epoch_loss = torch.zeros(E)
+                acc_loss = torch.zeros(E)
+                opt.zero_grad(set_to_none=True)
+                for k, idx in enumerate(batches):
+                    group_start = (k // cfg.grad_accum) * cfg.grad_accum
+                    group_size = min(cfg.grad_accum, len(batches) - group_start)
+                    pol = runner.logps(enc_train, idx, st_train)
+                    ref = ref_train.index(idx).to(dev) if ref_train is not None else None
+                    losses = pair_loss(cfg.objective, pol, ref, cfg.tau, cfg.beta).mean(-1)  # [E]
+                    if not torch.isfinite(losses.detach()).all():
+                        bad = [heads_list[e].name for e in range(E) if not math.isfinite(float(losses[e].detach()))]
+                        raise TrainingError(
+                            f"non-finite {cfg.objective} loss at optimizer step {step} (epoch {epoch}, micro-batch {k}) "
+                            f"on pairs {idx} (qids {[enc_train.pairs[i].qid for i in idx]}) for edit(s) {bad}: "
+                            f"{losses.tolist()}; try a lower lr or autocast=False"
+                        )
+                    (losses.sum() / group_size).backward()
+                    ld = losses.detach().float().cpu()
+                    epoch_loss += ld
+                    acc_loss += ld / group_size
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(ld.mean()):.4f}", epoch=epoch)
+                    if k + 1 == group_start + group_size:
+                        norms = []
+                        for e in range(E):
+                            if cfg.max_grad_norm is not None:
+                                norms.append(float(torch.nn.utils.clip_grad_norm_(stack.edit_parameters(e),
+                                                                                   cfg.max_grad_norm)))
+                            else:
+                                norms.append(float("nan"))
+                        lr_now = [grp["lr"] for grp in opt.param_groups]
+                        opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
+                        for e in range(E):
+                            logs[e].steps.append({"step": step, "epoch": epoch, "loss": float(acc_loss[e]),
+                                                  "lr": lr_now[e], "grad_norm": norms[e]})
+                        acc_loss.zero_()
+                        step += 1
+                rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / len(batches))} for e in range(E)]
+                if enc_val is not None and cfg.eval_each_epoch:
+                    for e, v in enumerate(runner.evaluate(enc_val, ref_val, st_val)):
+                        rec[e].update(v)
+                for e in range(E):
+                    logs[e].epochs.append(rec[e])
+        finally:
+            bar.close()
     secs = time.perf_counter() - t0
     for lg in logs:
         lg.seconds = secs
