@@ -143,8 +143,8 @@ def probe_heatmap(val_acc: np.ndarray, path: str | os.PathLike, top_k: int,
     ax.set_ylabel("layer")
     ax.set_xticks(range(0, H, max(1, H // 16)))
     ax.set_yticks(range(0, L, max(1, L // 20)))
-    t = f"probe validation accuracy (red: top-{top_k}"
-    ax.set_title(t + ("; blue: single heads matching full alignment)" if highlight else ")"), fontsize=9)
+    t = f"probe validation accuracy\nred: top-{top_k}"
+    ax.set_title(t + ("; blue: single heads matching\nfull alignment (optimal edit)" if highlight else ""), fontsize=9)
     return _save(fig, path)
 
 

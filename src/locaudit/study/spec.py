@@ -157,7 +157,7 @@ class OptimalSpec(_Strict):
     @field_validator("train_options")
     @classmethod
     def _train_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        owned = {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed", "max_parallel", "progress"}
+        owned = {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed", "progress"}
         clash = sorted(owned & set(v))
         if clash:
             raise ValueError(f"{clash} are set by the study's own fields (taus, lr, rank, ...), not train_options")
