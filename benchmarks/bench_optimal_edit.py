@@ -16,7 +16,8 @@ Reported (JSON on stdout, and --out FILE):
 - multi-edit: 8 single heads, and 8 random 16-head sets, trained in one pass vs 8 sequential runs
   (reference cached in both).
 
-Usage: python benchmarks/bench_optimal_edit.py [--pairs 32] [--batch-size 4] [--threads 2] [--out FILE]
+Usage: python benchmarks/bench_optimal_edit.py [--pairs 32] [--batch-size 4] [--threads 2] [--repeats 1]
+       [--only trl,prefix,multi,multi16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -182,13 +183,24 @@ def run_trl(lm, pairs, batch_size: int, gradient_checkpointing: bool = True) -> 
 
 
 # ---------------------------------------------------------------------------------------------- driver
+REPEATS = 1
+
+
 def spawn(kind: str, n_pairs: int, batch_size: int, threads: int) -> dict:
+    """Run a worker REPEATS times; keep the fastest run's times (robust to other load on the machine)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--worker", kind, "--pairs", str(n_pairs), "--batch-size", str(batch_size)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    best = None
+    for _ in range(REPEATS):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        walls = (best or {}).get("all_walls", []) + [out["wall"]]
+        if best is None or out["wall"] < best["wall"]:
+            best = out
+        best["all_walls"] = walls
+    return best
 
 
 def main() -> None:
@@ -199,15 +211,19 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=24, help="layer of the single head for the frozen-prefix run")
     ap.add_argument("--only", default="trl,prefix,multi,multi16",
                     help="comma list of parts: trl, prefix, multi (8 single heads), multi16 (8 random 16-head sets)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.pairs, a.batch_size)))
         return
+    global REPEATS
+    REPEATS = max(1, a.repeats)
     parts = set(a.only.split(","))
     runs: dict = {}
-    result: dict = {"pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "model": "smollm2-135m-instruct"}
+    result: dict = {"pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "repeats": REPEATS,
+                    "model": "smollm2-135m-instruct", "cpu_load_at_start": os.getloadavg()[0]}
     if "trl" in parts:
         # defaults of both tools (TRL: gradient checkpointing on), then each with and without checkpointing
         for kind in ("locaudit_all", "trl", "locaudit_all:gc", "trl:nogc"):

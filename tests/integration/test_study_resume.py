@@ -40,8 +40,25 @@ def write_study(folder: Path, shared_data: Path) -> Path:
     return path
 
 
-def _cli(study: Path, run: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "locaudit.cli.main", "run", str(study), "--out", str(run), "--no-report"],
+# The killed run slows every ITI trial down by 2 s (a patch applied only in that subprocess), so that the kill
+# lands mid-trial however fast the machine is; the resumed and reference runs use the unpatched code.
+_SLOW_ITI = """
+import sys, time
+import locaudit.study.steps as steps
+from locaudit.cli.main import main
+_iti = steps.STEPS["iti"]
+def slow_iti(ctx, t):
+    time.sleep(2.0)
+    return _iti(ctx, t)
+steps.STEPS["iti"] = slow_iti
+sys.argv = ["locaudit", *sys.argv[1:]]
+main()
+"""
+
+
+def _cli(study: Path, run: Path, env: dict, slow_iti: bool = False) -> subprocess.Popen:
+    entry = ["-c", _SLOW_ITI] if slow_iti else ["-m", "locaudit.cli.main"]
+    return subprocess.Popen([sys.executable, *entry, "run", str(study), "--out", str(run), "--no-report"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -67,13 +84,13 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, shared_data: Path, monkey
     n = len(expand(spec))
 
     run = tmp_path / "killed"
-    proc = _cli(study, run, env)
+    proc = _cli(study, run, env, slow_iti=True)
     victim = None
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         rows = _rows(run)
         done = sum(r[1] == "done" for r in rows)
-        running = [r for r in rows if r[1] == "running" and r[2] and time.time() - r[2] > 0.3]
+        running = [r for r in rows if r[1] == "running" and r[2] and time.time() - r[2] > 0.2]
         if done >= 3 and running:
             victim = running[0][0]
             os.kill(proc.pid, signal.SIGKILL)
@@ -85,6 +102,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, shared_data: Path, monkey
     assert proc.returncode == -signal.SIGKILL
     with Ledger(run) as led:
         assert led.row(victim)["status"] == "running"  # left behind by the dead process
+        assert led.row(victim)["name"].startswith("iti"), led.row(victim)["name"]  # the slowed-down step
         done_before = {r["key"] for r in led.rows(status="done")}
     assert 3 <= len(done_before) < n
 
