@@ -119,6 +119,42 @@ def test_best_grid_point_selection(tmp_path: Path, spec) -> None:
     assert any("single heads" in x for x in v.lines)
 
 
+def underpowered(trials, spec, run_dir):
+    """The top-K heads beat all 8 random draws under the optimal edit, which spread too widely for a t-test."""
+    for t in trials:
+        if t.kind in ("collect", "probe", "judge"):
+            yield t.key, {"metrics": {}, "artifacts": {}}
+            continue
+        loc = t.localizer
+        if t.kind == "baseline":
+            true = 0.40
+        elif t.kind == "iti":
+            true = 0.45
+        elif loc.kind == "random":
+            true = 0.60 + 0.05 * loc.seed  # 0.60 .. 0.95
+        else:
+            true = {"top": 0.96, "all": 0.97}.get(loc.kind, 0.5)
+        yield t.key, {"metrics": {"true": true, "mc1": 0.3, "kl": 0.1}, "artifacts": {}}
+
+
+def test_verdict_says_when_random_draws_are_too_few(tmp_path: Path, spec) -> None:
+    run = tmp_path / "run"
+    run_study(spec, run, fn=underpowered, progress=False)
+    with Ledger(run) as led:
+        res = results_frame(led.rows())
+    comp = comparisons(res, n_resamples=199)
+    v = verdict(res, comp, singles_table(res), top_k=4)
+    row = {r["method"]: r for r in v.table}["optimal"]
+    assert row["percentile"] == 100 and row["p"] > 0.05 and not row["candidate_special"]
+    assert v.headline.startswith("Edit-based evidence for localization: inconclusive")
+    assert "at least 20 random draws" in v.headline
+    assert any("beat every random draw, but 8 draws are too few" in x for x in v.lines)
+    # with the same spread but the candidate inside it, the answer is a plain "none"
+    res.loc[(res["kind"] == "optimal") & (res["group"] == "top"), "true"] = 0.70
+    v = verdict(res, comparisons(res, n_resamples=199), singles_table(res), top_k=4)
+    assert v.headline.startswith("Edit-based evidence for localization: none")
+
+
 def test_cli_report_and_dry_run(tmp_path: Path, spec) -> None:
     from typer.testing import CliRunner
 

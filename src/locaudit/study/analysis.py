@@ -247,6 +247,11 @@ def _p(x: float | None) -> str:
     return f"{x:.2g}"
 
 
+def _more_draws(alpha: float) -> str:
+    need = math.ceil(1.0 / alpha)  # rank p-value floor 1/(n+1) < alpha
+    return f"Use at least {need} random draws (localizers.random.n) for a rank p-value below {alpha:g}."
+
+
 def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, alpha: float = 0.05,
             top_k: int | None = None) -> Verdict:
     """Is the candidate special under each edit, and do random / single heads match full alignment?"""
@@ -259,6 +264,7 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, alpha: 
     base_v = float(base[primary].mean()) if primary in base.columns and base[primary].notna().any() else None
     lines, table, missing = [], [], []
     special: dict[str, bool | None] = {}
+    inconclusive: list[str] = []
     for method in METHODS:
         c = comp[(comp["method"] == method) & (comp["metric"] == primary) & (comp["scope"] == "best")] if not comp.empty else comp
         best = best_per_localizer(df, method, primary)
@@ -272,12 +278,17 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, alpha: 
         is_special = bool(r["t_p"] < alpha and r["diff"] * (1 if higher_is_better(primary) else -1) > 0) \
             if math.isfinite(r["t_p"]) else bool(r["empirical_p"] < alpha)
         special[method] = is_special
+        floor = 1.0 / (r["n_random"] + 1)
+        # the candidate beat every draw, yet the draws are too few for the rank tests to reach alpha
+        underpowered = not is_special and floor >= alpha and (r["percentile"] >= 100.0 if higher_is_better(primary)
+                                                              else r["percentile"] <= 0.0)
+        if underpowered:
+            inconclusive.append(method)
         rand_vals, _ = _by_localizer(best, primary, "random")
         hib, noise = higher_is_better(primary), (_se(best, primary, "all") if not best.empty else None)
         cand_frac = gain_fraction(r["candidate_mean"], base_v, full, hib, noise)
         rand_fracs = [gain_fraction(v, base_v, full, hib, noise) for v in rand_vals]
         rand_frac = float(np.nanmedian(rand_fracs)) if rand_fracs and np.isfinite(rand_fracs).any() else float("nan")
-        floor = 1.0 / (r["n_random"] + 1)
         stat = (f"{label} {_fmt(r['candidate_mean'])} at the {K} heads vs {_fmt(r['random_mean'])} ± {_fmt(r['random_sd'])} "
                 f"over {int(r['n_random'])} random draws (percentile {r['percentile']:.0f}, z = {_fmt(r['z'], 2)}, "
                 f"{r['t_test']} p = {_p(r['t_p'])}, Mann-Whitney p = {_p(r['mwu_p'])}, empirical p = {_p(r['empirical_p'])}"
@@ -286,6 +297,9 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, alpha: 
         if is_special:
             lines.append(f"{_cap(METHOD_LABEL[method])}: the {K} heads beat random heads: {stat}. "
                          "On its own, this edit would be read as evidence for localization.")
+        elif underpowered:
+            lines.append(f"{_cap(METHOD_LABEL[method])}: the {K} heads beat every random draw, but "
+                         f"{int(r['n_random'])} draws are too few to tell: {stat}. {_more_draws(alpha)}")
         else:
             lines.append(f"{_cap(METHOD_LABEL[method])}: random heads do about as well as the {K} heads: {stat}. "
                          "This edit gives no evidence that the candidate heads are special.")
@@ -333,6 +347,9 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, alpha: 
                     "the one that can show whether editing gives evidence for localization.")
         if iti:
             headline += " So far only the heuristic ITI edit makes the candidate heads look special."
+    elif opt is False and "optimal" in inconclusive:
+        headline = (f"Edit-based evidence for localization: inconclusive. Under the optimal edit the {K} heads beat every "
+                    f"random draw on {label}, but there are too few draws for that to be significant. {_more_draws(alpha)}")
     elif opt is False:
         headline = (f"Edit-based evidence for localization: none. Under the optimal edit, random heads do as well as the "
                     f"{K} heads on {label}")
