@@ -84,6 +84,8 @@ def test_strip_stop():
     assert strip_stop(" Paris.\nQ: next", ["\nQ:", "\n\n"]) == "Paris."
     assert strip_stop(" a\n\nb\nQ:", ["\nQ:", "\n\n"]) == "a"
     assert strip_stop(" plain ", []) == "plain"
+    assert strip_stop("\n Paris.\nB: Rome.", ["\n"]) == "Paris."  # a leading newline is not the answer's end
+    assert strip_stop(" Paris.\nB: Rome.", PromptFormat("plain").stop_strings()) == "Paris."
 
 
 def test_chat_format_generates():

@@ -42,8 +42,10 @@ class PromptFormat:
         return self.prompt(question, tokenizer) + self.completion(answer)
 
     def stop_strings(self, tokenizer=None) -> list[str]:
-        """Where generation should stop: a new question (plain) or the chat end token."""
+        """Where generation should stop: the end of the answer's line (plain: "Q: ...\nA: ...", one line
+        per answer, as TruthfulQA's QA format; otherwise small models go on with "B: ..." lines) or the
+        chat end token."""
         if self.kind == "plain":
-            return ["\nQ:", "\n\n"]
+            return ["\n"]
         eos = getattr(tokenizer, "eos_token", None)
         return [eos] if eos else []

@@ -3,8 +3,8 @@
 Prompts are left-padded so that every sequence's next token sits in the last column; `model.generate`
 keeps the KV cache (which holds keys/values of the EDITED model, since the edit was active while the
 prompt was encoded) and derives position ids from the attention mask. A stopping criterion ends each
-sequence at a stop string (a new "Q:" in the plain format, the end token in chat), which is then
-stripped from the answer.
+sequence at a stop string (the end of the answer's line in the plain format, whose answers are one
+line each; the end token in chat), which is then stripped from the answer.
 """
 
 from __future__ import annotations
@@ -52,12 +52,17 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = old
 
 
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the first stop string after the answer has begun (leading whitespace, such as the newline
+    some models emit right after "A:", does not count), else None."""
+    start = len(text) - len(text.lstrip())
+    hits = [i for s in stops if s and (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
 def strip_stop(text: str, stops: Sequence[str]) -> str:
-    """Cut `text` at the first stop string and strip surrounding whitespace."""
-    cut = len(text)
-    for s in stops:
-        if s and (i := text.find(s)) >= 0:
-            cut = min(cut, i)
+    """Cut `text` at the first stop string (after the answer has begun) and strip surrounding whitespace."""
+    cut = _stop_at(text, stops)
     return text[:cut].strip()
 
 
@@ -70,7 +75,7 @@ class _StopOnStrings:
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         new = input_ids[:, self.prompt_len:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+        return torch.tensor([_stop_at(t, self.stops) is not None for t in texts], device=input_ids.device)
 
 
 def _generation_config(lm: LoadedModel, max_new_tokens: int):
