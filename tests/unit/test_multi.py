@@ -8,7 +8,7 @@ import torch
 from locaudit.data.types import PreferencePair
 from locaudit.edit import reference as reference_mod
 from locaudit.edit import train as train_mod
-from locaudit.edit.multi import train_edits
+from locaudit.edit.multi import plan_groups, train_edits
 from locaudit.edit.train import train_edit
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model
@@ -50,7 +50,51 @@ def test_groups_sorted_by_lowest_layer_keep_input_order():
     lm = tiny_model("llama", n_layers=4)
     heads = [HeadSet.parse(f"L{l}H{h}") for l, h in [(3, 0), (0, 1), (2, 2), (1, 3), (3, 3)]]
     out = train_edits(lm, heads, toy_pairs(4), None, config=dict(progress=False, reference_disk_cache=False,
-                                                                   autocast=False, epochs=1, max_parallel=2))
+                                                                   autocast=False, epochs=1, max_parallel=2,
+                                                                   group_copy_cost=0.0))
     assert [e.heads for e, _ in out] == heads
     # sorted by lowest layer in groups of 2: {L0H1, L1H3}, {L2H2, L3H0}, {L3H3}
     assert [lg.lowest_layer for _, lg in out] == [2, 0, 2, 0, 3]
+    # at the CPU's copy cost the plan changes: {L0H1, L1H3} (2 x 4 x 0.85 < 4 + 3 layers), {L2H2} alone, {L3H0, L3H3}
+    out = train_edits(lm, heads, toy_pairs(4), None, config=dict(progress=False, reference_disk_cache=False,
+                                                                   autocast=False, epochs=1, max_parallel=2,
+                                                                   group_copy_cost=0.85))
+    assert [lg.lowest_layer for _, lg in out] == [3, 0, 2, 0, 3]
+
+
+def brute_force_cost(starts, L, m, c):
+    """Cheapest split of sorted `starts` into contiguous groups of <= m, by trying every cut set."""
+    import itertools
+
+    n, best = len(starts), float("inf")
+    for mask in itertools.product([0, 1], repeat=n - 1):
+        cuts = [0] + [i + 1 for i, b in enumerate(mask) if b] + [n]
+        groups = list(zip(cuts, cuts[1:]))
+        if any(j - i > m for i, j in groups):
+            continue
+        best = min(best, sum((L - starts[i]) * (1.0 if j - i == 1 else (j - i) * c) for i, j in groups))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_groups_is_optimal_and_covers_every_edit(seed):
+    import random
+
+    rng = random.Random(seed)
+    starts = sorted(rng.randrange(30) for _ in range(rng.randint(1, 9)))
+    m, c = rng.randint(1, 5), rng.choice([0.0, 0.5, 0.85, 1.2])
+    groups = plan_groups(starts, 30, m, c)
+    assert groups[0][0] == 0 and groups[-1][1] == len(starts)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:])) and all(0 < j - i <= m for i, j in groups)
+    cost = sum((30 - starts[i]) * (1.0 if j - i == 1 else (j - i) * c) for i, j in groups)
+    assert cost == pytest.approx(brute_force_cost(starts, 30, m, c))
+
+
+def test_plan_groups_examples():
+    # 8 single heads spread over 30 layers (CPU): nothing gained by one shared pass from layer 3
+    assert len(plan_groups([3, 8, 12, 15, 19, 22, 25, 28], 30, 8, 0.85)) > 1
+    assert plan_groups([5, 5, 5, 5], 30, 8, 0.85) == [(0, 4)]  # same layer: one pass
+    assert plan_groups([5, 5, 5, 5], 30, 2, 0.85) == [(0, 2), (2, 4)]
+    assert plan_groups([5, 5], 30, 8, 1.5) == [(0, 1), (1, 2)]  # a copy dearer than a run: never group
+    with pytest.raises(ValueError, match="ascending"):
+        plan_groups([3, 1], 30, 8, 0.85)
