@@ -9,15 +9,14 @@ Wall time and process CPU time are both reported (CPU time is steadier on a shar
 Reported (JSON on stdout, and --out FILE):
 - trl vs locaudit at all heads (TRL: rank-1 LoRA on every o_proj): pairs/s for one epoch including the
   reference pass, and with the reference cached (every later epoch or trial on the same data), peak memory;
-  at both tools' defaults (TRL's DPOConfig turns gradient checkpointing on) and with checkpointing on/off
-  in both;
+  at both tools' defaults (both turn gradient checkpointing on) and with checkpointing off in both;
 - frozen prefix: a single head at a late layer l, training loop with vs without the prefix cache
   (reference cached in both), against the ideal L / (L - l);
 - multi-edit: 8 single heads, and 8 random 16-head sets, trained in one pass vs 8 sequential runs
   (reference cached in both).
 
 Usage: python benchmarks/bench_optimal_edit.py [--pairs 32] [--batch-size 4] [--threads 2] [--repeats 1]
-       [--only trl,prefix,multi,multi16] [--out FILE]
+       [--only trl,prefix,multi,multi16] [--checkpointing on|off] [--out FILE]
 """
 
 from __future__ import annotations
@@ -108,11 +107,12 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         from locaudit.heads import HeadSet
 
         cfg = TrainConfig(epochs=1, batch_size=batch_size, progress=False, eval_each_epoch=False,
-                          reference_disk_cache=False)
+                          reference_disk_cache=False,
+                          gradient_checkpointing=os.environ.get("BENCH_CHECKPOINTING", "on") == "on")
         enc = encode_pairs(lm.tokenizer, pairs, PromptFormat("plain"), cfg.max_length, lm.fingerprint)
         if kind.startswith("locaudit_all"):
             heads = [HeadSet.all(L, H)]
-            cfg = cfg.model_copy(update={"gradient_checkpointing": kind == "locaudit_all:gc"})
+            cfg = cfg.model_copy(update={"gradient_checkpointing": kind != "locaudit_all:nogc"})
             with Clock() as ref_clock:
                 reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             with Clock() as c:
@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=24, help="layer of the single head for the frozen-prefix run")
     ap.add_argument("--only", default="trl,prefix,multi,multi16",
                     help="comma list of parts: trl, prefix, multi (8 single heads), multi16 (8 random 16-head sets)")
+    ap.add_argument("--checkpointing", choices=["on", "off"], default="on",
+                    help="gradient checkpointing in the prefix and multi-edit parts (locaudit's default: on)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -220,13 +222,15 @@ def main() -> None:
         return
     global REPEATS
     REPEATS = max(1, a.repeats)
+    os.environ["BENCH_CHECKPOINTING"] = a.checkpointing
     parts = set(a.only.split(","))
     runs: dict = {}
     result: dict = {"pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "repeats": REPEATS,
+                    "checkpointing_in_prefix_and_multi": a.checkpointing,
                     "model": "smollm2-135m-instruct", "cpu_load_at_start": os.getloadavg()[0]}
     if "trl" in parts:
         # defaults of both tools (TRL: gradient checkpointing on), then each with and without checkpointing
-        for kind in ("locaudit_all", "trl", "locaudit_all:gc", "trl:nogc"):
+        for kind in ("locaudit_all", "trl", "locaudit_all:nogc", "trl:nogc"):
             runs[kind] = spawn(kind, a.pairs, a.batch_size, a.threads)
 
         def compare(loc: dict, trl: dict) -> dict:
@@ -239,9 +243,8 @@ def main() -> None:
                     "locaudit_peak_rss_delta_mb": loc["peak_rss_delta_mb"]}
 
         result["vs_trl_all_heads"] = {
-            "defaults (locaudit no checkpointing, TRL checkpointing)": compare(runs["locaudit_all"], runs["trl"]),
-            "both gradient checkpointing": compare(runs["locaudit_all:gc"], runs["trl"]),
-            "neither gradient checkpointing": compare(runs["locaudit_all"], runs["trl:nogc"]),
+            "defaults (both with gradient checkpointing)": compare(runs["locaudit_all"], runs["trl"]),
+            "neither with gradient checkpointing": compare(runs["locaudit_all:nogc"], runs["trl:nogc"]),
         }
     if "prefix" in parts:
         on = runs["prefix_on"] = spawn(f"prefix_on:{a.layer}", a.pairs, a.batch_size, a.threads)

@@ -309,7 +309,7 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         options = dict(c.get("train_options", {}))
         options.setdefault("max_parallel", max(1, len(todo)))  # train_edits groups edits by lowest layer
         cfg = TrainConfig.make(objective=c["objective"], tau=c["tau"], rank=c["rank"], epochs=c["epochs"],
-                               batch_size=c["batch_size"], seed=c["seed"], progress=False, **options)
+                               batch_size=c["batch_size"], seed=c["seed"], progress=True, **options)
         results = train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
                               lrs=[float(t.content["lr"]) for t in todo])
         for t, (edit, tlog) in zip(todo, results):
