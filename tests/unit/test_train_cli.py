@@ -30,11 +30,12 @@ def test_edit_cli_trains_and_saves(tmp_path, tiny_folder, monkeypatch):
     out = tmp_path / "edit"
     res = CliRunner().invoke(app, ["edit", "--model", str(tiny_folder), "--data", f"pairs:{data}", "--heads", "L1H2,L2",
                                    "--epochs", "1", "--lr", "0.01", "--no-progress", "--no-autocast",
-                                   "--export-peft", str(tmp_path / "peft"), "--out", str(out)])
+                                   "--no-checkpointing", "--export-peft", str(tmp_path / "peft"), "--out", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "held-out (val) preference accuracy:" in res.output
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == "lora" and meta["objective"] == "ipo" and meta["config"]["lr"] == 0.01
+    assert meta["config"]["gradient_checkpointing"] is False
     assert meta["heads"]["heads"][0] == [1, 2] and len(meta["heads"]["heads"]) == 5
     assert meta["curve"]["epochs"] and meta["data"]["spec"] == f"pairs:{data}"
     assert (out / "edit.safetensors").exists() and (tmp_path / "peft" / "adapter_config.json").exists()
