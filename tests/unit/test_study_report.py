@@ -148,6 +148,9 @@ def test_verdict_says_when_random_draws_are_too_few(tmp_path: Path, spec) -> Non
     assert row["percentile"] == 100 and row["p"] > 0.05 and not row["candidate_special"]
     assert v.headline.startswith("Edit-based evidence for localization: inconclusive")
     assert "at least 20 random draws" in v.headline
+    from locaudit.study.analysis import _more_draws
+
+    assert "at least 33 " in _more_draws(0.03) and "at least 10 " in _more_draws(0.1)  # 1/34 < 0.03; 1/11 < 0.1
     assert any("beat every random draw, but 8 draws are too few" in x for x in v.lines)
     # with the same spread but the candidate inside it, the answer is a plain "none"
     res.loc[(res["kind"] == "optimal") & (res["group"] == "top"), "true"] = 0.70

@@ -248,7 +248,9 @@ def _p(x: float | None) -> str:
 
 
 def _more_draws(alpha: float) -> str:
-    need = math.ceil(1.0 / alpha)  # rank p-value floor 1/(n+1) < alpha
+    need = 1  # the fewest draws whose rank p-value floor 1/(n+1) is below alpha
+    while 1.0 / (need + 1) >= alpha:
+        need += 1
     return f"Use at least {need} random draws (localizers.random.n) for a rank p-value below {alpha:g}."
 
 
