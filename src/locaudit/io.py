@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from locaudit.errors import DataError
+
 
 def cache_dir(*parts: str) -> Path:
     """The cache folder: $LOCAUDIT_CACHE, else $XDG_CACHE_HOME/locaudit, else ~/.cache/locaudit."""
@@ -69,3 +71,20 @@ def file_sha256(path: str | os.PathLike, n: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:n]
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of a JSONL file (UTF-8, BOM tolerated), streamed;
+    a line that is not JSON is a DataError naming the file and line."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None

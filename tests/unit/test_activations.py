@@ -158,10 +158,10 @@ def test_activation_set_errors(tmp_path):
         ActivationSet.load(d)
     acts.save(d)
     (d / EXAMPLES_FILE).write_text('{"qid": "q0", "label": 1, "split": "train"}\n{"qid": "q0", "label": 3, "split": "train"}\n')
-    with pytest.raises(DataError, match=r"line 2: field 'label' = 3"):
+    with pytest.raises(DataError, match=r"examples.jsonl:2: field 'label' = 3"):
         ActivationSet.load(d)
     (d / EXAMPLES_FILE).write_text('{"qid": "q0", "label": 1}\n')
-    with pytest.raises(DataError, match=r"line 1: missing field 'split'"):
+    with pytest.raises(DataError, match=r"examples.jsonl:1: missing field 'split'"):
         ActivationSet.load(d)
     acts.save(d)
     (d / EXAMPLES_FILE).write_text("".join(json.dumps(e) + "\n" for e in acts.examples[:4]))

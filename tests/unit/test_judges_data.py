@@ -29,7 +29,7 @@ def test_parse_good(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ('{"prompt": "Q: x\\nA: y\\nTrue:", "completion": " yes"', ":3: .*not valid JSON"),
+    ('{"prompt": "Q: x\\nA: y\\nTrue:", "completion": " yes"', ":3: invalid JSON"),
     ({"completion": " yes"}, ":3: .*missing field 'prompt'"),
     ({"prompt": "Q: x\nA: y\nTrue:"}, ":3: .*missing field 'completion'"),
     ({"prompt": "Q: x\nA: y\nTrue:", "completion": " maybe"}, ":3: .*field 'completion' is ' maybe'"),

@@ -168,18 +168,12 @@ def score(
     """Score (question, answer) pairs from a JSONL file with any judge."""
     from locaudit.errors import DataError
     from locaudit.evaluate.judges import get_judge
-    from locaudit.io import write_text_atomic
+    from locaudit.io import read_jsonl, write_text_atomic
 
     rows = []
-    for n, line in enumerate(input.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{input}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec in read_jsonl(input):
         for fld in ("question", "answer"):
-            if not isinstance(rec.get(fld), str):
+            if not isinstance(rec, dict) or not isinstance(rec.get(fld), str):
                 raise DataError(f"{input}:{n}: field {fld!r} is missing or not a string")
         rows.append(rec)
     the_judge = get_judge(judge, cache=cache, references=references, holdout=references, device=device)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from locaudit.data.types import PreferencePair, Question, question_id
 from locaudit.errors import DataError
+from locaudit.io import read_jsonl
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -44,7 +45,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
     if suffix == ".jsonl":
-        records = _jsonl_records(path, text)
+        records = read_jsonl(path)
     elif suffix == ".json":
         records = _json_records(path, text)
     elif suffix == ".csv":
@@ -55,17 +56,6 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     if not pairs:
         raise DataError(f"{path}: no pairs")
     return pairs
-
-
-def _jsonl_records(path: Path, text: str):
-    for i, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from e
-        yield i, rec
 
 
 def _json_records(path: Path, text: str):

@@ -178,7 +178,6 @@ def collect_states(lm: LoadedModel, enc, layer: int, use_autocast: bool, dtype: 
     from locaudit.models.scoring import collate_completions
 
     seqs = enc.sequences()
-    n = len(enc)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
     out: list[torch.Tensor | None] = [None] * len(seqs)
     dev = lm.device

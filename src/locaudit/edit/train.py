@@ -24,7 +24,7 @@ from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.config import TrainConfig
 from locaudit.edit.fastcast import frozen_bf16_weights
-from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, replicate
+from locaudit.edit.encoded import EncodedPairs, length_sorted, replicate
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats

@@ -22,7 +22,7 @@ from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import Question
 from locaudit.edit.base import Edit
 from locaudit.errors import DataError
-from locaudit.io import write_text_atomic
+from locaudit.io import read_jsonl, write_text_atomic
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
 
@@ -168,14 +168,8 @@ def load_generations(path: str | Path) -> list[GenerationRecord]:
     """Read a JSONL file written by `save_generations`; a bad line is named by number and field."""
     path = Path(path)
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
-        missing = [k for k in ("qid", "question", "answer") if k not in d]
+    for n, d in read_jsonl(path):
+        missing = [k for k in ("qid", "question", "answer") if not isinstance(d, dict) or k not in d]
         if missing:
             raise DataError(f"{path}:{n}: missing field(s) {missing}")
         out.append(GenerationRecord(str(d["qid"]), str(d["question"]), str(d["answer"])))

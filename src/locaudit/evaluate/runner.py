@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.edit.base import Edit

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locaudit.errors import DataError
-from locaudit.io import atomic_path, cache_dir, stable_hash, write_json_atomic, write_text_atomic
+from locaudit.io import atomic_path, cache_dir, read_jsonl, stable_hash, write_json_atomic, write_text_atomic
 from locaudit.localize.store import create_tensor_file, open_tensor
 from locaudit.models.hooks import o_proj_hooks
 
@@ -231,20 +231,13 @@ class ActivationSet:
         except json.JSONDecodeError as e:
             raise DataError(f"{d / META_FILE}: not valid JSON ({e})") from e
         examples = []
-        with open(d / EXAMPLES_FILE, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    ex = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{d / EXAMPLES_FILE} line {lineno}: not valid JSON ({e})") from e
-                for key in ("qid", "label", "split"):
-                    if key not in ex:
-                        raise DataError(f"{d / EXAMPLES_FILE} line {lineno}: missing field {key!r}")
-                if ex["label"] not in (0, 1):
-                    raise DataError(f"{d / EXAMPLES_FILE} line {lineno}: field 'label' = {ex['label']!r}, expected 0 or 1")
-                examples.append(ex)
+        for lineno, ex in read_jsonl(d / EXAMPLES_FILE):
+            for key in ("qid", "label", "split"):
+                if not isinstance(ex, dict) or key not in ex:
+                    raise DataError(f"{d / EXAMPLES_FILE}:{lineno}: missing field {key!r}")
+            if ex["label"] not in (0, 1):
+                raise DataError(f"{d / EXAMPLES_FILE}:{lineno}: field 'label' = {ex['label']!r}, expected 0 or 1")
+            examples.append(ex)
         heads = torch.from_numpy(open_tensor(d / ACTIVATIONS_FILE, "heads"))
         if "shape" in meta and list(meta["shape"]) != list(heads.shape):
             raise DataError(f"{d / META_FILE}: shape {meta['shape']} but {ACTIVATIONS_FILE} holds {list(heads.shape)}")

@@ -17,7 +17,6 @@ A trained edit is kept when its evaluation fails, so a retry only evaluates agai
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math

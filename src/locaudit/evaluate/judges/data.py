@@ -11,7 +11,6 @@ evaluation question is held out too.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Sequence
 from locaudit.errors import ConfigError, DataError
 from locaudit.evaluate.judges.base import normalise_question
 from locaudit.evaluate.judges.hf import SUFFIX
+from locaudit.io import read_jsonl
 
 _PROMPT = re.compile(r"\AQ: (?P<q>.*?)\nA: (?P<a>.*)\n(?P<suffix>True|Helpful):\Z", re.DOTALL)
 LABELS = {" yes": 1, " no": 0}
@@ -50,33 +50,26 @@ def load_judge_data(path: str | Path, kind: str) -> list[JudgeExample]:
         raise DataError(f"{path}: judge data file not found")
     want = SUFFIX[kind][:-1]
     out: list[JudgeExample] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion', got {type(rec).__name__}")
-            for fld in ("prompt", "completion"):
-                if fld not in rec:
-                    raise DataError(f"{path}:{n}: missing field {fld!r}")
-                if not isinstance(rec[fld], str):
-                    raise DataError(f"{path}:{n}: field {fld!r} is {type(rec[fld]).__name__}, expected a string")
-            comp = rec["completion"]
-            if comp not in LABELS and comp.strip().lower() not in ("yes", "no"):
-                raise DataError(f"{path}:{n}: field 'completion' is {comp!r}, expected ' yes' or ' no'")
-            label = LABELS.get(comp, 1 if comp.strip().lower() == "yes" else 0)
-            m = _PROMPT.match(rec["prompt"])
-            if m is None:
-                raise DataError(f"{path}:{n}: field 'prompt' is not 'Q: ...\\nA: ...\\n{SUFFIX[kind]}': "
-                                f"{rec['prompt'][:120]!r}")
-            if m.group("suffix") != want:
-                raise DataError(f"{path}:{n}: field 'prompt' ends with {m.group('suffix')!r}: but this is {kind} "
-                                f"data (expected {SUFFIX[kind]!r}); did you swap the truth and info files?")
-            out.append(JudgeExample(m.group("q").strip(), m.group("a").strip(), label, n))
+    for n, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion', got {type(rec).__name__}")
+        for fld in ("prompt", "completion"):
+            if fld not in rec:
+                raise DataError(f"{path}:{n}: missing field {fld!r}")
+            if not isinstance(rec[fld], str):
+                raise DataError(f"{path}:{n}: field {fld!r} is {type(rec[fld]).__name__}, expected a string")
+        comp = rec["completion"]
+        if comp not in LABELS and comp.strip().lower() not in ("yes", "no"):
+            raise DataError(f"{path}:{n}: field 'completion' is {comp!r}, expected ' yes' or ' no'")
+        label = LABELS.get(comp, 1 if comp.strip().lower() == "yes" else 0)
+        m = _PROMPT.match(rec["prompt"])
+        if m is None:
+            raise DataError(f"{path}:{n}: field 'prompt' is not 'Q: ...\\nA: ...\\n{SUFFIX[kind]}': "
+                            f"{rec['prompt'][:120]!r}")
+        if m.group("suffix") != want:
+            raise DataError(f"{path}:{n}: field 'prompt' ends with {m.group('suffix')!r}: but this is {kind} "
+                            f"data (expected {SUFFIX[kind]!r}); did you swap the truth and info files?")
+        out.append(JudgeExample(m.group("q").strip(), m.group("a").strip(), label, n))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
