@@ -260,21 +260,16 @@ def main() -> None:
                                    "one_time_states_wall": on["states_wall"],
                                    "peak_rss_delta_mb_on": on["peak_rss_delta_mb"],
                                    "peak_rss_delta_mb_off": off["peak_rss_delta_mb"]}
-    if "multi" in parts:
-        one = runs["multi_one_pass"] = spawn("multi_one_pass", a.pairs, a.batch_size, a.threads)
-        seq = runs["multi_sequential"] = spawn("multi_sequential", a.pairs, a.batch_size, a.threads)
-        result["multi_edit_8_single_heads"] = {"speedup_wall": seq["wall"] / one["wall"],
-                                               "speedup_cpu": seq["cpu"] / one["cpu"], "heads": one["heads"],
-                                               "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
-                                               "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
-    if "multi16" in parts:
-        one = runs["multi16_one_pass"] = spawn("multi16_one_pass", a.pairs, a.batch_size, a.threads)
-        seq = runs["multi16_sequential"] = spawn("multi16_sequential", a.pairs, a.batch_size, a.threads)
-        result["multi_edit_8_random16_sets"] = {"speedup_wall": seq["wall"] / one["wall"],
-                                                "speedup_cpu": seq["cpu"] / one["cpu"],
-                                                "lowest_layers": one["lowest_layers"],
-                                                "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
-                                                "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
+    for part, label in (("multi", "multi_edit_8_single_heads"), ("multi16", "multi_edit_8_random16_sets")):
+        if part not in parts:
+            continue
+        # "one_pass": train_edits with max_parallel 8, which plans the passes (edit/multi.py plan_groups)
+        one = runs[f"{part}_one_pass"] = spawn(f"{part}_one_pass", a.pairs, a.batch_size, a.threads)
+        seq = runs[f"{part}_sequential"] = spawn(f"{part}_sequential", a.pairs, a.batch_size, a.threads)
+        result[label] = {"speedup_wall": seq["wall"] / one["wall"], "speedup_cpu": seq["cpu"] / one["cpu"],
+                         "heads": one["heads"], "lowest_layers": one["lowest_layers"],
+                         "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
+                         "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
     result["runs"] = runs
     text = json.dumps(result, indent=2)
     print(text)
