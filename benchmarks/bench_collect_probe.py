@@ -10,7 +10,9 @@ Probing: all L*H heads as one batched Newton optimisation vs a loop of scikit-le
 LogisticRegression fits (same C), on the train/val split of real SmolLM2 activations.
 
 Each collector runs `--repeats` times, interleaved, and its best time is kept (the machine is shared).
-Prints one JSON object. Goals: overhead over the bare forward <= 10%, >= 3x one-at-a-time,
+Every collector runs at one precision (`--precision`, default auto: bf16 only where this CPU runs it
+faster, else fp32). Prints one JSON object with the CPU capability, the resolved precision and each
+throughput as a fraction of the measured fp32 GEMM peak (benchmarks/machine.py). Goals: overhead over the bare forward <= 10%, >= 3x one-at-a-time,
 probing >= 20x the scikit-learn loop at the same accuracy.
 
     python benchmarks/bench_collect_probe.py --n 48 --repeats 2
@@ -27,6 +29,11 @@ import warnings
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
+
+from locaudit.models.precision import resolve_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
@@ -169,6 +176,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per collector (best kept)")
     ap.add_argument("--probe-questions", type=int, default=60, help="questions whose activations are probed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="precision of every collector (auto: bf16 only where this CPU runs it faster)")
     ap.add_argument("--skip", default="", help="comma list of collectors to skip: one_at_a_time,nnsight,tlens")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -181,6 +190,8 @@ def main() -> None:
     from locaudit.models import load_model
 
     lm = load_model(args.model)
+    machine = machine_info(args.precision)
+    prec = resolve_precision(args.precision, "cpu")
     data = load_behaviour(f"truthfulqa:{args.csv}", seed=0)
     exs = data.probe_examples()
     texts = [probe_text(e, "plain") for e in random.Random(0).sample(exs, args.n)]
@@ -190,9 +201,8 @@ def main() -> None:
     padded = sum(m.numel() for _, _, m, _ in prepared)
 
     collectors = {  # each takes (texts, their prepared batches)
-        "locaudit": lambda tx, pr: run_locaudit(lm, tx, bs),
-        "locaudit_no_early_stop": lambda tx, pr: run_locaudit(lm, tx, bs, stop_early=False),
-        "locaudit_bf16_autocast": lambda tx, pr: run_locaudit(lm, tx, bs, autocast_dtype=torch.bfloat16),
+        "locaudit": lambda tx, pr: run_locaudit(lm, tx, bs, precision=prec),
+        "locaudit_no_early_stop": lambda tx, pr: run_locaudit(lm, tx, bs, stop_early=False, precision=prec),
         "bare_forward": lambda tx, pr: run_bare(lm, tx, bs, pr),
     }
     notes = {}
@@ -217,7 +227,8 @@ def main() -> None:
     warm_prepared = batches(lm, warm_texts, bs)
     for name, fn in list(collectors.items()):  # warm-up: first-call costs are not throughput
         try:
-            fn(warm_texts, warm_prepared)
+            with prec.autocast(lm.dtype):
+                fn(warm_texts, warm_prepared)
         except Exception as e:
             notes[name] = f"failed: {type(e).__name__}: {e}"
             collectors.pop(name)
@@ -227,7 +238,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for name, fn in collectors.items():
             try:
-                t, out = timed(lambda: fn(texts, prepared))
+                with prec.autocast(lm.dtype):  # every collector at the same precision
+                    t, out = timed(lambda: fn(texts, prepared))
             except Exception as e:
                 notes[name] = f"failed: {type(e).__name__}: {e}"
                 continue
@@ -242,7 +254,10 @@ def main() -> None:
     ref = outputs["locaudit"]
     agree = {k: float((v - ref).abs().max()) for k, v in outputs.items() if k != "locaudit"}
     t0 = best["locaudit"]
+    flops = 2 * linear_params(lm.model, lm.sites.n_layers, lm_head=False) * n_tokens
     result = {
+        "machine": machine,
+        "fraction_of_fp32_peak": {k: fraction_of_peak(flops, v, machine["fp32_gemm_peak_gflops"]) for k, v in best.items()},
         "model": args.model, "n_texts": len(texts), "batch_size": bs, "tokens": n_tokens,
         "padding_fraction": round(1 - n_tokens / padded, 3), "threads": torch.get_num_threads(),
         "seconds": {k: round(v, 3) for k, v in best.items()},

@@ -5,7 +5,9 @@ sorted by length, in batches). One at a time = one forward pass per answer, as T
 evaluation code do. Both use the same log-prob code, so the ratio isolates batching; the script also
 checks that both give the same MC1/MC2. Prints one JSON object. Goal: batched >= 3x.
 
-    python benchmarks/bench_mc.py [--questions 24] [--batch-size 32] [--bf16-autocast]
+Both sides run at one precision (`--precision`, default auto: bf16 only where this CPU runs it faster).
+
+    python benchmarks/bench_mc.py [--questions 24] [--batch-size 32] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
+
+from locaudit.models.precision import resolve_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MC_FILE = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "truthfulqa/data/v1/mc_task.json"
@@ -26,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=int, default=24, help="MC items taken from the start of mc_task.json")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--bf16-autocast", action="store_true", help="also time batched scoring under bf16 autocast")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both sides")
     ap.add_argument("--mc-file", default=str(MC_FILE))
     args = ap.parse_args()
 
@@ -39,19 +47,22 @@ def main() -> None:
     torch.manual_seed(0)
     items = load_mc(args.mc_file)[: args.questions]
     lm = load_model("smollm2-135m-instruct")
+    machine = machine_info(args.precision)
+    prec = resolve_precision(args.precision, "cpu")
     fmt = PromptFormat("plain")
     pairs = list(dict.fromkeys((it.question, a) for it in items for a in (*it.mc1_answers, *it.mc2_answers)))
     n = len(pairs)
 
-    score_mc(lm, None, items[:2], batch_size=args.batch_size)  # warm-up
+    score_mc(lm, None, items[:2], batch_size=args.batch_size, precision=prec)  # warm-up
     t0 = time.perf_counter()
-    batched = score_mc(lm, None, items, batch_size=args.batch_size)
+    batched = score_mc(lm, None, items, batch_size=args.batch_size, precision=prec)
     t_batched = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     single: dict[tuple[str, str], float] = {}
     for q, a in pairs:
-        s, _ = score_completions(lm.model, lm.tokenizer, [fmt.prompt(q)], [fmt.completion(a)], batch_size=1)
+        with torch.no_grad(), prec.autocast(lm.dtype):
+            s, _ = score_completions(lm.model, lm.tokenizer, [fmt.prompt(q)], [fmt.completion(a)], batch_size=1)
         single[(q, a)] = float(s[0])
     t_single = time.perf_counter() - t0
 
@@ -59,7 +70,12 @@ def main() -> None:
                for i, it in enumerate(items) for a in (*it.mc1_answers, *it.mc2_answers))
     mc1_single = sum(mc1_score([single[(it.question, a)] for a in it.mc1_answers], it.mc1_labels) for it in items) / len(items)
     mc2_single = sum(mc2_score([single[(it.question, a)] for a in it.mc2_answers], it.mc2_labels) for it in items) / len(items)
+    n_tok = sum(len(lm.tokenizer(fmt.prompt(q) + fmt.completion(a))["input_ids"]) for q, a in pairs)
+    flops = 2 * linear_params(lm.model) * n_tok
     out = {
+        "machine": machine,
+        "fraction_of_fp32_peak": {"batched": fraction_of_peak(flops, t_batched, machine["fp32_gemm_peak_gflops"]),
+                                  "one_at_a_time": fraction_of_peak(flops, t_single, machine["fp32_gemm_peak_gflops"])},
         "model": "smollm2-135m-instruct", "questions": len(items), "answers": n, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "batched_answers_per_s": round(n / t_batched, 1), "one_at_a_time_answers_per_s": round(n / t_single, 1),
@@ -67,12 +83,6 @@ def main() -> None:
         "max_abs_logprob_diff": diff, "mc1": batched.mean("mc1"), "mc2": batched.mean("mc2"),
         "mc1_one_at_a_time": mc1_single, "mc2_one_at_a_time": mc2_single,
     }
-    if args.bf16_autocast:
-        t0 = time.perf_counter()
-        bf = score_mc(lm, None, items, batch_size=args.batch_size, autocast=torch.bfloat16)
-        t_bf = time.perf_counter() - t0
-        out.update({"batched_bf16_answers_per_s": round(n / t_bf, 1), "speedup_bf16": round(t_single / t_bf, 2),
-                    "mc2_bf16": bf.mean("mc2")})
     print(json.dumps(out, indent=2))
 
 

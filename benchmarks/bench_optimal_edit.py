@@ -1,7 +1,8 @@
 """Benchmark: one IPO epoch of an optimal edit with locaudit vs TRL's DPOTrainer(loss_type="ipo") + PEFT.
 
-Same model (SmolLM2-135M-Instruct), same TruthfulQA train pairs, same batch size, both at their default
-precision (bf16 autocast; TRL's DPOConfig defaults bf16=True). Each measurement runs in its own
+Same model (SmolLM2-135M-Instruct), same TruthfulQA train pairs, same batch size, both at one precision
+(`--precision`, default auto: bf16 only where this CPU runs it faster, else fp32; TRL gets bf16=True
+exactly when that resolves to bf16). Each measurement runs in its own
 subprocess so that peak RSS is comparable: the peak (VmHWM) is reset after loading the model (its
 memory-mapped weights paged in) and the pairs, and the RSS at that point is subtracted.
 Wall time and process CPU time are both reported (CPU time is steadier on a shared machine).
@@ -31,6 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CSV = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
@@ -107,14 +111,14 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         from locaudit.heads import HeadSet
 
         cfg = TrainConfig(epochs=1, batch_size=batch_size, progress=False, eval_each_epoch=False,
-                          reference_disk_cache=False,
+                          reference_disk_cache=False, precision=PREC,
                           gradient_checkpointing=os.environ.get("BENCH_CHECKPOINTING", "on") == "on")
         enc = encode_pairs(lm.tokenizer, pairs, PromptFormat("plain"), cfg.max_length, lm.fingerprint)
         if kind.startswith("locaudit_all"):
             heads = [HeadSet.all(L, H)]
             cfg = cfg.model_copy(update={"gradient_checkpointing": kind != "locaudit_all:nogc"})
             with Clock() as ref_clock:
-                reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
+                reference_logps(lm, enc, PREC, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             with Clock() as c:
                 train_edits(lm, heads, pairs, None, config=cfg)
             out.update(reference_wall=ref_clock.wall, reference_cpu=ref_clock.cpu, loop_wall=c.wall, loop_cpu=c.cpu,
@@ -123,15 +127,13 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             layer = int(kind.split(":")[1])
             use = kind.startswith("prefix_on")
             heads = [HeadSet.parse(f"L{layer}H3")]
-            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
+            reference_logps(lm, enc, PREC, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             c0 = cfg.model_copy(update={"frozen_prefix": use})
             if use:  # one-time state collection, reported apart (shared by every trial at this layer)
                 from locaudit.edit.prefix import PREFIX_CACHE
                 from locaudit.edit.fastcast import frozen_bf16_weights
-                from locaudit.edit.train import _store_dtype
-
-                with Clock() as sc, frozen_bf16_weights(lm.model):
-                    PREFIX_CACHE.get(lm, enc, layer, True, _store_dtype(c0), c0.eval_batch_size)
+                with Clock() as sc, frozen_bf16_weights(lm.model, PREC == "bf16"):
+                    PREFIX_CACHE.get(lm, enc, layer, PREC, c0.eval_batch_size)
                 out.update(states_wall=sc.wall, states_cpu=sc.cpu)
             with Clock() as c:
                 train_edits(lm, heads, pairs, None, config=c0)
@@ -140,7 +142,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             n_edits = 8
             size = 16 if kind.startswith("multi16") else 1
             heads = [HeadSet.parse(f"random{size}@{s}", L, H) for s in range(n_edits)]
-            reference_logps(lm, enc, cfg.autocast, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
+            reference_logps(lm, enc, PREC, cfg.eval_batch_size, disk=False, tiled=cfg.tiled_logps)
             together = kind.endswith("one_pass")
             with Clock() as c:
                 if together:
@@ -173,7 +175,8 @@ def run_trl(lm, pairs, batch_size: int, gradient_checkpointing: bool = True) -> 
         args = DPOConfig(output_dir=tmp, loss_type=["ipo"], beta=0.1, per_device_train_batch_size=batch_size,
                          num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine", report_to=[],
                          use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                         dataloader_num_workers=0, seed=0, gradient_checkpointing=gradient_checkpointing)
+                         dataloader_num_workers=0, seed=0, gradient_checkpointing=gradient_checkpointing,
+                         bf16=PREC == "bf16")
         peft_cfg = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["o_proj"], task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=lm.model, args=args, train_dataset=ds, processing_class=lm.tokenizer,
                              peft_config=peft_cfg)
@@ -182,13 +185,27 @@ def run_trl(lm, pairs, batch_size: int, gradient_checkpointing: bool = True) -> 
     return {"wall": c.wall, "cpu": c.cpu, "bf16": bool(args.bf16), "gradient_checkpointing": gradient_checkpointing}
 
 
+def training_flops(n_pairs: int) -> float:
+    """An estimate of one epoch's model FLOPs: 3x the forward (forward + the backward through the
+    activations; frozen weights get no gradient) of every chosen and rejected sequence, plus the reference
+    forward: 4 x 2 x weights x tokens. Both tools do at least this much."""
+    from locaudit.models import load_model
+
+    lm = load_model("smollm2-135m-instruct")
+    tok = lm.tokenizer
+    n_tok = sum(len(tok(f"Q: {p.question}\nA: {ans}")["input_ids"]) for p in load_pairs(n_pairs)
+                for ans in (p.chosen, p.rejected))
+    return 4 * 2 * linear_params(lm.model) * n_tok
+
+
 # ---------------------------------------------------------------------------------------------- driver
 REPEATS = 1
+PREC = os.environ.get("BENCH_PRECISION", "fp32")  # resolved once by the driver, passed to every worker
 
 
 def spawn(kind: str, n_pairs: int, batch_size: int, threads: int) -> dict:
     """Run a worker REPEATS times; keep the fastest run's times (robust to other load on the machine)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, BENCH_PRECISION=PREC, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "--worker", kind, "--pairs", str(n_pairs), "--batch-size", str(batch_size)]
     best = None
     for _ in range(REPEATS):
@@ -215,17 +232,20 @@ def main() -> None:
                     help="gradient checkpointing in the prefix and multi-edit parts (locaudit's default: on)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; the fastest is kept")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both tools")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.pairs, a.batch_size)))
         return
-    global REPEATS
+    global REPEATS, PREC
     REPEATS = max(1, a.repeats)
+    machine = machine_info(a.precision)
+    PREC = machine["precision"]
     os.environ["BENCH_CHECKPOINTING"] = a.checkpointing
     parts = set(a.only.split(","))
     runs: dict = {}
-    result: dict = {"pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "repeats": REPEATS,
+    result: dict = {"machine": machine, "pairs": a.pairs, "batch_size": a.batch_size, "threads": a.threads, "repeats": REPEATS,
                     "checkpointing_in_prefix_and_multi": a.checkpointing,
                     "model": "smollm2-135m-instruct", "cpu_load_at_start": os.getloadavg()[0]}
     if "trl" in parts:
@@ -233,8 +253,13 @@ def main() -> None:
         for kind in ("locaudit_all", "trl", "locaudit_all:nogc", "trl:nogc"):
             runs[kind] = spawn(kind, a.pairs, a.batch_size, a.threads)
 
+        flops = training_flops(a.pairs)
+        peak = machine["fp32_gemm_peak_gflops"]
+
         def compare(loc: dict, trl: dict) -> dict:
-            return {"trl_pairs_per_s": a.pairs / trl["wall"], "locaudit_pairs_per_s": a.pairs / loc["wall"],
+            return {"trl_fraction_of_fp32_peak": fraction_of_peak(flops, trl["wall"], peak),
+                    "locaudit_fraction_of_fp32_peak": fraction_of_peak(flops, loc["wall"], peak),
+                    "trl_pairs_per_s": a.pairs / trl["wall"], "locaudit_pairs_per_s": a.pairs / loc["wall"],
                     "locaudit_pairs_per_s_reference_cached": a.pairs / loc["loop_wall"],
                     "speedup_wall": trl["wall"] / loc["wall"], "speedup_cpu": trl["cpu"] / loc["cpu"],
                     "speedup_wall_reference_cached": trl["wall"] / loc["loop_wall"],

@@ -14,7 +14,9 @@ String forms (see `HeadSet.parse`):
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -23,6 +25,7 @@ import torch
 
 from locaudit.errors import ConfigError
 
+log = logging.getLogger(__name__)
 Head = tuple[int, int]
 
 _EXPLICIT = re.compile(r"^L(\d+)H(\d+)$|^(\d+)\.(\d+)$")
@@ -135,6 +138,12 @@ class HeadSet:
                     "random16@3, random16@3-top16, single@5, L12, L12H3,L20H1 (or 12.3)"
                 )
         out = cls(tuple(heads))
+        if len(out) < len(heads):  # e.g. 'L1H1,1.1': one head written twice
+            dup = sorted({h for h in heads if heads.count(h) > 1})
+            msg = (f"head set {spec!r} names {', '.join(f'L{l}H{h}' for l, h in dup)} more than once; "
+                   f"merged into {len(out)} distinct heads")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
         if n_layers is not None and n_heads is not None:
             out.check(n_layers, n_heads)
         return out

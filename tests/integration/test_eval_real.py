@@ -22,7 +22,7 @@ def test_smollm2_baseline_mc_and_iti_kl(smollm2, shared_data, tmp_path, monkeypa
     csv = shared_data / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
     data = load_behaviour(f"truthfulqa:{csv}", max_questions=30)
     fmt = PromptFormat("plain")
-    cfg = EvalConfig(progress=False, autocast="bf16", max_new_tokens=20)
+    cfg = EvalConfig(progress=False, precision="auto", max_new_tokens=20)
 
     base = evaluate_edit(smollm2, None, data, "test", ("mc", "kl", "ce"), config=cfg)
     print(f"\nbaseline: n_mc={base.n_mc} MC1={base.mc1:.3f}±{base.mc1_se:.3f} MC2={base.mc2:.3f}±{base.mc2_se:.3f} "
@@ -31,7 +31,7 @@ def test_smollm2_baseline_mc_and_iti_kl(smollm2, shared_data, tmp_path, monkeypa
     assert 0.0 <= base.mc1 <= 1.0 and 0.0 < base.mc2 < 1.0
     assert base.kl == 0.0 and 0.5 < base.ce < 10
 
-    acts = collect_probe_activations(smollm2, data, fmt, progress=False, autocast_dtype=torch.bfloat16)
+    acts = collect_probe_activations(smollm2, data, fmt, progress=False, precision="auto")
     probe = probe_activations(acts)
     heads = probe.top(8)
     edit = fit_iti(acts, heads)

@@ -134,3 +134,66 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path, shared_data: Path, monkey
             if m in ("train_seconds",):
                 continue
             assert b[m] == pytest.approx(a[m], rel=1e-4, abs=1e-6), (r["name"], m)
+
+
+def test_damaged_trained_edit_and_truncated_ledger_recover(tmp_path: Path, shared_data: Path, monkeypatch) -> None:
+    """A trained-edit folder turned to garbage (its trained.json marker kept) is retrained, and a ledger
+    truncated on disk is refused with one line naming it, then rebuilt by `run --repair`; both end with
+    every trial done and the numbers of the uninterrupted run."""
+    study = write_study(tmp_path, shared_data)
+    env = {**os.environ, "LOCAUDIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+    spec = load_study(study)
+    n = len(expand(spec))
+    run = tmp_path / "run"
+    assert run_study(spec, run, progress=False).done == n
+    with Ledger(run) as led:
+        reference = {r["key"]: r for r in led.rows()}
+
+    def same_numbers(rows: dict) -> None:
+        assert set(rows) == set(reference) and all(r["status"] == "done" for r in rows.values())
+        for k, r in reference.items():
+            assert set(rows[k]["metrics"]) == set(r["metrics"]), r["name"]
+            for m, v in r["metrics"].items():
+                if m != "train_seconds":
+                    assert rows[k]["metrics"][m] == pytest.approx(v, rel=1e-4, abs=1e-6), (r["name"], m)
+
+    # 1. garbage in a trained edit whose marker exists: the trials using it run again (retrained), not trusted
+    folder = sorted((run / "shared").glob("optimal-*"))[0]
+    rel = str(folder.relative_to(run))
+    users = {k for k, r in reference.items() if r["artifacts"].get("edit") == rel}
+    assert users and (folder / "trained.json").exists()
+    (folder / "edit.safetensors").write_bytes(os.urandom(512))
+    (folder / "meta.json").write_bytes(b"\xff\xfe garbage")
+    again = run_study(spec, run, progress=False)
+    assert again.ran == len(users) and again.failed == 0
+    with Ledger(run) as led:
+        rows = {r["key"]: r for r in led.rows()}
+    assert {k for k, r in rows.items() if r["attempts"] == 2} == users
+    same_numbers(rows)
+
+    # 2. a ledger truncated on disk: one line naming it (exit 2), then --repair rebuilds it and resumes
+    db = run / "ledger.sqlite"
+    con = sqlite3.connect(str(db))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = db.read_bytes()
+    db.write_bytes(data[: min(20 * 1024, len(data) // 2)])
+    victim = next(k for k, r in reference.items() if r["kind"] == "iti")
+    (run / "trials" / victim / "eval" / "result.json").write_text("{}")  # and one damaged evaluation
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "locaudit.cli.main", "run", str(study), "--out", str(run),
+                               "--no-report", *extra], env=env, capture_output=True, text=True, timeout=600)
+
+    refused = cli()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert str(db) in refused.stderr and "--repair" in refused.stderr
+    repaired = cli("--repair")
+    assert repaired.returncode == 0, (repaired.stdout + repaired.stderr)[-3000:]
+    assert f"{n - 1} trial(s) restored as done, 1 to run" in repaired.stdout, repaired.stdout
+    assert list(run.glob("ledger.sqlite.damaged-*")), "the damaged ledger is kept as a backup"
+    with Ledger(run) as led:
+        rows = {r["key"]: r for r in led.rows()}
+        assert [e["key"] for e in led.events() if e["event"] == "done"] == [victim]
+    same_numbers(rows)

@@ -17,7 +17,7 @@ STUDY = """
 name: smollm2-mini
 model: {{name: smollm2-135m-instruct, dtype: fp32, device: cpu}}
 data: {{spec: "truthfulqa:{csv}", max_questions: 10}}
-localizers: {{probe: {{top_k: 4, autocast: bf16}}, random: {{n: 2}}, single: {{n: 1}}}}
+localizers: {{probe: {{top_k: 4}}, random: {{n: 2}}, single: {{n: 1}}}}
 iti: {{alphas: [10.0]}}
 optimal: {{taus: [0.2], epochs: 1, max_train_pairs: 8, max_val_pairs: 4, batch_edits: 5,
           lr: {{top: [2.0e-3], random: [2.0e-3], single: [5.0e-3], all: [5.0e-4]}}}}

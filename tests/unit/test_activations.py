@@ -109,7 +109,7 @@ def test_bf16_autocast_close_to_fp32():
 
     lm = tiny_model("llama", with_bias=True)
     fp32 = collect_activations(lm, TEXTS, progress=False)
-    bf16 = collect_activations(lm, TEXTS, progress=False, autocast_dtype=torch.bfloat16)
+    bf16 = collect_activations(lm, TEXTS, progress=False, precision="bf16")
     assert bf16.dtype == torch.float32
     rel = (bf16 - fp32).norm() / fp32.norm()
     assert 0 < rel.item() < 0.05

@@ -117,7 +117,7 @@ def test_chat_format_runs(data):
 def test_kl_text_file_and_bf16(lm, data, tmp_path):
     f = tmp_path / "text.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 10)
-    cfg = EvalConfig(kl_text=str(f), max_length=64, progress=False, autocast="bf16")
+    cfg = EvalConfig(kl_text=str(f), max_length=64, progress=False, precision="bf16")
     res = evaluate_edit(lm, iti(lm), data, "test", ("kl", "ce"), config=cfg)
     assert res.n_kl_texts == 8 and res.kl > 0
 

@@ -54,7 +54,7 @@ def trained(setup, tmp_path_factory):
     cfg = JudgeTrainConfig(kinds=["truth", "info"], model="tiny", truth_data=setup / "truth.jsonl",
                            info_data=setup / "info.jsonl", holdout=f"truthfulqa:{setup / 'TruthfulQA.csv'}",
                            seed=1, layers=[0, 2], batch_size=8, l2_grid=[1e-2, 1e-1], heads=["logistic"],
-                           autocast=False)
+                           precision="fp32")
     report = train_judge(cfg, setup / "out", lm=lm)
     yield lm, cfg, report
     if old is None:
@@ -154,7 +154,7 @@ def test_mlp_head_learns_xor():
 
 def test_pair_encoder_cache_and_pooling(tmp_path):
     lm = tiny_model("llama", seed=0)
-    enc = PairEncoder(lm, [0, 2], batch_size=2, autocast=False, cache=tmp_path / "f.sqlite")
+    enc = PairEncoder(lm, [0, 2], batch_size=2, precision="fp32", cache=tmp_path / "f.sqlite")
     qs, as_ = ["Q one?", "Q two is longer?", "Q one?"], ["A.", "A longer answer here.", ""]
     x = enc.encode(qs, as_)
     assert x.shape == (3, 2, 2, lm.sites.d_model)
@@ -167,11 +167,11 @@ def test_pair_encoder_cache_and_pooling(tmp_path):
     torch.testing.assert_close(x[1, 0, 0], hs[1][0, len(p):].mean(0).half().float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(x[1, 0, 1], hs[1][0, -1].half().float(), atol=1e-2, rtol=1e-2)
     # cached: a new encoder on the same file computes nothing (the model is not called)
-    enc2 = PairEncoder(lm, [0, 2], batch_size=2, autocast=False, cache=tmp_path / "f.sqlite")
+    enc2 = PairEncoder(lm, [0, 2], batch_size=2, precision="fp32", cache=tmp_path / "f.sqlite")
     enc2._forward = None
     torch.testing.assert_close(enc2.encode(qs[:2], as_[:2]), x[:2])
     # bf16 autocast stays close to fp32
-    xb = PairEncoder(lm, [0, 2], batch_size=2, autocast=True, cache=False).encode(qs, as_)
+    xb = PairEncoder(lm, [0, 2], batch_size=2, precision="bf16", cache=False).encode(qs, as_)
     assert (xb - x).abs().max() < 0.1 * x.abs().max()
     random.seed(0)
 

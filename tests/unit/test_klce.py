@@ -104,8 +104,8 @@ def test_standard_errors_and_bf16():
     assert res.kl_se is not None and res.kl_se > 0 and res.ce_se > 0
     one = kl_ce(lm, iti(lm, 2.0), TEXTS[:1])
     assert one.kl_se is None
-    b = kl_ce(lm, iti(lm, 2.0), TEXTS, autocast=torch.bfloat16)
-    assert kl_ce(lm, None, TEXTS, autocast=torch.bfloat16).kl == 0.0
+    b = kl_ce(lm, iti(lm, 2.0), TEXTS, precision=torch.bfloat16)
+    assert kl_ce(lm, None, TEXTS, precision=torch.bfloat16).kl == 0.0
     assert b.kl == pytest.approx(res.kl, rel=0.2)
 
 

@@ -126,7 +126,34 @@ def test_edit_changes_scores_and_model_restored():
 def test_bf16_autocast_close_to_fp32():
     lm = tiny_model("llama")
     a = score_mc(lm, None, ITEMS)
-    b = score_mc(lm, None, ITEMS, autocast=torch.bfloat16)
+    b = score_mc(lm, None, ITEMS, precision=torch.bfloat16)
     for x, y in zip(a.items, b.items):
         for k in x.logprobs:
             assert y.logprobs[k] == pytest.approx(x.logprobs[k], rel=0.05, abs=0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "opt"])
+def test_shared_prompt_scoring_equals_full_sequences(family):
+    """Each prompt once on its KV cache gives the log-probs of scoring every (prompt, answer) in full, with
+    and without an edit (the edit is active while the prompt fills the cache), and the same token counts."""
+    from locaudit.models.scoring import score_completions, score_completions_shared_prompt
+
+    lm = tiny_model(family, with_bias=True)
+    prompts = ["Q: what is it?\nA:", "Q: where?\nA:", "Q: what is it?\nA:", "Q: x\nA:", "Q: where?\nA:"]
+    comps = [" a good thing to say here", " nowhere", " bad", " y", " over there, far away"]
+    full, n_full = score_completions(lm.model, lm.tokenizer, prompts, comps, batch_size=2)
+    shared, n_shared = score_completions_shared_prompt(lm.model, lm.tokenizer, prompts, comps, batch_size=2)
+    assert torch.equal(n_full, n_shared) and n_full.min() > 0
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=5e-5)
+    L, H, D = lm.sites.shape
+    heads = HeadSet.from_heads([(1, 0), (0, 1)])
+    theta = torch.randn(L, H * D, generator=torch.Generator().manual_seed(0)) * heads.dim_mask(L, H, D)
+    edit = ITIEdit(theta, alpha=3.0, heads=heads)
+    items = [MCItem(qid=f"q{i}", question=q, mc1_answers=[" a", " bb", " ccc"], mc1_labels=[1, 0, 0],
+                    mc2_answers=[" a", " bb", " dd d"], mc2_labels=[1, 0, 1]) for i, q in enumerate(["w?", "vv?"])]
+    a = score_mc(lm, edit, items, share_prompt=True)
+    b = score_mc(lm, edit, items, share_prompt=False)
+    for x, y in zip(a.items, b.items):
+        for k in x.logprobs:
+            assert x.logprobs[k] == pytest.approx(y.logprobs[k], abs=5e-5)
+        assert x.mc2 == pytest.approx(y.mc2, abs=1e-5) and x.mc1 == y.mc1

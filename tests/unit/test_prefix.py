@@ -32,7 +32,7 @@ def _fresh_caches(tmp_path, monkeypatch):
 
 
 def _loss_and_grads(lm, heads_list, enc, use_prefix: bool):
-    cfg = TrainConfig(autocast=False, frozen_prefix=use_prefix, prefix_dtype="fp32", progress=False)
+    cfg = TrainConfig(precision="fp32", frozen_prefix=use_prefix, progress=False)
     stack = build_stack(lm.sites, heads_list, seeds=[1] * len(heads_list))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # non-zero b so that gradients reach a too
@@ -41,7 +41,7 @@ def _loss_and_grads(lm, heads_list, enc, use_prefix: bool):
     runner = StackRunner(lm, stack, cfg)
     assert runner.use_prefix == use_prefix
     states = runner.states(enc) if use_prefix else None
-    ref = reference_mod.reference_logps(lm, enc, False, disk=False)
+    ref = reference_mod.reference_logps(lm, enc, "fp32", disk=False)
     idx = [3, 0, 5]
     with runner.session():
         pol = runner.logps(enc, idx, states)
@@ -93,12 +93,12 @@ def test_multi_edit_prefix_equals_full():
 def test_cache_advances_from_lower_layer():
     lm = tiny_model("qwen2", n_layers=4)
     enc = encode_pairs(lm.tokenizer, toy_pairs(5), PromptFormat("plain"), 64)
-    direct = collect_states(lm, enc, 3, False, torch.float32)
+    direct = collect_states(lm, enc, 3, "fp32")
     cache = PrefixCache()
-    low = cache.get(lm, enc, 1, False, torch.float32)
+    low = cache.get(lm, enc, 1, "fp32")
     assert low.layer == 1
-    high = cache.get(lm, enc, 3, False, torch.float32)  # served from layer 1's states
-    assert cache.get(lm, enc, 3, False, torch.float32) is high
+    high = cache.get(lm, enc, 3, "fp32")  # served from layer 1's states
+    assert cache.get(lm, enc, 3, "fp32") is high
     for a, b in zip(direct.states, high.states):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert len(high.states) == 10 and high.states[0].shape[-1] == lm.sites.d_model
@@ -107,7 +107,7 @@ def test_cache_advances_from_lower_layer():
 def test_training_with_prefix_equals_without():
     lm = tiny_model("llama", n_layers=4)
     pairs = toy_pairs(8)
-    cfg = dict(progress=False, reference_disk_cache=False, autocast=False, epochs=2, lr=1e-2, prefix_dtype="fp32")
+    cfg = dict(progress=False, reference_disk_cache=False, precision="fp32", epochs=2, lr=1e-2)
     e1, l1 = train_edit(lm, HeadSet.parse("L3H1"), pairs, pairs, config=dict(cfg, frozen_prefix=True))
     e0, l0 = train_edit(lm, HeadSet.parse("L3H1"), pairs, pairs, config=dict(cfg, frozen_prefix=False))
     assert l1.frozen_prefix and not l0.frozen_prefix and l1.lowest_layer == 3
@@ -120,10 +120,40 @@ def test_training_with_prefix_equals_without():
 def test_gradient_checkpointing_same_result(family, prefix):
     lm = tiny_model(family, n_layers=4)
     pairs = toy_pairs(6)
-    cfg = dict(progress=False, reference_disk_cache=False, autocast=False, epochs=1, lr=1e-2, prefix_dtype="fp32",
+    cfg = dict(progress=False, reference_disk_cache=False, precision="fp32", epochs=1, lr=1e-2,
                frozen_prefix=prefix)
     e1, l1 = train_edit(lm, HeadSet.parse("L2H1,L3H0"), pairs, pairs, config=dict(cfg, gradient_checkpointing=True))
     e0, l0 = train_edit(lm, HeadSet.parse("L2H1,L3H0"), pairs, pairs, config=dict(cfg, gradient_checkpointing=False))
     assert l1.frozen_prefix == prefix
     torch.testing.assert_close(e1.b, e0.b, rtol=1e-4, atol=1e-6)
     assert len(lm.sites.layer_list) == 4 and all(type(m).__name__ != "_Checkpointed" for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_policy_at_zero_edit_equals_reference(family, precision):
+    """At b = 0 the edit is the identity, so the policy's log-probs from the cached prefix states must equal
+    the reference's full forward at the same precision, to the bit: the cache stores the states in the dtype
+    the layers above receive (fp32 residual stream under bf16 autocast), never rounded."""
+    from locaudit.edit.prefix import collect_states
+    from locaudit.models.precision import resolve_precision
+
+    lm = tiny_model(family, n_layers=4, with_bias=True)
+    enc = encode_pairs(lm.tokenizer, toy_pairs(6), PromptFormat("plain"), 64)
+    prec = resolve_precision(precision, "cpu")
+    states = collect_states(lm, enc, 2, prec, batch_size=4)
+    assert states.dtype == torch.float32  # the residual stream of an fp32 model, also under bf16 autocast
+    stack = build_stack(lm.sites, [HeadSet.parse("L2H1,L3H0")], seeds=[1])
+    assert all(float(p.detach().abs().sum()) == 0 for p in stack.b_params)  # b starts at zero
+    runner = StackRunner(lm, stack, TrainConfig(precision=precision, frozen_prefix=True, progress=False,
+                                                gradient_checkpointing=False))
+    assert runner.use_prefix and runner.precision.name == precision
+    idx = list(range(len(enc)))
+    full = StackRunner(lm, stack, TrainConfig(precision=precision, frozen_prefix=False, progress=False,
+                                              gradient_checkpointing=False))
+    with torch.no_grad():
+        with runner.session():
+            pol = runner.logps(enc, idx, states)
+        with full.session():
+            ref = full.logps(enc, idx, None)
+    assert torch.equal(pol.chosen, ref.chosen) and torch.equal(pol.rejected, ref.rejected)

@@ -127,3 +127,82 @@ def test_compare_direction_and_degenerate_inputs() -> None:
     assert math.isnan(empty.candidate_mean) and math.isnan(empty.t_p)
     one = S.compare([1.0], [0.5])
     assert math.isnan(one.t_p) and math.isnan(one.z)
+
+
+# ---------------------------------------------------------------------------------------------- multiplicity
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("method, sm", [("holm", "holm"), ("bh", "fdr_bh")])
+def test_adjusted_pvalues_match_statsmodels(seed: int, method: str, sm: str) -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.uniform(0, 0.06, 4), rng.uniform(0, 1, 6)])
+    p[rng.integers(0, 10)] = p[rng.integers(0, 10)]  # a tie
+    ref = multipletests(p, alpha=0.05, method=sm)[1]
+    assert S.adjust_pvalues(p, method) == pytest.approx(ref, rel=1e-12)
+    with_nan = np.append(p, np.nan)
+    out = S.adjust_pvalues(with_nan, method)
+    assert math.isnan(out[-1]) and out[:-1] == pytest.approx(ref, rel=1e-12)
+    assert S.adjust_pvalues(p, "none") == pytest.approx(p)
+    with pytest.raises(ValueError, match="bonferroni"):
+        S.adjust_pvalues(p, "bonferroni")
+
+
+def test_rank_floor_and_draws_needed() -> None:
+    assert S.rank_floor(16) == pytest.approx(1 / 17) and S.rank_floor(19) == pytest.approx(0.05)
+    assert S.draws_for_floor(0.05) == 19 and S.draws_for_floor(0.05, 2) == 39 and S.draws_for_floor(0.03) == 33
+    assert S.draws_for_floor(0.1) == 9
+    for n in (8, 16, 19, 20):  # the floor is what the rank test gives a candidate better than every draw
+        assert S.empirical_p(n + 1.0, np.arange(n), "greater") == pytest.approx(S.rank_floor(n))
+
+
+def test_tarone_family_drops_tests_that_cannot_reject() -> None:
+    # 8 draws (floor .11) can never reach .05: only the 19-draw test counts, at the full level
+    assert S.tarone_family([1 / 9, 1 / 20], 0.05).tolist() == [False, True]
+    # two tests with floor 1/20: Bonferroni over two needs .025, which neither can reach
+    assert S.tarone_family([1 / 20, 1 / 20], 0.05).tolist() == [False, False]
+    assert S.tarone_family([1 / 40, 1 / 40], 0.05).tolist() == [True, True]
+    adj, member = S.adjust_family([0.05, 1 / 9], [1 / 20, 1 / 9], "holm", 0.05)
+    assert member.tolist() == [True, False] and adj[0] == pytest.approx(0.05) and math.isnan(adj[1])
+
+
+# ---------------------------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("seed", range(4))
+def test_tost_matches_statsmodels(seed: int) -> None:
+    from statsmodels.stats.weightstats import DescrStatsW, ttost_ind
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(0.02, 0.05, 6 + seed), rng.normal(0.0, 0.08, 20)
+    for low, upp in ((-0.05, 0.05), (-0.01, 0.2), (-0.2, 0.0)):
+        mine = S.tost_welch(a, b, low, upp)
+        p, t1, t2 = ttost_ind(a, b, low, upp, usevar="unequal")
+        assert mine.pvalue == pytest.approx(p, rel=1e-9)
+        assert (mine.t_low, mine.p_low, mine.t_upp, mine.p_upp) == pytest.approx((t1[0], t1[1], t2[0], t2[1]), rel=1e-9)
+        one = S.tost_one(b, low, upp)
+        p1, u1, u2 = DescrStatsW(b).ttost_mean(low, upp)
+        assert one.pvalue == pytest.approx(p1, rel=1e-9) and one.t_low == pytest.approx(u1[0], rel=1e-9)
+
+
+def test_bootstrap_tost_is_the_interval_inclusion_rule() -> None:
+    rng = np.random.default_rng(0)
+    for centre, sd in ((0.0, 0.02), (0.05, 0.03), (0.09, 0.01), (0.0, 0.2)):
+        s = rng.normal(centre, sd, 4000)
+        t = S.boot_tost(s, -0.1, 0.1, 0.05)
+        inside = -0.1 < t["lo"] and t["hi"] < 0.1
+        assert (t["p"] < 0.05) == inside or abs(t["p"] - 0.05) < 2e-3
+        assert t["lo"] == pytest.approx(np.quantile(s, 0.05)) and t["hi"] == pytest.approx(np.quantile(s, 0.95))
+    assert S.boot_p_above(np.array([1.0, 2.0, 3.0]), 0.0) == pytest.approx(1 / 4)
+    assert S.boot_p_above(np.array([1.0, 2.0, 3.0]), 2.5) == pytest.approx(3 / 4)
+
+
+def test_bootstrap_weights_are_paired_resamples() -> None:
+    rng = np.random.default_rng(1)
+    w = S.bootstrap_weights(10, 500, rng)
+    assert w.shape == (501, 10) and np.allclose(w.sum(1), 1) and np.allclose(w[0], 0.1)
+    assert np.allclose(w * 10, np.round(w * 10))  # counts of a resample with replacement
+    half = np.arange(10) < 4
+    wh = S.bootstrap_weights(10, 50, rng, half)
+    assert np.all(wh[:, ~half] == 0) and np.allclose(wh.sum(1), 1) and np.allclose(wh[0, half], 0.25)
+    # a weighted mean over a resample is the mean of the resampled values (the paired bootstrap of a mean)
+    x = rng.normal(size=10)
+    assert np.std(w[1:] @ x) == pytest.approx(x.std(ddof=0) / math.sqrt(10), rel=0.15)

@@ -22,7 +22,7 @@ def toy_pairs(n: int, offset: int = 0) -> list[PreferencePair]:
             for i in range(offset, offset + n)]
 
 
-BASE = dict(progress=False, reference_disk_cache=False, autocast=False, warmup_ratio=0.0)
+BASE = dict(progress=False, reference_disk_cache=False, precision="fp32", warmup_ratio=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -94,8 +94,8 @@ def test_bf16_autocast_path_tracks_fp32():
     heads = HeadSet.all(lm.sites.n_layers, lm.sites.n_heads)
     pairs = toy_pairs(12)
     cfg = dict(BASE, epochs=2, lr=1e-2)
-    _, l32 = train_edit(lm, heads, pairs, pairs, config=dict(cfg, autocast=False))
-    _, l16 = train_edit(lm, heads, pairs, pairs, config=dict(cfg, autocast=True))
+    _, l32 = train_edit(lm, heads, pairs, pairs, config=dict(cfg, precision="fp32"))
+    _, l16 = train_edit(lm, heads, pairs, pairs, config=dict(cfg, precision="bf16"))
     assert l16.after["val_margin"] > l16.before["val_margin"]
     assert l16.after["val_loss"] == pytest.approx(l32.after["val_loss"], rel=0.02)
     for s32, s16 in zip(l32.steps, l16.steps):
@@ -170,7 +170,7 @@ def test_bf16_weight_copies_are_bit_identical_to_autocast(family):
     lm = tiny_model(family)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     heads = HeadSet.all(lm.sites.n_layers, lm.sites.n_heads)
-    cfg = dict(BASE, epochs=1, lr=1e-2, autocast=True)
+    cfg = dict(BASE, epochs=1, lr=1e-2, precision="bf16")
     e1, l1 = train_edit(lm, heads, toy_pairs(8), toy_pairs(4, 40), config=dict(cfg, cast_frozen_weights=True))
     e0, l0 = train_edit(lm, heads, toy_pairs(8), toy_pairs(4, 40), config=dict(cfg, cast_frozen_weights=False))
     assert torch.equal(e1.b, e0.b) and l1.after == l0.after

@@ -29,7 +29,7 @@ def test_edit_cli_trains_and_saves(tmp_path, tiny_folder, monkeypatch):
                                 "rejected": f"Bad bad {i % 3}!"}) + "\n")
     out = tmp_path / "edit"
     res = CliRunner().invoke(app, ["edit", "--model", str(tiny_folder), "--data", f"pairs:{data}", "--heads", "L1H2,L2",
-                                   "--epochs", "1", "--lr", "0.01", "--no-progress", "--no-autocast",
+                                   "--epochs", "1", "--lr", "0.01", "--no-progress", "--precision", "fp32",
                                    "--no-checkpointing", "--export-peft", str(tmp_path / "peft"), "--out", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "held-out (val) preference accuracy:" in res.output

@@ -7,6 +7,9 @@ from typing import Optional
 
 import typer
 
+from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.models.precision import Precision
+
 EXAMPLE = (
     "Example:\n\n"
     "  locaudit collect --model smollm2-135m-instruct "
@@ -23,10 +26,9 @@ def collect(
                             "(the model's chat template)."),
     out: Path = typer.Option(..., "--out", help="Folder to write activations.safetensors, examples.jsonl, meta.json."),
     batch_size: int = typer.Option(16, "--batch-size", help="Texts per forward pass (sorted by length, right-padded)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Model weights dtype: fp32, bf16 or fp16."),
-    autocast: bool = typer.Option(False, "--bf16-autocast/--no-bf16-autocast", help="Run the forward under "
-                                  "bf16 autocast (faster on CPUs with AMX, ~1e-2 relative error); saved as float32."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    dtype: DType = dtype_option(),
+    precision: Precision = precision_option(),
+    device: str = device_option(),
     max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Keep a seeded subset of this "
                                                 "many questions before splitting (for quick runs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the question-level train/val/test split and of the "
@@ -39,8 +41,6 @@ def collect(
                                            "checkpoint (off unless you trust it)."),
 ) -> None:
     """Collect per-head activations (o_proj inputs at the last token) of a behaviour's probe examples."""
-    import torch
-
     from locaudit.data.behaviour import load_behaviour
     from locaudit.data.prompts import PromptFormat
     from locaudit.localize.activations import collect_probe_activations
@@ -48,12 +48,13 @@ def collect(
 
     prompt_format = PromptFormat(fmt)
     bd = load_behaviour(data, seed=seed, max_questions=max_questions)
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=value(dtype), device=device, trust_remote_code=trust_remote_code)
     acts = collect_probe_activations(lm, bd, prompt_format, out_dir=out, cache=cache, batch_size=batch_size,
-                                     autocast_dtype=torch.bfloat16 if autocast else None, max_length=max_length)
+                                     precision=value(precision), max_length=max_length)
     N, L, H, D = acts.shape
     counts = {s: int(acts.indices(s).numel()) for s in ("train", "val", "test")}
-    typer.echo(f"{N} examples x {L} layers x {H} heads x {D} dims ({counts}) -> {out}")
+    typer.echo(f"{N} examples x {L} layers x {H} heads x {D} dims ({counts}), precision "
+               f"{acts.meta.get('precision', '?')} ({acts.meta.get('cpu_capability', '')}) -> {out}")
 
 
 def register(app: typer.Typer) -> None:

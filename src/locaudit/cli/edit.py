@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.models.precision import Precision
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = (
@@ -50,8 +53,7 @@ def edit(
                                   "preference accuracy: val or test."),
     fmt: str = typer.Option("plain", "--format", help="Prompt format: plain (Q: ..\\nA:) or chat (template)."),
     max_length: int = typer.Option(256, "--max-length", help="Maximum tokens of prompt + answer."),
-    autocast: bool = typer.Option(True, "--autocast/--no-autocast", help="bf16 autocast for matmuls "
-                                  "(CPU AMX or GPU); --no-autocast trains in the model's dtype."),
+    precision: Precision = precision_option(),
     frozen_prefix: bool = typer.Option(True, "--frozen-prefix/--no-frozen-prefix", help="Cache the states "
                                        "below the lowest edited layer and run only the layers above."),
     checkpointing: bool = typer.Option(True, "--checkpointing/--no-checkpointing", help="Gradient checkpointing: "
@@ -61,9 +63,11 @@ def edit(
                                                  "folder with the edit folded into o_proj."),
     export_peft: Optional[Path] = typer.Option(None, "--export-peft", help="Also save a PEFT LoRA adapter "
                                                "on o_proj."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Model dtype: fp32, bf16 or fp16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    dtype: DType = dtype_option(),
+    device: str = device_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
+                                           "checkpoint (off by default; only for models you trust)."),
 ) -> None:
     """Train an optimal localized edit at a head set on preference pairs and save it."""
     from locaudit.data.behaviour import load_behaviour
@@ -77,10 +81,10 @@ def edit(
     if val_split not in ("val", "test"):
         raise ConfigError(f"--val-split {val_split!r}: use val or test (never train)")
     config = TrainConfig.make(objective=objective, tau=tau, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size,
-                              grad_accum=grad_accum, rank=rank, reparam=reparam, seed=train_seed, autocast=autocast,
+                              grad_accum=grad_accum, rank=rank, reparam=reparam, seed=train_seed, precision=value(precision),
                               max_length=max_length, frozen_prefix=frozen_prefix,
                               gradient_checkpointing=checkpointing, progress=progress)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=value(dtype), device=device, trust_remote_code=trust_remote_code)
     L, H = lm.sites.n_layers, lm.sites.n_heads
     ranking = None
     if probe is not None:

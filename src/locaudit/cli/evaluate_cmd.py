@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.models.precision import Precision
+
 EXAMPLE = (
     "Examples:\n\n"
     "  locaudit eval --model smollm2-135m-instruct --data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv "
@@ -17,7 +20,7 @@ EXAMPLE = (
 
 
 def resolve_judge(name: str, data: str, split: str, seed: int = 0, max_questions: int | None = None,
-                  device: str = "cpu"):
+                  device: str = "auto"):
     """A judge by name via locaudit.evaluate.judges.get_judge (disk-cached). For TruthfulQA data the
     judge gets the reference answers, and a judge trained on first use holds out the evaluation split."""
     from locaudit.errors import ConfigError
@@ -63,11 +66,11 @@ def evaluate(
                                            "split's questions with their best answers."),
     mc_primer: bool = typer.Option(False, "--mc-primer/--no-mc-primer", help="Put TruthfulQA's six-shot QA "
                                    "primer before each MC prompt (its original setting)."),
-    autocast: str = typer.Option("none", "--autocast", help="none, bf16 or fp16 autocast for matmuls."),
+    precision: Precision = precision_option(),
     csv: Optional[Path] = typer.Option(None, "--csv", help="CSV to append the result row to "
                                        "(default OUT/results.csv)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Model dtype: fp32, bf16 or fp16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    dtype: DType = dtype_option(),
+    device: str = device_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the checkpoint."),
 ) -> None:
     """Evaluate an edit (or the unedited model) on one split with every asked-for metric."""
@@ -86,7 +89,8 @@ def evaluate(
         raise ConfigError("--alpha needs --iti DIR (or --edit DIR of an ITI edit)")
     metric_list = parse_metrics(metrics)
     cfg = EvalConfig(format=fmt, batch_size=batch_size, gen_batch_size=gen_batch_size, max_new_tokens=max_new_tokens,
-                     max_length=max_length, kl_text=str(kl_text) if kl_text else None, autocast=autocast,
+                     max_length=max_length, kl_text=str(kl_text) if kl_text else None,
+                     precision=value(precision),
                      mc_primer=mc_primer)
     the_edit = None
     if chosen is not None:
@@ -95,7 +99,7 @@ def evaluate(
             raise ConfigError(f"--iti {iti}: the folder holds a {the_edit.kind!r} edit; use --edit")
     the_judge = resolve_judge(judge, data, split, seed, max_questions, device) if judge else None
     bd = load_behaviour(data, seed=seed, max_questions=max_questions)
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = load_model(model, dtype=value(dtype), device=device, trust_remote_code=trust_remote_code)
     res = evaluate_edit(lm, the_edit, bd, split, metric_list, the_judge, out, cfg, csv)
     keys = ("mc1", "mc2", "mc0", "kl", "ce", "pref_acc", "pref_margin", "true", "info", "true_info")
     typer.echo(json.dumps({"edit": res.edit, **{k: getattr(res, k) for k in keys if getattr(res, k) is not None}}))

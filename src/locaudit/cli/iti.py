@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.models.precision import Precision
+
 log = logging.getLogger(__name__)
 
 EXAMPLE = (
@@ -44,8 +47,11 @@ def iti(
                                       "default: the activations' format."),
     max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Greedy tokens per answer at most."),
     batch_size: int = typer.Option(16, "--batch-size", help="Questions generated together."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Model dtype for --generate: fp32, bf16 or fp16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    dtype: DType = dtype_option("Stored weights' dtype for --generate: fp32, bf16 or fp16."),
+    precision: Precision = precision_option(),
+    device: str = device_option(),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
+                                           "checkpoint (off by default; only for models you trust)."),
 ) -> None:
     """Fit ITI steering (mass-mean shift, sigma-scaled) at a head set and save it as an edit folder."""
     from locaudit.edit.iti import fit_iti
@@ -81,10 +87,12 @@ def iti(
         log.warning("--data %s (fingerprint %s) differs from the data the activations came from (%s): "
                     "check --seed/--max-questions, or the fit split may overlap the evaluation split",
                     data, bd.fingerprint, acts.meta["data_fingerprint"])
-    lm = load_model(model or acts.meta.get("model") or "smollm2-135m-instruct", dtype=dtype, device=device)
+    lm = load_model(model or acts.meta.get("model") or "smollm2-135m-instruct", dtype=value(dtype),
+                    device=device, trust_remote_code=trust_remote_code)
     prompt_format = PromptFormat(fmt or acts.meta.get("format", "plain"))
     path = out / f"generations_{split}.jsonl"
-    recs = generate_answers(lm, edit, bd.questions(split), prompt_format, max_new_tokens, batch_size, out_path=path)
+    recs = generate_answers(lm, edit, bd.questions(split), prompt_format, max_new_tokens, batch_size, out_path=path,
+                            precision=value(precision))
     typer.echo(f"{len(recs)} answers for split {split!r} -> {path}")
 
 

@@ -10,6 +10,9 @@ from typing import List, Optional
 
 import typer
 
+from locaudit.cli.options import device_option, precision_option, value
+from locaudit.models.precision import Precision
+
 from locaudit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,9 +75,8 @@ def train(
     layers: str = typer.Option("3,6,9,12", "--layers", help="Backbone layers used as features (comma-separated)."),
     heads: str = typer.Option("logistic,mlp", "--heads", help="Head types tried on the validation questions."),
     batch_size: int = typer.Option(64, "--batch-size", help="Backbone batch size for the feature pass."),
-    autocast: bool = typer.Option(True, "--bf16-autocast/--no-bf16-autocast", help="bf16 autocast for the "
-                                  "backbone's forward passes (features are cached by content either way)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    precision: Precision = precision_option(),
+    device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy "
                                           "machine)."),
     max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", help="Cap on training "
@@ -94,7 +96,8 @@ def train(
         cfg = JudgeTrainConfig(kinds=_kinds(kind), model=model, truth_data=t_path, info_data=i_path, holdout=holdout,
                                holdout_splits=holdout_split, seed=seed, fractions=_fractions(fractions),
                                max_questions=max_questions, layers=[int(x) for x in layers.split(",")],
-                               heads=heads.split(","), batch_size=batch_size, autocast=autocast, device=device,
+                               heads=heads.split(","), batch_size=batch_size, precision=value(precision),
+                               device=device,
                                max_train_examples=max_train_examples)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -116,9 +119,11 @@ def evaluate(
     truth_data: Optional[Path] = typer.Option(None, "--truth-data", help="finetune_truth.jsonl (labels)."),
     info_data: Optional[Path] = typer.Option(None, "--info-data", help="finetune_info.jsonl (labels)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Seeded subset of held-out examples."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here too."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with an hf: "
+                                           "judge's checkpoint (off by default; only for models you trust)."),
 ) -> None:
     """Accuracy of any judge on the labelled judge data of the held-out questions."""
     import random
@@ -133,7 +138,7 @@ def evaluate(
     fr = _fractions(fractions)
     h = load_holdout(holdout, holdout_split, seed, fr, max_questions)
     the_judge = get_judge(judge, cache=cache, holdout=holdout, holdout_splits=holdout_split, seed=seed,
-                          fractions=fr, max_questions=max_questions, device=device)
+                          fractions=fr, max_questions=max_questions, device=device, trust_remote_code=trust_remote_code)
     result: dict = {"judge": the_judge.name, "holdout": h.describe(), "kinds": {}}
     for kind, path in zip(("truth", "info"), _data_paths(truth_data, info_data)):
         if kind not in the_judge.kinds:
@@ -162,8 +167,10 @@ def score(
     out: Path = typer.Option(..., "--out", help="JSONL written with question, answer, truth, info."),
     references: Optional[str] = typer.Option(None, "--references", help="truthfulqa:PATH.csv: reference answers "
                                              "(needed by reference and default judges)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with an hf: "
+                                           "judge's checkpoint (off by default; only for models you trust)."),
 ) -> None:
     """Score (question, answer) pairs from a JSONL file with any judge."""
     from locaudit.errors import DataError
@@ -176,7 +183,8 @@ def score(
             if not isinstance(rec, dict) or not isinstance(rec.get(fld), str):
                 raise DataError(f"{input}:{n}: field {fld!r} is missing or not a string")
         rows.append(rec)
-    the_judge = get_judge(judge, cache=cache, references=references, holdout=references, device=device)
+    the_judge = get_judge(judge, cache=cache, references=references, holdout=references, device=device,
+                          trust_remote_code=trust_remote_code)
     scores = the_judge.score([r["question"] for r in rows], [r["answer"] for r in rows])
     write_text_atomic(out, "".join(json.dumps({"question": r["question"], "answer": r["answer"], "truth": s.truth,
                                                "info": s.info, "judge": the_judge.name}) + "\n"

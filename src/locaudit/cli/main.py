@@ -49,6 +49,10 @@ def main() -> None:
     except LocauditError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
+    except OSError as e:  # a read-only folder, a file where a folder is expected, a full disk: one line
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{e.strerror or e}", err=True)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ def report(
 ) -> None:
     """Rebuild the study report: verdict, statistics (candidate vs random heads, single heads vs full
     alignment), figures, and CSV / Parquet tables. Works on a half-finished or still-running study."""
+    from locaudit.errors import ConfigError
+    from locaudit.study.ledger import Ledger
     from locaudit.study.report import build_report
 
+    if resamples < 1:
+        raise ConfigError(f"--resamples {resamples}: must be at least 1 (default 9999)")
+    Ledger(run_dir).close()  # refuse a file, a non-run folder or a damaged ledger before writing anything
     rep = build_report(run_dir, out, n_resamples=resamples)
     c = rep.verdict.get("counts", {})
     typer.echo(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('pending', 0) + c.get('running', 0)} to go")

@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from locaudit.cli.options import PRECISION_HELP
+from locaudit.models.precision import Precision
+
 EXAMPLE = (
     "Examples:\n\n"
     "  locaudit run studies/quickstart.yaml --out runs/quickstart\n\n"
@@ -32,8 +35,18 @@ def run(
     cpus: Optional[float] = typer.Option(None, "--cpus-per-trial", help="Override resources.cpus (Ray)."),
     gpus: Optional[float] = typer.Option(None, "--gpus-per-trial", help="Override resources.gpus (Ray)."),
     num_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="CPUs of a local Ray instance (default: all)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the trials and their status; run nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the trials and their status, and check the design: "
+                                 "per comparison the smallest reachable p-value, the effect detectable with 80% "
+                                 "power, equivalence power, cost per trial kind, and warnings; run nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable strict JSON instead of text (with "
+                                  "--dry-run: trials and design checks; after a run: the verdict)."),
+    precision: Optional[Precision] = typer.Option(None, "--precision", case_sensitive=False, help="Override the "
+                                                  "study's `precision` field (auto|fp32|bf16|fp16; part of trial keys). "
+                                                  + PRECISION_HELP),
     report: bool = typer.Option(True, "--report/--no-report", help="Build RUN/report/index.html at the end."),
+    repair: bool = typer.Option(False, "--repair", help="Rebuild a damaged, empty or missing ledger from the trial "
+                                "folders first (the old file is kept as ledger.sqlite.damaged-*); intact finished "
+                                "trials stay done, the rest run again."),
 ) -> None:
     """Run a study: probe, ITI and optimal edits at the top-K, random, single and all heads, evaluation,
     statistics and report. Resumable: finished trials are kept, interrupted ones restart, failed ones
@@ -44,38 +57,101 @@ def run(
     from locaudit.study.trials import KINDS, expand
 
     spec = load_study(study)
-    run_dir = out or Path("runs") / spec.name
+    if precision is not None:
+        spec = spec.model_copy(update={"precision": precision.value})
+    run_dir = out or spec.default_run_dir()
     kinds = tuple(only) if only else None
     if kinds:
         bad = sorted(set(kinds) - set(KINDS))
         if bad:
             raise ConfigError(f"--only {bad}: trial kinds are {KINDS}")
-    if dry_run:
-        trials = expand(spec)
-        status: dict[str, str] = {}
-        if (run_dir / "ledger.sqlite").exists():
-            from locaudit.study.ledger import Ledger
+    if repair:
+        from locaudit.study.ledger import repair as repair_ledger
 
-            with Ledger(run_dir) as led:
-                status = led.status_of()
-        for t in trials:
-            typer.echo(f"{t.key}  {status.get(t.key, 'new'):<8} {t.name}")
-        by: dict[str, int] = {}
-        for t in trials:
-            by[t.kind] = by.get(t.kind, 0) + 1
-        typer.echo(f"{len(trials)} trials: " + ", ".join(f"{n} {k}" for k, n in by.items()))
+        r = repair_ledger(run_dir, expand(spec), {"spec": spec.to_json(), "study_name": spec.name})
+        typer.echo(f"ledger {run_dir / 'ledger.sqlite'} is healthy: nothing to repair" if r["healthy"] else
+                   f"ledger rebuilt ({r['problem']}): {r['restored']} trial(s) restored as done, {r['pending']} "
+                   f"to run; backup: {r['backup'] or 'none (there was no ledger file)'}")
+    if dry_run:
+        _dry_run(spec, run_dir, json_out)
         return
     summary = run_study(spec, run_dir, executor=executor, address=address, retry_failed=retry_failed, kinds=kinds,
                         max_trials=max_trials, cpus=cpus, gpus=gpus, num_cpus=num_cpus)
-    typer.echo(summary.line())
+    if not json_out:
+        typer.echo(summary.line())
     if report:
         from locaudit.study.report import build_report
 
         rep = build_report(run_dir)
-        typer.echo(rep.verdict["headline"])
-        typer.echo(f"report: {rep.index}")
+        if json_out:
+            typer.echo((rep.out_dir / "verdict.json").read_text(encoding="utf-8").rstrip())
+        else:
+            typer.echo(rep.verdict["headline"])
+            typer.echo(f"report: {rep.index}")
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _test_questions(spec) -> int | None:
+    """How many questions the verdict is reported on (loads the data file; None if that fails)."""
+    try:
+        from locaudit.data.behaviour import load_behaviour
+
+        d = spec.data
+        data = load_behaviour(spec.resolved_data_spec(), seed=d.seed, fractions=d.fractions,
+                              mc_path=spec.resolved_mc_path(), max_questions=d.max_questions)
+        n = len(data.questions(spec.evaluation.split))
+    except Exception:  # the design checks still run, without the question count
+        return spec.evaluation.max_questions
+    return min(n, spec.evaluation.max_questions) if spec.evaluation.max_questions else n
+
+
+def _dry_run(spec, run_dir: Path, as_json: bool) -> None:
+    """The trials with their status, then the design checks (analysis.design): observed spread and timings
+    from the run folder where it has results, the study's assumptions otherwise."""
+    from locaudit.study.analysis import design, design_text
+    from locaudit.study.trials import expand
+
+    trials = expand(spec)
+    status: dict[str, str] = {}
+    observed, timings = None, {}
+    if (run_dir / "ledger.sqlite").exists() or (run_dir / "trials").is_dir():
+        from locaudit.study.analysis import analyze, load_per_question, results_frame
+        from locaudit.study.ledger import Ledger
+
+        with Ledger(run_dir) as led:
+            status = led.status_of()
+            rows = led.rows()
+        for r in rows:
+            if r["status"] == "done" and r.get("duration_s") is not None:
+                timings.setdefault(r["kind"], []).append(float(r["duration_s"]))
+        res = results_frame(rows)
+        if not res.empty:
+            observed = analyze(res, load_per_question(run_dir, rows), spec.verdict, n_resamples=999).comparisons
+    by: dict[str, int] = {}
+    for t in trials:
+        by[t.kind] = by.get(t.kind, 0) + 1
+    mean_t = {k: sum(v) / len(v) for k, v in timings.items()}
+    todo = {}
+    for t in trials:
+        if status.get(t.key, "new") != "done":
+            todo[t.kind] = todo.get(t.kind, 0) + 1
+    d = design(spec, observed, _test_questions(spec), mean_t, todo)
+    if as_json:
+        import json
+
+        from locaudit.io import strict_json
+
+        payload = {"study": spec.name, "run_dir": str(run_dir), "counts": by,
+                   "trials": [{"key": t.key, "kind": t.kind, "name": t.name, "status": status.get(t.key, "new")}
+                              for t in trials], "design": d}
+        typer.echo(json.dumps(strict_json(payload), indent=2, allow_nan=False))
+        return
+    for t in trials:
+        typer.echo(f"{t.key}  {status.get(t.key, 'new'):<8} {t.name}")
+    typer.echo(f"{len(trials)} trials: " + ", ".join(f"{n} {k}" for k, n in by.items()))
+    for line in design_text(d):
+        typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

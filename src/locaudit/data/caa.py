@@ -68,6 +68,8 @@ def load_caa(name_or_path: str | Path, root: str | Path | None = None, invert: b
     path = resolve_caa(name_or_path, root)
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
     if not isinstance(items, list):
@@ -85,6 +87,9 @@ def load_caa(name_or_path: str | Path, root: str | Path | None = None, invert: b
             if not isinstance(v, str) or not v.strip():
                 raise DataError(f"{where}: field {f!r} must be a non-empty string, got {v!r}")
         match, other = item["answer_matching_behavior"].strip(), item["answer_not_matching_behavior"].strip()
+        if match == other:
+            raise DataError(f"{where}: answer_matching_behavior and answer_not_matching_behavior are the same "
+                            f"text {match[:60]!r}: such a pair carries no preference")
         chosen, rejected = (other, match) if invert else (match, other)
         q = item["question"].strip()
         pairs.append(PreferencePair(qid=question_id(q, prefix="caa"), question=q, chosen=chosen, rejected=rejected))

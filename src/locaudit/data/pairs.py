@@ -95,6 +95,9 @@ def _pair(path: Path, line, rec) -> PreferencePair:
         if not isinstance(v, str) or not v.strip():
             raise DataError(f"{where}: field {f!r} must be a non-empty string, got {v!r}")
         values[f] = v.strip()
+    if values["chosen"] == values["rejected"]:
+        raise DataError(f"{where}: chosen and rejected are the same text {values['chosen'][:60]!r}: "
+                        "such a pair carries no preference")
     qid = rec.get("qid")
     if isinstance(qid, str) and not qid.strip():
         qid = None  # an empty CSV cell: no id given

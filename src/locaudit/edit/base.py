@@ -47,8 +47,8 @@ def load_edit(path: str | Path, **overrides) -> Edit:
     if not meta_path.exists():
         raise ConfigError(f"{path} is not an edit folder: {meta_path} is missing")
     try:
-        kind = json.loads(meta_path.read_text())["kind"]
-    except (json.JSONDecodeError, KeyError) as e:
+        kind = json.loads(meta_path.read_text(encoding="utf-8"))["kind"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{meta_path}: malformed meta.json, expected a JSON object with field 'kind'") from e
     if kind == "iti":
         from locaudit.edit.iti import ITIEdit

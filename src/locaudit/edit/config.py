@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from locaudit.errors import ConfigError
+from locaudit.models.precision import PrecisionName
 
 # (number of heads, learning rate) from the paper: single head, 16 heads; all heads is added per model
 _LR_SINGLE, _LR_16, _LR_ALL = 2e-3, 5e-4, 1e-4
@@ -47,28 +49,46 @@ class TrainConfig(BaseModel):
     rank: int = Field(1, ge=1, description="rank r of the edit (number of (a, b) components per layer)")
     reparam: bool = Field(True, description="reparameterised form <a,o> W b (True) or plain LoRA <a,o> b' (False)")
     seed: int = Field(0, description="seed of the initialisation and the batch order")
-    autocast: bool = Field(True, description="bf16 autocast for matmuls (CPU AMX / GPU); False = model dtype")
+    precision: PrecisionName = Field(
+        "auto", description="compute precision: auto (bf16 on GPUs and CPUs where bf16 is measured faster, "
+        "else fp32), fp32, bf16 or fp16 (models/precision.py)")
     cast_frozen_weights: bool = Field(
-        True, description="under autocast, hold bf16 copies of frozen matmul weights (same numbers, no per-call casts)")
+        True, description="under bf16, hold bf16 copies of frozen matmul weights (same numbers, no per-call casts)")
     tiled_logps: bool = Field(
         True, description="LM head on completion tokens only, in tiles (less memory); checked against the full head")
     gradient_checkpointing: bool = Field(
-        True, description="recompute layer activations in the backward pass: on SmolLM2 (CPU, bf16) 40% less "
-        "training memory for ~10% more time (as TRL's default)")
+        True, description="recompute layer activations in the backward pass: on SmolLM2 (CPU) 40% less "
+        "training memory for 0-25% more time (as TRL's default)")
     max_length: int = Field(256, ge=8, description="maximum tokens of prompt + completion (prompt cut from the left)")
     eval_batch_size: int = Field(
         8, ge=2, description="sequences per forward in no-grad passes (reference, prefix states, validation); "
         "bounds the [seq, pos, vocab] logits in memory")
     eval_each_epoch: bool = Field(True, description="validation loss and preference accuracy after every epoch")
     frozen_prefix: bool = Field(True, description="cache the states entering the lowest edited layer and run only the layers above")
-    prefix_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="storage of cached prefix states; auto = bf16 under autocast, else fp32")
     reference_disk_cache: bool = Field(True, description="also cache reference log-probs on disk (keyed by content)")
     max_parallel: int = Field(8, ge=1, description="multi-edit: at most this many edits trained together in one pass")
     group_copy_cost: float | None = Field(
         None, ge=0, description="multi-edit planning: cost of one edit's copy in a shared pass relative to a run of "
         "its own (None: 0.85 on CPU, as measured on SmolLM2 with 2 cores; 0.35 on GPU); 0 groups whenever allowed")
     progress: bool = Field(True, description="show a progress bar with the loss")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_fields(cls, data):
+        """Old spellings keep loading: autocast (bool) -> precision; prefix_dtype is gone (states are exact)."""
+        if isinstance(data, dict) and ("autocast" in data or "prefix_dtype" in data):
+            data = dict(data)
+            if "autocast" in data:
+                old = data.pop("autocast")
+                new = "auto" if old in (True, "true", "bf16") else "fp32"
+                data.setdefault("precision", new)
+                warnings.warn(f"TrainConfig.autocast = {old!r} is replaced by precision (read as "
+                              f"precision = {data['precision']!r})", FutureWarning, stacklevel=2)
+            if "prefix_dtype" in data:
+                old = data.pop("prefix_dtype")
+                warnings.warn(f"TrainConfig.prefix_dtype = {old!r} is gone: cached prefix states keep the dtype "
+                              "the layers above receive, so training from them is exact", FutureWarning, stacklevel=2)
+        return data
 
     @field_validator("tau", "beta", "lr")
     @classmethod

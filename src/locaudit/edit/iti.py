@@ -14,6 +14,7 @@ Files: ``iti.safetensors`` (tensor ``theta``, float32, [L, H*D]) and ``meta.json
 from __future__ import annotations
 
 import json
+import math
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +98,11 @@ def fit_iti(
     ls = torch.tensor([l for l, _ in heads.heads])
     hs = torch.tensor([h for _, h in heads.heads])
     X = X_all[:, ls, hs, :][torch.tensor(idx)].double()  # [n, K, D]: chosen heads first (memory-mapped input)
+    if not torch.isfinite(X).all():
+        row = idx[int(torch.nonzero(~torch.isfinite(X).flatten(1).all(1))[0])]
+        where = f"{acts.path}" if getattr(acts, "path", None) is not None else "the activation set"
+        raise DataError(f"{where}: non-finite activations (NaN/inf) at example {row} on the edited heads; "
+                        "collect them again (fp32)")
 
     if direction == "mass_mean":
         u = mass_mean_directions(X, labels)
@@ -139,6 +145,8 @@ class ITIEdit:
             raise ConfigError(f"ITI theta must be [L, H*D]; got shape {tuple(theta.shape)}")
         self.theta = theta.detach().float().cpu().contiguous()
         self.alpha = float(alpha)
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"ITI alpha must be a finite number, got {alpha!r}")
         self.direction = direction
         self.model = {"name": model} if isinstance(model, str) else dict(model or {})
         self.n_heads = n_heads  # needed only to recover the head set from theta
@@ -265,15 +273,20 @@ class ITIEdit:
             if not p.exists():
                 raise ConfigError(f"{path} is not an ITI edit folder: {p.name} is missing")
         try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{meta_path}: not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         if meta.get("kind") != "iti":
             raise ConfigError(f"{meta_path}: field 'kind' is {meta.get('kind')!r}, expected 'iti'")
         try:
             theta = load_file(str(theta_path))["theta"]
-        except (KeyError, SafetensorError, OSError) as e:
+        except (KeyError, SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"{theta_path}: expected a safetensors file with tensor 'theta' ({e})") from e
+        if theta.dim() != 2 or not torch.isfinite(theta).all():
+            raise ConfigError(f"{theta_path}: tensor 'theta' must be a finite [layers, heads*head_dim] matrix "
+                              f"(shape {list(theta.shape)})")
         heads = HeadSet.from_dict(meta["heads"]) if "heads" in meta else None
         return cls(theta, alpha=meta.get("alpha", 1.0) if alpha is None else alpha, heads=heads,
                    direction=meta.get("direction", "mass_mean"), model=meta.get("model"),

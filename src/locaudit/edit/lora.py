@@ -284,14 +284,25 @@ class LoRAEdit:
             if not p.exists():
                 raise ConfigError(f"{path} is not a LoRA edit folder: {p.name} is missing")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             heads = HeadSet.from_dict(meta["heads"])
             reparam = bool(meta.get("reparam", True))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise DataError(f"{meta_path}: malformed meta.json ({e}); expected fields kind, heads, reparam") from e
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+            raise DataError(f"{meta_path}: malformed meta.json ({type(e).__name__}: {str(e)[:200]}); "
+                            "expected a JSON object with fields kind, heads, reparam") from None
         if meta.get("kind") != cls.kind:
             raise DataError(f"{meta_path}: kind is {meta.get('kind')!r}, expected 'lora'")
-        tensors = load_file(str(w_path))
+        from safetensors import SafetensorError
+
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DataError(f"{w_path}: not a readable safetensors file ({str(e)[:200]})") from None
         if "a" not in tensors or "b" not in tensors:
             raise DataError(f"{w_path}: expected tensors 'a' and 'b', found {sorted(tensors)}")
-        return cls(tensors["a"], tensors["b"], heads, reparam, meta)
+        a, b = tensors["a"], tensors["b"]
+        if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2]:
+            raise DataError(f"{w_path}: tensors a {list(a.shape)} and b {list(b.shape)} must be [layers, rank, dim]")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise DataError(f"{w_path}: the edit has non-finite values (NaN/inf); it cannot be applied")
+        return cls(a, b, heads, reparam, meta)

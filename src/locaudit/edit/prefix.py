@@ -23,21 +23,16 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike, as_precision
 from locaudit.models.sites import _get
 
 log = logging.getLogger(__name__)
 
 PREFIX_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", "opt")
-STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def prefix_supported(lm: LoadedModel) -> bool:
     return lm.sites.model_type in PREFIX_FAMILIES
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (AMX) or GPU, or a no-op."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -169,10 +164,12 @@ class PrefixStates:
         return sum(s.numel() * s.element_size() for s in self.states)
 
 
-def collect_states(lm: LoadedModel, enc, layer: int, use_autocast: bool, dtype: torch.dtype = torch.float32,
-                   batch_size: int = 16, start: PrefixStates | None = None, progress: bool = False) -> PrefixStates:
+def collect_states(lm: LoadedModel, enc, layer: int, precision: PrecisionLike, batch_size: int = 16,
+                   start: PrefixStates | None = None, progress: bool = False) -> PrefixStates:
     """No-grad pass storing the states entering `layer` for every sequence of `enc` (an EncodedPairs).
 
+    The states are stored exactly as the layers above receive them (their dtype: the residual stream of an
+    fp32 model stays fp32 under bf16 autocast), so training from them equals the full forward.
     From `start` (states at a lower layer) only layers start.layer..layer-1 run.
     """
     from locaudit.models.scoring import collate_completions
@@ -182,7 +179,9 @@ def collect_states(lm: LoadedModel, enc, layer: int, use_autocast: bool, dtype: 
     out: list[torch.Tensor | None] = [None] * len(seqs)
     dev = lm.device
     it = range(0, len(order), batch_size)
-    with torch.no_grad(), autocast(dev, use_autocast), capture_input(lm, layer) as box:
+    dtype = None
+    precision = as_precision(precision, lm.device)
+    with torch.no_grad(), precision.autocast(lm.dtype), capture_input(lm, layer) as box:
         ctx = run_from_layer(lm, start.layer) if start is not None and start.layer > 0 else nullcontext()
         with ctx as feed:
             for s in tqdm(it, desc=f"prefix states @ layer {layer}", disable=not progress, leave=False):
@@ -199,14 +198,15 @@ def collect_states(lm: LoadedModel, enc, layer: int, use_autocast: bool, dtype: 
                 except _Stop:
                     pass
                 h = box.pop("h")
+                dtype = h.dtype
                 lengths = b.attention_mask.sum(1).tolist()
                 for j, i in enumerate(idx):
-                    out[i] = h[j, : lengths[j]].to("cpu", dtype).clone()
-    return PrefixStates(layer, out, dtype)  # type: ignore[arg-type]
+                    out[i] = h[j, : lengths[j]].to("cpu").clone()
+    return PrefixStates(layer, out, dtype or lm.dtype)  # type: ignore[arg-type]
 
 
 class PrefixCache:
-    """In-memory LRU of PrefixStates keyed by (model fingerprint, data key, autocast, layer, dtype).
+    """In-memory LRU of PrefixStates keyed by (model fingerprint, data key, precision, layer).
 
     A request for layer l' is served from a cached lower layer l of the same data by running layers
     l..l'-1 only.
@@ -216,15 +216,16 @@ class PrefixCache:
         self.max_entries = max_entries
         self._store: OrderedDict[tuple, PrefixStates] = OrderedDict()
 
-    def get(self, lm: LoadedModel, enc, layer: int, use_autocast: bool, dtype: torch.dtype,
+    def get(self, lm: LoadedModel, enc, layer: int, precision: PrecisionLike,
             batch_size: int = 16, progress: bool = False) -> PrefixStates:
-        key = (lm.fingerprint, enc.key, bool(use_autocast), int(layer), str(dtype))
+        precision = as_precision(precision, lm.device)
+        key = (lm.fingerprint, enc.key, precision.key, int(layer))
         if key in self._store:
             self._store.move_to_end(key)
             return self._store[key]
-        below = [k for k in self._store if k[:3] == key[:3] and k[4] == key[4] and k[3] < layer]
+        below = [k for k in self._store if k[:3] == key[:3] and k[3] < layer]
         start = self._store[max(below, key=lambda k: k[3])] if below else None
-        states = collect_states(lm, enc, layer, use_autocast, dtype, batch_size, start, progress)
+        states = collect_states(lm, enc, layer, precision, batch_size, start, progress)
         self._store[key] = states
         while len(self._store) > self.max_entries:
             self._store.popitem(last=False)

@@ -1,6 +1,6 @@
 """Reference log-probs of the frozen model, computed once per dataset and cached.
 
-Key: model fingerprint + encoded pairs (content, format, max_length) + autocast + log-prob function. The cache lives in
+Key: model fingerprint + encoded pairs (content, format, max_length) + precision + log-prob function. The cache lives in
 memory and on disk (cache_dir("reference")/<key>.safetensors), so no epoch, trial or process pays for
 the reference forward twice.
 """
@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from locaudit.edit.encoded import EncodedPairs
 from locaudit.edit.logps import tiled_completion_logprobs
 from locaudit.edit.objectives import PairLogps
-from locaudit.edit.prefix import autocast
 from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike, as_precision
 from locaudit.models.scoring import collate_completions, completion_logprobs
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _MEMORY: dict[str, PairLogps] = {}
 
 
-def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 8,
+def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int = 8,
                    progress: bool = False, tiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad summed completion log-probs and token counts of all 2N sequences (length-sorted batches);
     `tiled` uses edit.logps.tiled_completion_logprobs (same values, less memory)."""
@@ -35,7 +35,7 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch
     sums = torch.zeros(len(seqs))
     counts = torch.zeros(len(seqs), dtype=torch.long)
     dev = lm.device
-    with torch.no_grad(), autocast(dev, use_autocast):
+    with torch.no_grad(), as_precision(precision, lm.device).autocast(lm.dtype):
         for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress,
                       leave=False):
             idx = order[s: s + batch_size]
@@ -46,12 +46,13 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch
     return sums, counts
 
 
-def reference_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batch_size: int = 8,
+def reference_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int = 8,
                     disk: bool = True, progress: bool = False, tiled: bool = False) -> PairLogps:
     """The frozen model's PairLogps of `enc`, from memory, disk, or one batched no-grad pass."""
     from safetensors.torch import load_file, save_file
 
-    key = stable_hash({"model": lm.fingerprint, "data": enc.key, "autocast": bool(use_autocast), "tiled": bool(tiled)})
+    precision = as_precision(precision, lm.device)
+    key = stable_hash({"model": lm.fingerprint, "data": enc.key, "precision": precision.key, "tiled": bool(tiled)})
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir("reference") / f"{key}.safetensors" if disk else None
@@ -64,7 +65,7 @@ def reference_logps(lm: LoadedModel, enc: EncodedPairs, use_autocast: bool, batc
                 return out
         except Exception as e:  # a corrupt cache file is recomputed, not fatal
             log.warning("ignoring unreadable reference cache %s (%s)", path, e)
-    sums, counts = sequence_logps(lm, enc, use_autocast, batch_size, progress, tiled)
+    sums, counts = sequence_logps(lm, enc, precision, batch_size, progress, tiled)
     n = len(enc)
     out = PairLogps(sums[:n].clone(), sums[n:].clone(), counts[:n].clone(), counts[n:].clone())
     if path is not None:

@@ -28,12 +28,13 @@ from locaudit.edit.encoded import EncodedPairs, length_sorted, replicate
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
-from locaudit.edit.prefix import (PREFIX_CACHE, PrefixStates, autocast, checkpointed_layers, prefix_supported,
+from locaudit.edit.prefix import (PREFIX_CACHE, PrefixStates, checkpointed_layers, prefix_supported,
                                   run_from_layer)
 from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import resolve_precision
 from locaudit.models.scoring import completion_logprobs
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class TrainLog:
     lowest_layer: int = 0
     frozen_prefix: bool = False
     tiled_logps: bool = False
+    diverged: str | None = None  # why training diverged (see `divergence`); such an edit is never saved
 
     @property
     def after(self) -> dict:
@@ -78,17 +80,12 @@ def cosine_schedule(total: int, warmup: int):
     return f
 
 
-def _store_dtype(config: TrainConfig) -> torch.dtype:
-    if config.prefix_dtype == "auto":
-        return torch.bfloat16 if config.autocast else torch.float32
-    return torch.bfloat16 if config.prefix_dtype == "bf16" else torch.float32
-
-
 class StackRunner:
     """Forward passes of a LoRAStack on pair batches: full model, or from the cached prefix."""
 
     def __init__(self, lm: LoadedModel, stack: LoRAStack, config: TrainConfig) -> None:
         self.lm, self.stack, self.config = lm, stack, config
+        self.precision = resolve_precision(config.precision, lm.device)
         self.lowest = min(stack.layers)
         self.use_prefix = bool(config.frozen_prefix and self.lowest > 0 and prefix_supported(lm))
         if config.frozen_prefix and self.lowest > 0 and not self.use_prefix:
@@ -102,7 +99,7 @@ class StackRunner:
         """Use tiled log-probs if configured and equal to `completion_logprobs` on a batch of `enc`."""
         if self.config.tiled_logps:
             batch = enc.batch(list(range(min(2, len(enc))))).to(self.lm.device)
-            with autocast(self.lm.device, self.config.autocast):
+            with self.precision.autocast(self.lm.dtype):
                 self.tiled = check_tiled(self.lm.model, batch)
         self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
         return self.tiled
@@ -110,8 +107,8 @@ class StackRunner:
     def states(self, enc: EncodedPairs) -> PrefixStates | None:
         if not self.use_prefix:
             return None
-        return PREFIX_CACHE.get(self.lm, enc, self.lowest, self.config.autocast, _store_dtype(self.config),
-                                self.config.eval_batch_size, self.config.progress)
+        return PREFIX_CACHE.get(self.lm, enc, self.lowest, self.precision, self.config.eval_batch_size,
+                                self.config.progress)
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -135,7 +132,7 @@ class StackRunner:
         if states is not None:
             h = states.batch(idx, len(enc), batch.input_ids.shape[1])
             self.feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
-        with autocast(dev, self.config.autocast):
+        with self.precision.autocast(self.lm.dtype):
             sums, counts = self.logp_fn(self.lm.model, replicate(batch, E).to(dev))
         sums, counts = sums.float().view(E, 2 * B), counts.view(E, 2 * B)
         return PairLogps(sums[:, :B], sums[:, B:], counts[:, :B], counts[:, B:])
@@ -177,7 +174,9 @@ def train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Encod
     """Train len(heads_list) edits together; returns the trained stack and one TrainLog per edit."""
     if len(lrs) != len(heads_list):
         raise ConfigError(f"train_stack: {len(lrs)} learning rates for {len(heads_list)} edits")
-    with frozen_bf16_weights(lm.model, config.autocast and config.cast_frozen_weights):
+    prec = resolve_precision(config.precision, lm.device)
+    with frozen_bf16_weights(lm.model, prec.name == "bf16" and lm.dtype != torch.bfloat16
+                             and config.cast_frozen_weights):
         return _train_stack(lm, heads_list, enc_train, enc_val, config, lrs, label)
 
 
@@ -192,9 +191,9 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     runner = StackRunner(lm, stack, cfg)
     tiled = runner.choose_logp_fn(enc_train)
     need_ref = cfg.objective in ("ipo", "dpo")
-    ref_train = reference_logps(lm, enc_train, cfg.autocast, cfg.eval_batch_size, cfg.reference_disk_cache,
+    ref_train = reference_logps(lm, enc_train, runner.precision, cfg.eval_batch_size, cfg.reference_disk_cache,
                                 cfg.progress, tiled) if need_ref else None
-    ref_val = reference_logps(lm, enc_val, cfg.autocast, cfg.eval_batch_size, cfg.reference_disk_cache,
+    ref_val = reference_logps(lm, enc_val, runner.precision, cfg.eval_batch_size, cfg.reference_disk_cache,
                               cfg.progress, tiled) if enc_val is not None else None
     st_train = runner.states(enc_train)
     st_val = runner.states(enc_val) if enc_val is not None and cfg.eval_each_epoch else None
@@ -238,7 +237,7 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                         raise TrainingError(
                             f"non-finite {cfg.objective} loss at optimizer step {step} (epoch {epoch}, micro-batch {k}) "
                             f"on pairs {idx} (qids {[enc_train.pairs[i].qid for i in idx]}) for edit(s) {bad}: "
-                            f"{losses.tolist()}; try a lower lr or autocast=False"
+                            f"{losses.tolist()}; try a lower lr or precision fp32 (this run: {runner.precision.name})"
                         )
                     (losses.sum() / group_size).backward()
                     ld = losses.detach().float().cpu()
@@ -272,9 +271,34 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
         finally:
             bar.close()
     secs = time.perf_counter() - t0
-    for lg in logs:
+    for e, lg in enumerate(logs):
         lg.seconds = secs
+        lg.diverged = divergence(*stack.edit_tensors(e), lg)
+        if lg.diverged:
+            log.warning("edit %s diverged: %s", lg.heads, lg.diverged)
     return stack, logs
+
+
+MAX_EDIT_ABS = 1e4  # an edit parameter beyond this magnitude has exploded (Adam moves ~lr per step)
+VAL_LOSS_FACTOR = 10.0  # a validation loss this many times its start (and 1 above it) has diverged
+
+
+def divergence(a: torch.Tensor, b: torch.Tensor, tlog: TrainLog) -> str | None:
+    """Why a trained edit cannot be trusted (non-finite or exploding parameters, validation loss far
+    above its start), naming the values and the learning rate; None if it looks sane."""
+    cause = f"the learning rate lr={tlog.lr:g} is likely too high"
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return f"non-finite edit parameters after training; {cause}"
+    big = max(float(a.abs().max()), float(b.abs().max())) if a.numel() and b.numel() else 0.0
+    if big > MAX_EDIT_ABS:
+        return f"edit parameters exploded (largest |value| {big:.3g} > {MAX_EDIT_ABS:g}); {cause}"
+    v0, v1 = tlog.before.get("val_loss"), tlog.after.get("val_loss")
+    if v0 is not None and v1 is not None:
+        if not math.isfinite(v1):
+            return f"validation loss is {v1} after training (it was {v0:.4g}); {cause}"
+        if v1 > VAL_LOSS_FACTOR * max(abs(v0), 0.1) and v1 > v0 + 1.0:
+            return f"validation loss rose from {v0:.4g} to {v1:.4g} (over {VAL_LOSS_FACTOR:g}x its start); {cause}"
+    return None
 
 
 def make_edit(lm: LoadedModel, stack: LoRAStack, e: int, heads: HeadSet, config: TrainConfig, lr: float,
@@ -287,6 +311,7 @@ def make_edit(lm: LoadedModel, stack: LoRAStack, e: int, heads: HeadSet, config:
         "model": {"name": lm.name, "fingerprint": lm.fingerprint},
         "objective": config.objective,
         "config": cfg,
+        "precision": resolve_precision(config.precision, lm.device).meta(),
         "format": {"kind": fmt.kind, "system": fmt.system},
         "data": {"n_train": len(enc_train), "n_val": len(enc_val) if enc_val else 0, "train_key": enc_train.key,
                  "val_key": enc_val.key if enc_val else None},
@@ -316,4 +341,7 @@ def train_edit(lm: LoadedModel, heads: HeadSet, train_pairs: Sequence[Preference
     """
     from locaudit.edit.multi import train_edits
 
-    return train_edits(lm, [heads], train_pairs, val_pairs, fmt, config, **overrides)[0]
+    edit, tlog = train_edits(lm, [heads], train_pairs, val_pairs, fmt, config, **overrides)[0]
+    if tlog.diverged:
+        raise TrainingError(f"edit at {heads.name} diverged: {tlog.diverged}; it was not saved")
+    return edit, tlog

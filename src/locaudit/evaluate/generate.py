@@ -25,6 +25,7 @@ from locaudit.errors import DataError
 from locaudit.io import read_jsonl, write_text_atomic
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,12 @@ def generate_answers(
     batch_size: int = 16,
     out_path: str | Path | None = None,
     progress: bool = True,
-    autocast: torch.dtype | None = None,
+    precision: PrecisionLike = None,
 ) -> list[GenerationRecord]:
     """Greedy answers to `questions` with `edit` applied at every position; optionally saved as JSONL."""
     prompts = [fmt.prompt(q.question, lm.tokenizer) for q in questions]
     special = add_special_tokens_for(fmt, lm.tokenizer, prompts[0]) if prompts else True
-    with edited(lm, edit, autocast):
+    with edited(lm, edit, precision):
         answers = greedy_generate(lm, prompts, max_new_tokens, fmt.stop_strings(lm.tokenizer), batch_size,
                                   special, progress)
     records = [GenerationRecord(q.qid, q.question, a) for q, a in zip(questions, answers)]

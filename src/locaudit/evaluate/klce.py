@@ -6,7 +6,7 @@ final hidden state h (the input of the output embedding, d_model numbers per pos
 smaller for SmolLM2) and recompute p_orig = softmax(lm_head(h)) when scoring an edit. That is exact:
 both p_orig and p_edit go through the same lm_head code path, so the unedited model has KL exactly 0.
 The cache lives in memory and on disk (cache_dir("klce")), keyed by model fingerprint, dtype,
-autocast, text hash and max_length.
+precision, text hash and max_length.
 
 KL and CE are pooled means over all next-token positions of all texts (each position t predicts token
 t+1, prompt tokens included). Standard errors are cluster-robust with texts as clusters (positions in
@@ -32,6 +32,7 @@ from locaudit.errors import ConfigError, DataError
 from locaudit.evaluate.view import edited
 from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike, as_precision
 
 _MEMORY: "OrderedDict[str, OriginalCache]" = OrderedDict()
 _MEMORY_SIZE = 4
@@ -162,9 +163,9 @@ def final_hidden(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int 
 
 
 def original_cache(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int = 16,
-                   autocast: torch.dtype | None = None, disk: bool = True, progress: bool = False) -> OriginalCache:
+                   precision: PrecisionLike = None, disk: bool = True, progress: bool = False) -> OriginalCache:
     """The unedited model's final hidden states for `ids`, from memory, disk, or computed once."""
-    key = stable_hash({"model": lm.fingerprint, "dtype": str(lm.dtype), "autocast": str(autocast),
+    key = stable_hash({"model": lm.fingerprint, "dtype": str(lm.dtype), "precision": as_precision(precision, lm.device).key,
                        "ids": stable_hash([list(x) for x in ids], 32), "v": 1})
     if key in _MEMORY:
         _MEMORY.move_to_end(key)
@@ -182,7 +183,7 @@ def original_cache(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: in
         except Exception:  # a damaged cache file is recomputed
             cache = None
     if cache is None:
-        with edited(lm, None, autocast):
+        with edited(lm, None, precision):
             hidden, offsets = final_hidden(lm, ids, batch_size, progress, check=True)
         cache = OriginalCache([list(x) for x in ids], hidden, offsets, key)
         if path is not None:
@@ -213,7 +214,7 @@ def kl_ce(
     ids: Sequence[Sequence[int]] | None = None,
     batch_size: int = 16,
     max_length: int = 512,
-    autocast: torch.dtype | None = None,
+    precision: PrecisionLike = None,
     chunk: int = 256,
     disk_cache: bool = True,
     progress: bool = False,
@@ -228,8 +229,8 @@ def kl_ce(
         ids = tokenize(lm.tokenizer, texts, max_length)
     if not ids:
         raise DataError("kl_ce: no texts to score")
-    orig = original_cache(lm, ids, batch_size, autocast, disk_cache, progress)
-    with edited(lm, edit, autocast):
+    orig = original_cache(lm, ids, batch_size, precision, disk_cache, progress)
+    with edited(lm, edit, precision):
         hidden, offsets = final_hidden(lm, ids, batch_size, progress)
     targets = torch.cat([torch.tensor(x[1:]) for x in ids])
     kl_pos = torch.empty(len(targets), dtype=torch.float64)

@@ -23,7 +23,8 @@ from locaudit.edit.base import Edit
 from locaudit.evaluate.generate import add_special_tokens_for
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
-from locaudit.models.scoring import score_completions
+from locaudit.models.precision import PrecisionLike
+from locaudit.models.scoring import score_completions, score_completions_shared_prompt
 
 # TruthfulQA's "qa" preset (truthfulqa/presets.py): six question-answer shots put before every question.
 TRUTHFULQA_QA_PRIMER = (
@@ -110,18 +111,26 @@ def score_answers(
     prefix: str = "",
     batch_size: int = 32,
     max_length: int = 512,
-    autocast: torch.dtype | None = None,
+    precision: PrecisionLike = None,
+    share_prompt: bool = True,
 ) -> list[float]:
-    """Summed log-prob of each answer given its question's prompt, with `edit` applied (one batched pass)."""
+    """Summed log-prob of each answer given its question's prompt, with `edit` applied.
+
+    `share_prompt`: run each distinct prompt once and score its answers on its KV cache (less compute, the
+    same values up to float rounding); False scores every (prompt, answer) sequence in full, batched."""
     tok = lm.tokenizer
     prompts = [prefix + fmt.prompt(q, tok) for q in questions]
     completions = [fmt.completion(a) for a in answers]
     if not prompts:
         return []
     special = add_special_tokens_for(fmt, tok, prompts[0])
-    with edited(lm, edit, autocast):
-        sums, _ = score_completions(lm.model, tok, prompts, completions, batch_size=batch_size,
-                                    max_length=max_length, add_special_tokens=special)
+    with edited(lm, edit, precision):
+        if share_prompt:  # each question's prompt once, on the KV cache (models/scoring.py)
+            sums, _ = score_completions_shared_prompt(lm.model, tok, prompts, completions, max_length=max_length,
+                                                      add_special_tokens=special, batch_size=batch_size)
+        else:
+            sums, _ = score_completions(lm.model, tok, prompts, completions, batch_size=batch_size,
+                                        max_length=max_length, add_special_tokens=special)
     return sums.double().tolist()
 
 
@@ -133,7 +142,8 @@ def score_mc(
     prefix: str = "",
     batch_size: int = 32,
     max_length: int = 512,
-    autocast: torch.dtype | None = None,
+    precision: PrecisionLike = None,
+    share_prompt: bool = True,
 ) -> MCResult:
     """MC1/MC2 (and MC0 where the item has mc0 targets) for `items`, with `edit` applied at every position.
 
@@ -147,7 +157,7 @@ def score_mc(
                 keys[(it.qid, a)] = len(qs)
                 qs.append(it.question)
                 ans.append(a)
-    logp = score_answers(lm, edit, qs, ans, fmt, prefix, batch_size, max_length, autocast)
+    logp = score_answers(lm, edit, qs, ans, fmt, prefix, batch_size, max_length, precision, share_prompt)
     out = []
     for it in items:
         s = lambda answers: [logp[keys[(it.qid, a)]] for a in answers]  # noqa: E731

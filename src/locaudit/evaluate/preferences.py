@@ -21,6 +21,7 @@ from locaudit.edit.base import Edit
 from locaudit.evaluate.generate import add_special_tokens_for
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike
 from locaudit.models.scoring import score_completions
 
 
@@ -61,7 +62,7 @@ def score_preferences(
     fmt: PromptFormat = PromptFormat("plain"),
     batch_size: int = 32,
     max_length: int = 512,
-    autocast: torch.dtype | None = None,
+    precision: PrecisionLike = None,
 ) -> PreferenceResult:
     """Accuracy and mean margin of per-token-averaged completion log-probs, with `edit` applied."""
     tok = lm.tokenizer
@@ -75,7 +76,7 @@ def score_preferences(
                 completions.append(fmt.completion(a))
     if not prompts:
         return PreferenceResult(float("nan"), None, float("nan"), None, 0, [], [])
-    with edited(lm, edit, autocast):
+    with edited(lm, edit, precision):
         sums, counts = score_completions(lm.model, tok, prompts, completions, batch_size=batch_size,
                                          max_length=max_length,
                                          add_special_tokens=add_special_tokens_for(fmt, tok, prompts[0]))

@@ -59,6 +59,8 @@ class EvalResult(BaseModel):
     data_fingerprint: str = Field("", description="Content fingerprint of the dataset and its split.")
     split: str = Field("test", description="Evaluation split.")
     format: str = Field("plain", description="Prompt format (plain or chat).")
+    precision: str = Field("fp32", description="Resolved compute precision (fp32, bf16 or fp16).")
+    cpu_capability: str = Field("", description="What the CPU offers for matmuls (AVX2, AVX512, AMX, ...).")
     metrics: list[str] = Field(default_factory=list, description="Metrics computed.")
     n_questions: int = Field(0, description="Questions in the split.")
     n_mc: int | None = Field(None, description="MC items scored.")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.edit.base import Edit
@@ -23,6 +24,7 @@ from locaudit.evaluate.results import EvalResult
 from locaudit.evaluate.view import describe
 from locaudit.io import write_text_atomic
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionName, parse_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,22 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(50, ge=1, description="Greedy tokens per generated answer at most.")
     max_length: int = Field(512, ge=8, description="Longest scored sequence in tokens (prompt cut from the left).")
     kl_text: str | None = Field(None, description="A text file for KL/CE instead of the split's questions+best answers.")
-    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast matmuls (bf16 ~6x faster on AMX CPUs).")
+    precision: PrecisionName = Field("auto", description="Compute precision: auto (bf16 on GPUs and on CPUs where "
+                                     "bf16 is measured faster, else fp32), fp32, bf16 or fp16.")
     mc_primer: bool = Field(False, description="Put TruthfulQA's six-shot QA primer before each MC prompt.")
     progress: bool = Field(True, description="Show progress bars.")
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+    @model_validator(mode="before")
+    @classmethod
+    def _old_autocast(cls, data):
+        """The old field `autocast: none|bf16|fp16` keeps loading, as `precision`."""
+        if isinstance(data, dict) and "autocast" in data:
+            data = dict(data)
+            old = data.pop("autocast")
+            data.setdefault("precision", parse_precision(old, "EvalConfig.autocast"))
+            warnings.warn(f"EvalConfig.autocast = {old!r} is replaced by precision (read as precision = "
+                          f"{data['precision']!r})", FutureWarning, stacklevel=2)
+        return data
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -98,14 +109,16 @@ def evaluate_edit(
     """
     cfg = config or EvalConfig()
     metrics = parse_metrics(metrics)
-    fmt, ac = cfg.prompt_format, cfg.autocast_dtype
+    prec = resolve_precision(cfg.precision, lm.device)
+    fmt, ac = cfg.prompt_format, prec
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     questions = data.questions(split)
     res = EvalResult(edit=describe(edit), model=lm.name, model_fingerprint=lm.fingerprint,
                      data=getattr(data, "name", ""), data_fingerprint=getattr(data, "fingerprint", ""),
-                     split=split, format=fmt.kind, metrics=list(metrics), n_questions=len(questions))
+                     split=split, format=fmt.kind, metrics=list(metrics), n_questions=len(questions),
+                     precision=prec.name, cpu_capability=prec.meta()["cpu_capability"])
 
     def timed(name: str, t0: float) -> None:
         res.seconds[name] = round(time.perf_counter() - t0, 3)
@@ -120,7 +133,7 @@ def evaluate_edit(
             res.n_mc = 0
         else:
             mc = score_mc(lm, edit, items, fmt, TRUTHFULQA_QA_PRIMER if cfg.mc_primer else "", cfg.batch_size,
-                          cfg.max_length, ac)
+                          cfg.max_length, precision=ac)
             for k, v in mc.summary().items():
                 setattr(res, k, v)
             if out is not None:
@@ -135,12 +148,12 @@ def evaluate_edit(
         t0 = time.perf_counter()
         if cfg.kl_text:
             r = kl_ce(lm, edit, ids=text_file_chunks(cfg.kl_text, lm.tokenizer, cfg.max_length),
-                      batch_size=cfg.batch_size, autocast=ac, progress=cfg.progress)
+                      batch_size=cfg.batch_size, precision=ac, progress=cfg.progress)
         else:
             if not questions:
                 raise DataError(f"split {split!r} of {res.data!r} has no questions for KL/CE")
             r = kl_ce(lm, edit, heldout_texts(questions, fmt, lm.tokenizer), batch_size=cfg.batch_size,
-                      max_length=cfg.max_length, autocast=ac, progress=cfg.progress)
+                      max_length=cfg.max_length, precision=ac, progress=cfg.progress)
         for k, v in r.summary().items():
             setattr(res, k, v)
         timed("klce", t0)
@@ -160,7 +173,7 @@ def evaluate_edit(
         t0 = time.perf_counter()
         recs = generate_answers(lm, edit, questions, fmt, cfg.max_new_tokens, cfg.gen_batch_size,
                                 out_path=out / "generations.jsonl" if out is not None else None,
-                                progress=cfg.progress, autocast=ac)
+                                progress=cfg.progress, precision=ac)
         res.n_generated = len(recs)
         timed("gen", t0)
         if judge is not None and recs:

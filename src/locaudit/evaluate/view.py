@@ -1,7 +1,7 @@
 """The edited model view: the one way every metric runs the model with an edit (none, ITI, optimal).
 
 `edited(lm, edit)` applies the edit at every position for the whole block (scoring and generation
-alike), turns off gradients and optionally runs under autocast; the model is restored on exit, also on
+alike), turns off gradients and runs at the given precision (models/precision.py); the model is restored on exit, also on
 error, because restoring is the edit's own context manager's job (edit/base.py).
 """
 
@@ -15,6 +15,7 @@ import torch
 from locaudit.edit.base import Edit, NoEdit
 from locaudit.errors import ConfigError
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike, as_precision
 
 
 def as_edit(edit: Edit | None) -> Edit:
@@ -31,15 +32,16 @@ def describe(edit: Edit | None) -> dict:
 
 
 @contextmanager
-def edited(lm: LoadedModel, edit: Edit | None = None, autocast: torch.dtype | None = None) -> Iterator[LoadedModel]:
-    """Run the block with `edit` applied at every position, without gradients, optionally under autocast.
+def edited(lm: LoadedModel, edit: Edit | None = None, precision: PrecisionLike = None) -> Iterator[LoadedModel]:
+    """Run the block with `edit` applied at every position, without gradients, at `precision`.
 
-    `autocast=torch.bfloat16` runs matmuls in bf16 (about 6x faster on CPUs with AMX); log-softmax and
-    reductions stay in fp32 in every metric.
+    `precision`: None or "fp32" (exact), "bf16"/"fp16" (autocast matmuls; fast only on GPUs and CPUs with
+    AMX), "auto" (what the machine runs fastest), or a ResolvedPrecision. Log-softmax and reductions stay
+    in fp32 in every metric.
     """
+    prec = as_precision(precision, lm.device)
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        if autocast is not None and autocast != lm.dtype:
-            stack.enter_context(torch.autocast(device_type=lm.device.type, dtype=autocast))
+        stack.enter_context(prec.autocast(lm.dtype))
         stack.enter_context(as_edit(edit).applied(lm))
         yield lm

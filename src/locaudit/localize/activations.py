@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from locaudit.errors import DataError
 from locaudit.io import atomic_path, cache_dir, read_jsonl, stable_hash, write_json_atomic, write_text_atomic
 from locaudit.localize.store import create_tensor_file, open_tensor
 from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.precision import PrecisionLike, as_precision
 
 ACTIVATIONS_FILE = "activations.safetensors"
 EXAMPLES_FILE = "examples.jsonl"
@@ -80,7 +80,7 @@ def collect_activations(
     positions: str | Sequence[int] = "last",
     *,
     out_path: str | os.PathLike | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    precision: PrecisionLike = None,
     max_length: int = 512,
     add_special_tokens: bool = True,
     stop_early: bool = True,
@@ -89,8 +89,8 @@ def collect_activations(
     """Float[Tensor, "N layer head head_dim"]: each text's head outputs (o_proj inputs) at one token.
 
     `out_path`: stream rows into this safetensors file (tensor ``heads``, F32) and return a memory map
-    of it; else the result is built in memory. `autocast_dtype` (e.g. torch.bfloat16) runs the forward
-    under autocast; the result is float32 either way. `stop_early` ends the forward after the last
+    of it; else the result is built in memory. `precision` (None/"fp32", "bf16", "auto", ...;
+    models/precision.py) is the forward's compute precision; the result is float32 either way. `stop_early` ends the forward after the last
     layer's o_proj (same values, less compute).
     """
     if batch_size < 1:
@@ -128,7 +128,7 @@ def collect_activations(
         return fn
 
     hooks = {l: hook_for(l) for l in range(L)}
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    amp = as_precision(precision, device).autocast(lm.dtype)
     bar = tqdm(total=N, desc="collect activations", unit="ex", disable=not progress or N == 0, leave=False)
     try:
         with torch.inference_mode(), o_proj_hooks(sites, pre=hooks), amp:
@@ -248,12 +248,12 @@ class ActivationSet:
 
 
 def activation_key(lm, data_fingerprint: str, fmt, positions: str = "last", max_length: int = 512,
-                   autocast_dtype: torch.dtype | None = None) -> str:
+                   precision: PrecisionLike = None) -> str:
     """Cache key: model content, data content, prompt format, token positions and numerics."""
     return stable_hash({
         "model": lm.fingerprint, "model_dtype": str(lm.dtype), "data": data_fingerprint,
         "format": [fmt.kind, fmt.system], "positions": positions, "max_length": max_length,
-        "autocast": str(autocast_dtype), "version": FORMAT_VERSION,
+        "precision": as_precision(precision, lm.device).key, "version": FORMAT_VERSION,
     })
 
 
@@ -279,7 +279,7 @@ def collect_probe_activations(
     cache: bool = True,
     *,
     batch_size: int = 16,
-    autocast_dtype: torch.dtype | None = None,
+    precision: PrecisionLike = None,
     max_length: int = 512,
     progress: bool = True,
 ) -> ActivationSet:
@@ -292,7 +292,8 @@ def collect_probe_activations(
 
     if isinstance(fmt, str):
         fmt = PromptFormat(fmt)
-    key = activation_key(lm, data.fingerprint, fmt, "last", max_length, autocast_dtype)
+    prec = as_precision(precision, lm.device)
+    key = activation_key(lm, data.fingerprint, fmt, "last", max_length, prec)
     target = cache_dir("activations", key) if cache else Path(out_dir) if out_dir is not None else None
     if target is None:
         raise DataError("collect_probe_activations: cache=False needs an out_dir to write to")
@@ -319,13 +320,13 @@ def collect_probe_activations(
                  "split": split_of.get(e.qid, e.split)} for e in exs]
     with atomic_path(target / ACTIVATIONS_FILE) as tmp:
         heads = collect_activations(lm, [e["text"] for e in examples], batch_size, out_path=tmp,
-                                    autocast_dtype=autocast_dtype, max_length=max_length, progress=progress)
+                                    precision=prec, max_length=max_length, progress=progress)
         del heads
     heads = torch.from_numpy(open_tensor(target / ACTIVATIONS_FILE, "heads"))
     meta = {"key": key, "model": lm.name, "model_fingerprint": lm.fingerprint, "model_dtype": str(lm.dtype),
             "data": data.name, "data_fingerprint": data.fingerprint, "data_source": getattr(data, "source", {}),
             "format": fmt.kind, "system": fmt.system,
-            "positions": "last", "max_length": max_length, "autocast": str(autocast_dtype),
+            "positions": "last", "max_length": max_length, **prec.meta(),
             "n_layers": lm.sites.n_layers, "n_heads": lm.sites.n_heads, "head_dim": lm.sites.head_dim}
     acts = ActivationSet(heads, examples, meta, target)
     acts.save(target)

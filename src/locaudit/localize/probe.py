@@ -258,12 +258,24 @@ def probe_activations(acts, l2: float = 1.0, max_iter: int = 50, standardize: bo
     if overlap:
         raise DataError(f"{len(overlap)} questions straddle the {train_split!r} and {val_split!r} splits "
                         f"(e.g. qid {sorted(overlap)[0]!r}); splits must be by question")
+    _check_finite(acts)
     res = train_probes(acts.heads, acts.labels, tr, va, l2=l2, max_iter=max_iter, standardize=standardize)
     res.meta.update({k: acts.meta.get(k) for k in ("model", "model_fingerprint", "data", "data_fingerprint", "format")
                      if k in acts.meta})
     if acts.path is not None:
         res.meta["activations"] = str(acts.path)
     return res
+
+
+def _check_finite(acts) -> None:
+    """Refuse activations with NaN/inf (a probe on them gives meaningless accuracies), naming the file."""
+    X = acts.heads
+    for s in range(0, X.shape[0], 256):
+        ok = torch.isfinite(torch.as_tensor(X[s: s + 256])).flatten(1).all(1)
+        if not ok.all():
+            row = s + int(torch.nonzero(~ok)[0])
+            where = f"{acts.path}/activations.safetensors" if getattr(acts, "path", None) is not None else "activations"
+            raise DataError(f"{where}: non-finite values (NaN/inf) in example {row}; collect the activations again")
 
 
 def read_accuracy_csv(path: str | os.PathLike) -> list[dict]:

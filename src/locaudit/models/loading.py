@@ -142,10 +142,32 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
             dequantize_gguf(p.resolve(), out)
         return str(out), None
     if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"model {name!r}: {p} is a file, not a model folder (or a .gguf file)")
         if not (p / "config.json").exists():
             raise ConfigError(f"model folder {p} has no config.json: is it a HuggingFace model folder?")
         return str(p), None
+    if looks_like_local_path(name):
+        raise ConfigError(f"model {name!r}: looked for a local model folder {p.resolve()}, which does not exist "
+                          "(check the spelling; a hub id is ORG/NAME)")
     return name, None  # a hub id
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A model argument that can only be a path: absolute, ./ ../ ~, a backslash or more than one '/'."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+            or name in (".", ".."))
+
+
+def _hub_error(name: str, e: Exception) -> ConfigError:
+    """One line for a model that is neither a local folder nor a loadable hub id."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+    where = ("the hub is unreachable offline (HF_HUB_OFFLINE is set) and it is not in the local HF cache"
+             if offline else "it is not in the local HF cache and the hub could not serve it (offline, "
+             "a misspelled id or a gated model)")
+    return ConfigError(f"model {name!r}: no local folder {Path(name).expanduser().resolve()}, and as a hub id: {where} "
+                       f"({type(e).__name__}: {first})")
 
 
 def model_fingerprint(model: nn.Module, name: str) -> str:
@@ -177,10 +199,16 @@ def load_model(
     path, _ = resolve_model_path(name)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        if Path(path).is_dir():
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+            raise ConfigError(f"model folder {path}: cannot be loaded ({type(e).__name__}: {first})") from None
+        raise _hub_error(name, e) from None
     model.to(dev)
     model.eval()
     for p in model.parameters():

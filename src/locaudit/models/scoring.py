@@ -8,11 +8,14 @@ tokenized separately and concatenated (prompt tokens never count), batches are r
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,17 +42,30 @@ def encode_completions(
     max_length: int = 512,
     add_special_tokens: bool = True,
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each prompt and completion, tokenized separately; the prompt is cut from the left
-    if the pair exceeds `max_length` (the completion is kept whole where possible)."""
+    """Token ids of each prompt and completion, tokenized separately. A pair longer than `max_length`
+    loses its prompt's start first, down to a quarter of `max_length` (so the question is never cut to
+    nothing), then its completion's end; every cut is reported in one warning (count and examples)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     p_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    out = []
-    for p, c in zip(p_ids, c_ids):
-        c = c[: max_length - 1]
-        p = p[-(max_length - len(c)):]
+    floor = max(1, max_length // 4)
+    out, cuts = [], []
+    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+        lp, lc = len(p), len(c)
+        if lp + lc > max_length:
+            keep_p = min(lp, max(min(lp, floor), max_length - lc))
+            keep_c = min(lc, max_length - keep_p)
+            cuts.append((i, lp, lc, keep_p, keep_c))
+            p, c = p[lp - keep_p:], c[:keep_c]
         out.append((list(p), list(c)))
+    if cuts:
+        n_p = sum(kp < lp for _, lp, _, kp, _ in cuts)
+        n_c = sum(kc < lc for _, _, lc, _, kc in cuts)
+        ex = "; ".join(f"#{i} {str(prompts[i])[:30]!r}: prompt {lp} + completion {lc} -> {kp} + {kc} tokens"
+                       for i, lp, lc, kp, kc in cuts[:3])
+        log.warning("%d of %d (prompt, completion) pairs exceed max_length=%d tokens: %d prompt(s) cut at the "
+                    "start, %d completion(s) cut at the end (e.g. %s)", len(cuts), len(out), max_length, n_p, n_c, ex)
     return out
 
 
@@ -124,3 +140,83 @@ def score_completions(
             sums[idx] = lp.float().cpu()
             counts[idx] = n.cpu()
     return sums, counts
+
+
+def score_completions_shared_prompt(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int = 512,
+    add_special_tokens: bool = True,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score_completions` for many completions per prompt: each distinct prompt runs once, and its
+    completions run together on its KV cache (MC items: one question, many answers).
+
+    Same tokens and log-probs as `score_completions` (up to float rounding: other matmul shapes); less
+    compute whenever a prompt has several completions. Returns (Float[Tensor, "N"] summed log p,
+    Long[Tensor, "N"] completion token counts). A completion's first token is scored from the prompt's
+    last position, the rest from the completions' own forward pass.
+    """
+    device = device or next(model.parameters()).device
+    encoded = encode_completions(tokenizer, prompts, completions, max_length, add_special_tokens)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (p, _) in enumerate(encoded):
+        groups.setdefault(tuple(p), []).append(i)
+    sums = torch.zeros(len(encoded))
+    counts = torch.zeros(len(encoded), dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        for p_ids, members in groups.items():
+            if not p_ids:  # nothing to share: score these the plain way
+                b = collate_completions([encoded[i] for i in members], pad).to(device)
+                lp, n = completion_logprobs(model, b)
+                sums[members], counts[members] = lp.float().cpu(), n.cpu()
+                continue
+            P = len(p_ids)
+            for s in range(0, len(members), batch_size):
+                idx = members[s: s + batch_size]
+                comps = [encoded[i][1] for i in idx]
+                lp, n = _shared_prompt_logprobs(model, list(p_ids), comps, pad, device)
+                sums[idx], counts[idx] = lp.cpu(), n.cpu()
+    return sums, counts
+
+
+def _shared_prompt_logprobs(model, p_ids: list[int], comps: list[list[int]], pad: int, device):
+    """Summed log-probs of `comps` (each a token list) after one prompt, via the prompt's KV cache."""
+    P, B = len(p_ids), len(comps)
+    C = max((len(c) for c in comps), default=0)
+    counts = torch.tensor([len(c) for c in comps], dtype=torch.long)
+    if C == 0:
+        return torch.zeros(B), counts
+    prompt = torch.tensor([p_ids], dtype=torch.long, device=device)
+    out = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
+    first_logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every completion's first token
+    cache = out["cache"] if "cache" in out else out.past_key_values  # transformers 5 names it `cache`
+    if B > 1:
+        cache.batch_repeat_interleave(B)
+    ids = torch.full((B, C), pad, dtype=torch.long)
+    mask = torch.zeros((B, C), dtype=torch.bool)
+    for r, c in enumerate(comps):
+        ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[r, : len(c)] = True
+    ids, mask = ids.to(device), mask.to(device)
+    att = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask.long()], dim=1)
+    total = first_logp[ids[:, 0]].masked_fill(~mask[:, 0], 0.0)
+    if C > 1:
+        kw = {_cache_kwarg(model): cache}
+        logits = model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], use_cache=True, **kw).logits.float()
+        lp = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        total = total + lp.masked_fill(~mask[:, 1:], 0.0).sum(-1)
+    return total.float(), counts
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: `cache` (transformers 5) or `past_key_values`."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

@@ -76,7 +76,7 @@ def hist_random_vs_top(df: pd.DataFrame, method: str, path: str | os.PathLike, m
     if base is not None:
         ax.axvline(base, color=COLORS["none"], linestyle=":", linewidth=1.5, label=f"unedited ({base:.3f})")
     ax.set_ylim(0, max(ymax, 1.0))
-    ax.set_xlabel(f"{metric_label(metric)} (best grid point per location)")
+    ax.set_xlabel(f"{metric_label(metric)} (grid point chosen per location)")
     ax.set_ylabel("random draws")
     ax.set_title(f"{METHOD_LABEL[method]}: {metric_label(metric)}, random vs localized heads")
     ax.legend(fontsize=7, loc="best")
@@ -178,7 +178,7 @@ def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: s
         ax.axhspan(np.min(rand), np.max(rand), color=COLORS["random"], alpha=0.2, label="random draws (range)")
     if base is not None:
         ax.axhline(base, color=COLORS["none"], linestyle=":", linewidth=1.5, label=f"unedited ({base:.3f})")
-    ax.set_ylabel(f"{metric_label(metric)} (best grid point)")
+    ax.set_ylabel(f"{metric_label(metric)} (chosen grid point)")
     ax.set_title(f"{METHOD_LABEL[method]}: single heads vs full alignment", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -7,12 +7,19 @@ left by a process that died: `reset_interrupted` puts it back to ``pending``.
 Tables: ``trials`` (key, kind, name, grp, spec JSON, status, attempts, timings, CPU seconds, worker, metrics JSON,
 artifacts JSON, error, in_spec), ``events`` (start / done / failed / reset per trial, for audits) and
 ``meta`` (the study spec, so `locaudit report RUN` needs nothing else).
+
+Damage: a ledger that is not an SQLite database, is truncated or fails SQLite's quick check is refused
+with a message naming it; so is an empty (0-byte) or missing one beside trial folders (its history
+would be lost). `repair` rebuilds it from the trial folders: every finished trial leaves
+``trials/KEY/result.json`` (its metrics and artifacts), and its artifact folders carry checksums
+(``checksums.json``, written last), so a trial is restored as done only where its files are intact.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from locaudit.errors import ConfigError
+from locaudit.io import has_checksums, verify_checksums, write_checksums, write_json_atomic
 from locaudit.study.trials import Trial
 
 STATUSES = ("pending", "running", "done", "failed")
@@ -59,6 +67,46 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 LEDGER_FILE = "ledger.sqlite"
+RECORD_FILE = "result.json"  # trials/KEY/result.json: a finished trial's record, for `repair`
+ARTIFACT_DIRS = ("activations", "probe", "edit", "eval")  # artifact entries that are folders of the run
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def repair_hint(run_dir: Path) -> str:
+    return (f"`locaudit run STUDY --out {run_dir} --repair` rebuilds it from the trial folders "
+            "(the damaged file is kept as a backup)")
+
+
+def has_trial_folders(run_dir: Path) -> bool:
+    """Whether a run folder holds results of earlier trials (trials/ or shared/ with content)."""
+    for sub in ("trials", "shared"):
+        d = run_dir / sub
+        if d.is_dir() and any(d.iterdir()):
+            return True
+    return False
+
+
+def ledger_file_problem(run_dir: Path) -> str | None:
+    """What is wrong with a run folder's ledger file before SQLite opens it (None: nothing seen)."""
+    path = run_dir / LEDGER_FILE
+    if not path.exists():
+        if has_trial_folders(run_dir):
+            return f"{path} is missing but {run_dir} holds trial folders (its history would be lost)"
+        return None
+    size = path.stat().st_size
+    if size == 0:
+        if has_trial_folders(run_dir):
+            return f"{path} is empty (0 bytes) but {run_dir} holds trial folders (its history would be lost)"
+        return None
+    with open(path, "rb") as f:
+        head = f.read(len(_SQLITE_MAGIC))
+    if head != _SQLITE_MAGIC:
+        return f"{path} is damaged: not an SQLite database ({size} bytes starting {head[:8]!r})"
+    return None
+
+
+class LedgerDamagedError(ConfigError):
+    """The ledger file is damaged, truncated, empty or missing beside trial folders."""
 
 
 class Ledger:
@@ -69,15 +117,37 @@ class Ledger:
         self.path = self.run_dir / LEDGER_FILE
         self.session = uuid.uuid4().hex[:12]
         self._lock_fd: int | None = None
+        self._busy_timeout_s = busy_timeout_s
+        if not writer:
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise ConfigError(f"{self.run_dir} is not a run folder: it is a file")
+            if not self.path.exists() and not has_trial_folders(self.run_dir):
+                raise ConfigError(f"{self.run_dir} is not a run folder: {self.path} is missing")
+        problem = ledger_file_problem(self.run_dir)
+        if problem:
+            raise LedgerDamagedError(f"{problem}; {repair_hint(self.run_dir)}")
+        if not writer and self.path.stat().st_size == 0:
+            raise ConfigError(f"{self.run_dir} is not a run folder: {self.path} is empty")
         if writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create the run folder {self.run_dir}: {e.strerror or e}") from None
             self._take_lock()
-        elif not self.path.exists():
-            raise ConfigError(f"{self.run_dir} is not a run folder: {self.path} is missing")
-        self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+        try:
+            self._connect(writer)
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise LedgerDamagedError(f"{self.path} is damaged ({e}); {repair_hint(self.run_dir)}") from None
+
+    def _connect(self, writer: bool) -> None:
+        self.conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout_s, isolation_level=None,
                                     check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        self.conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+        check = self.conn.execute("PRAGMA quick_check").fetchall()
+        if [tuple(r) for r in check] != [("ok",)]:
+            raise sqlite3.DatabaseError("quick_check: " + "; ".join(str(r[0]) for r in check[:3])[:300])
         if writer:
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
@@ -85,10 +155,18 @@ class Ledger:
             cols = {r["name"] for r in self.conn.execute("PRAGMA table_info(trials)")}
             if "cpu_s" not in cols:  # ledgers written before CPU time was recorded
                 self.conn.execute("ALTER TABLE trials ADD COLUMN cpu_s REAL")
+        else:
+            tables = {r["name"] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"trials", "meta", "events"} <= tables:
+                raise sqlite3.DatabaseError(f"not a locaudit ledger (tables {sorted(tables)})")
 
     # ------------------------------------------------------------------ lifecycle
     def _take_lock(self) -> None:
-        fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot write the lock file {self.run_dir / '.lock'}: {e.strerror or e} "
+                              "(is the run folder read-only? use another --out)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,7 +178,8 @@ class Ledger:
         self._lock_fd = fd
 
     def close(self) -> None:
-        self.conn.close()
+        if getattr(self, "conn", None) is not None:
+            self.conn.close()
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -191,6 +270,9 @@ class Ledger:
         """Record a trial's end in one transaction (status done or failed)."""
         if status not in ("done", "failed"):
             raise ValueError(f"finish: status must be 'done' or 'failed', got {status!r}")
+        bad = nonfinite_metrics(metrics or {})
+        if bad:  # nothing non-finite reaches the ledger (runner._record turns such a trial into a failure)
+            raise ValueError(f"finish: trial {key} has non-finite metric(s) {bad}")
         finished = finished or time.time()
         with self.transaction() as c:
             row = c.execute("SELECT status, started FROM trials WHERE key = ?", (key,)).fetchone()
@@ -205,6 +287,12 @@ class Ledger:
                 (status, finished, started, finished - started, cpu_s, json.dumps(metrics or {}, sort_keys=True),
                  json.dumps(artifacts or {}, sort_keys=True), error, worker, key))
             self._event(c, key, status, (error or "")[-2000:] or None)
+
+    def invalidate(self, key: str, reason: str) -> None:
+        """A done trial whose artifacts failed their check goes back to pending (it will run again)."""
+        with self.transaction() as c:
+            c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ? AND status = 'done'", (key,))
+            self._event(c, key, "invalid", reason[-2000:])
 
     def release(self, keys: Iterable[str]) -> None:
         """Put started trials back to pending (a clean stop, e.g. Ctrl-C)."""
@@ -253,3 +341,161 @@ def _decode(r: sqlite3.Row) -> dict:
     for f in ("metrics", "artifacts"):
         d[f] = json.loads(d[f]) if d[f] else {}
     return d
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+def nonfinite_metrics(metrics: dict) -> list[tuple[str, float]]:
+    """(name, value) of every metric that is a number but not finite (NaN, +-inf)."""
+    return [(str(k), v) for k, v in sorted(metrics.items(), key=lambda kv: str(kv[0]))
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)]
+
+
+def nonfinite_message(trial: Trial, bad: list[tuple[str, float]]) -> str:
+    """Why a trial with non-finite metrics fails: the trial, the values and the likely cause."""
+    c = trial.content
+    causes = {
+        "iti": f"the ITI strength alpha={c.get('alpha')!r} or non-finite activations in the collect folder",
+        "optimal": f"training diverged: learning rate lr={c.get('lr')!r} (tau={c.get('tau')!r}) is likely too high",
+        "probe": "non-finite head activations (the collect folder or the model's dtype)",
+        "collect": "the model produces non-finite activations (its weights or dtype)",
+        "baseline": "the model produces non-finite log-probs (its weights or dtype)",
+    }
+    shown = ", ".join(f"{k} = {v}" for k, v in bad[:6])
+    return (f"trial {trial.key} ({trial.name}): non-finite metric(s) {shown}; likely cause: "
+            f"{causes.get(trial.kind, 'non-finite inputs')}. The trial is failed, nothing of it is kept as done.")
+
+
+def _artifact_dir(run_dir: Path, value: Any) -> Path | None:
+    """The folder an artifact entry names, if it is a relative path inside the run folder."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return None
+    p = run_dir / value
+    try:
+        p.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return None
+    return p
+
+
+def check_artifacts(run_dir: Path, artifacts: dict, strict: bool = False) -> str | None:
+    """None if a trial's artifact folders are intact (their checksums match); else what is wrong.
+    A folder without a manifest (written before checksums existed) passes unless `strict`."""
+    for k in ARTIFACT_DIRS:
+        if k not in artifacts:
+            continue
+        d = _artifact_dir(Path(run_dir), artifacts[k])
+        if d is None:
+            return f"artifact {k}: {artifacts[k]!r} is not a folder of the run"
+        if not d.is_dir():
+            return f"artifact {k}: {d} is missing"
+        if strict or has_checksums(d):
+            problem = verify_checksums(d)
+            if problem:
+                return f"artifact {k}: {problem}"
+    return None
+
+
+def seal_artifacts(run_dir: Path, artifacts: dict) -> None:
+    """Write the checksums of a finished trial's artifact folders (after every file in them is written)."""
+    for k in ARTIFACT_DIRS:
+        d = _artifact_dir(Path(run_dir), artifacts.get(k))
+        if d is not None and d.is_dir():
+            write_checksums(d)
+
+
+def write_trial_record(run_dir: Path, trial: Trial, status: str, metrics: dict, artifacts: dict,
+                       started: float | None, finished: float | None, worker: str | None,
+                       cpu_s: float | None) -> Path:
+    """trials/KEY/result.json: a finished trial's result, what `repair` rebuilds a ledger from."""
+    out = Path(run_dir) / "trials" / trial.key / RECORD_FILE
+    write_json_atomic(out, {"key": trial.key, "kind": trial.kind, "name": trial.name, "status": status,
+                            "metrics": metrics, "artifacts": artifacts, "started": started,
+                            "finished": finished, "worker": worker, "cpu_s": cpu_s})
+    return out
+
+
+def read_trial_record(run_dir: Path, key: str) -> tuple[dict | None, str]:
+    """(record, "") from trials/KEY/result.json, or (None, why not)."""
+    path = Path(run_dir) / "trials" / key / RECORD_FILE
+    if not path.is_file():
+        return None, "no result record"
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"{path} is unreadable ({type(e).__name__})"
+    if not (isinstance(rec, dict) and rec.get("key") == key and rec.get("status") == "done"
+            and isinstance(rec.get("metrics"), dict) and isinstance(rec.get("artifacts"), dict)):
+        return None, f"{path} is not a finished trial's record"
+    return rec, ""
+
+
+def recheck_done(ledger: Ledger) -> list[tuple[str, str]]:
+    """Done trials whose artifact folders fail their checksums go back to pending: (key, reason) each."""
+    bad = []
+    for r in ledger.rows(status="done"):
+        problem = check_artifacts(ledger.run_dir, r["artifacts"])
+        if problem:
+            ledger.invalidate(r["key"], problem)
+            bad.append((r["key"], problem))
+    return bad
+
+
+def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> dict:
+    """Rebuild a damaged, empty or missing ledger from the trial folders, keeping the old file as a backup.
+
+    A trial becomes done again where its ``result.json`` is readable, its metrics are finite and its
+    artifact folders match their checksums; every other trial is pending. A healthy ledger is left as it is.
+    Returns {"healthy", "backup", "restored", "pending", "problem"}.
+    """
+    led = Ledger.__new__(Ledger)
+    led.run_dir, led.session, led._lock_fd, led._busy_timeout_s, led.conn = Path(run_dir), uuid.uuid4().hex[:12], None, 60.0, None
+    led.path = led.run_dir / LEDGER_FILE
+    if not led.run_dir.is_dir():
+        raise ConfigError(f"--repair: {led.run_dir} is not a folder")
+    led._take_lock()
+    try:
+        problem = ledger_file_problem(led.run_dir)
+        if problem is None and led.path.exists() and led.path.stat().st_size > 0:
+            try:
+                led._connect(writer=True)
+                return {"healthy": True, "backup": None, "restored": 0, "pending": 0, "problem": None}
+            except sqlite3.DatabaseError as e:
+                problem = f"{led.path} is damaged ({e})"
+                led.conn.close()
+                led.conn = None
+        if problem is None:
+            return {"healthy": True, "backup": None, "restored": 0, "pending": 0, "problem": None}
+        backup = None
+        if led.path.exists():
+            backup = led.run_dir / f"{LEDGER_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{led.session[:4]}"
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(led.path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(backup) + suffix))
+        else:
+            for suffix in ("-wal", "-shm"):  # without their database these cannot be replayed
+                Path(str(led.path) + suffix).unlink(missing_ok=True)
+        led._connect(writer=True)
+        for k, v in meta.items():
+            led.set_meta(k, v)
+        trials = list(trials)
+        led.sync(trials)
+        restored = 0
+        for t in trials:
+            rec, _ = read_trial_record(led.run_dir, t.key)
+            if rec is None or nonfinite_metrics(rec["metrics"]) or check_artifacts(led.run_dir, rec["artifacts"], strict=True):
+                continue
+            finished = float(rec.get("finished") or time.time())
+            started = float(rec.get("started") or finished)
+            with led.transaction() as c:
+                c.execute(
+                    "UPDATE trials SET status = 'done', attempts = 1, started = ?, finished = ?, duration_s = ?, "
+                    "cpu_s = ?, worker = ?, metrics = ?, artifacts = ?, error = NULL WHERE key = ?",
+                    (started, finished, finished - started, rec.get("cpu_s"), rec.get("worker"),
+                     json.dumps(rec["metrics"], sort_keys=True), json.dumps(rec["artifacts"], sort_keys=True), t.key))
+                led._event(c, t.key, "repaired", f"restored from {RECORD_FILE}")
+            restored += 1
+        return {"healthy": False, "backup": str(backup) if backup else None, "restored": restored,
+                "pending": len(trials) - restored, "problem": problem}
+    finally:
+        led.close()

@@ -27,6 +27,8 @@ class Localizer:
     index: int | None = None
     exclude_top: int | None = None  # K of the top set that random/single draws avoid
     heads: str | None = None  # explicit heads (kind 'heads'), e.g. "L12H3"
+    avoid_top: int | None = None  # random draws: K of the top set a draw may not overlap by more than max_overlap
+    max_overlap: float | None = None  # fraction of the smaller set; a draw above it is redrawn (seeded)
 
     @property
     def group(self) -> str:
@@ -47,7 +49,12 @@ class Localizer:
 
     @property
     def needs_ranking(self) -> bool:
-        return self.kind == "top" or bool(self.exclude_top)
+        return self.kind == "top" or bool(self.exclude_top) or self.redraws
+
+    @property
+    def redraws(self) -> bool:
+        """A random draw that is redrawn when it overlaps the top-K set too much."""
+        return self.kind == "random" and bool(self.avoid_top) and self.max_overlap is not None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -64,7 +71,8 @@ class Localizer:
         if self.kind == "top":
             return HeadSet.top(list(ranking), int(self.k))  # type: ignore[arg-type]
         if self.kind == "random":
-            return HeadSet.random(int(self.k), int(self.seed), n_layers, n_heads, exclude=exclude, name=self.name)  # type: ignore[arg-type]
+            draw = HeadSet.random(int(self.k), int(self.seed), n_layers, n_heads, exclude=exclude, name=self.name)  # type: ignore[arg-type]
+            return self._redrawn(draw, n_layers, n_heads, exclude, ranking) if self.redraws else draw
         if self.kind == "single":
             excluded = set(map(tuple, exclude))
             pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
@@ -77,3 +85,24 @@ class Localizer:
         if self.kind == "all":
             return HeadSet.all(n_layers, n_heads)
         raise ConfigError(f"unknown localizer kind {self.kind!r}")
+
+    def _redrawn(self, draw: HeadSet, n_layers: int, n_heads: int, exclude: list, ranking: Sequence[Head] | None,
+                 max_attempts: int = 1000) -> HeadSet:
+        """The draw, or the first seeded redraw (rng [seed, attempt]) whose overlap with the top-K heads is
+        at most max_overlap of the smaller set; meta records the attempt and the overlap."""
+        top = set(map(tuple, list(ranking or [])[: int(self.avoid_top)]))  # type: ignore[arg-type]
+        limit = float(self.max_overlap) * min(len(draw), len(top))  # type: ignore[arg-type]
+        excluded = set(map(tuple, exclude))
+        pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
+        for attempt in range(max_attempts):
+            if attempt:
+                rng = np.random.default_rng([int(self.seed), attempt])  # type: ignore[arg-type]
+                idx = rng.choice(len(pool), size=len(draw), replace=False)
+                draw = HeadSet(tuple(pool[i] for i in idx), self.name)
+            overlap = len(set(draw.heads) & top)
+            if overlap <= limit + 1e-9:
+                draw.meta.update(redraw_attempt=attempt, overlap_with_top=overlap)
+                return draw
+        raise ConfigError(f"localizers.random.max_overlap={self.max_overlap}: no draw of {len(draw)} heads out of "
+                          f"{len(pool)} overlaps the top-{self.avoid_top} by at most that in {max_attempts} tries; "
+                          "raise max_overlap or set it to null")

@@ -5,10 +5,14 @@
   *.png             the figures
   trials.csv/.parquet   every ledger row (status, timings, grid values, metrics)
   results.csv       finished evaluations only
-  comparisons.csv   top-K vs random draws per method, metric and scope (stats.compare)
-  singles.csv       single heads vs full alignment
+  comparisons.csv   top-K vs random draws per method, metric and scope (analysis.analyze)
+  verdict.csv       the headline table: one row per method on the primary metric, with its outcome
+  singles.csv       single heads vs full alignment (gain fraction, lower bound, corrected match)
+  selected.csv      every location at the grid point chosen for it (not on the reported data)
+  flags.csv         random draws that coincide with, overlap or duplicate other locations
   timing.csv        trials, wall and CPU seconds per trial kind
-  verdict.json      the verdict, its lines and its numbers
+  verdict.json      the verdict, its lines and its numbers (strict JSON: NaN is null)
+The outcomes (evidence for / evidence against / inconclusive / no signal) are defined in docs/verdict.md.
 """
 
 from __future__ import annotations
@@ -26,19 +30,24 @@ import pandas as pd
 
 from locaudit.io import atomic_path, write_json_atomic, write_text_atomic
 from locaudit.study import figures as F
-from locaudit.study.analysis import (METHODS, comparisons, metric_columns, primary_metric, results_frame,
-                                     singles_table, trials_frame, verdict)
+from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, load_per_question, metric_columns,
+                                     results_frame, trials_frame, verdict)
 from locaudit.study.ledger import Ledger
+from locaudit.study.spec import VerdictSpec
 
 STATS_NOTE = (
-    "Each location is represented by its best grid point (alpha for ITI; tau x learning rate for optimal edits) on "
-    "the primary metric, and every metric is read at that point. The candidate (the probe's top-K heads) is one value "
-    "(or one per training seed); the control is the distribution over random K-head draws. With one candidate value "
-    "the t-test is Crawford & Howell's (one case vs a control sample, n-1 df); Mann-Whitney U and the permutation "
-    "test then reduce to the rank test, whose p-value cannot go below 1/(n+1). With several candidate values they "
-    "are Welch's t-test, Mann-Whitney U and a permutation test of the difference of means. All tests are one-sided "
-    "toward 'the candidate is better'; z = (candidate - mean) / sd of the draws; the CI is a percentile bootstrap "
-    "of the difference (draws resampled). 'pooled' rows put every grid point together and are descriptive only."
+    "Each location is one unit: training seeds are averaged per location on both sides, and the grid point "
+    "(alpha for ITI; tau x learning rate for optimal edits) is chosen per location on the primary metric, on data "
+    "other than what is reported (validation split, else cross-fitting on halves of the test questions); every "
+    "metric is read at that point. The test is the candidate's rank among the random draws, p = (1 + #draws at "
+    "least as good) / (n + 1), whose floor 1/(n+1) says how many draws a claim needs. Intervals come from a "
+    "hierarchical bootstrap: random locations resampled, and test questions resampled jointly for every edit "
+    "(paired) where per-question scores exist. Equivalence is a TOST on the difference as a fraction of full "
+    "alignment's gain over the unedited model. Secondary columns, each a different question: ch_p (Crawford-Howell: "
+    "is the candidate an outlier of a normal distribution of locations), mwu_p (Mann-Whitney, = the rank test with "
+    "one candidate), welch_seeds_p (the candidate's training seeds vs the draws: training noise, not locations), "
+    "t_tost_p (one-sample t TOST of the draws' mean around the candidate, locations only). Scopes other than "
+    "'selected' are descriptive; 'best_on_test' chooses grid points on the reported data and is optimistic."
 )
 
 
@@ -147,7 +156,8 @@ figcaption{font-size:.8em;color:#555} .muted{color:#888} code{background:#f4f4f4
 """
 
 
-def _figures(run_dir: Path, out: Path, res: pd.DataFrame, singles: pd.DataFrame, probe, top_k: int) -> dict[str, Path]:
+def _figures(run_dir: Path, out: Path, res: pd.DataFrame, selected: pd.DataFrame, singles: pd.DataFrame, probe,
+             top_k: int) -> dict[str, Path]:
     figs: dict[str, Path] = {}
 
     def add(name: str, p):
@@ -155,17 +165,17 @@ def _figures(run_dir: Path, out: Path, res: pd.DataFrame, singles: pd.DataFrame,
             figs[name] = Path(p)
 
     for m in METHODS:
-        add(f"hist_{m}", F.hist_random_vs_top(res, m, out / f"hist_{m}.png", top_k=top_k))
+        add(f"hist_{m}", F.hist_random_vs_top(selected, m, out / f"hist_{m}.png", top_k=top_k))
     add("truth_info", F.truth_info_scatter(res, out / "truth_info.png"))
     add("kl_mc", F.kl_mc_scatter(res, out / "kl_mc.png"))
     for m in METHODS:
-        add(f"single_vs_full_{m}", F.single_vs_full(res, singles, m, out / f"single_vs_full_{m}.png", top_k=top_k))
+        add(f"single_vs_full_{m}", F.single_vs_full(selected, singles, m, out / f"single_vs_full_{m}.png", top_k=top_k))
     for m in METHODS:
         add(f"grid_{m}", F.grid_curves(res, m, out / f"grid_{m}.png"))
     if probe is not None:
         hi = []
-        if not singles.empty and "gain_fraction" in singles:
-            for h in singles[(singles["method"] == "optimal") & (singles["gain_fraction"] >= 0.9)]["head"].dropna():
+        if not singles.empty and "matches_full" in singles:
+            for h in singles[(singles["method"] == "optimal") & (singles["matches_full"] == True)]["head"].dropna():  # noqa: E712
                 from locaudit.heads import HeadSet
 
                 hi.extend(HeadSet.parse(h).heads)
@@ -182,44 +192,54 @@ CAPTIONS = {
     "single_vs_full_optimal": "Optimal edits at single heads vs full alignment (all heads).",
     "grid_iti": "ITI: metric over alpha.",
     "grid_optimal": "Optimal edits: metric over tau (best learning rate).",
-    "probe_heatmap": "Per-head probe accuracy; red boxes: the top-K heads; blue circles: single heads whose optimal edit matches full alignment.",
+    "probe_heatmap": "Per-head probe accuracy; red boxes: the top-K heads; blue circles: single heads whose optimal "
+                     "edit matches full alignment (lower confidence bound of the gain fraction above 1 - margin).",
 }
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resamples: int = 9999) -> Report:
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resamples: int = 4999) -> Report:
     """Rebuild RUN/report from the ledger (see the module docstring)."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     with Ledger(run_dir) as ledger:
         spec = ledger.get_meta("spec", {}) or {}
+        machine = ledger.get_meta("precision", {}) or {}
         rows = ledger.rows()
         counts = ledger.counts()
     top_k = int(((spec.get("localizers") or {}).get("probe") or {}).get("top_k", 16))
+    cfg = VerdictSpec.model_validate(spec.get("verdict") or {})
+    max_overlap = ((spec.get("localizers") or {}).get("random") or {}).get("max_overlap", 0.5)
     all_df = trials_frame(rows)
     res = results_frame(rows)
     tables = export_trials(all_df, out)
     tables["results.csv"] = _write_df(res, out / "results.csv")
-    comp = comparisons(res, n_resamples=n_resamples)
-    tables["comparisons.csv"] = _write_df(comp, out / "comparisons.csv")
     probe = _probe(run_dir, rows)
     ranking = probe.ranking() if probe is not None else None
-    singles = singles_table(res, ranking)
+    a = analyze(res, load_per_question(run_dir, rows), cfg, ranking, n_resamples=n_resamples,
+                max_overlap=max_overlap, top_k=top_k)
+    comp, singles = a.comparisons, a.singles
+    v = verdict(res, comp, singles, cfg, top_k=top_k, flags=a.flags, selection=a.selection)
+    tables["comparisons.csv"] = _write_df(comp, out / "comparisons.csv")
+    tables["verdict.csv"] = _write_df(pd.DataFrame(v.table), out / "verdict.csv")
     tables["singles.csv"] = _write_df(singles, out / "singles.csv")
+    tables["selected.csv"] = _write_df(a.selected, out / "selected.csv")
+    tables["flags.csv"] = _write_df(pd.DataFrame(a.flags, columns=["method", "localizer", "heads", "issue", "overlap"]),
+                                    out / "flags.csv")
     tables["timing.csv"] = _write_df(timing_table(all_df), out / "timing.csv")
-    v = verdict(res, comp, singles, top_k=top_k)
-    vd = {"headline": v.headline, "lines": v.lines, "table": v.table, "missing": v.missing, "counts": counts,
-          "primary_metric": primary_metric(res), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    vd = {"headline": v.headline, "outcome": v.outcome, "lines": v.lines, "table": v.table, "missing": v.missing,
+          "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
+          "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json_atomic(out / "verdict.json", vd)
     tables["verdict.json"] = out / "verdict.json"
-    figs = _figures(run_dir, out, res, singles, probe, top_k)
+    figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
     index = out / "index.html"
-    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs))
-    return Report(out, index, figs, tables, vd)
+    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine))
+    return Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text()))
 
 
 def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
-          singles: pd.DataFrame, v, figs: dict[str, Path]) -> str:
+          singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None) -> str:
     name = html.escape(str(spec.get("name", "study")))
     model = spec.get("model", {}) or {}
     data = spec.get("data", {}) or {}
@@ -236,6 +256,11 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
              f"{', ' + str(data.get('max_questions')) + ' questions' if data.get('max_questions') else ''}. "
              f"Trials: {total} ({status}); trial time {wall / 60:.1f} min"
              f"{f' ({cpu / 60:.1f} CPU-min)' if cpu else ''}.</p>"]
+    if machine:
+        parts.append("<p class='muted'>" + html.escape(
+            f"Precision {machine.get('precision', '?')} (asked: {machine.get('precision_requested', '?')}; "
+            f"{machine.get('precision_reason', '')}); device {machine.get('device', '?')}, CPU capability "
+            f"{machine.get('cpu_capability', '?')}.") + "</p>")
     if partial:
         parts.append("<p class='muted'><b>Partial report:</b> the study is not finished; numbers and figures use the "
                      "trials done so far. Rebuild with <code>locaudit report RUN</code>.</p>")
@@ -243,21 +268,32 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
                  + "".join(f"<li>{html.escape(x)}</li>" for x in v.lines) + "</ul>"
                  + (f"<p class='muted'>Missing: {html.escape(', '.join(v.missing))}</p>" if v.missing else "") + "</div>")
     if v.table:
-        parts.append("<h2>Verdict table</h2>" + _table(pd.DataFrame(v.table)))
+        cfg = a.config if a is not None else VerdictSpec()
+        parts.append("<h2>Verdict table</h2><p class='muted'>" + html.escape(
+            f"Outcomes (docs/verdict.md): evidence for = the rank test rejects at {cfg.alpha:g} after "
+            f"{cfg.multiplicity} correction; evidence against = TOST within ±{cfg.margin:.0%} of full alignment's "
+            "gain; inconclusive = neither; no signal = the metric does not vary or full alignment has no measurable "
+            "gain.") + "</p>" + _table(pd.DataFrame(v.table)))
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for k, p in figs.items():
             parts.append(f"<figure>{_img(p)}<figcaption>{html.escape(CAPTIONS.get(k, k))}</figcaption></figure>")
         parts.append("</div>")
-    cols = ["method", "metric", "scope", "n_candidate", "n_random", "candidate_mean", "random_mean", "random_sd", "diff",
-            "percentile", "z", "t_test", "t", "t_p", "mwu_p", "perm_p", "empirical_p", "ci_low", "ci_high"]
+    cols = ["method", "metric", "scope", "family", "outcome", "selection", "n_random", "candidate_mean", "random_mean",
+            "random_sd", "diff", "ci_low", "ci_high", "percentile", "p_rank", "p_floor", "p_rank_adj", "tost_p",
+            "tost_p_adj", "tost_low", "tost_high", "z", "ch_p", "mwu_p", "welch_seeds_p", "t_tost_p", "question_noise"]
     parts.append("<h2>Candidate vs random draws</h2><p class='muted'>" + html.escape(STATS_NOTE) + "</p>")
-    best = comp[comp["scope"] == "best"] if not comp.empty else comp
-    parts.append(_table(best, cols))
-    if not comp.empty and (comp["scope"] != "best").any():
-        parts.append("<details><summary>Per grid point and pooled</summary>"
-                     + _table(comp[comp["scope"] != "best"], cols) + "</details>")
+    sel = comp[comp["scope"] == "selected"] if not comp.empty else comp
+    parts.append(_table(sel, cols))
+    if not comp.empty and (comp["scope"] != "selected").any():
+        parts.append("<details><summary>Best on test (optimistic), per grid point and pooled (descriptive)</summary>"
+                     + _table(comp[comp["scope"] != "selected"], cols) + "</details>")
     parts.append("<h2>Single heads vs full alignment</h2>" + _table(singles))
+    if a is not None and a.flags:
+        parts.append("<h2>Flagged random draws</h2>" + _table(pd.DataFrame(a.flags)))
+    if a is not None and a.selection:
+        parts.append("<p class='muted'>" + html.escape("; ".join(f"{m}: grid points {SELECTION_LABEL.get(x, x)}"
+                                                             for m, x in a.selection.items())) + "</p>")
     parts.append("<h2>Compute</h2>" + _table(timing_table(all_df)))
     metrics = metric_columns(res)
     parts.append("<h2>Results</h2>" + _table(res, ["kind", "group", "localizer", "alpha", "tau", "lr", "seed", *metrics,

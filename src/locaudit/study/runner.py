@@ -3,7 +3,9 @@
 `run_study(spec, run_dir)` expands the study into trials, records them in the ledger, resets trials
 left running by a dead process, then runs every pending trial whose dependencies are done, on the
 chosen executor, recording each one as it ends. Done trials are never run again; failed ones only with
-``retry_failed=True``. The per-trial work is a group function (default: `locaudit.study.steps.run_group`,
+``retry_failed=True``. A result with a non-finite metric is recorded as failed; a done trial leaves
+``trials/KEY/result.json`` and checksums of its artifact folders, and runs again if they no longer match
+(ledger.py). The per-trial work is a group function (default: `locaudit.study.steps.run_group`,
 the real collect / probe / ITI / optimal / evaluation steps); tests inject their own.
 """
 
@@ -18,7 +20,8 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.study.executors import GroupFn, LocalExecutor, Outcome, RayExecutor
-from locaudit.study.ledger import Ledger
+from locaudit.study.ledger import (Ledger, nonfinite_message, nonfinite_metrics, recheck_done, seal_artifacts,
+                                   write_trial_record)
 from locaudit.study.spec import StudySpec
 from locaudit.study.trials import Trial, expand
 
@@ -78,6 +81,14 @@ def _next_group(todo: list[Trial], status: dict[str, str], batch_max: int) -> li
     return []
 
 
+def study_precision(spec: StudySpec):
+    """The study's precision resolved for the device its model will run on (models/precision.py)."""
+    from locaudit.models.loading import resolve_device
+    from locaudit.models.precision import resolve_precision
+
+    return resolve_precision(spec.precision, resolve_device(spec.model.device))
+
+
 def run_study(
     spec: StudySpec,
     run_dir: str | Path,
@@ -102,10 +113,13 @@ def run_study(
     with Ledger(run_dir, writer=True) as ledger:
         ledger.set_meta("spec", spec.to_json())
         ledger.set_meta("study_name", spec.name)
+        ledger.set_meta("precision", study_precision(spec).meta())  # this session's machine (report header)
         sync = ledger.sync(trials)
         reset = ledger.reset_interrupted()
         if reset:
             log.info("restarting %d trial(s) interrupted by a dead process", len(reset))
+        for key, why in recheck_done(ledger):  # a done trial is trusted only while its artifacts are intact
+            log.warning("trial %s runs again: %s", key, why)
         if retry_failed:
             n = len(ledger.retry_failed())
             if n:
@@ -167,6 +181,16 @@ def run_study(
 
 
 def _record(ledger: Ledger, trial: Trial, outcome: Outcome) -> None:
+    if outcome.status == "done":  # finite or failed; a done trial's artifacts are sealed by checksums
+        bad = nonfinite_metrics(outcome.metrics)
+        try:
+            if bad:
+                raise ValueError(nonfinite_message(trial, bad))
+            seal_artifacts(ledger.run_dir, outcome.artifacts)
+            write_trial_record(ledger.run_dir, trial, "done", outcome.metrics, outcome.artifacts, outcome.started
+                               or None, outcome.finished or None, outcome.worker or None, outcome.cpu_s)
+        except (ValueError, OSError) as e:
+            outcome.status, outcome.error, outcome.metrics = "failed", str(e), {}
     if outcome.status == "failed":
         first = (outcome.error or "").strip().splitlines()[-1:] or ["?"]
         log.warning("trial %s (%s) failed: %s", trial.key, trial.name, first[0])

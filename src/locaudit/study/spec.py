@@ -11,8 +11,11 @@ paths there resolve against the YAML file's folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import reprlib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +23,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from locaudit.errors import ConfigError
+from locaudit.models.precision import PrecisionName
 from locaudit.io import file_sha256, stable_hash
 
+log = logging.getLogger(__name__)
 Group = Literal["top", "random", "single", "all"]
 GROUPS: tuple[str, ...] = ("top", "random", "single", "all")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -29,7 +34,7 @@ _PATH_KINDS = ("truthfulqa", "pairs", "caa")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number is finite
 
 
 class ModelSpec(_Strict):
@@ -67,16 +72,20 @@ class ProbeSpec(_Strict):
     l2: float = Field(1.0, gt=0, description="L2 penalty of the per-head logistic-regression probes (1/C; "
                       "1.0 = scikit-learn's default, as ITI uses).")
     collect_batch_size: int = Field(16, ge=1, description="Batch size when collecting head activations.")
-    autocast: Literal["none", "bf16"] = Field("none", description="Autocast while collecting activations "
-                                              "(bf16: several times faster on CPUs with AMX; stored as fp32).")
 
 
 class RandomSpec(_Strict):
-    n: int = Field(16, ge=0, description="Number of random K-head draws (seeds seed_start..seed_start+n-1).")
+    n: int = Field(20, ge=0, description="Number of random K-head draws (seeds seed_start..seed_start+n-1). "
+                   "A rank p-value cannot go below 1/(n+1): 19 draws reach 0.05 for one test, 39 for two.")
     k: int | None = Field(None, ge=1, description="Heads per draw; default: probe.top_k.")
     seed_start: int = Field(0, ge=0, description="First draw seed.")
     seeds: list[int] | None = Field(None, description="Explicit draw seeds (replaces n / seed_start).")
     exclude_top: bool = Field(False, description="Never draw one of the probe's top-K heads.")
+    max_overlap: float | None = Field(0.5, ge=0, le=1, description="Redraw (seeded, reproducibly) a draw that "
+                                      "shares more than this fraction of its heads with the probe's top-K; null: "
+                                      "never redraw. The report flags overlapping and duplicate draws either way.")
+    iti_n: int | None = Field(None, ge=0, description="ITI uses only the first iti_n draws (default: all), e.g. "
+                              "to fit a budget; the report then says how far that comparison is underpowered.")
 
     def draw_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds is not None else list(range(self.seed_start, self.seed_start + self.n))
@@ -93,11 +102,18 @@ class SingleSpec(_Strict):
     def _heads(cls, v: list[str]) -> list[str]:
         from locaudit.heads import HeadSet
 
+        seen: dict = {}
         for s in v:
             hs = HeadSet.parse(s)
             if len(hs) != 1:
                 raise ValueError(f"single head {s!r} names {len(hs)} heads; give one head per entry")
-        return v
+            if hs in seen:  # two spellings of one head (L1H1, 1.1) would make two trials of one head
+                msg = f"localizers.single.heads: {s!r} is {seen[hs]!r} again; merged into one trial"
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                log.warning(msg)
+            else:
+                seen[hs] = s
+        return list(seen.values())
 
 
 class LocalizerSpec(_Strict):
@@ -141,7 +157,8 @@ class OptimalSpec(_Strict):
     max_train_pairs: int | None = Field(None, ge=1, description="Subsample the training pairs (seeded by data.seed).")
     max_val_pairs: int | None = Field(256, ge=1, description="Subsample the validation pairs (training curve only).")
     train_options: dict[str, Any] = Field(default_factory=dict, description="Further TrainConfig fields "
-                                          "(edit/config.py), e.g. {autocast: false, warmup_ratio: 0.1}.")
+                                          "(edit/config.py), e.g. {warmup_ratio: 0.1}; precision is the "
+                                          "study's own field.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds (replicates).")
     localizers: list[Group] = Field(default_factory=lambda: list(GROUPS), description="Where to edit.")
     batch_edits: int = Field(1, ge=1, description="Train up to this many edits with equal hyper-parameters in "
@@ -157,7 +174,7 @@ class OptimalSpec(_Strict):
     @field_validator("train_options")
     @classmethod
     def _train_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        owned = {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed", "progress"}
+        owned = {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed", "progress", "precision"}
         clash = sorted(owned & set(v))
         if clash:
             raise ValueError(f"{clash} are set by the study's own fields (taus, lr, rank, ...), not train_options")
@@ -181,7 +198,6 @@ class EvalSpec(_Strict):
     split: Literal["train", "val", "test"] = Field("test", description="Questions to evaluate on.")
     max_questions: int | None = Field(None, ge=1, description="Evaluate on the first N questions of the split.")
     max_new_tokens: int = Field(50, ge=1, description="Greedy generation length.")
-    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast of evaluation matmuls.")
     mc_primer: bool = Field(False, description="TruthfulQA's six-shot QA primer before each MC prompt.")
     batch_size: int = Field(32, ge=1, description="Scoring batch size (speed only).")
     gen_batch_size: int = Field(16, ge=1, description="Generation batch size (speed only).")
@@ -197,6 +213,28 @@ class EvalSpec(_Strict):
             raise ValueError(f"unknown metric(s) {bad}; choose from {list(METRICS)}")
         return list(dict.fromkeys(v))
 
+class VerdictSpec(_Strict):
+    """How the report decides (docs/verdict.md); not part of trial keys: changing it only re-reports."""
+
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Level of every test (family-wise with holm, FDR with bh).")
+    margin: float = Field(0.10, gt=0, lt=1, description="Equivalence margin as a fraction of full alignment's "
+                          "gain over the unedited model: 'as effective' means within +-margin of that gain, and "
+                          "a single head matches full alignment when its gain fraction's lower bound is > 1 - margin.")
+    multiplicity: Literal["holm", "bh", "none"] = Field("holm", description="Correction across the headline "
+                                                        "table (and within the single-head and secondary families): "
+                                                        "holm (family-wise error), bh (false discovery rate) or none.")
+    level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the reported intervals.")
+    primary_metric: str | None = Field(None, description="The metric the verdict rests on and grid points are "
+                                       "chosen by; default: the first of true_info, true, mc2, mc1, mc0, pref_acc, info.")
+    power: float = Field(0.8, gt=0.5, lt=1, description="Target power of the design checks.")
+    assumed_gain: float = Field(0.3, gt=0, description="Design checks before any result: full alignment's gain "
+                                "over the unedited model on the primary metric (metric units).")
+    assumed_location_sd: float = Field(0.25, gt=0, description="Design checks before any result: sd of the "
+                                       "primary metric over random locations, as a fraction of that gain.")
+    assumed_question_sd: float = Field(0.2, gt=0, description="Design checks before any result: sd over test "
+                                       "questions of the per-question difference between two edits.")
+
+
 class ResourceSpec(_Strict):
     cpus: float = Field(1.0, gt=0, description="CPUs per trial (Ray executor).")
     gpus: float = Field(0.0, ge=0, description="GPUs per trial (Ray executor).")
@@ -206,12 +244,18 @@ class StudySpec(_Strict):
     name: str = Field(..., min_length=1, description="Study name (default run folder: runs/NAME).")
     description: str = Field("", description="Free text shown in the report.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model to study.")
+    precision: PrecisionName = Field("auto", description="Compute precision of every step: auto (bf16 on GPUs "
+                                     "and on CPUs where bf16 is measured faster, i.e. AMX; fp32 elsewhere), "
+                                     "fp32, bf16 or fp16. Part of trial keys as written; the resolved precision "
+                                     "is recorded per trial.")
     data: DataSpec = Field(..., description="The behaviour dataset and its split.")
     localizers: LocalizerSpec = Field(default_factory=LocalizerSpec, description="Localizations to compare.")
     iti: ITISpec = Field(default_factory=ITISpec, description="Heuristic ITI edits.")
     optimal: OptimalSpec = Field(default_factory=OptimalSpec, description="Optimal localized edits.")
     evaluation: EvalSpec = Field(default_factory=EvalSpec, description="How edits are scored.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="What one trial asks of a worker.")
+    verdict: VerdictSpec = Field(default_factory=VerdictSpec, description="Statistics of the verdict: level, "
+                                 "equivalence margin, multiplicity correction, design-check assumptions.")
     base_dir: str = Field("", description="Folder that relative paths resolve against (set by load_study).")
 
     @model_validator(mode="after")
@@ -219,7 +263,18 @@ class StudySpec(_Strict):
         seeds = self.localizers.random.seeds
         if seeds is not None and len(set(seeds)) != len(seeds):
             raise ValueError(f"localizers.random.seeds has duplicates: {seeds}")
+        uses = [f"{part}.localizers" for part, on, locs in (("iti", self.iti.enabled, self.iti.localizers),
+                                                           ("optimal", self.optimal.enabled, self.optimal.localizers))
+                if on and "random" in locs]
+        if uses and not self.localizers.random.draw_seeds():
+            raise ValueError(f"localizers.random draws no heads (n: 0) but 'random' is listed in {' and '.join(uses)}: "
+                             "a study needs random draws for its comparison; set random.n >= 1 or remove 'random' there")
         return self
+
+    def default_run_dir(self) -> Path:
+        """runs/<name>, the name made one safe folder name (a name never points elsewhere, e.g. '/etc')."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-.") or "study"
+        return Path("runs") / slug
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -329,17 +384,76 @@ def _content_id(p: str) -> str:
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid study ({e.error_count()} error{'s' if e.error_count() > 1 else ''})"]
-    for err in e.errors():
+    errors = e.errors()
+    if len(errors) > 20:
+        lines[0] += f"; the first 20 of {len(errors)}"
+    for err in errors[:20]:
         loc = ".".join(str(x) for x in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (not part of the study schema; check its spelling)"
-        val = err.get("input")
-        shown = repr(val)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"  {loc}: {msg} (value: {shown})")
+        lines.append(f"  {loc}: {msg} (value: {bounded_repr(err.get('input'))})")
     return "\n".join(lines)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 40, 40
+
+
+def bounded_repr(value: Any, limit: int = 80) -> str:
+    """repr of a value in bounded time and length (a deep or shared structure is never fully walked)."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+MAX_STUDY_BYTES = 1 << 20  # a study file is a page of YAML
+MAX_YAML_ALIASES = 32  # a few anchors/aliases are fine; a "billion laughs" needs many more
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses more than MAX_YAML_ALIASES aliases (bounding what the file can expand to)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name) at line {mark.line + 1}; "
+                                     "write the values out instead")
+        return super().compose_node(parent, index)
+
+
+_OLD_AUTOCAST = (("localizers", "probe", "autocast"), ("evaluation", "autocast"),
+                 ("optimal", "train_options", "autocast"), ("optimal", "train_options", "prefix_dtype"))
+
+
+def migrate_old_fields(obj: dict, source: str = "<study>") -> dict:
+    """Study files written before the precision policy keep loading: the per-step autocast fields are
+    dropped with a message naming the study-level field `precision` that replaces them."""
+    import copy
+
+    out = None
+    for path in _OLD_AUTOCAST:
+        node = obj
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            out = out if out is not None else copy.deepcopy(obj)
+            holder = out
+            for part in path[:-1]:
+                holder = holder[part]
+            old = holder.pop(path[-1])
+            name = ".".join(path)
+            what = ("gone: cached prefix states are exact" if path[-1] == "prefix_dtype" else
+                    f"replaced by the study field `precision` (now {obj.get('precision', 'auto')!r}: bf16 "
+                    "where this machine runs it faster, else fp32)")
+            log.warning(f"{source}: {name} = {str(old)[:20]!r} is {what}; remove it")
+    return out if out is not None else obj
 
 
 def parse_study(obj: Any, base_dir: str | Path = ".", source: str = "<study>") -> StudySpec:
@@ -348,6 +462,7 @@ def parse_study(obj: Any, base_dir: str | Path = ".", source: str = "<study>") -
         raise ConfigError(f"{source}: a study must be a YAML mapping, got {type(obj).__name__}")
     if "base_dir" in obj:
         raise ConfigError(f"{source}: base_dir: set by locaudit, not by the study file")
+    obj = migrate_old_fields(obj, source)
     try:
         spec = StudySpec.model_validate({**obj, "base_dir": str(Path(base_dir).resolve())})
     except ValidationError as e:
@@ -364,8 +479,16 @@ def load_study(path: str | Path) -> StudySpec:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"study file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"study file {path} is not a file")
+    if path.stat().st_size > MAX_STUDY_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a study file is at most {MAX_STUDY_BYTES} bytes")
     try:
-        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    try:
+        obj = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:500]}") from None
     return parse_study(obj, path.parent, str(path))

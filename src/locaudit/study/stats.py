@@ -12,7 +12,14 @@ values over random K-head draws. What is proper then:
 With several candidate values (training seeds), the two groups are compared with Welch's t-test,
 Mann-Whitney U, a permutation test and a two-sample bootstrap.
 
-Everything here is numpy plus scipy's distribution functions; tests check each test against scipy.
+The verdict (analysis.py, docs/verdict.md) uses the rank test as THE test, whatever the number of seeds;
+the others are secondary columns. Also here: Holm / Benjamini-Hochberg adjustment with Tarone's rule for
+discrete tests (adjust_family), equivalence tests (TOST: Welch, one-sample, bootstrap), paired bootstrap
+weights over questions, and power: of the rank test (rank_power, detectable_shift, draws_for_power) and
+of TOST (equivalence_power, se_for_equivalence).
+
+Everything here is numpy plus scipy's distribution functions; tests check each test against scipy and
+statsmodels.
 """
 
 from __future__ import annotations
@@ -276,3 +283,201 @@ def compare(candidate: Sequence[float], random: Sequence[float], higher_is_bette
     z = (cm - rm) / rsd if r.size > 1 and rsd > 0 else nan
     return Comparison(int(c.size), int(r.size), cm, rm, rsd, cm - rm, pct, ep, float(z), tt.method, tt.statistic,
                       tt.df, tt.pvalue, mw.statistic, mw.pvalue, pm.pvalue, lo, hi, alt)
+
+
+# ---------------------------------------------------------------------------------------------- multiplicity
+MULTIPLICITY = ("holm", "bh", "none")
+
+
+def rank_floor(n: int) -> float:
+    """The smallest p-value a rank test of one candidate against n random draws can give: 1 / (n + 1)."""
+    return 1.0 / (n + 1) if n >= 0 else float("nan")
+
+
+def draws_for_floor(alpha: float, m: int = 1) -> int:
+    """The fewest draws n whose rank p-value floor 1/(n+1) is at most alpha / m (Bonferroni/Holm's
+    first threshold in a family of m tests)."""
+    if not 0 < alpha < 1 or m < 1:
+        raise ValueError(f"need 0 < alpha < 1 and m >= 1, got alpha={alpha}, m={m}")
+    n = max(0, math.ceil(m / alpha - 1 - 1e-9))
+    while 1.0 / (n + 1) > alpha / m + 1e-15:
+        n += 1
+    return n
+
+
+def tarone_family(floors: Sequence[float], alpha: float) -> np.ndarray:
+    """Tarone (1990): which tests of a discrete family count for multiplicity. K is the smallest k with
+    #{i: floor_i <= alpha / k} <= k; tests whose smallest reachable p-value exceeds alpha / K can never be
+    rejected and are left out. The choice depends on the design only, so the family keeps its error rate."""
+    f = np.asarray(floors, dtype=np.float64)
+    f = np.where(np.isfinite(f), f, 0.0)  # unknown floor: always counted
+    for k in range(1, f.size + 1):
+        if (f <= alpha / k + 1e-15).sum() <= k:
+            return f <= alpha / k + 1e-15
+    return np.ones(f.size, dtype=bool)
+
+
+def adjust_pvalues(p: Sequence[float], method: str = "holm") -> np.ndarray:
+    """Holm (step-down, family-wise error) or Benjamini-Hochberg (false discovery rate) adjusted p-values,
+    as statsmodels.stats.multitest.multipletests; NaN entries stay NaN and do not count."""
+    if method not in MULTIPLICITY:
+        raise ValueError(f"multiplicity method must be one of {MULTIPLICITY}, got {method!r}")
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    q = p[ok]
+    m = q.size
+    if m == 0:
+        return out
+    if method == "none":
+        out[ok] = q
+        return out
+    order = np.argsort(q, kind="stable")
+    s = q[order]
+    if method == "holm":
+        adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * s))
+    else:
+        adj = np.minimum.accumulate((m / np.arange(1, m + 1) * s)[::-1])[::-1]
+        adj = np.minimum(adj, 1.0)
+    res = np.empty(m)
+    res[order] = adj
+    out[ok] = res
+    return out
+
+
+def adjust_family(p: Sequence[float], floors: Sequence[float] | None = None, method: str = "holm",
+                  alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Adjusted p-values over a family and which tests are in it. With `floors` (the smallest p-value each
+    test can reach), tests that can never be rejected are left out (tarone_family) and get NaN."""
+    p = np.asarray(p, dtype=np.float64)
+    member = np.isfinite(p)
+    if floors is not None:
+        member &= tarone_family(floors, alpha)
+    adj = np.full(p.shape, np.nan)
+    if member.any():
+        adj[member] = adjust_pvalues(p[member], method)
+    return adj, member
+
+
+# ---------------------------------------------------------------------------------------------- equivalence
+@dataclass(frozen=True)
+class TostResult:
+    """Two one-sided tests of low < effect < upp: p = max(p_low, p_upp)."""
+
+    pvalue: float
+    p_low: float
+    p_upp: float
+    t_low: float
+    t_upp: float
+    df: float | None
+    method: str
+
+
+def tost_welch(a: Sequence[float], b: Sequence[float], low: float, upp: float) -> TostResult:
+    """TOST of mean(a) - mean(b) in (low, upp) with Welch's t (statsmodels ttost_ind(usevar='unequal'))."""
+    a, b = _arr(a), _arr(b)
+    if a.size < 2 or b.size < 2:
+        return TostResult(*(float("nan"),) * 5, None, "tost-welch")
+    t1 = welch_t(a + 0.0, b + low, "greater")
+    t2 = welch_t(a + 0.0, b + upp, "less")
+    return TostResult(max(t1.pvalue, t2.pvalue), t1.pvalue, t2.pvalue, t1.statistic, t2.statistic, t1.df, "tost-welch")
+
+
+def tost_one(x: Sequence[float], low: float, upp: float) -> TostResult:
+    """TOST of mean(x) in (low, upp), one-sample t (statsmodels DescrStatsW(x).ttost_mean(low, upp))."""
+    x = _arr(x)
+    n = x.size
+    if n < 2 or x.std(ddof=1) == 0:
+        return TostResult(*(float("nan"),) * 5, None, "tost-one-sample")
+    se = x.std(ddof=1) / math.sqrt(n)
+    t1, t2 = (x.mean() - low) / se, (x.mean() - upp) / se
+    p1, p2 = float(sps.t.sf(t1, n - 1)), float(sps.t.cdf(t2, n - 1))
+    return TostResult(max(p1, p2), p1, p2, float(t1), float(t2), float(n - 1), "tost-one-sample")
+
+
+def boot_p_above(samples: np.ndarray, threshold: float) -> float:
+    """Bootstrap p-value of H0: theta <= threshold (alternative theta > threshold):
+    (1 + #{samples <= threshold}) / (B + 1); small when the bootstrap distribution lies above it."""
+    s = np.asarray(samples, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return float("nan")
+    return float((1 + (s <= threshold).sum()) / (s.size + 1))
+
+
+def boot_tost(samples: np.ndarray, low: float, upp: float, alpha: float = 0.05) -> dict:
+    """Bootstrap TOST of low < theta < upp: p = max of the two one-sided bootstrap p-values, and the
+    (1 - 2 alpha) percentile interval, which lies inside (low, upp) exactly when p < alpha (up to the +1)."""
+    s = np.asarray(samples, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return {"p": float("nan"), "p_low": float("nan"), "p_upp": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    p_low = boot_p_above(s, low)
+    p_upp = boot_p_above(-s, -upp)
+    lo, hi = np.quantile(s, [alpha, 1 - alpha])
+    return {"p": max(p_low, p_upp), "p_low": p_low, "p_upp": p_upp, "lo": float(lo), "hi": float(hi)}
+
+
+def bootstrap_weights(n: int, n_resamples: int, rng: np.random.Generator, subset: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """[n_resamples + 1, n] question weights for a paired bootstrap (row 0: the data as observed); each row
+    sums to 1. With `subset` (a boolean mask), only those questions are resampled and the others weigh 0."""
+    mask = np.ones(n, dtype=bool) if subset is None else np.asarray(subset, dtype=bool)
+    idx = np.flatnonzero(mask)
+    w = np.zeros((n_resamples + 1, n))
+    if idx.size == 0:
+        return w
+    w[0, idx] = 1.0 / idx.size
+    if n_resamples:
+        counts = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=n_resamples)
+        w[1:, idx] = counts / idx.size
+    return w
+
+
+# ---------------------------------------------------------------------------------------------- power
+def rank_power(shift: float, n: int, alpha: float) -> float:
+    """Power of the one-sided rank test (reject when (1 + #draws >= x) / (n + 1) <= alpha) for a candidate
+    `shift` standard deviations above normally distributed random locations."""
+    k = math.floor(alpha * (n + 1) + 1e-9) - 1  # largest count of draws at least as good that still rejects
+    if k < 0 or n < 1:
+        return 0.0
+    q = float(sps.norm.sf(shift))
+    return float(sps.binom.cdf(k, n, q))
+
+
+def detectable_shift(n: int, alpha: float, power: float = 0.8) -> float:
+    """The shift (in standard deviations of the random locations) the rank test detects with `power`;
+    inf when the design cannot reject at all."""
+    if rank_power(40.0, n, alpha) < power:
+        return float("inf")
+    lo, hi = -10.0, 40.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if rank_power(mid, n, alpha) >= power else (mid, hi)
+    return hi
+
+
+def draws_for_power(shift: float, alpha: float, power: float = 0.8, max_n: int = 100000) -> int | None:
+    """The fewest draws with which the rank test detects `shift` (sd units) with `power`; None if > max_n."""
+    if not math.isfinite(shift) or shift <= 0:
+        return None
+    n = draws_for_floor(alpha)
+    while n <= max_n:
+        if rank_power(shift, n, alpha) >= power:
+            return n
+        n = n + 1 if n < 200 else int(n * 1.05)
+    return None
+
+
+def equivalence_power(margin: float, se: float, alpha: float, true_diff: float = 0.0) -> float:
+    """Normal-approximation power of TOST (margin +-`margin`, estimate with standard error `se`)."""
+    if not (margin > 0 and se > 0):
+        return float("nan") if not se > 0 else 0.0
+    z = sps.norm.ppf(1 - alpha)
+    p = sps.norm.cdf((margin - true_diff) / se - z) + sps.norm.cdf((margin + true_diff) / se - z) - 1
+    return float(max(0.0, p))
+
+
+def se_for_equivalence(margin: float, alpha: float, power: float = 0.8) -> float:
+    """The standard error at which TOST shows equivalence of a true difference 0 with `power`."""
+    return float(margin / (sps.norm.ppf(1 - alpha) + sps.norm.ppf((1 + power) / 2)))

@@ -28,9 +28,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from locaudit.errors import ConfigError
+from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
-from locaudit.io import stable_hash, write_json_atomic
+from locaudit.io import has_checksums, stable_hash, verify_checksums, write_checksums, write_json_atomic
 from locaudit.study.spec import StudySpec
 from locaudit.study.trials import Trial
 
@@ -69,6 +69,13 @@ class RunContext:
     @cached_property
     def lm(self):
         return load_study_model(self.spec)
+
+    @cached_property
+    def precision(self):
+        """The study's precision resolved for the loaded model's device (models/precision.py)."""
+        from locaudit.models.precision import resolve_precision
+
+        return resolve_precision(self.spec.precision, self.lm.device)
 
     @cached_property
     def data(self):
@@ -167,9 +174,8 @@ def run_collect(ctx: RunContext, t: Trial) -> dict:
     from locaudit.localize.activations import collect_probe_activations
 
     out = ctx.shared_dir("collect", t.key)
-    ac = torch.bfloat16 if t.content.get("autocast") == "bf16" else None
     acts = collect_probe_activations(ctx.lm, ctx.data, ctx.fmt, out_dir=out,
-                                     batch_size=int(t.content.get("batch_size", 16)), autocast_dtype=ac)
+                                     batch_size=int(t.content.get("batch_size", 16)), precision=ctx.precision)
     ctx._acts[t.key] = acts
     N, L, H, D = acts.shape
     return {"metrics": {"n_examples": N, "n_layers": L, "n_heads": H, "head_dim": D},
@@ -225,7 +231,8 @@ def evaluate(ctx: RunContext, edit, out_dir: Path) -> dict[str, float]:
 
     ev = ctx.spec.evaluation
     cfg = EvalConfig(format=ctx.spec.data.format, batch_size=ev.batch_size, gen_batch_size=ev.gen_batch_size,
-                     max_new_tokens=ev.max_new_tokens, autocast=ev.autocast, mc_primer=ev.mc_primer, progress=False)
+                     max_new_tokens=ev.max_new_tokens, precision=ctx.precision.name, mc_primer=ev.mc_primer,
+                     progress=False)
     result = evaluate_edit(ctx.lm, edit, ctx.eval_data, split=ev.split, metrics=list(ev.metrics),
                            judge=ctx.judge if "gen" in ev.metrics else None, out_dir=out_dir, config=cfg)
     return flatten_metrics(result)
@@ -243,11 +250,25 @@ def flatten_metrics(result: Any) -> dict[str, float]:
     for k, v in raw.items():
         if isinstance(v, bool) or v is None:
             continue
-        if isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out[str(k)] = float(v)
+        if isinstance(v, (int, float)):
+            if not math.isfinite(float(v)) and _undefined_on_empty(str(k), raw):
+                continue  # e.g. pref_acc with no pairs in the split: not measured, not failed
+            out[str(k)] = float(v)  # any other non-finite value stays, so the trial fails (runner._record)
     if "true_info" not in out and "true" in out and "info" in out:
         out["true_info"] = out["true"] * out["info"]
     return out
+
+
+_COUNT_OF = {"mc": "n_mc", "kl": "n_kl_tokens", "ce": "n_kl_tokens", "pref": "n_pairs", "true": "n_generated",
+             "info": "n_generated"}
+
+
+def _undefined_on_empty(name: str, raw: dict) -> bool:
+    """Whether metric `name` is NaN only because its data was empty (its count field is 0)."""
+    for prefix, count in _COUNT_OF.items():
+        if name.startswith(prefix):
+            return raw.get(count) == 0
+    return False
 
 
 def run_judge(ctx: RunContext, t: Trial) -> dict:
@@ -270,6 +291,9 @@ def run_iti(ctx: RunContext, t: Trial) -> dict:
     c = t.content
     probe = ctx.probe(c["probe"]) if c["direction"] == "probe" else None
     edit = fit_iti(ctx.activations(c["collect"]), heads, direction=c["direction"], probe=probe, alpha=c["alpha"])
+    if not torch.isfinite(edit.theta).all():
+        raise ConfigError(f"trial {t.key} ({t.name}): the ITI edit has non-finite values; likely cause: alpha = "
+                          f"{c['alpha']} or non-finite activations in {ctx.shared_dir('collect', c['collect'])}")
     d = ctx.trial_dir(t.key)
     edit.save(d / "edit")
     metrics = evaluate(ctx, edit, d / "eval")
@@ -300,7 +324,10 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
     c = trials[0].content
     heads = {t.key: ctx.heads(t) for t in trials}
     edit_dir = {t.key: ctx.shared_dir("optimal", training_key(t)) for t in trials}
-    todo = [t for t in trials if not (edit_dir[t.key] / TRAINED_MARKER).exists()]
+    todo = [t for t in trials if not _trained_ok(edit_dir[t.key])]
+    for t in todo:  # an untrusted folder loses its marker first: only a complete retraining restores it
+        (edit_dir[t.key] / TRAINED_MARKER).unlink(missing_ok=True)
+    diverged: list[str] = []
     if todo:
         seed = ctx.spec.data.seed
         train_pairs = _subsample(ctx.data.pairs("train"), c["max_train_pairs"], seed)
@@ -308,15 +335,23 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         options = dict(c.get("train_options", {}))
         options.setdefault("max_parallel", max(1, len(todo)))  # train_edits groups edits by lowest layer
         cfg = TrainConfig.make(objective=c["objective"], tau=c["tau"], rank=c["rank"], epochs=c["epochs"],
-                               batch_size=c["batch_size"], seed=c["seed"], progress=True, **options)
+                               batch_size=c["batch_size"], seed=c["seed"], progress=True,
+                               precision=ctx.precision.name, **options)
         results = train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
                               lrs=[float(t.content["lr"]) for t in todo])
         for t, (edit, tlog) in zip(todo, results):
             d = edit_dir[t.key]
+            if getattr(tlog, "diverged", None):  # never saved: the trial fails with the reason (below)
+                diverged.append(f"trial {t.key} ({t.name}): {tlog.diverged}")
+                continue
             edit.save(d)
             write_json_atomic(d / TRAINED_MARKER, {"seconds": tlog.seconds, "before": tlog.before, "after": tlog.after,
                                                    "n_train": tlog.n_train, "n_val": tlog.n_val})
+            write_checksums(d)  # last: the folder is trusted only while it matches
+    bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
     for t in trials:
+        if t.key in bad:
+            continue
         d = ctx.trial_dir(t.key)
         edit = LoRAEdit.load(edit_dir[t.key])
         metrics = evaluate(ctx, edit, d / "eval")
@@ -328,6 +363,35 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
                 metrics[f"train_{k}"] = float(v)
         yield t.key, {"metrics": metrics, "artifacts": {"edit": ctx.rel(edit_dir[t.key]), "eval": ctx.rel(d / "eval"),
                                                        "heads": heads[t.key].to_string()}}
+    if diverged:
+        from locaudit.edit.train import TrainingError
+
+        raise TrainingError("; ".join(diverged))
+
+
+def _trained_ok(d: Path) -> bool:
+    """Whether a trained-edit folder can be trusted: its marker is there and its files match their
+    checksums (a folder from before checksums is trusted if it loads and is finite, then sealed)."""
+    if not (d / TRAINED_MARKER).exists():
+        return False
+    if has_checksums(d):
+        problem = verify_checksums(d)
+        if problem:
+            log.warning("retraining the edit in %s: %s", d, problem)
+        return problem is None
+    from locaudit.edit.lora import LoRAEdit
+
+    try:
+        edit = LoRAEdit.load(d)
+        json.loads((d / TRAINED_MARKER).read_text(encoding="utf-8"))
+    except (LocauditError, OSError, ValueError) as e:
+        log.warning("retraining the edit in %s: %s", d, e)
+        return False
+    if not (torch.isfinite(edit.a).all() and torch.isfinite(edit.b).all()):
+        log.warning("retraining the edit in %s: non-finite parameters", d)
+        return False
+    write_checksums(d)
+    return True
 
 
 STEPS = {"collect": run_collect, "probe": run_probe, "judge": run_judge, "baseline": run_baseline, "iti": run_iti}
@@ -342,10 +406,26 @@ def run_group(trials: list[Trial], spec: StudySpec, run_dir: Path) -> Iterator[t
     kind = kinds.pop()
     if kind == "optimal":
         seed_everything(trials[0].key)
-        yield from run_optimal(ctx, trials)
+        for key, res in run_optimal(ctx, trials):
+            yield key, _with_precision(ctx, res)
         return
     if kind not in STEPS:
         raise ConfigError(f"unknown trial kind {kind!r}")
     for t in trials:
         seed_everything(t.key)
-        yield t.key, STEPS[kind](ctx, t)
+        yield t.key, _with_precision(ctx, STEPS[kind](ctx, t))
+
+
+def _with_precision(ctx: RunContext, result: dict) -> dict:
+    """Record, in the trial's ledger row, the precision it actually ran at and the worker's CPU capability
+    (a study may resume on another machine, where `auto` resolves differently)."""
+    if kind_needs_model(result):
+        meta = ctx.precision.meta()
+        result = {**result, "artifacts": {**result.get("artifacts", {}), "precision": meta["precision"],
+                                          "cpu_capability": meta["cpu_capability"]}}
+    return result
+
+
+def kind_needs_model(result: dict) -> bool:
+    """Every step but probing runs the model (probing fits on stored activations)."""
+    return "probe" not in result.get("artifacts", {})

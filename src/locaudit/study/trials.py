@@ -84,8 +84,8 @@ def make_trial(kind: str, content: dict, deps: tuple[str, ...] = (), batch_field
     return Trial(key, kind, content, deps, batch_key)
 
 
-def localizers_of(spec: StudySpec, groups: list[str]) -> list[Localizer]:
-    """The localizers of the chosen groups, in a stable order."""
+def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = None) -> list[Localizer]:
+    """The localizers of the chosen groups, in a stable order (`n_random`: only the first n random draws)."""
     L = spec.localizers
     top_k = L.probe.top_k
     out: list[Localizer] = []
@@ -93,7 +93,9 @@ def localizers_of(spec: StudySpec, groups: list[str]) -> list[Localizer]:
         out.append(Localizer("top", k=top_k))
     if "random" in groups:
         ex = top_k if L.random.exclude_top else None
-        out += [Localizer("random", k=spec.random_k, seed=s, exclude_top=ex) for s in L.random.draw_seeds()]
+        redraw = {} if ex or L.random.max_overlap is None else {"avoid_top": top_k, "max_overlap": L.random.max_overlap}
+        seeds = L.random.draw_seeds()[:n_random] if n_random is not None else L.random.draw_seeds()
+        out += [Localizer("random", k=spec.random_k, seed=s, exclude_top=ex, **redraw) for s in seeds]
     if "single" in groups:
         ex = top_k if L.single.exclude_top else None
         out += [Localizer("single", seed=L.single.seed, index=i, exclude_top=ex) for i in range(L.single.n)]
@@ -105,10 +107,10 @@ def localizers_of(spec: StudySpec, groups: list[str]) -> list[Localizer]:
 
 def expand(spec: StudySpec) -> list[Trial]:
     """Every trial of the study, dependencies first."""
-    common = {"model": spec.model_identity(), "data": spec.data_identity()}
+    common = {"model": spec.model_identity(), "data": spec.data_identity(), "precision": spec.precision}
     ev = spec.evaluation
     evaluation = {"metrics": sorted(ev.metrics), "judge": spec.judge_identity(), "split": ev.split,
-                  "max_questions": ev.max_questions, "max_new_tokens": ev.max_new_tokens, "autocast": ev.autocast,
+                  "max_questions": ev.max_questions, "max_new_tokens": ev.max_new_tokens,
                   "mc_primer": ev.mc_primer}
     P = spec.localizers.probe
     need_probe = (spec.iti.enabled and bool(spec.iti.localizers)) or any(
@@ -117,7 +119,7 @@ def expand(spec: StudySpec) -> list[Trial]:
     trials: list[Trial] = []
     collect = probe = None
     if spec.iti.enabled or need_probe:
-        collect = make_trial("collect", {**common, "batch_size": P.collect_batch_size, "autocast": P.autocast})
+        collect = make_trial("collect", {**common, "batch_size": P.collect_batch_size})
         trials.append(collect)
         probe = make_trial("probe", {**common, "collect": collect.key, "l2": P.l2}, deps=(collect.key,))
         trials.append(probe)
@@ -130,7 +132,7 @@ def expand(spec: StudySpec) -> list[Trial]:
         trials.append(make_trial("baseline", {**common, "evaluation": evaluation}, deps=judge))
     if spec.iti.enabled:
         assert collect is not None and probe is not None
-        for loc in localizers_of(spec, list(spec.iti.localizers)):
+        for loc in localizers_of(spec, list(spec.iti.localizers), spec.localizers.random.iti_n):
             for alpha in spec.iti.alphas:
                 trials.append(make_trial(
                     "iti", {**common, "collect": collect.key, "probe": probe.key, "localizer": loc.to_dict(),

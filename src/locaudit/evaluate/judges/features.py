@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from locaudit.errors import ConfigError
 from locaudit.io import cache_dir, stable_hash
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike, as_precision
 from locaudit.models.scoring import collate_completions, encode_completions
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,10 @@ def pair_key(question: str, answer: str) -> str:
 
 class PairEncoder:
     """`encode(questions, answers) -> Float[Tensor, "N layer pool d"]` (pool: mean, last), batched,
-    length-sorted, bf16 autocast when `autocast` (features are stored as fp16 on disk)."""
+    length-sorted, at `precision` (models/precision.py; features are stored as fp16 on disk)."""
 
     def __init__(self, lm: LoadedModel, layers: Sequence[int], batch_size: int = 32, max_length: int = 256,
-                 autocast: bool = True, cache: str | Path | None | bool = None) -> None:
+                 precision: PrecisionLike = "auto", cache: str | Path | None | bool = None) -> None:
         n = lm.sites.n_layers
         layers = tuple(int(l) if int(l) >= 0 else n + int(l) for l in layers)
         bad = [l for l in layers if not 0 <= l < n]
@@ -55,9 +55,9 @@ class PairEncoder:
         self.layers = tuple(sorted(set(layers)))
         self.batch_size = batch_size
         self.max_length = max_length
-        self.autocast = autocast
+        self.precision = as_precision(precision, lm.device)
         self.key = stable_hash({"model": lm.fingerprint, "layers": self.layers, "max_length": max_length,
-                                "autocast": autocast, "text": "plain-v1"})
+                                "precision": self.precision.key, "text": "plain-v1"})
         if cache is False:
             self.db_path = None
         else:
@@ -130,7 +130,7 @@ class PairEncoder:
             return fn
 
         handles = [sites.layer(l).register_forward_hook(hook(l)) for l in self.layers]
-        ac = torch.autocast(dev.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        ac = self.precision.autocast(self.lm.dtype)
         try:
             with torch.no_grad():
                 for s in range(0, len(order), self.batch_size):

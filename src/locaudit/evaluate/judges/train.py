@@ -13,16 +13,18 @@ from __future__ import annotations
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from locaudit.errors import ConfigError
 from locaudit.evaluate.judges.base import References, normalise_question
 from locaudit.evaluate.judges.data import JudgeExample, load_holdout, load_judge_data
 from locaudit.evaluate.judges.features import PairEncoder
+from locaudit.models.precision import PrecisionName
 from locaudit.evaluate.judges.heads import Head, fit_logistic, fit_mlp
 from locaudit.evaluate.judges.reffeatures import LEXICAL
 from locaudit.evaluate.judges.trained import (JudgeFeatures, TrainedJudge, head_input, load_trained_judge,
@@ -38,6 +40,18 @@ class JudgeTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_autocast(cls, data):
+        """The old `autocast` (bool) keeps loading, as `precision`."""
+        if isinstance(data, dict) and "autocast" in data:
+            data = dict(data)
+            old = data.pop("autocast")
+            data.setdefault("precision", "auto" if old in (True, "true", "bf16") else "fp32")
+            warnings.warn(f"JudgeTrainConfig.autocast = {old!r} is replaced by precision (read as precision = "
+                          f"{data['precision']!r})", FutureWarning, stacklevel=2)
+        return data
+
     kinds: list[str] = Field(["truth", "info"], description="which judges to train: truth, info or both")
     model: str = Field("smollm2-135m-instruct", description="frozen backbone model whose states are the features")
     truth_data: Path | None = Field(None, description="finetune_truth.jsonl (TruthfulQA's truth-judge data)")
@@ -49,15 +63,17 @@ class JudgeTrainConfig(BaseModel):
     max_questions: int | None = Field(None, description="the study's max_questions (a subset changes the split)")
     layers: list[int] = Field([3, 6, 9, 12], description="backbone layers whose states are features")
     max_length: int = Field(256, description="max tokens of 'Q: ..\\nA: ..'")
-    autocast: bool = Field(True, description="bf16 autocast for the backbone's forward passes")
+    precision: PrecisionName = Field("auto", description="compute precision of the backbone's forward passes "
+                                     "(auto: bf16 where the machine runs it faster, else fp32)")
     batch_size: int = Field(64, description="backbone batch size")
     device: str = Field("auto", description="cpu, cuda or auto")
     val_fraction: float = Field(0.2, description="fraction of training questions used to choose the head")
     l2_grid: list[float] = Field([1e-2, 3e-2, 0.1, 0.3], description="L2 strengths tried for logistic heads")
     mlp_weight_decay: list[float] = Field([1e-2], description="AdamW weight decays tried for MLP heads")
     heads: list[str] = Field(["logistic", "mlp"], description="head types tried (logistic, mlp)")
-    max_train_examples: int | None = Field(None, description="cap on training examples per kind (quick runs)")
-    max_heldout_examples: int | None = Field(None, description="cap on held-out examples evaluated (quick runs)")
+    max_train_examples: int | None = Field(None, description="cap on distinct training answers, one seeded subset "
+                                           "shared by every kind (each answer's features are computed once)")
+    max_heldout_examples: int | None = Field(None, description="cap on distinct held-out answers evaluated (seeded)")
 
     @field_validator("kinds")
     @classmethod
@@ -134,6 +150,14 @@ def _choose_and_fit(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], cfg
     return final, {"chosen": best, "search": results, "n_val_questions": len(val_q), "n_train_examples": int(len(y))}
 
 
+def _capped_pairs(examples: Sequence[JudgeExample], cap: int | None, seed: str) -> set | None:
+    """A seeded subset of at most `cap` distinct (question, answer) pairs of `examples` (None: no cap)."""
+    pairs = sorted({(e.question, e.answer) for e in examples})
+    if cap is None or len(pairs) <= cap:
+        return None
+    return set(random.Random(seed).sample(pairs, cap))
+
+
 def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     """Train, evaluate on the held-out questions, save to `out_dir`; returns the report (also in judge.json)."""
     from locaudit.models.loading import load_model
@@ -149,21 +173,23 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         data[kind] = load_judge_data(path, kind)
     role = holdout.assign([e.question for ex in data.values() for e in ex])
     split: dict[str, dict[str, list[JudgeExample]]] = {}
+    # caps draw one seeded subset of distinct (question, answer) pairs shared by every kind: the truth and
+    # info files label the same answers (in another order), so each answer's features are computed once
+    keep_tr = _capped_pairs([e for ex in data.values() for e in ex if role[e.question] in ("train", "unmatched")],
+                            cfg.max_train_examples, f"locaudit-judge-cap-{cfg.seed}")
+    keep_te = _capped_pairs([e for ex in data.values() for e in ex if role[e.question] == "held_out"],
+                            cfg.max_heldout_examples, f"locaudit-judge-heldout-cap-{cfg.seed}")
     for kind, ex in data.items():
-        tr = [e for e in ex if role[e.question] in ("train", "unmatched")]
-        te = [e for e in ex if role[e.question] == "held_out"]
-        rng = random.Random(f"locaudit-judge-cap-{cfg.seed}")
-        if cfg.max_train_examples is not None and len(tr) > cfg.max_train_examples:
-            tr = rng.sample(tr, cfg.max_train_examples)
-        if cfg.max_heldout_examples is not None and len(te) > cfg.max_heldout_examples:
-            te = rng.sample(te, cfg.max_heldout_examples)
+        tr = [e for e in ex if role[e.question] in ("train", "unmatched") and (keep_tr is None or (e.question, e.answer) in keep_tr)]
+        te = [e for e in ex if role[e.question] == "held_out" and (keep_te is None or (e.question, e.answer) in keep_te)]
         held_q = {normalise_question(e.question) for e in te}
         assert not held_q & {normalise_question(e.question) for e in tr}, "leak: a held-out question is in training"
         assert held_q <= holdout.held_out
         split[kind] = {"train": tr, "held_out": te}
     if lm is None:
         lm = load_model(cfg.model, dtype="fp32", device=cfg.device)
-    encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length, autocast=cfg.autocast)
+    encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                           precision=cfg.precision)
     pairs = list(dict.fromkeys((e.question, e.answer) for s in split.values() for part in s.values() for e in part))
     log.info("judge features: %d distinct (question, answer) pairs, layers %s of %s", len(pairs), encoder.layers, cfg.model)
     t_feat = time.time()
@@ -210,7 +236,8 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     report["feature_seconds"] = round(feat_s, 1)
     report["total_seconds"] = round(time.time() - t0, 1)
     meta = {"model": cfg.model, "model_fingerprint": lm.fingerprint,
-            "encoder": {"layers": list(encoder.layers), "max_length": cfg.max_length, "autocast": cfg.autocast},
+            "encoder": {"layers": list(encoder.layers), "max_length": cfg.max_length,
+                        "precision": encoder.precision.name},
             "ref_features": feats.ref_names,
             "references": {"source": references.source, "fingerprint": references.fingerprint},
             "config": cfg.model_dump(mode="json"), "report": report}

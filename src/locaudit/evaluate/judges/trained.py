@@ -24,6 +24,7 @@ from locaudit.evaluate.judges.heads import Head
 from locaudit.evaluate.judges.reffeatures import LEXICAL, embedding_features, embedding_names, lexical_features
 from locaudit.io import atomic_path, file_sha256, stable_hash, write_json_atomic
 from locaudit.models.loading import LoadedModel
+from locaudit.models.precision import PrecisionLike
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,13 @@ class TrainedJudge(Judge):
 
     def __init__(self, meta: dict, heads: dict[tuple[str, str], Head], center: torch.Tensor, lm: LoadedModel,
                  references: References | None, weights_hash: str, batch_size: int = 64,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, precision: PrecisionLike = "auto") -> None:
         self.meta = meta
         self.heads = heads
         self.kinds = tuple(k for k in ("truth", "info") if (k, "noref") in heads)
         enc = meta["encoder"]
         self.encoder = PairEncoder(lm, enc["layers"], batch_size=batch_size, max_length=enc["max_length"],
-                                   autocast=enc["autocast"])
+                                   precision=precision)
         self.features = JudgeFeatures(self.encoder, references, center)
         self.references = references
         self.path = path
@@ -176,7 +177,7 @@ def read_trained_judge(path: str | Path) -> tuple[dict, dict[tuple[str, str], He
             raise DataError(f"{d / 'judge.json'}: missing field {fld!r}")
     if meta["format"] != FORMAT:
         raise DataError(f"{d / 'judge.json'}: field 'format' is {meta['format']!r}, expected {FORMAT!r}")
-    for fld in ("layers", "max_length", "autocast"):
+    for fld in ("layers", "max_length"):
         if fld not in meta["encoder"]:
             raise DataError(f"{d / 'judge.json'}: missing field 'encoder.{fld}'")
     try:
@@ -202,9 +203,10 @@ def read_trained_judge(path: str | Path) -> tuple[dict, dict[tuple[str, str], He
 
 
 def load_trained_judge(path: str | Path, references: References | str | None = None, lm: LoadedModel | None = None,
-                       device: str = "auto", batch_size: int = 64) -> TrainedJudge:
+                       device: str = "auto", batch_size: int = 64, precision: PrecisionLike = "auto") -> TrainedJudge:
     """Load a saved judge. References: given, else the TruthfulQA CSV it was trained with (if still there),
-    else none (the 'noref' heads score everything, with a warning)."""
+    else none (the 'noref' heads score everything, with a warning). `precision`: of the backbone's forward
+    passes when scoring (auto: what this machine runs fastest; features differ from training's by rounding)."""
     from locaudit.models.loading import load_model
 
     d = Path(path)
@@ -224,7 +226,8 @@ def load_trained_judge(path: str | Path, references: References | str | None = N
         raise ConfigError(f"{d / 'judge.json'}: trained on model {meta['model']!r} with fingerprint "
                           f"{meta['model_fingerprint']}, but the loaded model's fingerprint is {lm.fingerprint}")
     weights_hash = stable_hash({"weights": file_sha256(d / "judge.safetensors"), "encoder": meta["encoder"]})
-    return TrainedJudge(meta, heads, center, lm, references, weights_hash, batch_size=batch_size, path=d)
+    return TrainedJudge(meta, heads, center, lm, references, weights_hash, batch_size=batch_size, path=d,
+                        precision=precision)
 
 
 __all__ = ["POOLS", "JudgeFeatures", "TrainedJudge", "load_trained_judge", "read_trained_judge", "save_trained_judge"]
