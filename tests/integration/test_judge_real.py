@@ -46,7 +46,10 @@ def test_trained_judge_on_reference_answers(shared_data, smollm2, tmp_path):
                                holdout=spec, seed=0, layers=[3], heads=["logistic"], l2_grid=[0.03, 0.3],
                                max_train_examples=400, max_heldout_examples=60)
         report = train_judge(cfg, tmp_path / "judge", lm=smollm2)
-        assert report["kinds"]["truth"]["held_out"]["n"] == 60
+        # the caps count distinct (question, answer) pairs, one subset shared by both kinds; the judge files
+        # label some pairs more than once, so a kind holds at least as many examples as pairs
+        n_truth, n_info = (report["kinds"][k]["held_out"]["n"] for k in ("truth", "info"))
+        assert 60 <= n_truth <= 2 * 60 and 60 <= n_info <= 2 * 60
         judge_dir = tmp_path / "judge"
     judge = load_trained_judge(judge_dir, lm=smollm2)
     test_qs = load_behaviour(spec, seed=0).questions("test")

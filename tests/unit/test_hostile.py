@@ -811,6 +811,44 @@ def dry_run_with_absolute_name_touches_nothing_outside(env: Env) -> None:
     assert code == 0 and not target.exists(), out
 
 
+@case
+def garbage_probe_folder_is_named_and_no_stale_heatmap_is_kept(env: Env) -> None:
+    from locaudit.study import report as report_mod
+
+    bad = env.tmp / "other" / "shared" / "probe-x"
+    bad.mkdir(parents=True)
+    (bad / "probes.safetensors").write_bytes(b"\x00garbage" * 10)
+    notes: list[str] = []
+    rows = [{"kind": "probe", "status": "done", "artifacts": {"probe": "shared/probe-x"}}]
+    assert report_mod._probe(env.tmp / "other", rows, notes) is None
+    assert len(notes) == 1 and str(bad) in notes[0]
+    spec, run, _ = fake_run(env)
+    (run / "report").mkdir(exist_ok=True)
+    stale = run / "report" / "probe_heatmap.png"
+    stale.write_bytes(b"an old heatmap")
+    report_mod.build_report(run, n_resamples=99)
+    assert not stale.exists()
+
+
+@case
+def nan_answer_scores_give_nan_mc_not_zero(env: Env) -> None:
+    import math
+
+    from locaudit.evaluate.mc import mc1_score, mc2_score
+
+    assert math.isnan(mc1_score([float("nan"), -3.0], [1, 0]))
+    assert math.isnan(mc2_score([float("nan"), -3.0], [1, 0]))
+
+
+@case
+def judge_train_has_trust_remote_code(env: Env) -> None:
+    from locaudit.evaluate.judges.train import JudgeTrainConfig
+
+    code, out = cli(env, "judge", "train", "--help")
+    assert code == 0 and "--trust-remote-code" in out
+    assert JudgeTrainConfig.model_fields["trust_remote_code"].default is False
+
+
 @pytest.mark.parametrize("hostile", CASES, ids=[c.__name__ for c in CASES])
 def test_hostile(hostile, tmp_path, monkeypatch, capsys, caplog) -> None:
     hostile(Env(tmp_path, monkeypatch, capsys, caplog))

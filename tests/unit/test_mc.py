@@ -157,3 +157,10 @@ def test_shared_prompt_scoring_equals_full_sequences(family):
         for k in x.logprobs:
             assert x.logprobs[k] == pytest.approx(y.logprobs[k], abs=5e-5)
         assert x.mc2 == pytest.approx(y.mc2, abs=1e-5) and x.mc1 == y.mc1
+
+
+def test_non_finite_scores_give_nan_not_a_silent_zero():
+    """NaN log-probs (a diverged edit) make MC1/MC2 NaN, which fails the trial, instead of MC1 = 0."""
+    assert math.isnan(mc1_score([float("nan"), -1.0, -2.0], [1, 0, 0]))
+    assert math.isnan(mc1_score([-1.0, float("-inf"), float("nan")], [1, 0, 0]))
+    assert math.isnan(mc2_score([float("nan"), -1.0], [1, 0]))

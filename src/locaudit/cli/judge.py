@@ -77,6 +77,8 @@ def train(
     batch_size: int = typer.Option(64, "--batch-size", help="Backbone batch size for the feature pass."),
     precision: Precision = precision_option(),
     device: str = device_option(),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
+                                           "backbone's checkpoint (off by default; only for models you trust)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy "
                                           "machine)."),
     max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", help="Cap on training "
@@ -97,7 +99,7 @@ def train(
                                holdout_splits=holdout_split, seed=seed, fractions=_fractions(fractions),
                                max_questions=max_questions, layers=[int(x) for x in layers.split(",")],
                                heads=heads.split(","), batch_size=batch_size, precision=value(precision),
-                               device=device,
+                               device=device, trust_remote_code=trust_remote_code,
                                max_train_examples=max_train_examples)
     except ValueError as e:
         raise ConfigError(str(e)) from None

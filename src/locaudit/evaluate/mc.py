@@ -49,6 +49,8 @@ def mc1_score(scores: Sequence[float], labels: Sequence[int]) -> float:
     false = [s for s, y in zip(scores, labels) if y == 0]
     if len(true) != 1 or not false:
         raise ValueError(f"MC1 needs exactly one correct and at least one incorrect answer; labels={list(labels)}")
+    if not all(math.isfinite(float(x)) for x in (*true, *false)):
+        return float("nan")  # a non-finite score decides nothing: NaN, which fails the trial, never a silent 0
     return float(true[0] > max(false))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, load_per
                                      results_frame, trials_frame, verdict)
 from locaudit.study.ledger import Ledger
 from locaudit.study.spec import VerdictSpec
+
+log = logging.getLogger(__name__)
 
 STATS_NOTE = (
     "Each location is one unit: training seeds are averaged per location on both sides, and the grid point "
@@ -99,14 +102,20 @@ def timing_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out, pd.DataFrame([total])], ignore_index=True)
 
 
-def _probe(run_dir: Path, rows: list[dict]):
+def _probe(run_dir: Path, rows: list[dict], notes: list[str] | None = None):
+    """The study's probe result, or None; a damaged probe folder is named in `notes` (the report says so)."""
     for r in rows:
         if r["kind"] == "probe" and r["status"] == "done" and r["artifacts"].get("probe"):
+            path = run_dir / r["artifacts"]["probe"]
             try:
                 from locaudit.localize.probe import ProbeResult
 
-                return ProbeResult.load(run_dir / r["artifacts"]["probe"])
-            except Exception:  # a report never fails on a missing or damaged artifact
+                return ProbeResult.load(path)
+            except Exception as e:  # a report never fails on a missing or damaged artifact, but says so
+                msg = f"no probe heatmap: the probe folder {path} is unreadable ({type(e).__name__}: {str(e)[:200]})"
+                log.warning(msg)
+                if notes is not None:
+                    notes.append(msg + "; `locaudit run` re-runs a probe trial whose files fail their checksums")
                 return None
     return None
 
@@ -172,6 +181,8 @@ def _figures(run_dir: Path, out: Path, res: pd.DataFrame, selected: pd.DataFrame
         add(f"single_vs_full_{m}", F.single_vs_full(selected, singles, m, out / f"single_vs_full_{m}.png", top_k=top_k))
     for m in METHODS:
         add(f"grid_{m}", F.grid_curves(res, m, out / f"grid_{m}.png"))
+    if probe is None:
+        (out / "probe_heatmap.png").unlink(missing_ok=True)  # never show a stale heatmap of an earlier build
     if probe is not None:
         hi = []
         if not singles.empty and "matches_full" in singles:
@@ -214,7 +225,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     res = results_frame(rows)
     tables = export_trials(all_df, out)
     tables["results.csv"] = _write_df(res, out / "results.csv")
-    probe = _probe(run_dir, rows)
+    notes: list[str] = []
+    probe = _probe(run_dir, rows, notes)
     ranking = probe.ranking() if probe is not None else None
     a = analyze(res, load_per_question(run_dir, rows), cfg, ranking, n_resamples=n_resamples,
                 max_overlap=max_overlap, top_k=top_k)
@@ -234,12 +246,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     tables["verdict.json"] = out / "verdict.json"
     figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
     index = out / "index.html"
-    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine))
+    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes))
     return Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text()))
 
 
 def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
-          singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None) -> str:
+          singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
+          notes: list[str] | None = None) -> str:
     name = html.escape(str(spec.get("name", "study")))
     model = spec.get("model", {}) or {}
     data = spec.get("data", {}) or {}
@@ -261,6 +274,8 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
             f"Precision {machine.get('precision', '?')} (asked: {machine.get('precision_requested', '?')}; "
             f"{machine.get('precision_reason', '')}); device {machine.get('device', '?')}, CPU capability "
             f"{machine.get('cpu_capability', '?')}.") + "</p>")
+    for note in notes or []:
+        parts.append("<p class='muted'><b>Note:</b> " + html.escape(note) + "</p>")
     if partial:
         parts.append("<p class='muted'><b>Partial report:</b> the study is not finished; numbers and figures use the "
                      "trials done so far. Rebuild with <code>locaudit report RUN</code>.</p>")

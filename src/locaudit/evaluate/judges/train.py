@@ -67,6 +67,8 @@ class JudgeTrainConfig(BaseModel):
                                      "(auto: bf16 where the machine runs it faster, else fp32)")
     batch_size: int = Field(64, description="backbone batch size")
     device: str = Field("auto", description="cpu, cuda or auto")
+    trust_remote_code: bool = Field(False, description="run code shipped with the backbone's checkpoint (off unless "
+                                    "you trust it)")
     val_fraction: float = Field(0.2, description="fraction of training questions used to choose the head")
     l2_grid: list[float] = Field([1e-2, 3e-2, 0.1, 0.3], description="L2 strengths tried for logistic heads")
     mlp_weight_decay: list[float] = Field([1e-2], description="AdamW weight decays tried for MLP heads")
@@ -187,7 +189,7 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         assert held_q <= holdout.held_out
         split[kind] = {"train": tr, "held_out": te}
     if lm is None:
-        lm = load_model(cfg.model, dtype="fp32", device=cfg.device)
+        lm = load_model(cfg.model, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length,
                            precision=cfg.precision)
     pairs = list(dict.fromkeys((e.question, e.answer) for s in split.values() for part in s.values() for e in part))
