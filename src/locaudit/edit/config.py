@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from locaudit.errors import ConfigError
-from locaudit.models.precision import PrecisionName
+from locaudit.models.precision import PrecisionName, migrate_autocast_field
 
 # (number of heads, learning rate) from the paper: single head, 16 heads; all heads is added per model
 _LR_SINGLE, _LR_16, _LR_ALL = 2e-3, 5e-4, 1e-4
@@ -76,18 +76,12 @@ class TrainConfig(BaseModel):
     @classmethod
     def _old_fields(cls, data):
         """Old spellings keep loading: autocast (bool) -> precision; prefix_dtype is gone (states are exact)."""
-        if isinstance(data, dict) and ("autocast" in data or "prefix_dtype" in data):
+        data = migrate_autocast_field(data, "TrainConfig")
+        if isinstance(data, dict) and "prefix_dtype" in data:
             data = dict(data)
-            if "autocast" in data:
-                old = data.pop("autocast")
-                new = "auto" if old in (True, "true", "bf16") else "fp32"
-                data.setdefault("precision", new)
-                warnings.warn(f"TrainConfig.autocast = {old!r} is replaced by precision (read as "
-                              f"precision = {data['precision']!r})", FutureWarning, stacklevel=2)
-            if "prefix_dtype" in data:
-                old = data.pop("prefix_dtype")
-                warnings.warn(f"TrainConfig.prefix_dtype = {old!r} is gone: cached prefix states keep the dtype "
-                              "the layers above receive, so training from them is exact", FutureWarning, stacklevel=2)
+            old = data.pop("prefix_dtype")
+            warnings.warn(f"TrainConfig.prefix_dtype = {old!r} is gone: cached prefix states keep the dtype "
+                          "the layers above receive, so training from them is exact", FutureWarning, stacklevel=2)
         return data
 
     @field_validator("tau", "beta", "lr")

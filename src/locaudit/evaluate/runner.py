@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -24,7 +23,7 @@ from locaudit.evaluate.results import EvalResult
 from locaudit.evaluate.view import describe
 from locaudit.io import write_text_atomic
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionName, parse_precision, resolve_precision
+from locaudit.models.precision import PrecisionName, migrate_autocast_field, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +48,7 @@ class EvalConfig(BaseModel):
     @classmethod
     def _old_autocast(cls, data):
         """The old field `autocast: none|bf16|fp16` keeps loading, as `precision`."""
-        if isinstance(data, dict) and "autocast" in data:
-            data = dict(data)
-            old = data.pop("autocast")
-            data.setdefault("precision", parse_precision(old, "EvalConfig.autocast"))
-            warnings.warn(f"EvalConfig.autocast = {old!r} is replaced by precision (read as precision = "
-                          f"{data['precision']!r})", FutureWarning, stacklevel=2)
-        return data
+        return migrate_autocast_field(data, "EvalConfig")
 
     @property
     def prompt_format(self) -> PromptFormat:

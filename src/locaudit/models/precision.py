@@ -287,3 +287,20 @@ def as_precision(value: PrecisionLike, device: torch.device | str | None = "cpu"
         if value is None:
             raise ConfigError(f"precision dtype must be float32, bfloat16 or float16, not {value}")
     return resolve_precision(value, device)
+
+
+def migrate_autocast_field(data: Any, where: str) -> Any:
+    """Configs written before the precision policy keep loading: an `autocast` entry of a config dict becomes
+    `precision` (True -> "auto", False/"none" -> "fp32", "bf16"/"fp16" as they are), with a FutureWarning
+    naming both. Use in a pydantic `model_validator(mode="before")`."""
+    if not (isinstance(data, dict) and "autocast" in data):
+        return data
+    import warnings
+
+    data = dict(data)
+    old = data.pop("autocast")
+    new = "auto" if old is True or str(old).lower() == "true" else "fp32" if old is False else parse_precision(old, f"{where}.autocast")
+    data.setdefault("precision", new)
+    warnings.warn(f"{where}.autocast = {old!r} is replaced by precision (read as precision = {data['precision']!r})",
+                  FutureWarning, stacklevel=3)
+    return data

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +23,7 @@ from locaudit.errors import ConfigError
 from locaudit.evaluate.judges.base import References, normalise_question
 from locaudit.evaluate.judges.data import JudgeExample, load_holdout, load_judge_data
 from locaudit.evaluate.judges.features import PairEncoder
-from locaudit.models.precision import PrecisionName
+from locaudit.models.precision import PrecisionName, migrate_autocast_field
 from locaudit.evaluate.judges.heads import Head, fit_logistic, fit_mlp
 from locaudit.evaluate.judges.reffeatures import LEXICAL
 from locaudit.evaluate.judges.trained import (JudgeFeatures, TrainedJudge, head_input, load_trained_judge,
@@ -44,13 +43,7 @@ class JudgeTrainConfig(BaseModel):
     @classmethod
     def _old_autocast(cls, data):
         """The old `autocast` (bool) keeps loading, as `precision`."""
-        if isinstance(data, dict) and "autocast" in data:
-            data = dict(data)
-            old = data.pop("autocast")
-            data.setdefault("precision", "auto" if old in (True, "true", "bf16") else "fp32")
-            warnings.warn(f"JudgeTrainConfig.autocast = {old!r} is replaced by precision (read as precision = "
-                          f"{data['precision']!r})", FutureWarning, stacklevel=2)
-        return data
+        return migrate_autocast_field(data, "JudgeTrainConfig")
 
     kinds: list[str] = Field(["truth", "info"], description="which judges to train: truth, info or both")
     model: str = Field("smollm2-135m-instruct", description="frozen backbone model whose states are the features")
