@@ -13,7 +13,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair

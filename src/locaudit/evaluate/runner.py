@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import torch
 from pydantic import BaseModel, Field, model_validator
 
 from locaudit.data.prompts import PromptFormat

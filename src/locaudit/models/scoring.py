@@ -175,7 +175,6 @@ def score_completions_shared_prompt(
                 lp, n = completion_logprobs(model, b)
                 sums[members], counts[members] = lp.float().cpu(), n.cpu()
                 continue
-            P = len(p_ids)
             for s in range(0, len(members), batch_size):
                 idx = members[s: s + batch_size]
                 comps = [encoded[i][1] for i in idx]

@@ -81,14 +81,6 @@ def _next_group(todo: list[Trial], status: dict[str, str], batch_max: int) -> li
     return []
 
 
-def study_precision(spec: StudySpec):
-    """The study's precision resolved for the device its model will run on (models/precision.py)."""
-    from locaudit.models.loading import resolve_device
-    from locaudit.models.precision import resolve_precision
-
-    return resolve_precision(spec.precision, resolve_device(spec.model.device))
-
-
 def run_study(
     spec: StudySpec,
     run_dir: str | Path,
@@ -113,7 +105,7 @@ def run_study(
     with Ledger(run_dir, writer=True) as ledger:
         ledger.set_meta("spec", spec.to_json())
         ledger.set_meta("study_name", spec.name)
-        ledger.set_meta("precision", study_precision(spec).meta())  # this session's machine (report header)
+        ledger.set_meta("precision", spec.resolved_precision().meta())  # this session's machine (report header)
         sync = ledger.sync(trials)
         reset = ledger.reset_interrupted()
         if reset:

@@ -281,6 +281,13 @@ class StudySpec(_Strict):
     def random_k(self) -> int:
         return self.localizers.random.k or self.localizers.probe.top_k
 
+    def resolved_precision(self):
+        """`precision` resolved for the device the model will run on (models/precision.py); no model load."""
+        from locaudit.models.loading import resolve_device
+        from locaudit.models.precision import resolve_precision
+
+        return resolve_precision(self.precision, resolve_device(self.model.device))
+
     def resolved_data_spec(self) -> str:
         """data.spec with ${VAR} expanded and a relative path made absolute (against base_dir)."""
         return resolve_data_spec(self.data.spec, Path(self.base_dir or "."), "data.spec")

@@ -72,10 +72,8 @@ class RunContext:
 
     @cached_property
     def precision(self):
-        """The study's precision resolved for the loaded model's device (models/precision.py)."""
-        from locaudit.models.precision import resolve_precision
-
-        return resolve_precision(self.spec.precision, self.lm.device)
+        """The study's precision for this process's device (no model load: probing needs none)."""
+        return self.spec.resolved_precision()
 
     @cached_property
     def data(self):
@@ -419,13 +417,6 @@ def run_group(trials: list[Trial], spec: StudySpec, run_dir: Path) -> Iterator[t
 def _with_precision(ctx: RunContext, result: dict) -> dict:
     """Record, in the trial's ledger row, the precision it actually ran at and the worker's CPU capability
     (a study may resume on another machine, where `auto` resolves differently)."""
-    if kind_needs_model(result):
-        meta = ctx.precision.meta()
-        result = {**result, "artifacts": {**result.get("artifacts", {}), "precision": meta["precision"],
-                                          "cpu_capability": meta["cpu_capability"]}}
-    return result
-
-
-def kind_needs_model(result: dict) -> bool:
-    """Every step but probing runs the model (probing fits on stored activations)."""
-    return "probe" not in result.get("artifacts", {})
+    meta = ctx.precision.meta()
+    return {**result, "artifacts": {**result.get("artifacts", {}), "precision": meta["precision"],
+                                    "cpu_capability": meta["cpu_capability"]}}
