@@ -22,22 +22,24 @@ class SiteSpec:
     layers: str
     o_proj: str
     conv1d: bool = False  # GPT-2's Conv1D stores the weight as [in, out]
+    mlp: str | None = None  # the MLP block inside a layer (its output is added to the residual stream)
+    mlp_down: str | None = None  # the MLP's output projection (input: MLP hidden; output: MLP output)
 
 
 SITES: dict[str, SiteSpec] = {
-    "llama": SiteSpec("model.layers", "self_attn.o_proj"),
-    "mistral": SiteSpec("model.layers", "self_attn.o_proj"),
-    "mixtral": SiteSpec("model.layers", "self_attn.o_proj"),
-    "qwen2": SiteSpec("model.layers", "self_attn.o_proj"),
-    "qwen3": SiteSpec("model.layers", "self_attn.o_proj"),
-    "gemma": SiteSpec("model.layers", "self_attn.o_proj"),
-    "gemma2": SiteSpec("model.layers", "self_attn.o_proj"),
-    "olmo": SiteSpec("model.layers", "self_attn.o_proj"),
-    "olmo2": SiteSpec("model.layers", "self_attn.o_proj"),
-    "phi3": SiteSpec("model.layers", "self_attn.o_proj"),
-    "gpt2": SiteSpec("transformer.h", "attn.c_proj", conv1d=True),
-    "gpt_neox": SiteSpec("gpt_neox.layers", "attention.dense"),
-    "opt": SiteSpec("model.decoder.layers", "self_attn.out_proj"),
+    "llama": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "mistral": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "mixtral": SiteSpec("model.layers", "self_attn.o_proj"),  # sparse MoE: no single MLP down-projection
+    "qwen2": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "qwen3": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "gemma": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "gemma2": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "olmo": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "olmo2": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "phi3": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
+    "gpt2": SiteSpec("transformer.h", "attn.c_proj", conv1d=True, mlp="mlp", mlp_down="mlp.c_proj"),
+    "gpt_neox": SiteSpec("gpt_neox.layers", "attention.dense", mlp="mlp", mlp_down="mlp.dense_4h_to_h"),
+    "opt": SiteSpec("model.decoder.layers", "self_attn.out_proj", mlp_down="fc2"),
 }
 
 
@@ -119,6 +121,22 @@ class ModelSites:
 
     def layer(self, l: int) -> nn.Module:
         return self.layer_list[l]
+
+    def embed(self) -> nn.Module:
+        """The token embedding module (its output is the residual stream entering layer 0)."""
+        return self.model.get_input_embeddings()
+
+    def mlp_down(self, l: int) -> nn.Module:
+        """Layer l's MLP output projection (input: the MLP hidden activation; output: the MLP output)."""
+        if self.spec.mlp_down is None:
+            raise UnsupportedModelError(f"model {self.model_type!r}: no MLP down-projection site is registered")
+        return _get(self.layer_list[l], self.spec.mlp_down)
+
+    def mlp(self, l: int) -> nn.Module:
+        """Layer l's MLP block; for families without a separate block, its down-projection."""
+        if self.spec.mlp is None:
+            return self.mlp_down(l)
+        return _get(self.layer_list[l], self.spec.mlp)
 
     def o_proj(self, l: int) -> nn.Module:
         """Layer l's attention output projection; its input is the concatenated head outputs."""
