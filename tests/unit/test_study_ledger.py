@@ -75,11 +75,12 @@ def test_new_grid_value_runs_only_new_trials(tmp_path: Path) -> None:
     bigger = make_spec(tmp_path, iti={"alphas": [1.0, 4.0, 8.0]})
     fn = FakeSteps()
     s = run_study(bigger, tmp_path / "run", fn=fn, progress=False)
-    assert s.added == 4 and len(fn.ran) == 4  # top + 3 random draws at the new alpha
+    # top + 3 random draws at the new alpha, each with its validation-scoring ('select') trial
+    assert s.added == 8 and len(fn.ran) == 8
     # removing it again: the extra rows stay in the ledger but leave the current study
     run_study(make_spec(tmp_path), tmp_path / "run", fn=FakeSteps(), progress=False)
     with Ledger(tmp_path / "run") as led:
-        assert len(led.rows(in_spec_only=False)) == len(led.rows()) + 4
+        assert len(led.rows(in_spec_only=False)) == len(led.rows()) + 8
 
 
 def test_failed_trials_wait_for_retry(tmp_path: Path) -> None:

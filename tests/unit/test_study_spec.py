@@ -97,16 +97,40 @@ def test_expansion_counts_and_unique_keys(folder: Path) -> None:
             assert trials.index(by_key[d]) < trials.index(t)
 
 
+def _keys(spec, kinds=("collect", "probe", "judge", "baseline", "iti", "optimal")) -> set[str]:
+    return {t.key for t in expand(spec) if t.kind in kinds}
+
+
 def test_adding_a_grid_value_keeps_other_keys(folder: Path) -> None:
-    before = {t.key for t in expand(spec_of(folder))}
-    after_alpha = {t.key for t in expand(spec_of(folder, iti__alphas=[1.0, 5.0, 10.0]))}
+    before = _keys(spec_of(folder))
+    after_alpha = _keys(spec_of(folder, iti__alphas=[1.0, 5.0, 10.0]))
     assert before < after_alpha and len(after_alpha - before) == 4
-    after_tau = {t.key for t in expand(spec_of(folder, optimal__taus=[0.1, 0.3]))}
+    after_tau = _keys(spec_of(folder, optimal__taus=[0.1, 0.3]))
     assert before < after_tau and len(after_tau - before) == 7
-    more_draws = {t.key for t in expand(spec_of(folder, localizers__random__n=5))}
+    more_draws = _keys(spec_of(folder, localizers__random__n=5))
     assert before < more_draws and len(more_draws - before) == 2 * 2 + 2  # iti x 2 alphas + optimal
-    more_singles = {t.key for t in expand(spec_of(folder, localizers__single__n=3))}
+    more_singles = _keys(spec_of(folder, localizers__single__n=3))
     assert before < more_singles and len(more_singles - before) == 1
+    # with the validation 'select' trials too: a new grid value only adds trials
+    all_kinds = ("collect", "probe", "judge", "baseline", "iti", "optimal", "select")
+    assert _keys(spec_of(folder), all_kinds) < _keys(spec_of(folder, optimal__taus=[0.1, 0.3]), all_kinds)
+
+
+def test_nested_selection_scores_gridded_trials_on_validation(folder: Path) -> None:
+    trials = expand(spec_of(folder))  # ITI has two alphas; optimal one (tau, lr) per group
+    by_key = {t.key: t for t in trials}
+    sel = [t for t in trials if t.kind == "select"]
+    assert {by_key[t.content["of"]].kind for t in sel} == {"iti"}
+    assert len(sel) == sum(t.kind == "iti" for t in trials)
+    for t in sel:
+        assert t.content["select"]["split"] == "val" and t.deps[0] == t.content["of"]
+        assert t.content["edit_dir"] == f"trials/{t.content['of']}/edit"
+    gridded = expand(spec_of(folder, optimal__taus=[0.1, 0.3]))
+    opt = {t.key: t for t in gridded if t.kind == "optimal"}
+    of_opt = [t for t in gridded if t.kind == "select" and t.content["of"] in opt]
+    assert len(of_opt) == len(opt) and all(t.content["edit_dir"].startswith("shared/optimal-") for t in of_opt)
+    # cross-fitting costs no validation trials
+    assert not [t for t in expand(spec_of(folder, evaluation__selection="cross-fit")) if t.kind == "select"]
 
 
 def test_keys_follow_content_not_execution(folder: Path) -> None:

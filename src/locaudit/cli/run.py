@@ -128,8 +128,10 @@ def _dry_run(spec, run_dir: Path, as_json: bool) -> None:
         res = results_frame(rows)
         if not res.empty:
             observed = analyze(res, load_per_question(run_dir, rows), spec.verdict, n_resamples=999).comparisons
+    from locaudit.study.trials import KINDS
+
     by: dict[str, int] = {}
-    for t in trials:
+    for t in sorted(trials, key=lambda t: KINDS.index(t.kind) if t.kind in KINDS else len(KINDS)):
         by[t.kind] = by.get(t.kind, 0) + 1
     mean_t = {k: sum(v) / len(v) for k, v in timings.items()}
     todo = {}

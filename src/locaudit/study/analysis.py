@@ -35,7 +35,7 @@ METHOD_LABEL = {"iti": "ITI (heuristic edit)", "optimal": "optimal edit", "basel
 PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "pref_acc", "info")
 LOWER_IS_BETTER = ("kl", "ce", "loss", "nll", "perplexity")
 BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "alpha", "tau", "lr", "seed", "status",
-                "attempts", "duration_s", "cpu_s", "heads", "precision", "cpu_capability", "error")
+                "attempts", "duration_s", "cpu_s", "heads", "precision", "cpu_capability", "error", "of")
 OUTCOMES = ("evidence for", "evidence against", "inconclusive", "no signal")
 # per-question score files of an evaluation folder: {file: {field: component}}
 PER_QUESTION_FILES = {"judgements.jsonl": {"truth": "true", "info": "info"},
@@ -72,7 +72,7 @@ def trials_frame(rows: Iterable[dict]) -> pd.DataFrame:
              "group": lo.group if lo else ("none" if r["kind"] == "baseline" else "shared"),
              "localizer": lo.name if lo else r["kind"], "alpha": spec.get("alpha"), "tau": spec.get("tau"),
              "lr": spec.get("lr"), "seed": spec.get("seed") if r["kind"] == "optimal" else None,
-             "status": r["status"], "attempts": r["attempts"], "duration_s": r.get("duration_s"), "cpu_s": r.get("cpu_s"),
+             "of": spec.get("of"), "status": r["status"], "attempts": r["attempts"], "duration_s": r.get("duration_s"), "cpu_s": r.get("cpu_s"),
              "heads": (r.get("artifacts") or {}).get("heads"),
              "precision": (r.get("artifacts") or {}).get("precision"),
              "cpu_capability": (r.get("artifacts") or {}).get("cpu_capability"), "error": (r.get("error") or "").strip().splitlines()[-1:] or None}
@@ -87,9 +87,27 @@ def trials_frame(rows: Iterable[dict]) -> pd.DataFrame:
     return df
 
 
+def merge_selection(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy each finished 'select' trial's validation metrics (`val_*`) onto the row of the trial it scored."""
+    if df.empty or "of" not in df.columns:
+        return df
+    sel = df[(df["kind"] == "select") & (df["status"] == "done")]
+    cols = [c for c in sel.columns if c.startswith("val_") and sel[c].notna().any()]
+    if sel.empty or not cols:
+        return df
+    df = df.copy()
+    pos = {k: i for i, k in enumerate(df["key"])}
+    for _, r in sel.iterrows():
+        i = pos.get(r["of"])
+        if i is not None:
+            for c in cols:
+                df.loc[df.index[i], c] = r[c]
+    return df
+
+
 def results_frame(rows: Iterable[dict]) -> pd.DataFrame:
-    """Finished evaluation trials (baseline, ITI, optimal) only."""
-    df = trials_frame(rows)
+    """Finished evaluation trials (baseline, ITI, optimal) only, with their validation scores where selected."""
+    df = merge_selection(trials_frame(rows))
     df = df[(df["status"] == "done") & df["kind"].isin(("baseline",) + METHODS)].reset_index(drop=True)
     keep = [c for c in df.columns if c in BASE_COLUMNS or df[c].notna().any()]
     return df[keep]

@@ -202,6 +202,14 @@ class EvalSpec(_Strict):
     batch_size: int = Field(32, ge=1, description="Scoring batch size (speed only).")
     gen_batch_size: int = Field(16, ge=1, description="Generation batch size (speed only).")
     baseline: bool = Field(True, description="Also evaluate the unedited model.")
+    selection: Literal["validation", "cross-fit"] = Field(
+        "validation", description="How each location's grid point (alpha; tau x lr) is chosen when it has more "
+        "than one: 'validation' also scores those trials on the validation split (the metrics the primary metric "
+        "needs; the judge then holds out validation questions too) and reports the chosen point on the test split; "
+        "'cross-fit' costs nothing extra: it chooses on one half of the test questions and reports on the other, "
+        "both ways. Either way, the report's 'best on test' view is labelled optimistic.")
+    val_max_questions: int | None = Field(None, ge=1, description="Validation questions used for selection "
+                                          "(default: max_questions).")
 
     @field_validator("metrics")
     @classmethod

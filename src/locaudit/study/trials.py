@@ -7,6 +7,7 @@ Trial kinds, in the order the data flows:
   baseline  the unedited model, evaluated
   iti       fit ITI at a localization, one alpha, evaluated
   optimal   train an optimal localized edit (one tau, lr, seed), evaluated
+  select    score an ITI or optimal trial's edit on the validation split (nested choice of its grid point)
 
 A trial's key is `stable_hash` of its content: the model and data identity, its own parameters and the
 keys of the trials it reads from. It never depends on the rest of the grid, so adding a grid value adds
@@ -22,7 +23,7 @@ from locaudit.io import stable_hash
 from locaudit.study.localizers import Localizer
 from locaudit.study.spec import StudySpec
 
-KINDS = ("collect", "probe", "judge", "baseline", "iti", "optimal")
+KINDS = ("collect", "probe", "judge", "baseline", "iti", "optimal", "select")
 SHARED_KINDS = ("collect", "probe", "judge")
 
 
@@ -105,6 +106,48 @@ def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = Non
     return out
 
 
+_METRIC_SOURCE = {"true_info": "gen", "true": "gen", "info": "gen", "mc2": "mc", "mc1": "mc", "mc0": "mc",
+                  "pref_acc": "pref", "kl": "kl", "ce": "ce"}
+_PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "pref_acc", "info")
+
+
+def selection_metrics(spec: StudySpec) -> list[str]:
+    """The evaluate_edit metrics that the verdict's primary metric needs (scored on validation to select)."""
+    ev = spec.evaluation
+    have = set(ev.metrics)
+    primary = spec.verdict.primary_metric
+    if primary is None or primary.removeprefix("val_") not in _METRIC_SOURCE:
+        sources = [_METRIC_SOURCE[m] for m in _PRIMARY_ORDER
+                   if _METRIC_SOURCE[m] in have and (_METRIC_SOURCE[m] != "gen" or ev.judge)]
+        return sources[:1]
+    src = _METRIC_SOURCE[primary.removeprefix("val_")]
+    return [src] if src in have else []
+
+
+def _selection(spec: StudySpec) -> dict | None:
+    """Nested selection on the validation split, when the study asks for it (trials with a grid get a 'select')."""
+    ev = spec.evaluation
+    metrics = selection_metrics(spec)
+    # independent of the grid's size, so adding a grid value leaves every existing key as it was
+    if ev.selection != "validation" or not metrics or ev.split == "val":
+        return None
+    return {"split": "val", "max_questions": ev.val_max_questions or ev.max_questions, "metrics": metrics}
+
+
+def _select_trial(t: Trial, select: dict, common: dict, judge: tuple[str, ...]) -> Trial:
+    """Scoring of trial `t`'s edit on the validation split, to choose its location's grid point.
+
+    A trial of its own (kind 'select'), so adding a grid value adds trials and keeps every other key."""
+    edit_dir = f"trials/{t.key}/edit" if t.kind == "iti" else f"shared/optimal-{training_key(t)}"
+    return make_trial("select", {**common, "of": t.key, "of_kind": t.kind, "edit_dir": edit_dir, "select": select,
+                                 "evaluation": t.content["evaluation"]}, deps=(t.key,) + judge)
+
+
+def training_key(t: Trial) -> str:
+    """What an optimal edit's training depends on: the trial's content without its evaluation."""
+    return stable_hash({k: v for k, v in t.content.items() if k != "evaluation"})
+
+
 def expand(spec: StudySpec) -> list[Trial]:
     """Every trial of the study, dependencies first."""
     common = {"model": spec.model_identity(), "data": spec.data_identity(), "precision": spec.precision}
@@ -116,6 +159,9 @@ def expand(spec: StudySpec) -> list[Trial]:
     need_probe = (spec.iti.enabled and bool(spec.iti.localizers)) or any(
         lo.needs_ranking for lo in localizers_of(spec, list(spec.optimal.localizers)) if spec.optimal.enabled)
 
+    select = _selection(spec)
+    if select and "gen" in select["metrics"]:  # a judge that scores validation answers must not have seen them
+        evaluation["judge_holdout"] = sorted({ev.split, select["split"]})
     trials: list[Trial] = []
     collect = probe = None
     if spec.iti.enabled or need_probe:
@@ -125,7 +171,8 @@ def expand(spec: StudySpec) -> list[Trial]:
         trials.append(probe)
     judge: tuple[str, ...] = ()
     if ev.judge and "gen" in ev.metrics:
-        jt = make_trial("judge", {**common, "judge": spec.judge_identity(), "split": ev.split})
+        jt = make_trial("judge", {**common, "judge": spec.judge_identity(), "split": ev.split,
+                                  **({"holdout": evaluation["judge_holdout"]} if "judge_holdout" in evaluation else {})})
         trials.append(jt)
         judge = (jt.key,)
     if ev.baseline:
@@ -134,20 +181,23 @@ def expand(spec: StudySpec) -> list[Trial]:
         assert collect is not None and probe is not None
         for loc in localizers_of(spec, list(spec.iti.localizers), spec.localizers.random.iti_n):
             for alpha in spec.iti.alphas:
-                trials.append(make_trial(
+                trials.append(t := make_trial(
                     "iti", {**common, "collect": collect.key, "probe": probe.key, "localizer": loc.to_dict(),
                             "alpha": float(alpha), "direction": spec.iti.direction, "evaluation": evaluation},
                     deps=(collect.key, probe.key) + judge))
+                if select and len(spec.iti.alphas) > 1:
+                    trials.append(_select_trial(t, select, common, judge))
     if spec.optimal.enabled:
         O = spec.optimal
         for loc in localizers_of(spec, list(O.localizers)):
+            gridded = len(O.taus) * len(getattr(O.lr, loc.group)) > 1
             deps = (probe.key,) if loc.needs_ranking and probe is not None else ()
             probe_dep = deps[0] if deps else None
             deps = deps + judge
             for tau in O.taus:
                 for lr in getattr(O.lr, loc.group):
                     for seed in O.seeds:
-                        trials.append(make_trial(
+                        trials.append(t := make_trial(
                             "optimal",
                             {**common, "probe": probe_dep, "localizer": loc.to_dict(),
                              "tau": float(tau), "lr": float(lr), "objective": O.objective, "rank": O.rank,
@@ -156,6 +206,8 @@ def expand(spec: StudySpec) -> list[Trial]:
                              "train_options": dict(sorted(O.train_options.items())), "seed": int(seed),
                              "evaluation": evaluation},
                             deps=deps, batch_fields=("localizer", "probe", "lr")))
+                        if select and gridded:
+                            trials.append(_select_trial(t, select, common, judge))
     seen: set[str] = set()
     unique = []
     for t in trials:  # two spellings of one localization (e.g. a listed head twice) are one trial

@@ -1,0 +1,81 @@
+"""The real work of each trial kind, registered in one table, and the group function executors call.
+
+`run_group(trials, spec, run_dir)` keeps one `RunContext` per process (model, data, judge, activations
+and probes loaded once and reused by every trial that process runs) and yields each trial's metrics and
+artifact paths (relative to the run folder) as soon as the trial is finished.
+
+Modules, one job each:
+  context.py     RunContext (the loaded objects a process shares), EvalView, the study's model
+  evaluation.py  score an edit as the trial's content says (test split, and validation for selection)
+  shared.py      collect, probe, judge: the results other trials read
+  heuristic.py   baseline, ITI, and 'select' (an edit scored on validation, to choose grid points)
+  optimal.py     optimal edits, trained in groups
+
+Files of a run folder:
+  shared/collect-KEY/   activations.safetensors, examples.jsonl, meta.json (localize/activations.py)
+  shared/probe-KEY/     probe_accuracy.csv, ranking.json, probes.safetensors, probe_heatmap.png
+  shared/optimal-TKEY/  a trained optimal edit (edit.safetensors, meta.json, trained.json), keyed by its
+                        training content only: changing the evaluation re-evaluates, never retrains
+  trials/KEY/edit/      an ITI edit (iti.safetensors, meta.json)
+  trials/KEY/eval/      the evaluation (EvalResult files: metrics, generations, judgements); eval/val/ the
+                        validation scores used to choose grid points
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+from locaudit.errors import ConfigError
+from locaudit.study.spec import StudySpec
+from locaudit.study.steps.context import (EvalView, RunContext, clear_contexts, context, load_study_model,
+                                          seed_everything)
+from locaudit.study.steps.evaluation import evaluate, flatten_metrics
+from locaudit.study.steps.heuristic import run_baseline, run_iti, run_select
+from locaudit.study.steps.optimal import TRAINED_MARKER, _trained_ok, run_optimal
+from locaudit.study.trials import training_key
+from locaudit.study.steps.shared import run_collect, run_judge, run_probe
+from locaudit.study.trials import Trial
+
+__all__ = ["STEPS", "BATCHED", "register_step", "run_group", "RunContext", "EvalView", "context", "clear_contexts",
+           "load_study_model", "seed_everything", "evaluate", "flatten_metrics", "TRAINED_MARKER", "training_key"]
+
+# kind -> fn(ctx, trial) -> {"metrics": {...}, "artifacts": {...}}
+STEPS: dict[str, Callable] = {"collect": run_collect, "probe": run_probe, "judge": run_judge,
+                              "baseline": run_baseline, "iti": run_iti, "select": run_select}
+# kind -> fn(ctx, trials) -> iterator of (key, result): trials of one group run together (shared training)
+BATCHED: dict[str, Callable] = {"optimal": run_optimal}
+
+
+def register_step(kind: str, fn: Callable, batched: bool = False) -> None:
+    """Declare the step of a trial kind (`batched`: fn takes the group's trials and yields (key, result))."""
+    STEPS.pop(kind, None)
+    BATCHED.pop(kind, None)
+    (BATCHED if batched else STEPS)[kind] = fn
+
+
+def run_group(trials: list[Trial], spec: StudySpec, run_dir: Path) -> Iterator[tuple[str, dict]]:
+    """The executors' group function for the real steps (see the module docstring)."""
+    ctx = context(spec, run_dir)
+    kinds = {t.kind for t in trials}
+    if len(kinds) != 1:
+        raise ConfigError(f"a trial group mixes kinds {sorted(kinds)}")
+    kind = kinds.pop()
+    if kind in BATCHED:
+        seed_everything(trials[0].key)
+        for key, res in BATCHED[kind](ctx, trials):
+            yield key, _with_precision(ctx, res)
+        return
+    if kind not in STEPS:
+        raise ConfigError(f"unknown trial kind {kind!r}; registered: {sorted(STEPS) + sorted(BATCHED)}")
+    for t in trials:
+        seed_everything(t.key)
+        yield t.key, _with_precision(ctx, STEPS[kind](ctx, t))
+
+
+def _with_precision(ctx: RunContext, result: dict) -> dict:
+    """Record, in the trial's ledger row, the precision it actually ran at and the worker's CPU capability
+    (a study may resume on another machine, where `auto` resolves differently)."""
+    meta = ctx.precision.meta()
+    return {**result, "artifacts": {**result.get("artifacts", {}), "precision": meta["precision"],
+                                    "cpu_capability": meta["cpu_capability"]}}

@@ -1,0 +1,198 @@
+"""What the trials of one study share inside one process: model, data, judges, activations, probes.
+
+`context(spec, run_dir)` keeps one `RunContext` per process (Ray workers reuse theirs across trials);
+everything in it loads on first use. Steps read what defines a result from the trial's content; the
+context only supplies the loaded objects and execution settings (devices, batch sizes).
+"""
+
+from __future__ import annotations
+
+import random
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from locaudit.errors import ConfigError
+from locaudit.heads import HeadSet
+from locaudit.io import stable_hash
+from locaudit.study.spec import StudySpec
+from locaudit.study.trials import Trial
+
+
+def load_study_model(spec: StudySpec):
+    """The study's model; ``tiny:FAMILY[:SEED]`` builds a tiny random model (tests, smoke runs)."""
+    name = spec.resolved_model_name()
+    if name.startswith("tiny:"):
+        from locaudit.models.tiny import FAMILIES, tiny_model
+
+        parts = name.split(":")
+        family = parts[1] if len(parts) > 1 and parts[1] else "llama"
+        if family not in FAMILIES or len(parts) > 3:
+            raise ConfigError(f"model.name {name!r}: expected tiny:FAMILY[:SEED] with FAMILY in {FAMILIES}")
+        seed = int(parts[2]) if len(parts) == 3 else 0
+        return tiny_model(family, seed=seed)
+    from locaudit.models.loading import load_model, resolve_device
+
+    return load_model(name, dtype=spec.model.dtype, device=str(resolve_device(spec.model.device)),
+                      trust_remote_code=spec.model.trust_remote_code)
+
+
+class EvalView:
+    """The behaviour data with one split cut to its first `n` questions (and their MC items and pairs),
+    so a study can evaluate on a subsample while training and probing see the full splits."""
+
+    def __init__(self, data: Any, split: str, n: int | None) -> None:
+        self._data, self._split = data, split
+        qs = data.questions(split)
+        self._qids = {q.qid for q in (qs if n is None else qs[:n])}
+        self.name = data.name
+        self.fingerprint = stable_hash({"data": data.fingerprint, "split": split, "n": n})
+
+    def _check(self, split: str | None) -> None:
+        if split != self._split:
+            raise ConfigError(f"this evaluation view serves split {self._split!r}, not {split!r}")
+
+    def questions(self, split: str | None = None) -> list:
+        self._check(split)
+        return [q for q in self._data.questions(split) if q.qid in self._qids]
+
+    def mc_items(self, split: str | None = None) -> list:
+        self._check(split)
+        return [m for m in self._data.mc_items(split) if m.qid in self._qids]
+
+    def pairs(self, split: str | None = None) -> list:
+        self._check(split)
+        return [p for p in self._data.pairs(split) if p.qid in self._qids]
+
+    def __getattr__(self, name: str):  # anything else a metric may read (e.g. behaviour metadata)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._data, name)
+
+
+class RunContext:
+    """What the trials of one study share inside one process; everything loads on first use."""
+
+    def __init__(self, spec: StudySpec, run_dir: str | Path) -> None:
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        self._acts: dict[str, Any] = {}
+        self._probes: dict[str, Any] = {}
+        self._views: dict[tuple, EvalView] = {}
+        self._judges: dict[tuple, Any] = {}
+        self._rankings: dict[str, Any] = {}
+
+    @cached_property
+    def lm(self):
+        return load_study_model(self.spec)
+
+    @cached_property
+    def precision(self):
+        """The study's precision for this process's device (no model load: probing needs none)."""
+        return self.spec.resolved_precision()
+
+    @cached_property
+    def data(self):
+        from locaudit.data.behaviour import load_behaviour
+
+        d = self.spec.data
+        return load_behaviour(self.spec.resolved_data_spec(), seed=d.seed, fractions=d.fractions,
+                              mc_path=self.spec.resolved_mc_path(), max_questions=d.max_questions)
+
+    def eval_view(self, split: str, n: int | None) -> EvalView:
+        k = (split, n)
+        if k not in self._views:
+            self._views[k] = EvalView(self.data, split, n)
+        return self._views[k]
+
+    @cached_property
+    def fmt(self):
+        from locaudit.data.prompts import PromptFormat
+
+        return PromptFormat(self.spec.data.format, self.spec.data.system)
+
+    def judge(self, holdout_splits: tuple[str, ...]):
+        """The study's judge; a judge trained by locaudit never sees the questions of `holdout_splits`
+        (the splits it will judge) of exactly this data split (same file, seed, fractions, subsample)."""
+        if not self.spec.evaluation.judge:
+            return None
+        k = tuple(sorted(holdout_splits))
+        if k not in self._judges:
+            from locaudit.evaluate.judges import get_judge
+            from locaudit.models.loading import resolve_device
+
+            d = self.spec.data
+            data_spec = self.spec.resolved_data_spec()
+            refs = data_spec if data_spec.startswith("truthfulqa:") else None
+            self._judges[k] = get_judge(self.spec.resolved_judge(), references=refs, holdout=data_spec,
+                                        holdout_splits=k, seed=d.seed, fractions=tuple(d.fractions),
+                                        max_questions=d.max_questions,
+                                        device=str(resolve_device(self.spec.model.device)))
+        return self._judges[k]
+
+    def shared_dir(self, kind: str, key: str) -> Path:
+        return self.run_dir / "shared" / f"{kind}-{key}"
+
+    def trial_dir(self, key: str) -> Path:
+        return self.run_dir / "trials" / key
+
+    def rel(self, p: Path) -> str:
+        return str(Path(p).resolve().relative_to(self.run_dir.resolve()))
+
+    def activations(self, collect_key: str):
+        if collect_key not in self._acts:
+            from locaudit.localize.activations import ActivationSet
+
+            self._acts[collect_key] = ActivationSet.load(self.shared_dir("collect", collect_key))
+        return self._acts[collect_key]
+
+    def probe(self, probe_key: str):
+        if probe_key not in self._probes:
+            from locaudit.localize.probe import ProbeResult
+
+            self._probes[probe_key] = ProbeResult.load(self.shared_dir("probe", probe_key))
+        return self._probes[probe_key]
+
+    def ranking(self, trial: Trial) -> list | None:
+        """The head ranking a trial's localizer reads (the probe's, or a causal localizer's), best first."""
+        loc = trial.localizer
+        if loc is None or not loc.needs_ranking:
+            return None
+        probe_key = trial.content.get("probe")
+        if probe_key is None:
+            raise ConfigError(f"trial {trial.key} ({trial.name}) needs a head ranking but names no localizer trial")
+        return self.probe(probe_key).ranking()
+
+    def heads(self, trial: Trial) -> HeadSet:
+        loc = trial.localizer
+        assert loc is not None
+        s = self.lm.sites
+        return loc.resolve(s.n_layers, s.n_heads, self.ranking(trial))
+
+
+_CONTEXTS: dict[tuple[str, str], RunContext] = {}
+
+
+def context(spec: StudySpec, run_dir: str | Path) -> RunContext:
+    """One RunContext per (run folder, spec) per process (Ray workers reuse theirs across trials)."""
+    k = (str(Path(run_dir).resolve()), stable_hash(spec.to_json()))
+    if k not in _CONTEXTS:
+        _CONTEXTS.clear()
+        _CONTEXTS[k] = RunContext(spec, run_dir)
+    return _CONTEXTS[k]
+
+
+def clear_contexts() -> None:
+    """Drop the cached contexts (model, data, activations) of this process."""
+    _CONTEXTS.clear()
+
+
+def seed_everything(key: str) -> None:
+    """Seed from the trial key, so a trial gives the same result whenever and wherever it runs."""
+    s = int(key[:8], 16)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)

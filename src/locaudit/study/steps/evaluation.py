@@ -1,0 +1,78 @@
+"""Score an edit the way the trial says: the metrics, split, subsample and protocol in its content.
+
+A trial's `content["evaluation"]` holds everything that defines the numbers (metrics, judge, split,
+max_questions, and every EvalConfig field the study sets, such as max_new_tokens); the study's
+execution settings (batch sizes) come from the spec and never change a result. A 'select' trial scores
+another trial's edit on the validation split with the same protocol (`score_split`), for the nested
+choice of grid points.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from locaudit.study.steps.context import RunContext
+from locaudit.study.trials import Trial
+
+# content["evaluation"] keys that are not EvalConfig fields
+_NOT_CONFIG = {"metrics", "judge", "split", "max_questions", "judge_holdout"}
+
+
+def _config(ctx: RunContext, ev: dict):
+    from locaudit.evaluate.runner import EvalConfig
+
+    fields = {k: v for k, v in ev.items() if k not in _NOT_CONFIG and k in EvalConfig.model_fields}
+    E = ctx.spec.evaluation
+    return EvalConfig(format=ctx.spec.data.format, batch_size=E.batch_size, gen_batch_size=E.gen_batch_size,
+                      precision=ctx.precision.name, progress=False, **fields)
+
+
+def score_split(ctx: RunContext, ev: dict, edit, split: str, n: int | None, metrics: list[str], out_dir: Path) -> dict:
+    from locaudit.evaluate.runner import evaluate_edit
+
+    holdout = tuple(ev.get("judge_holdout") or (ev["split"],))
+    judge = ctx.judge(holdout) if "gen" in metrics and ev.get("judge") else None
+    result = evaluate_edit(ctx.lm, edit, ctx.eval_view(split, n), split=split, metrics=list(metrics),
+                           judge=judge, out_dir=out_dir, config=_config(ctx, ev))
+    return flatten_metrics(result)
+
+
+def evaluate(ctx: RunContext, trial: Trial, edit, out_dir: Path) -> dict[str, float]:
+    """Score `edit` (None = the unedited model) as `trial` says; flat {metric: value}."""
+    ev = trial.content["evaluation"]
+    return score_split(ctx, ev, edit, ev["split"], ev.get("max_questions"), list(ev["metrics"]), out_dir)
+
+
+def flatten_metrics(result: Any) -> dict[str, float]:
+    """Numbers of an EvalResult (or a dict) as {name: float}; adds true_info = true * info when missing."""
+    if hasattr(result, "model_dump"):
+        raw = result.model_dump()
+    elif isinstance(result, dict):
+        raw = result
+    else:
+        raise TypeError(f"cannot read metrics from {type(result).__name__}")
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)):
+            if not math.isfinite(float(v)) and _undefined_on_empty(str(k), raw):
+                continue  # e.g. pref_acc with no pairs in the split: not measured, not failed
+            out[str(k)] = float(v)  # any other non-finite value stays, so the trial fails (runner._record)
+    if "true_info" not in out and "true" in out and "info" in out:
+        out["true_info"] = out["true"] * out["info"]
+    return out
+
+
+_COUNT_OF = {"mc": "n_mc", "kl": "n_kl_tokens", "ce": "n_kl_tokens", "pref": "n_pairs", "true": "n_generated",
+             "info": "n_generated"}
+
+
+def _undefined_on_empty(name: str, raw: dict) -> bool:
+    """Whether metric `name` is NaN only because its data was empty (its count field is 0)."""
+    for prefix, count in _COUNT_OF.items():
+        if name.startswith(prefix):
+            return raw.get(count) == 0
+    return False

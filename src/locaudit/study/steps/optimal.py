@@ -1,0 +1,115 @@
+"""The optimal-edit step: train a group of localized edits in one pass, then evaluate each.
+
+A trained edit lives in shared/optimal-TKEY/, keyed by its training content only (the trial's content
+without its evaluation): changing the evaluation re-evaluates, never retrains. A trained edit is kept
+when its evaluation fails, so a retry only evaluates again; a folder is trusted only while its files
+match their checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from locaudit.errors import LocauditError
+from locaudit.io import has_checksums, verify_checksums, write_checksums, write_json_atomic
+from locaudit.study.steps.context import RunContext
+from locaudit.study.steps.evaluation import evaluate
+from locaudit.study.trials import Trial, training_key
+
+log = logging.getLogger(__name__)
+
+TRAINED_MARKER = "trained.json"
+
+
+def _subsample(items: list, n: int | None, seed: int) -> list:
+    if n is None or len(items) <= n:
+        return items
+    idx = sorted(np.random.default_rng(seed).choice(len(items), size=n, replace=False).tolist())
+    return [items[i] for i in idx]
+
+
+def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dict]]:
+    """Train the group's edits in one pass (equal hyper-parameters but the head set and lr), then
+    evaluate each; an edit already trained by an earlier attempt is loaded instead."""
+    from locaudit.edit.config import TrainConfig
+    from locaudit.edit.lora import LoRAEdit
+    from locaudit.edit.multi import train_edits
+
+    c = trials[0].content
+    heads = {t.key: ctx.heads(t) for t in trials}
+    edit_dir = {t.key: ctx.shared_dir("optimal", training_key(t)) for t in trials}
+    todo = [t for t in trials if not _trained_ok(edit_dir[t.key])]
+    for t in todo:  # an untrusted folder loses its marker first: only a complete retraining restores it
+        (edit_dir[t.key] / TRAINED_MARKER).unlink(missing_ok=True)
+    diverged: list[str] = []
+    if todo:
+        seed = int(c["data"]["seed"])  # the data identity in the trial: the subsample seed
+        train_pairs = _subsample(ctx.data.pairs("train"), c["max_train_pairs"], seed)
+        val_pairs = _subsample(ctx.data.pairs("val"), c["max_val_pairs"], seed + 1)
+        options = dict(c.get("train_options", {}))
+        options.setdefault("max_parallel", max(1, len(todo)))  # train_edits groups edits by lowest layer
+        cfg = TrainConfig.make(objective=c["objective"], tau=c["tau"], rank=c["rank"], epochs=c["epochs"],
+                               batch_size=c["batch_size"], seed=c["seed"], progress=True,
+                               precision=ctx.precision.name, **options)
+        results = train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
+                              lrs=[float(t.content["lr"]) for t in todo])
+        for t, (edit, tlog) in zip(todo, results):
+            d = edit_dir[t.key]
+            if getattr(tlog, "diverged", None):  # never saved: the trial fails with the reason (below)
+                diverged.append(f"trial {t.key} ({t.name}): {tlog.diverged}")
+                continue
+            edit.save(d)
+            write_json_atomic(d / TRAINED_MARKER, {"seconds": tlog.seconds, "before": tlog.before, "after": tlog.after,
+                                                   "n_train": tlog.n_train, "n_val": tlog.n_val})
+            write_checksums(d)  # last: the folder is trusted only while it matches
+    bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
+    for t in trials:
+        if t.key in bad:
+            continue
+        d = ctx.trial_dir(t.key)
+        edit = LoRAEdit.load(edit_dir[t.key])
+        metrics = evaluate(ctx, t, edit, d / "eval")
+        trained = json.loads((edit_dir[t.key] / TRAINED_MARKER).read_text())
+        metrics["n_edit_heads"] = float(len(heads[t.key]))
+        metrics["train_seconds"] = float(trained.get("seconds", float("nan")))
+        for k, v in (trained.get("after") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "epoch":
+                metrics[f"train_{k}"] = float(v)
+        yield t.key, {"metrics": metrics, "artifacts": {"edit": ctx.rel(edit_dir[t.key]), "eval": ctx.rel(d / "eval"),
+                                                       "heads": heads[t.key].to_string()}}
+    if diverged:
+        from locaudit.edit.train import TrainingError
+
+        raise TrainingError("; ".join(diverged))
+
+
+def _trained_ok(d: Path) -> bool:
+    """Whether a trained-edit folder can be trusted: its marker is there and its files match their
+    checksums (a folder from before checksums is trusted if it loads and is finite, then sealed)."""
+    if not (d / TRAINED_MARKER).exists():
+        return False
+    if has_checksums(d):
+        problem = verify_checksums(d)
+        if problem:
+            log.warning("retraining the edit in %s: %s", d, problem)
+        return problem is None
+    from locaudit.edit.lora import LoRAEdit
+
+    try:
+        edit = LoRAEdit.load(d)
+        json.loads((d / TRAINED_MARKER).read_text(encoding="utf-8"))
+    except (LocauditError, OSError, ValueError) as e:
+        log.warning("retraining the edit in %s: %s", d, e)
+        return False
+    if not (torch.isfinite(edit.a).all() and torch.isfinite(edit.b).all()):
+        log.warning("retraining the edit in %s: non-finite parameters", d)
+        return False
+    write_checksums(d)
+    return True
