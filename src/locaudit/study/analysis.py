@@ -34,8 +34,9 @@ METHODS = ("iti", "optimal")
 METHOD_LABEL = {"iti": "ITI (heuristic edit)", "optimal": "optimal edit", "baseline": "unedited"}
 PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "pref_acc", "info")
 LOWER_IS_BETTER = ("kl", "ce", "loss", "nll", "perplexity")
-BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "alpha", "tau", "lr", "seed", "status",
-                "attempts", "duration_s", "cpu_s", "heads", "precision", "cpu_capability", "error", "of")
+BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "candidate", "alpha", "tau", "lr", "seed", "status",
+                "attempts", "duration_s", "cpu_s", "heads", "edit_dir", "eval_dir", "precision", "cpu_capability",
+                "error", "of")
 OUTCOMES = ("evidence for", "evidence against", "inconclusive", "no signal")
 # per-question score files of an evaluation folder: {file: {field: component}}
 PER_QUESTION_FILES = {"judgements.jsonl": {"truth": "true", "info": "info"},
@@ -70,10 +71,13 @@ def trials_frame(rows: Iterable[dict]) -> pd.DataFrame:
         lo = Localizer.from_dict(loc) if loc else None
         d = {"key": r["key"], "kind": r["kind"], "method": r["kind"],
              "group": lo.group if lo else ("none" if r["kind"] == "baseline" else "shared"),
-             "localizer": lo.name if lo else r["kind"], "alpha": spec.get("alpha"), "tau": spec.get("tau"),
+             "localizer": lo.name if lo else r["kind"],
+             "candidate": (loc.get("ranking") or "probe") if lo is not None and lo.group == "top" else None,
+             "alpha": spec.get("alpha"), "tau": spec.get("tau"),
              "lr": spec.get("lr"), "seed": spec.get("seed") if r["kind"] == "optimal" else None,
              "of": spec.get("of"), "status": r["status"], "attempts": r["attempts"], "duration_s": r.get("duration_s"), "cpu_s": r.get("cpu_s"),
              "heads": (r.get("artifacts") or {}).get("heads"),
+             "edit_dir": (r.get("artifacts") or {}).get("edit"), "eval_dir": (r.get("artifacts") or {}).get("eval"),
              "precision": (r.get("artifacts") or {}).get("precision"),
              "cpu_capability": (r.get("artifacts") or {}).get("cpu_capability"), "error": (r.get("error") or "").strip().splitlines()[-1:] or None}
         if isinstance(d["error"], list):
@@ -639,11 +643,33 @@ class Analysis:
     config: VerdictSpec
 
 
+def candidates(df: pd.DataFrame) -> list[str]:
+    """The localizers whose top-K sets are candidate locations in a results frame (the probe first)."""
+    if df.empty or "candidate" not in df.columns:
+        return ["probe"] if not df.empty and (df["group"] == "top").any() else []
+    found = sorted({str(c) for c in df.loc[df["group"] == "top", "candidate"].dropna()})
+    return sorted(found, key=lambda c: (c != "probe", c))
+
+
+def for_candidate(df: pd.DataFrame, candidate: str) -> pd.DataFrame:
+    """The results with only `candidate`'s top-K rows among the candidates (controls are shared)."""
+    if df.empty or "candidate" not in df.columns:
+        return df
+    other = (df["group"] == "top") & (df["candidate"].fillna("probe") != candidate)
+    return df[~other].reset_index(drop=True)
+
+
 def analyze(df: pd.DataFrame, perq: dict | None = None, config: VerdictSpec | dict | None = None,
             ranking: list[tuple[int, int]] | None = None, n_resamples: int = 4999, seed: int = 0,
-            max_overlap: float | None = 0.5, top_k: int | None = None) -> Analysis:
-    """Run every comparison of a results frame (see the module docstring); `perq` from load_per_question."""
+            max_overlap: float | None = 0.5, top_k: int | None = None, candidate: str | None = None) -> Analysis:
+    """Run every comparison of a results frame (see the module docstring); `perq` from load_per_question.
+
+    With several candidate localizers (probe, activation patching, ...), one candidate is analysed:
+    `candidate` (default: the probe, else the first); `analyze_candidates` runs each."""
     cfg = config if isinstance(config, VerdictSpec) else VerdictSpec.model_validate(config or {})
+    cands = candidates(df)
+    if len(cands) > 1 or (candidate is not None and cands):
+        df = for_candidate(df, candidate or cands[0])
     if df.empty or primary_metric(df, cfg.primary_metric) is None:
         return Analysis(None, pd.DataFrame(), pd.DataFrame(), [], pd.DataFrame(), {}, cfg)
     eng = _Engine(df, perq, cfg, n_resamples, seed)

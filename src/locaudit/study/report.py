@@ -31,8 +31,9 @@ import pandas as pd
 
 from locaudit.io import atomic_path, write_json_atomic, write_text_atomic
 from locaudit.study import figures as F
-from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, load_per_question, metric_columns,
+from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_candidate, load_per_question, metric_columns,
                                      results_frame, trials_frame, verdict)
+from locaudit.study.candidates import agreement_rows, rankings_of_run, side_by_side
 from locaudit.study.ledger import Ledger
 from locaudit.study.spec import VerdictSpec
 
@@ -228,10 +229,17 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     notes: list[str] = []
     probe = _probe(run_dir, rows, notes)
     ranking = probe.ranking() if probe is not None else None
-    a = analyze(res, load_per_question(run_dir, rows), cfg, ranking, n_resamples=n_resamples,
-                max_overlap=max_overlap, top_k=top_k)
+    perq = load_per_question(run_dir, rows)
+    a = analyze(res, perq, cfg, ranking, n_resamples=n_resamples, max_overlap=max_overlap, top_k=top_k)
     comp, singles = a.comparisons, a.singles
-    v = verdict(res, comp, singles, cfg, top_k=top_k, flags=a.flags, selection=a.selection)
+    v = verdict(for_candidate(res, "probe"), comp, singles, cfg, top_k=top_k, flags=a.flags, selection=a.selection)
+    rankings = rankings_of_run(run_dir, rows, probe, notes)
+    side, per_candidate = side_by_side(res, perq, cfg, rankings, n_resamples, max_overlap)
+    agree = agreement_rows(rankings) if len(rankings) > 1 else []
+    if side:
+        tables["localizers.csv"] = _write_df(pd.DataFrame(side), out / "localizers.csv")
+    if agree:
+        tables["agreement.csv"] = _write_df(pd.DataFrame(agree), out / "agreement.csv")
     tables["comparisons.csv"] = _write_df(comp, out / "comparisons.csv")
     tables["verdict.csv"] = _write_df(pd.DataFrame(v.table), out / "verdict.csv")
     tables["singles.csv"] = _write_df(singles, out / "singles.csv")
@@ -241,18 +249,21 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     tables["timing.csv"] = _write_df(timing_table(all_df), out / "timing.csv")
     vd = {"headline": v.headline, "outcome": v.outcome, "lines": v.lines, "table": v.table, "missing": v.missing,
           "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
-          "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+          "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "localizers": per_candidate, "localizer_table": side, "agreement": agree}
     write_json_atomic(out / "verdict.json", vd)
     tables["verdict.json"] = out / "verdict.json"
     figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
     index = out / "index.html"
-    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes))
+    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes,
+                                   side, per_candidate, agree))
     return Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text()))
 
 
 def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
           singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
-          notes: list[str] | None = None) -> str:
+          notes: list[str] | None = None, side: list[dict] | None = None, per_candidate: dict | None = None,
+          agree: list[dict] | None = None) -> str:
     name = html.escape(str(spec.get("name", "study")))
     model = spec.get("model", {}) or {}
     data = spec.get("data", {}) or {}
@@ -289,6 +300,19 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
             f"{cfg.multiplicity} correction; evidence against = TOST within ±{cfg.margin:.0%} of full alignment's "
             "gain; inconclusive = neither; no signal = the metric does not vary or full alignment has no measurable "
             "gain.") + "</p>" + _table(pd.DataFrame(v.table)))
+    if side:
+        parts.append("<h2>Localizers side by side</h2><p class='muted'>" + html.escape(
+            "Each localizer's top-K heads are edited like the probe's and compared with the same random draws, full "
+            "alignment and unedited model. Each localizer's comparisons are corrected within its own family; "
+            "p_rank_adj_across_localizers corrects the same method's rank p-values once more across localizers "
+            "(Holm).") + "</p><ul>" + "".join(
+            f"<li><b>{html.escape(c)}</b>: {html.escape(d['headline'])}</li>" for c, d in (per_candidate or {}).items())
+            + "</ul>" + _table(pd.DataFrame(side)))
+    if agree:
+        parts.append("<h2>Agreement between localizers</h2><p class='muted'>" + html.escape(
+            "Jaccard of the top-K sets and Spearman correlation over all heads, against two random K-sets "
+            "(hypergeometric: mean and 95th percentile of the Jaccard, p = P(overlap >= observed)) and two random "
+            "rankings (Monte-Carlo 95th percentile of Spearman).") + "</p>" + _table(pd.DataFrame(agree)))
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for k, p in figs.items():
@@ -311,8 +335,12 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
                                                              for m, x in a.selection.items())) + "</p>")
     parts.append("<h2>Compute</h2>" + _table(timing_table(all_df)))
     metrics = metric_columns(res)
-    parts.append("<h2>Results</h2>" + _table(res, ["kind", "group", "localizer", "alpha", "tau", "lr", "seed", *metrics,
-                                                   "duration_s"]))
+    shown = res
+    if a is not None and a.flags and not res.empty:  # duplicate / overlapping random draws, flagged in the table
+        flag = {(f["method"], f["localizer"]): f["issue"] for f in a.flags}
+        shown = res.assign(flag=[flag.get((k, loc)) for k, loc in zip(res["kind"], res["localizer"])])
+    parts.append("<h2>Results</h2>" + _table(shown, ["kind", "group", "localizer", "candidate", "heads", "flag", "alpha",
+                                                     "tau", "lr", "seed", *metrics, "duration_s", "edit_dir"]))
     failed = all_df[all_df["status"] == "failed"] if not all_df.empty else all_df
     if not failed.empty:
         parts.append("<h2>Failed trials</h2>" + _table(failed, ["key", "kind", "localizer", "attempts", "error"])

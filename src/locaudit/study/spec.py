@@ -116,11 +116,55 @@ class SingleSpec(_Strict):
         return list(seen.values())
 
 
+class CausalSpec(BaseModel):
+    """A causal localizer (activation or attribution patching, localize/patching.py) as a study runs it:
+    its top-K heads become a candidate location, edited and compared with the same random draws as the
+    probe's. Further keys are PatchingConfig fields (corruption, noise_scale, positions, max_pairs, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    enabled: bool = Field(True, description="Rank heads with this localizer and edit at its top-K.")
+    top_k: int | None = Field(None, ge=1, description="Heads in its candidate set; default: probe.top_k.")
+    split: Literal["train", "val"] = Field("train", description="Preference pairs of this split are patched "
+                                           "(never the evaluation split).")
+
+    @model_validator(mode="after")
+    def _options(self) -> "CausalSpec":
+        from locaudit.localize.corruptions import PatchingConfig
+
+        opts = dict(self.model_extra or {})
+        owned = sorted({"format", "top_k"} & set(opts))
+        if owned:
+            raise ValueError(f"{owned} are set by the study (data.format, top_k), not here")
+        unknown = sorted(set(opts) - set(PatchingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown localizer option(s) {unknown}; known: {sorted(PatchingConfig.model_fields)}")
+        try:
+            PatchingConfig(**opts)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(sorted((self.model_extra or {}).items()))
+
+
+CAUSAL = ("patching", "attribution")
+
+
 class LocalizerSpec(_Strict):
     probe: ProbeSpec = Field(default_factory=ProbeSpec, description="Probing: the candidate top-K heads.")
+    patching: CausalSpec | None = Field(None, description="Activation patching per head (a causal localizer): "
+                                        "e.g. {top_k: 16, corruption: noise}. Its top-K is a second candidate.")
+    attribution: CausalSpec | None = Field(None, description="Attribution patching (gradient approximation of "
+                                           "activation patching): e.g. {top_k: 16}. Its top-K is another candidate.")
     random: RandomSpec = Field(default_factory=RandomSpec, description="Random K-head draws (the control).")
     single: SingleSpec = Field(default_factory=SingleSpec, description="Single heads (sampled and/or listed).")
     all: bool = Field(True, description="Include every head of every layer (full alignment).")
+
+    def causal(self) -> dict[str, CausalSpec]:
+        """The enabled causal localizers by name, in a stable order."""
+        return {m: c for m in CAUSAL if (c := getattr(self, m)) is not None and c.enabled}
 
 
 class ITISpec(_Strict):

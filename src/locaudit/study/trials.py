@@ -3,6 +3,7 @@
 Trial kinds, in the order the data flows:
   collect   head activations of the probing examples (shared by probe and ITI)
   probe     per-head probes -> the head ranking (shared by top-K and exclude-top localizers)
+  localize  a causal localizer (activation or attribution patching) -> its head ranking (its top-K candidate)
   judge     build (for locaudit's default judge: train once, into the cache) the True/Info judge
   baseline  the unedited model, evaluated
   iti       fit ITI at a localization, one alpha, evaluated
@@ -23,8 +24,8 @@ from locaudit.io import stable_hash
 from locaudit.study.localizers import Localizer
 from locaudit.study.spec import StudySpec
 
-KINDS = ("collect", "probe", "judge", "baseline", "iti", "optimal", "select")
-SHARED_KINDS = ("collect", "probe", "judge")
+KINDS = ("collect", "probe", "localize", "judge", "baseline", "iti", "optimal", "select")
+SHARED_KINDS = ("collect", "probe", "localize", "judge")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = Non
     out: list[Localizer] = []
     if "top" in groups:
         out.append(Localizer("top", k=top_k))
+        for method, c in L.causal().items():  # each causal localizer's top-K: a candidate of its own
+            out.append(Localizer("top", k=c.top_k or top_k, ranking=method))
     if "random" in groups:
         ex = top_k if L.random.exclude_top else None
         redraw = {} if ex or L.random.max_overlap is None else {"avoid_top": top_k, "max_overlap": L.random.max_overlap}
@@ -157,7 +160,8 @@ def expand(spec: StudySpec) -> list[Trial]:
                   "mc_primer": ev.mc_primer}
     P = spec.localizers.probe
     need_probe = (spec.iti.enabled and bool(spec.iti.localizers)) or any(
-        lo.needs_ranking for lo in localizers_of(spec, list(spec.optimal.localizers)) if spec.optimal.enabled)
+        lo.needs_ranking and lo.ranking is None
+        for lo in localizers_of(spec, list(spec.optimal.localizers)) if spec.optimal.enabled)
 
     select = _selection(spec)
     if select and "gen" in select["metrics"]:  # a judge that scores validation answers must not have seen them
@@ -169,6 +173,17 @@ def expand(spec: StudySpec) -> list[Trial]:
         trials.append(collect)
         probe = make_trial("probe", {**common, "collect": collect.key, "l2": P.l2}, deps=(collect.key,))
         trials.append(probe)
+    ranked: dict[str, str] = {}  # causal localizer -> its 'localize' trial key
+    for method, c in spec.localizers.causal().items():
+        cfg = {**c.options, "format": spec.data.format, "top_k": c.top_k or P.top_k}
+        lt = make_trial("localize", {**common, "method": method, "split": c.split, "config": cfg})
+        trials.append(lt)
+        ranked[method] = lt.key
+
+    def ranking_of(loc: Localizer) -> dict:
+        """Content naming the trial whose ranking a causal localizer's location reads."""
+        return {"ranking_trial": ranked[loc.ranking]} if loc.ranking in ranked else {}
+
     judge: tuple[str, ...] = ()
     if ev.judge and "gen" in ev.metrics:
         jt = make_trial("judge", {**common, "judge": spec.judge_identity(), "split": ev.split,
@@ -181,19 +196,21 @@ def expand(spec: StudySpec) -> list[Trial]:
         assert collect is not None and probe is not None
         for loc in localizers_of(spec, list(spec.iti.localizers), spec.localizers.random.iti_n):
             for alpha in spec.iti.alphas:
+                rk = ranking_of(loc)
                 trials.append(t := make_trial(
                     "iti", {**common, "collect": collect.key, "probe": probe.key, "localizer": loc.to_dict(),
-                            "alpha": float(alpha), "direction": spec.iti.direction, "evaluation": evaluation},
-                    deps=(collect.key, probe.key) + judge))
+                            "alpha": float(alpha), "direction": spec.iti.direction, "evaluation": evaluation, **rk},
+                    deps=(collect.key, probe.key) + tuple(rk.values()) + judge))
                 if select and len(spec.iti.alphas) > 1:
                     trials.append(_select_trial(t, select, common, judge))
     if spec.optimal.enabled:
         O = spec.optimal
         for loc in localizers_of(spec, list(O.localizers)):
             gridded = len(O.taus) * len(getattr(O.lr, loc.group)) > 1
-            deps = (probe.key,) if loc.needs_ranking and probe is not None else ()
+            rk = ranking_of(loc)
+            deps = (probe.key,) if loc.needs_ranking and probe is not None and not rk else ()
             probe_dep = deps[0] if deps else None
-            deps = deps + judge
+            deps = deps + tuple(rk.values()) + judge
             for tau in O.taus:
                 for lr in getattr(O.lr, loc.group):
                     for seed in O.seeds:
@@ -204,7 +221,7 @@ def expand(spec: StudySpec) -> list[Trial]:
                              "epochs": int(O.epochs), "batch_size": O.batch_size,
                              "max_train_pairs": O.max_train_pairs, "max_val_pairs": O.max_val_pairs,
                              "train_options": dict(sorted(O.train_options.items())), "seed": int(seed),
-                             "evaluation": evaluation},
+                             "evaluation": evaluation, **rk},
                             deps=deps, batch_fields=("localizer", "probe", "lr")))
                         if select and gridded:
                             trials.append(_select_trial(t, select, common, judge))

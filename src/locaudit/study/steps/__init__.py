@@ -7,13 +7,14 @@ artifact paths (relative to the run folder) as soon as the trial is finished.
 Modules, one job each:
   context.py     RunContext (the loaded objects a process shares), EvalView, the study's model
   evaluation.py  score an edit as the trial's content says (test split, and validation for selection)
-  shared.py      collect, probe, judge: the results other trials read
+  shared.py      collect, probe, localize (causal rankings), judge: the results other trials read
   heuristic.py   baseline, ITI, and 'select' (an edit scored on validation, to choose grid points)
   optimal.py     optimal edits, trained in groups
 
 Files of a run folder:
   shared/collect-KEY/   activations.safetensors, examples.jsonl, meta.json (localize/activations.py)
   shared/probe-KEY/     probe_accuracy.csv, ranking.json, probes.safetensors, probe_heatmap.png
+  shared/localize-KEY/  a causal localizer's effects.csv, ranking.json, heatmap, meta.json (localize/effects.py)
   shared/optimal-TKEY/  a trained optimal edit (edit.safetensors, meta.json, trained.json), keyed by its
                         training content only: changing the evaluation re-evaluates, never retrains
   trials/KEY/edit/      an ITI edit (iti.safetensors, meta.json)
@@ -34,14 +35,14 @@ from locaudit.study.steps.evaluation import evaluate, flatten_metrics
 from locaudit.study.steps.heuristic import run_baseline, run_iti, run_select
 from locaudit.study.steps.optimal import TRAINED_MARKER, _trained_ok, run_optimal
 from locaudit.study.trials import training_key
-from locaudit.study.steps.shared import run_collect, run_judge, run_probe
+from locaudit.study.steps.shared import run_collect, run_judge, run_localize, run_probe
 from locaudit.study.trials import Trial
 
 __all__ = ["STEPS", "BATCHED", "register_step", "run_group", "RunContext", "EvalView", "context", "clear_contexts",
            "load_study_model", "seed_everything", "evaluate", "flatten_metrics", "TRAINED_MARKER", "training_key"]
 
 # kind -> fn(ctx, trial) -> {"metrics": {...}, "artifacts": {...}}
-STEPS: dict[str, Callable] = {"collect": run_collect, "probe": run_probe, "judge": run_judge,
+STEPS: dict[str, Callable] = {"collect": run_collect, "probe": run_probe, "localize": run_localize, "judge": run_judge,
                               "baseline": run_baseline, "iti": run_iti, "select": run_select}
 # kind -> fn(ctx, trials) -> iterator of (key, result): trials of one group run together (shared training)
 BATCHED: dict[str, Callable] = {"optimal": run_optimal}

@@ -161,6 +161,16 @@ class RunContext:
         loc = trial.localizer
         if loc is None or not loc.needs_ranking:
             return None
+        if getattr(loc, "ranking", None):
+            key = trial.content.get("ranking_trial")
+            if key is None:
+                raise ConfigError(f"trial {trial.key} ({trial.name}) reads the {loc.ranking} ranking but names no "
+                                  "'localize' trial")
+            if key not in self._rankings:
+                from locaudit.localize.effects import HeadEffects
+
+                self._rankings[key] = HeadEffects.load(self.shared_dir("localize", key)).ranking()
+            return self._rankings[key]
         probe_key = trial.content.get("probe")
         if probe_key is None:
             raise ConfigError(f"trial {trial.key} ({trial.name}) needs a head ranking but names no localizer trial")

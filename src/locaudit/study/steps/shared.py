@@ -40,3 +40,21 @@ def run_judge(ctx: RunContext, t: Trial) -> dict:
     holdout = tuple(t.content.get("holdout") or (t.content["split"],))
     judge = ctx.judge(holdout)
     return {"metrics": {}, "artifacts": {"judge": str(getattr(judge, "name", t.content["judge"]))}}
+
+
+def run_localize(ctx: RunContext, t: Trial) -> dict:
+    """Rank every head with a causal localizer (activation or attribution patching) on the split's pairs."""
+    from locaudit.localize.patching import localize_heads
+
+    c = t.content
+    out = ctx.shared_dir("localize", t.key)
+    eff = localize_heads(ctx.lm, ctx.data, method=c["method"], config=dict(c["config"]), split=c["split"],
+                         out_dir=out, precision=ctx.precision, progress=True)
+    ctx._rankings[t.key] = eff.ranking()
+    k = int(c["config"].get("top_k", 16))
+    score = eff.score().flatten().double()
+    score = score[~score.isnan()]  # heads left out of the patching set
+    top = score.sort(descending=True).values[:k]
+    return {"metrics": {"n_pairs": float(eff.n), "top_k_mean_score": float(top.mean()),
+                        "max_score": float(score.max())},
+            "artifacts": {"localize": ctx.rel(out)}}
