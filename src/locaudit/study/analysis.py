@@ -61,27 +61,26 @@ def metric_label(metric: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- tables
 def trials_frame(rows: Iterable[dict]) -> pd.DataFrame:
-    """Every ledger row as one table row: trial fields, grid values and metrics as columns."""
-    from locaudit.study.localizers import Localizer
+    """Every ledger row as one table row: the trial's typed fields (trials.Trial), its grid values, its
+    artifacts' folders and its metrics as columns."""
+    from locaudit.study.trials import Trial
 
     out = []
     for r in rows:
-        spec = (r.get("spec") or {}).get("content", {})
-        loc = spec.get("localizer") or {}
-        lo = Localizer.from_dict(loc) if loc else None
-        d = {"key": r["key"], "kind": r["kind"], "method": r["kind"],
-             "group": lo.group if lo else ("none" if r["kind"] == "baseline" else "shared"),
-             "localizer": lo.name if lo else r["kind"],
-             "candidate": (loc.get("ranking") or "probe") if lo is not None and lo.group == "top" else None,
-             "alpha": spec.get("alpha"), "tau": spec.get("tau"),
-             "lr": spec.get("lr"), "seed": spec.get("seed") if r["kind"] == "optimal" else None,
-             "of": spec.get("of"), "status": r["status"], "attempts": r["attempts"], "duration_s": r.get("duration_s"), "cpu_s": r.get("cpu_s"),
-             "heads": (r.get("artifacts") or {}).get("heads"),
-             "edit_dir": (r.get("artifacts") or {}).get("edit"), "eval_dir": (r.get("artifacts") or {}).get("eval"),
-             "precision": (r.get("artifacts") or {}).get("precision"),
-             "cpu_capability": (r.get("artifacts") or {}).get("cpu_capability"), "error": (r.get("error") or "").strip().splitlines()[-1:] or None}
-        if isinstance(d["error"], list):
-            d["error"] = d["error"][0] if d["error"] else None
+        spec = r.get("spec") or {}
+        t = Trial.from_dict({**spec, "key": r["key"], "kind": r["kind"], "content": spec.get("content", {})})
+        lo = t.localizer
+        art = r.get("artifacts") or {}
+        err = (r.get("error") or "").strip().splitlines()[-1:]
+        d = {"key": t.key, "kind": t.kind, "method": t.kind, "group": t.group,
+             "localizer": lo.name if lo else t.kind,
+             "candidate": (lo.ranking or "probe") if lo is not None and lo.group == "top" else None,
+             "alpha": t.grid.get("alpha"), "tau": t.grid.get("tau"), "lr": t.grid.get("lr"),
+             "seed": t.replicate if t.kind == "optimal" else None, "of": t.content.get("of"),
+             "status": r["status"], "attempts": r["attempts"], "duration_s": r.get("duration_s"), "cpu_s": r.get("cpu_s"),
+             "heads": art.get("heads"), "edit_dir": art.get("edit"), "eval_dir": art.get("eval"),
+             "precision": art.get("precision"), "cpu_capability": art.get("cpu_capability"),
+             "error": err[0] if err else None}
         for k, v in (r.get("metrics") or {}).items():
             d[k if k not in BASE_COLUMNS else f"metric_{k}"] = v
         out.append(d)
