@@ -196,3 +196,30 @@ def test_judge_is_a_shared_step(folder: Path) -> None:
     assert not [t for t in no_gen if t.kind == "judge"]
     with pytest.raises(ConfigError, match=r"evaluation\.metrics.*'generation'"):
         spec_of(folder, evaluation={"metrics": ["generation"]})
+
+
+def test_evaluation_embeds_eval_config(folder: Path) -> None:
+    """The evaluation section takes EvalConfig's fields (the Python API's config); every result-defining
+    one is in the evaluation trials' content, speed settings are not."""
+    from locaudit.evaluate.runner import EvalConfig
+
+    base = expand(spec_of(folder))
+    ev = next(t for t in base if t.kind == "baseline").content["evaluation"]
+    assert ev["protocol"] == EvalConfig().protocol and "batch_size" not in ev and "precision" not in ev
+    bare = expand(spec_of(folder, evaluation__protocol="bare"))
+    assert {t.key for t in base if t.kind == "collect"} == {t.key for t in bare if t.kind == "collect"}
+    assert not ({t.key for t in base if t.kind == "iti"} & {t.key for t in bare if t.kind == "iti"})
+    faster = expand(spec_of(folder, evaluation__batch_size=4, evaluation__gen_batch_size=2))
+    assert [t.key for t in faster] == [t.key for t in base]
+    with pytest.raises(ConfigError, match="protocoll"):
+        spec_of(folder, evaluation__protocoll="bare")
+    with pytest.raises(ConfigError, match="judge_threshold"):
+        spec_of(folder, evaluation__judge_threshold=1.5)
+    # a KL text file counts by its content, not its place
+    (folder / "a.txt").write_text("Some generic English text. " * 20)
+    one = expand(spec_of(folder, evaluation__kl_text="a.txt"))
+    ev = next(t for t in one if t.kind == "baseline").content["evaluation"]
+    assert ev["kl_text"].startswith("file:sha256:")
+    (folder / "b").mkdir()
+    (folder / "b" / "a.txt").write_text("Some generic English text. " * 20)
+    assert [t.key for t in expand(spec_of(folder, evaluation__kl_text="b/a.txt"))] == [t.key for t in one]

@@ -234,7 +234,16 @@ class OptimalSpec(_Strict):
         return v
 
 
+# EvalConfig fields a study sets elsewhere (format: data.format; precision: the study's) or that only
+# change speed: every other EvalConfig field defines results, so it is part of the evaluation trials' keys
+EVAL_NOT_IN_KEYS = ("format", "precision", "batch_size", "gen_batch_size", "progress")
+
+
 class EvalSpec(_Strict):
+    """How edits are scored. Further keys are EvalConfig fields (evaluate/runner.py): protocol, kl_text,
+    kl_max_tokens, judge_threshold, max_length, ... (the same validated config as the Python API)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     metrics: list[str] = Field(default_factory=lambda: ["mc", "kl", "ce", "gen"], min_length=1,
                                description="evaluate_edit metrics: mc, kl, ce, pref, gen (gen + judge = True/Info).")
     judge: str | None = Field(None, description="Judge spec for True/Info of generations (evaluate/judges); "
@@ -254,6 +263,28 @@ class EvalSpec(_Strict):
         "both ways. Either way, the report's 'best on test' view is labelled optimistic.")
     val_max_questions: int | None = Field(None, ge=1, description="Validation questions used for selection "
                                           "(default: max_questions).")
+
+    @model_validator(mode="after")
+    def _config_fields(self) -> "EvalSpec":
+        from locaudit.evaluate.runner import EvalConfig
+
+        extra = dict(self.model_extra or {})
+        owned = sorted({"format", "precision", "progress"} & set(extra))
+        if owned:
+            raise ValueError(f"{owned} are set by the study (data.format, precision), not under evaluation")
+        unknown = sorted(set(extra) - set(EvalConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown evaluation field(s) {unknown}; known: {sorted(set(type(self).model_fields) | set(EvalConfig.model_fields) - set(EVAL_NOT_IN_KEYS))}")
+        try:
+            EvalConfig(**extra)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        return self
+
+    def config_fields(self) -> dict[str, Any]:
+        """The EvalConfig fields this study sets (the shared ones and the extra keys)."""
+        return {"max_new_tokens": self.max_new_tokens, "mc_primer": self.mc_primer,
+                "batch_size": self.batch_size, "gen_batch_size": self.gen_batch_size, **(self.model_extra or {})}
 
     @field_validator("metrics")
     @classmethod
@@ -380,6 +411,29 @@ class StudySpec(_Strict):
         """What the judge contributes to trial keys: its spec with ${VAR} expanded, paths as written."""
         j = self.evaluation.judge
         return expand_env(j, "evaluation.judge") if j else None
+
+    def resolved_kl_text(self) -> str | None:
+        """evaluation.kl_text with ${VAR} expanded and a file path made absolute; a corpus name as it is."""
+        from locaudit.evaluate.runner import EvalConfig
+
+        t = self.evaluation.config_fields().get("kl_text", EvalConfig.model_fields["kl_text"].default)
+        if t is None:
+            return None
+        t = expand_env(str(t), "evaluation.kl_text")
+        p = _resolve_path(t, Path(self.base_dir or "."))
+        return str(p) if _looks_like_path(t) or p.is_file() else t
+
+    def eval_protocol(self) -> dict[str, Any]:
+        """Every result-defining EvalConfig field, defaults included, as trial keys hash it (a KL text
+        file by its content, so moving it keeps keys and editing it changes them)."""
+        from locaudit.evaluate.runner import EvalConfig
+
+        cfg = EvalConfig(**self.evaluation.config_fields()).model_dump(mode="json")
+        out = {k: v for k, v in sorted(cfg.items()) if k not in EVAL_NOT_IN_KEYS}
+        kl = self.resolved_kl_text()
+        if kl is not None and Path(kl).is_file():
+            out["kl_text"] = "file:" + _content_id(kl)
+        return out
 
     def model_identity(self) -> dict:
         return {"name": self.model.name, "dtype": _canonical_dtype(self.model.dtype)}

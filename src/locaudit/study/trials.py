@@ -156,8 +156,7 @@ def expand(spec: StudySpec) -> list[Trial]:
     common = {"model": spec.model_identity(), "data": spec.data_identity(), "precision": spec.precision}
     ev = spec.evaluation
     evaluation = {"metrics": sorted(ev.metrics), "judge": spec.judge_identity(), "split": ev.split,
-                  "max_questions": ev.max_questions, "max_new_tokens": ev.max_new_tokens,
-                  "mc_primer": ev.mc_primer}
+                  "max_questions": ev.max_questions, **spec.eval_protocol()}
     P = spec.localizers.probe
     need_probe = (spec.iti.enabled and bool(spec.iti.localizers)) or any(
         lo.needs_ranking and lo.ranking is None

@@ -21,9 +21,17 @@ _NOT_CONFIG = {"metrics", "judge", "split", "max_questions", "judge_holdout"}
 
 
 def _config(ctx: RunContext, ev: dict):
+    """The EvalConfig of a trial: its content's protocol fields, the study's speed settings."""
+    from locaudit.errors import ConfigError
     from locaudit.evaluate.runner import EvalConfig
 
     fields = {k: v for k, v in ev.items() if k not in _NOT_CONFIG and k in EvalConfig.model_fields}
+    kl = fields.get("kl_text")
+    if isinstance(kl, str) and kl.startswith("file:"):  # the trial names the file by content; the spec says where
+        if ctx.spec.eval_protocol().get("kl_text") != kl:
+            raise ConfigError(f"evaluation.kl_text: the file {ctx.spec.resolved_kl_text()} no longer has the content "
+                              "this trial was defined with; run the study again to define new trials")
+        fields["kl_text"] = ctx.spec.resolved_kl_text()
     E = ctx.spec.evaluation
     return EvalConfig(format=ctx.spec.data.format, batch_size=E.batch_size, gen_batch_size=E.gen_batch_size,
                       precision=ctx.precision.name, progress=False, **fields)
