@@ -223,3 +223,10 @@ def test_evaluation_embeds_eval_config(folder: Path) -> None:
     (folder / "b").mkdir()
     (folder / "b" / "a.txt").write_text("Some generic English text. " * 20)
     assert [t.key for t in expand(spec_of(folder, evaluation__kl_text="b/a.txt"))] == [t.key for t in one]
+
+
+def test_judge_must_fit_the_behaviour(folder: Path) -> None:
+    """TruthfulQA's truth/info judges are refused for a CAA behaviour (they would score it meaninglessly)."""
+    with pytest.raises(ConfigError, match="valid for"):
+        spec_of(folder, data__spec="caa:sycophancy", evaluation__judge="default", evaluation__metrics=["gen"])
+    spec_of(folder, data__spec="caa:sycophancy", evaluation__metrics=["ab", "kl"])  # A/B items need no judge

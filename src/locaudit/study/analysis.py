@@ -32,7 +32,7 @@ from locaudit.study.spec import VerdictSpec
 
 METHODS = ("iti", "optimal")
 METHOD_LABEL = {"iti": "ITI (heuristic edit)", "optimal": "optimal edit", "baseline": "unedited"}
-PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "pref_acc", "info")
+PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "ab", "pref_acc", "info")
 LOWER_IS_BETTER = ("kl", "ce", "loss", "nll", "perplexity")
 BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "candidate", "alpha", "tau", "lr", "seed", "status",
                 "attempts", "duration_s", "cpu_s", "heads", "edit_dir", "eval_dir", "precision", "cpu_capability",

@@ -349,6 +349,16 @@ class StudySpec(_Strict):
         uses = [f"{part}.localizers" for part, on, locs in (("iti", self.iti.enabled, self.iti.localizers),
                                                            ("optimal", self.optimal.enabled, self.optimal.localizers))
                 if on and "random" in locs]
+        judge = self.evaluation.judge
+        if judge and "gen" in self.evaluation.metrics:  # a judge must be valid for the behaviour it scores
+            from locaudit.evaluate.judges.base import check_judge
+
+            try:
+                judge, data = expand_env(judge, "evaluation.judge"), expand_env(self.data.spec, "data.spec")
+            except ConfigError:
+                judge = None  # an unset variable is reported where it is expanded
+            if judge:
+                check_judge(judge, data)
         if uses and not self.localizers.random.draw_seeds():
             raise ValueError(f"localizers.random draws no heads (n: 0) but 'random' is listed in {' and '.join(uses)}: "
                              "a study needs random draws for its comparison; set random.n >= 1 or remove 'random' there")

@@ -110,8 +110,8 @@ def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = Non
 
 
 _METRIC_SOURCE = {"true_info": "gen", "true": "gen", "info": "gen", "mc2": "mc", "mc1": "mc", "mc0": "mc",
-                  "pref_acc": "pref", "kl": "kl", "ce": "ce"}
-_PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "pref_acc", "info")
+                  "pref_acc": "pref", "ab": "ab", "kl": "kl", "ce": "ce"}
+_PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "ab", "pref_acc", "info")
 
 
 def selection_metrics(spec: StudySpec) -> list[str]:
