@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from locaudit.errors import ConfigError
 from locaudit.heads import HeadSet

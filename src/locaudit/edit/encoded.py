@@ -16,15 +16,10 @@ from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.errors import DataError
 from locaudit.io import stable_hash
+from locaudit.models.batching import add_special_tokens_for, pad_id  # noqa: F401 (add_special_tokens_for re-exported)
 from locaudit.models.scoring import CompletionBatch, collate_completions, encode_completions
 
 Encoded = tuple[list[int], list[int]]  # (prompt ids, completion ids)
-
-
-def add_special_tokens_for(fmt: PromptFormat, tokenizer, prompt: str) -> bool:
-    """Add the tokenizer's special tokens unless a chat template already wrote its BOS into `prompt`."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return not (fmt.kind == "chat" and bos and prompt.startswith(bos))
 
 
 @dataclass
@@ -64,7 +59,7 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], fmt: PromptFormat, 
         if not c[1] or not r[1]:
             side = "chosen" if not c[1] else "rejected"
             raise DataError(f"pair {i} (qid {pairs[i].qid!r}): the {side} answer is empty after tokenization")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     key = stable_hash({"model": model_key, "fmt": [fmt.kind, fmt.system], "max_length": max_length,
                        "ids": [chosen, rejected]})
     return EncodedPairs(pairs, chosen, rejected, key, int(pad))

@@ -18,15 +18,15 @@ import math
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from locaudit.edit.base import ExportMixin, register_edit, require_files, save_edit_folder
 from locaudit.errors import ConfigError, DataError
 from locaudit.heads import HeadSet
-from locaudit.io import atomic_path, write_json_atomic
-from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.interventions import add
 from locaudit.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,19 +37,38 @@ THETA_FILE = "iti.safetensors"
 META_FILE = "meta.json"
 
 
-def _field(example: Any, name: str) -> Any:
-    """An example's field, whether it is a dict (examples.jsonl) or an object (ActivationSet.examples)."""
-    if isinstance(example, dict):
-        if name not in example:
-            raise DataError(f"activation example {example!r} has no field {name!r}")
-        return example[name]
-    if not hasattr(example, name):
+@runtime_checkable
+class HeadActivations(Protocol):
+    """What ITI is fitted from: an `ActivationSet` (localize/activations.py) or the same three fields.
+
+    heads: Float[Tensor, "N layer head head_dim"]; examples: one mapping per row with `label` (0/1)
+    and `split`; meta: the collection's meta (model name and fingerprint).
+    """
+
+    heads: Tensor
+    examples: Sequence[Mapping[str, object]]
+    meta: Mapping[str, object]
+
+
+@runtime_checkable
+class ProbeWeights(Protocol):
+    """A trained probe (`ProbeResult`, localize/probe.py): weight Float[Tensor, "layer head head_dim"]."""
+
+    weight: Tensor
+
+
+def _field(example: Mapping[str, object], name: str) -> object:
+    """An example record's field (examples.jsonl records are mappings)."""
+    if not isinstance(example, Mapping):
+        raise DataError(f"activation example {example!r} is a {type(example).__name__}, expected a mapping "
+                        "with fields label and split")
+    if name not in example:
         raise DataError(f"activation example {example!r} has no field {name!r}")
-    return getattr(example, name)
+    return example[name]
 
 
-def _model_of(acts: Any) -> dict:
-    meta = getattr(acts, "meta", None) or {}
+def _model_of(acts: HeadActivations) -> dict:
+    meta = acts.meta or {}
     model = meta.get("model", {}) if isinstance(meta, dict) else {}
     if isinstance(model, str):
         model = {"name": model}
@@ -67,10 +86,10 @@ def mass_mean_directions(X: Tensor, y: Tensor) -> Tensor:
 
 
 def fit_iti(
-    acts: Any,
+    acts: HeadActivations,
     heads: HeadSet,
     direction: Direction = "mass_mean",
-    probe: Any = None,
+    probe: ProbeWeights | Tensor | None = None,
     split: str | Sequence[str] = "train",
     alpha: float = 1.0,
 ) -> "ITIEdit":
@@ -81,6 +100,10 @@ def fit_iti(
     """
     if direction not in DIRECTIONS:
         raise ConfigError(f"ITI direction {direction!r} is not one of {DIRECTIONS}")
+    if not isinstance(acts, HeadActivations):
+        raise ConfigError(f"fit_iti needs an ActivationSet (heads, examples, meta), got {type(acts).__name__}")
+    if isinstance(heads, str):
+        raise ConfigError(f"fit_iti: heads {heads!r} is a string; parse it first (HeadSet.parse or locaudit.api.fit_iti)")
     X_all: Tensor = acts.heads
     if X_all.dim() != 4:
         raise DataError(f"activations must be [N, L, H, D]; got shape {tuple(X_all.shape)}")
@@ -109,8 +132,7 @@ def fit_iti(
     else:
         if probe is None:
             raise ConfigError("direction='probe' needs a probe (a ProbeResult with weight [L, H, D])")
-        W = probe.weight if hasattr(probe, "weight") else probe
-        W = torch.as_tensor(W)
+        W = torch.as_tensor(probe.weight if isinstance(probe, ProbeWeights) else probe)
         if tuple(W.shape) != (L, H, D):
             raise DataError(f"probe weight has shape {tuple(W.shape)}, activations need {(L, H, D)}")
         u = W[ls, hs, :].double()
@@ -127,7 +149,8 @@ def fit_iti(
                    model=_model_of(acts), n_heads=H)
 
 
-class ITIEdit:
+@register_edit("iti")
+class ITIEdit(ExportMixin):
     """theta Float[Tensor, "layer head*head_dim"] added (times alpha) to o_proj's input at every position."""
 
     kind = "iti"
@@ -199,27 +222,35 @@ class ITIEdit:
 
     @contextmanager
     def applied(self, lm: LoadedModel) -> Iterator[None]:
-        """Add alpha * theta^l to layer l's o_proj input at every position; hooks removed on exit."""
+        """Add alpha * theta^l to layer l's o_proj input (the heads site) at every position; hooks removed on exit."""
         self._check(lm)
-        pre = {}
+        deltas = {}
         for l in self._active_layers():
             w = lm.sites.o_proj(l).weight
-            vec = self.shift(l, w.device, w.dtype)
-
-            def fn(o: Tensor, vec=vec) -> Tensor:  # o: Float[Tensor, "batch pos head*head_dim"]
-                return o + vec.to(o.dtype)
-
-            pre[l] = fn
-        with o_proj_hooks(lm.sites, pre=pre):
+            deltas[l] = self.shift(l, w.device, w.dtype)  # Float[Tensor, "head*head_dim"]
+        with add(lm.sites, "heads", deltas):
             yield
 
     @contextmanager
     def baked(self, lm: LoadedModel) -> Iterator[None]:
-        """Add alpha * W^l theta^l to o_proj's bias (a bias is created where absent); restored exactly on exit."""
+        """Add alpha * W^l theta^l to o_proj's bias (a bias is created where absent); restored exactly on exit.
+
+        While baked, the model's config declares the bias (the family's `attention_bias` option, with zero
+        q/k/v biases where it adds them), so `save_pretrained` inside the block writes a model that reloads
+        edited. Families whose config cannot declare it (mistral, qwen2, unknown ones) refuse
+        `save_pretrained` inside the block instead; `locaudit.edit.export.export_merged` exports them.
+        """
+        from locaudit.edit.export import declare_biases, refuse_save, undeclare_biases
+
         self._check(lm)
+        active = self._active_layers()
+        added, old = declare_biases(lm) if active else ([], {})
+        refused = bool(active) and old is None
         saved: list[tuple[nn.Module, Tensor | None, bool]] = []
         try:
-            for l in self._active_layers():
+            if refused:
+                lm.model.save_pretrained = refuse_save  # instance attribute, removed on exit
+            for l in active:
                 op = lm.sites.o_proj(l)
                 W = lm.sites.weight(l)  # [d, HD]
                 delta = W.double() @ self.shift(l, W.device, torch.float64)
@@ -246,20 +277,16 @@ class ITIEdit:
                 else:
                     with torch.no_grad():
                         op.bias.copy_(orig)
+            undeclare_biases(lm, added, old)
+            if refused:
+                lm.model.__dict__.pop("save_pretrained", None)
 
     # ------------------------------------------------------------------ files
     def save(self, out_dir: str | Path) -> Path:
         """Write ``iti.safetensors`` (tensor ``theta`` [L, H*D]) and ``meta.json`` into `out_dir`."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / THETA_FILE) as tmp:
-            save_file({"theta": self.theta.contiguous()}, str(tmp))
         meta = {"kind": self.kind, "model": self.model, "heads": self.heads.to_dict(), "alpha": self.alpha,
                 "direction": self.direction, "shape": list(self.theta.shape), "n_heads": self.n_heads}
-        write_json_atomic(out / META_FILE, meta)
-        return out
+        return save_edit_folder(out_dir, THETA_FILE, {"theta": self.theta}, meta)
 
     @classmethod
     def load(cls, path: str | Path, alpha: float | None = None) -> "ITIEdit":
@@ -267,11 +294,8 @@ class ITIEdit:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = Path(path)
+        path = require_files(path, (META_FILE, THETA_FILE), "an ITI edit")
         meta_path, theta_path = path / META_FILE, path / THETA_FILE
-        for p in (meta_path, theta_path):
-            if not p.exists():
-                raise ConfigError(f"{path} is not an ITI edit folder: {p.name} is missing")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

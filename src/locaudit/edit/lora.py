@@ -22,9 +22,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from locaudit.edit.base import ExportMixin, register_edit, require_files, save_edit_folder
 from locaudit.errors import ConfigError, DataError
 from locaudit.heads import HeadSet
-from locaudit.io import atomic_path, write_json_atomic
+from locaudit.models.hooks import o_proj_hooks
 from locaudit.models.loading import LoadedModel
 from locaudit.models.sites import ModelSites
 
@@ -132,21 +133,14 @@ class LoRAStack(nn.Module):
 
     @contextmanager
     def attached(self) -> Iterator["LoRAStack"]:
-        """Install the forward hooks on the layers' o_proj; remove them on exit (also on error)."""
-        handles = []
+        """Add the edits' delta to each layer's o_proj output (models/hooks.py); removed on exit, also on error."""
+        def make(i: int):
+            def fn(o: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                return out + self.delta(i, o).to(out.dtype)
+            return fn
 
-        def make_hook(i: int):
-            def hook(module, args, output):
-                return output + self.delta(i, args[0]).to(output.dtype)
-            return hook
-
-        try:
-            for i, l in enumerate(self.layers):
-                handles.append(self.sites.o_proj(l).register_forward_hook(make_hook(i)))
+        with o_proj_hooks(self.sites, post={l: make(i) for i, l in enumerate(self.layers)}):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def edit_tensors(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Edit e as full-model tensors (a [L, r, HD], b [L, r, out]) with zero rows for untouched layers."""
@@ -187,7 +181,8 @@ def build_stack(sites: ModelSites, heads_list: Sequence[HeadSet], rank: int = 1,
                      reparam, trainable)
 
 
-class LoRAEdit:
+@register_edit("lora")
+class LoRAEdit(ExportMixin):
     """A trained optimal localized edit (Edit protocol, kind ``lora``).
 
     a: Float[Tensor, "layer rank head*head_dim"], b: Float[Tensor, "layer rank head*head_dim"] (reparameterised)
@@ -260,16 +255,9 @@ class LoRAEdit:
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Write edit.safetensors (tensors a, b) and meta.json into folder `path` (atomically)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path / WEIGHTS_FILE) as tmp:
-            save_file({"a": self.a.contiguous(), "b": self.b.contiguous()}, str(tmp))
         meta = {**self.meta, "kind": self.kind, "heads": self.heads.to_dict(), "rank": self.rank,
                 "reparam": self.reparam, "shape": {"a": list(self.a.shape), "b": list(self.b.shape)}}
-        write_json_atomic(path / META_FILE, meta)
-        return path
+        return save_edit_folder(path, WEIGHTS_FILE, {"a": self.a, "b": self.b}, meta)
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "LoRAEdit":
@@ -278,11 +266,8 @@ class LoRAEdit:
 
         if overrides:
             raise ConfigError(f"LoRAEdit.load takes no overrides, got {sorted(overrides)}")
-        path = Path(path)
+        path = require_files(path, (META_FILE, WEIGHTS_FILE), "a LoRA edit")
         meta_path, w_path = path / META_FILE, path / WEIGHTS_FILE
-        for p in (meta_path, w_path):
-            if not p.exists():
-                raise ConfigError(f"{path} is not a LoRA edit folder: {p.name} is missing")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             heads = HeadSet.from_dict(meta["heads"])

@@ -17,11 +17,9 @@ from typing import Sequence
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.config import TrainConfig
-from locaudit.edit.encoded import encode_pairs
 from locaudit.edit.lora import LoRAEdit
-from locaudit.edit.prefix import prefix_supported
-from locaudit.edit.train import TrainLog, make_edit, resolve_config, train_stack
-from locaudit.errors import ConfigError
+from locaudit.edit.train import TrainLog, make_edit, prepare, train_stack
+from locaudit.models.surgery import prefix_supported
 from locaudit.heads import HeadSet
 from locaudit.models.loading import LoadedModel
 
@@ -33,18 +31,10 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
     """Train one edit per head set, in groups of at most `config.max_parallel` that share each pass
     (`plan_groups`); same result as separate `train_edit` runs with the same config. `lrs` overrides the
     per-edit learning rates."""
-    cfg = resolve_config(config, **overrides)
-    fmt = fmt or PromptFormat("plain")
+    p = prepare(lm, heads_list, train_pairs, val_pairs, fmt, config, lrs, **overrides)
+    cfg, fmt, lrs, enc_train, enc_val = p.config, p.fmt, p.lrs, p.enc_train, p.enc_val
     heads_list = list(heads_list)
-    if not heads_list:
-        raise ConfigError("train_edits: no head sets given")
-    L, H = lm.sites.n_layers, lm.sites.n_heads
-    if lrs is None:
-        lrs = [cfg.resolved_lr(len(hs), L * H) for hs in heads_list]
-    elif len(lrs) != len(heads_list):
-        raise ConfigError(f"train_edits: {len(lrs)} learning rates for {len(heads_list)} head sets")
-    enc_train = encode_pairs(lm.tokenizer, train_pairs, fmt, cfg.max_length, lm.fingerprint)
-    enc_val = encode_pairs(lm.tokenizer, val_pairs, fmt, cfg.max_length, lm.fingerprint) if val_pairs else None
+    L = lm.sites.n_layers
     order = sorted(range(len(heads_list)), key=lambda i: (min(heads_list[i].layers), i))
     prefix = cfg.frozen_prefix and prefix_supported(lm)
     starts = [min(heads_list[i].layers) if prefix else 0 for i in order]

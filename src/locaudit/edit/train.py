@@ -24,18 +24,18 @@ from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.config import TrainConfig
 from locaudit.edit.fastcast import frozen_bf16_weights
-from locaudit.edit.encoded import EncodedPairs, length_sorted, replicate
+from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, replicate
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
-from locaudit.edit.prefix import (PREFIX_CACHE, PrefixStates, checkpointed_layers, prefix_supported,
-                                  run_from_layer)
+from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates
 from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import resolve_precision
 from locaudit.models.scoring import completion_logprobs
+from locaudit.models.surgery import checkpointed_layers, prefix_supported, run_from_layer
 
 log = logging.getLogger(__name__)
 
@@ -331,17 +331,49 @@ def resolve_config(config: TrainConfig | dict | None, **overrides) -> TrainConfi
     return config
 
 
+@dataclass
+class Prepared:
+    """What a training run needs besides the model: the config, the per-edit learning rates and the
+    encoded train/validation pairs."""
+
+    config: TrainConfig
+    fmt: PromptFormat
+    lrs: list[float]
+    enc_train: EncodedPairs
+    enc_val: EncodedPairs | None
+
+
+def prepare(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Sequence[PreferencePair],
+            val_pairs: Sequence[PreferencePair] | None, fmt: PromptFormat | None,
+            config: TrainConfig | dict | None, lrs: Sequence[float] | None = None, **overrides) -> Prepared:
+    """Resolve the config and learning rates (lr=None: the paper's default per head-set size) and encode the pairs."""
+    cfg = resolve_config(config, **overrides)
+    fmt = fmt or PromptFormat("plain")
+    heads_list = list(heads_list)
+    if not heads_list:
+        raise ConfigError("train_edits: no head sets given")
+    L, H = lm.sites.n_layers, lm.sites.n_heads
+    if lrs is None:
+        lrs = [cfg.resolved_lr(len(hs), L * H) for hs in heads_list]
+    elif len(lrs) != len(heads_list):
+        raise ConfigError(f"train_edits: {len(lrs)} learning rates for {len(heads_list)} head sets")
+    enc_train = encode_pairs(lm.tokenizer, train_pairs, fmt, cfg.max_length, lm.fingerprint)
+    enc_val = encode_pairs(lm.tokenizer, val_pairs, fmt, cfg.max_length, lm.fingerprint) if val_pairs else None
+    return Prepared(cfg, fmt, [float(x) for x in lrs], enc_train, enc_val)
+
+
 def train_edit(lm: LoadedModel, heads: HeadSet, train_pairs: Sequence[PreferencePair],
                val_pairs: Sequence[PreferencePair] | None = None, fmt: PromptFormat | None = None,
                config: TrainConfig | dict | None = None, **overrides) -> tuple[LoRAEdit, TrainLog]:
     """Train one optimal localized edit at `heads`; returns the edit and its training curve.
 
     `config` (or keyword overrides of its fields) sets the objective and hyper-parameters; lr=None takes
-    the paper's default for len(heads).
+    the paper's default for len(heads). Same result as `multi.train_edits` with one head set.
     """
-    from locaudit.edit.multi import train_edits
-
-    edit, tlog = train_edits(lm, [heads], train_pairs, val_pairs, fmt, config, **overrides)[0]
+    p = prepare(lm, [heads], train_pairs, val_pairs, fmt, config, **overrides)
+    stack, logs = train_stack(lm, [heads], p.enc_train, p.enc_val, p.config, p.lrs, heads.name)
+    tlog = logs[0]
+    edit = make_edit(lm, stack, 0, heads, p.config, p.lrs[0], p.fmt, tlog, p.enc_train, p.enc_val)
     if tlog.diverged:
         raise TrainingError(f"edit at {heads.name} diverged: {tlog.diverged}; it was not saved")
     return edit, tlog

@@ -24,17 +24,14 @@ from tqdm.auto import tqdm
 from locaudit.errors import DataError
 from locaudit.io import atomic_path, cache_dir, read_jsonl, stable_hash, write_json_atomic, write_text_atomic
 from locaudit.localize.store import create_tensor_file, open_tensor
-from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.batching import length_sorted_batches, pad_id, pad_right
+from locaudit.models.interventions import capture
 from locaudit.models.precision import PrecisionLike, as_precision
 
 ACTIVATIONS_FILE = "activations.safetensors"
 EXAMPLES_FILE = "examples.jsonl"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's hook: everything needed has been read."""
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 512,
@@ -112,42 +109,18 @@ def collect_activations(
         result = torch.zeros(N, L, H, D)
 
     device = lm.device
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    order = sorted(range(N), key=lambda i: (-lengths[i], i))  # longest first: memory peaks at once
-    buf = torch.zeros(0)
-    gather: dict[str, torch.Tensor] = {}
-
-    def hook_for(l: int):
-        def fn(o: torch.Tensor):
-            if o.dim() == 2:  # some implementations flatten (batch*pos, HD)
-                o = o.view(gather["rows"].shape[0], -1, o.shape[-1])
-            buf[:, l] = o[gather["rows"], gather["pos"]].float()
-            if stop_early and l == L - 1:
-                raise _StopForward
-            return None
-        return fn
-
-    hooks = {l: hook_for(l) for l in range(L)}
+    pad = pad_id(lm.tokenizer)
     amp = as_precision(precision, device).autocast(lm.dtype)
     bar = tqdm(total=N, desc="collect activations", unit="ex", disable=not progress or N == 0, leave=False)
     try:
-        with torch.inference_mode(), o_proj_hooks(sites, pre=hooks), amp:
-            for s in range(0, N, batch_size):
-                idx = order[s: s + batch_size]
-                B, T = len(idx), max(lengths[i] for i in idx)
-                input_ids = torch.full((B, T), pad, dtype=torch.long)
-                att = torch.zeros((B, T), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    input_ids[r, : lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
-                    att[r, : lengths[i]] = 1
-                gather["rows"] = torch.arange(B, device=device)
-                gather["pos"] = torch.tensor([pos[i] for i in idx], device=device)
-                buf = torch.zeros(B, L, H * D, device=device)
-                try:
-                    lm.model(input_ids=input_ids.to(device), attention_mask=att.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                rows = buf.view(B, L, H, D).cpu()
+        with torch.inference_mode(), capture(sites, "heads", range(L), "all", stop=stop_early,
+                                             dtype=torch.float32) as cap, amp:
+            for idx in length_sorted_batches(lengths, batch_size):  # longest first: memory peaks at once
+                B = len(idx)
+                input_ids, att = pad_right([ids[i] for i in idx], pad)
+                cap.forward(lm.model, input_ids.to(device), att.to(device),
+                            positions=torch.tensor([pos[i] for i in idx], device=device))
+                rows = torch.stack([cap.values[l] for l in range(L)], 1).view(B, L, H, D).cpu()
                 if isinstance(result, torch.Tensor):
                     result[idx] = rows
                 else:

@@ -47,3 +47,27 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, longest_first
     sign = -1 if longest_first else 1
     order = sorted(range(len(lengths)), key=lambda i: (sign * lengths[i], i))
     return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def pad_right_tensors(seqs: Sequence[torch.Tensor], length: int | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Right-pad per-sequence tensors Float[Tensor, "len_i ..."] with zeros into Float[Tensor, "B T ..."].
+
+    T = the longest or `length`; the dtype is the first tensor's unless given.
+    """
+    if not seqs:
+        raise ValueError("pad_right_tensors: no sequences")
+    T = max(int(s.shape[0]) for s in seqs) if length is None else int(length)
+    if any(s.shape[0] > T for s in seqs):
+        raise ValueError(f"pad_right_tensors: a sequence is longer than length={T}")
+    out = torch.zeros(len(seqs), T, *seqs[0].shape[1:], dtype=dtype or seqs[0].dtype)
+    for r, s in enumerate(seqs):
+        out[r, : s.shape[0]] = s
+    return out
+
+
+def add_special_tokens_for(fmt, tokenizer, prompt: str) -> bool:
+    """Whether to add the tokenizer's special tokens to `prompt` (a PromptFormat's prompt text): yes,
+    unless a chat template already wrote its BOS into it (`fmt.kind == "chat"`)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (getattr(fmt, "kind", None) == "chat" and bos and prompt.startswith(bos))

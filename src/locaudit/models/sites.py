@@ -15,39 +15,79 @@ from torch import nn
 from locaudit.errors import UnsupportedModelError
 
 
+# a tiny random model's geometry, by name, for `SiteSpec.tiny` (values of the family's config keys)
+TINY_GEOMETRY_KEYS = ("L", "H", "D", "HD", "2HD", "HD+8", "KV", "1")
+
+_LLAMA_TINY = (("hidden_size", "HD"), ("intermediate_size", "2HD"), ("num_hidden_layers", "L"),
+               ("num_attention_heads", "H"), ("num_key_value_heads", "KV"), ("head_dim", "D"),
+               ("max_position_embeddings", 256), ("tie_word_embeddings", False))
+
+
 @dataclass(frozen=True)
 class SiteSpec:
-    """Module paths of a family: `layers` from the model root, `o_proj` from one layer."""
+    """One family's card: module paths, capabilities and a tiny test configuration.
+
+    Paths: `layers` from the model root; `o_proj`, `mlp`, `mlp_down` from one layer. Capabilities:
+    `prefix` (the frozen-prefix training path, edit/prefix.py, equals the full forward for this family).
+    `tiny`: (config key, value) pairs for `models.tiny.tiny_model`; a value named in TINY_GEOMETRY_KEYS
+    is replaced by the tiny geometry (L layers, H heads, D head_dim, HD = H*D, KV = max(1, H//2)).
+    """
 
     layers: str
     o_proj: str
     conv1d: bool = False  # GPT-2's Conv1D stores the weight as [in, out]
     mlp: str | None = None  # the MLP block inside a layer (its output is added to the residual stream)
     mlp_down: str | None = None  # the MLP's output projection (input: MLP hidden; output: MLP output)
+    prefix: bool = False  # frozen-prefix training (run_from_layer) is tested equal to the full forward
+    tiny: tuple = ()  # ((config key, value or geometry name), ...); empty: no tiny model for tests
+
+
+def _llama_like(*extra: tuple, mlp: str | None = "mlp", mlp_down: str | None = "mlp.down_proj",
+                prefix: bool = True) -> SiteSpec:
+    return SiteSpec("model.layers", "self_attn.o_proj", mlp=mlp, mlp_down=mlp_down, prefix=prefix,
+                    tiny=_LLAMA_TINY + tuple(extra))
 
 
 SITES: dict[str, SiteSpec] = {
-    "llama": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "mistral": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "mixtral": SiteSpec("model.layers", "self_attn.o_proj"),  # sparse MoE: no single MLP down-projection
-    "qwen2": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "qwen3": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "gemma": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "gemma2": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "olmo": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "olmo2": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "phi3": SiteSpec("model.layers", "self_attn.o_proj", mlp="mlp", mlp_down="mlp.down_proj"),
-    "gpt2": SiteSpec("transformer.h", "attn.c_proj", conv1d=True, mlp="mlp", mlp_down="mlp.c_proj"),
-    "gpt_neox": SiteSpec("gpt_neox.layers", "attention.dense", mlp="mlp", mlp_down="mlp.dense_4h_to_h"),
-    "opt": SiteSpec("model.decoder.layers", "self_attn.out_proj", mlp_down="fc2"),
+    "llama": _llama_like(),
+    "mistral": _llama_like(),
+    # sparse MoE: no single MLP down-projection
+    "mixtral": _llama_like(("num_local_experts", 2), ("num_experts_per_tok", 1), mlp_down=None),
+    "qwen2": _llama_like(("use_sliding_window", False)),
+    "qwen3": _llama_like(),
+    "gemma": _llama_like(),
+    "gemma2": _llama_like(),
+    # grouped-query attention with one KV head; head_dim is not hidden_size / heads
+    "gemma3_text": _llama_like(("num_key_value_heads", "1"), ("hidden_size", "HD+8")),
+    "olmo": _llama_like(),
+    "olmo2": _llama_like(),
+    "phi3": _llama_like(),
+    "gpt2": SiteSpec("transformer.h", "attn.c_proj", conv1d=True, mlp="mlp", mlp_down="mlp.c_proj", prefix=True,
+                     tiny=(("n_embd", "HD"), ("n_layer", "L"), ("n_head", "H"), ("n_positions", 256))),
+    "gpt_neox": SiteSpec("gpt_neox.layers", "attention.dense", mlp="mlp", mlp_down="mlp.dense_4h_to_h", prefix=True,
+                         tiny=(("hidden_size", "HD"), ("intermediate_size", "2HD"), ("num_hidden_layers", "L"),
+                               ("num_attention_heads", "H"), ("max_position_embeddings", 256),
+                               ("rotary_pct", 0.5))),
+    "opt": SiteSpec("model.decoder.layers", "self_attn.out_proj", mlp_down="fc2", prefix=True,
+                    tiny=(("hidden_size", "HD"), ("ffn_dim", "2HD"), ("num_hidden_layers", "L"),
+                          ("num_attention_heads", "H"), ("max_position_embeddings", 256),
+                          ("word_embed_proj_dim", "HD"))),
 }
 
 
-def register_site(model_type: str, layers: str, o_proj: str, conv1d: bool = False) -> SiteSpec:
-    """Declare where heads live for a family not in the registry (config.model_type)."""
-    spec = SiteSpec(layers, o_proj, conv1d)
+def register_site(model_type: str, layers: str, o_proj: str, conv1d: bool = False, **fields) -> SiteSpec:
+    """Declare a family not in the registry (config.model_type): its paths, and optionally the other
+    SiteSpec fields (mlp, mlp_down, prefix, tiny)."""
+    spec = SiteSpec(layers, o_proj, conv1d, **fields)
     SITES[model_type] = spec
     return spec
+
+
+def site_spec(model_type: str) -> SiteSpec:
+    """The registered card of a family; UnsupportedModelError naming the registered ones otherwise."""
+    if model_type not in SITES:
+        raise UnsupportedModelError(f"model family {model_type!r} is not registered; registered: {', '.join(sorted(SITES))}")
+    return SITES[model_type]
 
 
 def parse_site(text: str) -> SiteSpec:

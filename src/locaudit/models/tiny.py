@@ -8,12 +8,20 @@ from __future__ import annotations
 import torch
 
 from locaudit.models.loading import LoadedModel, wrap_model
+from locaudit.models.sites import SITES
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", "opt")
+
+
+def tiny_families() -> tuple[str, ...]:
+    """Every registered family with a tiny configuration (models/sites.py SITES), registry order."""
+    return tuple(name for name, spec in SITES.items() if spec.tiny)
+
+
+FAMILIES = tiny_families()  # the registry's families, each built tiny in tests
 
 
 def tiny_tokenizer():
@@ -34,28 +42,17 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str, n_layers: int = 3, n_heads: int = 4, head_dim: int = 8, vocab: int = 259):
+    """The family's config from its registry card (`SiteSpec.tiny`), at the given tiny geometry."""
     from transformers import AutoConfig
 
+    spec = SITES.get(family)
+    if spec is None or not spec.tiny:
+        raise ValueError(f"no tiny config for family {family!r}; choose from {tiny_families()}")
     d = n_heads * head_dim
-    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
-        kw = dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                  num_key_value_heads=max(1, n_heads // 2), head_dim=head_dim, max_position_embeddings=256,
-                  tie_word_embeddings=False)
-        if family == "qwen2":
-            kw["use_sliding_window"] = False
-        return AutoConfig.for_model(family, **kw, **common)
-    if family == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=d, n_layer=n_layers, n_head=n_heads, n_positions=256, **common)
-    if family == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
-                                    num_attention_heads=n_heads, max_position_embeddings=256, rotary_pct=0.5,
-                                    **common)
-    if family == "opt":
-        return AutoConfig.for_model("opt", hidden_size=d, ffn_dim=2 * d, num_hidden_layers=n_layers,
-                                    num_attention_heads=n_heads, max_position_embeddings=256, word_embed_proj_dim=d,
-                                    **common)
-    raise ValueError(f"no tiny config for family {family!r}; choose from {FAMILIES}")
+    geometry = {"L": n_layers, "H": n_heads, "D": head_dim, "HD": d, "2HD": 2 * d, "HD+8": d + 8,
+                "KV": max(1, n_heads // 2), "1": 1}
+    kw = {key: geometry[v] if isinstance(v, str) and v in geometry else v for key, v in spec.tiny}
+    return AutoConfig.for_model(family, **kw, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3, n_heads: int = 4, head_dim: int = 8,

@@ -19,16 +19,14 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.io import cache_dir, stable_hash
+from locaudit.models.batching import pad_id
+from locaudit.models.interventions import capture
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike, as_precision
 from locaudit.models.scoring import collate_completions, encode_completions
 
 log = logging.getLogger(__name__)
 POOLS = ("mean", "last")
-
-
-class _Stop(Exception):
-    pass
 
 
 def pair_key(question: str, answer: str) -> str:
@@ -116,47 +114,29 @@ class PairEncoder:
         enc = encode_completions(tok, [f"Q: {q}\nA:" for _, (q, a) in items], [f" {a}" if a else "" for _, (q, a) in items],
                                  max_length=self.max_length)
         order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = pad_id(tok)
         dev = self.lm.device
-        sites = self.lm.sites
-        captured: dict[int, torch.Tensor] = {}
-        last_layer = self.layers[-1]
-
-        def hook(l):
-            def fn(_m, _inp, out):
-                captured[l] = out[0] if isinstance(out, tuple) else out
-                if l == last_layer:
-                    raise _Stop
-            return fn
-
-        handles = [sites.layer(l).register_forward_hook(hook(l)) for l in self.layers]
         ac = self.precision.autocast(self.lm.dtype)
-        try:
-            with torch.no_grad():
-                for s in range(0, len(order), self.batch_size):
-                    idx = order[s: s + self.batch_size]
-                    b = collate_completions([enc[i] for i in idx], pad).to(dev)
-                    captured.clear()
-                    with ac:
-                        try:
-                            self.lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-                        except _Stop:
-                            pass
-                    mask = b.completion_mask.clone()
-                    lengths = b.attention_mask.sum(1)
-                    empty = mask.sum(1) == 0  # empty answer: use the prompt's last token
-                    mask[empty, (lengths[empty] - 1)] = True
-                    last_pos = (mask.long() * torch.arange(mask.shape[1], device=dev)).argmax(1)
-                    w = mask.float() / mask.float().sum(1, keepdim=True)
-                    feats = []
-                    for l in self.layers:
-                        h = captured[l].float()  # [b, pos, d]
-                        mean = torch.einsum("bp,bpd->bd", w, h)
-                        last = h[torch.arange(len(idx), device=dev), last_pos]
-                        feats.append(torch.stack([mean, last], 1))
-                    vecs = torch.stack(feats, 1).to(torch.float16).cpu().numpy()
-                    bar.update(len(idx))
-                    yield list(vecs), [items[i][0] for i in idx]
-        finally:
-            for h in handles:
-                h.remove()
+        # the residual stream after each chosen layer; the forward stops after the deepest one
+        with torch.no_grad(), capture(self.lm.sites, "resid_post", self.layers, "all", stop=True) as cap:
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s: s + self.batch_size]
+                b = collate_completions([enc[i] for i in idx], pad).to(dev)
+                with ac:
+                    cap.forward(self.lm.model, b.input_ids, b.attention_mask)
+                captured = cap.values
+                mask = b.completion_mask.clone()
+                lengths = b.attention_mask.sum(1)
+                empty = mask.sum(1) == 0  # empty answer: use the prompt's last token
+                mask[empty, (lengths[empty] - 1)] = True
+                last_pos = (mask.long() * torch.arange(mask.shape[1], device=dev)).argmax(1)
+                w = mask.float() / mask.float().sum(1, keepdim=True)
+                feats = []
+                for l in self.layers:
+                    h = captured[l].float()  # [b, pos, d]
+                    mean = torch.einsum("bp,bpd->bd", w, h)
+                    last = h[torch.arange(len(idx), device=dev), last_pos]
+                    feats.append(torch.stack([mean, last], 1))
+                vecs = torch.stack(feats, 1).to(torch.float16).cpu().numpy()
+                bar.update(len(idx))
+                yield list(vecs), [items[i][0] for i in idx]

@@ -18,6 +18,7 @@ import torch
 
 from locaudit.errors import ConfigError
 from locaudit.evaluate.judges.base import Judge, JudgeScore, check_pairs
+from locaudit.models.batching import length_sorted_batches, pad_id, pad_right
 from locaudit.models.loading import LoadedModel
 from locaudit.models.scoring import _accepts_logits_to_keep, collate_completions, completion_logprobs
 
@@ -79,20 +80,13 @@ def yes_probability(lm: LoadedModel, prompts: Sequence[str], kind: str, batch_si
         return out
     if cont.single_token:
         ids = [tok(p)["input_ids"][-max_length:] for p in prompts]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         model = lm.model
         dev = lm.device
         with torch.no_grad():
-            for s in range(0, len(order), batch_size):
-                idx = order[s: s + batch_size]
+            for idx in length_sorted_batches([len(r) for r in ids], batch_size, longest_first=False):
                 lens = torch.tensor([len(ids[i]) for i in idx])
-                T = int(lens.max())
-                x = torch.full((len(idx), T), pad, dtype=torch.long)
-                att = torch.zeros((len(idx), T), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    x[r, : lens[r]] = torch.tensor(ids[i])
-                    att[r, : lens[r]] = 1
+                x, att = pad_right([ids[i] for i in idx], pad_id(tok))
+                T = x.shape[1]
                 keep = T - int(lens.min()) + 1
                 kw = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
                 logits = model(input_ids=x.to(dev), attention_mask=att.to(dev), use_cache=False, **kw).logits
@@ -107,12 +101,9 @@ def yes_probability(lm: LoadedModel, prompts: Sequence[str], kind: str, batch_si
         enc = [continuation_ids(tok, p, word) for p in prompts]
         enc = [(pi[-(max_length - len(ci)):], ci) for pi, ci in enc]
         vals = torch.empty(len(prompts))
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         with torch.no_grad():
-            for s in range(0, len(order), batch_size):
-                idx = order[s: s + batch_size]
-                lp, _ = completion_logprobs(lm.model, collate_completions([enc[i] for i in idx], pad).to(lm.device))
+            for idx in length_sorted_batches([len(p) + len(c) for p, c in enc], batch_size, longest_first=False):
+                lp, _ = completion_logprobs(lm.model, collate_completions([enc[i] for i in idx], pad_id(tok)).to(lm.device))
                 vals[idx] = lp.float().cpu()
         logp[word] = vals
     return torch.sigmoid(logp[" yes"] - logp[" no"])
