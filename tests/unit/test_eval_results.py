@@ -45,7 +45,22 @@ def test_set_judged_and_partial_judges():
     assert r.true_info_per_q == pytest.approx(0.5) and r.judge == "j" and r.true_info_se > 0
     r2 = EvalResult()
     r2.set_judged([0.2, 0.4], [None, None], "truth-only")
-    assert r2.true == pytest.approx(0.3) and r2.info is None and r2.true_info is None
+    assert r2.true_prob == pytest.approx(0.3) and r2.true == 0.0 and r2.info is None and r2.true_info is None
+    assert r2.info_prob is None and r2.true_info_prob is None
+
+
+def test_thresholded_true_info_as_iti():
+    """ITI: True = share with P(true) >= 0.5, Info likewise, True*Info = product of the shares; the mean
+    probabilities stay beside them (and differ whenever the judge is not sure)."""
+    r = EvalResult()
+    truth, info = [0.9, 0.6, 0.5, 0.1], [0.49, 0.8, 0.7, 0.95]
+    r.set_judged(truth, info, "j")
+    assert r.true == 0.75 and r.info == 0.75 and r.true_info == pytest.approx(0.5625)
+    assert r.true_info_per_q == pytest.approx(0.5)  # answers 2 and 3 are both true and informative
+    assert r.true_prob == pytest.approx(0.525) and r.info_prob == pytest.approx(0.735)
+    assert r.true_info_prob == pytest.approx(0.525 * 0.735) and r.judge_threshold == 0.5
+    r.set_judged(truth, info, "j", threshold=0.7)
+    assert r.true == 0.25 and r.info == 0.75 and r.judge_threshold == 0.7
 
 
 def test_json_roundtrip_and_csv_append(tmp_path):

@@ -9,7 +9,6 @@ import torch
 
 from eval_fixtures import write_truthfulqa
 from locaudit.data.behaviour import load_behaviour
-from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.iti import ITIEdit
 from locaudit.errors import ConfigError, DataError
@@ -56,17 +55,27 @@ class FakeJudge:
         return [{"truth": float(bool(a.strip())), "info": 0.5} for a in answers]
 
 
-CFG = EvalConfig(max_new_tokens=6, progress=False)
+CFG = EvalConfig(max_new_tokens=6, progress=False, protocol="bare", kl_max_tokens=1024)
 
 
 def test_full_evaluation_writes_everything(lm, data, tmp_path):
+    """The default protocol (ITI's prompts, generic-text KL, thresholded True/Info), on a tiny model whose
+    256-position context cuts the ITI preamble from the left (warned), so it runs everywhere."""
     judge = FakeJudge()
-    res = evaluate_edit(lm, iti(lm), data, "test", "all", judge, tmp_path / "out", CFG)
+    cfg = EvalConfig(max_new_tokens=6, progress=False, kl_max_tokens=1024)
+    assert cfg.protocol == "iti" and cfg.kl_text == "austen" and cfg.kl_answers
+    res = evaluate_edit(lm, iti(lm), data, "test", "all", judge, tmp_path / "out", cfg)
     n = len(data.questions("test"))
     assert res.n_questions == n == res.n_mc == res.n_generated and res.n_pairs == len(data.pairs("test"))
-    for k in ("mc1", "mc2", "kl", "ce", "pref_acc", "pref_margin", "true", "info", "true_info"):
+    for k in ("mc1", "mc2", "kl", "ce", "pref_acc", "pref_margin", "true", "info", "true_info", "kl_answers",
+              "ce_answers", "true_prob", "info_prob", "true_info_prob"):
         assert getattr(res, k) is not None, k
-    assert res.kl > 0 and res.info == 0.5 and res.judge == "fake-judge" and judge.calls == 1
+    assert res.protocol == "iti" and res.mc_prefix == "iti" and res.kl_text == "austen" and res.kl_text_fingerprint
+    assert res.n_kl_tokens <= 1024 and res.kl != res.kl_answers and res.kl_answers > 0
+    # info = 0.5 for every answer: thresholded (>= 0.5) it is 1.0, as a mean probability 0.5
+    assert res.info == 1.0 and res.info_prob == 0.5 and res.judge_threshold == 0.5
+    assert res.true_info == pytest.approx(res.true * res.info)
+    assert res.kl > 0 and res.judge == "fake-judge" and judge.calls == 1
     assert res.edit["kind"] == "iti" and res.edit["alpha"] == 4.0
     out = tmp_path / "out"
     for f in ("result.json", "results.csv", "generations.jsonl", "mc_items.jsonl", "judgements.jsonl"):
@@ -110,16 +119,28 @@ def test_preferences_against_direct_scoring(lm):
 def test_chat_format_runs(data):
     lm = tiny_model("qwen2")
     res = evaluate_edit(lm, None, data, "test", ("mc", "kl", "gen"),
-                        config=EvalConfig(format="chat", max_new_tokens=4, progress=False))
-    assert res.format == "chat" and res.kl == 0.0 and res.mc2 is not None
+                        config=EvalConfig(format="chat", max_new_tokens=4, progress=False, kl_max_tokens=512))
+    assert res.format == "chat" and res.kl == 0.0 and res.kl_answers == 0.0 and res.mc2 is not None
 
 
 def test_kl_text_file_and_bf16(lm, data, tmp_path):
     f = tmp_path / "text.txt"
     f.write_text("The quick brown fox jumps over the lazy dog. " * 10)
-    cfg = EvalConfig(kl_text=str(f), max_length=64, progress=False, precision="bf16")
+    cfg = EvalConfig(kl_text=str(f), max_length=64, progress=False, precision="bf16", kl_answers=False)
     res = evaluate_edit(lm, iti(lm), data, "test", ("kl", "ce"), config=cfg)
-    assert res.n_kl_texts == 8 and res.kl > 0
+    assert res.n_kl_texts == 8 and res.kl > 0 and res.kl_text == "text.txt" and res.kl_answers is None
+
+
+def test_old_protocol_reproduces_answer_text_kl(lm, data):
+    """kl_text=None, protocol bare: KL/CE on the split's questions + best answers, as before issue 11; the
+    answer-text metric of the new default is the same number."""
+    old = evaluate_edit(lm, iti(lm), data, "test", ("kl", "ce"), config=EvalConfig(
+        protocol="bare", kl_text=None, progress=False))
+    new = evaluate_edit(lm, iti(lm), data, "test", ("kl", "ce"), config=EvalConfig(kl_max_tokens=512, progress=False))
+    assert old.kl_text == "answers" and old.kl == old.kl_answers
+    assert new.kl_answers == pytest.approx(old.kl) and new.ce_answers == pytest.approx(old.ce)
+    with pytest.raises(DataError, match="neither a corpus name"):
+        evaluate_edit(lm, None, data, "test", ("kl",), config=EvalConfig(kl_text="no-such-corpus", progress=False))
 
 
 def test_errors(lm, data):

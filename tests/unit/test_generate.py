@@ -10,7 +10,7 @@ from locaudit.data.types import Question
 from locaudit.edit.iti import ITIEdit
 from locaudit.errors import DataError
 from locaudit.evaluate.generate import (
-    generate_answers, greedy_generate, load_generations, save_generations, strip_stop,
+    generate_answers, greedy_generate, load_generations, strip_stop,
 )
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model

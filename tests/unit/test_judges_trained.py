@@ -79,6 +79,23 @@ def test_training_holds_out_the_test_questions(setup, trained):
     assert set(saved["heads"]) == {"truth.ref", "truth.noref", "info.ref", "info.noref"}
 
 
+def test_hard_negatives_calibration_and_audit_in_the_report(setup, trained):
+    """Two hard negatives per question: the 16 training questions' go into training, the 4 held-out
+    questions' are scored apart; ECE and a reliability diagram; the shipped audit set is scored."""
+    lm, cfg, report = trained
+    assert report["hard_negatives"] == {"train": 2 * (len(TOPICS) - 4), "held_out": 2 * 4}
+    info = report["kinds"]["info"]
+    assert info["held_out_hard"]["n"] == 8  # every category has an info label
+    assert report["kinds"]["truth"]["held_out_hard"]["n"] <= 8  # copied questions carry no truth label
+    assert set(info["held_out_hard_by_category"]) <= {"evasive", "garbled", "offlang", "repetitive", "copy"}
+    for kind in ("truth", "info"):
+        assert 0 <= report["kinds"][kind]["held_out"]["ece"] <= 1
+        assert report["audit"][kind]["n"] == 225 and 0 <= report["audit"][kind]["accuracy"] <= 1
+    assert "skipped" in report["audit"]["reference"]  # the audit questions are not in this tiny CSV
+    png = (setup / "out" / "reliability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (setup / "out" / "audit.json").is_file()
+
+
 def test_saved_judge_reloads_and_scores(setup, trained):
     lm, cfg, _ = trained
     judge = load_trained_judge(setup / "out", lm=lm)

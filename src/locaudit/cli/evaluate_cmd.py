@@ -62,10 +62,23 @@ def evaluate(
     gen_batch_size: int = typer.Option(16, "--gen-batch-size", help="Questions generated together."),
     max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Greedy tokens per answer at most."),
     max_length: int = typer.Option(512, "--max-length", help="Longest scored sequence in tokens."),
-    kl_text: Optional[Path] = typer.Option(None, "--kl-text", help="A text file for KL/CE instead of the "
-                                           "split's questions with their best answers."),
-    mc_primer: bool = typer.Option(False, "--mc-primer/--no-mc-primer", help="Put TruthfulQA's six-shot QA "
-                                   "primer before each MC prompt (its original setting)."),
+    protocol: str = typer.Option("iti", "--protocol", help="What goes before each question for generation and "
+                                 "MC: iti (ITI's instruction prompt + TruthfulQA's six-shot QA primer, as ITI and "
+                                 "the paper evaluate) or bare (nothing; locaudit's old protocol)."),
+    kl_text: Optional[str] = typer.Option("austen", "--kl-text", help="Generic English text for KL/CE (the "
+                                          "collateral damage ITI measures): austen (public-domain excerpts shipped "
+                                          "with locaudit), austen-debian[:PATH] (the full novels from Debian's "
+                                          "r-cran-janeaustenr) or a UTF-8 text file; 'answers' = the split's "
+                                          "questions with their best answers (the old default)."),
+    kl_answers: bool = typer.Option(True, "--kl-answers/--no-kl-answers", help="Also report KL/CE on the "
+                                    "split's questions with their best answers (kl_answers, ce_answers)."),
+    kl_max_tokens: Optional[int] = typer.Option(4096, "--kl-max-tokens", help="At most this many tokens of the "
+                                                "generic KL/CE text."),
+    judge_threshold: float = typer.Option(0.5, "--judge-threshold", help="P(yes) at or above which the judge "
+                                          "counts an answer as true / informative (ITI: 0.5); mean probabilities "
+                                          "are reported too."),
+    mc_primer: bool = typer.Option(False, "--mc-primer/--no-mc-primer", help="With --protocol bare: put "
+                                   "TruthfulQA's six-shot QA primer before each MC prompt."),
     precision: Precision = precision_option(),
     csv: Optional[Path] = typer.Option(None, "--csv", help="CSV to append the result row to "
                                        "(default OUT/results.csv)."),
@@ -89,9 +102,9 @@ def evaluate(
         raise ConfigError("--alpha needs --iti DIR (or --edit DIR of an ITI edit)")
     metric_list = parse_metrics(metrics)
     cfg = EvalConfig(format=fmt, batch_size=batch_size, gen_batch_size=gen_batch_size, max_new_tokens=max_new_tokens,
-                     max_length=max_length, kl_text=str(kl_text) if kl_text else None,
-                     precision=value(precision),
-                     mc_primer=mc_primer)
+                     max_length=max_length, kl_text=None if kl_text in (None, "", "answers") else kl_text,
+                     precision=value(precision), protocol=protocol, kl_answers=kl_answers,
+                     kl_max_tokens=kl_max_tokens, judge_threshold=judge_threshold, mc_primer=mc_primer)
     the_edit = None
     if chosen is not None:
         the_edit = load_edit(chosen, alpha=alpha) if alpha is not None else load_edit(chosen)
@@ -101,8 +114,10 @@ def evaluate(
     bd = load_behaviour(data, seed=seed, max_questions=max_questions)
     lm = load_model(model, dtype=value(dtype), device=device, trust_remote_code=trust_remote_code)
     res = evaluate_edit(lm, the_edit, bd, split, metric_list, the_judge, out, cfg, csv)
-    keys = ("mc1", "mc2", "mc0", "kl", "ce", "pref_acc", "pref_margin", "true", "info", "true_info")
-    typer.echo(json.dumps({"edit": res.edit, **{k: getattr(res, k) for k in keys if getattr(res, k) is not None}}))
+    keys = ("mc1", "mc2", "mc0", "kl", "ce", "kl_answers", "ce_answers", "pref_acc", "pref_margin", "true", "info",
+            "true_info", "true_prob", "info_prob", "true_info_prob")
+    typer.echo(json.dumps({"edit": res.edit, "protocol": res.protocol, "kl_text": res.kl_text,
+                           **{k: getattr(res, k) for k in keys if getattr(res, k) is not None}}))
     typer.echo(f"-> {out / 'result.json'}")
 
 

@@ -194,5 +194,47 @@ def score(
     typer.echo(f"{len(rows)} answers scored by {the_judge.name} -> {out}")
 
 
+@judge_app.command("audit")
+def audit(
+    judge: str = typer.Option(..., "--judge", help="Judge spec, e.g. default, trained:runs/judge, reference:bleu."),
+    references: Optional[str] = typer.Option(None, "--references", help="truthfulqa:PATH.csv: reference answers "
+                                             "(the trained judges' reference features, and TruthfulQA's BLEU/ROUGE "
+                                             "acc shown beside the judge)."),
+    audit_set: Optional[Path] = typer.Option(None, "--audit-set", help="Labelled JSONL (question, answer, truth, "
+                                             "info); default: the set shipped with locaudit (225 answers of edited "
+                                             "SmolLM2 models, rubric in evaluate/judges/audit/RUBRIC.md)."),
+    holdout: Optional[str] = typer.Option(None, "--holdout", help="For --judge default: the evaluation data "
+                                          "whose split is held out of its training (truthfulqa:PATH.csv)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json and reliability.png."),
+    device: str = device_option(),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with an hf: "
+                                           "judge's checkpoint (off by default; only for models you trust)."),
+) -> None:
+    """How a judge does on answers that edited models actually give: accuracy, balanced accuracy and
+    calibration (ECE) against labels read by hand, with TruthfulQA's BLEU/ROUGE acc beside it."""
+    from locaudit.evaluate.judges import get_judge
+    from locaudit.evaluate.judges.audit import audit_judge, format_audit, load_audit
+    from locaudit.evaluate.judges.base import References
+    from locaudit.evaluate.judges.calibration import reliability_diagram
+    from locaudit.io import write_json_atomic
+
+    items = load_audit(audit_set)
+    refs = References.from_spec(references) if references else None
+    the_judge = get_judge(judge, cache=cache, references=references, holdout=holdout or references, device=device,
+                          trust_remote_code=trust_remote_code)
+    report = audit_judge(the_judge, items, references=refs)
+    typer.echo(format_audit(report))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "audit.json", report)
+        curves = {}
+        for k in report["kinds"]:
+            rows = [(r[f"p_{k}"], getattr(it, k)) for r, it in zip(report["answers"], items) if r[f"p_{k}"] is not None]
+            curves[k] = ([p for p, _ in rows], [y for _, y in rows])
+        reliability_diagram(curves, out / "reliability.png", title=f"audit: {the_judge.name}")
+        typer.echo(f"-> {out / 'audit.json'}, {out / 'reliability.png'}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(judge_app, name="judge")

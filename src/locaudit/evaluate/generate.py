@@ -10,6 +10,7 @@ line each; the end token in chat), which is then stripped from the answer.
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ from locaudit.edit.base import Edit
 from locaudit.errors import DataError
 from locaudit.io import read_jsonl, write_text_atomic
 from locaudit.evaluate.view import edited
+from locaudit.models.batching import add_special_tokens_for, pad_id
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike
+from locaudit.models.prefix_cache import PrefixState, cache_kwarg, shared_prefix
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,6 @@ class GenerationRecord:
     answer: str
 
 
-def add_special_tokens_for(fmt: PromptFormat, tokenizer, prompt: str) -> bool:
-    """Add the tokenizer's special tokens unless a chat template already wrote its BOS into `prompt`."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return not (fmt.kind == "chat" and bos and prompt.startswith(bos))
-
-
 @contextmanager
 def padding_side(tokenizer, side: str) -> Iterator[None]:
     old = tokenizer.padding_side
@@ -51,6 +50,26 @@ def padding_side(tokenizer, side: str) -> Iterator[None]:
         yield
     finally:
         tokenizer.padding_side = old
+
+
+@contextmanager
+def truncation_side(tokenizer, side: str) -> Iterator[None]:
+    old = getattr(tokenizer, "truncation_side", "right")
+    tokenizer.truncation_side = side
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = old
+
+
+def context_limit(lm: LoadedModel, max_length: int) -> int:
+    """`max_length`, or the model's context length (max_position_embeddings / n_positions) if shorter."""
+    cfg = getattr(lm.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n > 0:
+            return min(max_length, n)
+    return max_length
 
 
 def _stop_at(text: str, stops: Sequence[str]) -> int | None:
@@ -96,10 +115,16 @@ def greedy_generate(
     batch_size: int = 16,
     add_special_tokens: bool = True,
     progress: bool = True,
+    max_prompt_tokens: int | None = None,
+    share_prefix: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts` (batched, left-padded), cut at the first stop string.
 
     Runs under whatever edit the caller has applied; batches are formed from length-sorted prompts.
+    `max_prompt_tokens`: longer prompts lose their start (the question at the end is kept), with a warning.
+    `share_prefix`: a prefix common to all prompts (ITI's instruction and QA primer) runs once, and each
+    batch continues from a copy of its KV cache, padded after it (models/prefix_cache.py): the same
+    answers for a fraction of the prompt compute.
     """
     from transformers import StoppingCriteriaList
 
@@ -108,11 +133,24 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="q", disable=not progress)
-    with padding_side(tok, "left"), torch.no_grad():
+    trunc = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
+    if max_prompt_tokens:
+        n_long = sum(len(x) > max_prompt_tokens for x in tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"])
+        if n_long:
+            log.warning("%d of %d prompts exceed %d tokens (the model's context less the answer): their start is "
+                        "cut", n_long, len(prompts), max_prompt_tokens)
+    with padding_side(tok, "left"), truncation_side(tok, "left"), torch.no_grad():
+        if share_prefix and len(prompts) > 1:
+            ids = tok(list(prompts), add_special_tokens=add_special_tokens, **trunc)["input_ids"]
+            state = shared_prefix(model, ids, device=lm.device)
+            if state is not None:
+                _generate_from_prefix(lm, state, ids, order, out, config, stops, batch_size, bar)
+                bar.close()
+                return out
         for s in range(0, len(order), batch_size):
             idx = order[s: s + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                      add_special_tokens=add_special_tokens).to(lm.device)
+                      add_special_tokens=add_special_tokens, **trunc).to(lm.device)
             T = enc["input_ids"].shape[1]
             stopping = StoppingCriteriaList([_StopOnStrings(tok, T, stops)]) if stops else None
             gen = model.generate(**enc, generation_config=config, stopping_criteria=stopping)
@@ -122,6 +160,34 @@ def greedy_generate(
             bar.update(len(idx))
     bar.close()
     return out
+
+
+def _generate_from_prefix(lm: LoadedModel, state: PrefixState, ids: list[list[int]], order: list[int], out: list[str],
+                          config, stops: Sequence[str], batch_size: int, bar) -> None:
+    """Greedy answers for prompts that all start with `state`'s prefix: [prefix][pad...][rest of prompt]."""
+    from transformers import StoppingCriteriaList
+
+    tok, model = lm.tokenizer, lm.model
+    P, pad = len(state), pad_id(tok)
+    kw = cache_kwarg(model)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        rest = [ids[i][P:] for i in idx]
+        B, T = len(idx), max(len(r) for r in rest)
+        inp = torch.full((B, P + T), pad, dtype=torch.long)
+        att = torch.zeros((B, P + T), dtype=torch.long)
+        inp[:, :P] = torch.tensor(state.ids, dtype=torch.long)
+        att[:, :P] = 1
+        for r, x in enumerate(rest):
+            inp[r, P + T - len(x):] = torch.tensor(x, dtype=torch.long)
+            att[r, P + T - len(x):] = 1
+        stopping = StoppingCriteriaList([_StopOnStrings(tok, P + T, stops)]) if stops else None
+        gen = model.generate(input_ids=inp.to(lm.device), attention_mask=att.to(lm.device), generation_config=config,
+                             stopping_criteria=stopping, **{kw: state.cache_for(B)})
+        texts = tok.batch_decode(gen[:, P + T:], skip_special_tokens=False)
+        for i, t in zip(idx, texts):
+            out[i] = strip_stop(_drop_special(t, tok), stops)
+        bar.update(B)
 
 
 def _drop_special(text: str, tok) -> str:
@@ -145,13 +211,17 @@ def generate_answers(
     out_path: str | Path | None = None,
     progress: bool = True,
     precision: PrecisionLike = None,
+    max_length: int | None = None,
 ) -> list[GenerationRecord]:
-    """Greedy answers to `questions` with `edit` applied at every position; optionally saved as JSONL."""
+    """Greedy answers to `questions` with `edit` applied at every position; optionally saved as JSONL.
+
+    `max_length`: prompt + answer tokens at most (default: the model's context); longer prompts lose their start."""
     prompts = [fmt.prompt(q.question, lm.tokenizer) for q in questions]
     special = add_special_tokens_for(fmt, lm.tokenizer, prompts[0]) if prompts else True
     with edited(lm, edit, precision):
+        limit = context_limit(lm, max_length or 10**9)
         answers = greedy_generate(lm, prompts, max_new_tokens, fmt.stop_strings(lm.tokenizer), batch_size,
-                                  special, progress)
+                                  special, progress, max_prompt_tokens=max(limit - max_new_tokens, 1) if limit < 10**9 else None)
     records = [GenerationRecord(q.qid, q.question, a) for q, a in zip(questions, answers)]
     if out_path is not None:
         save_generations(records, out_path)

@@ -17,7 +17,7 @@ from typing import Sequence
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.base import Edit
-from locaudit.evaluate.generate import add_special_tokens_for
+from locaudit.models.batching import add_special_tokens_for
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike

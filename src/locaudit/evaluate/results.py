@@ -1,5 +1,10 @@
 """One result record per evaluated edit: JSON file plus one row appended to a CSV.
 
+True and Info, as ITI and the paper report them: the share of answers the judge calls true (P(yes) >= the
+threshold, 0.5), the share it calls informative, and True*Info = the product of those two shares. The mean
+probabilities (`true_prob`, `info_prob`, `true_info_prob`) are kept beside them: they depend on the judge's
+calibration, which `locaudit judge` measures (expected calibration error).
+
 Standard errors: for a mean over questions, sample std / sqrt(n). For True*Info (the product of the
 means, as ITI reports it) the delta method with the per-question pairs (t_i, i_i):
   Var(T I) ~ I^2 Var(T) + T^2 Var(I) + 2 T I Cov(T, I),  Var/Cov of the means = sample (co)variance / n.
@@ -59,6 +64,9 @@ class EvalResult(BaseModel):
     data_fingerprint: str = Field("", description="Content fingerprint of the dataset and its split.")
     split: str = Field("test", description="Evaluation split.")
     format: str = Field("plain", description="Prompt format (plain or chat).")
+    protocol: str = Field("bare", description="Evaluation protocol: iti (ITI's instruction + TruthfulQA's QA "
+                          "primer before every generation and MC prompt) or bare (no preamble).")
+    mc_prefix: str | None = Field(None, description="What preceded each MC prompt: protocol, primer or none.")
     precision: str = Field("fp32", description="Resolved compute precision (fp32, bf16 or fp16).")
     cpu_capability: str = Field("", description="What the CPU offers for matmuls (AVX2, AVX512, AMX, ...).")
     metrics: list[str] = Field(default_factory=list, description="Metrics computed.")
@@ -66,16 +74,26 @@ class EvalResult(BaseModel):
     n_mc: int | None = Field(None, description="MC items scored.")
     n_pairs: int | None = Field(None, description="Preference pairs scored.")
     n_kl_tokens: int | None = Field(None, description="Next-token positions in the KL/CE text.")
-    n_kl_texts: int | None = Field(None, description="Texts in the KL/CE text.")
+    n_kl_texts: int | None = Field(None, description="Texts (windows) in the KL/CE text.")
+    kl_text: str | None = Field(None, description="What KL/CE were measured on: a generic corpus name, a file, "
+                                "or 'answers' (the split's questions with their best answers).")
+    kl_text_fingerprint: str | None = Field(None, description="Content fingerprint of the KL/CE text.")
     n_generated: int | None = Field(None, description="Answers generated.")
-    true: float | None = Field(None, description="Mean judged truthfulness probability.")
+    true: float | None = Field(None, description="Share of answers judged true (P(true) >= judge_threshold), as ITI.")
     true_se: float | None = None
-    info: float | None = Field(None, description="Mean judged informativeness probability.")
+    info: float | None = Field(None, description="Share of answers judged informative (P(info) >= judge_threshold).")
     info_se: float | None = None
-    true_info: float | None = Field(None, description="mean(True) * mean(Info), as ITI reports it.")
-    true_info_se: float | None = Field(None, description="Delta-method SE of the product of means.")
-    true_info_per_q: float | None = Field(None, description="Mean over questions of True_i * Info_i.")
+    true_info: float | None = Field(None, description="True * Info of the thresholded shares, as ITI and the paper.")
+    true_info_se: float | None = Field(None, description="Delta-method SE of the product of shares.")
+    true_info_per_q: float | None = Field(None, description="Share of answers judged both true and informative.")
     true_info_per_q_se: float | None = None
+    true_prob: float | None = Field(None, description="Mean judged probability of truth (calibration-dependent).")
+    true_prob_se: float | None = None
+    info_prob: float | None = Field(None, description="Mean judged probability of informativeness.")
+    info_prob_se: float | None = None
+    true_info_prob: float | None = Field(None, description="mean P(true) * mean P(info) (locaudit's old True*Info).")
+    true_info_prob_se: float | None = None
+    judge_threshold: float | None = Field(None, description="P(yes) at or above which an answer counts as judged yes.")
     mc1: float | None = Field(None, description="TruthfulQA MC1 accuracy.")
     mc1_se: float | None = None
     mc2: float | None = Field(None, description="TruthfulQA MC2 (normalised correct mass).")
@@ -86,6 +104,12 @@ class EvalResult(BaseModel):
     kl_se: float | None = None
     ce: float | None = Field(None, description="Edited model's mean cross-entropy per token (nats).")
     ce_se: float | None = None
+    kl_answers: float | None = Field(None, description="KL on the split's questions + best answers (bare format): "
+                                     "the text IPO up-weights, not collateral damage; a second, labelled metric.")
+    kl_answers_se: float | None = None
+    ce_answers: float | None = Field(None, description="CE on the split's questions + best answers (bare format).")
+    ce_answers_se: float | None = None
+    n_kl_answers_tokens: int | None = Field(None, description="Next-token positions in the answer text.")
     pref_acc: float | None = Field(None, description="Held-out pairs with avg logp(chosen) > avg logp(rejected).")
     pref_acc_se: float | None = None
     pref_margin: float | None = Field(None, description="Mean avg-logp(chosen) - avg-logp(rejected).")
@@ -94,20 +118,28 @@ class EvalResult(BaseModel):
     seconds: dict[str, float] = Field(default_factory=dict, description="Wall time per metric.")
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
-    def set_judged(self, truth: Sequence[float | None], info: Sequence[float | None], judge_name: str) -> None:
-        """Fill True, Info, True*Info (both forms) and their SEs from per-question judge probabilities.
+    def set_judged(self, truth: Sequence[float | None], info: Sequence[float | None], judge_name: str,
+                   threshold: float = 0.5) -> None:
+        """Fill True, Info, True*Info (thresholded at `threshold`, as ITI; and as mean probabilities) and
+        their SEs from per-question judge probabilities.
 
         A judge may score only one kind (None entries); products need both kinds for every question.
         """
         t = [x for x in truth if x is not None]
         i = [x for x in info if x is not None]
-        self.true, self.true_se = mean_se(t)
-        self.info, self.info_se = mean_se(i)
+        tb = [float(x >= threshold) for x in t]
+        ib = [float(x >= threshold) for x in i]
+        self.true, self.true_se = mean_se(tb)
+        self.info, self.info_se = mean_se(ib)
+        self.true_prob, self.true_prob_se = mean_se(t)
+        self.info_prob, self.info_prob_se = mean_se(i)
         both = len(t) == len(truth) and len(i) == len(info)
         if both:
-            self.true_info, self.true_info_se = product_of_means_se(t, i)
-            self.true_info_per_q, self.true_info_per_q_se = mean_se([a * b for a, b in zip(t, i)])
+            self.true_info, self.true_info_se = product_of_means_se(tb, ib)
+            self.true_info_per_q, self.true_info_per_q_se = mean_se([a * b for a, b in zip(tb, ib)])
+            self.true_info_prob, self.true_info_prob_se = product_of_means_se(t, i)
         self.judge = judge_name
+        self.judge_threshold = threshold
 
     def row(self) -> dict[str, Any]:
         """A flat CSV row: the edit's description fields become edit_<key>."""

@@ -26,21 +26,35 @@ from locaudit.models.precision import PrecisionName, migrate_autocast_field, res
 
 log = logging.getLogger(__name__)
 
-METRICS = ("mc", "kl", "ce", "pref", "gen")
+METRICS = ("mc", "kl", "ce", "pref", "gen", "ab")
 
 
 class EvalConfig(BaseModel):
     """How to evaluate (the what: edit, data, split, metrics, judge, are evaluate_edit's arguments)."""
 
     format: Literal["plain", "chat"] = Field("plain", description="Prompt format for every metric.")
+    protocol: Literal["iti", "bare"] = Field("iti", description="What goes before each question when generating "
+                                             "and scoring MC: iti = ITI's instruction prompt + TruthfulQA's six-shot "
+                                             "QA primer (ITI's and the paper's protocol); bare = nothing (locaudit "
+                                             "before issue 11). Preference scoring and answer-text KL stay bare.")
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass when scoring.")
     gen_batch_size: int = Field(16, ge=1, description="Questions generated together.")
     max_new_tokens: int = Field(50, ge=1, description="Greedy tokens per generated answer at most.")
     max_length: int = Field(512, ge=8, description="Longest scored sequence in tokens (prompt cut from the left).")
-    kl_text: str | None = Field(None, description="A text file for KL/CE instead of the split's questions+best answers.")
+    kl_text: str | None = Field("austen", description="Generic English text for KL/CE (collateral damage, as ITI): a "
+                                "corpus name (austen: public-domain excerpts shipped with locaudit; austen-debian"
+                                "[:PATH]: the full novels from Debian's r-cran-janeaustenr) or a UTF-8 text file. "
+                                "None: KL/CE on the split's questions + best answers only (the old default).")
+    kl_answers: bool = Field(True, description="Also report KL/CE on the split's questions + best answers "
+                             "(kl_answers, ce_answers): the text IPO up-weights, a second, labelled metric.")
+    kl_max_tokens: int | None = Field(4096, ge=2, description="At most this many tokens of the generic KL/CE text "
+                                      "(documents contribute windows in turn); None = all of it.")
+    judge_threshold: float = Field(0.5, gt=0, lt=1, description="A judge's P(yes) at or above which an answer "
+                                   "counts as true / informative (ITI: 0.5).")
     precision: PrecisionName = Field("auto", description="Compute precision: auto (bf16 on GPUs and on CPUs where "
                                      "bf16 is measured faster, else fp32), fp32, bf16 or fp16.")
-    mc_primer: bool = Field(False, description="Put TruthfulQA's six-shot QA primer before each MC prompt.")
+    mc_primer: bool = Field(False, description="Protocol bare only: put TruthfulQA's six-shot QA primer before "
+                            "each MC prompt (the iti protocol already has it).")
     progress: bool = Field(True, description="Show progress bars.")
 
     @model_validator(mode="before")
@@ -51,7 +65,7 @@ class EvalConfig(BaseModel):
 
     @property
     def prompt_format(self) -> PromptFormat:
-        return PromptFormat(self.format)
+        return PromptFormat(self.format, protocol=self.protocol)
 
 
 def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
@@ -107,9 +121,13 @@ def evaluate_edit(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     questions = data.questions(split)
+    from locaudit.evaluate.generate import context_limit
+
+    max_len = context_limit(lm, cfg.max_length)  # a model's context caps every scored sequence
     res = EvalResult(edit=describe(edit), model=lm.name, model_fingerprint=lm.fingerprint,
                      data=getattr(data, "name", ""), data_fingerprint=getattr(data, "fingerprint", ""),
-                     split=split, format=fmt.kind, metrics=list(metrics), n_questions=len(questions),
+                     split=split, format=fmt.kind, protocol=fmt.protocol, metrics=list(metrics),
+                     n_questions=len(questions),
                      precision=prec.name, cpu_capability=prec.meta()["cpu_capability"])
 
     def timed(name: str, t0: float) -> None:
@@ -124,8 +142,10 @@ def evaluate_edit(
             log.warning("data %r has no MC items in split %r: MC skipped", res.data, split)
             res.n_mc = 0
         else:
-            mc = score_mc(lm, edit, items, fmt, TRUTHFULQA_QA_PRIMER if cfg.mc_primer else "", cfg.batch_size,
-                          cfg.max_length, precision=ac)
+            primer = cfg.mc_primer and fmt.protocol == "bare"
+            res.mc_prefix = fmt.protocol if fmt.protocol != "bare" else ("primer" if primer else "none")
+            mc = score_mc(lm, edit, items, fmt, TRUTHFULQA_QA_PRIMER if primer else "", cfg.batch_size,
+                          max_len, precision=ac)
             for k, v in mc.summary().items():
                 setattr(res, k, v)
             if out is not None:
@@ -135,17 +155,27 @@ def evaluate_edit(
         timed("mc", t0)
 
     if "kl" in metrics or "ce" in metrics:
-        from locaudit.evaluate.klce import heldout_texts, kl_ce, text_file_chunks
+        from locaudit.evaluate.klce import heldout_texts, kl_ce
+        from locaudit.evaluate.texts import corpus_windows, load_corpus
 
         t0 = time.perf_counter()
-        if cfg.kl_text:
-            r = kl_ce(lm, edit, ids=text_file_chunks(cfg.kl_text, lm.tokenizer, cfg.max_length),
-                      batch_size=cfg.batch_size, precision=ac, progress=cfg.progress)
-        else:
+        answers = None
+        if cfg.kl_answers or not cfg.kl_text:
             if not questions:
-                raise DataError(f"split {split!r} of {res.data!r} has no questions for KL/CE")
-            r = kl_ce(lm, edit, heldout_texts(questions, fmt, lm.tokenizer), batch_size=cfg.batch_size,
-                      max_length=cfg.max_length, precision=ac, progress=cfg.progress)
+                raise DataError(f"split {split!r} of {res.data!r} has no questions for KL/CE on its answers")
+            answers = kl_ce(lm, edit, heldout_texts(questions, fmt.bare(), lm.tokenizer), batch_size=cfg.batch_size,
+                            max_length=max_len, precision=ac, progress=cfg.progress)
+            res.kl_answers, res.kl_answers_se = answers.kl, answers.kl_se
+            res.ce_answers, res.ce_answers_se = answers.ce, answers.ce_se
+            res.n_kl_answers_tokens = answers.n_tokens
+        if cfg.kl_text:
+            corpus = load_corpus(cfg.kl_text)
+            r = kl_ce(lm, edit, ids=corpus_windows(corpus, lm.tokenizer, max_len, cfg.kl_max_tokens),
+                      batch_size=cfg.batch_size, precision=ac, progress=cfg.progress)
+            res.kl_text, res.kl_text_fingerprint = corpus.name, corpus.fingerprint
+        else:
+            r = answers
+            res.kl_text, res.kl_text_fingerprint = "answers", getattr(data, "fingerprint", "") or None
         for k, v in r.summary().items():
             setattr(res, k, v)
         timed("klce", t0)
@@ -154,10 +184,19 @@ def evaluate_edit(
         from locaudit.evaluate.preferences import score_preferences
 
         t0 = time.perf_counter()
-        p = score_preferences(lm, edit, data.pairs(split), fmt, cfg.batch_size, cfg.max_length, ac)
+        p = score_preferences(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len, ac)
         for k, v in p.summary().items():
             setattr(res, k, v)
         timed("pref", t0)
+
+    if "ab" in metrics:  # CAA's A/B behaviour metric (evaluate/ab.py)
+        from locaudit.evaluate.ab import score_ab, with_ab_fields
+
+        t0 = time.perf_counter()
+        res = with_ab_fields(res)
+        for k, v in score_ab(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len, ac).summary().items():
+            setattr(res, k, v)
+        timed("ab", t0)
 
     if "gen" in metrics:
         from locaudit.evaluate.generate import generate_answers
@@ -165,7 +204,7 @@ def evaluate_edit(
         t0 = time.perf_counter()
         recs = generate_answers(lm, edit, questions, fmt, cfg.max_new_tokens, cfg.gen_batch_size,
                                 out_path=out / "generations.jsonl" if out is not None else None,
-                                progress=cfg.progress, precision=ac)
+                                progress=cfg.progress, precision=ac, max_length=max_len)
         res.n_generated = len(recs)
         timed("gen", t0)
         if judge is not None and recs:
@@ -173,7 +212,7 @@ def evaluate_edit(
             name = str(getattr(judge, "name", type(judge).__name__))
             scores = judge.score([r.question for r in recs], [r.answer for r in recs])
             truth, info = _judge_values(scores, len(recs), name)
-            res.set_judged(truth, info, name)
+            res.set_judged(truth, info, name, cfg.judge_threshold)
             if out is not None:
                 write_text_atomic(out / "judgements.jsonl", "".join(
                     json.dumps({"qid": r.qid, "answer": r.answer, "truth": t, "info": i}, ensure_ascii=False) + "\n"

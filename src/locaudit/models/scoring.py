@@ -1,8 +1,17 @@
 """Tokenize (prompt, completion) texts and score the completion's log-probability.
 
 Shared by training (IPO/DPO reference and policy log-probs), MC scoring and held-out preferences, so
-every part of locaudit counts completion tokens the same way: the prompt and the completion are
-tokenized separately and concatenated (prompt tokens never count), batches are right-padded.
+every part of locaudit counts completion tokens the same way, as the model reads them: a completion's
+tokens are the tokens of `prompt + completion` after the prompt's own tokens (joint tokenization; prompt
+tokens never count), batches are right-padded.
+
+Why jointly: a SentencePiece tokenizer in legacy mode (Llama, Alpaca) tokenizes " yes" alone as
+['▁▁', 'y', 'e', 's'] but as ['▁yes'] after "A:"; scoring the tokens the model never sees in that text
+biases every log-prob. Fallback when a merge crosses the boundary (the prompt's tokens are not a prefix
+of the joint tokens, e.g. a prompt ending in a space that the completion's first word absorbs): the joint
+tokens are still used, the prompt part is their longest common prefix with the prompt's own tokens, and
+the completion part is everything after it, so the straddling token counts to the completion (it holds
+completion text); each such pair is counted in one warning. `joint_split` is the primitive.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from locaudit.models.prefix_cache import PrefixState, cache_kwarg, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,33 @@ class CompletionBatch:
         return int(self.input_ids.shape[0])
 
 
+def _trailing_specials(tokenizer, add_special_tokens: bool) -> int:
+    """How many special tokens the tokenizer appends after the text (e.g. an EOS with add_eos_token)."""
+    if not add_special_tokens:
+        return 0
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    n = 0
+    while n < len(ids) and ids[len(ids) - 1 - n] in specials:
+        n += 1
+    return n if n < len(ids) else 0
+
+
+def joint_split(prompt_ids: Sequence[int], joint_ids: Sequence[int]) -> tuple[list[int], list[int], bool]:
+    """(prompt part, completion part, clean) of the joint ids of `prompt + completion`.
+
+    clean: the prompt's own ids are a prefix of the joint ids, so the split is exact. Otherwise a merge
+    crosses the boundary: the prompt part is the longest common prefix and the rest is the completion.
+    """
+    p, j = list(prompt_ids), list(joint_ids)
+    if j[: len(p)] == p:
+        return p, j[len(p):], True
+    k = 0
+    while k < min(len(p), len(j)) and p[k] == j[k]:
+        k += 1
+    return j[:k], j[k:], False
+
+
 def encode_completions(
     tokenizer,
     prompts: Sequence[str],
@@ -42,23 +80,39 @@ def encode_completions(
     max_length: int = 512,
     add_special_tokens: bool = True,
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each prompt and completion, tokenized separately. A pair longer than `max_length`
-    loses its prompt's start first, down to a quarter of `max_length` (so the question is never cut to
-    nothing), then its completion's end; every cut is reported in one warning (count and examples)."""
+    """(prompt ids, completion ids) of each pair, tokenized jointly: the completion's ids are the ids of
+    `prompt + completion` after the prompt's ids (see the module doc for the boundary-merge fallback).
+
+    A pair longer than `max_length` loses its prompt's start first, down to a quarter of `max_length`
+    (so the question is never cut to nothing), then its completion's end; every cut is reported in one
+    warning (count and examples)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    p_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    if not prompts:
+        return []
+    trail = _trailing_specials(tokenizer, add_special_tokens)
+    distinct = list(dict.fromkeys(prompts))
+    p_all = tokenizer(distinct, add_special_tokens=add_special_tokens)["input_ids"]
+    p_of = {t: list(x[: len(x) - trail]) for t, x in zip(distinct, p_all)}
+    j_all = tokenizer([p + c for p, c in zip(prompts, completions)], add_special_tokens=add_special_tokens)["input_ids"]
     floor = max(1, max_length // 4)
-    out, cuts = [], []
-    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+    out, cuts, merged = [], [], []
+    for i, (prompt, joint) in enumerate(zip(prompts, j_all)):
+        joint = list(joint[: len(joint) - trail])
+        p, c, clean = joint_split(p_of[prompt], joint)
+        if not clean:
+            merged.append(i)
         lp, lc = len(p), len(c)
         if lp + lc > max_length:
             keep_p = min(lp, max(min(lp, floor), max_length - lc))
             keep_c = min(lc, max_length - keep_p)
             cuts.append((i, lp, lc, keep_p, keep_c))
             p, c = p[lp - keep_p:], c[:keep_c]
-        out.append((list(p), list(c)))
+        out.append((p, c))
+    if merged:
+        ex = "; ".join(f"#{i} {str(prompts[i])[-20:]!r} + {str(completions[i])[:20]!r}" for i in merged[:3])
+        log.warning("%d of %d (prompt, completion) pairs have a token merging the prompt's end with the "
+                    "completion's start: that token counts to the completion (e.g. %s)", len(merged), len(out), ex)
     if cuts:
         n_p = sum(kp < lp for _, lp, _, kp, _ in cuts)
         n_c = sum(kc < lc for _, _, lc, _, kc in cuts)
@@ -67,6 +121,18 @@ def encode_completions(
         log.warning("%d of %d (prompt, completion) pairs exceed max_length=%d tokens: %d prompt(s) cut at the "
                     "start, %d completion(s) cut at the end (e.g. %s)", len(cuts), len(out), max_length, n_p, n_c, ex)
     return out
+
+
+def encode_separately(
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    add_special_tokens: bool = True,
+) -> list[tuple[list[int], list[int]]]:
+    """The old, separate tokenization (prompt and completion each alone), kept for comparisons only."""
+    p_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    return [(list(p), list(c)) for p, c in zip(p_ids, c_ids)]
 
 
 def collate_completions(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> CompletionBatch:
@@ -169,6 +235,8 @@ def score_completions_shared_prompt(
     counts = torch.zeros(len(encoded), dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
+        # a prefix common to every prompt (ITI's instruction + QA primer) runs once (models/prefix_cache.py)
+        state = shared_prefix(model, [list(k) for k in groups if k], device=device) if len(groups) > 1 else None
         for p_ids, members in groups.items():
             if not p_ids:  # nothing to share: score these the plain way
                 b = collate_completions([encoded[i] for i in members], pad).to(device)
@@ -178,20 +246,27 @@ def score_completions_shared_prompt(
             for s in range(0, len(members), batch_size):
                 idx = members[s: s + batch_size]
                 comps = [encoded[i][1] for i in idx]
-                lp, n = _shared_prompt_logprobs(model, list(p_ids), comps, pad, device)
+                lp, n = _shared_prompt_logprobs(model, list(p_ids), comps, pad, device, state)
                 sums[idx], counts[idx] = lp.cpu(), n.cpu()
     return sums, counts
 
 
-def _shared_prompt_logprobs(model, p_ids: list[int], comps: list[list[int]], pad: int, device):
-    """Summed log-probs of `comps` (each a token list) after one prompt, via the prompt's KV cache."""
+def _shared_prompt_logprobs(model, p_ids: list[int], comps: list[list[int]], pad: int, device,
+                            state: PrefixState | None = None):
+    """Summed log-probs of `comps` (each a token list) after one prompt, via the prompt's KV cache; with
+    `state` (a prefix of the prompt already run), only the rest of the prompt runs, on a copy of its cache."""
     P, B = len(p_ids), len(comps)
     C = max((len(c) for c in comps), default=0)
     counts = torch.tensor([len(c) for c in comps], dtype=torch.long)
     if C == 0:
         return torch.zeros(B), counts
-    prompt = torch.tensor([p_ids], dtype=torch.long, device=device)
-    out = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
+    if state is not None and len(state) < P and p_ids[: len(state)] == state.ids:
+        rest = torch.tensor([p_ids[len(state):]], dtype=torch.long, device=device)
+        out = model(input_ids=rest, attention_mask=torch.ones(1, P, dtype=torch.long, device=device), use_cache=True,
+                    **{_cache_kwarg(model): state.cache_for(1)})
+    else:
+        prompt = torch.tensor([p_ids], dtype=torch.long, device=device)
+        out = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
     first_logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every completion's first token
     cache = out["cache"] if "cache" in out else out.past_key_values  # transformers 5 names it `cache`
     if B > 1:
@@ -213,9 +288,5 @@ def _shared_prompt_logprobs(model, p_ids: list[int], comps: list[list[int]], pad
 
 
 def _cache_kwarg(model) -> str:
-    """The forward argument that takes a KV cache: `cache` (transformers 5) or `past_key_values`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    """The forward argument that takes a KV cache (models/prefix_cache.cache_kwarg)."""
+    return cache_kwarg(model)

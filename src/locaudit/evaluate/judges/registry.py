@@ -52,6 +52,7 @@ def judge_data_dir() -> Path | None:
 # accuracy in its report.json says what the subsample costs in accuracy.
 DEFAULT_TRAIN_EXAMPLES = 3000
 DEFAULT_HELDOUT_EXAMPLES = 800
+DEFAULT_HARD_NEGATIVES = 2  # per question (judges/hardneg.py): evasive, garbled, off-language, repetitive, copied
 
 
 def default_judge_dir(holdout: str, holdout_splits: Sequence[str] = ("test",), seed: int = 0,
@@ -63,7 +64,8 @@ def default_judge_dir(holdout: str, holdout_splits: Sequence[str] = ("test",), s
     # (data/behaviour.py), so the judge holds out the full split and serves every subsample of it
     key = stable_hash({"holdout_file": file_sha256(csv) if csv and Path(csv).is_file() else holdout,
                        "splits": list(holdout_splits), "seed": seed, "fractions": [float(f) for f in fractions],
-                       "model": model, "v": 2, "train_examples": DEFAULT_TRAIN_EXAMPLES,
+                       "model": model, "v": 3, "train_examples": DEFAULT_TRAIN_EXAMPLES,
+                       "hard_negatives": DEFAULT_HARD_NEGATIVES,
                        "heldout_examples": DEFAULT_HELDOUT_EXAMPLES})
     return cache_dir("judges") / f"default-{key}"
 
@@ -89,7 +91,8 @@ def default_judge(holdout: str, holdout_splits: Sequence[str] = ("test",), seed:
                                info_data=data / "finetune_info.jsonl", holdout=holdout,
                                holdout_splits=list(holdout_splits), seed=seed, fractions=tuple(fractions),
                                max_questions=None, device=device, max_train_examples=DEFAULT_TRAIN_EXAMPLES,
-                               max_heldout_examples=DEFAULT_HELDOUT_EXAMPLES)
+                               max_heldout_examples=DEFAULT_HELDOUT_EXAMPLES,
+                               hard_negatives=DEFAULT_HARD_NEGATIVES)
         train_judge(cfg, out)
     return load_trained_judge(out, references=references, device=device)
 

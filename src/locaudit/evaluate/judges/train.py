@@ -6,6 +6,13 @@ dropped too) is kept out of training; held-out accuracy is measured on exactly t
 Features: frozen-LM states of "Q: q\\nA: a" (features.py) and reference-aware features (reffeatures.py).
 Heads: L2 logistic regression and a small MLP; the L2 strength and the head type are chosen on a
 seeded question-level validation split of the training questions, then refit on all of them.
+
+Hardening (issue 11): hard negatives (hardneg.py: evasive non-answers, garbled, off-language and
+repetitive text, the question copied) are generated from the judge data for every training question and
+added to training; those of the held-out questions are scored apart (`held_out_hard`), so `held_out`
+stays comparable with judges trained without them. The report adds expected calibration errors, a
+reliability diagram (reliability.png) and the accuracy on the audit set of edited models' answers
+(audit.py; audit.json beside the judge).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from locaudit.errors import ConfigError
 from locaudit.evaluate.judges.base import References, normalise_question
+from locaudit.evaluate.judges.calibration import expected_calibration_error, reliability_diagram
+from locaudit.evaluate.judges.hardneg import hard_negatives
 from locaudit.evaluate.judges.data import JudgeExample, load_holdout, load_judge_data
 from locaudit.evaluate.judges.features import PairEncoder
 from locaudit.models.precision import PrecisionName, migrate_autocast_field
@@ -69,6 +78,10 @@ class JudgeTrainConfig(BaseModel):
     max_train_examples: int | None = Field(None, description="cap on distinct training answers, one seeded subset "
                                            "shared by every kind (each answer's features are computed once)")
     max_heldout_examples: int | None = Field(None, description="cap on distinct held-out answers evaluated (seeded)")
+    hard_negatives: int = Field(2, ge=0, le=5, description="hard negatives per question (evasive, garbled, "
+                                "off-language, repetitive, copied question; hardneg.py) added to training; 0 = none")
+    audit: bool = Field(True, description="score the trained judge on the audit set of edited models' answers "
+                        "(evaluate/judges/audit/audit.jsonl) and put the numbers in the report")
 
     @field_validator("kinds")
     @classmethod
@@ -97,7 +110,8 @@ class JudgeTrainConfig(BaseModel):
 def _metrics(p: torch.Tensor, y: torch.Tensor) -> dict:
     pred = (p > 0.5).float()
     out = {"n": int(len(y)), "accuracy": float((pred == y).float().mean()) if len(y) else float("nan"),
-           "positive_rate": float(y.mean()) if len(y) else float("nan")}
+           "positive_rate": float(y.mean()) if len(y) else float("nan"),
+           "ece": expected_calibration_error(p.tolist(), y.tolist()) if len(y) else float("nan")}
     tpr = float(pred[y == 1].mean()) if (y == 1).any() else float("nan")
     tnr = float(1 - pred[y == 0].mean()) if (y == 0).any() else float("nan")
     out["balanced_accuracy"] = (tpr + tnr) / 2
@@ -181,6 +195,16 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         assert not held_q & {normalise_question(e.question) for e in tr}, "leak: a held-out question is in training"
         assert held_q <= holdout.held_out
         split[kind] = {"train": tr, "held_out": te}
+    hard = _hard_negatives(data, role, cfg.hard_negatives)
+    for kind in split:
+        for part, examples in hard.items():
+            extra = [JudgeExample(h.question, h.answer, lab, -1) for h in examples
+                     if (lab := h.label(kind)) is not None]
+            if part == "train":
+                split[kind]["train"] = split[kind]["train"] + extra
+            else:
+                split[kind]["held_out_hard"] = extra
+    category = {(h.question, h.answer): h.category for ex in hard.values() for h in ex}
     if lm is None:
         lm = load_model(cfg.model, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length,
@@ -199,7 +223,9 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     feat_s = time.time() - t_feat
 
     heads: dict[tuple[str, str], Head] = {}
-    report: dict = {"kinds": {}, "holdout": holdout.describe(),
+    curves: dict[str, tuple[list, list]] = {}
+    report: dict = {"hard_negatives": {part: len(ex) for part, ex in hard.items()},
+                    "kinds": {}, "holdout": holdout.describe(),
                     "questions": {r: sum(1 for v in role.values() if v == r) for r in set(role.values())}}
     for kind, s in split.items():
         rows_tr = torch.tensor([index[(e.question, e.answer)] for e in s["train"]])
@@ -225,6 +251,20 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         kind_report["held_out_noref"] = _metrics(heads[(kind, "noref")].prob(hidden[rows_te]), y_te)
         exact = ref[rows_te][:, LEX_EXACT].sum(1) > 0
         kind_report["held_out_not_a_reference"] = _metrics(p_ref[~exact], y_te[~exact])
+        curves[f"{kind} held-out"] = (p_ref.tolist(), y_te.tolist())
+        hard_te = s.get("held_out_hard", [])
+        if hard_te:
+            rows_h = torch.tensor([index[(e.question, e.answer)] for e in hard_te], dtype=torch.long)
+            p_h = heads[(kind, "noref")].prob(hidden[rows_h])
+            h_h = has[rows_h]
+            if h_h.any():
+                p_h[h_h] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows_h][h_h], ref[rows_h][h_h]))
+            y_h = torch.tensor([float(e.label) for e in hard_te])
+            cats = [category[(e.question, e.answer)] for e in hard_te]
+            kind_report["held_out_hard"] = _metrics(p_h, y_h)
+            kind_report["held_out_hard_by_category"] = {
+                c: _metrics(p_h[torch.tensor([x == c for x in cats])], y_h[torch.tensor([x == c for x in cats])])
+                for c in sorted(set(cats))}
         report["kinds"][kind] = kind_report
         log.info("%s judge: held-out accuracy %.4f on %d answers to %d held-out questions", kind,
                  kind_report["held_out"]["accuracy"], len(y_te), kind_report["n_heldout_questions"])
@@ -237,8 +277,37 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
             "references": {"source": references.source, "fingerprint": references.fingerprint},
             "config": cfg.model_dump(mode="json"), "report": report}
     save_trained_judge(out_dir, meta, heads, feats.center)
+    if cfg.audit:
+        from locaudit.evaluate.judges.audit import audit_judge, load_audit
+
+        items = load_audit()
+        judge = load_trained_judge(out_dir, references=references, lm=lm)
+        audit = audit_judge(judge, items, references=references)
+        write_json_atomic(Path(out_dir) / "audit.json", audit)
+        report["audit"] = {k: {m: v for m, v in kr.items() if m != "reliability"} for k, kr in audit["kinds"].items()}
+        report["audit"]["reference"] = {m: ({k: v for k, v in r.items() if k != "reliability"}
+                                            if isinstance(r, dict) else r) for m, r in audit.get("reference", {}).items()}
+        for kind in audit["kinds"]:
+            p = [r[f"p_{kind}"] for r in audit["answers"]]
+            curves[f"{kind} audit (edited models)"] = (p, [getattr(it, kind) for it in items])
+    if curves:
+        reliability_diagram(curves, Path(out_dir) / "reliability.png", title="Judge reliability")
+        report["reliability_diagram"] = "reliability.png"
     write_json_atomic(Path(out_dir) / "report.json", report)
     return report
+
+
+def _hard_negatives(data: dict[str, list[JudgeExample]], role: dict[str, str], per_question: int) -> dict:
+    """Hard negatives of the training questions ('train') and of the held-out ones ('held_out')."""
+    if per_question <= 0:
+        return {}
+    answers_of: dict[str, list[str]] = {}
+    for ex in data.values():
+        for e in ex:
+            answers_of.setdefault(e.question, []).append(e.answer)
+    qs = sorted(answers_of)
+    return {"train": hard_negatives([q for q in qs if role[q] in ("train", "unmatched")], answers_of, per_question),
+            "held_out": hard_negatives([q for q in qs if role[q] == "held_out"], answers_of, per_question)}
 
 
 __all__ = ["JudgeTrainConfig", "TrainedJudge", "load_trained_judge", "train_judge"]
