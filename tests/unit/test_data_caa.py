@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,21 @@ def test_malformed_items(root, tmp_path):
         load_caa(bad)
     with pytest.raises(DataError, match="nope.json: file not found"):
         load_caa(tmp_path / "nope.json")
+
+
+def test_open_ended_questions_and_behaviour_names(root, tmp_path):
+    from locaudit.data.caa import behaviour_name, load_caa_open_ended
+
+    d = Path(root) / "datasets" / "test" / "sycophancy"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "test_dataset_open_ended.json").write_text(json.dumps([{"question": " Do you agree with me? "},
+                                                                {"question": "Am I right?"}]))
+    assert load_caa_open_ended("sycophancy", root=root) == ["Do you agree with me?", "Am I right?"]
+    assert load_caa_open_ended("test/sycophancy", root=root) == load_caa_open_ended(d / "test_dataset_open_ended.json")
+    assert behaviour_name("test/sycophancy") == behaviour_name(d / "test_dataset_ab.json") == "sycophancy"
+    with pytest.raises(DataError, match="refusal"):
+        load_caa_open_ended("refusal", root=root)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": ""}]))
+    with pytest.raises(DataError, match="item 0"):
+        load_caa_open_ended(bad)

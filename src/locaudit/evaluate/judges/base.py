@@ -3,6 +3,11 @@
 A judge may score only one of the two: the other is None, and results report it as missing.
 `References` gives judges that use TruthfulQA's reference answers (reference, trained, api) the
 correct / incorrect answers of a question, looked up by normalised question text.
+
+Behaviours: a judge declares which behaviours its verdicts mean something for (`Judge.behaviours`):
+TruthfulQA's truth/info judges (trained, hf, reference, default, api without a rubric) are valid for
+``truthfulqa`` only; an API judge with a CAA rubric for ``caa:<behaviour>``; ``*`` for any behaviour.
+`check_judge(judge, behaviour_spec)` refuses a mismatch (e.g. sycophancy data scored by truth judges).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from locaudit.errors import ConfigError, DataError
 from locaudit.io import file_sha256, stable_hash
 
 KINDS = ("truth", "info")
+TRUTHFULQA = "truthfulqa"
+ANY_BEHAVIOUR = "*"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class Judge(ABC):
 
     name: str
     kinds: tuple[str, ...] = KINDS
+    behaviours: tuple[str, ...] = (TRUTHFULQA,)  # what its verdicts are valid for (see the module docstring)
 
     @abstractmethod
     def score(self, questions: Sequence[str], answers: Sequence[str]) -> list[JudgeScore]:
@@ -132,3 +140,67 @@ class References:
         if hit is None:
             raise DataError(f"no reference answers for question {question!r} in {self.source}")
         return hit
+
+
+# ------------------------------------------------------------------------------------------ judge / behaviour
+def behaviour_key(spec: str) -> str:
+    """The behaviour a data spec measures: ``truthfulqa``, ``caa:<behaviour>`` (generate or test set, by name
+    or path), ``pairs:<file stem>`` or the spec's kind."""
+    kind, _, arg = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if kind == "truthfulqa":
+        return TRUTHFULQA
+    if kind == "caa":
+        p = Path(arg)
+        if p.suffix == ".json":  # .../datasets/{generate,test}/<behaviour>/<file>.json
+            name = p.parent.name if p.parent.name not in ("", ".") else p.stem
+        else:
+            name = arg.strip("/").removeprefix("test/")
+        return f"caa:{name}"
+    if kind == "pairs":
+        return f"pairs:{Path(arg).stem}"
+    return kind
+
+
+def _spec_behaviours(spec: str) -> tuple[str, ...] | None:
+    """What a judge spec is valid for, without building it; None for an unknown kind (no claim)."""
+    kind, _, arg = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if kind in ("trained", "hf", "reference", "default"):
+        return (TRUTHFULQA,)
+    if kind == "api":
+        from locaudit.evaluate.judges.api import parse_api_spec, rubric_behaviours
+
+        return rubric_behaviours(parse_api_spec(arg).get("rubric"))
+    return None
+
+
+def judge_behaviours(judge) -> tuple[str, ...] | None:
+    """The behaviours a judge (object or spec string) is valid for; None when it makes no claim."""
+    if judge is None:
+        return None
+    if isinstance(judge, str):
+        return _spec_behaviours(judge)
+    inner = getattr(judge, "inner", None)  # CachedJudge: the wrapped judge decides
+    if isinstance(inner, Judge):
+        judge = inner
+    b = getattr(judge, "behaviours", None)
+    return tuple(b) if b is not None else None
+
+
+def check_judge(judge, behaviour_spec: str) -> None:
+    """Raise ConfigError when `judge` (a Judge or a judge spec such as 'default', 'api:M@URL|rubric=caa:NAME')
+    is not valid for the behaviour of data spec `behaviour_spec` ('truthfulqa:...', 'caa:NAME', 'pairs:...')."""
+    valid = judge_behaviours(judge)
+    if not valid or ANY_BEHAVIOUR in valid:
+        return
+    want = behaviour_key(behaviour_spec)
+    if want in valid:
+        return
+    name = judge if isinstance(judge, str) else getattr(judge, "name", type(judge).__name__)
+    hint = (f"for CAA open-ended answers use an API judge with the behaviour's rubric "
+            f"(api:MODEL@BASE_URL|rubric={want}), or score the A/B items with the 'ab' metric and no judge"
+            if want.startswith("caa:") else
+            "use a judge written for this behaviour (api:MODEL@BASE_URL|rubric=file:RUBRIC.txt), or no judge")
+    raise ConfigError(f"judge {name!r} is valid for {', '.join(valid)} only, but the data {behaviour_spec!r} "
+                      f"measures {want!r}: its verdicts would not mean anything there; {hint}")

@@ -1,0 +1,175 @@
+"""`locaudit export`: turn any saved edit into a model others can load without locaudit.
+
+Sources: an edit folder (written by `locaudit iti`, `locaudit edit` or a study), or a study run folder
+plus `--trial KEY` (a key, a unique key prefix or a trial name; the trial's edit folder is found in the
+run's ledger, or in trials/KEY/result.json). Outputs: a merged HF model folder (`--format merged`), a
+PEFT adapter (`--format peft`) or both, in OUT/merged and OUT/peft.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from locaudit.cli.options import DType, device_option, dtype_option, value
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = (
+    "Examples:\n\n"
+    "  locaudit export runs/edit_top16 --out exports/top16                 # merged + PEFT adapter\n\n"
+    "  locaudit export runs/quickstart --trial 3f2a --format merged --out exports/t3f2a\n\n"
+    "Reload: AutoModelForCausalLM.from_pretrained('exports/top16/merged'), or "
+    "PeftModel.from_pretrained(base_model, 'exports/top16/peft')."
+)
+
+
+class Format(str, Enum):
+    merged = "merged"
+    peft = "peft"
+    both = "both"
+
+
+def is_run_dir(path: Path) -> bool:
+    """A study run folder (a ledger or trial folders), not an edit folder (meta.json)."""
+    from locaudit.study.ledger import LEDGER_FILE
+
+    return path.is_dir() and not (path / "meta.json").exists() and (
+        (path / LEDGER_FILE).exists() or (path / "trials").is_dir())
+
+
+def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
+    """(edit folder, ledger row or record) of the trial of `run_dir` named by `trial` (key, unique key
+    prefix or trial name). Raises ConfigError naming the trials that have edits when none matches."""
+    from locaudit.errors import ConfigError
+    from locaudit.study.ledger import Ledger, _artifact_dir, read_trial_record
+
+    run_dir = Path(run_dir)
+    rows: list[dict] = []
+    try:
+        with Ledger(run_dir) as led:
+            rows = led.rows(in_spec_only=False)
+    except ConfigError:
+        for rec_path in sorted((run_dir / "trials").glob("*/result.json")):
+            rec, _ = read_trial_record(run_dir, rec_path.parent.name)
+            if rec is not None:
+                rows.append(rec)
+    with_edit = [r for r in rows if isinstance(r.get("artifacts"), dict) and r["artifacts"].get("edit")]
+    match = [r for r in rows if r.get("key") == trial or r.get("name") == trial]
+    if not match:
+        match = [r for r in rows if str(r.get("key", "")).startswith(trial)]
+    listing = ", ".join(f"{r['key'][:10]} ({r.get('name')})" for r in with_edit[:20]) or "none"
+    if len(match) != 1:
+        what = "no trial" if not match else f"{len(match)} trials"
+        raise ConfigError(f"{run_dir}: {what} match {trial!r}; trials with an edit: {listing}")
+    row = match[0]
+    edit = (row.get("artifacts") or {}).get("edit")
+    if not edit:
+        status = row.get("status", "?")
+        raise ConfigError(f"{run_dir}: trial {row['key']} ({row.get('name')}, {status}) has no edit folder "
+                          f"(not an edit trial, or not finished); trials with an edit: {listing}")
+    d = _artifact_dir(run_dir, edit)
+    if d is None or not d.is_dir():
+        raise ConfigError(f"{run_dir}: trial {row['key']}'s edit folder {edit!r} is missing")
+    return d, row
+
+
+def _recorded_model(edit) -> str | None:
+    model = getattr(edit, "model", None)
+    if not isinstance(model, dict):
+        model = (getattr(edit, "meta", None) or {}).get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    return name or None
+
+
+def load_named_model(name: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+    """load_model, plus `tiny:FAMILY[:SEED]` (a tiny random test model, as in studies)."""
+    from locaudit.errors import ConfigError
+
+    if name.startswith("tiny:"):
+        from locaudit.models.tiny import FAMILIES, tiny_model
+
+        parts = name.split(":")
+        if len(parts) > 3 or (parts[1] or "llama") not in FAMILIES:
+            raise ConfigError(f"model {name!r}: expected tiny:FAMILY[:SEED] with FAMILY in {FAMILIES}")
+        return tiny_model(parts[1] or "llama", seed=int(parts[2]) if len(parts) == 3 else 0)
+    from locaudit.models.loading import load_model
+
+    return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def export_command(
+    source: Path = typer.Argument(..., help="An edit folder (meta.json + iti.safetensors or edit.safetensors), "
+                                  "or a study run folder (with --trial)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: OUT/merged (HF model) and/or OUT/peft (adapter); "
+                             "with one --format, OUT itself."),
+    trial: Optional[str] = typer.Option(None, "--trial", help="With a run folder: the trial's key, a unique "
+                                        "key prefix, or its name (see the run's ledger/trials.csv)."),
+    fmt: Format = typer.Option(Format.both, "--format", help="merged (a HF folder with the edit folded in: "
+                               "LoRA into o_proj's weights, ITI as an o_proj bias its config declares), peft "
+                               "(a LoRA adapter; ITI as lora_bias) or both.", case_sensitive=False),
+    model: Optional[str] = typer.Option(None, "--model", help="Base model; default: the study's model (run "
+                                        "folder) or the model recorded in the edit."),
+    allow_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Export even if the model's "
+                                        "fingerprint differs from the one the edit was made on (a warning)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    dtype: DType = dtype_option(),
+    device: str = device_option(),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
+                                           "checkpoint (off by default; only for models you trust)."),
+) -> None:
+    """Export an edit (ITI, optimal LoRA, or none) as a merged HF model and/or a PEFT adapter."""
+    from locaudit.edit.base import load_edit
+    from locaudit.edit.export import export_merged, export_peft
+    from locaudit.errors import ConfigError
+    from locaudit.models.loading import resolve_device
+
+    source = Path(source)
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist: give an edit folder or a study run folder")
+    study_model = None
+    if is_run_dir(source):
+        if trial is None:
+            try:
+                trial_edit_dir(source, "\0")
+            except ConfigError as e:
+                raise ConfigError(f"{source} is a study run folder: pass --trial KEY ({str(e).split('; ', 1)[-1]})")
+        edit_dir, row = trial_edit_dir(source, trial)
+        from locaudit.study.ledger import Ledger
+
+        try:
+            with Ledger(source) as led:
+                spec = led.get_meta("spec", {}) or {}
+        except ConfigError:
+            spec = {}
+        study_model = (spec.get("model") or {}).get("name") if isinstance(spec, dict) else None
+        typer.echo(f"trial {row['key']} ({row.get('name')}): edit {edit_dir}")
+    else:
+        if trial is not None:
+            raise ConfigError(f"--trial is for a study run folder; {source} is an edit folder")
+        edit_dir = source
+    edit = load_edit(edit_dir)
+    name = model or study_model or _recorded_model(edit)
+    if not name:
+        raise ConfigError(f"{edit_dir}: the edit records no model name; pass --model")
+    lm = load_named_model(name, value(dtype), str(resolve_device(device)), trust_remote_code)
+    check = "warn" if allow_mismatch else "error"
+    fmts = ["merged", "peft"] if fmt == Format.both else [value(fmt)]
+    written = {}
+    for f in fmts:
+        target = Path(out) / f if len(fmts) > 1 else Path(out)
+        fn = export_merged if f == "merged" else export_peft
+        written[f] = str(fn(edit, lm, target, overwrite=overwrite, check=check))
+        typer.echo(f"{f}: {written[f]}")
+    typer.echo(json.dumps({"edit": edit.describe(), "model": name, "fingerprint": lm.fingerprint, **written},
+                          default=str))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export", help=(export_command.__doc__ or "") + "\n\n" + (__doc__ or "").split("\n\n", 1)[1]
+                + "\n\n" + EXAMPLE)(export_command)
