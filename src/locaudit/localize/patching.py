@@ -1,0 +1,393 @@
+"""Activation patching per attention head, all heads batched, and `localize_heads`, the cached entry point.
+
+For every selected pair and head h = (l, j) (the j-th slice of layer l's o_proj INPUT), the base run's
+head output is replaced at the patched positions by the source run's value (another run's cached
+output, or the head's dataset mean), and the change of the metric m is recorded (corruptions,
+directions, positions and the sign convention: `localize/corruptions.py`). The effect of a head is the
+mean over pairs, with its standard error (std over pairs / sqrt(n)).
+
+Batching: the source run's head outputs are cached once per batch of pairs (one forward); then one
+forward pass runs K stacked copies of the base batch, copy k patching head k, so all L*H heads of a
+batch take ceil(L*H / K) forwards (K from `tokens_per_forward`), not L*H * pairs. Heads are taken in
+layer order, and a forward whose patched heads all sit at layer l or above skips layers 0..l-1: their
+outputs are the base run's (nothing below l is patched), cached once per batch and returned in place of
+the layer's computation (`skipped_layers`), which halves the work of patching every head. Only
+completion positions reach the LM head (`models.scoring.completion_logprobs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from locaudit.errors import ConfigError, DataError
+from locaudit.heads import Head, HeadSet
+from locaudit.io import cache_dir, stable_hash
+from locaudit.localize.corruptions import (EncodedRuns, PatchingConfig, batch_noise, embedding_std, encode_runs,
+                                           patch_positions, select_pairs)
+from locaudit.localize.effects import HeadEffects
+from locaudit.models.batching import length_sorted_batches
+from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.scoring import CompletionBatch, completion_logprobs
+
+log = logging.getLogger(__name__)
+VERSION = 1
+METHODS = ("patching", "attribution")
+METRIC_LABEL = "change of mean log p(chosen) - mean log p(rejected)"
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def repeat_batch(batch: CompletionBatch, k: int) -> CompletionBatch:
+    """The batch stacked k times along the batch axis (copy c = rows c*R .. (c+1)*R-1)."""
+    if k == 1:
+        return batch
+    return CompletionBatch(*(t.repeat(k, *([1] * (t.dim() - 1))) for t in
+                             (batch.input_ids, batch.attention_mask, batch.completion_mask, batch.prompt_lengths)))
+
+
+def pair_metric(model, batch: CompletionBatch, copies: int = 1) -> torch.Tensor:
+    """Float64[Tensor, "copies*B"]: m = mean log p(chosen) - mean log p(rejected) of each pair of a batch whose
+    rows are `copies` stacked copies of [chosen of B pairs, rejected of B pairs]. Keeps the graph when grad
+    is enabled."""
+    s, n = completion_logprobs(model, batch)
+    avg = s.double() / n.clamp(min=1).double()
+    a = avg.view(copies, -1)
+    B = a.shape[1] // 2
+    return (a[:, :B] - a[:, B:]).reshape(-1)
+
+
+@contextmanager
+def embedding_hook(lm, noise: torch.Tensor | None, require_grad: bool = False) -> Iterator[None]:
+    """Add Float[Tensor, "rows T d_model"] `noise` to the token embeddings (tiled over stacked copies);
+    with `require_grad`, the embeddings start an autograd graph even if no weight requires grad."""
+    if noise is None and not require_grad:
+        yield
+        return
+
+    def hook(module, args, out):
+        if noise is not None:
+            reps = out.shape[0] // noise.shape[0]
+            out = out + noise.to(out.device, out.dtype).repeat(reps, 1, 1)
+        if require_grad and not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        return out
+
+    handle = lm.sites.embed().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _as3d(o: torch.Tensor, rows: int) -> torch.Tensor:
+    return o if o.dim() == 3 else o.view(rows, -1, o.shape[-1])  # some kernels flatten (batch*pos, HD)
+
+
+def capture_heads(lm, batch: CompletionBatch, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One no-grad forward: (m per pair Float64[B], per layer the o_proj input Float[Tensor, "2B T HD"])."""
+    L = lm.sites.n_layers
+    acts: list[torch.Tensor | None] = [None] * L
+    R = len(batch)
+
+    def grab(l):
+        def fn(o):
+            acts[l] = _as3d(o, R).detach().float().clone()
+        return fn
+
+    with torch.no_grad(), o_proj_hooks(lm.sites, pre={l: grab(l) for l in range(L)}), embedding_hook(lm, noise):
+        m = pair_metric(lm.model, batch.to(lm.device))
+    return m.cpu(), acts  # type: ignore[return-value]
+
+
+def _repeat(x, k: int):
+    """A layer output (tensor, or tuple/list of tensors and None) stacked k times along the batch axis."""
+    if isinstance(x, torch.Tensor):
+        return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_repeat(v, k) for v in x)
+    return x
+
+
+def _skippable(x) -> bool:
+    if isinstance(x, torch.Tensor) or x is None:
+        return True
+    return isinstance(x, (tuple, list)) and all(isinstance(v, torch.Tensor) or v is None for v in x)
+
+
+class _CachedLayer(nn.Module):
+    """Stands in for a decoder layer whose output is known: returns it without computing anything."""
+
+    def __init__(self, orig: nn.Module, out) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)  # not a submodule: its weights are not duplicated
+        object.__setattr__(self, "_out", out)
+
+    def forward(self, *args, **kwargs):
+        return self._out
+
+    def __getattr__(self, name):  # attributes a model reads from its layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+@contextmanager
+def skipped_layers(lm, start: int, outputs: Sequence | None, copies: int) -> Iterator[bool]:
+    """Replace layers 0..start-1 by their cached base-run `outputs` (stacked `copies` times); restore on exit.
+    Yields whether layers were skipped (not when an output has a form this cannot stack)."""
+    if not start or outputs is None or not all(_skippable(outputs[j]) for j in range(start)):
+        yield False
+        return
+    layers = lm.sites.layer_list
+    saved = [layers[j] for j in range(start)]
+    try:
+        for j in range(start):
+            layers[j] = _CachedLayer(saved[j], _repeat(outputs[j], copies))
+        yield True
+    finally:
+        for j in range(start):
+            layers[j] = saved[j]
+
+
+def base_metric(lm, batch: CompletionBatch, noise: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+    """One no-grad forward of the base run: (m per pair Float64[B], every decoder layer's output)."""
+    outs: list = [None] * lm.sites.n_layers
+    handles = [lm.sites.layer(l).register_forward_hook(lambda m, a, out, l=l: outs.__setitem__(l, out))
+               for l in range(lm.sites.n_layers)]
+    try:
+        with torch.no_grad(), embedding_hook(lm, noise):
+            m = pair_metric(lm.model, batch.to(lm.device)).cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    return m, outs
+
+
+class _Plan:
+    """Everything one localizer run needs: pairs, token ids, batches, noise level, which run is base."""
+
+    def __init__(self, lm, pairs: Sequence, config: PatchingConfig) -> None:
+        self.lm, self.config = lm, config
+        self.runs: EncodedRuns = encode_runs(lm.tokenizer, pairs, config)
+        self.direction = config.resolved_direction
+        self.batches = length_sorted_batches(self.runs.lengths(), config.batch_pairs)
+        self.sigma = embedding_std(lm, self.runs) if config.corruption == "noise" else None
+        self.means: torch.Tensor | None = None  # Float[Tensor, "L HD"] for corruption 'mean'
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def noise(self, batch: CompletionBatch, idx: Sequence[int]) -> torch.Tensor:
+        c = self.config
+        return batch_noise(batch, idx, self.lm.sites.d_model, c.noise_seed, c.noise_scale * float(self.sigma))
+
+    def base_and_source(self, idx: Sequence[int]):
+        """(base batch, base noise, source batch | None, source noise, source prompt lengths | None)."""
+        c, runs = self.config, self.runs
+        clean = runs.batch(idx)
+        if c.corruption == "noise":
+            noise = self.noise(clean, idx) if c.noise_scale > 0 else None
+            if self.direction == "denoise":
+                return clean, noise, clean, None, None
+            return clean, None, clean, noise, None
+        if c.corruption == "contrast":
+            other = runs.batch(idx, contrast=True)
+            if self.direction == "denoise":
+                return other, None, clean, None, clean.prompt_lengths
+            return clean, None, other, None, other.prompt_lengths
+        return clean, None, None, None, None  # mean
+
+    def compute_means(self, progress: bool = False) -> torch.Tensor:
+        """Float[Tensor, "L HD"]: every head's mean output over the patched positions of the selected pairs."""
+        if self.means is not None:
+            return self.means
+        L = self.lm.sites.n_layers
+        total, count = None, 0
+        for idx in tqdm(self.batches, desc="head means", disable=not progress, leave=False):
+            clean = self.runs.batch(idx)
+            _, acts = capture_heads(self.lm, clean)
+            rows, tb, _ = patch_positions(clean, None, self.config.positions)
+            s = torch.stack([acts[l][rows, tb].double().sum(0) for l in range(L)])
+            total = s if total is None else total + s
+            count += int(rows.numel())
+        if not count:
+            raise DataError("no positions to average over (empty pairs?)")
+        self.means = (total / count).float()
+        return self.means
+
+
+def source_values(plan: _Plan, l: int, src_acts, rows, ts) -> torch.Tensor:
+    """Float[Tensor, "P HD"]: the source value at the patched positions of layer l."""
+    if src_acts is None:
+        return plan.means[l].unsqueeze(0).expand(rows.numel(), -1)  # type: ignore[index]
+    return src_acts[l][rows, ts]
+
+
+# ---------------------------------------------------------------------------------------------- patching
+def _heads_to_patch(config: PatchingConfig, L: int, H: int) -> list[Head]:
+    if config.heads is None:
+        return [(l, h) for l in range(L) for h in range(H)]
+    hs = HeadSet.parse(config.heads, L, H).check(L, H)
+    return list(hs.heads)
+
+
+def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = None, precision: PrecisionLike = None,
+                        progress: bool = True) -> HeadEffects:
+    """Activation patching of every head (or `config.heads`) on `pairs` (PreferencePair list).
+
+    Returns HeadEffects with effect/se [L, H] and per-pair effects [n, L, H] (NaN for heads not patched);
+    meta records the mean metric of the clean, corrupted and base runs.
+    """
+    config = config or PatchingConfig()
+    plan = _Plan(lm, pairs, config)
+    sites = lm.sites
+    L, H, D = sites.shape
+    heads = _heads_to_patch(config, L, H)
+    prec = as_precision(precision, lm.device)
+    per = torch.full((plan.n, L, H), float("nan"), dtype=torch.float64)
+    m_base_all = torch.zeros(plan.n, dtype=torch.float64)
+    m_src_all = torch.zeros(plan.n, dtype=torch.float64)
+    if config.corruption == "mean":
+        with prec.autocast(lm.dtype):
+            plan.compute_means(progress)
+    sign = 1.0 if plan.direction == "denoise" else -1.0
+    bar = tqdm(total=len(heads) * plan.n, desc="activation patching", unit="head*pair", disable=not progress,
+               leave=False)
+    try:
+        with prec.autocast(lm.dtype):
+            for idx in plan.batches:
+                base, base_noise, src, src_noise, src_plen = plan.base_and_source(idx)
+                B, R, T = len(idx), len(base), base.input_ids.shape[1]
+                if src is not None:
+                    m_src, src_acts = capture_heads(lm, src, src_noise)
+                else:
+                    m_src, src_acts = None, None
+                m_base, layer_outs = base_metric(lm, base, base_noise)
+                m_base_all[idx] = m_base
+                m_src_all[idx] = m_src if m_src is not None else float("nan")
+                rows, tb, ts = patch_positions(base, src_plen, config.positions)
+                vals = {l: source_values(plan, l, src_acts, rows, ts).to(lm.device) for l in {l for l, _ in heads}}
+                K = max(1, min(len(heads), config.tokens_per_forward // max(1, R * T)))
+                for s in range(0, len(heads), K):
+                    chunk = heads[s: s + K]
+                    m = patched_metric(lm, base, base_noise, chunk, rows, tb, vals, layer_outs if config.skip_layers else None)
+                    d = (m.view(len(chunk), B) - m_base.unsqueeze(0)) * sign
+                    for c, (l, h) in enumerate(chunk):
+                        per[idx, l, h] = d[c]
+                    bar.update(len(chunk) * B)
+    finally:
+        bar.close()
+    meta = _meta(lm, plan, prec, "patching", m_base_all, m_src_all)
+    meta["heads_patched"] = len(heads)
+    return HeadEffects.from_per_example(per, "patching", meta, keep=config.keep_per_example)
+
+
+def patched_metric(lm, base: CompletionBatch, base_noise, chunk: Sequence[Head], rows: torch.Tensor,
+                   tb: torch.Tensor, vals: dict[int, torch.Tensor], layer_outs: Sequence | None = None) -> torch.Tensor:
+    """Float64[Tensor, "k*B"]: the metric of k stacked copies of `base`, copy c with head chunk[c] patched to
+    `vals[l]` [P, HD] (sliced to that head) at (rows, tb). With the base run's `layer_outs`, the layers below
+    the lowest patched one are not computed."""
+    sites = lm.sites
+    H, D = sites.n_heads, sites.head_dim
+    k, R = len(chunk), len(base)
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for c, (l, h) in enumerate(chunk):
+        by_layer.setdefault(l, []).append((c, h))
+    dev = lm.device
+    rows_d, tb_d = rows.to(dev), tb.to(dev)
+
+    def hook_for(l):
+        copies = by_layer[l]
+
+        def fn(o):
+            shape = o.shape
+            ov = _as3d(o, k * R).clone().view(k, R, -1, H, D)
+            v = vals[l].to(o.dtype).view(-1, H, D)
+            for c, h in copies:
+                ov[c, rows_d, tb_d, h] = v[:, h]
+            return ov.view(shape)
+        return fn
+
+    with torch.no_grad(), o_proj_hooks(sites, pre={l: hook_for(l) for l in by_layer}), \
+            embedding_hook(lm, base_noise), skipped_layers(lm, min(by_layer), layer_outs, k):
+        return pair_metric(lm.model, repeat_batch(base, k).to(dev), k).cpu()
+
+
+def _meta(lm, plan: _Plan, prec, method: str, m_base: torch.Tensor, m_src: torch.Tensor) -> dict:
+    c = plan.config
+    clean, corrupt = (m_src, m_base) if plan.direction == "denoise" else (m_base, m_src)
+    return {
+        "model": lm.name, "model_fingerprint": lm.fingerprint, "corruption": c.corruption, "direction": plan.direction,
+        "positions": c.positions, "config": c.model_dump(), "n_pairs": plan.n, "rank_by": c.rank_by,
+        "top_k": c.top_k, "metric": "mean log p(chosen) - mean log p(rejected)", "metric_label": METRIC_LABEL,
+        "embedding_std": plan.sigma, "noise_std": None if plan.sigma is None else c.noise_scale * plan.sigma,
+        "m_clean_mean": _nanmean(clean), "m_corrupt_mean": None if c.corruption == "mean" else _nanmean(corrupt),
+        "n_layers": lm.sites.n_layers, "n_heads": lm.sites.n_heads, "head_dim": lm.sites.head_dim,
+        "qids": [p.qid for p in plan.runs.pairs], **prec.meta(), "version": VERSION,
+    }
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    x = x[torch.isfinite(x)]
+    return float(x.mean()) if x.numel() else None
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def localization_key(lm, data_fingerprint: str, method: str, config: PatchingConfig, split: str,
+                     precision: PrecisionLike = None) -> str:
+    """Cache key: model content and dtype, data content, split, method, config and numerics."""
+    return stable_hash({"model": lm.fingerprint, "model_dtype": str(lm.dtype), "data": data_fingerprint,
+                        "split": split, "method": method, "config": config.model_dump(),
+                        "precision": as_precision(precision, lm.device).key, "version": VERSION})
+
+
+def localize_heads(lm, data, method: str = "patching", config: PatchingConfig | dict | None = None,
+                   split: str = "train", out_dir: str | os.PathLike | None = None, precision: PrecisionLike = None,
+                   cache: bool = True, progress: bool = True) -> HeadEffects:
+    """Rank every head of `lm` for the behaviour `data` (a BehaviourData) by activation patching
+    (method "patching") or attribution patching ("attribution") on the pairs of `split`.
+
+    Cached under cache_dir("localize", key) by (model fingerprint, data fingerprint, split, method, config,
+    precision key): a second call reads the cache. `out_dir` also receives the files (HeadEffects.save).
+    """
+    if method not in METHODS:
+        raise ConfigError(f"localizer method {method!r}: expected one of {METHODS}")
+    if not isinstance(config, PatchingConfig):
+        config = PatchingConfig(**(config or {}))
+    key = localization_key(lm, data.fingerprint, method, config, split, precision)
+    target = cache_dir("localize", key) if cache else None
+    if target is not None and (target / "meta.json").exists():
+        try:
+            eff = HeadEffects.load(target)
+            if eff.meta.get("key") == key:
+                if out_dir is not None:
+                    eff.save(out_dir)
+                return eff
+        except DataError:
+            pass  # a damaged entry is recomputed
+    pairs = select_pairs(data.pairs(split), config.max_pairs, config.pair_seed)
+    if method == "patching":
+        eff = activation_patching(lm, pairs, config, precision, progress)
+    else:
+        from locaudit.localize.attribution import attribution_patching
+
+        eff = attribution_patching(lm, pairs, config, precision, progress)
+    eff.meta.update(key=key, data=data.name, data_fingerprint=data.fingerprint, split=split)
+    if target is not None:
+        eff.save(target)
+    if out_dir is not None:
+        eff.save(out_dir)
+    return eff
+
+
+__all__ = ["activation_patching", "localize_heads", "localization_key", "patched_metric", "capture_heads",
+           "pair_metric", "repeat_batch", "embedding_hook", "METHODS"]
