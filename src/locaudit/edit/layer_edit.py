@@ -1,0 +1,320 @@
+"""Per-layer edits of facts (Hase et al. 2023): one edit per (fact, layer), at one weight of that layer.
+
+Sites: the MLP output projection (`mlp_down`, as ROME / MEMIT; default) or the attention output projection
+(`o_proj`). Methods:
+  ft    constrained fine-tuning of the site's weight (Hase's FT baseline): dW trained on the NLL of the
+        target object, projected after every step onto the L-inf ball ||dW||_inf <= norm_bound (ROME's
+        FT-L constraint);
+  lora  a rank-one update dW = b a^T trained on the NLL of the target object plus `kl_weight` x
+        KL(p_orig || p_edit) of the next-token distribution on unrelated prompts (facts of other
+        relations).
+
+Speed: many facts are edited together (one edit per fact, each row of a batch carries its edit's index,
+so E edits share every forward pass), and the hidden states entering layer l are computed once per group
+and layer (the frozen prefix): training and scoring run layers >= l only.
+
+Objectives per editing problem: error_injection / tracing_reversal / fact_amplification minimise the mean
+token NLL of their target object; fact_erasure minimises -log(1 - p(o_true)).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from locaudit.errors import ConfigError
+from locaudit.models.batching import pad_id, pad_right
+from locaudit.models.precision import as_precision
+
+SITES = ("mlp_down", "o_proj")
+
+
+class LayerEditConfig(BaseModel):
+    """How one per-layer fact edit is trained."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["ft", "lora"] = Field("ft", description="ft: norm-bounded fine-tuning of the site weight; "
+                                                            "lora: rank-one update with a KL penalty")
+    site: Literal["mlp_down", "o_proj"] = Field("mlp_down", description="the edited weight of the layer")
+    steps: int = Field(10, ge=1, description="optimisation steps per edit (full batch: each fact's prompt)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    norm_bound: float = Field(2e-3, gt=0, description="ft: L-inf bound of the update of each weight entry")
+    kl_weight: float = Field(1.0, ge=0, description="lora: weight of KL(p_orig || p_edit) on unrelated prompts")
+    n_kl_prompts: int = Field(2, ge=0, description="lora: unrelated prompts per fact for the KL penalty")
+    init_scale: float = Field(1e-2, gt=0, description="lora: std of the random init of a (b starts at 0)")
+    batch_facts: int = Field(16, ge=1, description="facts edited together (they share forward passes)")
+    seed: int = Field(0, description="seed of the lora init")
+
+
+def site_module(lm, site: str, layer: int) -> torch.nn.Linear:
+    if site == "mlp_down":
+        m = lm.sites.mlp_down(layer)
+    elif site == "o_proj":
+        m = lm.sites.o_proj(layer)
+    else:
+        raise ConfigError(f"edit site {site!r} is not one of {SITES}")
+    if lm.sites.spec.conv1d:
+        raise ConfigError(f"{lm.sites.model_type}: per-layer edits need a Linear site (Conv1D is not supported)")
+    return m
+
+
+@dataclass
+class EditRow:
+    """One sequence scored or trained on: prompt ids, completion ids, and the edit (fact) it belongs to.
+    role: 'target' (the objective), 'kl' (unrelated prompt, completion empty), or 'score'."""
+
+    prompt: list[int]
+    completion: list[int]
+    edit: int
+    role: str = "score"
+
+
+@dataclass
+class LayerEdits:
+    """The trained updates of E facts at one layer and site. ft: dw Float[E, out, in]; lora: a Float[E, in],
+    b Float[E, out] (dW_e = b_e a_e^T)."""
+
+    layer: int
+    site: str
+    method: str
+    dw: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    def delta(self, e: int) -> torch.Tensor:
+        """Float[out, in]: the weight update of edit e."""
+        if self.method == "ft":
+            return self.dw[e]
+        return torch.outer(self.b[e], self.a[e])
+
+    @contextmanager
+    def applied(self, lm, e: int) -> Iterator[None]:
+        """Within the block, edit e is baked into the site's weight (restored exactly on exit)."""
+        w = site_module(lm, self.site, self.layer).weight
+        old = w.detach().clone()
+        try:
+            with torch.no_grad():
+                w.add_(self.delta(e).to(w.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                w.copy_(old)
+
+
+def _delta_out(x: torch.Tensor, rows: torch.Tensor, edits: LayerEdits | dict) -> torch.Tensor:
+    """Float[R, T, out]: the update's contribution x @ dW_{rows[r]}^T for every row."""
+    method = edits["method"]
+    if method == "lora":
+        a, b = edits["a"][rows], edits["b"][rows]  # [R, in], [R, out]
+        return (x @ a.unsqueeze(-1)) * b.unsqueeze(1)
+    dw = edits["dw"]
+    if rows.numel() == dw.shape[0] and torch.equal(rows, torch.arange(dw.shape[0], device=rows.device)):
+        return torch.bmm(x, dw.transpose(1, 2))
+    out = x.new_zeros(*x.shape[:2], dw.shape[1])
+    for e in rows.unique().tolist():
+        idx = (rows == e).nonzero().squeeze(1)
+        out = out.index_put((idx,), x[idx] @ dw[e].t())
+    return out
+
+
+@contextmanager
+def edit_hook(module: torch.nn.Module, rows: torch.Tensor, edits: dict) -> Iterator[None]:
+    """Add each row's own update to `module`'s output (rows: Long[R], the edit index of each batch row)."""
+    def hook(m, args, out):
+        x = args[0]
+        return out + _delta_out(x.to(out.dtype), rows, edits).to(out.dtype)
+    h = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """Final hidden states Float[R, T, d] (after the final norm) of a right-padded batch, from the cached
+    states entering `layer` when given. Logits are computed later, only where they are needed."""
+    from locaudit.edit.prefix import run_from_layer
+
+    base = lm.model.base_model
+    if states is None or layer == 0:
+        return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    with run_from_layer(lm, layer) as feed:
+        feed["h"] = states
+        return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the states entering the edited layer are read."""
+
+
+def _prefix_states(lm, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """Float[R, T, d]: the (no-grad) hidden states entering `layer` (None for layer 0, or for a family
+    whose frozen-prefix path is not enabled: then every forward is a full one)."""
+    from locaudit.edit.prefix import prefix_supported
+
+    if layer == 0 or not prefix_supported(lm):
+        return None
+    box: dict = {}
+
+    def pre(module, args, kwargs):
+        box["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        raise _Stop
+
+    handle = lm.sites.layer(layer).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box["h"]
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # Long[R, T]
+    mask: torch.Tensor  # Long[R, T]
+    rows: torch.Tensor  # Long[R]: edit index
+    starts: list[int]  # first completion position per row
+    lens: list[int]  # completion length per row
+    plen: list[int]  # prompt length per row
+
+
+def make_batch(rows: Sequence[EditRow], pad: int, device) -> Batch:
+    ids, mask = pad_right([r.prompt + r.completion for r in rows], pad)
+    return Batch(ids.to(device), mask.to(device), torch.tensor([r.edit for r in rows], device=device),
+                 [len(r.prompt) for r in rows], [len(r.completion) for r in rows], [len(r.prompt) for r in rows])
+
+
+def _row_terms(lm, hidden: torch.Tensor, b: Batch, sel: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum log p of each selected row's completion Float[S], next-token log-probs at each row's last
+    prompt position Float[S, V]). The LM head runs only at the positions that predict completion tokens."""
+    pos_r, pos_t, spans = [], [], []
+    for i in sel:
+        s, n = b.starts[i], b.lens[i]
+        spans.append((len(pos_r), n))
+        for t in range(s - 1, s - 1 + max(n, 1)):
+            pos_r.append(i)
+            pos_t.append(t)
+    h = hidden[torch.tensor(pos_r, device=hidden.device), torch.tensor(pos_t, device=hidden.device)]
+    lp = F.log_softmax(lm.model.get_output_embeddings()(h).float(), -1)  # [P, V]
+    logp_sum, last = [], []
+    for i, (p0, n) in zip(sel, spans):
+        last.append(lp[p0])
+        if n:
+            s = b.starts[i]
+            tgt = b.ids[i, s: s + n]
+            logp_sum.append(lp[p0: p0 + n].gather(1, tgt.unsqueeze(1)).sum())
+        else:
+            logp_sum.append(lp.new_zeros(()))
+    return torch.stack(logp_sum), torch.stack(last)
+
+
+def _token_counts(b: Batch, sel: Sequence[int], device) -> torch.Tensor:
+    return torch.tensor([max(b.lens[i], 1) for i in sel], device=device, dtype=torch.float32)
+
+
+def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows: Sequence[EditRow],
+                      n_edits: int, problem: str, cfg: LayerEditConfig, precision=None
+                      ) -> tuple[LayerEdits, torch.Tensor, dict]:
+    """Train E = n_edits edits at `layer` together and score `score_rows` with them.
+
+    train_rows: role 'target' (one or more per edit; their completion is the target object) and, for
+    lora, role 'kl' (unrelated prompts). Returns (edits, Float[len(score_rows)] summed completion log-probs
+    after the edit, info {"loss_first", "loss_last", "frozen_prefix"}).
+    """
+    prec = as_precision(precision, lm.device)
+    module = site_module(lm, cfg.site, layer)
+    w = module.weight
+    dev, pad = lm.device, pad_id(lm.tokenizer)
+    all_rows = list(train_rows) + list(score_rows)
+    b = make_batch(all_rows, pad, dev)
+    with prec.autocast(lm.dtype):
+        states = _prefix_states(lm, b.ids, b.mask, layer)
+    n_train = len(train_rows)
+    tr = list(range(n_train))
+    target_idx = [i for i in tr if all_rows[i].role == "target"]
+    kl_idx = [i for i in tr if all_rows[i].role == "kl"]
+    tb = Batch(b.ids[:n_train], b.mask[:n_train], b.rows[:n_train], b.starts[:n_train], b.lens[:n_train],
+               b.plen[:n_train])
+    tstates = states[:n_train] if states is not None else None
+    params: dict = {"method": cfg.method}
+    if cfg.method == "ft":
+        params["dw"] = torch.zeros(n_edits, *w.shape, device=dev, dtype=torch.float32, requires_grad=True)
+        opt_params = [params["dw"]]
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        params["a"] = (torch.randn(n_edits, w.shape[1], generator=g) * cfg.init_scale).to(dev).requires_grad_(True)
+        params["b"] = torch.zeros(n_edits, w.shape[0], device=dev, requires_grad=True)
+        opt_params = [params["a"], params["b"]]
+    ref_last = None
+    if kl_idx and cfg.method == "lora" and cfg.kl_weight > 0:
+        with torch.no_grad(), prec.autocast(lm.dtype):
+            hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
+            _, ref_last = _row_terms(lm, hidden, tb, kl_idx)
+    opt = torch.optim.Adam(opt_params, lr=cfg.lr)
+    counts = _token_counts(tb, target_idx, dev)
+    losses = []
+    rows_t = tb.rows
+    was = [p.requires_grad for p in lm.model.parameters()]
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            with edit_hook(module, rows_t, params), prec.autocast(lm.dtype):
+                hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
+            lp, last = _row_terms(lm, hidden, tb, target_idx + kl_idx)
+            lp_t = lp[: len(target_idx)]
+            if problem == "fact_erasure":
+                per = -torch.log1p(-lp_t.exp().clamp(max=1 - 1e-6))
+            else:
+                per = -lp_t / counts
+            loss = per.sum()  # edits are independent: the sum gives each its own gradient
+            if ref_last is not None:
+                kl = F.kl_div(last[len(target_idx):], ref_last, log_target=True, reduction="none").sum(-1)
+                loss = loss + cfg.kl_weight * kl.sum() / max(1, cfg.n_kl_prompts)
+            loss.backward()
+            opt.step()
+            if cfg.method == "ft":
+                with torch.no_grad():
+                    params["dw"].clamp_(-cfg.norm_bound, cfg.norm_bound)
+            losses.append(float(per.detach().mean()))
+    finally:
+        for p, r in zip(lm.model.parameters(), was):
+            p.requires_grad_(r)
+    # score every score row with its edit (one forward from the cached prefix)
+    sel = list(range(n_train, len(all_rows)))
+    with torch.no_grad(), edit_hook(module, b.rows[n_train:], params), prec.autocast(lm.dtype):
+        sb = Batch(b.ids[n_train:], b.mask[n_train:], b.rows[n_train:], b.starts[n_train:], b.lens[n_train:],
+                   b.plen[n_train:])
+        hidden = _forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer)
+        post, _ = _row_terms(lm, hidden, sb, list(range(len(sel))))
+    edits = LayerEdits(layer, cfg.site, cfg.method,
+                       dw=params.get("dw", None).detach() if cfg.method == "ft" else None,
+                       a=params["a"].detach() if cfg.method == "lora" else None,
+                       b=params["b"].detach() if cfg.method == "lora" else None)
+    # the forward pass for scoring must not keep the hook's params alive with grads
+    return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None}
+
+
+@torch.no_grad()
+def score_rows(lm, rows: Sequence[EditRow], batch_size: int = 64, precision=None) -> torch.Tensor:
+    """Float[len(rows)]: summed completion log-probs under the unedited model (full forward, batched)."""
+    prec = as_precision(precision, lm.device)
+    out = torch.zeros(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) + len(rows[i].completion))
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        b = make_batch([rows[i] for i in idx], pad_id(lm.tokenizer), lm.device)
+        with prec.autocast(lm.dtype):
+            hidden = _forward(lm, b.ids, b.mask, None, 0)
+        lp, _ = _row_terms(lm, hidden, b, list(range(len(idx))))
+        out[idx] = lp.float().cpu()
+    return out

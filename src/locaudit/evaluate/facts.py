@@ -1,0 +1,80 @@
+"""Metrics of fact edits (ROME / Hase et al. 2023), from object probabilities before and after an edit.
+
+p(o | prompt) is the probability of the whole object (product over its tokens, teacher-forced after the
+prompt, prompt tokens never count). For the editing problems of Hase et al.:
+
+| problem              | target object | rewrite score                                   | efficacy                 |
+|----------------------|---------------|-------------------------------------------------|--------------------------|
+| error_injection      | o_new         | (p_post(o_new) - p_pre(o_new)) / (1 - p_pre(o_new)) | p_post(o_new) > p_post(o_true) |
+| tracing_reversal     | o_noise       | same with o_noise, the corrupted run's top token | p_post(o_noise) > p_post(o_true) |
+| fact_erasure         | o_true (down) | (p_pre(o_true) - p_post(o_true)) / p_pre(o_true)  | p_post(o_true) < p_pre(o_true) / 2 |
+| fact_amplification   | o_true (up)   | (p_post(o_true) - p_pre(o_true)) / (1 - p_pre(o_true)) | p_post(o_true) > p_pre(o_true) |
+
+Neighbourhood specificity (ROME's NS, for problems with a new object): the share of other facts of the same
+relation whose own object stays more likely than the new object after the edit. `neighbour_drift`
+(every problem): mean |log p_post - log p_pre| of the neighbours' own objects.
+Fluency (n-gram entropy of generations) is not computed: it needs generation per (fact, layer) edit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+PROBLEMS = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification")
+NEW_OBJECT_PROBLEMS = ("error_injection", "tracing_reversal")
+
+
+def _p(logp: float) -> float:
+    return math.exp(min(0.0, float(logp)))
+
+
+def rewrite_score(problem: str, pre_true: float, post_true: float, pre_new: float | None = None,
+                  post_new: float | None = None) -> float:
+    """The rewrite score of `problem` from log-probabilities (1 = the edit did all it could, 0 = nothing,
+    negative = the wrong way)."""
+    if problem in NEW_OBJECT_PROBLEMS:
+        a, b = _p(pre_new), _p(post_new)
+        return (b - a) / max(1.0 - a, 1e-12)
+    a, b = _p(pre_true), _p(post_true)
+    if problem == "fact_erasure":
+        return (a - b) / max(a, 1e-12)
+    if problem == "fact_amplification":
+        return (b - a) / max(1.0 - a, 1e-12)
+    raise ValueError(f"editing problem {problem!r} is not one of {PROBLEMS}")
+
+
+def efficacy(problem: str, pre_true: float, post_true: float, post_new: float | None = None) -> float:
+    """1.0 if the edit reached its goal (see the table above), else 0.0."""
+    if problem in NEW_OBJECT_PROBLEMS:
+        return float(post_new > post_true)
+    if problem == "fact_erasure":
+        return float(post_true < pre_true - math.log(2.0))
+    if problem == "fact_amplification":
+        return float(post_true > pre_true)
+    raise ValueError(f"editing problem {problem!r} is not one of {PROBLEMS}")
+
+
+def neighbourhood(problem: str, nb_pre_true: Sequence[float], nb_post_true: Sequence[float],
+                  nb_post_new: Sequence[float] | None = None) -> dict[str, float]:
+    """Specificity on neighbour facts: `neighbourhood_score` (NS, new-object problems) and `neighbour_drift`."""
+    out: dict[str, float] = {}
+    if not len(nb_pre_true):
+        return out
+    out["neighbour_drift"] = sum(abs(b - a) for a, b in zip(nb_pre_true, nb_post_true)) / len(nb_pre_true)
+    if problem in NEW_OBJECT_PROBLEMS and nb_post_new is not None:
+        out["neighbourhood_score"] = sum(float(t > n) for t, n in zip(nb_post_true, nb_post_new)) / len(nb_post_true)
+    return out
+
+
+def fact_metrics(problem: str, pre: dict, post: dict) -> dict[str, float]:
+    """All metrics of one edit. `pre` / `post`: {"true": logp, "new": logp, "nb_true": [..], "nb_new": [..]}."""
+    m = {
+        "rewrite_score": rewrite_score(problem, pre["true"], post["true"], pre.get("new"), post.get("new")),
+        "efficacy": efficacy(problem, pre["true"], post["true"], post.get("new")),
+        "p_true_pre": _p(pre["true"]), "p_true_post": _p(post["true"]),
+    }
+    if problem in NEW_OBJECT_PROBLEMS:
+        m["p_new_pre"], m["p_new_post"] = _p(pre["new"]), _p(post["new"])
+    m.update(neighbourhood(problem, pre.get("nb_true", []), post.get("nb_true", []), post.get("nb_new")))
+    return m

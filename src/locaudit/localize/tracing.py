@@ -1,0 +1,279 @@
+"""Causal tracing at layer level (ROME's representation denoising, Meng et al. 2022).
+
+For one fact (a prompt whose next token starts the true object):
+  clean run      the prompt as is; every layer's hidden state, MLP output and attention output are kept;
+  corrupted run  Gaussian noise (std = noise_scale x the embedding std, seeded) added to the embeddings
+                 of the subject's tokens;
+  restored run   the corrupted run with one clean state put back at one token position:
+                   "hidden": the output of layer l (the residual stream after layer l);
+                   "mlp":    the MLP output of the layers in a window of w around l;
+                   "attn":   the attention output (o_proj's output) of the layers in that window.
+Tracing effect(l) = p(true object's first token | restored at l) - p(... | corrupted), each averaged over
+the noise samples. Every (noise sample, restored layer) variant of a fact is one row of ONE batched
+forward pass (rows = samples x (layers + 1)); the (layer x position) grid for ROME's heatmaps is the
+same computation with one row per (sample, layer, position).
+
+Noise enters through a forward hook on the embedding module's output (families that scale embeddings
+after that module, e.g. Gemma, see the noise before the scaling).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from locaudit.errors import ConfigError
+from locaudit.models.precision import as_precision
+
+KINDS = ("hidden", "mlp", "attn")
+# ROME's token categories for heatmaps averaged over facts
+CATEGORIES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
+              "further tokens", "last token")
+
+
+class TraceConfig(BaseModel):
+    """How causal tracing corrupts and restores."""
+
+    model_config = ConfigDict(extra="forbid")
+    noise_scale: float = Field(3.0, gt=0, description="noise std as a multiple of the embedding std (ROME: 3)")
+    n_noise: int = Field(10, ge=1, description="noise samples per fact, batched (ROME: 10)")
+    kinds: list[str] = Field(default_factory=lambda: ["hidden", "mlp", "attn"],
+                             description="what is restored: hidden (layer output), mlp / attn (window of layers)")
+    window: int | None = Field(None, ge=1, description="window of layers for mlp/attn restoration; "
+                                                       "None = ROME's 10 of GPT-2 XL's 48 layers, scaled to the depth")
+    seed: int = Field(0, description="seed of the noise (per fact: seed and fact index)")
+    grid_facts: int = Field(0, ge=0, description="facts (the first ones) also traced at every (layer, position) "
+                                                 "for ROME's heatmap (costs layers x positions rows per fact)")
+    max_rows: int = Field(256, ge=1, description="largest batch of restored variants in one forward pass")
+
+    def window_for(self, n_layers: int) -> int:
+        return int(self.window) if self.window else max(1, round(10 * n_layers / 48))
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
+    """ROME's window around `layer`: [layer - w//2, layer + ceil(w/2)) clipped to the model."""
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+def embedding_std(lm) -> float:
+    """Std of the token embedding matrix's entries (the noise unit)."""
+    w = lm.sites.embed().weight
+    return float(w.detach().float().std())
+
+
+@dataclass
+class TracedFact:
+    """Tracing of one fact. effects[kind]: Float[n_layers] (restored - corrupted); probabilities too."""
+
+    p_clean: float
+    p_corrupt: float
+    effects: dict[str, list[float]]
+    subject: tuple[int, int]
+    n_tokens: int
+    noise_top: int = -1  # the most likely next token under corruption (the "tracing reversal" target)
+    grid: dict[str, list[list[float]]] = field(default_factory=dict)  # kind -> [layer][position] effects
+
+
+def _out_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_tensor(output, t):
+    return (t, *output[1:]) if isinstance(output, tuple) else t
+
+
+def _module(lm, kind: str, l: int):
+    if kind == "hidden":
+        return lm.sites.layer(l)
+    if kind == "mlp":
+        return lm.sites.mlp(l)
+    if kind == "attn":
+        return lm.sites.o_proj(l)
+    raise ConfigError(f"tracing kind {kind!r} is not one of {KINDS}")
+
+
+def _last_only(lm) -> dict:
+    """Ask for the last position's logits only where the model supports it (prompts here are unpadded)."""
+    from locaudit.models.scoring import _accepts_logits_to_keep
+
+    return {"logits_to_keep": 1} if _accepts_logits_to_keep(lm.model) else {}
+
+
+@torch.no_grad()
+def _clean_states(lm, ids: torch.Tensor, kinds: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clean run of one prompt: {kind: Float[L, T, d]} and the last position's probabilities Float[V]."""
+    L = lm.sites.n_layers
+    states: dict[str, list] = {k: [None] * L for k in kinds}
+    with ExitStack() as stack:
+        for k in kinds:
+            for l in range(L):
+                def hook(m, a, o, k=k, l=l):
+                    states[k][l] = _out_tensor(o)[0].detach()
+                h = _module(lm, k, l).register_forward_hook(hook)
+                stack.callback(h.remove)
+        logits = lm.model(input_ids=ids, use_cache=False, **_last_only(lm)).logits
+    return {k: torch.stack(v) for k, v in states.items()}, logits[0, -1].float().softmax(-1)
+
+
+@torch.no_grad()
+def _run_rows(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int], kind: str,
+              restore: list[tuple[list[int], int]], clean: torch.Tensor, precision) -> torch.Tensor:
+    """One batched forward: row r has noise[r] on the subject and clean `kind` states restored at the
+    layers restore[r][0] and position restore[r][1] (empty layers: corrupted only). Returns Float[R, V]."""
+    R = len(restore)
+    x = ids.expand(R, -1)
+    rows_at: dict[int, tuple[list[int], list[int]]] = {}
+    for r, (layers, pos) in enumerate(restore):
+        for l in layers:
+            rows_at.setdefault(l, ([], []))
+            rows_at[l][0].append(r)
+            rows_at[l][1].append(pos)
+    s0, s1 = subj
+    with ExitStack() as stack:
+        def embed_hook(m, a, o):
+            o = o.clone()
+            o[:, s0:s1] += noise.to(o.dtype)
+            return o
+        h = lm.sites.embed().register_forward_hook(embed_hook)
+        stack.callback(h.remove)
+        for l, (rows, pos) in rows_at.items():
+            ri, pi = torch.tensor(rows), torch.tensor(pos)
+
+            def hook(m, a, o, l=l, ri=ri, pi=pi):
+                t = _out_tensor(o).clone()
+                t[ri, pi] = clean[l, pi].to(t.dtype)
+                return _with_tensor(o, t)
+            h = _module(lm, kind, l).register_forward_hook(hook)
+            stack.callback(h.remove)
+        with as_precision(precision, lm.device).autocast(lm.dtype):
+            logits = lm.model(input_ids=x, use_cache=False, **_last_only(lm)).logits
+    return logits[:, -1].float().softmax(-1)
+
+
+def _noise(cfg: TraceConfig, fact_index: int, n: int, n_subj: int, d: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(fact_index))
+    return torch.randn(n, n_subj, d, generator=g) * scale
+
+
+def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | None = None, fact_index: int = 0,
+               layers: Sequence[int] | None = None, grid: bool = False, precision=None,
+               noise_std: float | None = None) -> TracedFact:
+    """Trace one fact at every layer in `layers` (default all) for every kind of `cfg.kinds`.
+
+    With `grid`, also the (layer x position) effects of every kind (one row per sample, layer, position).
+    """
+    from locaudit.data.facts import object_ids, subject_token_span
+
+    cfg = cfg or TraceConfig()
+    tok = lm.tokenizer
+    L = lm.sites.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    ids = torch.tensor([tok(prompt)["input_ids"]], device=lm.device)
+    T = ids.shape[1]
+    subj = subject_token_span(tok, prompt, subject)
+    answer = object_ids(tok, target)[0]
+    w = cfg.window_for(L)
+    clean, p_clean = _clean_states(lm, ids, cfg.kinds)
+    std = embedding_std(lm) if noise_std is None else noise_std
+    n = cfg.n_noise
+    noise = _noise(cfg, fact_index, n, subj[1] - subj[0], lm.sites.d_model, cfg.noise_scale * std).to(lm.device)
+    last_subj = subj[1] - 1
+
+    def run(kind: str, variants: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Float[len(variants), n]: p(answer) of every variant under every noise sample."""
+        restore = [v for v in variants for _ in range(n)]
+        rows_noise = noise.repeat(len(variants), 1, 1)
+        out, first = [], None
+        per = max(n, (cfg.max_rows // n) * n)
+        for s in range(0, len(restore), per):
+            probs = _run_rows(lm, ids, rows_noise[s: s + per], subj, kind, restore[s: s + per], clean[kind], precision)
+            if first is None:
+                first = probs[:n].mean(0).cpu()  # the first variant's mean distribution
+            out.append(probs[:, answer].cpu())
+        return torch.cat(out).view(len(variants), n), first
+
+    def restored_layers(kind: str, l: int) -> list[int]:
+        return [l] if kind == "hidden" else window_layers(l, w, L)
+
+    effects, grids = {}, {}
+    p_corrupt, noise_top = None, -1
+    for kind in cfg.kinds:
+        variants = [([], last_subj)] + [(restored_layers(kind, l), last_subj) for l in layers]
+        p, corrupt_dist = run(kind, variants)
+        pc = float(p[0].mean())
+        if p_corrupt is None:
+            p_corrupt, noise_top = pc, int(corrupt_dist.argmax())
+        eff = [float("nan")] * L
+        for j, l in enumerate(layers):
+            eff[l] = float(p[1 + j].mean()) - pc
+        effects[kind] = eff
+        if grid:
+            gv = [(restored_layers(kind, l), t) for l in range(L) for t in range(T)]
+            pg, _ = run(kind, gv)
+            grids[kind] = (pg.mean(1) - pc).view(L, T).tolist()
+    return TracedFact(float(p_clean[answer]), float(p_corrupt), effects, subj, T, noise_top, grids)
+
+
+def trace_facts(lm, facts, cfg: TraceConfig | None = None, layers: Sequence[int] | None = None,
+                grid_facts: int | None = None, precision=None, progress: bool = True) -> list[TracedFact]:
+    """Trace every fact (Fact objects); the first `grid_facts` (default cfg.grid_facts) also get the
+    (layer x position) grid."""
+    cfg = cfg or TraceConfig()
+    grid_facts = cfg.grid_facts if grid_facts is None else grid_facts
+    std = embedding_std(lm)
+    out = []
+    for i, f in enumerate(tqdm(facts, desc="causal tracing", disable=not progress)):
+        out.append(trace_fact(lm, f.prompt, f.subject, f.target, cfg, i, layers, grid=i < grid_facts,
+                              precision=precision, noise_std=std))
+    return out
+
+
+def token_categories(subject: tuple[int, int], n_tokens: int) -> list[int]:
+    """ROME's category (index into CATEGORIES) of every token position of a prompt."""
+    s0, s1 = subject
+    cats = []
+    for t in range(n_tokens):
+        if t == n_tokens - 1:
+            cats.append(5)
+        elif t == s0:
+            cats.append(0)
+        elif s0 < t < s1 - 1:
+            cats.append(1)
+        elif t == s1 - 1:
+            cats.append(2)
+        elif t == s1:
+            cats.append(3)
+        elif t > s1:
+            cats.append(4)
+        else:
+            cats.append(-1)  # before the subject: not in ROME's categories
+    return cats
+
+
+def category_heatmap(traced: Sequence[TracedFact], kind: str) -> torch.Tensor:
+    """Float[n_layers, 6]: grid effects averaged over facts within ROME's token categories (NaN where a
+    category has no token in any fact)."""
+    sums, counts = None, torch.zeros(len(CATEGORIES))
+    for tf in traced:
+        if kind not in tf.grid:
+            continue
+        g = torch.tensor(tf.grid[kind])  # [L, T]
+        if sums is None:
+            sums = torch.zeros(g.shape[0], len(CATEGORIES))
+        seen = torch.zeros(len(CATEGORIES))
+        per = torch.zeros(g.shape[0], len(CATEGORIES))
+        for t, c in enumerate(token_categories(tf.subject, tf.n_tokens)):
+            if c >= 0:
+                per[:, c] += g[:, t]
+                seen[c] += 1
+        mask = seen > 0
+        sums[:, mask] += per[:, mask] / seen[mask]
+        counts[mask] += 1
+    if sums is None:
+        raise ConfigError(f"no traced fact has a {kind!r} grid (trace with grid_facts > 0)")
+    return sums / counts.clamp(min=1) + torch.where(counts > 0, 0.0, float("nan"))

@@ -1,0 +1,203 @@
+"""The report of a Hase study: tables (strict JSON / CSV), figures (PNG) and one HTML page.
+
+RUN/report/: r2.csv (R^2 of tracing / layer / both and tracing's added R^2, bootstrap CIs over facts, per
+problem and method), verdict.json (tracing-argmax vs random layer, per problem and method, and the fact
+counts), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
+scatter_<problem>_<method>.png, index.html. Rebuilt from the ledger at any time (also mid-study).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from locaudit.io import write_json_atomic, write_text_atomic
+from locaudit.study.hase.analysis import argmax_vs_random, regressions
+from locaudit.study.hase.run import META_KEY, read_data
+from locaudit.study.hase.spec import HaseSpec
+from locaudit.study.ledger import Ledger
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def collect(run_dir: Path) -> tuple[HaseSpec, dict | None, dict | None, pd.DataFrame, dict]:
+    """(spec, facts data, tracing data, edits frame, ledger counts) of a run folder."""
+    with Ledger(run_dir) as ledger:
+        spec = HaseSpec.model_validate(ledger.get_meta(META_KEY))
+        rows = ledger.rows(status="done")
+        counts = ledger.counts()
+    facts = tracing = None
+    edits = []
+    for r in rows:
+        if r["kind"] == "hase_facts":
+            facts = read_data(run_dir, r["key"], "facts.json")
+        elif r["kind"] == "hase_trace":
+            tracing = read_data(run_dir, r["key"], "tracing.json")
+        elif r["kind"] == "hase_edit":
+            edits += read_data(run_dir, r["key"], "edits.json")
+    return spec, facts, tracing, pd.DataFrame(edits), counts
+
+
+def analyze(spec: HaseSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """The R^2 table and the verdicts, per (problem, method)."""
+    kind = spec.tracing_kind(spec.editing.ft.site if "ft" in spec.editing.methods else spec.editing.lora.site)
+    A = spec.analysis
+    tables, verdicts = [], []
+    if df.empty:
+        return pd.DataFrame(), verdicts
+    for (problem, method), g in df.groupby(["problem", "method"], sort=True):
+        col = f"tracing_{kind}"
+        if col not in g:
+            continue
+        d = pd.DataFrame({"fact": g["fact"], "layer": g["layer"], "tracing": g[col], "success": g[A.success]})
+        if d["layer"].nunique() < 2 or d["fact"].nunique() < 3:
+            continue
+        res = regressions(d, A.bootstrap, A.seed)
+        for row in res.rows():
+            tables.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **row})
+        v = argmax_vs_random(d, A.bootstrap, A.alpha, A.margin, A.seed)
+        verdicts.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **v})
+    return pd.DataFrame(tables), verdicts
+
+
+def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) -> list[str]:
+    from locaudit.localize.tracing import CATEGORIES, TracedFact, category_heatmap
+
+    plt = _plt()
+    figs = []
+    if tracing and tracing.get("facts"):
+        traced = [TracedFact(v["p_clean"], v["p_corrupt"], v["effects"], tuple(v["subject"]), v["n_tokens"],
+                             v["noise_top"], v["grid"]) for v in tracing["facts"].values()]
+        for kind in spec.tracing.kinds:
+            if not any(kind in t.grid for t in traced):
+                continue
+            H = category_heatmap(traced, kind).numpy()
+            fig, ax = plt.subplots(figsize=(7, 3.2))
+            im = ax.imshow(H.T, aspect="auto", cmap={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[kind])
+            ax.set_yticks(range(len(CATEGORIES)), CATEGORIES, fontsize=7)
+            ax.set_xlabel("layer")
+            n = sum(kind in t.grid for t in traced)
+            ax.set_title(f"causal tracing ({kind}), mean effect over {n} facts")
+            fig.colorbar(im, ax=ax)
+            fig.tight_layout()
+            name = f"tracing_heatmap_{kind}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            figs.append(name)
+        layers = tracing["layers"]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for kind in spec.tracing.kinds:
+            m = np.nanmean([[v["effects"][kind][l] for l in layers] for v in tracing["facts"].values()], axis=0)
+            ax.plot(layers, m, marker="o", label=kind)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("tracing effect (last subject token)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "tracing_by_layer.png", dpi=110)
+        plt.close(fig)
+        figs.append("tracing_by_layer.png")
+    if not df.empty:
+        A = spec.analysis
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for (problem, method), g in df.groupby(["problem", "method"]):
+            s = g.groupby("layer")[A.success].agg(["mean", "sem"])
+            ax.errorbar(s.index, s["mean"], yerr=1.96 * s["sem"].fillna(0), marker="o", capsize=2,
+                        label=f"{problem} / {method}")
+        ax.set_xlabel("edited layer")
+        ax.set_ylabel(A.success)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "success_by_layer.png", dpi=110)
+        plt.close(fig)
+        figs.append("success_by_layer.png")
+        kind = spec.tracing_kind(spec.editing.ft.site)
+        for (problem, method), g in df.groupby(["problem", "method"]):
+            col = f"tracing_{kind}"
+            if col not in g:
+                continue
+            fig, ax = plt.subplots(figsize=(4.5, 3.5))
+            sc = ax.scatter(g[col], g[A.success], c=g["layer"], s=8, cmap="viridis")
+            fig.colorbar(sc, ax=ax, label="layer")
+            ax.set_xlabel(f"tracing effect ({kind}) at the edited layer")
+            ax.set_ylabel(A.success)
+            ax.set_title(f"{problem} / {method}", fontsize=9)
+            fig.tight_layout()
+            name = f"scatter_{problem}_{method}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            figs.append(name)
+    return figs
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "<p>(no rows yet)</p>"
+    return df.to_html(index=False, float_format=lambda x: f"{x:.3f}", escape=True, border=0)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write RUN/report/ from the ledger; returns the index.html path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    spec, facts, tracing, df, counts = collect(run_dir)
+    table, verdicts = analyze(spec, df)
+    if not df.empty:
+        write_text_atomic(out / "edits.csv", df.to_csv(index=False))
+    write_text_atomic(out / "r2.csv", table.to_csv(index=False) if not table.empty else "")
+    fact_counts = facts["counts"] if facts else {}
+    write_json_atomic(out / "verdict.json", {"facts": fact_counts, "known_top_k": facts and facts["known_top_k"],
+                                             "verdicts": verdicts, "r2": table.to_dict("records"),
+                                             "trials": counts})
+    figs = _figures(spec, tracing, df, out)
+    e = html.escape
+    parts = [f"<html><head><meta charset='utf-8'><title>{e(spec.name)}</title></head><body>",
+             f"<h1>{e(spec.name)}: does localization inform editing?</h1>", f"<p>{e(spec.description)}</p>",
+             f"<p>model {e(spec.model.name)}, precision {e(spec.resolved_precision())}; trials "
+             f"{e(json.dumps(counts))}</p>"]
+    if fact_counts:
+        parts.append(f"<p>facts: {fact_counts.get('total')} in the file, {fact_counts.get('known')} known "
+                     f"(object's first token in the top-{facts['known_top_k']}), "
+                     f"{fact_counts.get('with_counterfactual')} with a counterfactual object, "
+                     f"{fact_counts.get('used')} studied.</p>")
+    parts.append("<h2>Verdict: is the layer where tracing peaks better to edit than a random layer?</h2><ul>")
+    for v in verdicts:
+        extra = (f" theta = {v.get('theta', float('nan')):.3f} (90% CI {v.get('theta_ci')}), p_for = "
+                 f"{v.get('p_for', float('nan')):.3g}, TOST p = {v.get('tost_p', float('nan')):.3g}"
+                 if "theta" in v else "")
+        parts.append(f"<li><b>{e(v['problem'])} / {e(v['method'])}: {e(v['outcome'])}</b>. "
+                     f"{e(v.get('text', v.get('reason', '')))}{e(extra)}</li>")
+    parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both)</h2>")
+    parts.append(_table_html(table))
+    for f in figs:
+        parts.append(f"<h3>{e(f)}</h3><img src='{e(f)}'>")
+    parts.append("</body></html>")
+    write_text_atomic(out / "index.html", "\n".join(parts))
+    return out / "index.html"
+
+
+def summary_text(run_dir: str | Path) -> str:
+    """Plain-text R^2 table and verdicts (what the CLI prints)."""
+    v = json.loads((Path(run_dir) / "report" / "verdict.json").read_text())
+    lines = [f"facts: {json.dumps(v['facts'])}"]
+    for r in v["r2"]:
+        lines.append(f"  {r['problem']:<18} {r['method']:<5} R2[{r['model']:<13}] = {r['r2']:.3f} "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+    for d in v["verdicts"]:
+        lines.append(f"  verdict {d['problem']} / {d['method']}: {d['outcome']} "
+                     f"(theta={d.get('theta')}, p_for={d.get('p_for')}, tost_p={d.get('tost_p')})")
+    return "\n".join(lines)
+
+
+__all__ = ["build_report", "collect", "analyze", "summary_text"]

@@ -1,0 +1,140 @@
+"""The steps of a Hase study: facts, causal tracing, per-layer edits (one trial per problem x method x layer).
+
+Every step returns plain JSON-ready data; run.py stores it in the trial's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load_facts, object_ids)
+from locaudit.edit.layer_edit import EditRow, score_rows, train_layer_edits
+from locaudit.evaluate.facts import NEW_OBJECT_PROBLEMS, fact_metrics
+from locaudit.localize.tracing import TracedFact, trace_facts
+from locaudit.study.hase.spec import HaseSpec
+
+log = logging.getLogger(__name__)
+
+
+def prepare_facts(lm, spec: HaseSpec, precision=None, progress: bool = True) -> dict:
+    """Load, keep the known facts, draw counterfactual objects, sample the studied facts, and pick each
+    one's neighbours (same relation) and unrelated prompts (other relations), all seeded."""
+    F = spec.facts
+    path = spec.facts_path()
+    facts = load_facts(path)
+    known = known_facts(lm, facts, F.known_top_k, precision=precision, progress=progress)
+    with_cf = counterfactual_targets(known, seed=F.seed, tokenizer=lm.tokenizer)
+    rng = random.Random(F.seed)
+    used = sorted(rng.sample(with_cf, min(len(with_cf), F.max_facts or len(with_cf))), key=lambda f: f.id)
+    by_rel: dict[str, list[Fact]] = {}
+    for f in known:
+        by_rel.setdefault(f.relation_id, []).append(f)
+    n_kl = max(spec.editing.lora.n_kl_prompts, 0)
+    neighbours, unrelated = {}, {}
+    for f in used:
+        r = random.Random(f"{F.seed}:nb:{f.id}")
+        same = [g.id for g in by_rel[f.relation_id] if g.id != f.id and g.subject != f.subject]
+        neighbours[f.id] = r.sample(same, min(F.n_neighbours, len(same)))
+        other = [g.id for g in known if g.relation_id != f.relation_id]
+        unrelated[f.id] = r.sample(other, min(n_kl, len(other)))
+    return {"counts": {"total": len(facts), "known": len(known), "with_counterfactual": len(with_cf),
+                       "used": len(used)},
+            "known_top_k": F.known_top_k, "source": str(path),
+            "facts": [f.to_dict() for f in used], "pool": {f.id: f.to_dict() for f in known},
+            "neighbours": neighbours, "unrelated": unrelated}
+
+
+def run_tracing(lm, spec: HaseSpec, facts: Sequence[Fact], layers: Sequence[int], precision=None,
+                progress: bool = True) -> dict:
+    """Tracing effects of every fact at the edited layers, and the (layer x position) grid of the first
+    `tracing.grid_facts` facts (for the heatmap)."""
+    traced = trace_facts(lm, facts, spec.tracing, layers, precision=precision, progress=progress)
+    return {"layers": list(layers), "window": spec.tracing.window_for(lm.sites.n_layers),
+            "facts": {f.id: _traced_dict(lm, t) for f, t in zip(facts, traced)}}
+
+
+def _traced_dict(lm, t: TracedFact) -> dict:
+    return {"p_clean": t.p_clean, "p_corrupt": t.p_corrupt, "effects": t.effects, "subject": list(t.subject),
+            "n_tokens": t.n_tokens, "noise_top": t.noise_top, "grid": t.grid}
+
+
+def _target_ids(tok, f: Fact, problem: str, tracing: dict) -> list[int] | None:
+    if problem == "error_injection":
+        return object_ids(tok, f.new_target)
+    if problem == "tracing_reversal":
+        top = tracing["facts"][f.id]["noise_top"]
+        return None if top < 0 or top == object_ids(tok, f.target)[0] else [int(top)]
+    return object_ids(tok, f.target)
+
+
+_PRE_CACHE: dict = {}
+
+
+def _pre_scores(lm, rows: Sequence[EditRow], precision) -> torch.Tensor:
+    """Unedited log-probs of score rows; they do not depend on the edited layer, so a process that runs
+    several layers' trials computes them once (in-memory cache keyed by model, precision and rows)."""
+    key = (lm.fingerprint, str(precision), tuple((tuple(r.prompt), tuple(r.completion)) for r in rows))
+    if key not in _PRE_CACHE:
+        if len(_PRE_CACHE) > 64:
+            _PRE_CACHE.clear()
+        _PRE_CACHE[key] = score_rows(lm, rows, precision=precision)
+    return _PRE_CACHE[key]
+
+
+def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: str, method: str, layer: int,
+                  precision=None, progress: bool = True) -> list[dict]:
+    """Edit every studied fact at `layer` (E facts per group share forward passes and the frozen prefix)
+    and score each edit. Returns one row per fact: metrics, the tracing effects at `layer`."""
+    cfg = spec.editing.config(method)
+    tok = lm.tokenizer
+    pool = {k: Fact.from_dict(v) for k, v in facts_data["pool"].items()}
+    facts = [Fact.from_dict(d) for d in facts_data["facts"]]
+    P = lambda text: list(tok(text)["input_ids"])  # noqa: E731
+    todo = [(f, t) for f in facts if (t := _target_ids(tok, f, problem, tracing)) is not None]
+    out: list[dict] = []
+    groups = [todo[i: i + cfg.batch_facts] for i in range(0, len(todo), cfg.batch_facts)]
+    for group in tqdm(groups, desc=f"{problem} {method} layer {layer}", disable=not progress, leave=False):
+        train, score, index = [], [], []
+        for e, (f, target) in enumerate(group):
+            train.append(EditRow(P(f.prompt), target, e, "target"))
+            if method == "lora":
+                train += [EditRow(P(pool[u].prompt), [], e, "kl") for u in facts_data["unrelated"][f.id]]
+            new = target if problem in NEW_OBJECT_PROBLEMS else None
+            rows = {"true": len(score)}
+            score.append(EditRow(P(f.prompt), object_ids(tok, f.target), e))
+            if new is not None:
+                rows["new"] = len(score)
+                score.append(EditRow(P(f.prompt), new, e))
+            rows["nb_true"], rows["nb_new"] = [], []
+            for nb in facts_data["neighbours"][f.id]:
+                g = pool[nb]
+                rows["nb_true"].append(len(score))
+                score.append(EditRow(P(g.prompt), object_ids(tok, g.target), e))
+                if new is not None:
+                    rows["nb_new"].append(len(score))
+                    score.append(EditRow(P(g.prompt), new, e))
+            index.append(rows)
+        pre = _pre_scores(lm, score, precision)
+        _, post, info = train_layer_edits(lm, layer, train, score, len(group), problem, cfg, precision)
+
+        def pick(v: torch.Tensor, rows: dict) -> dict:
+            d = {"true": float(v[rows["true"]]), "nb_true": [float(v[i]) for i in rows["nb_true"]],
+                 "nb_new": [float(v[i]) for i in rows["nb_new"]]}
+            if "new" in rows:
+                d["new"] = float(v[rows["new"]])
+            return d
+
+        for (f, _), rows in zip(group, index):
+            m = fact_metrics(problem, pick(pre, rows), pick(post, rows))
+            tr = tracing["facts"][f.id]
+            row = {"fact": f.id, "relation_id": f.relation_id, "layer": layer, "problem": problem, "method": method,
+                   **m, "loss_first": info["loss_first"], "loss_last": info["loss_last"]}
+            for kind, eff in tr["effects"].items():
+                row[f"tracing_{kind}"] = eff[layer]
+            out.append(row)
+    return out

@@ -1,0 +1,169 @@
+"""The Hase analysis: R^2 of tracing / layer / both equals statsmodels OLS; the bootstrap weights equal
+duplicated rows; the tracing-argmax verdict on synthetic data; edit metrics; the study file; a whole tiny
+study in the ledger (resume runs nothing again; the report is written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from locaudit.evaluate.facts import efficacy, fact_metrics, rewrite_score
+from locaudit.study.hase.analysis import argmax_vs_random, design, r2, r2_all, regressions
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _synthetic(n_facts=60, layers=(0, 3, 6, 9), seed=0, tracing_signal=0.5):
+    rng = np.random.default_rng(seed)
+    rows = []
+    layer_effect = {l: 0.2 + 0.15 * i for i, l in enumerate(layers)}
+    for f in range(n_facts):
+        for l in layers:
+            t = rng.normal()
+            rows.append({"fact": f"f{f}", "layer": l, "tracing": t,
+                         "success": layer_effect[l] + tracing_signal * 0.1 * t + rng.normal(0, 0.1)})
+    return pd.DataFrame(rows)
+
+
+def test_r2_equals_statsmodels():
+    import statsmodels.formula.api as smf
+
+    df = _synthetic()
+    layers = sorted(df["layer"].unique())
+    ours = r2_all(df, layers)
+    sm = {"tracing": smf.ols("success ~ tracing", df).fit().rsquared,
+          "layer": smf.ols("success ~ C(layer)", df).fit().rsquared,
+          "both": smf.ols("success ~ C(layer) + tracing", df).fit().rsquared}
+    for k, v in sm.items():
+        assert ours[k] == pytest.approx(v, abs=1e-10)
+    assert ours["added_tracing"] == pytest.approx(sm["both"] - sm["layer"], abs=1e-10)
+    assert ours["layer"] > 0.5 > ours["tracing"]
+
+
+def test_weighted_r2_equals_duplicated_rows():
+    df = _synthetic(n_facts=10)
+    layers = sorted(df["layer"].unique())
+    rng = np.random.default_rng(1)
+    wf = rng.integers(0, 3, size=10).astype(float)
+    w = wf[pd.Index([f"f{i}" for i in range(10)]).get_indexer(df["fact"])]
+    dup = df.loc[df.index.repeat(w.astype(int))].reset_index(drop=True)
+    y = df["success"].to_numpy()
+    assert r2(y, design(df, "both", layers), w) == pytest.approx(
+        r2(dup["success"].to_numpy(), design(dup, "both", layers)), abs=1e-10)
+
+
+def test_regressions_bootstrap_ci_covers_estimate():
+    res = regressions(_synthetic(), n_boot=200, seed=0)
+    for k in ("tracing", "layer", "both", "added_tracing"):
+        lo, hi = res.ci[k]
+        assert lo <= res.estimate[k] + 1e-12 and res.estimate[k] <= hi + 1e-12
+    assert res.n_facts == 60 and res.n_layers == 4 and res.n_rows == 240
+    assert regressions(_synthetic(), n_boot=50, seed=3).ci == regressions(_synthetic(), n_boot=50, seed=3).ci
+
+
+def test_verdict_for_against_and_no_signal():
+    rng = np.random.default_rng(0)
+    layers = [0, 5, 10, 15]
+    # tracing peaks where editing works best: evidence for
+    rows = []
+    for f in range(80):
+        best = rng.integers(4)
+        for i, l in enumerate(layers):
+            rows.append({"fact": f, "layer": l, "tracing": float(i == best) + rng.normal(0, 0.05),
+                         "success": 0.3 + 0.5 * (i == best) + rng.normal(0, 0.05)})
+    v = argmax_vs_random(pd.DataFrame(rows), n_boot=500)
+    assert v["outcome"] == "evidence for" and v["theta"] > 0.8
+    # success depends on the layer only, tracing is noise: equivalent to a random layer
+    rows = []
+    for f in range(600):
+        for i, l in enumerate(layers):
+            rows.append({"fact": f, "layer": l, "tracing": rng.normal(), "success": 0.2 * i + rng.normal(0, 0.02)})
+    v = argmax_vs_random(pd.DataFrame(rows), n_boot=500, margin=0.1)
+    assert v["outcome"] == "evidence against" and abs(v["theta"]) < 0.1
+    # success constant over layers: no signal
+    rows = [{"fact": f, "layer": l, "tracing": rng.normal(), "success": 0.5} for f in range(20) for l in layers]
+    assert argmax_vs_random(pd.DataFrame(rows), n_boot=100)["outcome"] == "no signal"
+
+
+def test_edit_metrics():
+    lp = np.log
+    assert rewrite_score("error_injection", lp(0.6), lp(0.1), lp(0.2), lp(0.6)) == pytest.approx(0.5)
+    assert rewrite_score("fact_erasure", lp(0.8), lp(0.2)) == pytest.approx(0.75)
+    assert rewrite_score("fact_amplification", lp(0.5), lp(0.75)) == pytest.approx(0.5)
+    assert efficacy("error_injection", lp(0.6), lp(0.1), lp(0.6)) == 1.0
+    m = fact_metrics("error_injection", {"true": lp(0.6), "new": lp(0.1), "nb_true": [lp(0.5), lp(0.5)], "nb_new": []},
+                     {"true": lp(0.2), "new": lp(0.5), "nb_true": [lp(0.4), lp(0.5)], "nb_new": [lp(0.3), lp(0.6)]})
+    assert m["neighbourhood_score"] == 0.5 and m["efficacy"] == 1.0
+    assert m["neighbour_drift"] == pytest.approx(abs(np.log(0.4 / 0.5)) / 2)
+    with pytest.raises(ValueError):
+        rewrite_score("forcing", 0.0, 0.0)
+
+
+def test_study_files_validate():
+    from locaudit.study.hase.spec import load_hase_spec
+
+    for name in ("hase_smollm2.yaml", "hase_gptj.yaml"):
+        spec = load_hase_spec(REPO / "studies" / name)
+        assert spec.editing.problems
+    s = load_hase_spec(REPO / "studies" / "hase_smollm2.yaml")
+    assert len(s.layer_list(30)) >= 10 and s.layer_list(30)[-1] == 29
+    assert load_hase_spec(REPO / "studies" / "hase_gptj.yaml").layer_list(28) == list(range(28))
+
+
+def test_bad_study_field_is_named(tmp_path):
+    from locaudit.errors import ConfigError
+    from locaudit.study.hase.spec import load_hase_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nfacts: {path: f.json}\nediting: {problems: [forcing]}\n")
+    with pytest.raises(ConfigError, match="editing.problems"):
+        load_hase_spec(p)
+    p.write_text("name: x\nfacts: {path: f.json}\nlayers: every:0\n")
+    with pytest.raises(ConfigError, match="every:K"):
+        load_hase_spec(p).layer_list(4)
+
+
+def test_tiny_study_runs_resumes_and_reports(tmp_path):
+    from locaudit.models.tiny import tiny_model
+    from locaudit.study.hase.report import build_report
+    from locaudit.study.hase.run import run_hase
+    from locaudit.study.hase.spec import load_hase_spec
+
+    lm = tiny_model("llama", n_layers=3)
+    recs = []
+    for i, (s, rel, obj) in enumerate([("Paris", "R1", "France"), ("Rome", "R1", "Italy"), ("Oslo", "R1", "Norway"),
+                                       ("Bern", "R1", "Swiss"), ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru"),
+                                       ("Cairo", "R2", "Egypt")]):
+        recs.append({"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": obj, "relation_id": rel})
+    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (tmp_path / "study.yaml").write_text(
+        "name: tiny\nfacts: {path: facts.jsonl, known_top_k: 259, max_facts: 6, n_neighbours: 2}\n"
+        "tracing: {n_noise: 2, kinds: [mlp, hidden], grid_facts: 1}\nlayers: [0, 1, 2]\n"
+        "editing: {problems: [error_injection, fact_erasure], methods: [ft, lora],\n"
+        "  ft: {steps: 3, lr: 0.05, norm_bound: 0.1, batch_facts: 4}, lora: {steps: 3, lr: 0.1, batch_facts: 4}}\n"
+        "analysis: {bootstrap: 50}\n")
+    spec = load_hase_spec(tmp_path / "study.yaml")
+    res = run_hase(spec, tmp_path / "run", lm=lm, progress=False)
+    assert res["counts"]["done"] == 2 + 2 * 2 * 3 and res["counts"]["failed"] == 0
+    again = run_hase(spec, tmp_path / "run", lm=lm, progress=False)
+    assert again["ran"] == []
+    index = build_report(tmp_path / "run")
+    v = json.loads((index.parent / "verdict.json").read_text())
+    assert v["facts"]["used"] == 6 and len(v["verdicts"]) == 4
+    assert {r["model"] for r in v["r2"]} == {"tracing", "layer", "both", "added_tracing"}
+    assert (index.parent / "success_by_layer.png").exists() and (index.parent / "tracing_heatmap_mlp.png").exists()
+    edits = pd.read_csv(index.parent / "edits.csv")
+    assert len(edits) == 6 * 3 * 4 and set(edits["layer"]) == {0, 1, 2}
+
+
+def test_spread_order_covers_depth_first():
+    from locaudit.study.hase.run import spread_order
+
+    layers = [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
+    order = spread_order(layers)
+    assert sorted(order) == layers and order[:3] == [0, 29, 15]
+    assert spread_order([4]) == [4] and spread_order([]) == []

@@ -1,0 +1,102 @@
+"""Causal tracing: the batched computation equals an independent one-row-at-a-time computation in which the
+noise enters through inputs_embeds (not a hook) and one hand-written hook restores the clean state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from locaudit.data.facts import object_ids, subject_token_span
+from locaudit.localize.tracing import (TraceConfig, _noise, category_heatmap, embedding_std, trace_fact,
+                                       window_layers)
+
+PROMPT, SUBJECT, TARGET = "The Eiffel Tower is in", "Eiffel Tower", "Paris"
+
+
+def _module(lm, kind, l):
+    return {"hidden": lm.sites.layer, "mlp": lm.sites.mlp, "attn": lm.sites.o_proj}[kind](l)
+
+
+@torch.no_grad()
+def _reference(lm, cfg, kind, layer):
+    """(p_corrupt, p_restored) averaged over noise samples, one sample and one restored layer set at a time."""
+    tok = lm.tokenizer
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    s0, s1 = subject_token_span(tok, PROMPT, SUBJECT)
+    ans = object_ids(tok, TARGET)[0]
+    L = lm.sites.n_layers
+    clean = {}
+    hs = []
+    for l in range(L):
+        def grab(m, a, o, l=l):
+            clean[l] = (o[0] if isinstance(o, tuple) else o)[0].clone()
+        hs.append(_module(lm, kind, l).register_forward_hook(grab))
+    lm.model(input_ids=ids)
+    for h in hs:
+        h.remove()
+    std = lm.model.get_input_embeddings().weight.float().std()
+    noise = _noise(cfg, 0, cfg.n_noise, s1 - s0, lm.sites.d_model, float(cfg.noise_scale * std))
+    restore = [layer] if kind == "hidden" else window_layers(layer, cfg.window_for(L), L)
+    pc, pr = [], []
+    for n in range(cfg.n_noise):
+        emb = lm.model.get_input_embeddings()(ids).clone()
+        emb[0, s0:s1] += noise[n]
+        pc.append(lm.model(inputs_embeds=emb).logits[0, -1].softmax(-1)[ans])
+        hs = []
+        for l in restore:
+            def put(m, a, o, l=l):
+                t = (o[0] if isinstance(o, tuple) else o).clone()
+                t[0, s1 - 1] = clean[l][s1 - 1]
+                return (t, *o[1:]) if isinstance(o, tuple) else t
+            hs.append(_module(lm, kind, l).register_forward_hook(put))
+        pr.append(lm.model(inputs_embeds=emb).logits[0, -1].softmax(-1)[ans])
+        for h in hs:
+            h.remove()
+    return float(torch.stack(pc).mean()), float(torch.stack(pr).mean())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
+def test_tracing_equals_independent_hooks(family):
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model(family, n_layers=4)
+    cfg = TraceConfig(n_noise=3, window=2, seed=5, max_rows=7)  # max_rows splits the rows into several passes
+    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg)
+    for kind in ("hidden", "mlp", "attn"):
+        for layer in range(4):
+            pc, pr = _reference(lm, cfg, kind, layer)
+            assert tf.p_corrupt == pytest.approx(pc, abs=1e-5)
+            assert tf.effects[kind][layer] == pytest.approx(pr - pc, abs=1e-5), (kind, layer)
+    p_clean = lm.model(input_ids=torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])).logits[0, -1].softmax(-1)
+    assert tf.p_clean == pytest.approx(float(p_clean[object_ids(lm.tokenizer, TARGET)[0]]), abs=1e-6)
+
+
+def test_restoring_the_last_layer_everywhere_is_clean_and_grid_matches():
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama", n_layers=3)
+    cfg = TraceConfig(n_noise=2, kinds=["hidden"], seed=1)
+    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg, grid=True)
+    grid = torch.tensor(tf.grid["hidden"])  # [L, T]
+    s1 = tf.subject[1]
+    # the grid's column at the last subject token is the layer-level effect (same noise samples)
+    assert torch.allclose(grid[:, s1 - 1], torch.tensor(tf.effects["hidden"]), atol=1e-6)
+    # restoring the last layer's output at the last position restores the clean prediction exactly
+    assert float(grid[-1, -1]) == pytest.approx(tf.p_clean - tf.p_corrupt, abs=1e-5)
+    # positions before the subject carry no noise: restoring them changes nothing
+    assert torch.allclose(grid[:, : tf.subject[0]], torch.zeros(1), atol=1e-6)
+    H = category_heatmap([tf, tf], "hidden")
+    assert H.shape == (3, 6) and torch.isfinite(H[:, [0, 2, 5]]).all()
+
+
+def test_seeded_and_scaled():
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama", n_layers=2)
+    a = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=3))
+    b = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=3))
+    c = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=4))
+    assert a.effects == b.effects and a.effects != c.effects
+    assert TraceConfig().window_for(48) == 10 and TraceConfig().window_for(30) == 6
+    assert window_layers(0, 6, 30) == [0, 1, 2] and window_layers(29, 6, 30) == [26, 27, 28, 29]
+    assert embedding_std(lm) > 0
