@@ -21,7 +21,7 @@ def test_smollm2_baseline_mc_and_iti_kl(smollm2, shared_data, tmp_path, monkeypa
     csv = shared_data / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
     data = load_behaviour(f"truthfulqa:{csv}", max_questions=30)
     fmt = PromptFormat("plain")
-    cfg = EvalConfig(progress=False, precision="auto", max_new_tokens=20)
+    cfg = EvalConfig(progress=False, precision="auto", max_new_tokens=20, kl_max_tokens=512)
 
     base = evaluate_edit(smollm2, None, data, "test", ("mc", "kl", "ce"), config=cfg)
     print(f"\nbaseline: n_mc={base.n_mc} MC1={base.mc1:.3f}±{base.mc1_se:.3f} MC2={base.mc2:.3f}±{base.mc2_se:.3f} "

@@ -22,7 +22,7 @@ iti: {{alphas: [10.0]}}
 optimal: {{taus: [0.2], epochs: 1, max_train_pairs: 8, max_val_pairs: 4, batch_edits: 5,
           lr: {{top: [2.0e-3], random: [2.0e-3], single: [5.0e-3], all: [5.0e-4]}}}}
 evaluation: {{metrics: [mc, kl, ce, gen], judge: "reference:bleu", max_questions: 3, max_new_tokens: 12,
-             autocast: bf16}}
+             autocast: bf16, kl_max_tokens: 256}}
 """
 
 

@@ -146,7 +146,7 @@ def test_old_protocol_reproduces_answer_text_kl(lm, data):
 def test_errors(lm, data):
     with pytest.raises(ConfigError, match="metrics"):
         parse_metrics("mc,bleu")
-    assert parse_metrics("all") == ("mc", "kl", "ce", "pref", "gen")
+    assert parse_metrics("all") == ("mc", "kl", "ce", "pref", "gen", "ab")
     with pytest.raises(ValueError, match="batch_size"):
         EvalConfig(batch_size=0)
     with pytest.raises(ConfigError, match="not an edit"):

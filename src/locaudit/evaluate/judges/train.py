@@ -195,7 +195,8 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         assert not held_q & {normalise_question(e.question) for e in tr}, "leak: a held-out question is in training"
         assert held_q <= holdout.held_out
         split[kind] = {"train": tr, "held_out": te}
-    hard = _hard_negatives(data, role, cfg.hard_negatives)
+    kept = {e.question for parts in split.values() for part in parts.values() for e in part}  # caps bound them too
+    hard = _hard_negatives(data, role, cfg.hard_negatives, kept)
     for kind in split:
         for part, examples in hard.items():
             extra = [JudgeExample(h.question, h.answer, lab, -1) for h in examples
@@ -297,15 +298,17 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     return report
 
 
-def _hard_negatives(data: dict[str, list[JudgeExample]], role: dict[str, str], per_question: int) -> dict:
-    """Hard negatives of the training questions ('train') and of the held-out ones ('held_out')."""
+def _hard_negatives(data: dict[str, list[JudgeExample]], role: dict[str, str], per_question: int,
+                    kept: set[str] | None = None) -> dict:
+    """Hard negatives of the training questions ('train') and of the held-out ones ('held_out'); only of the
+    questions in `kept` (those the example caps kept), so the caps bound the cost."""
     if per_question <= 0:
         return {}
     answers_of: dict[str, list[str]] = {}
     for ex in data.values():
         for e in ex:
             answers_of.setdefault(e.question, []).append(e.answer)
-    qs = sorted(answers_of)
+    qs = sorted(q for q in answers_of if kept is None or q in kept)
     return {"train": hard_negatives([q for q in qs if role[q] in ("train", "unmatched")], answers_of, per_question),
             "held_out": hard_negatives([q for q in qs if role[q] == "held_out"], answers_of, per_question)}
 
