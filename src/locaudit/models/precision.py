@@ -35,6 +35,7 @@ from typing import Any, ContextManager, Literal
 import torch
 
 from locaudit.errors import ConfigError
+from locaudit.models.dtypes import ALIASES, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def parse_precision(value: Any, where: str = "precision") -> str:
     if isinstance(value, ResolvedPrecision):
         return value.name
     v = str(value).strip().lower()
-    v = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "none": "fp32"}.get(v, v)
+    v = ALIASES.get(v, v)
     if v not in PRECISIONS:
         raise ConfigError(f"{where} = {str(value)[:40]!r}: choose one of {', '.join(PRECISIONS)}")
     return v
@@ -283,9 +284,7 @@ def as_precision(value: PrecisionLike, device: torch.device | str | None = "cpu"
     if value is None:
         value = "fp32"
     elif isinstance(value, torch.dtype):
-        value = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(value)
-        if value is None:
-            raise ConfigError(f"precision dtype must be float32, bfloat16 or float16, not {value}")
+        value = dtype_name(value)  # raises ConfigError naming the dtype for any other
     return resolve_precision(value, device)
 
 

@@ -453,7 +453,9 @@ class StudySpec(_Strict):
 
 
 def _canonical_dtype(d: str) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(d, d)
+    from locaudit.models.dtypes import dtype_name
+
+    return dtype_name(d)
 
 
 def expand_env(text: str, field: str) -> str:
