@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from locaudit.models.batching import pad_right
 from locaudit.models.prefix_cache import PrefixState, cache_kwarg, shared_prefix
 
 log = logging.getLogger(__name__)
@@ -137,18 +138,11 @@ def encode_separately(
 
 def collate_completions(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> CompletionBatch:
     """Right-pad encoded (prompt, completion) id lists into one batch."""
-    T = max(len(p) + len(c) for p, c in encoded)
-    B = len(encoded)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    comp = torch.zeros((B, T), dtype=torch.bool)
-    plen = torch.zeros(B, dtype=torch.long)
+    ids, att = pad_right([list(p) + list(c) for p, c in encoded], pad_id)
+    comp = torch.zeros_like(ids, dtype=torch.bool)
     for i, (p, c) in enumerate(encoded):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
-        att[i, :n] = 1
-        comp[i, len(p):n] = True
-        plen[i] = len(p)
+        comp[i, len(p): len(p) + len(c)] = True
+    plen = torch.tensor([len(p) for p, _ in encoded], dtype=torch.long)
     return CompletionBatch(ids, att, comp, plen)
 
 
@@ -271,12 +265,8 @@ def _shared_prompt_logprobs(model, p_ids: list[int], comps: list[list[int]], pad
     cache = out["cache"] if "cache" in out else out.past_key_values  # transformers 5 names it `cache`
     if B > 1:
         cache.batch_repeat_interleave(B)
-    ids = torch.full((B, C), pad, dtype=torch.long)
-    mask = torch.zeros((B, C), dtype=torch.bool)
-    for r, c in enumerate(comps):
-        ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[r, : len(c)] = True
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_right(comps, pad)
+    ids, mask = ids.to(device), mask.bool().to(device)
     att = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), mask.long()], dim=1)
     total = first_logp[ids[:, 0]].masked_fill(~mask[:, 0], 0.0)
     if C > 1:
