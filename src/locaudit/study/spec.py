@@ -33,6 +33,22 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PATH_KINDS = ("truthfulqa", "pairs", "caa")
 
 
+def check_config_fields(config_cls: type[BaseModel], fields: dict[str, Any], owned: set[str], owner: str, what: str,
+                        known: set[str] | None = None) -> None:
+    """Fields a study passes to a library config (`config_cls`): none that the study sets itself (`owned`,
+    by `owner`), none unknown, and valid for the config; a ValueError names them."""
+    clash = sorted(owned & set(fields))
+    if clash:
+        raise ValueError(f"{clash} are set by {owner}, not here")
+    unknown = sorted(set(fields) - set(config_cls.model_fields))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known or config_cls.model_fields)}")
+    try:
+        config_cls(**fields)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number is finite
 
@@ -131,17 +147,8 @@ class CausalSpec(BaseModel):
     def _options(self) -> "CausalSpec":
         from locaudit.localize.corruptions import PatchingConfig
 
-        opts = dict(self.model_extra or {})
-        owned = sorted({"format", "top_k"} & set(opts))
-        if owned:
-            raise ValueError(f"{owned} are set by the study (data.format, top_k), not here")
-        unknown = sorted(set(opts) - set(PatchingConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown localizer option(s) {unknown}; known: {sorted(PatchingConfig.model_fields)}")
-        try:
-            PatchingConfig(**opts)
-        except ValidationError as e:
-            raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        check_config_fields(PatchingConfig, dict(self.model_extra or {}), {"format", "top_k"},
+                            "the study (data.format, top_k)", "localizer option")
         return self
 
     @property
@@ -218,19 +225,11 @@ class OptimalSpec(_Strict):
     @field_validator("train_options")
     @classmethod
     def _train_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        owned = {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed", "progress", "precision"}
-        clash = sorted(owned & set(v))
-        if clash:
-            raise ValueError(f"{clash} are set by the study's own fields (taus, lr, rank, ...), not train_options")
         from locaudit.edit.config import TrainConfig
 
-        unknown = sorted(set(v) - set(TrainConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(TrainConfig.model_fields)}")
-        try:
-            TrainConfig(**v)
-        except ValidationError as e:
-            raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        check_config_fields(TrainConfig, v, {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed",
+                                             "progress", "precision"},
+                            "the study's own fields (taus, lr, rank, ...)", "TrainConfig field")
         return v
 
 
@@ -268,17 +267,9 @@ class EvalSpec(_Strict):
     def _config_fields(self) -> "EvalSpec":
         from locaudit.evaluate.runner import EvalConfig
 
-        extra = dict(self.model_extra or {})
-        owned = sorted({"format", "precision", "progress"} & set(extra))
-        if owned:
-            raise ValueError(f"{owned} are set by the study (data.format, precision), not under evaluation")
-        unknown = sorted(set(extra) - set(EvalConfig.model_fields))
-        if unknown:
-            raise ValueError(f"unknown evaluation field(s) {unknown}; known: {sorted(set(type(self).model_fields) | set(EvalConfig.model_fields) - set(EVAL_NOT_IN_KEYS))}")
-        try:
-            EvalConfig(**extra)
-        except ValidationError as e:
-            raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        check_config_fields(EvalConfig, dict(self.model_extra or {}), {"format", "precision", "progress"},
+                            "the study (data.format, precision)", "evaluation field",
+                            known=set(type(self).model_fields) | set(EvalConfig.model_fields) - set(EVAL_NOT_IN_KEYS))
         return self
 
     def config_fields(self) -> dict[str, Any]:
