@@ -47,3 +47,15 @@ def tiny(request):
     from locaudit.models.tiny import tiny_model
 
     return tiny_model(request.param, with_bias=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores);
+    use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

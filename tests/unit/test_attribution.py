@@ -22,13 +22,7 @@ from locaudit.models.tiny import tiny_model
 PAIRS = [PreferencePair(f"q{i}", f"Name {i} colours.", f"Red and {'blue' * (i + 1)}.", f"No {i}") for i in range(3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

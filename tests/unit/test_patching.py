@@ -27,13 +27,7 @@ PAIRS = [PreferencePair(f"q{i}", f"What is {i} plus {i}?", f"It is {2 * i}.", f"
          for i in range(4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
