@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -10,7 +11,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from locaudit.errors import DataError
 
@@ -184,3 +185,28 @@ def verify_checksums(folder: str | os.PathLike) -> str | None:
         except OSError as e:
             return f"{f}: cannot be read ({e.strerror or e})"
     return None
+
+
+def csv_records(path: str | os.PathLike, required: Iterable[str], text: str | None = None,
+                hint: str = "") -> Iterator[tuple[int, dict[str, str]]]:
+    """(line, row) for each record of a CSV file (or of `text`, read from `path` beforehand), headers stripped.
+
+    A missing required column or a row with more fields than columns is a DataError naming the file and line;
+    `line` is the record's first line (a quoted field may span several)."""
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} (found {header}){hint}")
+    reader.fieldnames = header
+    start = 2  # line 1 is the header
+    for row in reader:
+        line, start = start, reader.line_num + 1
+        if None in row:
+            raise DataError(f"{path}:{line}: more fields than columns ({len(header)}); check the quoting")
+        yield line, row

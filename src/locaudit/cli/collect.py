@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
-from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.cli.options import (
+    DType, data_option, device_option, dtype_option,
+    format_option, model_option, precision_option, value,
+)
 from locaudit.models.precision import Precision
 
 EXAMPLE = (
@@ -18,12 +21,9 @@ EXAMPLE = (
 
 
 def collect(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="HF hub id, local model folder, .gguf "
-                              "file, or smollm2-135m-instruct (the embedded default)."),
-    data: str = typer.Option(..., "--data", help="Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), "
-                             "caa:NAME_OR_PATH or pairs:PATH."),
-    fmt: str = typer.Option("plain", "--format", help="Prompt format: plain ('Q: ... A: ...') or chat "
-                            "(the model's chat template)."),
+    model: str = model_option(),
+    data: str = data_option(),
+    fmt: str = format_option(),
     out: Path = typer.Option(..., "--out", help="Folder to write activations.safetensors, examples.jsonl, meta.json."),
     batch_size: int = typer.Option(16, "--batch-size", help="Texts per forward pass (sorted by length, right-padded)."),
     dtype: DType = dtype_option(),

@@ -9,7 +9,10 @@ from typing import Optional
 
 import typer
 
-from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.cli.options import (
+    DType, data_option, device_option, dtype_option,
+    format_option, model_option, precision_option, value,
+)
 from locaudit.models.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -23,10 +26,8 @@ EXAMPLE = (
 
 def edit(
     out: Path = typer.Option(..., "--out", help="Folder for the edit: edit.safetensors (a, b) and meta.json."),
-    data: str = typer.Option(..., "--data", help="Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), "
-                             "caa:NAME_OR_PATH or pairs:PATH (JSONL/CSV with prompt, chosen, rejected)."),
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Hub id, local folder, .gguf file or "
-                              "the embedded default smollm2-135m-instruct."),
+    data: str = data_option(),
+    model: str = model_option(),
     heads: str = typer.Option("top16", "--heads", help="Head set: top16 (needs --probe), random16@3, "
                               "random16@3-top16, single@5, L12, L12H3,L20H1 or all."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="Folder written by `locaudit probe`; its "
@@ -51,7 +52,7 @@ def edit(
     max_val_pairs: Optional[int] = typer.Option(None, "--max-val-pairs", help="Seeded subset of held-out pairs."),
     val_split: str = typer.Option("val", "--val-split", help="Held-out split for validation loss and "
                                   "preference accuracy: val or test."),
-    fmt: str = typer.Option("plain", "--format", help="Prompt format: plain (Q: ..\\nA:) or chat (template)."),
+    fmt: str = format_option(),
     max_length: int = typer.Option(256, "--max-length", help="Maximum tokens of prompt + answer."),
     precision: Precision = precision_option(),
     frozen_prefix: bool = typer.Option(True, "--frozen-prefix/--no-frozen-prefix", help="Cache the states "

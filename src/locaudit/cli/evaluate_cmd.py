@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.cli.options import (
+    DType, data_option, device_option, dtype_option,
+    format_option, model_option, precision_option, value,
+)
 from locaudit.models.precision import Precision
 
 EXAMPLE = (
@@ -37,12 +40,10 @@ def resolve_judge(name: str, data: str, split: str, seed: int = 0, max_questions
 
 
 def evaluate(
-    data: str = typer.Option(..., "--data", help="Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), "
-                             "caa:NAME_OR_PATH or pairs:PATH; split by question as for collect."),
+    data: str = data_option(),
     out: Path = typer.Option(..., "--out", help="Folder for result.json, results.csv, generations.jsonl, "
                              "mc_items.jsonl, judgements.jsonl."),
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="HF hub id, local folder, .gguf file or "
-                              "smollm2-135m-instruct."),
+    model: str = model_option(),
     edit: Optional[Path] = typer.Option(None, "--edit", help="A saved edit folder (ITI or optimal); "
                                         "none = the unedited model."),
     iti: Optional[Path] = typer.Option(None, "--iti", help="A saved ITI edit folder (same as --edit, "
@@ -54,7 +55,7 @@ def evaluate(
                                         "(needs gen in --metrics): trained:DIR, hf:TRUTH,INFO, api:MODEL@URL, "
                                         "reference[:bleu|rouge1|rouge2|rougeL] or default (see `locaudit judge`)."),
     split: str = typer.Option("test", "--split", help="Evaluation split: train, val or test."),
-    fmt: str = typer.Option("plain", "--format", help="Prompt format: plain or chat."),
+    fmt: str = format_option(),
     seed: int = typer.Option(0, "--seed", help="Question split seed (as for collect/edit)."),
     max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Seeded question subset "
                                                 "before splitting (as for collect/edit)."),

@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
-from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.cli.options import (
+    DType, data_option, device_option, dtype_option,
+    format_option, model_option, precision_option, value,
+)
 from locaudit.models.precision import Precision
 
 EXAMPLE = (
@@ -25,10 +28,8 @@ EXAMPLE = (
 
 
 def localize(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="HF hub id, local model folder, .gguf "
-                              "file, or smollm2-135m-instruct (the embedded default)."),
-    data: str = typer.Option(..., "--data", help="Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), "
-                             "caa:NAME_OR_PATH or pairs:PATH."),
+    model: str = model_option(),
+    data: str = data_option(),
     out: Path = typer.Option(..., "--out", help="Folder for effects.csv, ranking.json, effects_heatmap.png, "
                              "effects.safetensors and meta.json."),
     method: str = typer.Option("patching", "--method", help="patching (activation patching, exact, ~L*H forwards "
@@ -58,7 +59,7 @@ def localize(
     batch_pairs: int = typer.Option(4, "--batch-pairs", help="Pairs per batch (two sequences each)."),
     tokens_per_forward: int = typer.Option(16384, "--tokens-per-forward", help="Patching stacks one copy of the "
                                            "batch per head, up to about this many tokens per forward."),
-    fmt: str = typer.Option("plain", "--format", help="Prompt format: plain ('Q: ... A: ...') or chat."),
+    fmt: str = format_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the question-level split, the pair subset and the noise."),
     max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Keep a seeded subset of this many "
                                                 "questions before splitting (quick runs)."),

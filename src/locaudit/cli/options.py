@@ -1,7 +1,7 @@
 """Options shared by every command that runs a model: one spelling, one help text, checked at parse time.
 
-`--precision auto|fp32|bf16|fp16` (compute precision, models/precision.py), `--device auto|cpu|cuda|cuda:N`
-and `--dtype fp32|bf16|fp16` (stored weights). A bad value fails before anything loads, listing the choices.
+`--precision auto|fp32|bf16|fp16` (compute precision, models/precision.py), `--device auto|cpu|cuda|cuda:N`,
+`--dtype fp32|bf16|fp16` (stored weights), `--model`, `--data` and `--format`. A bad value fails before anything loads, listing the choices.
 """
 
 from __future__ import annotations
@@ -43,6 +43,24 @@ def device_option() -> str:
 
 def dtype_option(help: str = "Stored weights' dtype (compute precision is --precision): fp32, bf16 or fp16.") -> DType:
     return typer.Option(DType.fp32, "--dtype", help=help, case_sensitive=False)
+
+
+MODEL_HELP = "HF hub id, local model folder, .gguf file, or smollm2-135m-instruct (the embedded default)."
+DATA_HELP = ("Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), caa:NAME_OR_PATH or pairs:PATH; split by "
+             "question (train/val/test) with --seed and --max-questions.")
+FORMAT_HELP = "Prompt format: plain ('Q: ...\\nA: ...') or chat (the model's chat template)."
+
+
+def model_option() -> str:
+    return typer.Option("smollm2-135m-instruct", "--model", help=MODEL_HELP)
+
+
+def data_option(help: str = DATA_HELP) -> str:
+    return typer.Option(..., "--data", help=help)
+
+
+def format_option() -> str:
+    return typer.Option("plain", "--format", help=FORMAT_HELP)
 
 
 def value(x) -> str:

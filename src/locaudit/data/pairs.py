@@ -7,14 +7,13 @@ questions) is skipped: it carries no preference.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from locaudit.data.types import PreferencePair, Question, question_id
 from locaudit.errors import DataError
-from locaudit.io import read_jsonl
+from locaudit.io import read_jsonl, csv_records
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -69,18 +68,7 @@ def _json_records(path: Path, text: str):
 
 
 def _csv_records(path: Path, text: str):
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [f for f in PAIR_FIELDS if f not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing} (found {header})")
-    reader.fieldnames = header
-    start = 2
-    for row in reader:
-        line, start = start, reader.line_num + 1
-        if None in row:
-            raise DataError(f"{path}:{line}: more fields than columns ({len(header)}); check the quoting")
-        yield line, row
+    yield from csv_records(path, PAIR_FIELDS, text=text)
 
 
 def _pair(path: Path, line, rec) -> PreferencePair:

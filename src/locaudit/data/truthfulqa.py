@@ -18,12 +18,12 @@ the hub) to reproduce the paper's training set size.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from locaudit.data.types import MCItem, Question, question_id
 from locaudit.errors import DataError
+from locaudit.io import csv_records
 
 HUB_ID = "truthfulqa/truthful_qa"
 REQUIRED_COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
@@ -59,20 +59,9 @@ def _read_text(path: Path) -> str:
 
 def _load_csv(path: Path) -> list[Question]:
     text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing} (found {header}); expected the TruthfulQA CSV format")
-    reader.fieldnames = header
     questions: list[Question] = []
     seen: dict[str, int] = {}
-    start = 2  # line 1 is the header
-    for row in reader:
-        line, start = start, reader.line_num + 1
-        if None in row:
-            raise DataError(f"{path}:{line}: more fields than columns ({len(header)}); check the quoting")
-
+    for line, row in csv_records(path, REQUIRED_COLUMNS, text=text, hint="; expected the TruthfulQA CSV format"):
         def field(name: str, required: bool = True) -> str:
             value = (row.get(name) or "").strip()
             if required and not value:

@@ -16,7 +16,6 @@ Files (`save(dir)` / `load(dir)`):
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import torch
 
 from locaudit.errors import DataError
 from locaudit.heads import Head, HeadSet
-from locaudit.io import atomic_path, write_json_atomic, write_text_atomic
+from locaudit.io import atomic_path, write_json_atomic, write_text_atomic, csv_records
 
 EFFECTS_CSV = "effects.csv"
 RANKING_FILE = "ranking.json"
@@ -185,18 +184,13 @@ def _read_csv(path: Path, L: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"effects folder {path.parent} is missing {EFFECTS_CSV} and {TENSORS_FILE}")
     eff = torch.full((L, H), float("nan"))
     se = torch.full((L, H), float("nan"))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"layer", "head", "effect", "se"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{path}: missing column(s) {sorted(missing)}")
-        for lineno, row in enumerate(reader, 2):
-            try:
-                l, h = int(row["layer"]), int(row["head"])
-                eff[l, h] = float(row["effect"]) if row["effect"] else float("nan")
-                se[l, h] = float(row["se"]) if row["se"] else float("nan")
-            except (ValueError, IndexError) as e:
-                raise DataError(f"{path} line {lineno}: {e}") from e
+    for lineno, row in csv_records(path, ("layer", "head", "effect", "se")):
+        try:
+            l, h = int(row["layer"]), int(row["head"])
+            eff[l, h] = float(row["effect"]) if row["effect"] else float("nan")
+            se[l, h] = float(row["se"]) if row["se"] else float("nan")
+        except (ValueError, IndexError) as e:
+            raise DataError(f"{path} line {lineno}: {e}") from e
     return eff, se
 
 

@@ -9,7 +9,6 @@ accuracy on the validation split; train/val are question-level splits (see Activ
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from locaudit.errors import DataError
 from locaudit.heads import Head, HeadSet
-from locaudit.io import atomic_path, write_json_atomic, write_text_atomic
+from locaudit.io import atomic_path, write_json_atomic, write_text_atomic, csv_records
 
 ACCURACY_FILE = "probe_accuracy.csv"
 HEATMAP_FILE = "probe_heatmap.png"
@@ -281,17 +280,12 @@ def _check_finite(acts) -> None:
 def read_accuracy_csv(path: str | os.PathLike) -> list[dict]:
     """Rows of a probe_accuracy.csv (layer, head, train_acc, val_acc) with a clear error on a bad row."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"layer", "head", "train_acc", "val_acc"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{path}: missing column(s) {sorted(missing)}")
-        for lineno, row in enumerate(reader, 2):
-            try:
-                rows.append({"layer": int(row["layer"]), "head": int(row["head"]),
-                             "train_acc": float(row["train_acc"]), "val_acc": float(row["val_acc"])})
-            except (TypeError, ValueError) as e:
-                raise DataError(f"{path} line {lineno}: {e}") from e
+    for lineno, row in csv_records(path, ("layer", "head", "train_acc", "val_acc")):
+        try:
+            rows.append({"layer": int(row["layer"]), "head": int(row["head"]),
+                         "train_acc": float(row["train_acc"]), "val_acc": float(row["val_acc"])})
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path} line {lineno}: {e}") from e
     return rows
 
 
