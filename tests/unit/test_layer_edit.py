@@ -66,7 +66,9 @@ def test_edits_trained_together_equal_edits_trained_alone():
         alone, post_e, _ = train_layer_edits(
             lm, 1, [EditRow(train[e].prompt, train[e].completion, 0, "target")],
             [EditRow(r.prompt, r.completion, 0) for r in score if r.edit == e], 1, "error_injection", cfg)
-        assert torch.allclose(alone.dw[0], together.dw[e], atol=1e-6)
+        # equal up to float accumulation order (a batch of 2 vs 1 rows; the thread count changes it too):
+        # 1e-4 of the norm bound after 30 Adam steps
+        assert torch.allclose(alone.dw[0], together.dw[e], atol=1e-4 * cfg.norm_bound)
         assert torch.allclose(post_e, post[[i for i, r in enumerate(score) if r.edit == e]], atol=1e-4)
 
 

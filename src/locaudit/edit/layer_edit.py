@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from locaudit.errors import ConfigError
 from locaudit.models.batching import pad_id, pad_right
+from locaudit.models.interventions import module_hooks
 from locaudit.models.precision import as_precision
 
 SITES = ("mlp_down", "o_proj")
@@ -123,16 +124,16 @@ def _delta_out(x: torch.Tensor, rows: torch.Tensor, edits: LayerEdits | dict) ->
 
 
 @contextmanager
-def edit_hook(module: torch.nn.Module, rows: torch.Tensor, edits: dict) -> Iterator[None]:
-    """Add each row's own update to `module`'s output (rows: Long[R], the edit index of each batch row)."""
-    def hook(m, args, out):
-        x = args[0]
+def edit_hook(lm, site: str, layer: int, rows: torch.Tensor, edits: dict) -> Iterator[None]:
+    """Add each row's own update to the output of `site` (mlp_down / o_proj) at `layer` (rows: Long[R],
+    the edit index of each batch row)."""
+    site_module(lm, site, layer)  # checks the site
+
+    def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out + _delta_out(x.to(out.dtype), rows, edits).to(out.dtype)
-    h = module.register_forward_hook(hook)
-    try:
+
+    with module_hooks(lm.sites, {(site, layer): fn}):
         yield
-    finally:
-        h.remove()
 
 
 def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None, layer: int) -> torch.Tensor:
@@ -148,32 +149,16 @@ def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | N
         return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the states entering the edited layer are read."""
-
-
 def _prefix_states(lm, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor | None:
     """Float[R, T, d]: the (no-grad) hidden states entering `layer` (None for layer 0, or for a family
     whose frozen-prefix path is not enabled: then every forward is a full one)."""
-    from locaudit.edit.prefix import prefix_supported
+    from locaudit.edit.prefix import capture_input, prefix_supported
 
     if layer == 0 or not prefix_supported(lm):
         return None
-    box: dict = {}
-
-    def pre(module, args, kwargs):
-        box["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-        raise _Stop
-
-    handle = lm.sites.layer(layer).register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return box["h"]
+    with torch.no_grad(), capture_input(lm, layer) as cap:
+        cap.forward(lm.model.base_model, ids, mask)
+    return cap.values[layer]
 
 
 @dataclass
@@ -268,7 +253,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     try:
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
-            with edit_hook(module, rows_t, params), prec.autocast(lm.dtype):
+            with edit_hook(lm, cfg.site, layer, rows_t, params), prec.autocast(lm.dtype):
                 hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
             lp, last = _row_terms(lm, hidden, tb, target_idx + kl_idx)
             lp_t = lp[: len(target_idx)]
@@ -291,7 +276,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
             p.requires_grad_(r)
     # score every score row with its edit (one forward from the cached prefix)
     sel = list(range(n_train, len(all_rows)))
-    with torch.no_grad(), edit_hook(module, b.rows[n_train:], params), prec.autocast(lm.dtype):
+    with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[n_train:], params), prec.autocast(lm.dtype):
         sb = Batch(b.ids[n_train:], b.mask[n_train:], b.rows[n_train:], b.starts[n_train:], b.lens[n_train:],
                    b.plen[n_train:])
         hidden = _forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer)

@@ -31,15 +31,13 @@ from locaudit.edit.base import Edit
 from locaudit.errors import ConfigError, DataError
 from locaudit.evaluate.view import edited
 from locaudit.io import atomic_path, cache_dir, stable_hash
+from locaudit.models.interventions import capture
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.sites import output_head
 
 _MEMORY: "OrderedDict[str, OriginalCache]" = OrderedDict()
 _MEMORY_SIZE = 4
-
-
-class _Stop(Exception):
-    """Raised by the lm_head pre-hook once h is captured: the model's own logits are never needed."""
 
 
 @dataclass
@@ -95,16 +93,10 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = 512) -> list[lis
     return ids
 
 
-def _head(model):
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ConfigError(f"{type(model).__name__} has no output embedding (lm_head): KL/CE cannot be computed")
-    return head
-
-
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """Float[Tensor, "pos vocab"] logits from final hidden states, with the family's logit soft-capping."""
-    logits = _head(model)(h.to(_head(model).weight.dtype)).float()
+    head = output_head(model)
+    logits = head(h.to(head.weight.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -118,19 +110,11 @@ def final_hidden(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int 
     Returns (Float[Tensor, "positions d_model"] in float32, offsets). Runs under whatever edit is active.
     `check` verifies on the first batch that lm_head(h) reproduces the model's logits.
     """
-    model, head = lm.model, _head(lm.model)
+    model = lm.model
     pad = lm.tokenizer.pad_token_id or 0
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     rows: list[torch.Tensor | None] = [None] * len(ids)
-    captured: list[torch.Tensor] = []
-
-    def grab(module, args):
-        captured.append(args[0])
-        if not check:
-            raise _Stop
-
-    handle = head.register_forward_pre_hook(grab)
-    try:
+    with capture(lm.sites, "final", [0]) as cap:
         for s in tqdm(range(0, len(order), batch_size), desc="kl/ce", disable=not progress):
             idx = order[s: s + batch_size]
             T = max(len(ids[i]) for i in idx)
@@ -139,12 +123,9 @@ def final_hidden(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int 
             for j, i in enumerate(idx):
                 x[j, : len(ids[i])] = torch.tensor(ids[i])
                 att[j, : len(ids[i])] = 1
-            captured.clear()
-            try:
-                out = model(input_ids=x.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
-            except _Stop:
-                out = None
-            h = captured[0]
+            cap.stop = not check  # the model's own logits are needed only to check lm_head(h)
+            out = cap.forward(model, x.to(lm.device), att.to(lm.device))
+            h = cap.values[0]
             if check and out is not None:
                 ref = out.logits.float()
                 got = head_logits(model, h)
@@ -154,8 +135,6 @@ def final_hidden(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int 
                 check = False
             for j, i in enumerate(idx):
                 rows[i] = h[j, : len(ids[i]) - 1].float().cpu()
-    finally:
-        handle.remove()
     offsets = [0]
     for x in ids:
         offsets.append(offsets[-1] + len(x) - 1)

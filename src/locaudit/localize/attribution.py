@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from locaudit.localize.corruptions import PatchingConfig, patch_positions
 from locaudit.localize.effects import HeadEffects
 from locaudit.localize.patching import _as3d, _meta, _Plan, capture_heads, embedding_hook, pair_metric, source_values
-from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.interventions import grad_hooks, site_hooks
 from locaudit.models.precision import PrecisionLike, as_precision
 
 
@@ -93,58 +93,46 @@ def _attribute(lm, base, base_noise, rows, tb, src_vals, pair_of, B: int, graddr
             outs[l] = o
         return fn
 
-    def stopper(l):
-        def zero_if_dropped(g):
+    def zero_if_dropped(l):
+        def fn(g):
             return torch.zeros_like(g) if drop["layer"] == l else g
-
-        def fn(_inp, out):
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(zero_if_dropped)
-            return None
         return fn
 
-    handles = []
     with ExitStack() as stack, torch.enable_grad():
-        stack.enter_context(o_proj_hooks(sites, pre={l: grab(l) for l in range(L)},
-                                         post={l: stopper(l) for l in range(L)} if graddrop else None))
+        stack.enter_context(site_hooks(sites, {("heads", l): grab(l) for l in range(L)}))
+        if graddrop:  # GradDrop: the gradient through layer l's attention and MLP outputs, zeroed on demand
+            stack.enter_context(grad_hooks(sites, {(site, l): zero_if_dropped(l) for l in range(L)
+                                                   for site in ("attn_out", "mlp_out")}))
         stack.enter_context(embedding_hook(lm, base_noise, require_grad=True))
-        if graddrop:
-            for l in range(L):
-                mod = sites.mlp(l)
-                handles.append(mod.register_forward_hook(lambda m, a, out, fn=stopper(l): fn(a, out)))
-        try:
-            m = pair_metric(lm.model, base.to(dev))
-            total = m.sum()
-            grads = torch.autograd.grad(total, outs, retain_graph=graddrop)
+        m = pair_metric(lm.model, base.to(dev))
+        total = m.sum()
+        grads = torch.autograd.grad(total, outs, retain_graph=graddrop)
 
-            def atp(gs, layers) -> torch.Tensor:
-                res = torch.zeros(B, L, H, dtype=torch.float64, device=dev)
-                for l in layers:
-                    g = _as3d(gs[l], R)[rows_d, tb_d].double()  # [P, HD]
-                    o = _as3d(outs[l], R)[rows_d, tb_d].detach().double()
-                    dlt = src_vals[l].double() - o
-                    prod = (g * dlt).view(-1, H, D).sum(-1)  # [P, H]
-                    res[:, l].index_add_(0, pair_d, prod)
-                return res
-
-            res = {"m": m.detach().cpu(), "atp": atp(grads, range(L)).cpu()}
-            if graddrop:
-                acc = torch.zeros(B, L, H, dtype=torch.float64, device=dev)
-                base_abs = res["atp"].abs().to(dev)
-                for lp in range(L):
-                    drop["layer"] = lp
-                    # dropping layer lp changes the gradient of heads below lp only; zero at lp, AtP above
-                    if lp > 0:
-                        g2 = torch.autograd.grad(total, outs[:lp], retain_graph=lp < L - 1)
-                        a2 = atp(list(g2) + [None] * (L - lp), range(lp)).abs()
-                        acc[:, :lp] += a2[:, :lp]
-                    acc[:, lp + 1:] += base_abs[:, lp + 1:]
-                drop["layer"] = -1
-                res["graddrop"] = (acc / max(1, L - 1)).cpu()
+        def atp(gs, layers) -> torch.Tensor:
+            res = torch.zeros(B, L, H, dtype=torch.float64, device=dev)
+            for l in layers:
+                g = _as3d(gs[l], R)[rows_d, tb_d].double()  # [P, HD]
+                o = _as3d(outs[l], R)[rows_d, tb_d].detach().double()
+                dlt = src_vals[l].double() - o
+                prod = (g * dlt).view(-1, H, D).sum(-1)  # [P, H]
+                res[:, l].index_add_(0, pair_d, prod)
             return res
-        finally:
-            for h in handles:
-                h.remove()
+
+        res = {"m": m.detach().cpu(), "atp": atp(grads, range(L)).cpu()}
+        if graddrop:
+            acc = torch.zeros(B, L, H, dtype=torch.float64, device=dev)
+            base_abs = res["atp"].abs().to(dev)
+            for lp in range(L):
+                drop["layer"] = lp
+                # dropping layer lp changes the gradient of heads below lp only; zero at lp, AtP above
+                if lp > 0:
+                    g2 = torch.autograd.grad(total, outs[:lp], retain_graph=lp < L - 1)
+                    a2 = atp(list(g2) + [None] * (L - lp), range(lp)).abs()
+                    acc[:, :lp] += a2[:, :lp]
+                acc[:, lp + 1:] += base_abs[:, lp + 1:]
+            drop["layer"] = -1
+            res["graddrop"] = (acc / max(1, L - 1)).cpu()
+        return res
 
 
 __all__ = ["attribution_patching"]

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError, DataError
@@ -33,9 +32,10 @@ from locaudit.localize.corruptions import (EncodedRuns, PatchingConfig, batch_no
                                            patch_positions, select_pairs)
 from locaudit.localize.effects import HeadEffects
 from locaudit.models.batching import length_sorted_batches
-from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.interventions import capture, head_mask, module_hooks, replace, site_hooks
 from locaudit.models.precision import PrecisionLike, as_precision
 from locaudit.models.scoring import CompletionBatch, completion_logprobs
+from locaudit.models.surgery import skipped_layers
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -65,13 +65,14 @@ def pair_metric(model, batch: CompletionBatch, copies: int = 1) -> torch.Tensor:
 
 @contextmanager
 def embedding_hook(lm, noise: torch.Tensor | None, require_grad: bool = False) -> Iterator[None]:
-    """Add Float[Tensor, "rows T d_model"] `noise` to the token embeddings (tiled over stacked copies);
-    with `require_grad`, the embeddings start an autograd graph even if no weight requires grad."""
+    """Add Float[Tensor, "rows T d_model"] `noise` to the token embeddings (the ``embed`` site, tiled over
+    stacked copies); with `require_grad`, the embeddings start an autograd graph even if no weight
+    requires grad."""
     if noise is None and not require_grad:
         yield
         return
 
-    def hook(module, args, out):
+    def fn(out: torch.Tensor) -> torch.Tensor:
         if noise is not None:
             reps = out.shape[0] // noise.shape[0]
             out = out + noise.to(out.device, out.dtype).repeat(reps, 1, 1)
@@ -79,11 +80,8 @@ def embedding_hook(lm, noise: torch.Tensor | None, require_grad: bool = False) -
             out = out.detach().requires_grad_(True)
         return out
 
-    handle = lm.sites.embed().register_forward_hook(hook)
-    try:
+    with site_hooks(lm.sites, {("embed", 0): fn}):
         yield
-    finally:
-        handle.remove()
 
 
 def _as3d(o: torch.Tensor, rows: int) -> torch.Tensor:
@@ -93,81 +91,26 @@ def _as3d(o: torch.Tensor, rows: int) -> torch.Tensor:
 def capture_heads(lm, batch: CompletionBatch, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One no-grad forward: (m per pair Float64[B], per layer the o_proj input Float[Tensor, "2B T HD"])."""
     L = lm.sites.n_layers
-    acts: list[torch.Tensor | None] = [None] * L
-    R = len(batch)
-
-    def grab(l):
-        def fn(o):
-            acts[l] = _as3d(o, R).detach().float().clone()
-        return fn
-
-    with torch.no_grad(), o_proj_hooks(lm.sites, pre={l: grab(l) for l in range(L)}), embedding_hook(lm, noise):
+    with torch.no_grad(), capture(lm.sites, "heads", range(L), dtype=torch.float32) as cap, \
+            embedding_hook(lm, noise):
+        cap.set_batch(batch=len(batch))
         m = pair_metric(lm.model, batch.to(lm.device))
-    return m.cpu(), acts  # type: ignore[return-value]
-
-
-def _repeat(x, k: int):
-    """A layer output (tensor, or tuple/list of tensors and None) stacked k times along the batch axis."""
-    if isinstance(x, torch.Tensor):
-        return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_repeat(v, k) for v in x)
-    return x
-
-
-def _skippable(x) -> bool:
-    if isinstance(x, torch.Tensor) or x is None:
-        return True
-    return isinstance(x, (tuple, list)) and all(isinstance(v, torch.Tensor) or v is None for v in x)
-
-
-class _CachedLayer(nn.Module):
-    """Stands in for a decoder layer whose output is known: returns it without computing anything."""
-
-    def __init__(self, orig: nn.Module, out) -> None:
-        super().__init__()
-        object.__setattr__(self, "_orig", orig)  # not a submodule: its weights are not duplicated
-        object.__setattr__(self, "_out", out)
-
-    def forward(self, *args, **kwargs):
-        return self._out
-
-    def __getattr__(self, name):  # attributes a model reads from its layers (e.g. attention_type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_orig"), name)
-
-
-@contextmanager
-def skipped_layers(lm, start: int, outputs: Sequence | None, copies: int) -> Iterator[bool]:
-    """Replace layers 0..start-1 by their cached base-run `outputs` (stacked `copies` times); restore on exit.
-    Yields whether layers were skipped (not when an output has a form this cannot stack)."""
-    if not start or outputs is None or not all(_skippable(outputs[j]) for j in range(start)):
-        yield False
-        return
-    layers = lm.sites.layer_list
-    saved = [layers[j] for j in range(start)]
-    try:
-        for j in range(start):
-            layers[j] = _CachedLayer(saved[j], _repeat(outputs[j], copies))
-        yield True
-    finally:
-        for j in range(start):
-            layers[j] = saved[j]
+    return m.cpu(), [cap.values[l] for l in range(L)]
 
 
 def base_metric(lm, batch: CompletionBatch, noise: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-    """One no-grad forward of the base run: (m per pair Float64[B], every decoder layer's output)."""
+    """One no-grad forward of the base run: (m per pair Float64[B], every decoder layer's output as the
+    layer returns it, for `skipped_layers`)."""
     outs: list = [None] * lm.sites.n_layers
-    handles = [lm.sites.layer(l).register_forward_hook(lambda m, a, out, l=l: outs.__setitem__(l, out))
-               for l in range(lm.sites.n_layers)]
-    try:
-        with torch.no_grad(), embedding_hook(lm, noise):
-            m = pair_metric(lm.model, batch.to(lm.device)).cpu()
-    finally:
-        for h in handles:
-            h.remove()
+
+    def keep(l):
+        def fn(_inp, out) -> None:
+            outs[l] = out
+        return fn
+
+    with torch.no_grad(), module_hooks(lm.sites, {("layer", l): keep(l) for l in range(lm.sites.n_layers)}), \
+            embedding_hook(lm, noise):
+        m = pair_metric(lm.model, batch.to(lm.device)).cpu()
     return m, outs
 
 
@@ -297,28 +240,20 @@ def patched_metric(lm, base: CompletionBatch, base_noise, chunk: Sequence[Head],
     `vals[l]` [P, HD] (sliced to that head) at (rows, tb). With the base run's `layer_outs`, the layers below
     the lowest patched one are not computed."""
     sites = lm.sites
-    H, D = sites.n_heads, sites.head_dim
-    k, R = len(chunk), len(base)
-    by_layer: dict[int, list[tuple[int, int]]] = {}
-    for c, (l, h) in enumerate(chunk):
-        by_layer.setdefault(l, []).append((c, h))
+    k, R, T = len(chunk), len(base), base.input_ids.shape[1]
     dev = lm.device
     rows_d, tb_d = rows.to(dev), tb.to(dev)
-
-    def hook_for(l):
-        copies = by_layer[l]
-
-        def fn(o):
-            shape = o.shape
-            ov = _as3d(o, k * R).clone().view(k, R, -1, H, D)
-            v = vals[l].to(o.dtype).view(-1, H, D)
-            for c, h in copies:
-                ov[c, rows_d, tb_d, h] = v[:, h]
-            return ov.view(shape)
-        return fn
-
-    with torch.no_grad(), o_proj_hooks(sites, pre={l: hook_for(l) for l in by_layer}), \
-            embedding_hook(lm, base_noise), skipped_layers(lm, min(by_layer), layer_outs, k):
+    at = torch.zeros(R, T, dtype=torch.bool, device=dev)  # the patched positions of one copy
+    at[rows_d, tb_d] = True
+    sources, masks = {}, {}
+    for l in sorted({l for l, _ in chunk}):
+        one = torch.zeros(R, T, vals[l].shape[-1], dtype=vals[l].dtype, device=dev)
+        one[rows_d, tb_d] = vals[l].to(dev)
+        sources[l] = one  # every copy's source; the mask picks copy c's head
+        cols = head_mask(sites, [[h] if hl == l else [] for hl, h in chunk]).to(dev)  # Bool[k, HD]
+        masks[l] = cols[:, None, None, :] & at[None, :, :, None]  # Bool[k, R, T, HD]
+    with torch.no_grad(), replace(sites, "heads", sources, mask=masks, copies=k), embedding_hook(lm, base_noise), \
+            skipped_layers(lm, min(sources), layer_outs, k):
         return pair_metric(lm.model, repeat_batch(base, k).to(dev), k).cpu()
 
 

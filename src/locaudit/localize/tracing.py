@@ -13,13 +13,12 @@ the noise samples. Every (noise sample, restored layer) variant of a fact is one
 forward pass (rows = samples x (layers + 1)); the (layer x position) grid for ROME's heatmaps is the
 same computation with one row per (sample, layer, position).
 
-Noise enters through a forward hook on the embedding module's output (families that scale embeddings
-after that module, e.g. Gemma, see the noise before the scaling).
+Noise enters at the ``embed`` site (the embedding module's output; models/interventions.py), and clean
+states are restored at the ``resid_post`` / ``mlp_out`` / ``attn_out`` sites.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
+from locaudit.models.interventions import site_hooks
 from locaudit.models.precision import as_precision
 
 KINDS = ("hidden", "mlp", "attn")
@@ -79,22 +79,14 @@ class TracedFact:
     grid: dict[str, list[list[float]]] = field(default_factory=dict)  # kind -> [layer][position] effects
 
 
-def _out_tensor(output):
-    return output[0] if isinstance(output, tuple) else output
+# the intervention site (models/interventions.py) each kind restores
+_SITE = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
 
-def _with_tensor(output, t):
-    return (t, *output[1:]) if isinstance(output, tuple) else t
-
-
-def _module(lm, kind: str, l: int):
-    if kind == "hidden":
-        return lm.sites.layer(l)
-    if kind == "mlp":
-        return lm.sites.mlp(l)
-    if kind == "attn":
-        return lm.sites.o_proj(l)
-    raise ConfigError(f"tracing kind {kind!r} is not one of {KINDS}")
+def _site(kind: str) -> str:
+    if kind not in _SITE:
+        raise ConfigError(f"tracing kind {kind!r} is not one of {KINDS}")
+    return _SITE[kind]
 
 
 def _last_only(lm) -> dict:
@@ -109,13 +101,13 @@ def _clean_states(lm, ids: torch.Tensor, kinds: Sequence[str]) -> tuple[dict[str
     """Clean run of one prompt: {kind: Float[L, T, d]} and the last position's probabilities Float[V]."""
     L = lm.sites.n_layers
     states: dict[str, list] = {k: [None] * L for k in kinds}
-    with ExitStack() as stack:
-        for k in kinds:
-            for l in range(L):
-                def hook(m, a, o, k=k, l=l):
-                    states[k][l] = _out_tensor(o)[0].detach()
-                h = _module(lm, k, l).register_forward_hook(hook)
-                stack.callback(h.remove)
+
+    def grab(k: str, l: int):
+        def fn(x: torch.Tensor) -> None:
+            states[k][l] = x[0].detach()
+        return fn
+
+    with site_hooks(lm.sites, {(_site(k), l): grab(k, l) for k in kinds for l in range(L)}):
         logits = lm.model(input_ids=ids, use_cache=False, **_last_only(lm)).logits
     return {k: torch.stack(v) for k, v in states.items()}, logits[0, -1].float().softmax(-1)
 
@@ -134,24 +126,24 @@ def _run_rows(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int],
             rows_at[l][0].append(r)
             rows_at[l][1].append(pos)
     s0, s1 = subj
-    with ExitStack() as stack:
-        def embed_hook(m, a, o):
-            o = o.clone()
-            o[:, s0:s1] += noise.to(o.dtype)
-            return o
-        h = lm.sites.embed().register_forward_hook(embed_hook)
-        stack.callback(h.remove)
-        for l, (rows, pos) in rows_at.items():
-            ri, pi = torch.tensor(rows), torch.tensor(pos)
 
-            def hook(m, a, o, l=l, ri=ri, pi=pi):
-                t = _out_tensor(o).clone()
-                t[ri, pi] = clean[l, pi].to(t.dtype)
-                return _with_tensor(o, t)
-            h = _module(lm, kind, l).register_forward_hook(hook)
-            stack.callback(h.remove)
-        with as_precision(precision, lm.device).autocast(lm.dtype):
-            logits = lm.model(input_ids=x, use_cache=False, **_last_only(lm)).logits
+    def embed_noise(o: torch.Tensor) -> torch.Tensor:
+        o = o.clone()
+        o[:, s0:s1] += noise.to(o.dtype)
+        return o
+
+    def restore_at(l: int, ri: torch.Tensor, pi: torch.Tensor):
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            t[ri, pi] = clean[l, pi].to(t.dtype)
+            return t
+        return fn
+
+    fns = {("embed", 0): embed_noise}
+    for l, (rows, pos) in rows_at.items():
+        fns[(_site(kind), l)] = restore_at(l, torch.tensor(rows), torch.tensor(pos))
+    with site_hooks(lm.sites, fns), as_precision(precision, lm.device).autocast(lm.dtype):
+        logits = lm.model(input_ids=x, use_cache=False, **_last_only(lm)).logits
     return logits[:, -1].float().softmax(-1)
 
 

@@ -11,18 +11,35 @@ Sites (per layer l; `SITE_NAMES`):
 | `resid_pre`  | the residual stream entering layer l                   | [batch, pos, d_model]          |
 | `resid_post` | the residual stream leaving layer l                    | [batch, pos, d_model]          |
 
+Whole-model sites (`MODEL_SITE_NAMES`; layer 0 only):
+
+| site         | value                                                  | shape                          |
+|--------------|--------------------------------------------------------|--------------------------------|
+| `embed`      | the token embedding module's OUTPUT (Gemma's scaled    | [batch, pos, d_model]          |
+|              | embedding module includes its sqrt(d_model) factor)    |                                |
+| `final`      | the LM head's INPUT: the final normed hidden state     | [batch, pos, d_model]          |
+
 Positions (`Positions`): ``"all"``; ``"last"`` (each row's last real token, from the attention mask);
 or one token index per row (Long[batch]).
 
 Primitives, each a context manager that removes its hooks on exit, also on error:
-- `site_hooks(sites, {(site, l): fn})`: the general hook; fn(value) returns a replacement or None.
+- `site_hooks(sites, {(site, l): fn})`: the general hook; fn(value) returns a replacement or None
+  (`site_module(sites, site, l)` is the module it is registered on).
 - `capture(sites, site, layers, positions, stop=...)`: record values; with `stop`, the forward ends
   (`StopForward`, caught by `Capture.forward`) after the deepest site needed has been read.
 - `add(sites, site, {l: delta})`: add a tensor (broadcast to the value, e.g. a [head*head_dim] vector)
   at all positions or at one index per row.
 - `replace(sites, site, {l: source}, heads=..., positions=...)`: patch the value from cached values
-  (another run's), per head slice and position.
+  (another run's), per head slice and position; or `replace(..., mask={l: Bool}, copies=k)`: patch
+  exactly where the mask is True, in k stacked copies of the source's batch (e.g. a different head
+  per copy; `head_mask(sites, heads_per_row)` gives per-row column masks).
 - `grad_capture(sites, site, layers)`: value and d(loss)/d(value) from one forward + backward.
+- `grad_hooks(sites, {(site, l): fn})`: fn(grad) -> replacement gradient or None, registered on the
+  value in each forward (e.g. zero the gradient through one layer's attention and MLP outputs).
+- `module_hooks(sites, {(module, l): fn})` on the modules `MODULE_NAMES` (o_proj, mlp_down, mlp, layer):
+  fn(input, output) -> replacement output or None, with the module's first input and its output as
+  the module returns it (a tensor or a tuple), for code that needs both (a LoRA delta, a per-row weight
+  update) or a layer's whole output (models/surgery.py `skipped_layers`).
 """
 
 from __future__ import annotations
@@ -36,11 +53,13 @@ from torch import Tensor, nn
 from locaudit.errors import ConfigError
 from locaudit.models.sites import ModelSites
 
-SiteName = Literal["heads", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_post"]
+SiteName = Literal["heads", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_post", "embed", "final"]
 SITE_NAMES: tuple[str, ...] = ("heads", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_post")
+MODEL_SITE_NAMES: tuple[str, ...] = ("embed", "final")  # one per model: layer 0 only
 # where each site's value is read: the module's input (a forward pre-hook) or its output (a forward hook)
 _READS_INPUT = {"heads": True, "attn_out": False, "mlp_in": True, "mlp_out": False, "resid_pre": True,
-                "resid_post": False}
+                "resid_post": False, "embed": False, "final": True}
+MODULE_NAMES: tuple[str, ...] = ("o_proj", "mlp_down", "mlp", "layer")
 Positions = Union[str, Tensor, Sequence[int]]
 # fn(value: Float[Tensor, "batch pos ..."]) -> replacement (same shape) or None (read only)
 SiteFn = Callable[[Tensor], Union[Tensor, None]]
@@ -51,9 +70,13 @@ class StopForward(Exception):
 
 
 def site_module(sites: ModelSites, site: str, layer: int) -> nn.Module:
-    """The module whose input (heads, mlp_in, resid_pre) or output (the others) is `site` at `layer`."""
+    """The module whose input (heads, mlp_in, resid_pre, final) or output (the others) is `site` at `layer`."""
     if site not in _READS_INPUT:
-        raise ConfigError(f"unknown site {site!r}; sites: {', '.join(SITE_NAMES)}")
+        raise ConfigError(f"unknown site {site!r}; sites: {', '.join(SITE_NAMES + MODEL_SITE_NAMES)}")
+    if site in MODEL_SITE_NAMES:
+        if int(layer) != 0:
+            raise ConfigError(f"site {site}@{layer}: {site} is one site of the whole model, at layer 0 only")
+        return sites.embed() if site == "embed" else sites.lm_head()
     if not 0 <= int(layer) < sites.n_layers:
         raise ConfigError(f"site {site}@{layer}: layer outside the model's {sites.n_layers} layers")
     if site in ("heads", "attn_out"):
@@ -96,6 +119,39 @@ def site_hooks(sites: ModelSites, fns: Mapping[tuple[str, int], SiteFn]) -> Iter
                     new = fn(_first(output))
                     return None if new is None else _with_first(output, new)
                 handles.append(module.register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_module(sites: ModelSites, module: str, layer: int) -> nn.Module:
+    """Layer `layer`'s module named `module` (one of MODULE_NAMES)."""
+    if module not in MODULE_NAMES:
+        raise ConfigError(f"unknown module {module!r}; modules: {', '.join(MODULE_NAMES)}")
+    if not 0 <= int(layer) < sites.n_layers:
+        raise ConfigError(f"module {module}@{layer}: layer outside the model's {sites.n_layers} layers")
+    get = {"o_proj": sites.o_proj, "mlp_down": sites.mlp_down, "mlp": sites.mlp, "layer": sites.layer}[module]
+    return get(int(layer))
+
+
+# fn(input: the module's first input, output: as the module returns it) -> replacement output or None
+ModuleFn = Callable[[Tensor, object], object]
+
+
+@contextmanager
+def module_hooks(sites: ModelSites, fns: Mapping[tuple[str, int], ModuleFn]) -> Iterator[None]:
+    """Register fn on each (module, layer) (modules: MODULE_NAMES); fn(input, output) -> replacement
+    output or None. `input` is the module's first input (``hidden_states`` where a layer gets it by
+    keyword); `output` is what the module returns (a tensor, or a layer's tuple). Removed on exit."""
+    handles = []
+    try:
+        for (name, layer), fn in fns.items():
+            module = hook_module(sites, name, layer)
+
+            def post(module, args, kwargs, output, fn=fn):
+                return fn(args[0] if args else kwargs.get("hidden_states"), output)
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield
     finally:
         for h in handles:
@@ -237,19 +293,45 @@ def head_columns(sites: ModelSites, heads: Sequence[int] | None) -> Tensor | Non
     return torch.cat([torch.arange(h * D, (h + 1) * D) for h in sorted(set(int(h) for h in heads))])
 
 
+def head_mask(sites: ModelSites, heads_per_row: Sequence[Sequence[int]]) -> Tensor:
+    """Bool[Tensor, "rows head*head_dim"]: row r selects the heads-site columns of heads_per_row[r]
+    (a per-row column mask for `replace(mask=...)`; broadcast it over positions with [:, None, :])."""
+    D = sites.head_dim
+    out = torch.zeros(len(heads_per_row), sites.n_heads * D, dtype=torch.bool)
+    for r, hs in enumerate(heads_per_row):
+        for h in hs:
+            out[r, int(h) * D: (int(h) + 1) * D] = True
+    return out
+
+
 @contextmanager
 def replace(sites: ModelSites, site: str, sources: Mapping[int, Tensor], *,
-            heads: Mapping[int, Sequence[int]] | None = None, positions: Positions = "all") -> Iterator[None]:
+            heads: Mapping[int, Sequence[int]] | None = None, positions: Positions = "all",
+            mask: Mapping[int, Tensor] | None = None, copies: int = 1) -> Iterator[None]:
     """Patch `site` at layer l from sources[l] (e.g. another run's capture of the same site).
 
     sources[l]: Float[Tensor, "batch pos dim"] at all positions, Float[Tensor, "batch dim"] at one
     index per row. `heads` ({layer: [head, ...]}, heads site only) limits the patch to those heads'
     slices; other coordinates keep this run's values.
+
+    `mask` ({layer: Bool[Tensor, "copies batch pos dim"]} or a mask that broadcasts to it; takes the
+    place of `heads` and `positions`) patches exactly the coordinates where mask[l] is True. With
+    `copies` = k the run's batch is k stacked copies of the sources' batch (rows c*batch..(c+1)*batch-1
+    are copy c): one source serves every copy and the mask says what each copy patches, e.g. a
+    different head per copy at the patched positions, ``head_mask(sites, [[h_0], [h_1], ...])[:, None,
+    None, :] & at[None, :, :, None]`` (at: Bool[batch, pos]).
     """
     if heads is not None and site != "heads":
         raise ConfigError(f"replace: heads= applies to the heads site, not {site!r}")
     if isinstance(positions, str) and positions != "all":
         raise ConfigError("replace: positions must be 'all' or one token index per row (Long[batch])")
+    if mask is not None:
+        if heads is not None or not isinstance(positions, str):
+            raise ConfigError("replace: mask= takes the place of heads= and positions=")
+        if set(int(l) for l in mask) != set(int(l) for l in sources):
+            raise ConfigError(f"replace: mask layers {sorted(mask)} != source layers {sorted(sources)}")
+    elif copies != 1:
+        raise ConfigError("replace: copies= applies with mask=")
 
     def make(l: int, src: Tensor) -> SiteFn:
         cols = head_columns(sites, None if heads is None else heads.get(l, ()))
@@ -270,7 +352,19 @@ def replace(sites: ModelSites, site: str, sources: Mapping[int, Tensor], *,
             return _at_positions(x, idx, patch)
         return fn
 
-    with site_hooks(sites, {(site, int(l)): make(int(l), s) for l, s in sources.items()}):
+    def make_masked(l: int, src: Tensor, where: Tensor) -> SiteFn:
+        def fn(x: Tensor) -> Tensor:
+            v = _as_3d(x, copies * src.shape[0]) if src.dim() == 3 else x
+            if v.shape[0] != copies * src.shape[0] or v.shape[1:] != src.shape[1:]:
+                raise ConfigError(f"replace {site}@{l}: value {tuple(v.shape)} is not {copies} stacked copies "
+                                  f"of the source's shape {tuple(src.shape)}")
+            v = v.view(copies, *src.shape)
+            return torch.where(where.to(x.device), src.to(device=x.device, dtype=x.dtype), v).view(x.shape)
+        return fn
+
+    fns = {(site, int(l)): (make(int(l), s) if mask is None else make_masked(int(l), s, mask[l]))
+           for l, s in sources.items()}
+    with site_hooks(sites, fns):
         yield
 
 
@@ -308,6 +402,26 @@ def grad_capture(sites: ModelSites, site: str, layers: Sequence[int]) -> Iterato
 
     with torch.enable_grad(), site_hooks(sites, {(site, int(l)): make(int(l)) for l in layers}):
         yield g
+
+
+# fn(grad: d(loss)/d(value)) -> replacement gradient or None
+GradFn = Callable[[Tensor], Union[Tensor, None]]
+
+
+@contextmanager
+def grad_hooks(sites: ModelSites, fns: Mapping[tuple[str, int], GradFn]) -> Iterator[None]:
+    """In every forward inside the block, register fn on the value of each (site, layer) as a gradient
+    hook: in the backward pass fn(grad) returns a replacement gradient or None. Values that do not
+    require grad are left alone. The forward's values are unchanged."""
+    def make(fn: GradFn) -> SiteFn:
+        def read(x: Tensor) -> None:
+            if x.requires_grad:
+                x.register_hook(fn)
+            return None
+        return read
+
+    with site_hooks(sites, {(site, int(l)): make(fn) for (site, l), fn in fns.items()}):
+        yield
 
 
 @contextmanager

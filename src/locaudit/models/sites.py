@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from locaudit.errors import UnsupportedModelError
+from locaudit.errors import ConfigError, UnsupportedModelError
 
 
 # a tiny random model's geometry, by name, for `SiteSpec.tiny` (values of the family's config keys)
@@ -101,6 +101,15 @@ def parse_site(text: str) -> SiteSpec:
     return SiteSpec(fields["layers"], fields["o_proj"], fields.get("conv1d", "0") in ("1", "true", "True"))
 
 
+def output_head(model: nn.Module) -> nn.Module:
+    """The model's LM head (output embedding): its input is the final normed hidden state."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{type(model).__name__} has no output embedding (lm_head): its final hidden state "
+                          "cannot be read, nor logits computed from it (e.g. for KL/CE)")
+    return head
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     obj = root
     for part in path.split("."):
@@ -165,6 +174,10 @@ class ModelSites:
     def embed(self) -> nn.Module:
         """The token embedding module (its output is the residual stream entering layer 0)."""
         return self.model.get_input_embeddings()
+
+    def lm_head(self) -> nn.Module:
+        """The LM head (output embedding); its input is the final normed hidden state."""
+        return output_head(self.model)
 
     def mlp_down(self, l: int) -> nn.Module:
         """Layer l's MLP output projection (input: the MLP hidden activation; output: the MLP output)."""

@@ -1,23 +1,25 @@
 """Model surgery for partial forwards: read the states entering a layer, run only the layers above it,
-and checkpoint the layers that run.
+checkpoint the layers that run, or stand in for the lowest layers with their cached outputs.
 
 `run_from_layer` temporarily cuts the model's layer list to layers[l:] and feeds cached states into the
 first kept layer (the model still computes embeddings, masks and rotary embeddings, which are cheap);
 per-layer config (gemma2/gemma3/qwen `layer_types`) is sliced the same way. It is used where a family's
 registry card says `prefix=True` (models/sites.py), i.e. where the tests found it equal to the full
-forward. Everything is restored on exit, also on error.
+forward. `skipped_layers` replaces layers 0..l-1 by their known outputs (e.g. a base run's, stacked for
+several copies of its batch: activation patching, localize/patching.py). Everything is restored on
+exit, also on error; hooks go through models/interventions.py.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from locaudit.errors import ConfigError
-from locaudit.models.interventions import Capture, StopForward, capture
+from locaudit.models.interventions import Capture, StopForward, capture, site_hooks
 from locaudit.models.sites import SITES, _get
 
 
@@ -32,10 +34,6 @@ PREFIX_FAMILIES = prefix_families()
 def prefix_supported(lm) -> bool:
     """Whether `lm`'s family may run from a cached layer input (its SiteSpec has prefix=True)."""
     return bool(getattr(lm.sites.spec, "prefix", False))
-
-
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 @contextmanager
@@ -67,30 +65,77 @@ def run_from_layer(lm, layer: int) -> Iterator[dict]:
     config = getattr(lm.model, "config", None)
     feed: dict = {}
 
-    def pre(module, args, kwargs):
+    def feed_states(cur: torch.Tensor) -> torch.Tensor:
         if "h" not in feed:
             raise RuntimeError("run_from_layer: no cached hidden states were fed for this forward pass")
         h = feed["h"]  # kept: gradient checkpointing re-runs this layer in the backward pass
-        cur = _hidden_arg(args, kwargs)
         if h.shape != cur.shape:
             raise RuntimeError(f"run_from_layer: fed states {tuple(h.shape)} do not match the batch {tuple(cur.shape)}")
-        h = h.to(cur.dtype)
-        if args:
-            return (h, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h}
+        return h.to(cur.dtype)
 
-    handle = full[layer].register_forward_pre_hook(pre, with_kwargs=True)
     layer_types = getattr(config, "layer_types", None)
+    with site_hooks(sites, {("resid_pre", layer): feed_states}):
+        try:
+            setattr(parent, attr, nn.ModuleList(list(full)[layer:]))
+            if layer_types is not None:
+                config.layer_types = list(layer_types)[layer:]
+            yield feed
+        finally:
+            setattr(parent, attr, full)
+            if layer_types is not None:
+                config.layer_types = layer_types
+
+
+def _repeat(x, k: int):
+    """A layer output (tensor, or tuple/list of tensors and None) stacked k times along the batch axis."""
+    if isinstance(x, torch.Tensor):
+        return x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_repeat(v, k) for v in x)
+    return x
+
+
+def _skippable(x) -> bool:
+    if isinstance(x, torch.Tensor) or x is None:
+        return True
+    return isinstance(x, (tuple, list)) and all(isinstance(v, torch.Tensor) or v is None for v in x)
+
+
+class _CachedLayer(nn.Module):
+    """Stands in for a decoder layer whose output is known: returns it without computing anything."""
+
+    def __init__(self, orig: nn.Module, out) -> None:
+        super().__init__()
+        object.__setattr__(self, "_orig", orig)  # not a submodule: its weights are not duplicated
+        object.__setattr__(self, "_out", out)
+
+    def forward(self, *args, **kwargs):
+        return self._out
+
+    def __getattr__(self, name):  # attributes a model reads from its layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+@contextmanager
+def skipped_layers(lm, start: int, outputs: Sequence | None, copies: int) -> Iterator[bool]:
+    """Replace layers 0..start-1 by their cached base-run `outputs` (stacked `copies` times); restore on exit.
+    outputs[j]: layer j's output as the layer returns it (e.g. recorded by interventions.module_hooks on
+    ("layer", j)). Yields whether layers were skipped (not when an output has a form this cannot stack)."""
+    if not start or outputs is None or not all(_skippable(outputs[j]) for j in range(start)):
+        yield False
+        return
+    layers = lm.sites.layer_list
+    saved = [layers[j] for j in range(start)]
     try:
-        setattr(parent, attr, nn.ModuleList(list(full)[layer:]))
-        if layer_types is not None:
-            config.layer_types = list(layer_types)[layer:]
-        yield feed
+        for j in range(start):
+            layers[j] = _CachedLayer(saved[j], _repeat(outputs[j], copies))
+        yield True
     finally:
-        setattr(parent, attr, full)
-        if layer_types is not None:
-            config.layer_types = layer_types
-        handle.remove()
+        for j in range(start):
+            layers[j] = saved[j]
 
 
 class _Checkpointed(nn.Module):
@@ -131,4 +176,4 @@ def checkpointed_layers(lm, enabled: bool = True) -> Iterator[None]:
 
 
 __all__ = ["StopForward", "PREFIX_FAMILIES", "prefix_families", "prefix_supported", "capture_input",
-           "run_from_layer", "checkpointed_layers"]
+           "run_from_layer", "checkpointed_layers", "skipped_layers"]
