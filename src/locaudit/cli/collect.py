@@ -9,7 +9,8 @@ import typer
 
 from locaudit.cli.options import (
     DType, data_option, device_option, dtype_option,
-    format_option, model_option, precision_option, value,
+    format_option, max_questions_option, model_option, precision_option,
+    seed_option, value,
 )
 from locaudit.models.precision import Precision
 
@@ -29,10 +30,8 @@ def collect(
     dtype: DType = dtype_option(),
     precision: Precision = precision_option(),
     device: str = device_option(),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Keep a seeded subset of this "
-                                                "many questions before splitting (for quick runs)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the question-level train/val/test split and of the "
-                             "appended random questions."),
+    max_questions: Optional[int] = max_questions_option(),
+    seed: int = seed_option('Seed of the question-level train/val/test split and of the appended random questions.'),
     max_length: int = typer.Option(512, "--max-length", help="Longest text in tokens (longer ones are cut "
                                    "from the left, keeping the last token)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read/write the content-keyed cache "

@@ -11,7 +11,8 @@ import typer
 
 from locaudit.cli.options import (
     DType, data_option, device_option, dtype_option,
-    format_option, model_option, precision_option, value,
+    format_option, max_questions_option, model_option, precision_option,
+    seed_option, value,
 )
 from locaudit.models.precision import Precision
 
@@ -45,9 +46,8 @@ def edit(
     reparam: bool = typer.Option(True, "--reparam/--plain", help="Reparameterised <a,o> W b (the paper's) "
                                  "or plain LoRA <a,o> b'."),
     train_seed: int = typer.Option(0, "--train-seed", help="Seed of the initialisation and batch order."),
-    seed: int = typer.Option(0, "--seed", help="Question split seed (as for collect/probe)."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Seeded subset of questions, "
-                                                "taken before the 60/20/20 split (small runs)."),
+    seed: int = seed_option(),
+    max_questions: Optional[int] = max_questions_option(),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Seeded subset of training pairs."),
     max_val_pairs: Optional[int] = typer.Option(None, "--max-val-pairs", help="Seeded subset of held-out pairs."),
     val_split: str = typer.Option("val", "--val-split", help="Held-out split for validation loss and "

@@ -10,7 +10,8 @@ import typer
 
 from locaudit.cli.options import (
     DType, data_option, device_option, dtype_option,
-    format_option, model_option, precision_option, value,
+    format_option, max_questions_option, model_option, precision_option,
+    seed_option, value,
 )
 from locaudit.models.precision import Precision
 
@@ -56,9 +57,8 @@ def evaluate(
                                         "reference[:bleu|rouge1|rouge2|rougeL] or default (see `locaudit judge`)."),
     split: str = typer.Option("test", "--split", help="Evaluation split: train, val or test."),
     fmt: str = format_option(),
-    seed: int = typer.Option(0, "--seed", help="Question split seed (as for collect/edit)."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Seeded question subset "
-                                                "before splitting (as for collect/edit)."),
+    seed: int = seed_option(),
+    max_questions: Optional[int] = max_questions_option(),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass when scoring."),
     gen_batch_size: int = typer.Option(16, "--gen-batch-size", help="Questions generated together."),
     max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Greedy tokens per answer at most."),

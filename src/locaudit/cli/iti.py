@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-from locaudit.cli.options import DType, device_option, dtype_option, precision_option, value
+from locaudit.cli.options import (
+    DType, device_option, dtype_option, max_questions_option,
+    precision_option, seed_option, value,
+)
 from locaudit.models.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,8 @@ def iti(
                                   "with the edit for the questions of --split."),
     data: Optional[str] = typer.Option(None, "--data", help="Behaviour spec for --generate, the same one "
                                        "given to `locaudit collect` (e.g. truthfulqa:PATH.csv)."),
-    seed: int = typer.Option(0, "--seed", help="Question split seed of --data (as for collect)."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Seeded question subset of "
-                                                "--data (as for collect)."),
+    seed: int = seed_option('Question split seed of --data (as for collect).'),
+    max_questions: Optional[int] = max_questions_option(),
     split: str = typer.Option("test", "--split", help="Questions to answer with --generate: train, val or test."),
     model: Optional[str] = typer.Option(None, "--model", help="Model for --generate; default: the model "
                                         "recorded in the activations' meta.json."),

@@ -9,7 +9,8 @@ import typer
 
 from locaudit.cli.options import (
     DType, data_option, device_option, dtype_option,
-    format_option, model_option, precision_option, value,
+    format_option, max_questions_option, model_option, precision_option,
+    seed_option, value,
 )
 from locaudit.models.precision import Precision
 
@@ -60,9 +61,8 @@ def localize(
     tokens_per_forward: int = typer.Option(16384, "--tokens-per-forward", help="Patching stacks one copy of the "
                                            "batch per head, up to about this many tokens per forward."),
     fmt: str = format_option(),
-    seed: int = typer.Option(0, "--seed", help="Seed of the question-level split, the pair subset and the noise."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="Keep a seeded subset of this many "
-                                                "questions before splitting (quick runs)."),
+    seed: int = seed_option('Seed of the question-level split, the pair subset and the noise.'),
+    max_questions: Optional[int] = max_questions_option(),
     dtype: DType = dtype_option(),
     precision: Precision = precision_option(),
     device: str = device_option(),

@@ -63,6 +63,19 @@ def format_option() -> str:
     return typer.Option("plain", "--format", help=FORMAT_HELP)
 
 
+MAX_QUESTIONS_HELP = ("Keep a seeded subset of this many questions, taken before the question-level 60/20/20 "
+                      "split (quick runs; use the same value for collect, probe, edit and eval).")
+
+
+def seed_option(help: str = "Seed of the question-level train/val/test split (the same for every command of "
+                            "one experiment).") -> int:
+    return typer.Option(0, "--seed", help=help)
+
+
+def max_questions_option():
+    return typer.Option(None, "--max-questions", help=MAX_QUESTIONS_HELP)
+
+
 def value(x) -> str:
     """An option's plain string (Enum members give their value)."""
     return x.value if isinstance(x, Enum) else str(x)
