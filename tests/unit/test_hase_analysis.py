@@ -77,6 +77,17 @@ def test_verdict_for_against_and_no_signal():
                          "success": 0.3 + 0.5 * (i == best) + rng.normal(0, 0.05)})
     v = argmax_vs_random(pd.DataFrame(rows), n_boot=500)
     assert v["outcome"] == "evidence for" and v["theta"] > 0.8
+    assert "fixed layer" not in v["text"]  # each fact's own layer beats any one layer for all facts
+    # tracing peaks at the layer that edits best for every fact (no fact-specific information): evidence for
+    # against a random layer, but the text says a fixed layer does as well
+    rows = []
+    for f in range(80):
+        for i, l in enumerate(layers):
+            rows.append({"fact": f, "layer": l, "tracing": float(i == 0) + rng.normal(0, 0.05),
+                         "success": 0.8 - 0.2 * i + rng.normal(0, 0.05)})
+    v = argmax_vs_random(pd.DataFrame(rows), n_boot=500)
+    assert v["outcome"] == "evidence for" and v["best_layer_by_mean"] == 0
+    assert v["mean_success_best_fixed"] >= v["mean_success_argmax"] - 1e-12 and "fixed layer" in v["text"]
     # success depends on the layer only, tracing is noise: equivalent to a random layer
     rows = []
     for f in range(600):

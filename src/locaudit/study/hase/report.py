@@ -173,8 +173,13 @@ def build_report(run_dir: str | Path) -> Path:
                      f"{fact_counts.get('used')} studied.</p>")
     parts.append("<h2>Verdict: is the layer where tracing peaks better to edit than a random layer?</h2><ul>")
     for v in verdicts:
-        extra = (f" theta = {v.get('theta', float('nan')):.3f} (90% CI {v.get('theta_ci')}), p_for = "
-                 f"{v.get('p_for', float('nan')):.3g}, TOST p = {v.get('tost_p', float('nan')):.3g}"
+        ci = v.get("theta_ci") or [float("nan"), float("nan")]
+        extra = (f" theta = {v.get('theta', float('nan')):.3f} (90% CI [{ci[0]:.3f}, {ci[1]:.3f}]), p_for = "
+                 f"{v.get('p_for', float('nan')):.3g}, TOST p = {v.get('tost_p', float('nan')):.3g}. Mean success: "
+                 f"tracing's layer {v.get('mean_success_argmax', float('nan')):.3f}, a random layer "
+                 f"{v.get('mean_success_random', float('nan')):.3f}, the best fixed layer "
+                 f"(layer {v.get('best_layer_by_mean')}) {v.get('mean_success_best_fixed', float('nan')):.3f}, "
+                 f"each fact's best layer {v.get('mean_success_best', float('nan')):.3f}."
                  if "theta" in v else "")
         parts.append(f"<li><b>{e(v['problem'])} / {e(v['method'])}: {e(v['outcome'])}</b>. "
                      f"{e(v.get('text', v.get('reason', '')))}{e(extra)}</li>")
