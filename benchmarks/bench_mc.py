@@ -5,9 +5,14 @@ sorted by length, in batches). One at a time = one forward pass per answer, as T
 evaluation code do. Both use the same log-prob code, so the ratio isolates batching; the script also
 checks that both give the same MC1/MC2. Prints one JSON object. Goal: batched >= 3x.
 
+`--protocol iti` (the default, as `locaudit eval` and studies): ITI's instruction + six-shot QA primer
+before every question. Batched runs that preamble once and continues every question from its KV cache
+(models/prefix_cache.py); one at a time scores the whole prompt per answer, as ITI's code does.
+`--protocol bare` isolates batching and the per-question shared prompt.
+
 Both sides run at one precision (`--precision`, default auto: bf16 only where this CPU runs it faster).
 
-    python benchmarks/bench_mc.py [--questions 24] [--batch-size 32] [--precision auto|fp32|bf16]
+    python benchmarks/bench_mc.py [--questions 24] [--batch-size 32] [--precision auto|fp32|bf16] [--protocol iti|bare]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both sides")
     ap.add_argument("--mc-file", default=str(MC_FILE))
+    ap.add_argument("--protocol", default="iti", choices=["iti", "bare"], help="what goes before each question")
     args = ap.parse_args()
 
     from locaudit.data.prompts import PromptFormat
@@ -49,20 +55,21 @@ def main() -> None:
     lm = load_model("smollm2-135m-instruct")
     machine = machine_info(args.precision)
     prec = resolve_precision(args.precision, "cpu")
-    fmt = PromptFormat("plain")
+    fmt = PromptFormat("plain", protocol=args.protocol)
     pairs = list(dict.fromkeys((it.question, a) for it in items for a in (*it.mc1_answers, *it.mc2_answers)))
     n = len(pairs)
 
-    score_mc(lm, None, items[:2], batch_size=args.batch_size, precision=prec)  # warm-up
+    score_mc(lm, None, items[:2], fmt, batch_size=args.batch_size, precision=prec)  # warm-up
     t0 = time.perf_counter()
-    batched = score_mc(lm, None, items, batch_size=args.batch_size, precision=prec)
+    batched = score_mc(lm, None, items, fmt, batch_size=args.batch_size, precision=prec)
     t_batched = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     single: dict[tuple[str, str], float] = {}
     for q, a in pairs:
         with torch.no_grad(), prec.autocast(lm.dtype):
-            s, _ = score_completions(lm.model, lm.tokenizer, [fmt.prompt(q)], [fmt.completion(a)], batch_size=1)
+            s, _ = score_completions(lm.model, lm.tokenizer, [fmt.prompt(q, lm.tokenizer)], [fmt.completion(a)],
+                                     batch_size=1)
         single[(q, a)] = float(s[0])
     t_single = time.perf_counter() - t0
 
@@ -70,13 +77,13 @@ def main() -> None:
                for i, it in enumerate(items) for a in (*it.mc1_answers, *it.mc2_answers))
     mc1_single = sum(mc1_score([single[(it.question, a)] for a in it.mc1_answers], it.mc1_labels) for it in items) / len(items)
     mc2_single = sum(mc2_score([single[(it.question, a)] for a in it.mc2_answers], it.mc2_labels) for it in items) / len(items)
-    n_tok = sum(len(lm.tokenizer(fmt.prompt(q) + fmt.completion(a))["input_ids"]) for q, a in pairs)
+    n_tok = sum(len(lm.tokenizer(fmt.prompt(q, lm.tokenizer) + fmt.completion(a))["input_ids"]) for q, a in pairs)
     flops = 2 * linear_params(lm.model) * n_tok
     out = {
         "machine": machine,
         "fraction_of_fp32_peak": {"batched": fraction_of_peak(flops, t_batched, machine["fp32_gemm_peak_gflops"]),
                                   "one_at_a_time": fraction_of_peak(flops, t_single, machine["fp32_gemm_peak_gflops"])},
-        "model": "smollm2-135m-instruct", "questions": len(items), "answers": n, "batch_size": args.batch_size,
+        "model": "smollm2-135m-instruct", "protocol": args.protocol, "questions": len(items), "answers": n, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
         "batched_answers_per_s": round(n / t_batched, 1), "one_at_a_time_answers_per_s": round(n / t_single, 1),
         "speedup": round(t_single / t_batched, 2), "goal_speedup": 3.0,
