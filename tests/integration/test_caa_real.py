@@ -88,7 +88,7 @@ def test_ab_metric_on_the_sycophancy_test_set(shared_data, smollm2):
 
 def test_truthfulqa_judges_are_refused_for_caa():
     from locaudit.errors import ConfigError
-    from locaudit.evaluate.judges.base import check_judge
+    from locaudit.evaluate.judges.behaviours import check_judge
 
     with pytest.raises(ConfigError, match="caa:sycophancy"):
         check_judge("default", "caa:sycophancy")

@@ -13,7 +13,8 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
     from locaudit.data.behaviour import load_behaviour
     from locaudit.localize.corruptions import PatchingConfig, select_pairs
     from locaudit.localize.effects import HeadEffects
-    from locaudit.localize.patching import activation_patching, localize_heads
+    from locaudit.localize.causal import localize_heads
+    from locaudit.localize.patching import activation_patching
 
     monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
     csv = shared_data / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"

@@ -10,7 +10,8 @@ import pytest
 from locaudit.errors import ConfigError
 from locaudit.evaluate.judges import CachedJudge, get_judge
 from locaudit.evaluate.judges.api import RUBRICS, ApiJudge, parse_api_spec
-from locaudit.evaluate.judges.base import ANY_BEHAVIOUR, TRUTHFULQA, behaviour_key, check_judge, judge_behaviours
+from locaudit.evaluate.judges.base import ANY_BEHAVIOUR, TRUTHFULQA, behaviour_key
+from locaudit.evaluate.judges.behaviours import check_judge, judge_behaviours
 
 TQA = "truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv"
 

@@ -20,7 +20,8 @@ from locaudit.localize.agreement import agreement, jaccard, jaccard_null, random
 from locaudit.localize.corruptions import (PatchingConfig, contrast_questions, prompt_noise, select_pairs,
                                            swap_options)
 from locaudit.localize.effects import HeadEffects
-from locaudit.localize.patching import activation_patching, localize_heads
+from locaudit.localize.causal import localize_heads
+from locaudit.localize.patching import activation_patching
 from locaudit.models.tiny import tiny_model
 
 PAIRS = [PreferencePair(f"q{i}", f"What is {i} plus {i}?", f"It is {2 * i}.", f"Maybe {i + 7} or so")
@@ -300,11 +301,11 @@ def test_localize_heads_caches_by_content(tmp_path, monkeypatch):
     cfg = {"max_pairs": 3, "corruption": "mean"}
     first = localize_heads(lm, _Data(), "patching", cfg, out_dir=tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "effects_heatmap.png").exists() and first.n == 3
-    import locaudit.localize.patching as patching
+    import locaudit.localize.causal as causal
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
-    monkeypatch.setattr(patching, "activation_patching", boom)
+    monkeypatch.setattr(causal, "activation_patching", boom)
     again = localize_heads(lm, _Data(), "patching", cfg, progress=False)
     assert torch.allclose(again.effect, first.effect) and again.meta["key"] == first.meta["key"]
     with pytest.raises(AssertionError, match="recomputed"):  # another config is another key

@@ -77,7 +77,7 @@ def localize(
     from locaudit.data.behaviour import load_behaviour
     from locaudit.errors import ConfigError
     from locaudit.localize.corruptions import PatchingConfig
-    from locaudit.localize.patching import METHODS, localize_heads
+    from locaudit.localize.causal import METHODS, localize_heads
     from locaudit.models.loading import load_model
 
     if method not in METHODS:

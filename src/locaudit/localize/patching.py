@@ -18,18 +18,16 @@ completion positions reach the LM head (`models.scoring.completion_logprobs`).
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from locaudit.errors import ConfigError, DataError
+from locaudit.errors import DataError
 from locaudit.heads import Head, HeadSet
-from locaudit.io import cache_dir, stable_hash
 from locaudit.localize.corruptions import (EncodedRuns, PatchingConfig, batch_noise, embedding_std, encode_runs,
-                                           patch_positions, select_pairs)
+                                           patch_positions)
 from locaudit.localize.effects import HeadEffects
 from locaudit.models.batching import length_sorted_batches
 from locaudit.models.interventions import capture, head_mask, module_hooks, replace, site_hooks
@@ -39,7 +37,6 @@ from locaudit.models.surgery import skipped_layers
 
 log = logging.getLogger(__name__)
 VERSION = 1
-METHODS = ("patching", "attribution")
 METRIC_LABEL = "change of mean log p(chosen) - mean log p(rejected)"
 
 
@@ -277,52 +274,4 @@ def _nanmean(x: torch.Tensor) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def localization_key(lm, data_fingerprint: str, method: str, config: PatchingConfig, split: str,
-                     precision: PrecisionLike = None) -> str:
-    """Cache key: model content and dtype, data content, split, method, config and numerics."""
-    return stable_hash({"model": lm.fingerprint, "model_dtype": str(lm.dtype), "data": data_fingerprint,
-                        "split": split, "method": method, "config": config.model_dump(),
-                        "precision": as_precision(precision, lm.device).key, "version": VERSION})
-
-
-def localize_heads(lm, data, method: str = "patching", config: PatchingConfig | dict | None = None,
-                   split: str = "train", out_dir: str | os.PathLike | None = None, precision: PrecisionLike = None,
-                   cache: bool = True, progress: bool = True) -> HeadEffects:
-    """Rank every head of `lm` for the behaviour `data` (a BehaviourData) by activation patching
-    (method "patching") or attribution patching ("attribution") on the pairs of `split`.
-
-    Cached under cache_dir("localize", key) by (model fingerprint, data fingerprint, split, method, config,
-    precision key): a second call reads the cache. `out_dir` also receives the files (HeadEffects.save).
-    """
-    if method not in METHODS:
-        raise ConfigError(f"localizer method {method!r}: expected one of {METHODS}")
-    if not isinstance(config, PatchingConfig):
-        config = PatchingConfig(**(config or {}))
-    key = localization_key(lm, data.fingerprint, method, config, split, precision)
-    target = cache_dir("localize", key) if cache else None
-    if target is not None and (target / "meta.json").exists():
-        try:
-            eff = HeadEffects.load(target)
-            if eff.meta.get("key") == key:
-                if out_dir is not None:
-                    eff.save(out_dir)
-                return eff
-        except DataError:
-            pass  # a damaged entry is recomputed
-    pairs = select_pairs(data.pairs(split), config.max_pairs, config.pair_seed)
-    if method == "patching":
-        eff = activation_patching(lm, pairs, config, precision, progress)
-    else:
-        from locaudit.localize.attribution import attribution_patching
-
-        eff = attribution_patching(lm, pairs, config, precision, progress)
-    eff.meta.update(key=key, data=data.name, data_fingerprint=data.fingerprint, split=split)
-    if target is not None:
-        eff.save(target)
-    if out_dir is not None:
-        eff.save(out_dir)
-    return eff
-
-
-__all__ = ["activation_patching", "localize_heads", "localization_key", "patched_metric", "capture_heads",
-           "pair_metric", "repeat_batch", "embedding_hook", "METHODS"]
+__all__ = ["activation_patching", "patched_metric", "capture_heads", "pair_metric", "repeat_batch", "embedding_hook"]

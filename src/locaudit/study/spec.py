@@ -342,7 +342,7 @@ class StudySpec(_Strict):
                 if on and "random" in locs]
         judge = self.evaluation.judge
         if judge and "gen" in self.evaluation.metrics:  # a judge must be valid for the behaviour it scores
-            from locaudit.evaluate.judges.base import check_judge
+            from locaudit.evaluate.judges.behaviours import check_judge
 
             try:
                 judge, data = expand_env(judge, "evaluation.judge"), expand_env(self.data.spec, "data.spec")

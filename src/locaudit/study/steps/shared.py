@@ -44,7 +44,7 @@ def run_judge(ctx: RunContext, t: Trial) -> dict:
 
 def run_localize(ctx: RunContext, t: Trial) -> dict:
     """Rank every head with a causal localizer (activation or attribution patching) on the split's pairs."""
-    from locaudit.localize.patching import localize_heads
+    from locaudit.localize.causal import localize_heads
 
     c = t.content
     out = ctx.shared_dir("localize", t.key)
