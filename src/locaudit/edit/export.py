@@ -9,8 +9,9 @@ Kinds:
   (the edit would be silently lost). `bias_config` finds the config that declares it: the family's own
   (gpt2, gpt_neox, opt have o_proj biases), its `attention_bias` option (llama, qwen3, gemma 1-3, ...:
   q/k/v get zero biases), or, for mistral and qwen2 which have no such option, the same network as a
-  llama config with `attention_bias` (qwen2's q/k/v biases carry over). Families with none of these are
-  refused with a pointer to the PEFT export. As PEFT: a rank-1 LoRA with zero A and B and B's bias =
+  llama config with `attention_bias` (qwen2's q/k/v biases carry over). Families with none of these
+  (mixtral, phi3, gptj: GPT-J's out_proj has no bias and GPTJConfig no switch for one) are refused with a
+  pointer to the PEFT export. As PEFT: a rank-1 LoRA with zero A and B and B's bias =
   alpha W theta (`lora_bias=True`), which PEFT adds to o_proj's output.
 - ``none``: merged = a copy of the model; no adapter.
 

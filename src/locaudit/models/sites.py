@@ -68,6 +68,11 @@ SITES: dict[str, SiteSpec] = {
                          tiny=(("hidden_size", "HD"), ("intermediate_size", "2HD"), ("num_hidden_layers", "L"),
                                ("num_attention_heads", "H"), ("max_position_embeddings", 256),
                                ("rotary_pct", 0.5))),
+    # GPT-J: attention and MLP in parallel from one LayerNorm (ln_1), rotary on the first rotary_dim
+    # dims of each head (partial: 4 of the tiny head_dim 8; 64 of 256 in GPT-J-6B); out_proj has no bias
+    "gptj": SiteSpec("transformer.h", "attn.out_proj", mlp="mlp", mlp_down="mlp.fc_out", prefix=True,
+                     tiny=(("n_embd", "HD"), ("n_inner", "2HD"), ("n_layer", "L"), ("n_head", "H"),
+                           ("n_positions", 256), ("rotary_dim", 4))),
     "opt": SiteSpec("model.decoder.layers", "self_attn.out_proj", mlp_down="fc2", prefix=True,
                     tiny=(("hidden_size", "HD"), ("ffn_dim", "2HD"), ("num_hidden_layers", "L"),
                           ("num_attention_heads", "H"), ("max_position_embeddings", 256),
