@@ -17,6 +17,7 @@ hase_app = typer.Typer(
         "random layer.\n\n"
         "Examples:\n\n"
         "  locaudit hase run studies/hase_smollm2.yaml --out runs/hase_smollm2\n\n"
+        "  locaudit hase run studies/hase_gptj.yaml --out /shared/runs/hase_gptj --executor ray --ray-address auto\n\n"
         "  locaudit hase dry-run studies/hase_gptj.yaml\n\n"
         "  locaudit hase report runs/hase_smollm2"
     ),
@@ -33,6 +34,15 @@ def run_cmd(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Start no new trial after this many "
                                                 "minutes (finished trials are kept; run again to go on)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed trials again."),
+    executor: str = typer.Option("local", "--executor", help="'local' (this process, one trial at a time) or 'ray' "
+                                 "(one Ray task per trial with the CPUs/GPUs of the study's `resources`: facts, "
+                                 "then tracing, then every layer's edits in parallel; each worker loads the model "
+                                 "once; the run folder must be on storage every Ray node sees)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: the cluster to join "
+                                              "('auto', 'ray://host:10001'); default: start a local Ray instance "
+                                              "on this machine's CPUs."),
+    max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", min=1, help="With --executor ray: at most "
+                                                "this many trials at once (default: as many as the cluster fits)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Build RUN/report/ at the end."),
 ) -> None:
     """Run (or resume) a Hase study: facts, tracing, one edit sweep per (problem, method, layer); then the
@@ -41,9 +51,16 @@ def run_cmd(
     from locaudit.study.hase.run import run_hase
     from locaudit.study.hase.spec import load_hase_spec
 
+    from locaudit.errors import ConfigError
+
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor {executor!r}: expected 'local' or 'ray'")
+    if executor != "ray" and (ray_address or max_in_flight):
+        raise ConfigError("--ray-address and --max-in-flight need --executor ray")
     spec = load_hase_spec(study)
     run_dir = out or Path("runs") / spec.name
-    res = run_hase(spec, run_dir, max_trials=max_trials, retry_failed=retry_failed, max_minutes=max_minutes)
+    res = run_hase(spec, run_dir, max_trials=max_trials, retry_failed=retry_failed, max_minutes=max_minutes,
+                   executor=executor, ray_address=ray_address, max_in_flight=max_in_flight)
     typer.echo(f"{len(res['ran'])} trial(s) ran in {res['wall_s']:.0f} s; ledger: {res['counts']}")
     if report:
         index = build_report(run_dir)

@@ -110,18 +110,23 @@ class LocalExecutor:
         pass
 
 
-def _ray_group(fn: GroupFn, trial_dicts: list[dict], spec_json: dict, run_dir: str, cpus: float) -> list[tuple[str, dict]]:
-    """A Ray task: rebuild the trials and spec, run the group, return every outcome."""
+def _ray_group(fn: GroupFn, trial_dicts: list[dict], spec_json: dict, run_dir: str, cpus: float,
+               spec_cls: type = StudySpec, trial_cls: type = Trial) -> list[tuple[str, dict]]:
+    """A Ray task: rebuild the trials and spec (of the driver's classes: head studies' StudySpec / Trial,
+    or another study's, e.g. the Hase study's), run the group, return every outcome."""
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    spec = StudySpec.model_validate(spec_json)
-    trials = [Trial.from_dict(d) for d in trial_dicts]
+    spec = spec_cls.model_validate(spec_json)
+    trials = [trial_cls.from_dict(d) for d in trial_dicts]
     return [(k, o.to_dict()) for k, o in run_group_safely(fn, trials, spec, Path(run_dir))]
 
 
 class RayExecutor:
     """One Ray task per group with `cpus` / `gpus` each; at most as many in flight as the cluster fits.
+
+    `spec` is any pydantic spec with ``resources`` (cpus, gpus) and ``to_json()``; workers rebuild it and
+    the trials with the classes the driver passes (StudySpec / Trial for head studies).
 
     `address=None` starts a local Ray instance (``num_cpus`` of this machine, no dashboard); otherwise
     it joins a running cluster (``auto`` or ``ray://host:10001``). The run folder must be on storage
@@ -170,7 +175,8 @@ class RayExecutor:
         # max_calls=0: a worker (GPU ones too, whose Ray default is 1) keeps its process, hence its loaded
         # model and activations, for the next trial
         ref = self._remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0).remote(
-            self.fn, [t.to_dict() for t in group], self.spec.to_json(), str(self.run_dir), self.cpus)
+            self.fn, [t.to_dict() for t in group], self.spec.to_json(), str(self.run_dir), self.cpus,
+            type(self.spec), type(group[0]))
         self._refs[ref] = group
 
     def collect(self) -> Iterator[tuple[Trial, Outcome]]:

@@ -4,6 +4,12 @@ interrupted ones, and rebuilds the report from every finished trial.
 
 Files: RUN/ledger.sqlite, RUN/trials/KEY/{result.json, data/...} (data/ sealed with checksums.json),
 RUN/report/ (report.py).
+
+Executors: "local" runs the trials one after another in this process; "ray" runs each trial whose
+dependencies are done as a Ray task (study/executors.py RayExecutor, `resources` CPUs / GPUs per trial):
+the facts trial, then the trace trial, then every edit trial in parallel. A worker loads the model once
+(kept per worker process) and writes the trial's data/ folder, so RUN must be on storage every node sees;
+the driver alone writes the ledger, the checksums and result.json, as on the local path.
 """
 
 from __future__ import annotations
@@ -95,33 +101,77 @@ def n_layers_of(spec: HaseSpec) -> int:
 
     if spec.model.name == DEFAULT_MODEL:
         return 30
+    if spec.model.name.startswith("tiny:"):  # locaudit.api.load_model's tiny:FAMILY[:SEED] (default geometry)
+        from locaudit.models.tiny import tiny_config
+
+        cfg = tiny_config(spec.model.name.split(":")[1])
+        return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(spec.model.name, trust_remote_code=spec.model.trust_remote_code)
     return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))
 
 
-def run_hase(spec: HaseSpec, run_dir: str | Path, lm=None, max_trials: int | None = None,
-             retry_failed: bool = False, progress: bool = True, max_minutes: float | None = None) -> dict:
-    """Run (or resume) the study; returns {"counts": ..., "ran": [...], "wall_s": ...}. `lm`: a loaded model
-    to use instead of loading spec.model (tests). `max_minutes`: start no trial after this much time."""
-    from locaudit.models.loading import load_model
+def load_hase_model(spec: HaseSpec):
+    """The study's model: a hub id, folder, .gguf, the embedded default, or ``tiny:FAMILY[:SEED]`` (a tiny
+    random test model; locaudit.api.load_model's grammar)."""
+    from locaudit.api import load_model
+
+    m = spec.model
+    return load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+
+
+_WORKER_MODEL: dict = {}  # a Ray worker's loaded model, keyed by the spec's model fields (max_calls=0 keeps it)
+
+
+def _worker_model(spec: HaseSpec):
+    key = json.dumps(spec.model.model_dump(), sort_keys=True)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()  # one model per worker process
+        _WORKER_MODEL[key] = load_hase_model(spec)
+    return _WORKER_MODEL[key]
+
+
+def hase_group(trials: list[HaseTrial], spec: HaseSpec, run_dir: Path):
+    """The Ray executor's group function (executors.GroupFn): run each trial with the worker's cached model,
+    write its data/ folder, yield (key, {"metrics", "artifacts"}); the driver records them."""
     from locaudit.study.hase import steps
 
+    lm, run_dir = _worker_model(spec), Path(run_dir)
+    for t in trials:
+        metrics = _run_trial(t, spec, lm, run_dir, spec.precision, False, steps)
+        yield t.key, {"metrics": metrics, "artifacts": {"data": str(data_dir(run_dir, t.key).relative_to(run_dir))}}
+
+
+def _record(ledger: Ledger, run_dir: Path, t: HaseTrial, status: str, metrics: dict, err: str | None,
+            started: float, finished: float, worker: str, cpu: float | None) -> None:
+    """The driver's record of a finished trial: checksums of data/ and result.json when done, then the ledger."""
+    artifacts = {"data": str(data_dir(run_dir, t.key).relative_to(run_dir))} if status == "done" else {}
+    if status == "done":
+        write_checksums(data_dir(run_dir, t.key))
+        write_trial_record(run_dir, t, status, metrics, artifacts, started, finished, worker, cpu)
+    ledger.finish(t.key, status, metrics, artifacts, err, started, finished, worker, cpu)
+
+
+def run_hase(spec: HaseSpec, run_dir: str | Path, lm=None, max_trials: int | None = None,
+             retry_failed: bool = False, progress: bool = True, max_minutes: float | None = None,
+             executor: str = "local", ray_address: str | None = None, max_in_flight: int | None = None) -> dict:
+    """Run (or resume) the study; returns {"counts": ..., "ran": [...], "wall_s": ...}. `lm`: a loaded model
+    to use instead of loading spec.model (tests; local executor only). `max_minutes`: start no trial after
+    this much time. `executor`: "local" or "ray" (`ray_address`: a cluster to join, "auto" or
+    "ray://host:10001"; default: join an initialised Ray or start a local instance; `max_in_flight`: at most
+    this many trials at once, default as many as the cluster fits given spec.resources)."""
+    from locaudit.errors import ConfigError
+
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor {executor!r}: expected 'local' or 'ray'")
+    if executor == "ray" and lm is not None:
+        raise ConfigError("run_hase(lm=...) cannot travel to Ray workers: with executor='ray' each worker loads "
+                          "spec.model itself (use a model name, e.g. 'tiny:llama' for a tiny test model)")
     run_dir = Path(run_dir)
     t0 = time.time()
-    lm_box = {"lm": lm}
-
-    def model():
-        if lm_box["lm"] is None:
-            lm_box["lm"] = load_model(spec.model.name, dtype=spec.model.dtype, device=spec.model.device,
-                                      trust_remote_code=spec.model.trust_remote_code)
-        return lm_box["lm"]
-
     n_layers = lm.sites.n_layers if lm is not None else n_layers_of(spec)
     trials = expand_hase(spec, n_layers)
-    ran = []
-    precision = spec.precision
     with Ledger(run_dir, writer=True) as ledger:
         ledger.set_meta(META_KEY, spec.to_json())
         ledger.sync(trials)
@@ -133,39 +183,115 @@ def run_hase(spec: HaseSpec, run_dir: str | Path, lm=None, max_trials: int | Non
             problem = verify_checksums(d) if has_checksums(d) else f"{d} has no checksums"
             if problem:
                 ledger.invalidate(row["key"], problem)
-        for t in trials:
-            status = ledger.status_of([t.key]).get(t.key)
-            if status != "pending":
-                continue
-            if any(ledger.status_of([d]).get(d) != "done" for d in t.deps):
-                continue
-            if max_trials is not None and len(ran) >= max_trials:
-                break
-            if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
-                break
-            ledger.mark_running([t.key])
-            started, cpu0 = time.time(), time.process_time()
-            try:
-                metrics = _run_trial(t, spec, model(), run_dir, precision, progress, steps)
-                status, err = "done", None
-            except KeyboardInterrupt:
-                ledger.release([t.key])
-                raise
-            except Exception as e:  # recorded as failed, the study goes on
-                import traceback
-
-                log.error("trial %s failed: %s", t.name, e)
-                metrics, status, err = {}, "failed", traceback.format_exc()
-            finished = time.time()
-            cpu = time.process_time() - cpu0
-            artifacts = {"data": str(data_dir(run_dir, t.key).relative_to(run_dir))} if status == "done" else {}
-            if status == "done":
-                write_checksums(data_dir(run_dir, t.key))
-                write_trial_record(run_dir, t, status, metrics, artifacts, started, finished, "local", cpu)
-            ledger.finish(t.key, status, metrics, artifacts, err, started, finished, "local", cpu)
-            ran.append(t.name)
+        if executor == "ray":
+            ran = _run_ray(spec, run_dir, trials, ledger, t0, max_trials, max_minutes, ray_address,
+                           max_in_flight, progress)
+        else:
+            ran = _run_local(spec, run_dir, trials, ledger, t0, lm, max_trials, max_minutes, progress)
         counts = ledger.counts()
     return {"counts": counts, "ran": ran, "wall_s": time.time() - t0}
+
+
+def _run_local(spec: HaseSpec, run_dir: Path, trials: list[HaseTrial], ledger: Ledger, t0: float, lm,
+               max_trials: int | None, max_minutes: float | None, progress: bool) -> list[str]:
+    from locaudit.study.hase import steps
+
+    lm_box = {"lm": lm}
+
+    def model():
+        if lm_box["lm"] is None:
+            lm_box["lm"] = load_hase_model(spec)
+        return lm_box["lm"]
+
+    ran = []
+    precision = spec.precision
+    for t in trials:
+        status = ledger.status_of([t.key]).get(t.key)
+        if status != "pending":
+            continue
+        if any(ledger.status_of([d]).get(d) != "done" for d in t.deps):
+            continue
+        if max_trials is not None and len(ran) >= max_trials:
+            break
+        if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+            break
+        ledger.mark_running([t.key])
+        started, cpu0 = time.time(), time.process_time()
+        try:
+            metrics = _run_trial(t, spec, model(), run_dir, precision, progress, steps)
+            status, err = "done", None
+        except KeyboardInterrupt:
+            ledger.release([t.key])
+            raise
+        except Exception as e:  # recorded as failed, the study goes on
+            import traceback
+
+            log.error("trial %s failed: %s", t.name, e)
+            metrics, status, err = {}, "failed", traceback.format_exc()
+        finished = time.time()
+        _record(ledger, run_dir, t, status, metrics, err, started, finished, "local", time.process_time() - cpu0)
+        ran.append(t.name)
+    return ran
+
+
+def _run_ray(spec: HaseSpec, run_dir: Path, trials: list[HaseTrial], ledger: Ledger, t0: float,
+             max_trials: int | None, max_minutes: float | None, address: str | None,
+             max_in_flight: int | None, progress: bool) -> list[str]:
+    """Submit every pending trial whose dependencies are done, as many at once as the executor fits;
+    record each outcome as it comes back. A failed or lost task fails its trial; Ctrl-C releases the
+    trials in flight."""
+    from tqdm.auto import tqdm
+
+    from locaudit.study.executors import RayExecutor
+
+    status = ledger.status_of()
+    todo = [t for t in trials if status.get(t.key) == "pending"]
+    if not todo:
+        return []
+    ran: list[str] = []
+    inflight: set[str] = set()
+    ex = RayExecutor(hase_group, spec, run_dir, address=address, max_in_flight=max_in_flight)
+    bar = tqdm(total=len(todo), desc=f"hase {spec.name} (ray)", unit="trial", disable=not progress)
+    try:
+        while True:
+            stop = ((max_trials is not None and len(ran) + len(inflight) >= max_trials)
+                    or (max_minutes is not None and time.time() - t0 > 60 * max_minutes))
+            while not stop and ex.in_flight() < ex.capacity:
+                t = next((u for u in todo if all(status.get(d) == "done" for d in u.deps)), None)
+                if t is None:
+                    break
+                ledger.mark_running([t.key], worker=ex.name)
+                status[t.key] = "running"
+                inflight.add(t.key)
+                todo.remove(t)
+                ex.submit([t])
+                stop = max_trials is not None and len(ran) + len(inflight) >= max_trials
+            if not ex.in_flight():
+                break  # what is left waits on failed dependencies or on the limits
+            for t, o in ex.collect():
+                st, err, metrics = o.status, o.error, o.metrics
+                if st == "done" and not data_dir(run_dir, t.key).is_dir():
+                    st, metrics = "failed", {}
+                    err = (f"the worker wrote {data_dir(run_dir, t.key)}, which this driver does not see: the "
+                           f"run folder must be on storage shared by every Ray node")
+                if st == "failed":
+                    first = (err or "").strip().splitlines()[-1:] or ["?"]
+                    log.error("trial %s failed: %s", t.name, first[0])
+                _record(ledger, run_dir, t, st, metrics, err, o.started or time.time(), o.finished or time.time(),
+                        o.worker or "ray", o.cpu_s)
+                inflight.discard(t.key)
+                status[t.key] = st
+                ran.append(t.name)
+                bar.update(1)
+                bar.set_postfix_str(f"{t.name[:40]} {st}")
+    except BaseException:
+        ex.cancel()
+        ledger.release(sorted(inflight))
+        raise
+    finally:
+        bar.close()
+        ex.shutdown()
+    return ran
 
 
 def _finite_mean(xs) -> float:

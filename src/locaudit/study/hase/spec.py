@@ -9,6 +9,7 @@ tracing: {noise_scale: 3.0, n_noise: 3, kinds: [mlp, hidden], grid_facts: 4}
 layers: "every:3"            # "all", "every:K", or a list of layer indices
 editing: {problems: [error_injection], methods: [ft], ft: {steps: 10, lr: 1e-3, norm_bound: 2e-3}}
 analysis: {tracing_kind: mlp, bootstrap: 1000, margin: 0.1, alpha: 0.05}
+resources: {cpus: 1, gpus: 0}   # what one trial asks of a worker (`--executor ray`)
 ```
 Relative paths resolve against the study file's folder; `${VAR:-default}` expands environment variables.
 """
@@ -28,6 +29,7 @@ from locaudit.evaluate.facts import PROBLEMS
 from locaudit.io import file_sha256, stable_hash
 from locaudit.localize.tracing import TraceConfig
 from locaudit.models.precision import parse_precision, resolve_precision
+from locaudit.study.spec import ResourceSpec
 
 
 class ModelSpec(BaseModel):
@@ -96,6 +98,8 @@ class HaseSpec(BaseModel):
     layers: str | list[int] = Field("all", description="edited (and traced) layers: all, every:K, or a list")
     editing: EditingSpec = Field(default_factory=EditingSpec, description="per-layer edits")
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="regressions and verdict")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="what one trial asks of a worker "
+                                    "(CPUs, GPUs) under `--executor ray`; not part of trial keys")
     base_dir: str = Field(".", description="folder of the study file (set when loading)")
 
     @field_validator("precision")
