@@ -273,6 +273,11 @@ def test_batching_helpers():
     assert pad_right_tensors([a], 5, torch.float64).dtype == torch.float64
     with pytest.raises(ValueError):
         pad_right_tensors([b], 2)
+    from locaudit.models.batching import pad_left
+
+    ids, mask = pad_left([[5, 6, 7], [8]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pad_left([[], [1]], pad=9, length=3)[0].tolist() == [[9, 9, 9], [9, 9, 1]]
     tok = SimpleNamespace(bos_token="<bos>")
     assert not add_special_tokens_for(SimpleNamespace(kind="chat"), tok, "<bos>hi")
     assert add_special_tokens_for(SimpleNamespace(kind="plain"), tok, "<bos>hi")

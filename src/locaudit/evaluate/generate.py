@@ -25,7 +25,7 @@ from locaudit.edit.base import Edit
 from locaudit.errors import DataError
 from locaudit.io import read_jsonl, write_text_atomic
 from locaudit.evaluate.view import edited
-from locaudit.models.batching import add_special_tokens_for, pad_id
+from locaudit.models.batching import add_special_tokens_for, pad_id, pad_left
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike
 from locaudit.models.prefix_cache import PrefixState, cache_kwarg, shared_prefix
@@ -174,13 +174,9 @@ def _generate_from_prefix(lm: LoadedModel, state: PrefixState, ids: list[list[in
         idx = order[s: s + batch_size]
         rest = [ids[i][P:] for i in idx]
         B, T = len(idx), max(len(r) for r in rest)
-        inp = torch.full((B, P + T), pad, dtype=torch.long)
-        att = torch.zeros((B, P + T), dtype=torch.long)
-        inp[:, :P] = torch.tensor(state.ids, dtype=torch.long)
-        att[:, :P] = 1
-        for r, x in enumerate(rest):
-            inp[r, P + T - len(x):] = torch.tensor(x, dtype=torch.long)
-            att[r, P + T - len(x):] = 1
+        tail, tail_mask = pad_left(rest, pad)  # [prefix][pad...][rest of prompt]
+        inp = torch.cat([torch.tensor([state.ids] * B, dtype=torch.long), tail], 1)
+        att = torch.cat([torch.ones((B, P), dtype=torch.long), tail_mask], 1)
         stopping = StoppingCriteriaList([_StopOnStrings(tok, P + T, stops)]) if stops else None
         gen = model.generate(input_ids=inp.to(lm.device), attention_mask=att.to(lm.device), generation_config=config,
                              stopping_criteria=stopping, **{kw: state.cache_for(B)})

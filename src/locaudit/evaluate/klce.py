@@ -31,6 +31,7 @@ from locaudit.edit.base import Edit
 from locaudit.errors import ConfigError, DataError
 from locaudit.evaluate.view import edited
 from locaudit.io import atomic_path, cache_dir, stable_hash
+from locaudit.models.batching import pad_id, pad_right
 from locaudit.models.interventions import capture
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike, as_precision
@@ -111,18 +112,14 @@ def final_hidden(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int 
     `check` verifies on the first batch that lm_head(h) reproduces the model's logits.
     """
     model = lm.model
-    pad = lm.tokenizer.pad_token_id or 0
+    pad = pad_id(lm.tokenizer)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     rows: list[torch.Tensor | None] = [None] * len(ids)
     with capture(lm.sites, "final", [0]) as cap:
         for s in tqdm(range(0, len(order), batch_size), desc="kl/ce", disable=not progress):
             idx = order[s: s + batch_size]
             T = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), T), pad, dtype=torch.long)
-            att = torch.zeros((len(idx), T), dtype=torch.long)
-            for j, i in enumerate(idx):
-                x[j, : len(ids[i])] = torch.tensor(ids[i])
-                att[j, : len(ids[i])] = 1
+            x, att = pad_right([ids[i] for i in idx], pad, length=T)
             cap.stop = not check  # the model's own logits are needed only to check lm_head(h)
             out = cap.forward(model, x.to(lm.device), att.to(lm.device))
             h = cap.values[0]

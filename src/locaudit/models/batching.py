@@ -1,4 +1,4 @@
-"""Batching token sequences: right padding with a mask, and length-sorted batches.
+"""Batching token sequences: right (or left) padding with a mask, and length-sorted batches.
 
 Every forward pass over several texts in locaudit pads on the right (real tokens keep positions
 0..n-1, so a batch gives the same numbers as one text at a time up to float error) and groups texts of
@@ -35,6 +35,13 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int, length: int | None = None
             ids[r, :n] = torch.as_tensor(list(s), dtype=torch.long)
             mask[r, :n] = 1
     return ids, mask
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (ids Long[B, T], attention_mask Long[B, T]): each row ends with its last real token
+    (for generation, where every row continues from the same last position; e.g. after a shared cached prefix)."""
+    ids, mask = pad_right([list(s)[::-1] for s in seqs], pad, length)
+    return ids.flip(1), mask.flip(1)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, longest_first: bool = True) -> list[list[int]]:
