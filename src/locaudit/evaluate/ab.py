@@ -29,7 +29,7 @@ from locaudit.evaluate.view import edited
 from locaudit.io import stable_hash
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike, as_precision
-from locaudit.models.scoring import score_completions
+from locaudit.models.scoring import score_completions_shared_prompt
 
 AB_FIELDS = ("ab", "ab_se", "ab_acc", "ab_acc_se", "ab_base", "ab_delta", "ab_delta_se", "n_ab")
 _BASE_CACHE: dict[str, list[float]] = {}  # unedited p per item, keyed by content (model, items, format, numerics)
@@ -70,8 +70,10 @@ def _match_probs(lm: LoadedModel, edit, pairs: Sequence[PreferencePair], fmt: Pr
             prompts.append(fmt.prompt(p.question, tok))
             completions.append(fmt.completion(a))
     with edited(lm, edit, precision):
-        sums, _ = score_completions(lm.model, tok, prompts, completions, batch_size=batch_size, max_length=max_length,
-                                    add_special_tokens=add_special_tokens_for(fmt, tok, prompts[0]))
+        # each item's prompt once, both letters on its KV cache (the prompt is nearly all of the tokens)
+        sums, _ = score_completions_shared_prompt(lm.model, tok, prompts, completions, max_length=max_length,
+                                                  add_special_tokens=add_special_tokens_for(fmt, tok, prompts[0]),
+                                                  batch_size=batch_size)
     sums = sums.reshape(-1, 2)
     return normalised_match_prob(sums[:, 0], sums[:, 1]).tolist()
 
