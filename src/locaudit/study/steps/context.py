@@ -156,8 +156,9 @@ class RunContext:
             self._probes[probe_key] = ProbeResult.load(self.shared_dir("probe", probe_key))
         return self._probes[probe_key]
 
-    def ranking(self, trial: Trial) -> list | None:
-        """The head ranking a trial's localizer reads (the probe's, or a causal localizer's), best first."""
+    def ranking(self, trial: Trial) -> list | dict | None:
+        """The head ranking a trial's localizer reads, best first: the probe's as a list, a causal localizer's
+        as {localizer name: ranking} (the form `Localizer.resolve` reads a named ranking from)."""
         loc = trial.localizer
         if loc is None or not loc.needs_ranking:
             return None
@@ -170,7 +171,7 @@ class RunContext:
                 from locaudit.localize.effects import HeadEffects
 
                 self._rankings[key] = HeadEffects.load(self.shared_dir("localize", key)).ranking()
-            return self._rankings[key]
+            return {loc.ranking: self._rankings[key]}
         probe_key = trial.content.get("probe")
         if probe_key is None:
             raise ConfigError(f"trial {trial.key} ({trial.name}) needs a head ranking but names no localizer trial")
