@@ -64,9 +64,13 @@ def normalised_match_prob(logp_match: torch.Tensor, logp_other: torch.Tensor) ->
 def _match_probs(lm: LoadedModel, edit, pairs: Sequence[PreferencePair], fmt: PromptFormat, batch_size: int,
                  max_length: int, precision: PrecisionLike) -> list[float]:
     tok = lm.tokenizer
-    prompts, completions = [], []
+    prompts, completions, flipped = [], [], []
     for p in pairs:
-        for a in (p.chosen, p.rejected):
+        # the two letters in one canonical order, so that swapping chosen and rejected scores the very same
+        # batch (p and 1 - p exactly, whatever the batch layout does to float sums)
+        first, second = sorted((p.chosen, p.rejected))
+        flipped.append(first != p.chosen)
+        for a in (first, second):
             prompts.append(fmt.prompt(p.question, tok))
             completions.append(fmt.completion(a))
     with edited(lm, edit, precision):
@@ -75,7 +79,9 @@ def _match_probs(lm: LoadedModel, edit, pairs: Sequence[PreferencePair], fmt: Pr
                                                   add_special_tokens=add_special_tokens_for(fmt, tok, prompts[0]),
                                                   batch_size=batch_size)
     sums = sums.reshape(-1, 2)
-    return normalised_match_prob(sums[:, 0], sums[:, 1]).tolist()
+    flip = torch.tensor(flipped)
+    match, other = torch.where(flip, sums[:, 1], sums[:, 0]), torch.where(flip, sums[:, 0], sums[:, 1])
+    return normalised_match_prob(match, other).tolist()
 
 
 def score_ab(
