@@ -332,7 +332,9 @@ def huge_bad_value_renders_bounded(env: Env) -> None:
     for _ in range(10_000):
         deep = [deep, deep]
     assert len(bounded_repr(deep)) <= 80
-    assert time.perf_counter() - t0 < 1.0
+    # naive rendering of `deep` never ends (2**10000 nodes) and of the name takes 100 MB; bounded rendering is
+    # about a second on a loaded 2-core CPU (the 100 MB input itself costs that): a guard, not a benchmark
+    assert time.perf_counter() - t0 < 10.0
 
 
 @case
