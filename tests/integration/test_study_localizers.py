@@ -7,12 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from locaudit.localize.effects import HeadEffects
 from locaudit.study.ledger import Ledger
 from locaudit.study.runner import run_study
-from locaudit.study.spec import load_study
 from locaudit.study.trials import expand
 
 STUDY = """
@@ -33,15 +30,8 @@ verdict: {{primary_metric: mc2}}
 """
 
 
-def test_causal_candidates_are_edited_at_their_localizers_top_heads(tmp_path: Path, shared_data: Path,
-                                                                     monkeypatch) -> None:
-    csv = shared_data / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
-    if not csv.exists():
-        pytest.skip(f"{csv} is absent")
-    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "study.yaml"
-    path.write_text(STUDY.format(csv=csv))
-    spec = load_study(path)
+def test_causal_candidates_are_edited_at_their_localizers_top_heads(tmp_path: Path, tiny_study) -> None:
+    spec = tiny_study(STUDY)
     trials = expand(spec)
     s = run_study(spec, tmp_path / "run", progress=False)
     assert s.failed == 0 and s.done == len(trials)

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from locaudit.study.analysis import analyze, load_per_question, results_frame
 from locaudit.study.ledger import Ledger
 from locaudit.study.runner import run_study
-from locaudit.study.spec import load_study
 from locaudit.study.trials import expand
 
 STUDY = """
@@ -26,14 +23,8 @@ verdict: {{primary_metric: mc2}}
 """
 
 
-def test_select_trials_score_on_validation(tmp_path: Path, shared_data: Path, monkeypatch) -> None:
-    csv = shared_data / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
-    if not csv.exists():
-        pytest.skip(f"{csv} is absent")
-    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "study.yaml"
-    path.write_text(STUDY.format(csv=csv))
-    spec = load_study(path)
+def test_select_trials_score_on_validation(tmp_path: Path, tiny_study) -> None:
+    spec = tiny_study(STUDY)
     trials = expand(spec)
     iti = [t for t in trials if t.kind == "iti"]
     sel = [t for t in trials if t.kind == "select"]
