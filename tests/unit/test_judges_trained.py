@@ -208,3 +208,66 @@ def test_ensemble_head_averages_and_round_trips(tmp_path):
     _, heads, _ = read_trained_judge(tmp_path)
     assert heads[("truth", "noref")].kind == "ensemble(logistic,mlp)"
     torch.testing.assert_close(heads[("truth", "noref")].prob(x), ens.prob(x))
+
+
+SHARED_QS = ["Q one?", "Q one?", "Q one?", "Q two is longer?", "Q two is longer?", "Q three?"]
+SHARED_AS = ["A.", "A longer answer here.", "", "Yes.", "No, it is not the case at all.", "Maybe."]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3", "gpt2", "gpt_neox", "gptj", "opt"])
+def test_pair_encoder_shared_prompt_equals_full_sequences(family):
+    """A question's answers on its prompt's KV cache give the features of the full sequences (an empty
+    answer: the prompt's last state), for families with rotary and with absolute positions."""
+    from locaudit.models.tiny import FAMILIES
+
+    if family not in FAMILIES:
+        pytest.skip(f"family {family} is not registered")
+    lm = tiny_model(family, seed=0)
+    shared = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False)
+    full = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False, share_prompt=False)
+    a, b = shared.encode(SHARED_QS, SHARED_AS), full.encode(SHARED_QS, SHARED_AS)
+    assert shared._shared_ok is True  # the check passed, so the shared path produced these
+    torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=1e-3)
+    assert (a[2] == a[2, :, :1]).all()  # the empty answer: mean and last both the prompt's last state
+
+
+def test_pair_encoder_falls_back_when_sharing_differs(monkeypatch):
+    """If the shared path disagrees with full sequences on the first group, every item is encoded in full."""
+    lm = tiny_model("llama", seed=0)
+    full = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False, share_prompt=False)
+    enc = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False)
+    real = enc._shared
+    monkeypatch.setattr(enc, "_shared", lambda cap, p, comps: (real(cap, p, comps)[0] + 1.0, len(comps)))
+    torch.testing.assert_close(enc.encode(SHARED_QS, SHARED_AS), full.encode(SHARED_QS, SHARED_AS))
+    assert enc._shared_ok is False
+
+
+def test_question_capped_draw_keeps_whole_questions():
+    """cap_by=question: whole questions, at most the cap, seeded; cap_by=pair: exactly the cap of answers."""
+    from locaudit.evaluate.judges.data import JudgeExample
+    from locaudit.evaluate.judges.train import _capped_pairs
+
+    ex = [JudgeExample(f"q{q}?", f"a{a}", 1, 0) for q in range(30) for a in range(q % 5 + 1)]
+    by_q = _capped_pairs(ex, 25, "s", "question")
+    assert 0 < len(by_q) <= 25
+    questions = {q for q, _ in by_q}
+    for q in questions:  # every answer of a kept question is kept
+        assert {(e.question, e.answer) for e in ex if e.question == q} <= by_q
+    assert by_q == _capped_pairs(ex, 25, "s", "question") and by_q != _capped_pairs(ex, 25, "t", "question")
+    by_pair = _capped_pairs(ex, 25, "s")
+    assert len(by_pair) == 25 and len({q for q, _ in by_pair}) > len(questions)
+    assert _capped_pairs(ex, 1000, "s", "question") is None
+
+
+def test_default_judge_sizes(tmp_path, monkeypatch):
+    """`default:small` is its own cached judge; an unknown size names the choices."""
+    from locaudit.errors import ConfigError
+    from locaudit.evaluate.judges.registry import build_judge, default_judge_dir
+
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path))
+    csv = tmp_path / "t.csv"
+    csv.write_text("Question,Best Answer\nq?,a\n")
+    big, small = default_judge_dir(f"truthfulqa:{csv}"), default_judge_dir(f"truthfulqa:{csv}", size="small")
+    assert big != small and small.name.startswith("default-small-") and big.name.startswith("default-")
+    with pytest.raises(ConfigError, match="default:small"):
+        build_judge("default:huge", holdout=f"truthfulqa:{csv}")

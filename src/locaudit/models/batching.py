@@ -56,6 +56,32 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, longest_first
     return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+PAD_WASTE = 1.25  # a length chunk closes before its padded size exceeds this x its real tokens
+
+
+def length_chunks(lengths: Sequence[int], max_size: int, waste: float = PAD_WASTE, min_size: int = 4) -> list[list[int]]:
+    """Indices in ascending length, cut into chunks of at most `max_size` whose padded size (count x longest)
+    stays within `waste` x their real tokens; a chunk may exceed it while it has fewer than `min_size`
+    members (tiny forwards cost more in overhead than their padding). For the many continuations of one
+    cached prompt, where padding costs as much as real tokens and one global length sort is impossible."""
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = int(lengths[i])
+        if cur and (len(cur) >= max_size or (len(cur) >= min_size and (len(cur) + 1) * n > waste * (real + n))):
+            out.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def pad_right_tensors(seqs: Sequence[torch.Tensor], length: int | None = None,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """Right-pad per-sequence tensors Float[Tensor, "len_i ..."] with zeros into Float[Tensor, "B T ..."].

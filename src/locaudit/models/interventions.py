@@ -235,11 +235,12 @@ class Capture:
         return {(self.site, l): make(l) for l in self.layers}
 
     def forward(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
-                positions: Positions | None = None, **kwargs):
-        """Run `model` on the batch; returns its output, or None where the capture stopped it."""
+                positions: Positions | None = None, use_cache: bool = False, **kwargs):
+        """Run `model` on the batch; returns its output, or None where the capture stopped it. A KV cache
+        passed in kwargs is filled up to the layer where the capture stopped."""
         self.set_batch(attention_mask, positions, batch=input_ids.shape[0])
         try:
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
         except StopForward:
             return None
 

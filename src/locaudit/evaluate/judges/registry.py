@@ -22,7 +22,7 @@ from locaudit.io import cache_dir, file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
-SPECS = ("trained:DIR", "hf:TRUTH_MODEL,INFO_MODEL", "api:MODEL@BASE_URL[#KEY_ENV]", "reference[:METRIC]", "default")
+SPECS = ("trained:DIR", "hf:TRUTH_MODEL,INFO_MODEL", "api:MODEL@BASE_URL[#KEY_ENV]", "reference[:METRIC]", "default[:small]")
 
 
 def _references(references: References | str | Path | None) -> References | None:
@@ -52,28 +52,41 @@ def judge_data_dir() -> Path | None:
 # accuracy in its report.json says what the subsample costs in accuracy.
 DEFAULT_TRAIN_EXAMPLES = 3000
 DEFAULT_HELDOUT_EXAMPLES = 800
+# `default:small` (the quickstart's judge): whole questions drawn until these many answers, so that only
+# those questions' reference answers need features too (the default's uniform draw touches nearly every
+# question, and references are then half its cost): ~2 min on that CPU, at some cost in held-out accuracy
+# (its report.json says how much).
+SIZES = {"": (DEFAULT_TRAIN_EXAMPLES, DEFAULT_HELDOUT_EXAMPLES, "pair"), "small": (1500, 400, "question")}
 DEFAULT_HARD_NEGATIVES = 2  # per question (judges/hardneg.py): evasive, garbled, off-language, repetitive, copied
+
+
+def _size(size: str) -> tuple[int, int, str]:
+    if size not in SIZES:
+        raise ConfigError(f"judge spec 'default:{size}': unknown size {size!r}; use 'default' or 'default:small'")
+    return SIZES[size]
 
 
 def default_judge_dir(holdout: str, holdout_splits: Sequence[str] = ("test",), seed: int = 0,
                       fractions: Sequence[float] = (0.6, 0.2, 0.2), max_questions: int | None = None,
-                      model: str = "smollm2-135m-instruct") -> Path:
+                      model: str = "smollm2-135m-instruct", size: str = "") -> Path:
     """The cache folder of the default judge for this hold-out (keyed by the file's content and the split)."""
+    n_train, n_held, cap_by = _size(size)
     csv = holdout.split(":", 1)[1] if holdout.startswith("truthfulqa:") else ""
     # max_questions does not enter: splits are drawn on the full data before any subsampling
     # (data/behaviour.py), so the judge holds out the full split and serves every subsample of it
     key = stable_hash({"holdout_file": file_sha256(csv) if csv and Path(csv).is_file() else holdout,
                        "splits": list(holdout_splits), "seed": seed, "fractions": [float(f) for f in fractions],
-                       "model": model, "v": 3, "train_examples": DEFAULT_TRAIN_EXAMPLES,
+                       "model": model, "v": 3, "train_examples": n_train,
                        "hard_negatives": DEFAULT_HARD_NEGATIVES,
-                       "heldout_examples": DEFAULT_HELDOUT_EXAMPLES})
-    return cache_dir("judges") / f"default-{key}"
+                       "heldout_examples": n_held, **({"cap_by": cap_by} if cap_by != "pair" else {})})
+    return cache_dir("judges") / f"default{'-' + size if size else ''}-{key}"
 
 
 def default_judge(holdout: str, holdout_splits: Sequence[str] = ("test",), seed: int = 0,
                   fractions: Sequence[float] = (0.6, 0.2, 0.2), max_questions: int | None = None,
-                  model: str = "smollm2-135m-instruct", device: str = "auto", references=None):
-    """The default trained judge for this hold-out, from the cache folder; trained on first use."""
+                  model: str = "smollm2-135m-instruct", device: str = "auto", references=None, size: str = ""):
+    """The default trained judge for this hold-out (`size` "" or "small"), from the cache folder; trained
+    on first use."""
     from locaudit.evaluate.judges.train import JudgeTrainConfig, train_judge
     from locaudit.evaluate.judges.trained import load_trained_judge
 
@@ -82,7 +95,8 @@ def default_judge(holdout: str, holdout_splits: Sequence[str] = ("test",), seed:
         raise ConfigError("the default judge is trained on TruthfulQA's finetune_truth.jsonl / finetune_info.jsonl; "
                           "set LOCAUDIT_JUDGE_DATA to their folder, or train one with `locaudit judge train` "
                           "and pass --judge trained:DIR")
-    out = default_judge_dir(holdout, holdout_splits, seed, fractions, max_questions, model)
+    out = default_judge_dir(holdout, holdout_splits, seed, fractions, max_questions, model, size)
+    n_train, n_held, cap_by = _size(size)
     if not (out / "judge.json").is_file():
         log.warning("no default judge for this hold-out yet: training one now (once; about 5-10 min on a 2-core CPU) "
                     "into %s. Splits %s of %s (seed %d) are held out of its training.", out,
@@ -90,8 +104,8 @@ def default_judge(holdout: str, holdout_splits: Sequence[str] = ("test",), seed:
         cfg = JudgeTrainConfig(kinds=["truth", "info"], model=model, truth_data=data / "finetune_truth.jsonl",
                                info_data=data / "finetune_info.jsonl", holdout=holdout,
                                holdout_splits=list(holdout_splits), seed=seed, fractions=tuple(fractions),
-                               max_questions=None, device=device, max_train_examples=DEFAULT_TRAIN_EXAMPLES,
-                               max_heldout_examples=DEFAULT_HELDOUT_EXAMPLES,
+                               max_questions=None, device=device, max_train_examples=n_train,
+                               max_heldout_examples=n_held, cap_by=cap_by,
                                hard_negatives=DEFAULT_HARD_NEGATIVES)
         train_judge(cfg, out)
     return load_trained_judge(out, references=references, device=device)
@@ -143,7 +157,8 @@ def build_judge(spec: str, *, references: References | str | Path | None = None,
         if not holdout:
             raise ConfigError("the default judge must know which questions to hold out of its training: "
                               "pass holdout=truthfulqa:PATH.csv (the evaluation data) and its seed/split")
-        return default_judge(holdout, holdout_splits, seed, fractions, max_questions, device=device, references=refs)
+        return default_judge(holdout, holdout_splits, seed, fractions, max_questions, device=device, references=refs,
+                             size=arg.strip().lower())
     raise ConfigError(f"judge spec {spec!r}: unknown kind {kind!r}; use one of {', '.join(SPECS)}")
 
 

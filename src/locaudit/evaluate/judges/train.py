@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -78,6 +78,9 @@ class JudgeTrainConfig(BaseModel):
     max_train_examples: int | None = Field(None, description="cap on distinct training answers, one seeded subset "
                                            "shared by every kind (each answer's features are computed once)")
     max_heldout_examples: int | None = Field(None, description="cap on distinct held-out answers evaluated (seeded)")
+    cap_by: Literal["pair", "question"] = Field("pair", description="how the caps draw: pair = answers uniformly "
+                                                "(touches nearly every question); question = whole questions until "
+                                                "the cap (fewer questions' reference answers to encode)")
     hard_negatives: int = Field(2, ge=0, le=5, description="hard negatives per question (evasive, garbled, "
                                 "off-language, repetitive, copied question; hardneg.py) added to training; 0 = none")
     audit: bool = Field(True, description="score the trained judge on the audit set of edited models' answers "
@@ -159,12 +162,25 @@ def _choose_and_fit(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], cfg
     return final, {"chosen": best, "search": results, "n_val_questions": len(val_q), "n_train_examples": int(len(y))}
 
 
-def _capped_pairs(examples: Sequence[JudgeExample], cap: int | None, seed: str) -> set | None:
-    """A seeded subset of at most `cap` distinct (question, answer) pairs of `examples` (None: no cap)."""
+def _capped_pairs(examples: Sequence[JudgeExample], cap: int | None, seed: str, by: str = "pair") -> set | None:
+    """A seeded subset of at most `cap` distinct (question, answer) pairs of `examples` (None: no cap).
+    by="question": whole questions in a seeded order while they fit (at least one question)."""
     pairs = sorted({(e.question, e.answer) for e in examples})
     if cap is None or len(pairs) <= cap:
         return None
-    return set(random.Random(seed).sample(pairs, cap))
+    if by == "pair":
+        return set(random.Random(seed).sample(pairs, cap))
+    per_q: dict[str, list] = {}
+    for p in pairs:
+        per_q.setdefault(p[0], []).append(p)
+    questions = sorted(per_q)
+    random.Random(seed).shuffle(questions)
+    keep: set = set()
+    for q in questions:
+        if keep and len(keep) + len(per_q[q]) > cap:
+            continue
+        keep.update(per_q[q])
+    return keep
 
 
 def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
@@ -185,9 +201,9 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     # caps draw one seeded subset of distinct (question, answer) pairs shared by every kind: the truth and
     # info files label the same answers (in another order), so each answer's features are computed once
     keep_tr = _capped_pairs([e for ex in data.values() for e in ex if role[e.question] in ("train", "unmatched")],
-                            cfg.max_train_examples, f"locaudit-judge-cap-{cfg.seed}")
+                            cfg.max_train_examples, f"locaudit-judge-cap-{cfg.seed}", cfg.cap_by)
     keep_te = _capped_pairs([e for ex in data.values() for e in ex if role[e.question] == "held_out"],
-                            cfg.max_heldout_examples, f"locaudit-judge-heldout-cap-{cfg.seed}")
+                            cfg.max_heldout_examples, f"locaudit-judge-heldout-cap-{cfg.seed}", cfg.cap_by)
     for kind, ex in data.items():
         tr = [e for e in ex if role[e.question] in ("train", "unmatched") and (keep_tr is None or (e.question, e.answer) in keep_tr)]
         te = [e for e in ex if role[e.question] == "held_out" and (keep_te is None or (e.question, e.answer) in keep_te)]
