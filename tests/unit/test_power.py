@@ -124,3 +124,20 @@ def test_dry_run_uses_measured_timings_and_observed_spread(tmp_path: Path) -> No
     d = json.loads(_dry(tmp_path, STUDY, "--json"))["design"]
     opt = {c["method"]: c for c in d["comparisons"]}["optimal"]
     assert opt["spread"] == "observed" and opt["random_sd"] > 0
+
+
+def test_run_model_option_runs_the_design_on_another_model(tmp_path: Path) -> None:
+    """`--model` keeps the design, changes every trial key, and renames the study and its run folder."""
+    from locaudit.cli.run import with_model
+    from locaudit.study.spec import parse_study
+    from locaudit.study.trials import expand
+
+    base = json.loads(_dry(tmp_path, STUDY, "--json"))
+    other = json.loads(_dry(tmp_path, STUDY, "--json", "--model", "tiny:gpt2"))
+    assert base["counts"] == other["counts"]
+    assert not {t["key"] for t in base["trials"]} & {t["key"] for t in other["trials"]}
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    spec = with_model(parse_study(STUDY, tmp_path), "tiny:gpt2")
+    assert spec.model.name == "tiny:gpt2" and spec.name == "design-tiny-gpt2"
+    assert spec.default_run_dir() == Path("runs/design-tiny-gpt2")
+    assert [t.name for t in expand(spec)] == [t["name"] for t in other["trials"]]

@@ -232,3 +232,29 @@ def test_report_pairs_questions_and_cross_fits(tmp_path: Path, spec) -> None:
         assert (rep.out_dir / name).exists(), name
     selected = pd.read_csv(rep.out_dir / "selected.csv")
     assert len(selected[(selected["method"] == "optimal") & (selected["group"] == "random")]) == 8
+
+
+def test_histogram_marks_each_candidate_at_its_own_value(tmp_path: Path, monkeypatch) -> None:
+    """With several candidate localizers (probe, patching), each gets its own line at its own value; the
+    figure never draws their mean as "probe top-K"."""
+    import pandas as pd
+
+    from locaudit.study import figures as F
+
+    rows = [{"kind": "optimal", "group": "random", "localizer": f"random2@{i}", "seed": 0, "mc2": 0.30 + 0.01 * i}
+            for i in range(6)]
+    rows += [{"kind": "optimal", "group": "top", "localizer": "top2", "seed": 0, "mc2": 0.50},
+             {"kind": "optimal", "group": "top", "localizer": "patching:top2", "seed": 0, "mc2": 0.20},
+             {"kind": "optimal", "group": "all", "localizer": "all", "seed": 0, "mc2": 0.60}]
+    seen = {}
+
+    def keep(fig, path, dpi=120):
+        seen["lines"] = {ln.get_label(): float(ln.get_xdata()[0]) for ln in fig.axes[0].get_lines()}
+        return Path(path)
+
+    monkeypatch.setattr(F, "_save", keep)
+    F.hist_random_vs_top(pd.DataFrame(rows), "optimal", tmp_path / "h.png", metric="mc2", top_k=2)
+    lines = seen["lines"]
+    assert lines["probe top-2 (0.500)"] == pytest.approx(0.5)
+    assert lines["patching top-2 (0.200)"] == pytest.approx(0.2)
+    assert not any(abs(v - 0.35) < 1e-9 for v in lines.values())  # not the two candidates' mean

@@ -54,7 +54,7 @@ def evaluate(
                                 "mc,kl,ce,pref,gen, or all. kl and ce share one pass."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Judge scoring the generations for True/Info "
                                         "(needs gen in --metrics): trained:DIR, hf:TRUTH,INFO, api:MODEL@URL, "
-                                        "reference[:bleu|rouge1|rouge2|rougeL] or default (see `locaudit judge`)."),
+                                        "reference[:bleu|rouge1|rouge2|rougeL] default or default:small (see `locaudit judge`)."),
     split: str = typer.Option("test", "--split", help="Evaluation split: train, val or test."),
     fmt: str = format_option(),
     seed: int = seed_option(),

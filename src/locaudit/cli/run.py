@@ -15,7 +15,8 @@ EXAMPLE = (
     "Examples:\n\n"
     "  locaudit run studies/quickstart.yaml --out runs/quickstart\n\n"
     "  locaudit run studies/paper.yaml --out runs/paper --executor ray --address auto\n\n"
-    "  locaudit run studies/quickstart.yaml --out runs/quickstart --dry-run"
+    "  locaudit run studies/quickstart.yaml --out runs/quickstart --dry-run\n\n"
+    "  locaudit run studies/quickstart.yaml --model gemma3-270m   # the same design on Gemma 3 270M"
 )
 
 
@@ -40,6 +41,10 @@ def run(
                                  "power, equivalence power, cost per trial kind, and warnings; run nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable strict JSON instead of text (with "
                                   "--dry-run: trials and design checks; after a run: the verdict)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Run the study's design on another model: hub id, "
+                                        "local folder, .gguf file, smollm2-135m-instruct or gemma3-270m (part of "
+                                        "trial keys). The study is renamed <name>-<model>, and so is its default "
+                                        "run folder."),
     precision: Optional[Precision] = typer.Option(None, "--precision", case_sensitive=False, help="Override the "
                                                   "study's `precision` field (auto|fp32|bf16|fp16; part of trial keys). "
                                                   + PRECISION_HELP),
@@ -57,6 +62,10 @@ def run(
     from locaudit.study.trials import KINDS, expand
 
     spec = load_study(study)
+    if model is not None:
+        if not model.strip():
+            raise ConfigError("--model: empty model name")
+        spec = with_model(spec, model.strip())
     if precision is not None:
         spec = spec.model_copy(update={"precision": precision.value})
     run_dir = out or spec.default_run_dir()
@@ -90,6 +99,22 @@ def run(
             typer.echo(f"report: {rep.index}")
     if summary.failed:
         raise typer.Exit(1)
+
+
+def with_model(spec, model: str):
+    """The study with its model replaced (its dtype, device and trust_remote_code kept) and its name
+    suffixed with the model's, so that its default run folder and report say which model ran."""
+    import re
+
+    from locaudit.study.spec import StudySpec
+
+    data = spec.model_dump()
+    data["model"]["name"] = model
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name if "/" in model or model.endswith(".gguf") else model)
+    data["name"] = f"{spec.name}-{tail.strip('-.') or 'model'}"
+    out = StudySpec.model_validate(data)
+    out.resolved_model_name()  # an unset ${VAR} fails here, naming it
+    return out
 
 
 def _test_questions(spec) -> int | None:

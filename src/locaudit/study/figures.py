@@ -41,6 +41,9 @@ def _save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     return Path(path)
 
 
+OTHER_CANDIDATE_COLORS = ("#7b3294", "#e08214", "#1b9e77", "#666666")  # candidates after the probe's
+
+
 def _baseline(df: pd.DataFrame, metric: str) -> float | None:
     b = df[df["kind"] == "baseline"]
     if metric in b.columns and b[metric].notna().any():
@@ -67,11 +70,18 @@ def hist_random_vs_top(df: pd.DataFrame, method: str, path: str | os.PathLike, m
         ax.hist(rand, bins=bins, color=COLORS["random"], alpha=0.8, label=f"random {top_k or 'K'}-head draws (n={len(rand)})")
     ymax = ax.get_ylim()[1] if rand else 1.0
     k = top_k or "K"
-    for vals, group, style in ((top, "top", "-"), (_by_localizer(best, metric, "all")[0], "all", "--")):
-        if vals:
-            name = f"probe top-{k}" if group == "top" else GROUP_LABEL[group]
-            ax.axvline(float(np.mean(vals)), color=COLORS[group], linestyle=style, linewidth=2,
-                       label=f"{name} ({np.mean(vals):.3f})")
+    # one line per candidate location (the probe's top-K first, then e.g. patching:top8), never their mean
+    names = _by_localizer(best, metric, "top")[1]
+    order = sorted(range(len(top)), key=lambda i: (":" in names[i], names[i]))
+    for n, i in enumerate(order):
+        who = names[i].split(":", 1)[0] if ":" in names[i] else "probe"
+        color = COLORS["top"] if n == 0 else OTHER_CANDIDATE_COLORS[(n - 1) % len(OTHER_CANDIDATE_COLORS)]
+        ax.axvline(float(top[i]), color=color, linestyle="-" if n == 0 else "-.", linewidth=2,
+                   label=f"{who} top-{k} ({top[i]:.3f})")
+    full = _by_localizer(best, metric, "all")[0]
+    if full:
+        ax.axvline(float(np.mean(full)), color=COLORS["all"], linestyle="--", linewidth=2,
+                   label=f"{GROUP_LABEL['all']} ({np.mean(full):.3f})")
     base = _baseline(df, metric)
     if base is not None:
         ax.axvline(base, color=COLORS["none"], linestyle=":", linewidth=1.5, label=f"unedited ({base:.3f})")

@@ -1,8 +1,9 @@
 """Judges of generated answers: probabilities of truthful and informative, behind one interface.
 
 `get_judge(spec)` builds one from a name: `trained:DIR`, `hf:TRUTH_MODEL,INFO_MODEL`,
-`api:MODEL@BASE_URL[#KEY_ENV]`, `reference[:METRIC]`, `default`. Wrap it in `CachedJudge` (get_judge
-does unless cache=False) so that each (judge, question, answer) is judged once.
+`api:MODEL@BASE_URL[#KEY_ENV]`, `reference[:METRIC]`, `default[:small]` (locaudit's own judges on
+SmolLM2 features, trained on first use; `small` trains on fewer, whole questions, ~4x faster). Wrap it
+in `CachedJudge` (get_judge does unless cache=False) so that each (judge, question, answer) is judged once.
 """
 
 from locaudit.evaluate.judges.base import KINDS, Judge, JudgeScore, References, normalise_question
