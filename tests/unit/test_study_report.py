@@ -210,16 +210,21 @@ def per_question(trials, spec, run_dir):
         d.mkdir(parents=True, exist_ok=True)
         (d / "judgements.jsonl").write_text("".join(json.dumps({"qid": q, "answer": "a", "truth": float(v), "info": None})
                                                     + "\n" for q, v in zip(qids, truth)))
-        yield t.key, {"metrics": {"true": float(truth.mean()), "true_se": float(truth.std(ddof=1) / np.sqrt(20))},
+        hard = (truth >= 0.5).astype(float)  # True: the probability thresholded at 0.5 (EvalResult.set_judged)
+        yield t.key, {"metrics": {"true": float(hard.mean()), "true_se": float(hard.std(ddof=1) / np.sqrt(20)),
+                                  "true_prob": float(truth.mean()), "judge_threshold": 0.5},
                       "artifacts": {"eval": f"trials/{t.key}/eval"}}
 
 
 def test_report_pairs_questions_and_cross_fits(tmp_path: Path, spec) -> None:
+    # the verdict on the judges' mean probability of True: smooth per question, so equal edits look equal
+    # (thresholded True flips questions near 0.5 between equal edits; the next test checks that one)
+    spec = spec.model_copy(update={"verdict": spec.verdict.model_copy(update={"primary_metric": "true_prob"})})
     run = tmp_path / "run"
     run_study(spec, run, fn=per_question, progress=False)
     rep = build_report(run, n_resamples=499)
     comp = pd.read_csv(rep.out_dir / "comparisons.csv", dtype={"metric": str})  # else pandas reads "true" as True
-    sel = comp[(comp["scope"] == "selected") & (comp["metric"] == "true")].set_index("method")
+    sel = comp[(comp["scope"] == "selected") & (comp["metric"] == "true_prob")].set_index("method")
     assert set(sel["question_noise"]) == {"paired per-question bootstrap"}
     assert set(sel["selection"]) == {"cross-fit"}  # two grid points, no validation results: halves of the questions
     assert (sel["n_questions"] == 20).all()
@@ -232,6 +237,28 @@ def test_report_pairs_questions_and_cross_fits(tmp_path: Path, spec) -> None:
         assert (rep.out_dir / name).exists(), name
     selected = pd.read_csv(rep.out_dir / "selected.csv")
     assert len(selected[(selected["method"] == "optimal") & (selected["group"] == "random")]) == 8
+
+
+def test_per_question_true_is_thresholded_like_the_trial_metric(tmp_path: Path, spec) -> None:
+    """judgements.jsonl holds probabilities: the per-question True is them thresholded at the trial's
+    judge_threshold, so the analysis reproduces each trial's recorded True (and True_prob stays soft)."""
+    from locaudit.study.analysis import load_per_question
+    from locaudit.study.ledger import Ledger
+
+    run = tmp_path / "run"
+    run_study(spec, run, fn=per_question, progress=False)
+    with Ledger(run) as led:
+        rows = led.rows()
+    perq = load_per_question(run, rows)
+    checked = 0
+    for r in rows:
+        if r["key"] in perq and "true" in (r.get("metrics") or {}):
+            comps = perq[r["key"]]
+            assert set(comps["true"].values()) <= {0.0, 1.0}
+            assert np.mean(list(comps["true"].values())) == pytest.approx(r["metrics"]["true"])
+            assert np.mean(list(comps["true_prob"].values())) == pytest.approx(r["metrics"]["true_prob"])
+            checked += 1
+    assert checked > 10
 
 
 def test_histogram_marks_each_candidate_at_its_own_value(tmp_path: Path, monkeypatch) -> None:

@@ -326,3 +326,25 @@ def test_question_noise_enters_the_interval_and_pairing_is_used() -> None:
     assert paired["candidate_mean"] == pytest.approx(locs["top4"][1].mean(), rel=1e-12)
     assert paired["random_mean"] == pytest.approx(only_locations["random_mean"], rel=1e-12)
     assert paired["p_rank"] == only_locations["p_rank"] == unpaired["p_rank"]
+
+
+def test_evidence_for_with_question_noise_spanning_zero_carries_a_caution() -> None:
+    """The candidate beats all 19 draws on these 12 questions (rank p = 0.05), but per-question noise is so
+    large that the hierarchical CI of the difference includes 0: the verdict stays "evidence for" by the
+    rank test and says that another sample of questions might not repeat it; a clear win says nothing."""
+    rng = np.random.default_rng(3)
+    Q = 12
+    item = rng.normal(0, 0.3, Q)
+    rand = [0.50 + item + rng.normal(0, 0.5, Q) for _ in range(19)]
+    means = [float(r.mean()) for r in rand]
+    top = 0.50 + item + rng.normal(0, 0.5, Q)
+    top = top - top.mean() + max(means) + 0.005  # just above every draw
+    df, perq = study({"top4": ("top", top), **draws(rand), "all": ("all", 1.2 + item)}, 0.3 + item)
+    a, v, rows = run(df, perq)
+    r = rows["optimal"]
+    assert r["outcome"] == "evidence for" and r["ci_low"] <= 0 <= r["ci_high"]
+    assert any("caution" in line and "includes 0" in line for line in v.lines)
+    rand2 = list(np.linspace(0.55, 0.65, 19))  # the clear case of the test above: no caution
+    df, _ = study({"top4": ("top", 0.80), **draws(rand2), "all": ("all", 0.90)}, 0.40)
+    a, v, rows = run(df)
+    assert rows["optimal"]["outcome"] == "evidence for" and not any("caution" in line for line in v.lines)

@@ -39,10 +39,12 @@ BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "candidate", "alp
                 "error", "of")
 OUTCOMES = ("evidence for", "evidence against", "inconclusive", "no signal")
 # per-question score files of an evaluation folder: {file: {field: component}}
-PER_QUESTION_FILES = {"judgements.jsonl": {"truth": "true", "info": "info"},
+# judgements.jsonl holds the judges' probabilities: they are the *_prob components, and True / Info are
+# those probabilities thresholded at the evaluation's judge_threshold (as EvalResult.set_judged does)
+PER_QUESTION_FILES = {"judgements.jsonl": {"truth": "true_prob", "info": "info_prob"},
                       "mc_items.jsonl": {"mc1": "mc1", "mc2": "mc2", "mc0": "mc0"}}
 # metrics computed from several per-question components (True*Info is the product of the means, as ITI)
-PRODUCTS = {"true_info": ("true", "info")}
+PRODUCTS = {"true_info": ("true", "info"), "true_info_prob": ("true_prob", "info_prob")}
 SELECTION_LABEL = {"single": "fixed (each location ran one grid point: nothing to choose)",
                    "validation": "chosen on the validation split", "cross-fit": "chosen by cross-fitting on "
                    "test-question halves (no validation results)", "optimistic": "chosen on the test split "
@@ -176,7 +178,8 @@ def _by_localizer(sub: pd.DataFrame, metric: str, group: str) -> tuple[list[floa
 
 # ---------------------------------------------------------------------------------------------- per question
 def load_per_question(run_dir: str | Path, rows: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """{trial key: {component: {qid: score}}} from each finished evaluation's judgements.jsonl (true, info)
+    """{trial key: {component: {qid: score}}} from each finished evaluation's judgements.jsonl (the judges'
+    probabilities true_prob, info_prob, and true, info: those thresholded at the trial's judge_threshold)
     and mc_items.jsonl (mc1, mc2, mc0); a missing or unreadable file leaves that component out."""
     from locaudit.io import read_jsonl
 
@@ -199,6 +202,11 @@ def load_per_question(run_dir: str | Path, rows: Iterable[dict]) -> dict[str, di
                             comps.setdefault(comp, {})[str(rec["qid"])] = float(v)
             except Exception:  # a damaged file: that trial falls back to its aggregate metrics
                 continue
+        thr = (r.get("metrics") or {}).get("judge_threshold")
+        thr = float(thr) if isinstance(thr, (int, float)) and 0 < float(thr) < 1 else 0.5
+        for soft, hard in (("true_prob", "true"), ("info_prob", "info")):
+            if soft in comps:
+                comps[hard] = {q: float(v >= thr) for q, v in comps[soft].items()}
         if "true" in comps and "info" in comps:  # the mean of per-question products (EvalResult.true_info_per_q)
             comps["true_info_per_q"] = {q: t * comps["info"][q] for q, t in comps["true"].items() if q in comps["info"]}
         if comps:
@@ -951,6 +959,13 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
             lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
         elif oc == "evidence for":
             lines.append(f"{M}: evidence for localization: the {K} heads beat random locations: {stat}{eq}.")
+            if (str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
+                    and math.isfinite(r.get("ci_low", float("nan"))) and math.isfinite(r.get("ci_high", float("nan")))
+                    and (r["ci_low"] <= 0 <= r["ci_high"])):
+                lines.append(f"{M}: caution: the rank test holds the {int(r['n_questions'])} test questions fixed; with "
+                             f"their sampling noise included, the {cfg.level:.0%} CI of the difference "
+                             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] includes 0, so another sample of questions "
+                             "might not repeat this: evaluate on more test questions to confirm it.")
         elif oc == "evidence against":
             lines.append(f"{M}: evidence against localization: the {K} heads and random locations are equivalent "
                          f"within ±{cfg.margin:.0%} of full alignment's gain: {stat}{eq}.")
