@@ -237,7 +237,7 @@ def test_pair_encoder_falls_back_when_sharing_differs(monkeypatch):
     full = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False, share_prompt=False)
     enc = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False)
     real = enc._shared
-    monkeypatch.setattr(enc, "_shared", lambda cap, p, comps: (real(cap, p, comps)[0] + 1.0, len(comps)))
+    monkeypatch.setattr(enc, "_shared", lambda cap, p, comps: real(cap, p, comps) + 1.0)
     torch.testing.assert_close(enc.encode(SHARED_QS, SHARED_AS), full.encode(SHARED_QS, SHARED_AS))
     assert enc._shared_ok is False
 
