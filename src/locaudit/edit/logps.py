@@ -75,6 +75,16 @@ class _TiledTokenLogp(torch.autograd.Function):
         return grad_h.to(h.dtype), None, None, None, None, None, None, None
 
 
+def token_logps(model, h: torch.Tensor, targets: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """Float[Tensor, "n"]: log p(targets[i] | h[i]) under the model's (frozen) LM head, tile by tile.
+    h: Float[Tensor, "n d_model"], the final hidden states predicting each target; gradients flow to h."""
+    head = model.get_output_embeddings()
+    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    scale, cap = _head_transform(model)
+    with torch.autocast(h.device.type, enabled=False):
+        return _TiledTokenLogp.apply(h, head.weight, getattr(head, "bias", None), targets, dt, scale, cap, tile)
+
+
 def tiled_completion_logprobs(model, batch: CompletionBatch, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as `completion_logprobs` (summed log p of completion tokens Float[batch], counts Long[batch])
     without [batch, pos, vocab] logits; gradients flow to the hidden states (the LM head stays frozen)."""
@@ -83,12 +93,7 @@ def tiled_completion_logprobs(model, batch: CompletionBatch, tile: int = TILE) -
     hidden = backbone(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
     mask = comp[:, 1:]
     h = hidden[:, :-1][mask]  # [n_tok, d]: states that predict completion tokens
-    targets = ids[:, 1:][mask]
-    head = model.get_output_embeddings()
-    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    scale, cap = _head_transform(model)
-    with torch.autocast(h.device.type, enabled=False):
-        tok = _TiledTokenLogp.apply(h, head.weight, getattr(head, "bias", None), targets, dt, scale, cap, tile)
+    tok = token_logps(model, h, ids[:, 1:][mask], tile)
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
     sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device).index_add(0, row, tok)
     return sums, mask.sum(-1)

@@ -37,9 +37,13 @@ class PrefixStates:
     layer: int
     states: list[torch.Tensor]
     dtype: torch.dtype
+    packed: bool = False  # one packed row per pair (edit/packed.py) instead of 2N sequences
 
     def batch(self, idx: Sequence[int], n_pairs: int, T: int) -> torch.Tensor:
-        """Float[Tensor, "2B T d_model"] right-padded with zeros: chosen of `idx`, then rejected of `idx`."""
+        """Float[Tensor, "2B T d_model"] right-padded with zeros: chosen of `idx`, then rejected of `idx`;
+        packed: Float[Tensor, "B T d_model"], the packed rows of `idx`."""
+        if self.packed:
+            return pad_right_tensors([self.states[i] for i in idx], T, self.dtype)
         seqs = [self.states[i] for i in idx] + [self.states[n_pairs + i] for i in idx]
         return pad_right_tensors(seqs, T, self.dtype)
 
@@ -48,18 +52,28 @@ class PrefixStates:
 
 
 def collect_states(lm: LoadedModel, enc, layer: int, precision: PrecisionLike, batch_size: int = 16,
-                   start: PrefixStates | None = None, progress: bool = False) -> PrefixStates:
-    """No-grad pass storing the states entering `layer` for every sequence of `enc` (an EncodedPairs).
+                   start: PrefixStates | None = None, progress: bool = False, packed: bool = False) -> PrefixStates:
+    """No-grad pass storing the states entering `layer` for every sequence of `enc` (an EncodedPairs), or
+    with `packed` for every pair's packed row (edit/packed.py; batch_size // 2 rows per forward).
 
     The states are stored exactly as the layers above receive them (their dtype: the residual stream of an
     fp32 model stays fp32 under bf16 autocast), so training from them equals the full forward.
     From `start` (states at a lower layer) only layers start.layer..layer-1 run.
     """
+    from locaudit.edit.packed import mask_kind, pack_pair, pack_pairs
     from locaudit.models.scoring import collate_completions
 
+    if start is not None and start.packed != packed:
+        raise ValueError("collect_states: the start states have another layout (packed vs one row per sequence)")
     seqs = enc.sequences()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-    out: list[torch.Tensor | None] = [None] * len(seqs)
+    if packed:
+        lens = [len(pack_pair(enc.chosen[i], enc.rejected[i]).ids) for i in range(len(enc))]
+        batch_size = max(1, batch_size // 2)
+        kind = mask_kind(lm.model)
+    else:
+        lens = [len(p) + len(c) for p, c in seqs]
+    order = sorted(range(len(lens)), key=lambda i: lens[i])
+    out: list[torch.Tensor | None] = [None] * len(lens)
     dev = lm.device
     it = range(0, len(order), batch_size)
     dtype = None
@@ -69,18 +83,22 @@ def collect_states(lm: LoadedModel, enc, layer: int, precision: PrecisionLike, b
         with ctx as feed:
             for s in tqdm(it, desc=f"prefix states @ layer {layer}", disable=not progress, leave=False):
                 idx = order[s: s + batch_size]
-                b = collate_completions([seqs[i] for i in idx], enc.pad_id)
+                if packed:
+                    b = pack_pairs(enc, idx).to(dev)
+                    ids, mask, extra = b.input_ids, b.mask_for(kind, lm.dtype), {"position_ids": b.position_ids}
+                    lengths = b.lengths
+                else:
+                    b = collate_completions([seqs[i] for i in idx], enc.pad_id).to(dev)
+                    ids, mask, extra = b.input_ids, b.attention_mask, {}
+                    lengths = b.attention_mask.sum(1).tolist()
                 if feed is not None:
-                    feed["h"] = pad_right_tensors([start.states[i] for i in idx], b.input_ids.shape[1],
-                                                  start.dtype).to(dev)
-                b = b.to(dev)
-                cap.forward(lm.model, b.input_ids, b.attention_mask)
+                    feed["h"] = pad_right_tensors([start.states[i] for i in idx], ids.shape[1], start.dtype).to(dev)
+                cap.forward(lm.model, ids, mask, **extra)
                 h = cap.values.pop(layer)
                 dtype = h.dtype
-                lengths = b.attention_mask.sum(1).tolist()
                 for j, i in enumerate(idx):
                     out[i] = h[j, : lengths[j]].to("cpu").clone()
-    return PrefixStates(layer, out, dtype or lm.dtype)  # type: ignore[arg-type]
+    return PrefixStates(layer, out, dtype or lm.dtype, packed)  # type: ignore[arg-type]
 
 
 class PrefixCache:
@@ -95,15 +113,15 @@ class PrefixCache:
         self._store: OrderedDict[tuple, PrefixStates] = OrderedDict()
 
     def get(self, lm: LoadedModel, enc, layer: int, precision: PrecisionLike,
-            batch_size: int = 16, progress: bool = False) -> PrefixStates:
+            batch_size: int = 16, progress: bool = False, packed: bool = False) -> PrefixStates:
         precision = as_precision(precision, lm.device)
-        key = (lm.fingerprint, enc.key, precision.key, int(layer))
+        key = (lm.fingerprint, enc.key, precision.key, bool(packed), int(layer))
         if key in self._store:
             self._store.move_to_end(key)
             return self._store[key]
-        below = [k for k in self._store if k[:3] == key[:3] and k[3] < layer]
-        start = self._store[max(below, key=lambda k: k[3])] if below else None
-        states = collect_states(lm, enc, layer, precision, batch_size, start, progress)
+        below = [k for k in self._store if k[:4] == key[:4] and k[4] < layer]
+        start = self._store[max(below, key=lambda k: k[4])] if below else None
+        states = collect_states(lm, enc, layer, precision, batch_size, start, progress, packed)
         self._store[key] = states
         while len(self._store) > self.max_entries:
             self._store.popitem(last=False)

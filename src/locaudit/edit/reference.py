@@ -1,6 +1,8 @@
 """Reference log-probs of the frozen model, computed once per dataset and cached.
 
-Key: model fingerprint + encoded pairs (content, format, max_length) + precision + log-prob function. The cache lives in
+Key: model fingerprint + encoded pairs (content, format, max_length) + precision + log-prob function and
+layout (one row per sequence, or packed pairs: edit/packed.py; the policy uses the same, so that an edit
+at b = 0 reproduces the reference exactly). The cache lives in
 memory and on disk (cache_dir("reference")/<key>.safetensors), so no epoch, trial or process pays for
 the reference forward twice.
 """
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from locaudit.edit.encoded import EncodedPairs
 from locaudit.edit.logps import tiled_completion_logprobs
 from locaudit.edit.objectives import PairLogps
+from locaudit.edit.packed import pack_pair, pack_pairs, packed_logprobs
 from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike, as_precision
@@ -26,9 +29,12 @@ _MEMORY: dict[str, PairLogps] = {}
 
 
 def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int = 8,
-                   progress: bool = False, tiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: bool = False, tiled: bool = False, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad summed completion log-probs and token counts of all 2N sequences (length-sorted batches);
-    `tiled` uses edit.logps.tiled_completion_logprobs (same values, less memory)."""
+    `tiled` uses edit.logps.tiled_completion_logprobs (same values, less memory); `packed` runs each pair
+    as one packed row (batch_size // 2 pairs per forward)."""
+    if packed:
+        return _packed_logps(lm, enc, precision, batch_size, progress)
     fn = tiled_completion_logprobs if tiled else completion_logprobs
     seqs = enc.sequences()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
@@ -46,13 +52,33 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike,
     return sums, counts
 
 
+def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int,
+                  progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(enc)
+    order = sorted(range(n), key=lambda i: len(pack_pair(enc.chosen[i], enc.rejected[i]).ids))
+    per = max(1, batch_size // 2)
+    sums = torch.zeros(2 * n)
+    counts = torch.zeros(2 * n, dtype=torch.long)
+    with torch.no_grad(), as_precision(precision, lm.device).autocast(lm.dtype):
+        for s in tqdm(range(0, n, per), desc="reference log-probs", disable=not progress, leave=False):
+            idx = order[s: s + per]
+            lp, k = packed_logprobs(lm.model, pack_pairs(enc, idx).to(lm.device))
+            rows = torch.tensor(idx + [n + i for i in idx])
+            sums[rows] = lp.float().cpu()
+            counts[rows] = k.cpu()
+    return sums, counts
+
+
 def reference_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int = 8,
-                    disk: bool = True, progress: bool = False, tiled: bool = False) -> PairLogps:
+                    disk: bool = True, progress: bool = False, tiled: bool = False, packed: bool = False) -> PairLogps:
     """The frozen model's PairLogps of `enc`, from memory, disk, or one batched no-grad pass."""
     from safetensors.torch import load_file, save_file
 
     precision = as_precision(precision, lm.device)
-    key = stable_hash({"model": lm.fingerprint, "data": enc.key, "precision": precision.key, "tiled": bool(tiled)})
+    spec = {"model": lm.fingerprint, "data": enc.key, "precision": precision.key, "tiled": bool(tiled)}
+    if packed:  # a key of its own; unpacked runs keep the keys they had
+        spec["packed"] = True
+    key = stable_hash(spec)
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir("reference") / f"{key}.safetensors" if disk else None
@@ -65,7 +91,7 @@ def reference_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike
                 return out
         except Exception as e:  # a corrupt cache file is recomputed, not fatal
             log.warning("ignoring unreadable reference cache %s (%s)", path, e)
-    sums, counts = sequence_logps(lm, enc, precision, batch_size, progress, tiled)
+    sums, counts = sequence_logps(lm, enc, precision, batch_size, progress, tiled, packed)
     n = len(enc)
     out = PairLogps(sums[:n].clone(), sums[n:].clone(), counts[:n].clone(), counts[n:].clone())
     if path is not None:

@@ -5,7 +5,8 @@ share every forward pass (the batch is replicated E times, copy e routed to edit
 summed (so gradients stay independent) and each edit has its own AdamW group and gradient clipping,
 which makes the result equal to E separate runs. The frozen model's reference log-probs are computed
 once per dataset (edit/reference.py) and, where the lowest edited layer is l > 0, the states entering
-layer l are cached once (edit/prefix.py) so that only layers l..L-1 run.
+layer l are cached once (edit/prefix.py) so that only layers l..L-1 run. Each pair's chosen and rejected
+answers share one forward of their prompt (edit/packed.py) where the model takes the packed layout.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, rep
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
+from locaudit.edit.packed import check_packed, pack_pairs, packed_logprobs
 from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates
 from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
@@ -59,6 +61,7 @@ class TrainLog:
     lowest_layer: int = 0
     frozen_prefix: bool = False
     tiled_logps: bool = False
+    packed_pairs: bool = False
     diverged: str | None = None  # why training diverged (see `divergence`); such an edit is never saved
 
     @property
@@ -92,23 +95,26 @@ class StackRunner:
             log.info("frozen prefix not enabled for family %r: using the full forward", lm.sites.model_type)
         self.logp_fn = completion_logprobs
         self.tiled = False
+        self.packed = False
         self.feed: dict | None = None
         self.active = False
 
     def choose_logp_fn(self, enc: EncodedPairs) -> bool:
-        """Use tiled log-probs if configured and equal to `completion_logprobs` on a batch of `enc`."""
-        if self.config.tiled_logps:
-            batch = enc.batch(list(range(min(2, len(enc))))).to(self.lm.device)
-            with self.precision.autocast(self.lm.dtype):
+        """Use tiled log-probs if configured and equal to `completion_logprobs` on a batch of `enc`, and packed
+        pairs (with tiled log-probs) if configured and equal to the unpacked ones."""
+        with self.precision.autocast(self.lm.dtype):
+            if self.config.tiled_logps:
+                batch = enc.batch(list(range(min(2, len(enc))))).to(self.lm.device)
                 self.tiled = check_tiled(self.lm.model, batch)
-        self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
+            self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
+            self.packed = bool(self.tiled and self.config.packed_pairs and check_packed(self.lm.model, enc, self.logp_fn))
         return self.tiled
 
     def states(self, enc: EncodedPairs) -> PrefixStates | None:
         if not self.use_prefix:
             return None
         return PREFIX_CACHE.get(self.lm, enc, self.lowest, self.precision, self.config.eval_batch_size,
-                                self.config.progress)
+                                self.config.progress, self.packed)
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -127,13 +133,16 @@ class StackRunner:
         if not self.active:
             raise RuntimeError("StackRunner.logps runs inside StackRunner.session()")
         E, B = self.stack.n_edits, len(idx)
-        batch = enc.batch(idx)
+        batch = pack_pairs(enc, idx) if self.packed else enc.batch(idx)
         dev = self.lm.device
         if states is not None:
             h = states.batch(idx, len(enc), batch.input_ids.shape[1])
             self.feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
         with self.precision.autocast(self.lm.dtype):
-            sums, counts = self.logp_fn(self.lm.model, replicate(batch, E).to(dev))
+            if self.packed:
+                sums, counts = packed_logprobs(self.lm.model, batch.replicate(E).to(dev))
+            else:
+                sums, counts = self.logp_fn(self.lm.model, replicate(batch, E).to(dev))
         sums, counts = sums.float().view(E, 2 * B), counts.view(E, 2 * B)
         return PairLogps(sums[:, :B], sums[:, B:], counts[:, :B], counts[:, B:])
 
@@ -192,15 +201,15 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     tiled = runner.choose_logp_fn(enc_train)
     need_ref = cfg.objective in ("ipo", "dpo")
     ref_train = reference_logps(lm, enc_train, runner.precision, cfg.eval_batch_size, cfg.reference_disk_cache,
-                                cfg.progress, tiled) if need_ref else None
+                                cfg.progress, tiled, runner.packed) if need_ref else None
     ref_val = reference_logps(lm, enc_val, runner.precision, cfg.eval_batch_size, cfg.reference_disk_cache,
-                              cfg.progress, tiled) if enc_val is not None else None
+                              cfg.progress, tiled, runner.packed) if enc_val is not None else None
     st_train = runner.states(enc_train)
     st_val = runner.states(enc_val) if enc_val is not None and cfg.eval_each_epoch else None
 
     logs = [TrainLog(hs.name, float(lr), n_train=len(enc_train), n_val=len(enc_val) if enc_val else 0,
                      lowest_layer=runner.lowest, frozen_prefix=runner.use_prefix,
-                     tiled_logps=tiled) for hs, lr in zip(heads_list, lrs)]
+                     tiled_logps=tiled, packed_pairs=runner.packed) for hs, lr in zip(heads_list, lrs)]
     if ref_val is not None:
         before = validation_before(cfg, ref_val)
         for lg in logs:
