@@ -180,7 +180,8 @@ def _by_localizer(sub: pd.DataFrame, metric: str, group: str) -> tuple[list[floa
 def load_per_question(run_dir: str | Path, rows: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """{trial key: {component: {qid: score}}} from each finished evaluation's judgements.jsonl (the judges'
     probabilities true_prob, info_prob, and true, info: those thresholded at the trial's judge_threshold)
-    and mc_items.jsonl (mc1, mc2, mc0); a missing or unreadable file leaves that component out."""
+    and mc_items.jsonl (mc1, mc2, mc0); a missing or unreadable file leaves that component out. A row whose
+    artifacts name "judgements" (re-scored by another judge) is read from that file instead."""
     from locaudit.io import read_jsonl
 
     run_dir = Path(run_dir)
@@ -190,8 +191,9 @@ def load_per_question(run_dir: str | Path, rows: Iterable[dict]) -> dict[str, di
         if r.get("status") != "done" or not ev:
             continue
         comps: dict[str, dict[str, float]] = {}
+        redirect = (r.get("artifacts") or {}).get("judgements")  # re-scored by another judge (study/rejudge.py)
         for fname, fields in PER_QUESTION_FILES.items():
-            path = run_dir / ev / fname
+            path = run_dir / redirect if fname == "judgements.jsonl" and redirect else run_dir / ev / fname
             if not path.exists():
                 continue
             try:

@@ -209,16 +209,29 @@ CAPTIONS = {
 }
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resamples: int = 4999) -> Report:
-    """Rebuild RUN/report from the ledger (see the module docstring)."""
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resamples: int = 4999,
+                 judge=None) -> Report:
+    """Rebuild RUN/report from the ledger (see the module docstring). With `judge` (a Judge), True/Info are
+    re-scored by it from the saved answers (study/rejudge.py) and the report goes to RUN/report-<judge>."""
+    from locaudit.study.rejudge import rejudge_rows
+
     run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     with Ledger(run_dir) as ledger:
         spec = ledger.get_meta("spec", {}) or {}
         machine = ledger.get_meta("precision", {}) or {}
         rows = ledger.rows()
         counts = ledger.counts()
+    notes: list[str] = []
+    rejudged = None
+    if judge is not None:
+        rows, rejudged = rejudge_rows(run_dir, rows, judge)
+        own = (spec.get("evaluation") or {}).get("judge")
+        notes.append(f"True and Info re-scored by the judge {rejudged['judge']} from the saved answers of "
+                     f"{rejudged['trials']} trials ({rejudged['answers']} answers); the run's own judge was {own}. "
+                     "MC, KL and CE do not use a judge and are unchanged.")
+    default_out = run_dir / (f"report-{rejudged['slug']}" if rejudged else "report")
+    out = Path(out_dir) if out_dir is not None else default_out
+    out.mkdir(parents=True, exist_ok=True)
     top_k = int(((spec.get("localizers") or {}).get("probe") or {}).get("top_k", 16))
     cfg = VerdictSpec.model_validate(spec.get("verdict") or {})
     max_overlap = ((spec.get("localizers") or {}).get("random") or {}).get("max_overlap", 0.5)
@@ -226,7 +239,6 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     res = results_frame(rows)
     tables = export_trials(all_df, out)
     tables["results.csv"] = _write_df(res, out / "results.csv")
-    notes: list[str] = []
     probe = _probe(run_dir, rows, notes)
     ranking = probe.ranking() if probe is not None else None
     perq = load_per_question(run_dir, rows)
@@ -250,7 +262,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     vd = {"headline": v.headline, "outcome": v.outcome, "lines": v.lines, "table": v.table, "missing": v.missing,
           "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
           "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "localizers": per_candidate, "localizer_table": side, "agreement": agree}
+          "localizers": per_candidate, "localizer_table": side, "agreement": agree,
+          "judge": rejudged or {"judge": (spec.get("evaluation") or {}).get("judge"), "rejudged": False}}
     write_json_atomic(out / "verdict.json", vd)
     tables["verdict.json"] = out / "verdict.json"
     figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)

@@ -1,0 +1,143 @@
+"""Re-score a study's answers with another judge: does the verdict depend on the judge?
+
+Every finished trial keeps its greedy answers (`eval/generations.jsonl`). `rejudge_rows` scores them all
+with another judge in one batched call (a (question, answer) pair that several trials share is scored
+once), writes each trial's judgements to `RUN/rejudged/<judge slug>/<trial key>.jsonl` (kept: a second
+report with the same judge scores nothing), and returns the ledger rows with True, Info and True*Info
+recomputed exactly as the evaluation computes them (`EvalResult.set_judged`, at the trial's threshold).
+The report then reads the new judgements per question (`analysis.load_per_question` follows
+`artifacts["judgements"]`). MC, KL, CE and preferences do not use a judge and are unchanged.
+
+This asks how much the conclusion rests on one judge (e.g. locaudit's default judge, whose features come
+from the model under study, against one on another backbone, or an API judge). Agreement between two
+judges is not evidence that either is right; the audit set (docs/judges.md) measures that.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from locaudit.errors import DataError
+from locaudit.io import read_jsonl, strict_json, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+JUDGED = ("true", "info", "true_info", "true_info_per_q", "true_prob", "info_prob", "true_info_prob")
+
+
+def judge_slug(name: str) -> str:
+    """A folder name for a judge: its name's safe characters and a short hash of the full name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:40] or "judge"
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _generations(run_dir: Path, row: dict) -> list[dict] | None:
+    ev = (row.get("artifacts") or {}).get("eval")
+    if row.get("status") != "done" or not ev:
+        return None
+    path = run_dir / ev / "generations.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        recs = [rec for _, rec in read_jsonl(path)]
+    except Exception as e:
+        raise DataError(f"{path}: unreadable generations ({e}); re-run that trial or leave it out") from e
+    for i, rec in enumerate(recs):
+        if not all(isinstance(rec.get(f), str) for f in ("qid", "question", "answer")):
+            raise DataError(f"{path} line {i + 1}: needs string fields qid, question and answer")
+    return recs
+
+
+def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
+                 progress: bool = True) -> tuple[list[dict], dict[str, Any]]:
+    """(rows with judge metrics recomputed by `judge`, a summary {judge, slug, trials, answers, scored}).
+
+    Rows without saved generations (not finished, no `gen` metric) are returned unchanged. `judge` is any
+    object with `name` and `score(questions, answers) -> [JudgeScore | dict]` (locaudit.evaluate.judges).
+    """
+    from locaudit.evaluate.results import EvalResult
+    from locaudit.evaluate.runner import _judge_values
+    from locaudit.study.steps.evaluation import flatten_metrics
+
+    run_dir = Path(run_dir)
+    name = str(getattr(judge, "name", type(judge).__name__))
+    slug = judge_slug(name)
+    folder = run_dir / "rejudged" / slug
+    gens = {r["key"]: g for r in rows if (g := _generations(run_dir, r))}
+    cached: dict[str, list[dict]] = {}
+    for key in gens:
+        p = folder / f"{key}.jsonl"
+        if p.is_file():
+            try:
+                recs = [rec for _, rec in read_jsonl(p)]
+                if [x.get("qid") for x in recs] == [g["qid"] for g in gens[key]]:
+                    cached[key] = recs
+            except Exception:  # a damaged cache file is re-scored
+                pass
+    todo = [k for k in gens if k not in cached]
+    pairs = list(dict.fromkeys((g["question"], g["answer"]) for k in todo for g in gens[k]))
+    scores: dict[tuple[str, str], tuple[float | None, float | None]] = {}
+    if pairs:
+        log.info("re-scoring %d distinct answers of %d trials with judge %s", len(pairs), len(todo), name)
+        raw = judge.score([q for q, _ in pairs], [a for _, a in pairs])
+        truth, info = _judge_values(raw, len(pairs), name)
+        scores = {p: (t, i) for p, t, i in zip(pairs, truth, info)}
+    for key in todo:
+        recs = [{"qid": g["qid"], "answer": g["answer"], "truth": scores[(g["question"], g["answer"])][0],
+                 "info": scores[(g["question"], g["answer"])][1]} for g in gens[key]]
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / f"{key}.jsonl", "".join(json.dumps(strict_json(x), allow_nan=False) + "\n"
+                                                           for x in recs))
+        cached[key] = recs
+    out = []
+    for r in rows:
+        if r["key"] not in cached:
+            out.append(r)
+            continue
+        r = copy.deepcopy(r)
+        metrics = dict(r.get("metrics") or {})
+        thr = metrics.get("judge_threshold")
+        thr = float(thr) if isinstance(thr, (int, float)) and 0 < float(thr) < 1 else 0.5
+        res = EvalResult(model="", split="")
+        recs = cached[r["key"]]
+        res.set_judged([x["truth"] for x in recs], [x["info"] for x in recs], name, thr)
+        fresh = flatten_metrics(res)
+        for k in list(metrics):
+            if k.split("_se")[0] in JUDGED:
+                metrics.pop(k)
+        metrics.update({k: v for k, v in fresh.items() if k.split("_se")[0] in JUDGED})
+        r["metrics"] = metrics
+        r["artifacts"] = {**(r.get("artifacts") or {}), "judgements": str((folder / f"{r['key']}.jsonl").relative_to(run_dir))}
+        out.append(r)
+    summary = {"judge": name, "slug": slug, "trials": len(cached), "answers": sum(len(v) for v in cached.values()),
+               "scored": len(pairs)}
+    return out, summary
+
+
+
+
+
+def study_judge(spec: dict, judge_spec: str, device: str = "auto"):
+    """The judge named `judge_spec`, set up as the study's own (reference answers of its TruthfulQA file; a
+    judge trained by locaudit holds out the study's evaluation split of exactly its data split)."""
+    from locaudit.evaluate.judges import get_judge
+    from locaudit.models.loading import resolve_device
+    from locaudit.study.spec import StudySpec
+    from locaudit.study.trials import _selection
+
+    s = StudySpec.model_validate(spec)
+    d = s.data
+    data_spec = s.resolved_data_spec()
+    ev = s.evaluation
+    select = _selection(s)  # as the study's own judge: validation answers scored for selection are held out too
+    holdout = tuple(sorted({ev.split, select["split"]} if select and "gen" in select["metrics"] else {ev.split}))
+    refs = data_spec if data_spec.startswith("truthfulqa:") else None
+    return get_judge(judge_spec, references=refs, holdout=data_spec, holdout_splits=holdout, seed=d.seed,
+                     fractions=tuple(d.fractions), max_questions=d.max_questions, device=str(resolve_device(device)))
+__all__ = ["rejudge_rows", "judge_slug", "study_judge", "JUDGED"]
