@@ -104,4 +104,4 @@ def test_caa_study_files_validate(study, shared_data, monkeypatch):
     spec = load_study(REPO / "studies" / study)
     assert spec.evaluation.metrics[0] == "ab" and spec.verdict.primary_metric == "ab"
     trials = expand(spec)
-    assert sum(t.kind == "optimal" for t in trials) == 12 and sum(t.kind == "iti" for t in trials) == 10
+    assert sum(t.kind == "optimal" for t in trials) == 12 and sum(t.kind == "iti" for t in trials) == 6
