@@ -142,3 +142,46 @@ def test_training_packed_equals_unpacked(tmp_path, monkeypatch):
     assert float(e0.b.abs().sum()) > 0
     torch.testing.assert_close(e1.b, e0.b, rtol=1e-3, atol=1e-6)
     assert l1.after["val_loss"] == pytest.approx(l0.after["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt_neox"])
+def test_one_row_equals_row_per_pair(family):
+    if family not in FAMILIES:
+        pytest.skip(f"{family} has no tiny configuration here")
+    lm = tiny_model(family, with_bias=True)
+    enc = _enc(lm)
+    idx = [3, 1, 0, 2]
+    s1, n1, g1 = _value_and_grad(lm, lambda: packed_logprobs(lm.model, pack_pairs(enc, idx)))
+    s2, n2, g2 = _value_and_grad(lm, lambda: packed_logprobs(lm.model, pack_pairs(enc, idx, one_row=True)))
+    b = pack_pairs(enc, idx, one_row=True)
+    assert b.input_ids.shape[0] == 1 and b.lengths == [sum(pack_pairs(enc, idx).lengths)] and b.n_pairs == 4
+    assert torch.equal(n2, n1)
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-4)
+    for a, c in zip(g2, g1):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the unedited model: copies of one row give the row's values
+        s0, _ = packed_logprobs(lm.model, b)
+        s3, n3 = packed_logprobs(lm.model, b.replicate(3))
+    assert torch.equal(n3, n1.repeat(3))
+    torch.testing.assert_close(s3, s0.repeat(3), rtol=1e-5, atol=1e-4)
+
+
+def test_checkpointing_auto_only_where_activations_exceed_the_budget(tmp_path, monkeypatch):
+    from locaudit.edit import train as train_mod
+    from locaudit.edit.train import activation_bytes, train_edit
+
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path))
+    lm = tiny_model("llama", n_layers=4)
+    pairs = _pairs(6)
+    cfg = dict(progress=False, reference_disk_cache=False, precision="fp32", epochs=1, lr=1e-2)
+    _, log = train_edit(lm, HeadSet.parse("L0H1"), pairs, config=cfg)
+    assert log.gradient_checkpointing is False  # a few KB of activations
+    _, log = train_edit(lm, HeadSet.parse("L0H1"), pairs, config=dict(cfg, gradient_checkpointing=True))
+    assert log.gradient_checkpointing is True
+    monkeypatch.setattr(train_mod, "memory_budget", lambda: 1000)
+    e1, log = train_edit(lm, HeadSet.parse("L0H1"), pairs, config=cfg)
+    assert log.gradient_checkpointing is True
+    e0, log = train_edit(lm, HeadSet.parse("L0H1"), pairs, config=dict(cfg, gradient_checkpointing=False))
+    assert log.gradient_checkpointing is False
+    torch.testing.assert_close(e1.b, e0.b, rtol=1e-4, atol=1e-6)  # checkpointing changes memory, not results
+    assert activation_bytes(lm, 100, 4) == 100 * 4 * (16 * 32 + 4 * lm.model.config.intermediate_size) * 4

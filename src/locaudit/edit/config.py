@@ -59,9 +59,10 @@ class TrainConfig(BaseModel):
     packed_pairs: bool = Field(
         True, description="run each pair's chosen and rejected answers in one row sharing their prompt's forward "
         "(edit/packed.py; 1.5x fewer tokens on TruthfulQA); checked against one row per sequence")
-    gradient_checkpointing: bool = Field(
-        True, description="recompute layer activations in the backward pass: on SmolLM2 (CPU) 40% less "
-        "training memory for 0-25% more time (as TRL's default)")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute layer activations in the backward pass (less training memory, one more "
+        "forward: on SmolLM2 with 2 CPU cores 50% less memory for 25-40% more time); auto = only where a training "
+        "pass's stored activations would exceed the memory budget (edit/train.py checkpointing_needed)")
     max_length: int = Field(256, ge=8, description="maximum tokens of prompt + completion (prompt cut from the left)")
     eval_batch_size: int = Field(
         8, ge=2, description="sequences per forward in no-grad passes (reference, prefix states, validation); "

@@ -74,12 +74,12 @@ def pack_pair(chosen: tuple[list[int], list[int]], rejected: tuple[list[int], li
 
 @dataclass
 class PackedBatch:
-    """B pairs packed into B right-padded rows.
+    """B pairs packed into R right-padded rows (R = B, or 1 with `one_row`).
 
-    input_ids, position_ids: Long[Tensor, "B T"]; allowed: Bool[Tensor, "B T T"] (query row may attend key
-    column; the diagonal is always allowed so padding rows stay finite); pred: Long[n] flat index b*T + t of
+    input_ids, position_ids: Long[Tensor, "R T"]; allowed: Bool[Tensor, "R T T"] (query row may attend key
+    column; the diagonal is always allowed so padding rows stay finite); pred: Long[n] flat index r*T + t of
     the state that predicts each completion token; targets: Long[n]; seq: Long[n] the sequence each token
-    belongs to (chosen of pair b -> b, rejected -> B + b); lengths: real tokens per row.
+    belongs to (chosen of pair b -> b, rejected -> B + b); lengths: real tokens per row; n_pairs: B.
     """
 
     input_ids: torch.Tensor
@@ -89,10 +89,8 @@ class PackedBatch:
     targets: torch.Tensor
     seq: torch.Tensor
     lengths: list[int]
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.input_ids.shape[0])
+    n_pairs: int
+    one_row: bool = False
 
     def to(self, device) -> "PackedBatch":
         return replace(self, **{k: getattr(self, k).to(device) for k in
@@ -102,12 +100,13 @@ class PackedBatch:
         """The batch n times along the batch axis; copy e's sequences are numbered e*2B .. e*2B + 2B - 1."""
         if n == 1:
             return self
-        B, T = self.input_ids.shape
+        R, T = self.input_ids.shape
         k = self.pred.numel()
         off = torch.arange(n, device=self.pred.device).repeat_interleave(k)
         return PackedBatch(self.input_ids.repeat(n, 1), self.position_ids.repeat(n, 1), self.allowed.repeat(n, 1, 1),
-                           self.pred.repeat(n) + off * (B * T), self.targets.repeat(n), self.seq.repeat(n) + off * (2 * B),
-                           self.lengths * n)
+                           self.pred.repeat(n) + off * (R * T), self.targets.repeat(n),
+                           self.seq.repeat(n) + off * (2 * self.n_pairs), self.lengths * n, self.n_pairs * n,
+                           self.one_row)
 
     def mask_for(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
         """The 4D mask [B, 1, T, T] as the attention implementation reads it: boolean (True = attend) or
@@ -118,34 +117,53 @@ class PackedBatch:
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
 
 
-def collate_packed(packed: Sequence[PackedPair], pad: int, length: int | None = None) -> PackedBatch:
-    """Right-pad packed pairs into a PackedBatch (T = longest row, or `length`)."""
+def collate_packed(packed: Sequence[PackedPair], pad: int, length: int | None = None,
+                   one_row: bool = False) -> PackedBatch:
+    """Right-pad packed pairs into a PackedBatch, one row per pair (T = longest row, or `length`); with
+    `one_row`, every pair goes into a single row, one after the other (no padding; the mask is block-diagonal,
+    pair by pair), so that small batches run as one larger matrix product."""
     B = len(packed)
-    T = max(len(p.ids) for p in packed) if length is None else int(length)
-    ids = torch.full((B, T), int(pad), dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    allowed = torch.zeros((B, T, T), dtype=torch.bool)
-    eye = torch.eye(T, dtype=torch.bool)
+    starts = [0] * B
+    if one_row:
+        for b in range(1, B):
+            starts[b] = starts[b - 1] + len(packed[b - 1].ids)
+        row_of = [0] * B
+        total = starts[-1] + len(packed[-1].ids) if B else 0
+        n_rows, T = 1, total if length is None else int(length)
+    else:
+        row_of = list(range(B))
+        n_rows, T = B, (max(len(p.ids) for p in packed) if length is None else int(length))
+    ids = torch.full((n_rows, T), int(pad), dtype=torch.long)
+    pos = torch.zeros((n_rows, T), dtype=torch.long)
+    allowed = torch.zeros((n_rows, T, T), dtype=torch.bool)
     pred, tgt, seq = [], [], []
-    for r, p in enumerate(packed):
-        n = len(p.ids)
-        ids[r, :n] = torch.tensor(p.ids)
-        pos[r, :n] = torch.tensor(p.positions)
+    for b, p in enumerate(packed):
+        r, s, n = row_of[b], starts[b], len(p.ids)
+        ids[r, s: s + n] = torch.tensor(p.ids)
+        pos[r, s: s + n] = torch.tensor(p.positions)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         causal[p.split:, p.shared: p.split] = False  # the rejected tail never sees the chosen tail
-        allowed[r, :n, :n] = causal
-        allowed[r] |= eye
-        for side, (rows, tgts) in ((r, p.chosen), (B + r, p.rejected)):
-            pred.extend(r * T + x for x in rows)
+        allowed[r, s: s + n, s: s + n] = causal
+        for side, (rows, tgts) in ((b, p.chosen), (B + b, p.rejected)):
+            pred.extend(r * T + s + x for x in rows)
             tgt.extend(tgts)
             seq.extend([side] * len(rows))
+    allowed |= torch.eye(T, dtype=torch.bool)  # padding attends to itself only (finite, never read)
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return PackedBatch(ids, pos, allowed, as_long(pred), as_long(tgt), as_long(seq), [len(p.ids) for p in packed])
+    lengths = [starts[-1] + len(packed[-1].ids)] if one_row and B else [len(p.ids) for p in packed]
+    return PackedBatch(ids, pos, allowed, as_long(pred), as_long(tgt), as_long(seq), lengths, B, bool(one_row))
 
 
-def pack_pairs(enc, idx: Sequence[int], length: int | None = None) -> PackedBatch:
-    """PackedBatch of the pairs `idx` of an EncodedPairs."""
-    return collate_packed([pack_pair(enc.chosen[i], enc.rejected[i]) for i in idx], enc.pad_id, length)
+ONE_ROW_TOKENS = 512  # pairs go in one row while it stays this short (attention grows with the row's square)
+
+
+def pack_pairs(enc, idx: Sequence[int], length: int | None = None, one_row: bool | None = False) -> PackedBatch:
+    """PackedBatch of the pairs `idx` of an EncodedPairs: one row per pair, all in one row (`one_row`), or
+    with one_row=None in one row if that row has at most ONE_ROW_TOKENS tokens."""
+    packed = [pack_pair(enc.chosen[i], enc.rejected[i]) for i in idx]
+    if one_row is None:
+        one_row = sum(len(p.ids) for p in packed) <= ONE_ROW_TOKENS
+    return collate_packed(packed, enc.pad_id, length, one_row)
 
 
 def mask_kind(model) -> str | None:

@@ -39,11 +39,13 @@ class PrefixStates:
     dtype: torch.dtype
     packed: bool = False  # one packed row per pair (edit/packed.py) instead of 2N sequences
 
-    def batch(self, idx: Sequence[int], n_pairs: int, T: int) -> torch.Tensor:
+    def batch(self, idx: Sequence[int], n_pairs: int, T: int, one_row: bool = False) -> torch.Tensor:
         """Float[Tensor, "2B T d_model"] right-padded with zeros: chosen of `idx`, then rejected of `idx`;
-        packed: Float[Tensor, "B T d_model"], the packed rows of `idx`."""
+        packed: Float[Tensor, "B T d_model"], the packed rows of `idx`, or with `one_row` [1, T, d_model],
+        them one after the other (edit/packed.py collate_packed)."""
         if self.packed:
-            return pad_right_tensors([self.states[i] for i in idx], T, self.dtype)
+            rows = [self.states[i] for i in idx]
+            return pad_right_tensors([torch.cat(rows)] if one_row else rows, T, self.dtype)
         seqs = [self.states[i] for i in idx] + [self.states[n_pairs + i] for i in idx]
         return pad_right_tensors(seqs, T, self.dtype)
 

@@ -62,7 +62,7 @@ def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, 
     with torch.no_grad(), as_precision(precision, lm.device).autocast(lm.dtype):
         for s in tqdm(range(0, n, per), desc="reference log-probs", disable=not progress, leave=False):
             idx = order[s: s + per]
-            lp, k = packed_logprobs(lm.model, pack_pairs(enc, idx).to(lm.device))
+            lp, k = packed_logprobs(lm.model, pack_pairs(enc, idx, one_row=None).to(lm.device))
             rows = torch.tensor(idx + [n + i for i in idx])
             sums[rows] = lp.float().cpu()
             counts[rows] = k.cpu()

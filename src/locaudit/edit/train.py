@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, rep
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
-from locaudit.edit.packed import check_packed, pack_pairs, packed_logprobs
+from locaudit.edit.packed import check_packed, pack_pair, pack_pairs, packed_logprobs
 from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates
 from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
@@ -62,6 +63,7 @@ class TrainLog:
     frozen_prefix: bool = False
     tiled_logps: bool = False
     packed_pairs: bool = False
+    gradient_checkpointing: bool = False
     diverged: str | None = None  # why training diverged (see `divergence`); such an edit is never saved
 
     @property
@@ -83,6 +85,63 @@ def cosine_schedule(total: int, warmup: int):
     return f
 
 
+def choose_layout(lm: LoadedModel, enc: EncodedPairs, config: TrainConfig) -> tuple[bool, bool]:
+    """(tiled, packed) as training uses them: tiled log-probs if configured and equal to `completion_logprobs`
+    on a batch of `enc`; packed pairs (which need the tiled head) if configured and equal to the unpacked
+    ones. The reference log-probs must be computed in the same layout (`reference_logps(tiled=, packed=)`)."""
+    precision = resolve_precision(config.precision, lm.device)
+    key = (lm.fingerprint, enc.key, precision.key, bool(config.tiled_logps), bool(config.packed_pairs))
+    if key in _LAYOUTS:  # checked once per model, data and precision (a study trains many edits on the same pairs)
+        return _LAYOUTS[key]
+    tiled = packed = False
+    with precision.autocast(lm.dtype):
+        if config.tiled_logps:
+            batch = enc.batch(list(range(min(2, len(enc))))).to(lm.device)
+            tiled = check_tiled(lm.model, batch)
+        if tiled and config.packed_pairs:
+            packed = check_packed(lm.model, enc, tiled_completion_logprobs)
+    _LAYOUTS[key] = (tiled, bool(packed))
+    return _LAYOUTS[key]
+
+
+_LAYOUTS: dict[tuple, tuple[bool, bool]] = {}
+
+
+ACTIVATION_BUDGET_BYTES = 2 * 1024 ** 3  # stored activations above this (or a quarter of free memory) checkpoint
+
+
+def activation_bytes(lm: LoadedModel, tokens: int, n_layers: int) -> int:
+    """Estimated bytes a training pass stores for the backward pass: per token and layer about 16 d_model +
+    4 d_ff values (attention and MLP inputs, norms, activations), at 4 bytes (fp32 residual stream)."""
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    d = lm.sites.d_model
+    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or getattr(cfg, "ffn_dim", None) or 4 * d
+    return int(tokens) * int(n_layers) * (16 * d + 4 * int(d_ff)) * 4
+
+
+def memory_budget() -> int:
+    """ACTIVATION_BUDGET_BYTES, or a quarter of the memory available now if that is less."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return ACTIVATION_BUDGET_BYTES
+    return int(min(ACTIVATION_BUDGET_BYTES, free // 4))
+
+
+def checkpointing_needed(lm: LoadedModel, config: TrainConfig, enc: EncodedPairs, n_edits: int, n_layers: int,
+                         packed: bool) -> bool:
+    """config.gradient_checkpointing resolved: "auto" checkpoints only where the largest training batch's
+    stored activations (`activation_bytes`, E copies) exceed `memory_budget()`."""
+    if config.gradient_checkpointing != "auto":
+        return bool(config.gradient_checkpointing)
+    if packed:
+        longest = max(len(pack_pair(c, r).ids) for c, r in zip(enc.chosen, enc.rejected))
+    else:
+        longest = 2 * max(len(p) + len(c) for p, c in enc.sequences())
+    tokens = n_edits * min(config.batch_size, len(enc)) * longest
+    return activation_bytes(lm, tokens, n_layers) > memory_budget()
+
+
 class StackRunner:
     """Forward passes of a LoRAStack on pair batches: full model, or from the cached prefix."""
 
@@ -98,16 +157,14 @@ class StackRunner:
         self.packed = False
         self.feed: dict | None = None
         self.active = False
+        self.checkpointing = config.gradient_checkpointing is True  # resolved by choose_logp_fn
 
     def choose_logp_fn(self, enc: EncodedPairs) -> bool:
-        """Use tiled log-probs if configured and equal to `completion_logprobs` on a batch of `enc`, and packed
-        pairs (with tiled log-probs) if configured and equal to the unpacked ones."""
-        with self.precision.autocast(self.lm.dtype):
-            if self.config.tiled_logps:
-                batch = enc.batch(list(range(min(2, len(enc))))).to(self.lm.device)
-                self.tiled = check_tiled(self.lm.model, batch)
-            self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
-            self.packed = bool(self.tiled and self.config.packed_pairs and check_packed(self.lm.model, enc, self.logp_fn))
+        """Use tiled log-probs and packed pairs where configured and checked (`choose_layout`)."""
+        self.tiled, self.packed = choose_layout(self.lm, enc, self.config)
+        self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
+        n_run = self.lm.sites.n_layers - (self.lowest if self.use_prefix else 0)
+        self.checkpointing = checkpointing_needed(self.lm, self.config, enc, self.stack.n_edits, n_run, self.packed)
         return self.tiled
 
     def states(self, enc: EncodedPairs) -> PrefixStates | None:
@@ -121,7 +178,7 @@ class StackRunner:
         """Attach the edits, cut the model to the layers above the prefix and (optionally) checkpoint them,
         for a whole training run: the backward passes, which recompute checkpointed layers, need them too."""
         run = run_from_layer(self.lm, self.lowest) if self.use_prefix else nullcontext()
-        with self.stack.attached(), run as feed, checkpointed_layers(self.lm, self.config.gradient_checkpointing):
+        with self.stack.attached(), run as feed, checkpointed_layers(self.lm, self.checkpointing):
             self.feed, self.active = feed, True
             try:
                 yield
@@ -133,10 +190,11 @@ class StackRunner:
         if not self.active:
             raise RuntimeError("StackRunner.logps runs inside StackRunner.session()")
         E, B = self.stack.n_edits, len(idx)
-        batch = pack_pairs(enc, idx) if self.packed else enc.batch(idx)
+        # packed: short pairs in one row, so that a small batch is one larger matrix product
+        batch = pack_pairs(enc, idx, one_row=None) if self.packed else enc.batch(idx)
         dev = self.lm.device
         if states is not None:
-            h = states.batch(idx, len(enc), batch.input_ids.shape[1])
+            h = states.batch(idx, len(enc), batch.input_ids.shape[1], one_row=self.packed and batch.one_row)
             self.feed["h"] = (h.repeat(E, 1, 1) if E > 1 else h).to(dev)
         with self.precision.autocast(self.lm.dtype):
             if self.packed:
@@ -209,7 +267,8 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
 
     logs = [TrainLog(hs.name, float(lr), n_train=len(enc_train), n_val=len(enc_val) if enc_val else 0,
                      lowest_layer=runner.lowest, frozen_prefix=runner.use_prefix,
-                     tiled_logps=tiled, packed_pairs=runner.packed) for hs, lr in zip(heads_list, lrs)]
+                     tiled_logps=tiled, packed_pairs=runner.packed, gradient_checkpointing=runner.checkpointing)
+            for hs, lr in zip(heads_list, lrs)]
     if ref_val is not None:
         before = validation_before(cfg, ref_val)
         for lg in logs:
