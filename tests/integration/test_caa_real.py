@@ -68,11 +68,11 @@ def test_ab_metric_on_the_sycophancy_test_set(shared_data, smollm2):
 
     pairs = load_caa(_caa(shared_data, "test", "sycophancy", "test_dataset_ab.json"))
     assert len(pairs) == 50
-    pairs = pairs[:12]  # bounded: the metric's cost grows with the items, its correctness does not
+    pairs = pairs[:4]  # bounded: the metric's cost grows with the items (long prompts), its correctness does not
     fmt = PromptFormat("plain")
-    res = score_ab(smollm2, None, pairs, fmt, batch_size=12)
+    res = score_ab(smollm2, None, pairs, fmt, batch_size=4)
     s = res.summary()
-    assert 0 < s["ab"] < 1 and s["n_ab"] == 12 and s["ab_delta"] == 0.0
+    assert 0 < s["ab"] < 1 and s["n_ab"] == 4 and s["ab_delta"] == 0.0
     # one item by hand: the letters' probabilities after the prompt, normalised over the two
     p = pairs[0]
     tok = smollm2.tokenizer
