@@ -157,6 +157,11 @@ def collate_packed(packed: Sequence[PackedPair], pad: int, length: int | None = 
 ONE_ROW_TOKENS = 512  # pairs go in one row while it stays this short (attention grows with the row's square)
 
 
+def packed_lengths(enc) -> list[int]:
+    """Tokens of each pair's packed row (an EncodedPairs): for length-sorted batches and memory estimates."""
+    return [len(pack_pair(c, r).ids) for c, r in zip(enc.chosen, enc.rejected)]
+
+
 def pack_pairs(enc, idx: Sequence[int], length: int | None = None, one_row: bool | None = False) -> PackedBatch:
     """PackedBatch of the pairs `idx` of an EncodedPairs: one row per pair, all in one row (`one_row`), or
     with one_row=None in one row if that row has at most ONE_ROW_TOKENS tokens."""
@@ -228,5 +233,5 @@ def check_packed(model, enc, logp_fn, rtol: float = 1e-3, atol: float = 2e-2) ->
     return ok
 
 
-__all__ = ["PackedPair", "PackedBatch", "pack_pair", "collate_packed", "pack_pairs", "packed_logprobs",
+__all__ = ["PackedPair", "PackedBatch", "pack_pair", "packed_lengths", "collate_packed", "pack_pairs", "packed_logprobs",
            "packed_backbone", "check_packed", "packing_blocker", "mask_kind", "common_prefix"]

@@ -62,14 +62,14 @@ def collect_states(lm: LoadedModel, enc, layer: int, precision: PrecisionLike, b
     fp32 model stays fp32 under bf16 autocast), so training from them equals the full forward.
     From `start` (states at a lower layer) only layers start.layer..layer-1 run.
     """
-    from locaudit.edit.packed import mask_kind, pack_pair, pack_pairs
+    from locaudit.edit.packed import mask_kind, pack_pairs, packed_lengths
     from locaudit.models.scoring import collate_completions
 
     if start is not None and start.packed != packed:
         raise ValueError("collect_states: the start states have another layout (packed vs one row per sequence)")
     seqs = enc.sequences()
     if packed:
-        lens = [len(pack_pair(enc.chosen[i], enc.rejected[i]).ids) for i in range(len(enc))]
+        lens = packed_lengths(enc)
         batch_size = max(1, batch_size // 2)
         kind = mask_kind(lm.model)
     else:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from locaudit.edit.encoded import EncodedPairs
 from locaudit.edit.logps import tiled_completion_logprobs
 from locaudit.edit.objectives import PairLogps
-from locaudit.edit.packed import pack_pair, pack_pairs, packed_logprobs
+from locaudit.edit.packed import pack_pairs, packed_lengths, packed_logprobs
 from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.loading import LoadedModel
 from locaudit.models.precision import PrecisionLike, as_precision
@@ -55,7 +55,8 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike,
 def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int,
                   progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(enc)
-    order = sorted(range(n), key=lambda i: len(pack_pair(enc.chosen[i], enc.rejected[i]).ids))
+    lens = packed_lengths(enc)
+    order = sorted(range(n), key=lambda i: lens[i])
     per = max(1, batch_size // 2)
     sums = torch.zeros(2 * n)
     counts = torch.zeros(2 * n, dtype=torch.long)

@@ -30,7 +30,7 @@ from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, rep
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
 from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
-from locaudit.edit.packed import check_packed, pack_pair, pack_pairs, packed_logprobs
+from locaudit.edit.packed import check_packed, pack_pairs, packed_lengths, packed_logprobs
 from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates
 from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
@@ -135,7 +135,7 @@ def checkpointing_needed(lm: LoadedModel, config: TrainConfig, enc: EncodedPairs
     if config.gradient_checkpointing != "auto":
         return bool(config.gradient_checkpointing)
     if packed:
-        longest = max(len(pack_pair(c, r).ids) for c, r in zip(enc.chosen, enc.rejected))
+        longest = max(packed_lengths(enc))
     else:
         longest = 2 * max(len(p) + len(c) for p, c in enc.sequences())
     tokens = n_edits * min(config.batch_size, len(enc)) * longest
