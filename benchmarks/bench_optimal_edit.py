@@ -10,7 +10,9 @@ Wall time and process CPU time are both reported (CPU time is steadier on a shar
 Reported (JSON on stdout, and --out FILE):
 - trl vs locaudit at all heads (TRL: rank-1 LoRA on every o_proj): pairs/s for one epoch including the
   reference pass, and with the reference cached (every later epoch or trial on the same data), peak memory;
-  at both tools' defaults (both turn gradient checkpointing on) and with checkpointing off in both;
+  at each tool's defaults (TRL turns gradient checkpointing on; locaudit's `auto` turns it on only where the
+  batch's activations would not fit, reported as `locaudit_auto_checkpointing`), with checkpointing on in both,
+  and with it off in both;
 - frozen prefix: a single head at a late layer l, training loop with vs without the prefix cache
   (reference cached in both), against the ideal L / (L - l);
 - multi-edit: 8 single heads, and 8 random 16-head sets, trained in one pass vs 8 sequential runs
@@ -108,7 +110,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         from locaudit.edit.encoded import encode_pairs
         from locaudit.edit.multi import train_edits
         from locaudit.edit.reference import reference_logps
-        from locaudit.edit.train import choose_layout
+        from locaudit.edit.train import checkpointing_needed, choose_layout
 
         def layout(lm, enc, cfg) -> dict:
             tiled, packed = choose_layout(lm, enc, cfg)
@@ -125,7 +127,9 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             with Clock() as ref_clock:  # in the layout training uses (tiled head, packed pairs where checked)
                 tiled, packed = choose_layout(lm, enc, cfg)
                 reference_logps(lm, enc, PREC, cfg.eval_batch_size, disk=False, tiled=tiled, packed=packed)
-            out.update(tiled=tiled, packed=packed)
+            auto = cfg.model_copy(update={"gradient_checkpointing": "auto"})
+            out.update(tiled=tiled, packed=packed,
+                       auto_checkpointing=checkpointing_needed(lm, auto, enc, len(heads), L, packed))
             with Clock() as c:
                 train_edits(lm, heads, pairs, None, config=cfg)
             out.update(reference_wall=ref_clock.wall, reference_cpu=ref_clock.cpu, loop_wall=c.wall, loop_cpu=c.cpu,
@@ -258,7 +262,7 @@ def main() -> None:
                     "checkpointing_in_prefix_and_multi": a.checkpointing,
                     "model": "smollm2-135m-instruct", "cpu_load_at_start": os.getloadavg()[0]}
     if "trl" in parts:
-        # defaults of both tools (TRL: gradient checkpointing on), then each with and without checkpointing
+        # each tool with and without gradient checkpointing (TRL's default: on; locaudit's: auto)
         for kind in ("locaudit_all", "trl", "locaudit_all:nogc", "trl:nogc"):
             runs[kind] = spawn(kind, a.pairs, a.batch_size, a.threads)
 
@@ -276,8 +280,12 @@ def main() -> None:
                     "trl_peak_rss_delta_mb": trl["peak_rss_delta_mb"],
                     "locaudit_peak_rss_delta_mb": loc["peak_rss_delta_mb"]}
 
+        auto = runs["locaudit_all"]["auto_checkpointing"]
+        result["locaudit_auto_checkpointing"] = auto
         result["vs_trl_all_heads"] = {
-            "defaults (both with gradient checkpointing)": compare(runs["locaudit_all"], runs["trl"]),
+            "each tool's default (TRL: checkpointing on; locaudit: auto)":
+                compare(runs["locaudit_all" if auto else "locaudit_all:nogc"], runs["trl"]),
+            "both with gradient checkpointing": compare(runs["locaudit_all"], runs["trl"]),
             "neither with gradient checkpointing": compare(runs["locaudit_all:nogc"], runs["trl:nogc"]),
         }
     if "prefix" in parts:
