@@ -10,7 +10,7 @@ The report then reads the new judgements per question (`analysis.load_per_questi
 
 This asks how much the conclusion rests on one judge (e.g. locaudit's default judge, whose features come
 from the model under study, against one on another backbone, or an API judge). Agreement between two
-judges is not evidence that either is right; the audit set (docs/judges.md) measures that.
+judges is not evidence that either is right; the audit set (docs/evaluation.md) measures that.
 """
 
 from __future__ import annotations
