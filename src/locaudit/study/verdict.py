@@ -1,0 +1,227 @@
+"""The verdict: the plain-language headline and one line per finding, from the comparisons (docs/verdict.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from locaudit.study import stats as S
+from locaudit.study.design import _draws_to_join, _finite, equivalence_needs
+from locaudit.study.frames import METHOD_LABEL, METHODS, SELECTION_LABEL, metric_label, primary_metric
+from locaudit.study.spec import VerdictSpec
+
+
+# ---------------------------------------------------------------------------------------------- verdict
+@dataclass
+class Verdict:
+    """The plain-language answer and the numbers behind it."""
+
+    headline: str
+    lines: list[str] = field(default_factory=list)
+    table: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    outcome: str | None = None
+
+    def text(self) -> str:
+        return "\n".join([self.headline, *[f"- {x}" for x in self.lines],
+                          *([f"(missing: {', '.join(self.missing)})"] if self.missing else [])])
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{nd}f}"
+
+
+def _p(x: Any) -> str:
+    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.2g}"
+
+
+def _pct(x: Any) -> str:
+    x = _finite(x)
+    return "n/a" if x is None else f"{x + 0.0 if round(x * 100) else 0.0:.0%}"
+
+
+def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, index: int = 0) -> str:
+    """What would decide an inconclusive comparison: draws for the rank test to enter its family and reach
+    its threshold, draws to detect the observed effect, and draws / questions for equivalence at the
+    observed spread. `floors`: the headline family's rank-test floors, `index`: this row's place in it."""
+    n = int(row["n_random"])
+    floors = list(floors) if floors else [S.rank_floor(n)]
+    member = S.tarone_family(floors, cfg.alpha)
+    parts = []
+    if not member[index]:
+        need = _draws_to_join(floors, index, cfg.alpha)
+        f2 = list(floors)
+        f2[index] = S.rank_floor(need)
+        m = int(S.tarone_family(f2, cfg.alpha).sum())
+        parts.append(f"the rank test cannot go below {_p(S.rank_floor(n))} with {n} draws; it needs at least {need} "
+                     f"draws to reach {_p(cfg.alpha / m)} ({cfg.multiplicity + ', ' if m > 1 else ''}family of {m})")
+    thr = cfg.alpha / max(1, int(member.sum()) + (0 if member[index] else 1))
+    z = _finite(row.get("z"))
+    if z is not None and z > 0:
+        need = S.draws_for_power(z, thr, cfg.power)
+        parts.append(f"to detect the observed standing (z = {z:.2f}) with {cfg.power:.0%} power: about {need} draws"
+                     if need else f"the observed standing (z = {z:.2f}, about {S.sps.norm.sf(z):.1%} of random locations "
+                     f"expected above it) is not in the {thr:.3g} tail, so more draws alone would not show it")
+    mabs = _finite(row.get("margin_abs"))
+    sd, se_q = _finite(row.get("random_sd")), _finite(row.get("se_questions"))
+    if mabs and sd is not None:
+        need = equivalence_needs(sd, int(row["n_random"]), se_q or 0.0, _finite(row.get("n_questions")), mabs,
+                                 cfg.alpha, cfg.power)
+        parts.append(f"for equivalence within ±{cfg.margin:.0%} of full alignment's gain (if truly equal; observed "
+                     f"spread sd {sd:.3g}, question SE {(se_q or 0.0) if (se_q or 0) > 1e-12 else 0:.3g}): {need['text']}")
+    return "; ".join(parts) if parts else "more draws and questions"
+
+
+def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config: VerdictSpec | dict | None = None,
+            top_k: int | None = None, flags: list[dict] | None = None, selection: dict | None = None) -> Verdict:
+    """The headline (from the optimal edit, the paper's central comparison) and one line per finding."""
+    cfg = config if isinstance(config, VerdictSpec) else VerdictSpec.model_validate(config or {})
+    primary = primary_metric(df, cfg.primary_metric) if not df.empty else None
+    if primary is None:
+        return Verdict("No evaluated trials yet: nothing to conclude.", missing=["every evaluation"])
+    label = metric_label(primary)
+    K = f"top-{top_k}" if top_k else "top-K"
+    lines, table, missing = [], [], []
+    outcomes: dict[str, str | None] = {}
+    head = comp[(comp["scope"] == "selected") & (comp["metric"] == primary)] if not comp.empty else comp
+    fam_n = int(head["in_family"].sum()) if not head.empty else 0
+    order = head["method"].tolist() if not head.empty else []
+    floors = head["p_floor"].astype(float).tolist() if not head.empty else []
+    mult = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}[cfg.multiplicity]
+    for method in METHODS:
+        r = head[head["method"] == method] if not head.empty else head
+        if r is None or r.empty:
+            outcomes[method] = None
+            if not df[df["kind"] == method].empty or method == "optimal":
+                missing.append(f"{METHOD_LABEL[method]}: top-K and random-draw results")
+            continue
+        r = r.iloc[0].to_dict()
+        oc = r["outcome"]
+        outcomes[method] = oc
+        M = _cap(METHOD_LABEL[method])
+        stat = (f"{label} {_fmt(r['candidate_mean'])} at the {K} heads vs {_fmt(r['random_mean'])} ± "
+                f"{_fmt(r['random_sd'])} over {int(r['n_random'])} random draws (percentile {r['percentile']:.0f}; "
+                f"rank p = {_p(r['p_rank'])}, floor {_p(r['p_floor'])}, {mult}-adjusted "
+                f"{_p(r['p_rank_adj']) if r['in_family'] else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
+                f"difference {_fmt(r['diff'])}, {cfg.level:.0%} CI [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+                f"{'' if str(r.get('question_noise', '')).startswith(('paired', 'per-trial')) else '; question noise not included: no per-question scores or standard errors'})")
+        eq = ""
+        if r.get("gain_measurable"):
+            eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.get('diff_gain_fraction'))}, "
+                  f"TOST {1 - 2 * cfg.alpha:.0%} bounds [{_pct(r.get('tost_low'))}, {_pct(r.get('tost_high'))}] vs "
+                  f"margin ±{cfg.margin:.0%} (p = {_p(r.get('tost_p'))}, adjusted {_p(r.get('tost_p_adj'))})")
+        if oc == "no signal":
+            why = (f"{label} does not vary" if r.get("constant") else
+                   f"full alignment shows no measurable gain over the unedited model ({_fmt(r.get('full_alignment'))} "
+                   f"vs {_fmt(r.get('unedited'))}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
+                   f"{_fmt(r.get('gain_lcb'))})")
+            lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
+        elif oc == "evidence for":
+            lines.append(f"{M}: evidence for localization: the {K} heads beat random locations: {stat}{eq}.")
+            if (str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
+                    and math.isfinite(r.get("ci_low", float("nan"))) and math.isfinite(r.get("ci_high", float("nan")))
+                    and (r["ci_low"] <= 0 <= r["ci_high"])):
+                lines.append(f"{M}: caution: the rank test holds the {int(r['n_questions'])} test questions fixed; with "
+                             f"their sampling noise included, the {cfg.level:.0%} CI of the difference "
+                             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] includes 0, so another sample of questions "
+                             "might not repeat this: evaluate on more test questions to confirm it.")
+        elif oc == "evidence against":
+            lines.append(f"{M}: evidence against localization: the {K} heads and random locations are equivalent "
+                         f"within ±{cfg.margin:.0%} of full alignment's gain: {stat}{eq}.")
+        else:
+            why = ("" if r.get("gain_measurable") is not None else
+                   " Equivalence cannot be tested without full alignment and unedited results.")
+            lines.append(f"{M}: inconclusive: {stat}{eq}.{why} To decide: {decide_hint(r, cfg, floors, order.index(method))}.")
+        if r.get("gain_measurable") and math.isfinite(r.get("candidate_gain_fraction", float("nan"))):
+            lines.append(f"{M}: full alignment (the optimal edit at all heads) reaches {label} {_fmt(r['full_alignment'])} (unedited "
+                         f"{_fmt(r['unedited'])}); the {K} heads achieve {_pct(r['candidate_gain_fraction'])} of its "
+                         f"gain, random draws a median {_pct(r['random_median_gain_fraction'])}.")
+        table.append({k: r.get(k) for k in (
+            "method", "metric", "outcome", "selection", "candidate_mean", "random_mean", "random_sd", "n_random",
+            "n_questions", "percentile", "z", "p_rank", "p_floor", "p_rank_adj", "in_family", "family_size", "diff",
+            "ci_low", "ci_high", "question_noise", "full_alignment", "unedited", "gain", "gain_lcb", "gain_measurable",
+            "margin_abs", "candidate_gain_fraction", "random_median_gain_fraction", "diff_gain_fraction", "tost_p",
+            "tost_p_adj", "tost_low", "tost_high", "ch_p", "mwu_p", "welch_seeds_p", "t_tost_p",
+            "optimistic_candidate", "optimistic_random_mean", "optimistic_p_rank")})
+    if selection:
+        for method, mode in selection.items():
+            lines.append(f"{_cap(METHOD_LABEL[method])}: grid points {SELECTION_LABEL.get(mode, mode)}; the "
+                         "'best on test' view (comparisons.csv, scope best_on_test) is optimistic.")
+    if fam_n or not head.empty:
+        fam = (f"{fam_n} rank test(s) on {primary}, one per method whose draws can reach {_p(cfg.alpha)}" if fam_n else
+               f"no rank test on {primary} here has enough draws to reach {_p(cfg.alpha)}")
+        lines.append(f"Multiplicity: {mult} correction over the headline family ({fam}); the equivalence tests of the "
+                     "same rows form a parallel family; single heads and secondary metrics are separate families.")
+    _singles_lines(singles, cfg, label, lines, table)
+    for f in flags or []:
+        lines.append(f"Flag: {METHOD_LABEL.get(f['method'], f['method'])} random draw {f['localizer']} {f['issue']} "
+                     f"({f['heads']}).")
+    opt, iti = outcomes.get("optimal"), outcomes.get("iti")
+    if opt is None:
+        headline = ("Verdict pending: the optimal-edit comparison (top-K vs random draws) is not finished, and it is "
+                    "the one that can show whether editing gives evidence for localization.")
+        if iti == "evidence for":
+            headline += " So far only the heuristic ITI edit makes the candidate heads look special."
+    elif opt == "evidence for":
+        headline = (f"Edit-based evidence for localization: yes. Under the optimal edit the {K} heads beat random "
+                    f"locations on {label}.")
+        if any(r.get("n_single_matching_full") for r in table if r.get("method") == "optimal"):
+            headline += " But single heads match full alignment, so no location is unique."
+    elif opt == "evidence against":
+        headline = (f"Edit-based evidence for localization: none. Under the optimal edit, random heads are as "
+                    f"effective as the {K} heads on {label} (equivalent within ±{cfg.margin:.0%} of full "
+                    "alignment's gain)")
+        headline += (", although the heuristic ITI edit made the candidate look special: that contrast is an artefact of "
+                     "the sub-optimal edit, as in Wang & Veitch (2025)." if iti == "evidence for" else ".")
+    elif opt == "no signal":
+        headline = (f"Edit-based evidence for localization: no signal. Under the optimal edit, {label} does not "
+                    "respond measurably, so the comparison cannot speak to localization.")
+    else:
+        r = head[head["method"] == "optimal"].iloc[0].to_dict()
+        headline = (f"Edit-based evidence for localization: inconclusive. Under the optimal edit the {K} heads are "
+                    f"neither shown better than random locations on {label} nor equivalent to them. To decide: "
+                    f"{decide_hint(r, cfg, floors, order.index('optimal'))}.")
+    return Verdict(headline, lines, table, missing, opt)
+
+
+def _singles_lines(singles: pd.DataFrame, cfg: VerdictSpec, label: str, lines: list[str], table: list[dict]) -> None:
+    if singles is None or singles.empty:
+        return
+    for method, g in singles.groupby("method", sort=False):
+        n = len(g)
+        M = _cap(METHOD_LABEL[method])
+        top = g.iloc[0]
+        name = top["head"] or top["localizer"]
+        for row in table:
+            if row.get("method") == method:
+                row.update(n_single=n, n_single_matching_full=None)
+        if not g["gain_measurable"].any():
+            why = ("no full-alignment or unedited result to compare" if top["full_alignment"] is None
+                   or top["unedited"] is None else "full alignment shows no measurable gain to compare with")
+            lines.append(f"{M}: {n} single heads; best {name} with {label} {_fmt(top['value'])} ({why}).")
+            continue
+        if g["matches_full"].isna().all():
+            lines.append(f"{M}: {n} single heads; best {name} reaches {_pct(top['gain_fraction'])} of full alignment's "
+                         "gain (no per-question scores or SEs: no confidence bound, so no match is declared).")
+            continue
+        match = g[g["matches_full"] == True]  # noqa: E712
+        ranks = match["probe_rank"].dropna().astype(int).tolist()
+        lines.append(f"{M}: {len(match)} of {n} single heads match full alignment (lower {1 - cfg.alpha:.0%} bound of "
+                     f"the gain fraction above {1 - cfg.margin:.0%}, {cfg.multiplicity}-corrected over the {n} heads); "
+                     f"best {name}: {_pct(top['gain_fraction'])} (lower bound {_pct(top['gain_fraction_lcb'])})"
+                     + (f"; their probe-accuracy ranks: {', '.join(map(str, ranks))}" if ranks else "") + ".")
+        for row in table:
+            if row.get("method") == method:
+                row.update(n_single=n, n_single_matching_full=len(match))
