@@ -43,21 +43,19 @@ __all__ = ["load_model", "load_behaviour", "collect", "probe", "locate", "fit_it
 Rankable = ProbeResult | Sequence[Head] | Mapping[str, Sequence[Head]] | None
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(name: Any = DEFAULT_MODEL, dtype: str | None = None, device: str | None = None,
+               trust_remote_code: bool = False, tokenizer: Any = None) -> LoadedModel:
     """A causal LM with its head sites: hub id, local folder, .gguf file, ``smollm2-135m-instruct`` (the
-    embedded default), or ``tiny:FAMILY[:SEED]`` (a tiny random model of a registered family, for tests)."""
-    if name.startswith("tiny:"):
-        from locaudit.models.tiny import FAMILIES, tiny_model
-        from locaudit.models.dtypes import torch_dtype
+    embedded default), ``tiny:FAMILY[:SEED]`` (a tiny random model of a registered family, for tests), or a
+    model you already hold with its tokenizer: ``load_model(model, tokenizer=tok)``.
 
-        parts = name.split(":")
-        if len(parts) > 3 or parts[1] not in FAMILIES or (len(parts) == 3 and not parts[2].isdigit()):
-            raise ConfigError(f"model {name!r}: expected tiny:FAMILY[:SEED] with FAMILY in {FAMILIES}")
-        return tiny_model(parts[1], seed=int(parts[2]) if len(parts) == 3 else 0, dtype=torch_dtype(dtype))
+    A model you pass is used where it is (its dtype, its device); locaudit freezes it (eval(), no grad,
+    with a warning saying what changed) and ``lm.restore()`` or ``with load_model(model, tokenizer=tok) as
+    lm:`` gives it back as it was. An unknown name fails at once and names close ones. See
+    locaudit.models.loading.load_model."""
     from locaudit.models.loading import load_model as _load
 
-    return _load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return _load(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
 
 
 def load_behaviour(source: Any, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2),

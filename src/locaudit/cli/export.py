@@ -88,16 +88,7 @@ def _recorded_model(edit) -> str | None:
 
 
 def load_named_model(name: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
-    """load_model, plus `tiny:FAMILY[:SEED]` (a tiny random test model, as in studies)."""
-    from locaudit.errors import ConfigError
-
-    if name.startswith("tiny:"):
-        from locaudit.models.tiny import FAMILIES, tiny_model
-
-        parts = name.split(":")
-        if len(parts) > 3 or (parts[1] or "llama") not in FAMILIES:
-            raise ConfigError(f"model {name!r}: expected tiny:FAMILY[:SEED] with FAMILY in {FAMILIES}")
-        return tiny_model(parts[1] or "llama", seed=int(parts[2]) if len(parts) == 3 else 0)
+    """load_model (which also reads `tiny:FAMILY[:SEED]`, models/loading.py's one parser)."""
     from locaudit.models.loading import load_model
 
     return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

@@ -304,15 +304,53 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     config = LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", lora_bias=lora_bias,
         target_modules=[names[l] for l in layers], fan_in_fan_out=bool(lm.sites.spec.conv1d),
-        base_model_name_or_path=base_model_name_or_path or str(lm.info.get("path", lm.name)),
+        base_model_name_or_path=base_model_name_or_path or base_model_source(lm),
     )
     tmp = _tmp_for(out)
     tmp.mkdir(parents=True)
     config.save_pretrained(str(tmp))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
     write_json_atomic(tmp / EXPORT_META, {"format": "peft", "adapter_of": edit.describe(), "base_model": lm.name,
-                                          "base_fingerprint": lm.fingerprint, "edit_fingerprint": edit_fingerprint(edit)})
+                                          "base_fingerprint": lm.fingerprint, "edit_fingerprint": edit_fingerprint(edit),
+                                          "merge": peft_merge_route(kind, lm)})
+    if kind == "iti" and not _has_o_bias(lm):
+        log.warning("ITI adapter for %s: %s", lm.name, peft_merge_route(kind, lm))
     return _finish(tmp, out)
+
+
+def _has_o_bias(lm: LoadedModel) -> bool:
+    return all(lm.sites.bias(l) is not None for l in range(lm.sites.n_layers))
+
+
+def peft_merge_route(kind: str, lm: LoadedModel) -> str:
+    """How the PEFT adapter of a `kind` edit merges into `lm`'s family (written to locaudit_edit.json).
+
+    A LoRA edit merges with merge_and_unload() everywhere. An ITI adapter is a lora_B bias: PEFT merges it
+    only into an o_proj that has a bias, so on families without one (llama, qwen3, gemma, ...) load the base
+    with its attention_bias option (zero biases) before merging, and where the family has no such option
+    (mistral, qwen2, mixtral, phi3, gptj) use locaudit's merged export instead."""
+    if kind != "iti" or _has_o_bias(lm):
+        return "PeftModel.from_pretrained(base, ADAPTER).merge_and_unload()"
+    src = base_model_source(lm)
+    try:
+        how = bias_config(lm, True)[2]
+    except ConfigError:
+        how = None
+    if how == "attention_bias":
+        return (f"PEFT merges a lora_B bias only into an o_proj with a bias: load the base with zero attention biases, "
+                f"AutoModelForCausalLM.from_pretrained({src!r}, attention_bias=True), then "
+                "PeftModel.from_pretrained(base, ADAPTER).merge_and_unload(); or use `locaudit export --format merged`")
+    return (f"PEFT cannot merge this ITI adapter ({lm.model.config.model_type}'s o_proj has no bias and its config no "
+            "attention_bias option): the adapter applies unmerged; for a merged model use `locaudit export --format "
+            "merged` (a folder whose config declares the o_proj bias)")
+
+
+def base_model_source(lm: LoadedModel) -> str:
+    """The base model as the user named it (a hub id, a folder or .gguf as an absolute path, a locaudit name),
+    for PEFT's base_model_name_or_path: never the cache folder a named model was dequantized into."""
+    return str(lm.info.get("source") or lm.name)
+
+
 
 
 def describe_short(edit) -> str:

@@ -7,11 +7,14 @@ safetensors folder (keyed by the GGUF's content hash) and later loads take well 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +42,22 @@ class LoadedModel:
     name: str
     fingerprint: str
     info: dict = field(default_factory=dict)
+    saved_state: "ModelState | None" = field(default=None, repr=False)
+
+    def restore(self) -> None:
+        """Give a model you brought (`load_model(model, tokenizer=...)` / `wrap_model`) back the train/eval
+        mode, `requires_grad` flags and tokenizer pad token it had before locaudit froze it. Idempotent; a
+        model locaudit loaded itself has nothing to restore. `with load_model(model, tokenizer=tok) as lm:`
+        calls it on exit."""
+        if self.saved_state is not None:
+            self.saved_state.apply(self.model, self.tokenizer)
+            self.saved_state = None
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     @property
     def device(self) -> torch.device:
@@ -164,11 +183,119 @@ def _models_dir() -> Path:
     return cache_dir("models")
 
 
+ALIASES = {DEFAULT_MODEL: DEFAULT_MODEL, "default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL,
+           GEMMA3_MODEL: GEMMA3_MODEL, "gemma3": GEMMA3_MODEL, "gemma-3-270m": GEMMA3_MODEL}
+TINY_PREFIX = "tiny:"
+
+
+def parse_tiny(name: str) -> tuple[str, int] | None:
+    """The one parser of ``tiny:FAMILY[:SEED]`` (a tiny random model built in code, models/tiny.py), used
+    by the API, the CLI (`--model tiny:llama`) and studies (`model.name`). Returns (family, seed), or None
+    for a name without the ``tiny:`` prefix; an empty family is llama (``tiny:`` = ``tiny:llama:0``).
+    Raises ConfigError naming the value, the grammar and the closest family for a malformed one."""
+    if not isinstance(name, str) or not name.startswith(TINY_PREFIX):
+        return None
+    from locaudit.models.tiny import FAMILIES
+
+    parts = name.split(":")
+    family = parts[1] if len(parts) > 1 and parts[1] else "llama"
+    if len(parts) > 3 or family not in FAMILIES:
+        close = difflib.get_close_matches(family, FAMILIES, n=1)
+        hint = f" (did you mean tiny:{close[0]}?)" if close and len(parts) <= 3 else ""
+        raise ConfigError(f"model {name!r}: expected tiny:FAMILY[:SEED] with FAMILY one of {', '.join(FAMILIES)}{hint}")
+    if len(parts) == 3 and not parts[2].isdigit():
+        raise ConfigError(f"model {name!r}: the seed {parts[2]!r} of tiny:FAMILY[:SEED] must be a non-negative integer")
+    return family, int(parts[2]) if len(parts) == 3 else 0
+
+
+def _hf_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hf_cached_ids() -> list[str]:
+    """Hub ids with a folder in the local HF cache (models--ORG--NAME), without touching the network."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except Exception:  # pragma: no cover - huggingface_hub is a transformers dependency
+        return []
+    root = Path(HF_HUB_CACHE)
+    if not root.is_dir():
+        return []
+    return sorted(d.name[len("models--"):].replace("--", "/") for d in root.glob("models--*") if d.is_dir())
+
+
+def _hf_cached(name: str) -> bool:
+    """Whether `name`'s config.json is in the local HF cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library rejects (spaces, ...): not cached
+        return False
+
+
+def known_model_names() -> list[str]:
+    """Names `load_model` knows without the network: locaudit's built-in names, ``tiny:FAMILY`` and the hub
+    ids in the local HF cache (what 'did you mean' chooses from)."""
+    from locaudit.models.tiny import FAMILIES
+
+    return [*ALIASES, *(f"{TINY_PREFIX}{f}" for f in FAMILIES), *_hf_cached_ids()]
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean X?)' for the known model names closest to `name` (case-insensitive), or ''."""
+    names = known_model_names()
+    lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
+    if not close:  # a prefix or a fragment: 'smollm2-135m' -> 'smollm2-135m-instruct'
+        close = [n for n in lower if len(name) >= 4 and (n.startswith(name.lower()) or name.lower() in n)][:3]
+    close = list(dict.fromkeys(ALIASES.get(lower[c], lower[c]) for c in close))  # canonical names, once
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+HUB_TIMEOUT_S = 5.0  # one quick request before from_pretrained, which would retry for a minute offline
+
+
+def check_hub_id(name: str) -> None:
+    """Fail at once, with close names, for a model name that is neither a local folder, a locaudit name nor
+    a hub id this machine can load: in the local HF cache it passes; with HF_HUB_OFFLINE set it fails without
+    a request; otherwise one request (timeout $LOCAUDIT_HUB_TIMEOUT, default 5 s, no retries) asks the hub
+    whether the id exists. Gated models pass (from_pretrained then asks for a token)."""
+    if _hf_cached(name):
+        return
+    what = (f"model {name!r}: not a local folder or .gguf file, not one of locaudit's names "
+            f"({', '.join(NAMED_MODELS)}, tiny:FAMILY), and not in the local HF cache")
+    hint = did_you_mean(name)
+    if _hf_offline():
+        raise ConfigError(f"{what}; the hub is not asked as HF_HUB_OFFLINE is set{hint}")
+    try:
+        timeout = float(os.environ.get("LOCAUDIT_HUB_TIMEOUT", HUB_TIMEOUT_S))
+    except ValueError:
+        raise ConfigError(f"LOCAUDIT_HUB_TIMEOUT={os.environ['LOCAUDIT_HUB_TIMEOUT']!r} is not a number of seconds") from None
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    except Exception:  # pragma: no cover - an older huggingface_hub: let from_pretrained decide
+        return
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except GatedRepoError:
+        return
+    except (RepositoryNotFoundError, HFValidationError):
+        raise ConfigError(f"{what}; the hub has no public model of that id (a private one needs `hf auth login`)"
+                          f"{hint}") from None
+    except Exception as e:  # unreachable hub, timeout, proxy: one line instead of a minute of retries
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:160]
+        raise ConfigError(f"{what}; the hub could not be asked ({type(e).__name__}: {first}; timeout {timeout:g} s); "
+                          f"set HF_HUB_OFFLINE=1 to work offline{hint}") from None
+
+
 def resolve_model_path(name: str) -> tuple[str, str | None]:
     """Map a user's model argument to (path or hub id, gguf file name or None)."""
-    if name in (DEFAULT_MODEL, "default", "smollm2"):
+    if ALIASES.get(name) == DEFAULT_MODEL:
         return str(default_model_dir()), None
-    if name in (GEMMA3_MODEL, "gemma3", "gemma-3-270m"):
+    if ALIASES.get(name) == GEMMA3_MODEL:
         return str(gemma3_model_dir()), None
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
@@ -187,7 +314,8 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         return str(p), None
     if looks_like_local_path(name):
         raise ConfigError(f"model {name!r}: looked for a local model folder {p.resolve()}, which does not exist "
-                          "(check the spelling; a hub id is ORG/NAME)")
+                          f"(check the spelling; a hub id is ORG/NAME){did_you_mean(name)}")
+    check_hub_id(name)
     return name, None  # a hub id
 
 
@@ -262,22 +390,52 @@ def model_fingerprint(model: nn.Module, name: str = "") -> str:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = "fp32",
-    device: str = "cpu",
+    name: "str | os.PathLike | nn.Module | LoadedModel" = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
     trust_remote_code: bool = False,
     site: SiteSpec | None = None,
+    tokenizer: Any = None,
 ) -> LoadedModel:
-    """Load a causal LM by hub id, local folder, .gguf file, or the default name ``smollm2-135m-instruct``.
+    """A causal LM with its head sites, from:
 
+    - a name: a hub id, a local folder, a .gguf file, ``smollm2-135m-instruct`` (the embedded default),
+      ``gemma3-270m``, or ``tiny:FAMILY[:SEED]`` (a tiny random model built in code, for tests);
+      loaded in `dtype` (default fp32) on `device` (default cpu);
+    - a model you already hold (a transformers ``PreTrainedModel``) with its `tokenizer`: see `wrap_model`
+      (it is used where it is, in its dtype and on its device; give it back with `lm.restore()` or `with`);
+    - a LoadedModel (returned as it is).
+
+    An unknown name fails at once, naming close ones; offline (HF_HUB_OFFLINE) the hub is never asked.
     `trust_remote_code` stays off unless asked: it runs code shipped with the checkpoint.
     """
+    if isinstance(name, LoadedModel):
+        return name
+    if isinstance(name, nn.Module):
+        return wrap_model(name, tokenizer, site=site, dtype=dtype, device=device)
+    if not isinstance(name, (str, os.PathLike)):
+        raise ConfigError(f"load_model: expected a model name (hub id, folder, .gguf, {DEFAULT_MODEL}, tiny:FAMILY), "
+                          f"a transformers PreTrainedModel with tokenizer=, or a LoadedModel; got {type(name).__name__}")
+    name = os.fspath(name)
+    if tokenizer is not None:
+        raise ConfigError(f"load_model({name!r}, tokenizer=...): a tokenizer goes with a model object; a named model "
+                          "loads its own")
+    torch_dtype = resolve_dtype(dtype or "fp32")
+    dev = resolve_device(device or "cpu")
+    tiny = parse_tiny(name)
+    if tiny is not None:
+        from locaudit.models.tiny import tiny_model
+
+        lm = tiny_model(tiny[0], seed=tiny[1], dtype=torch_dtype)
+        if dev.type != "cpu":
+            lm.model.to(dev)
+        lm.name = name
+        lm.info.update({"source": name, "dtype": str(torch_dtype)})
+        return lm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     path, _ = resolve_model_path(name)
-    torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -294,7 +452,58 @@ def load_model(
         p.requires_grad_(False)
     prepare_tokenizer(tok)
     sites = ModelSites(model, site)
-    return LoadedModel(model, tok, sites, name, model_fingerprint(model, name), {"path": path, "dtype": str(torch_dtype)})
+    return LoadedModel(model, tok, sites, name, model_fingerprint(model, name),
+                       {"path": path, "dtype": str(torch_dtype), "source": model_source(name)})
+
+
+def model_source(name: str) -> str:
+    """The model as a user names it to reload it elsewhere (PEFT's base_model_name_or_path, export metadata):
+    a hub id as given, a local folder or .gguf file as an absolute path, a locaudit name as it is; never a
+    cache folder."""
+    if name in ALIASES or parse_tiny(name) is not None:
+        return name
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+@dataclass
+class ModelState:
+    """What locaudit changes on a model it did not load, to give it back: each module's training flag,
+    each parameter's requires_grad, and the tokenizer's pad token (None where it had none)."""
+
+    training: dict[str, bool]
+    requires_grad: dict[str, bool]
+    pad_token: Any = None
+    had_pad_token: bool = True
+
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer: Any) -> "ModelState":
+        return cls({n: m.training for n, m in model.named_modules()},
+                   {n: p.requires_grad for n, p in model.named_parameters()},
+                   getattr(tokenizer, "pad_token", None), getattr(tokenizer, "pad_token", None) is not None)
+
+    def changes(self, model: nn.Module, tokenizer: Any) -> list[str]:
+        """What differs between this state and the model's now (plain words, for the warning)."""
+        out = []
+        n_train = sum(1 for n, m in model.named_modules() if self.training.get(n, m.training) != m.training)
+        n_grad = sum(1 for n, p in model.named_parameters() if self.requires_grad.get(n, p.requires_grad) != p.requires_grad)
+        if n_train:
+            out.append(f"eval() on {n_train} module(s) that were in training mode")
+        if n_grad:
+            out.append(f"requires_grad=False on {n_grad} parameter(s)")
+        if not self.had_pad_token and getattr(tokenizer, "pad_token", None) is not None:
+            out.append(f"the tokenizer's pad token set to its eos token {tokenizer.pad_token!r}")
+        return out
+
+    def apply(self, model: nn.Module, tokenizer: Any) -> None:
+        for n, m in model.named_modules():
+            if n in self.training:
+                m.training = self.training[n]
+        for n, p in model.named_parameters():
+            if n in self.requires_grad:
+                p.requires_grad_(self.requires_grad[n])
+        if not self.had_pad_token and tokenizer is not None:
+            tokenizer.pad_token = None
 
 
 def prepare_tokenizer(tok) -> None:
@@ -305,10 +514,55 @@ def prepare_tokenizer(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
-def wrap_model(model: nn.Module, tokenizer, name: str = "in-memory", site: SiteSpec | None = None) -> LoadedModel:
-    """Wrap an already-built model (e.g. a tiny random test model) as a LoadedModel."""
+def wrap_model(model: nn.Module, tokenizer, name: str | None = None, site: SiteSpec | None = None, *,
+               dtype: str | torch.dtype | None = None, device: str | None = None, owned: bool = False,
+               warn: bool = True) -> LoadedModel:
+    """A model you already hold (e.g. a transformers ``PreTrainedModel`` loaded by hand) and its tokenizer,
+    as a LoadedModel every locaudit function takes. ``load_model(model, tokenizer=tok)`` calls this.
+
+    The model stays where it is, in its dtype, on its device: `dtype` / `device`, when given, must match
+    them (locaudit does not move or cast a model it did not load). locaudit needs the model frozen, so
+    this puts it in eval() mode, sets requires_grad=False on its parameters and gives the tokenizer a pad
+    token (its eos) if it has none; it records what it changed and warns, once, when anything changed.
+    `lm.restore()`, or leaving ``with wrap_model(model, tok) as lm:``, gives every flag back as it was
+    (use the LoadedModel no further after that). The weights themselves are never changed: edits act
+    through hooks that are removed on exit, and exports write new folders.
+
+    `name`: a label for caches and exports (default: the model's config._name_or_path); `owned`: locaudit
+    built the model itself (tiny models): nothing to restore, no warning.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"wrap_model: expected a torch model (transformers PreTrainedModel), got {type(model).__name__}")
+    if tokenizer is None:
+        hint = getattr(getattr(model, "config", None), "_name_or_path", "") or "MODEL"
+        raise ConfigError(f"a model object needs its tokenizer: load_model(model, tokenizer=AutoTokenizer."
+                          f"from_pretrained({hint!r}))")
+    if not callable(getattr(tokenizer, "__call__", None)) or not hasattr(tokenizer, "encode"):
+        raise ConfigError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+    params = list(model.parameters())
+    if params:
+        have_dt, have_dev = params[0].dtype, params[0].device
+        if dtype is not None and resolve_dtype(dtype) != have_dt:
+            raise ConfigError(f"dtype={dtype!r}: the model you passed is in {str(have_dt).replace('torch.', '')}; "
+                              "locaudit does not cast a model it did not load: cast it yourself (model.to(dtype)) "
+                              "or leave dtype out")
+        want = resolve_device(device) if device is not None and device != "auto" else None
+        if want is not None and (want.type != have_dev.type or (want.index is not None and want.index != have_dev.index)):
+            raise ConfigError(f"device={device!r}: the model you passed is on {have_dev}; locaudit does not move a "
+                              "model it did not load: move it yourself (model.to(device)) or leave device out")
+    saved = None if owned else ModelState.of(model, tokenizer)
     model.eval()
-    for p in model.parameters():
+    for p in params:
         p.requires_grad_(False)
     prepare_tokenizer(tokenizer)
-    return LoadedModel(model, tokenizer, ModelSites(model, site), name, model_fingerprint(model, name))
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    name = name or source or "in-memory"
+    lm = LoadedModel(model, tokenizer, ModelSites(model, site), name, model_fingerprint(model, name),
+                     {"source": source or name, "dtype": str(params[0].dtype) if params else ""}, saved)
+    if saved is not None and warn:
+        changed = saved.changes(model, tokenizer)
+        if changed:
+            warnings.warn(f"locaudit froze the model you passed ({'; '.join(changed)}), as its measurements and "
+                          "edits need; lm.restore() (or `with load_model(model, tokenizer=tok) as lm:`) gives "
+                          "it back as it was", UserWarning, stacklevel=3)
+    return lm

@@ -71,7 +71,7 @@ def tiny_model(family: str = "llama", seed: int = 0, n_layers: int = 3, n_heads:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)
-    lm = wrap_model(model, tiny_tokenizer(), name=f"tiny-{family}")
+    lm = wrap_model(model, tiny_tokenizer(), name=f"tiny-{family}", owned=True)
     if with_bias:
         g = torch.Generator().manual_seed(seed + 1)
         for l in range(lm.sites.n_layers):

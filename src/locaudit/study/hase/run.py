@@ -97,14 +97,15 @@ def read_data(run_dir: Path, key: str, name: str):
 
 def n_layers_of(spec: HaseSpec) -> int:
     """The model's depth from its config alone (no weights), for listing trials in a dry run."""
-    from locaudit.models.loading import DEFAULT_MODEL
+    from locaudit.models.loading import DEFAULT_MODEL, parse_tiny
 
     if spec.model.name == DEFAULT_MODEL:
         return 30
-    if spec.model.name.startswith("tiny:"):  # locaudit.api.load_model's tiny:FAMILY[:SEED] (default geometry)
+    tiny = parse_tiny(spec.model.name)  # tiny:FAMILY[:SEED] (default geometry)
+    if tiny is not None:
         from locaudit.models.tiny import tiny_config
 
-        cfg = tiny_config(spec.model.name.split(":")[1])
+        cfg = tiny_config(tiny[0])
         return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))
     from transformers import AutoConfig
 

@@ -24,17 +24,14 @@ from locaudit.study.trials import Trial
 
 def load_study_model(spec: StudySpec):
     """The study's model; ``tiny:FAMILY[:SEED]`` builds a tiny random model (tests, smoke runs)."""
-    name = spec.resolved_model_name()
-    if name.startswith("tiny:"):
-        from locaudit.models.tiny import FAMILIES, tiny_model
+    from locaudit.models.loading import load_model, parse_tiny, resolve_device
 
-        parts = name.split(":")
-        family = parts[1] if len(parts) > 1 and parts[1] else "llama"
-        if family not in FAMILIES or len(parts) > 3:
-            raise ConfigError(f"model.name {name!r}: expected tiny:FAMILY[:SEED] with FAMILY in {FAMILIES}")
-        seed = int(parts[2]) if len(parts) == 3 else 0
-        return tiny_model(family, seed=seed)
-    from locaudit.models.loading import load_model, resolve_device
+    name = spec.resolved_model_name()
+    try:
+        if parse_tiny(name) is not None:  # the one parser of tiny:FAMILY[:SEED] (a tiny model in fp32, CPU)
+            return load_model(name)
+    except ConfigError as e:
+        raise ConfigError(f"model.name: {e}") from None
 
     return load_model(name, dtype=spec.model.dtype, device=str(resolve_device(spec.model.device)),
                       trust_remote_code=spec.model.trust_remote_code)
