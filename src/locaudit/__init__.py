@@ -4,11 +4,13 @@ The package follows the data's way: models -> data -> localize -> edit -> evalua
 The Python API (locaudit/api.py) is importable from here, loaded on first use:
 
     from locaudit import load_model, load_behaviour, collect, probe, locate, fit_iti, train_edit, evaluate_edit
+    from locaudit import compare   # the candidate location's edit vs random locations: the verdict
 """
 
 from locaudit.heads import HeadSet
 
-API = ("load_model", "load_behaviour", "collect", "probe", "locate", "fit_iti", "train_edit", "evaluate_edit")
+API = ("load_model", "load_behaviour", "collect", "probe", "locate", "fit_iti", "train_edit", "evaluate_edit",
+       "compare")
 __all__ = ["HeadSet", *API]
 __version__ = "0.1.0"
 

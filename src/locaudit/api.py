@@ -38,7 +38,8 @@ from locaudit.localize.activations import ActivationSet
 from locaudit.localize.probe import ProbeResult
 from locaudit.models.loading import DEFAULT_MODEL, LoadedModel
 
-__all__ = ["load_model", "load_behaviour", "collect", "probe", "locate", "fit_iti", "train_edit", "evaluate_edit"]
+__all__ = ["load_model", "load_behaviour", "collect", "probe", "locate", "fit_iti", "train_edit", "evaluate_edit",
+           "compare"]
 
 Rankable = ProbeResult | Sequence[Head] | Mapping[str, Sequence[Head]] | None
 
@@ -162,3 +163,89 @@ def evaluate_edit(lm: LoadedModel, edit: Edit | None, data: BehaviourData, split
 
         judge = get_judge(judge)
     return _evaluate(lm, edit, data, split, metrics, judge, out, EvalConfig(**config) if config else None)
+
+
+def _scores(x: Any, metric: str, what: str) -> tuple[float | list[float], float | None]:
+    """(value or per-question scores, standard error or None) of one edit's result: a number, a sequence of
+    per-question scores, or an EvalResult (its `metric` and `metric_se`)."""
+    import math
+
+    if hasattr(x, "model_fields") and hasattr(x, "metrics"):  # an EvalResult
+        v = getattr(x, metric, None)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"compare: {what} is an EvalResult without a finite {metric!r} (it has "
+                              f"{[m for m in x.metrics]}); pass metric=")
+        se = getattr(x, f"{metric}_se", None)
+        return float(v), (float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        if not math.isfinite(x):
+            raise ConfigError(f"compare: {what} is {x!r}, not a finite number")
+        return float(x), None
+    try:
+        vals = [float(v) for v in x]
+    except (TypeError, ValueError):
+        raise ConfigError(f"compare: {what} must be a number, a sequence of per-question scores or an EvalResult; "
+                          f"got {type(x).__name__}") from None
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise ConfigError(f"compare: {what}'s per-question scores must be finite numbers, at least one")
+    return vals, None
+
+
+def compare(candidate: Any, random: Sequence[Any], *, full: Any = None, unedited: Any = None, metric: str = "score",
+            k: int | None = None, alpha: float = 0.05, margin: float = 0.10, multiplicity: str = "holm",
+            level: float = 0.95, n_resamples: int = 1999, seed: int = 0):
+    """The paper's test from Python: the optimal edit at the candidate location against optimal edits at
+    random locations of the same size, decided as a study decides (docs/verdict.md): the candidate's rank
+    among the draws, (1 + #draws at least as good) / (n + 1), for *evidence for*; TOST within ±`margin` of
+    full alignment's gain over the unedited model for *evidence against*; else *inconclusive*, or *no
+    signal* when the metric does not vary or full alignment gains nothing.
+
+    Each result is a number (the metric), a sequence of per-question scores (the same questions, in the
+    same order, for every result: the intervals then include question noise, paired across edits), or an
+    EvalResult from `evaluate_edit` (its `metric` and standard error). `random`: one result per random
+    draw; `full`: the optimal edit at all heads, `unedited`: the model without an edit (both needed for
+    *evidence against*). `metric` names the scores (kl, ce ... are lower-is-better); `k` labels the
+    candidate ("top-16"). Returns a locaudit.study.analysis.Verdict: `.outcome` ("evidence for",
+    "evidence against", "inconclusive", "no signal"), `.headline`, `.lines`, `.table` (the numbers: rank
+    p-value and its floor, CI of the difference, TOST bounds ...), `.text()`.
+
+    >>> v = compare(0.71, random=[0.52, 0.49, 0.55, ...], full=0.80, unedited=0.40, k=16)
+    >>> v.outcome, v.table[0]["p_rank"]
+    """
+    import pandas as pd
+
+    from locaudit.study.analysis import BASE_COLUMNS, analyze, verdict
+    from locaudit.study.spec import VerdictSpec
+
+    if not isinstance(metric, str) or not metric or metric in BASE_COLUMNS or metric.startswith(("n_", "val_", "train_")) \
+            or metric.endswith("_se"):
+        raise ConfigError(f"compare: metric={metric!r} is not a usable metric name (not one of {list(BASE_COLUMNS)}, "
+                          "not n_*/val_*/train_*/*_se)")
+    if isinstance(random, (str, bytes)) or not isinstance(random, Sequence) or len(random) < 2:
+        raise ConfigError("compare: random= needs the results of at least 2 random draws (a list)")
+    cfg = VerdictSpec(alpha=alpha, margin=margin, multiplicity=multiplicity, level=level, primary_metric=metric)
+    results = [("top", f"top{k}" if k else "candidate", candidate, "candidate")]
+    results += [("random", f"random{k or ''}@{i}", r, f"random[{i}]") for i, r in enumerate(random)]
+    if full is not None:
+        results.append(("all", "all", full, "full"))
+    rows, perq, lengths = [], {}, {}
+    for group, loc, res, what in [*results, *([("none", "baseline", unedited, "unedited")] if unedited is not None else [])]:
+        value, se = _scores(res, metric, what)
+        key = f"{group}:{loc}"
+        if isinstance(value, list):
+            lengths[what] = len(value)
+            perq[key] = {metric: {f"q{i}": v for i, v in enumerate(value)}}
+            value = sum(value) / len(value)
+        baseline = group == "none"
+        rows.append({"key": key, "kind": "baseline" if baseline else "optimal",
+                     "method": "baseline" if baseline else "optimal", "group": group, "localizer": loc,
+                     "alpha": None, "tau": None if baseline else 0.1, "lr": None if baseline else 1e-3,
+                     "seed": None if baseline else 0, "status": "done", "heads": None, metric: value,
+                     **({f"{metric}_se": se} if se is not None else {})})
+    if lengths and (len(lengths) < len(rows) or len(set(lengths.values())) > 1):
+        plain = [r["localizer"] for r in rows if r["key"] not in perq]
+        raise ConfigError(f"compare: per-question scores must be given for every result, over the same questions: "
+                          f"lengths {lengths}" + (f"; plain numbers for {plain}" if plain else ""))
+    df = pd.DataFrame(rows)
+    a = analyze(df, perq or None, cfg, n_resamples=n_resamples, seed=seed, top_k=k)
+    return verdict(df, a.comparisons, a.singles, cfg, top_k=k, flags=a.flags, selection=a.selection)
