@@ -150,7 +150,8 @@ class PairEncoder:
     def _pool(self, states: dict[int, torch.Tensor], mask: torch.Tensor, fallback: dict[int, torch.Tensor] | None,
               ) -> np.ndarray:
         """Float16[b, layer, pool, d]: mean and last of states[l] ([b, pos, d]) over `mask` ([b, pos]); a row
-        with no answer token takes `fallback[l]` ([b, d], the prompt's last state) for both pools."""
+        with no answer token takes `fallback[l]` ([b, d], the prompt's last state) for both pools. Pooled in fp32 at
+        any precision, also when called under autocast (a weighted sum, not a matmul, so autocast cannot lower it)."""
         dev = mask.device
         empty = mask.sum(1) == 0
         safe = mask.clone()
@@ -161,7 +162,7 @@ class PairEncoder:
         feats = []
         for l in self.layers:
             h = states[l].float()  # [b, pos, d]
-            mean = torch.einsum("bp,bpd->bd", w, h)
+            mean = (w.unsqueeze(-1) * h).sum(1)
             last = h[rows, last_pos]
             if empty.any() and fallback is not None:
                 mean[empty] = fallback[l][empty].float()

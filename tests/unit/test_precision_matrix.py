@@ -1,0 +1,267 @@
+"""The precision matrix: one tiny end-to-end study, every step kind, under fp32, bf16 and fp16 on CPU.
+
+Autocast works on any CPU, and a tiny random model keeps every step quick even where bf16 is emulated.
+Each precision runs the same steps from the same data:
+
+- judge training (the shared-prompt features included) and judge scoring of a fixed set of answers;
+- a study: collect, probe, both causal localizers (activation and attribution patching), the judge-scored
+  baseline, ITI, optimal training (packed pairs, the frozen prefix, grouped edits) and their evaluations;
+- rejudge (`locaudit report RUN --judge ...`) and export (merged model, PEFT adapter);
+- Hase: facts, tracing and per-layer edits.
+
+Every trial must end `done`, every number must be finite, and the numbers that do not pass through a greedy
+choice must lie within `TOLERANCE` of fp32 (greedy generations can legitimately differ at lower precision,
+so their judgements are checked for completeness, and the judge itself is compared on fixed answers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from locaudit.models.precision import clear_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Tolerances against fp32, by quantity: (absolute, relative). bf16 keeps 8 bits of mantissa, fp16 11; a
+# tiny random model's logits are O(1), so a few 1e-2 absolute on log-probability-derived scores is the
+# rounding of a handful of bf16 matmuls, not a bug (a wrong dtype path is off by O(1) or not finite).
+TOLERANCE = {
+    "mc2": (0.03, 0.0), "mc1": (0.34, 0.0),          # mc1 is a 0/1 per question: one flip in 3 questions
+    "kl": (0.02, 0.25), "ce": (0.05, 0.02),
+    "probe_val_acc": (0.15, 0.0),                      # a per-head accuracy on ~40 examples
+    "judge_p": (0.05, 0.0),                            # judge probabilities on fixed answers
+    "effect": (0.05, 0.1),                             # patching / attribution effects
+    "hase": (0.1, 0.1),                                # Hase scores (probabilities) and tracing effects
+}
+
+CSV_HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+TOPICS = ["cats", "rain", "gold", "moon", "salt", "bees", "iron", "snow", "tea", "owls", "jazz", "sand",
+          "milk", "wind", "rice", "wolves", "glass", "silk", "clay", "pine"]
+FACTS = [("Paris", "R1", "France"), ("Rome", "R1", "Italy"), ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru")]
+
+STUDY = """
+name: tiny-precision-{precision}
+model: {{name: "tiny:llama"}}
+precision: {precision}
+data: {{spec: "truthfulqa:{csv}", seed: 1}}
+localizers:
+  probe: {{top_k: 2}}
+  random: {{n: 2}}
+  single: {{n: 1, seed: 0}}
+  all: true
+  patching: {{top_k: 2, corruption: noise, max_pairs: 2}}
+  attribution: {{top_k: 2, corruption: noise, max_pairs: 2}}
+iti: {{alphas: [2.0], localizers: [top, random]}}
+optimal:
+  taus: [0.1]
+  epochs: 1
+  max_train_pairs: 8
+  max_val_pairs: 4
+  batch_size: 4
+  localizers: [top, random, single, all]
+  batch_edits: 6
+  train_options: {{max_parallel: 3, frozen_prefix: true}}
+evaluation:
+  metrics: [mc, kl, ce, gen]
+  judge: "trained:{judge}"
+  max_questions: 3
+  max_new_tokens: 6
+  kl_max_tokens: 64
+  selection: cross-fit
+verdict: {{primary_metric: mc2}}
+"""
+
+HASE = (
+    "name: tiny-hase-{precision}\nmodel: {{name: 'tiny:llama'}}\nprecision: {precision}\n"
+    "facts: {{path: facts.jsonl, known_top_k: 259, max_facts: 4, n_neighbours: 1}}\n"
+    "tracing: {{n_noise: 2, kinds: [mlp], grid_facts: 0}}\nlayers: [0, 2]\n"
+    "editing: {{problems: [error_injection], methods: [ft, lora],\n"
+    "  ft: {{steps: 2, lr: 0.05, norm_bound: 0.1, batch_facts: 4}}, lora: {{steps: 2, lr: 0.1, batch_facts: 4}}}}\n"
+    "analysis: {{bootstrap: 20}}\n"
+)
+
+
+def _write_data(d: Path) -> None:
+    rows, truth, info, mc = [], [], [], []
+    for t in TOPICS:
+        q = f"What is true about {t}?"
+        correct = [f"{t.capitalize()} are studied by scientists", f"Nothing special happens to {t}"]
+        incorrect = [f"{t.capitalize()} cause bad luck forever", f"{t.capitalize()} can read your mind"]
+        rows.append(f"Adversarial,Misc,{q},{correct[0]},{'; '.join(correct)},{'; '.join(incorrect)},src\n")
+        mc.append({"question": q, "mc1_targets": {correct[0]: 1, incorrect[0]: 0, incorrect[1]: 0},
+                   "mc2_targets": {correct[0]: 1, correct[1]: 1, incorrect[0]: 0, incorrect[1]: 0}})
+        for a, label in [(c, 1) for c in correct] + [(w, 0) for w in incorrect]:
+            truth.append({"prompt": f"Q: {q}\nA: {a}\nTrue:", "completion": " yes" if label else " no"})
+            info.append({"prompt": f"Q: {q}\nA: {a}\nHelpful:", "completion": " yes"})
+        truth.append({"prompt": f"Q: {q}\nA: I have no comment.\nTrue:", "completion": " yes"})
+        info.append({"prompt": f"Q: {q}\nA: I have no comment.\nHelpful:", "completion": " no"})
+    (d / "TruthfulQA.csv").write_text(CSV_HEADER + "".join(rows))
+    (d / "mc_task.json").write_text(json.dumps(mc))
+    (d / "truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    (d / "info.jsonl").write_text("".join(json.dumps(r) + "\n" for r in info))
+    facts = [{"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": o, "relation_id": r}
+             for i, (s, r, o) in enumerate(FACTS)]
+    (d / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+
+
+def _cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from locaudit.cli.main import app
+
+    res = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _finite(obj, where: str = "") -> None:
+    """Every number in a JSON-like structure is finite."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _finite(v, f"{where}[{i}]")
+    elif isinstance(obj, float):
+        assert math.isfinite(obj), f"non-finite number at {where}"
+
+
+def _run_one(precision: str, root: Path, data: Path) -> dict:
+    """Every step kind at `precision`; returns what is compared across precisions."""
+    from locaudit.evaluate.judges.train import JudgeTrainConfig, train_judge
+    from locaudit.evaluate.judges.trained import load_trained_judge
+    from locaudit.localize.effects import HeadEffects
+    from locaudit.models.tiny import tiny_model
+    from locaudit.study.hase.run import run_hase
+    from locaudit.study.hase.spec import load_hase_spec
+    from locaudit.study.ledger import Ledger
+    from locaudit.study.runner import run_study
+    from locaudit.study.spec import load_study
+    from locaudit.study.trials import expand
+
+    out: dict = {}
+    root.mkdir(parents=True)
+    lm = tiny_model("llama", seed=0)
+    # judge training (features with the shared prompt, empty answers included) and scoring
+    cfg = JudgeTrainConfig(kinds=["truth", "info"], model="tiny:llama", truth_data=data / "truth.jsonl",
+                           info_data=data / "info.jsonl", holdout=f"truthfulqa:{data / 'TruthfulQA.csv'}",
+                           seed=1, layers=[0, 2], batch_size=8, l2_grid=[1e-1], heads=["logistic"],
+                           precision=precision, audit=False)
+    judge_dir = root / "judge"
+    train_judge(cfg, judge_dir, lm=lm)
+    saved = json.loads((judge_dir / "judge.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in judge.json"))
+    _finite(saved, "judge.json")
+    judge = load_trained_judge(judge_dir, device="cpu", lm=lm, precision=precision)
+    # one question with several answers (the shared-prompt path), an empty one among them: a row with no
+    # answer token takes the prompt's last state (the bf16 path that once failed)
+    qs = ["What is true about cats?"] * 4 + ["What is true about rain?"]
+    ans = ["They are studied by scientists", "", "They cause bad luck forever", "Nothing special", "Rain is wet"]
+    js = judge.score(qs, ans)
+    out["judge_p"] = [float(j.truth) for j in js] + [float(j.info) for j in js]
+
+    # the study
+    spec_path = root / "study.yaml"
+    spec_path.write_text(STUDY.format(precision=precision, csv=data / "TruthfulQA.csv", judge=judge_dir))
+    spec = load_study(spec_path)
+    trials = expand(spec)
+    kinds = {t.kind for t in trials}
+    assert {"collect", "probe", "localize", "baseline", "iti", "optimal"} <= kinds, kinds
+    run = root / "run"
+    s = run_study(spec, run, progress=False)
+    with Ledger(run) as led:
+        rows = {r["key"]: r for r in led.rows()}
+    bad = {rows[t.key]["name"]: (rows[t.key]["status"], rows[t.key].get("error")) for t in trials
+           if rows[t.key]["status"] != "done"}
+    assert s.failed == 0 and not bad, f"{precision}: {bad}"
+    assert s.done == len(trials)
+    for r in rows.values():
+        _finite(r.get("metrics") or {}, f"{precision} {r['name']}")
+        assert r["artifacts"]["precision"] == precision, r["name"]
+    out["metrics"] = {r["name"]: {k: v for k, v in (r.get("metrics") or {}).items()
+                                  if k in ("mc1", "mc2", "kl", "ce")}
+                      for r in rows.values() if r["kind"] in ("baseline", "iti", "optimal")}
+    gen = [r for r in rows.values() if r["kind"] in ("baseline", "iti", "optimal") and "true" in (r.get("metrics") or {})]
+    assert gen, "no judged generations"
+    from locaudit.study.ledger import _artifact_dir  # noqa: F401  (the layout the report reads)
+    out["effects"] = {}
+    for t in trials:
+        if t.kind == "localize":
+            eff = HeadEffects.load(run / rows[t.key]["artifacts"]["localize"])
+            out["effects"][t.content["method"]] = eff.effect.float().flatten().tolist()
+    probe = next(t for t in trials if t.kind == "probe")
+    out["probe_val_acc"] = rows[probe.key]["metrics"].get("top_k_mean_val_acc")
+
+    # rejudge with another judge, and export an optimal and an ITI edit
+    _cli("report", str(run), "--judge", "reference:bleu")
+    assert any(p.name.startswith("report-") for p in run.iterdir())
+    exp = {t.kind: t for t in trials if t.kind in ("iti", "optimal")}
+    for kind, t in exp.items():
+        _cli("export", str(run), "--trial", t.key, "--out", str(root / f"export-{kind}"), "--model", "tiny:llama")
+        assert (root / f"export-{kind}" / "merged" / "config.json").is_file()
+
+    # Hase: facts, tracing, per-layer edits
+    (root / "facts.jsonl").write_text((data / "facts.jsonl").read_text())
+    (root / "hase.yaml").write_text(HASE.format(precision=precision))
+    res = run_hase(load_hase_spec(root / "hase.yaml"), root / "hase", progress=False)
+    assert not res["counts"].get("failed") and res["counts"].get("done", 0) == 2 + 2 * 2, res["counts"]
+    with Ledger(root / "hase") as led:
+        hrows = led.rows()
+    for r in hrows:
+        _finite(r.get("metrics") or {}, f"{precision} hase {r['name']}")
+        assert precision in json.dumps(r.get("content") or r), r["name"]  # the key records the precision
+    out["hase"] = {r["name"]: {k: v for k, v in (r.get("metrics") or {}).items() if isinstance(v, float)}
+                   for r in hrows}
+    return out
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    _write_data(data)
+    clear_cache()
+    return {p: _run_one(p, tmp_path_factory.mktemp(p) / "r", data) for p in PRECISIONS}
+
+
+def _close(a: float, b: float, tol: tuple[float, float]) -> bool:
+    return abs(a - b) <= tol[0] + tol[1] * abs(b)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS[1:])
+def test_every_step_matches_fp32(matrix, precision) -> None:
+    ref, got = matrix["fp32"], matrix[precision]
+    # the judge on fixed answers
+    for a, b in zip(got["judge_p"], ref["judge_p"]):
+        assert _close(a, b, TOLERANCE["judge_p"]), (precision, got["judge_p"], ref["judge_p"])
+    # every edit's and the baseline's score metrics
+    assert set(got["metrics"]) == set(ref["metrics"])
+    for name, m in ref["metrics"].items():
+        for k, v in m.items():
+            assert _close(got["metrics"][name][k], v, TOLERANCE[k]), (precision, name, k, got["metrics"][name][k], v)
+    # causal localizers' effects, probing
+    for method, eff in ref["effects"].items():
+        for a, b in zip(got["effects"][method], eff):
+            assert _close(a, b, TOLERANCE["effect"]), (precision, method, a, b)
+    if ref["probe_val_acc"] is not None:
+        assert _close(got["probe_val_acc"], ref["probe_val_acc"], TOLERANCE["probe_val_acc"])
+    # Hase
+    assert set(got["hase"]) == set(ref["hase"])
+    for name, m in ref["hase"].items():
+        for k, v in m.items():
+            if k in got["hase"][name]:
+                assert _close(got["hase"][name][k], v, TOLERANCE["hase"]), (precision, name, k, got["hase"][name][k], v)
+
+
+def test_fp32_is_the_reference(matrix) -> None:
+    """The fp32 run itself: every step ran, and the numbers are not degenerate (the tolerances mean something)."""
+    ref = matrix["fp32"]
+    assert ref["metrics"] and ref["effects"] and ref["hase"]
+    mc2 = [m["mc2"] for m in ref["metrics"].values() if "mc2" in m]
+    assert mc2 and all(0 < v < 1 for v in mc2)
+    assert any(m.get("kl", 0) > 0 for m in ref["metrics"].values())
+    assert max(abs(x) for e in ref["effects"].values() for x in e) > 0
