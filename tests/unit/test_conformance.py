@@ -43,7 +43,8 @@ def make_edit(kind: str, lm, zero: bool = False, seed: int = 0):
         return NoEdit()
     if kind == "iti":
         theta = torch.randn(L, H * D, generator=g) * HEADS.dim_mask(L, H, D)
-        return ITIEdit(theta, alpha=0.0 if zero else 2.0, heads=HEADS, model={"fingerprint": lm.fingerprint})
+        return ITIEdit(theta, alpha=0.0 if zero else 2.0, heads=HEADS, model={"fingerprint": lm.fingerprint},
+                       n_heads=H)  # as fit_iti records it: the head check then runs without the model too
     reparam = kind == "lora_reparam"
     a_mask, b_mask = edit_masks(lm.sites, HEADS, reparam)
     a = torch.randn(L, 2, a_mask.shape[-1], generator=g) * a_mask
@@ -198,3 +199,127 @@ def test_export_reproduces_logits(family, kind, precision, tmp_path):
             pytest.xfail(f"{family} routes tokens to experts: a bf16 rounding flips the top-1 expert of a near-tie "
                          f"(error {err:.3g} vs live bf16 noise {noise:.3g}); the fp32 export is exact")
         assert err <= max(TOL["bf16"]["atol"], 2 * noise)
+
+
+def tampered(kind: str, lm, how: str):
+    """An edit of `kind` that is not what it declares: non-zero at a head outside its set ('outside'), or
+    non-finite ('nan'), or unbounded ('huge')."""
+    L, H, D = lm.sites.shape
+    edit = make_edit(kind, lm)
+    outside = ~HEADS.dim_mask(L, H, D)  # [L, HD]
+    l = min(HEADS.layers)
+    c = int(torch.nonzero(outside[l])[0])  # a coordinate of a head outside the set, on an edited layer
+    value = {"outside": 0.5, "nan": float("nan"), "huge": 1e30}[how]
+    if kind == "iti":
+        if how == "outside":
+            edit.theta[l, c] = value
+        else:
+            edit.theta[l, int(torch.nonzero(~outside[l])[0])] = value
+    elif how == "outside" and kind == "lora_plain":
+        edit.a[l, 0, c] = value  # plain LoRA reads only the set's head coordinates
+    elif how == "outside":
+        edit.b[l, 0, c] = value  # reparameterised LoRA writes only through the set's heads
+    else:
+        edit.b[l, 0, 0 if kind == "lora_plain" else int(torch.nonzero(~outside[l])[0])] = value
+    return edit
+
+
+TAMPER = ("outside", "nan", "huge")
+
+
+@pytest.mark.parametrize("family,kind", list(itertools.product(FAMILIES, KINDS)))
+def test_edit_verification(family, kind, tmp_path):
+    """Every kind verifies through the registry (edit/base.py): the genuine edit passes; an edit acting at
+    a head outside its declared set, or with non-finite or unbounded values, is refused before it is
+    applied, saved or exported, and when a tampered file is loaded, naming what is wrong."""
+    from locaudit.errors import LocauditError
+
+    lm = model(family)
+    ids = ids_for(lm)
+    genuine = make_edit(kind, lm)
+    genuine.verify(lm)
+    genuine.verify(None)
+    if kind == "none":
+        return
+    genuine.save(tmp_path / "good")
+    for how in TAMPER:
+        bad = tampered(kind, lm, how)
+        match = {"outside": "non-zero outside its", "nan": "non-finite", "huge": "above the bound"}[how]
+        with pytest.raises(LocauditError, match=match):
+            bad.verify(lm)
+        with pytest.raises(LocauditError, match=match):
+            with edited(lm, bad, "fp32"):
+                lm.model(input_ids=ids)
+        assert not hooks_left(lm)
+        with pytest.raises(LocauditError, match=match):
+            bad.export(lm, tmp_path / f"export-{how}")
+        assert not (tmp_path / f"export-{how}").exists()
+        if how == "outside" and kind.startswith("lora"):
+            bad.save(tmp_path / f"saved-{how}")  # without the model a LoRA edit is checked layer by layer
+        else:
+            with pytest.raises(LocauditError, match=match):
+                bad.save(tmp_path / f"saved-{how}")
+        # a tampered file: the genuine folder with the bad tensors written over its own
+        folder = tmp_path / f"file-{how}"
+        import shutil
+
+        from safetensors.torch import save_file
+
+        shutil.copytree(tmp_path / "good", folder)
+        if kind == "iti":
+            save_file({"theta": bad.theta.contiguous()}, str(folder / "iti.safetensors"))
+        else:
+            save_file({"a": bad.a.contiguous(), "b": bad.b.contiguous()}, str(folder / "edit.safetensors"))
+        if how == "outside" and kind.startswith("lora"):
+            # without the model, a stored LoRA edit is checked layer by layer; the head check runs on apply
+            back = load_edit(folder)
+            with pytest.raises(LocauditError, match=match):
+                with edited(lm, back, "fp32"):
+                    pass
+        else:
+            on_file = "finite" if how == "nan" else match  # the loaders' own finite checks come first
+            with pytest.raises(LocauditError, match=f"(?s){folder.name}.*{on_file}"):
+                load_edit(folder)
+    # acting on a layer outside the set is refused even without the model
+    if kind.startswith("lora"):
+        bad = make_edit(kind, lm)
+        off = next(l for l in range(lm.sites.n_layers) if l not in HEADS.layers)
+        bad.a[off] = 0.1
+        bad.b[off] = 0.1
+        with pytest.raises(LocauditError, match="outside its declared layers"):
+            bad.verify(None)
+
+
+def test_a_kind_without_verify_cannot_register_and_a_kind_cannot_skip_it():
+    from locaudit.edit.base import EDIT_KINDS, ExportMixin, register_edit
+
+    class NoVerify(ExportMixin):
+        def applied(self, lm): ...
+        def describe(self): return {}
+        def save(self, path): ...
+        @classmethod
+        def load(cls, path): return cls()
+
+    with pytest.raises(TypeError, match="no method verify"):
+        register_edit("noverify_test")(NoVerify)
+
+    calls = []
+
+    class Skips(NoVerify):
+        def verify(self, lm=None):
+            calls.append(lm)
+            raise ValueError("refused")
+
+    try:
+        register_edit("skips_test")(Skips)
+        with pytest.raises(ValueError, match="refused"):
+            Skips().applied("LM")  # its own applied never calls verify: the registry does
+        with pytest.raises(ValueError, match="refused"):
+            Skips().save("/nonexistent")
+        with pytest.raises(ValueError, match="refused"):
+            Skips.load("/nonexistent")
+        with pytest.raises(ValueError, match="refused"):
+            Skips().export("LM", "/nonexistent")
+        assert calls == ["LM", None, None, "LM"]
+    finally:
+        EDIT_KINDS.pop("skips_test", None)

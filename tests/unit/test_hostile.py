@@ -264,7 +264,9 @@ def nan_iti_file_is_refused(env: Env) -> None:
     from locaudit.edit.iti import ITIEdit
     from locaudit.heads import HeadSet
 
-    d = ITIEdit(torch.ones(2, 8), alpha=1.0, heads=HeadSet.parse("L0H0"), n_heads=2).save(env.tmp / "iti")
+    theta = torch.zeros(2, 8)
+    theta[0, :4] = 1.0  # L0H0 of 2 heads x 4 dims
+    d = ITIEdit(theta, alpha=1.0, heads=HeadSet.parse("L0H0"), n_heads=2).save(env.tmp / "iti")
     from safetensors.torch import save_file
 
     save_file({"theta": torch.full((2, 8), float("nan"))}, str(d / "iti.safetensors"))
@@ -491,6 +493,13 @@ def checksums_catch_changed_missing_and_resized_files(env: Env) -> None:
     assert "unreadable" in verify_checksums(d)
 
 
+def _layer0(t: torch.Tensor) -> torch.Tensor:
+    """`t` [L, r, dim] kept on layer 0 only: a LoRA edit at L0H0 is zero on every other layer."""
+    t = t.clone()
+    t[1:] = 0
+    return t
+
+
 @case
 def garbage_trained_edit_folder_is_retrained_not_trusted(env: Env) -> None:
     from locaudit.edit.lora import LoRAEdit
@@ -499,7 +508,7 @@ def garbage_trained_edit_folder_is_retrained_not_trusted(env: Env) -> None:
     from locaudit.study.steps import TRAINED_MARKER, _trained_ok
 
     d = env.tmp / "optimal"
-    LoRAEdit(torch.zeros(2, 1, 8), torch.ones(2, 1, 8), HeadSet.parse("L0H0")).save(d)
+    LoRAEdit(torch.zeros(2, 1, 8), _layer0(torch.ones(2, 1, 8)), HeadSet.parse("L0H0")).save(d)
     (d / TRAINED_MARKER).write_text("{}")
     write_checksums(d)
     assert _trained_ok(d)
@@ -514,7 +523,7 @@ def garbage_lora_files_name_the_file(env: Env) -> None:
     from locaudit.edit.lora import LoRAEdit
     from locaudit.heads import HeadSet
 
-    d = LoRAEdit(torch.zeros(2, 1, 8), torch.ones(2, 1, 8), HeadSet.parse("L0H0")).save(env.tmp / "e")
+    d = LoRAEdit(torch.zeros(2, 1, 8), _layer0(torch.ones(2, 1, 8)), HeadSet.parse("L0H0")).save(env.tmp / "e")
     (d / "edit.safetensors").write_bytes(b"\xff\xfe" + os.urandom(200))
     with pytest.raises(DataError, match=r"edit\.safetensors: not a readable safetensors"):
         LoRAEdit.load(d)
@@ -538,7 +547,10 @@ def nan_lora_weights_are_refused(env: Env) -> None:
     from locaudit.edit.lora import LoRAEdit
     from locaudit.heads import HeadSet
 
-    d = LoRAEdit(torch.zeros(2, 1, 8), torch.full((2, 1, 8), float("inf")), HeadSet.parse("L0H0")).save(env.tmp / "e")
+    d = LoRAEdit(torch.zeros(2, 1, 8), _layer0(torch.ones(2, 1, 8)), HeadSet.parse("L0H0")).save(env.tmp / "e")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2, 1, 8), "b": torch.full((2, 1, 8), float("inf"))}, str(d / "edit.safetensors"))
     with pytest.raises(DataError, match=r"edit\.safetensors: the edit has non-finite values"):
         LoRAEdit.load(d)
 

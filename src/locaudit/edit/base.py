@@ -13,14 +13,16 @@ kind is one class with the methods of `Edit` and the decorator, in a module list
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, ClassVar, ContextManager, Iterator, Literal, Protocol, TypeVar, runtime_checkable
 
-from locaudit.errors import ConfigError
+from locaudit.errors import ConfigError, DataError
 from locaudit.io import write_json_atomic
 from locaudit.models.loading import LoadedModel
 
@@ -46,6 +48,53 @@ class Edit(Protocol):
                overwrite: bool = False) -> Path:
         """Write `lm` with the edit folded in (merged HF folder) or as a PEFT adapter (edit/export.py)."""
 
+    def verify(self, lm: LoadedModel | None = None) -> None:
+        """Raise (ConfigError / DataError naming the tensor and value) unless the edit is what it declares:
+        its parameters act only at its declared heads or layers, and their shapes, dtypes and values are
+        finite and bounded (|value| <= MAX_EDIT_VALUE). With `lm`, also that they fit the model's shapes.
+        The registry calls it before `applied`, `export` and `save`, and after `load`."""
+
+
+# the largest |parameter| (or |alpha * theta|) an edit may carry: beyond it the edit is not a steering
+# vector or a trained update but an overflow waiting to happen (bf16/fp16 activations; training's own
+# divergence bound, edit/train.py MAX_EDIT_ABS, is the same value)
+MAX_EDIT_VALUE = 1e4
+
+
+def check_tensor(name: str, t, shape: tuple | None = None, bound: float = MAX_EDIT_VALUE, scale: float = 1.0) -> None:
+    """Raise DataError unless tensor `t` (named `name`, e.g. 'ITI theta') is floating point, has `shape`
+    (None entries: any size), is finite, and has |scale * value| <= bound."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{name} is a {type(t).__name__}, expected a tensor")
+    if not t.is_floating_point():
+        raise DataError(f"{name} has dtype {t.dtype}, expected a floating-point tensor")
+    if shape is not None and (t.dim() != len(shape)
+                              or any(w is not None and int(n) != int(w) for n, w in zip(t.shape, shape))):
+        raise DataError(f"{name} has shape {list(t.shape)}, expected {['*' if w is None else w for w in shape]}")
+    if t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise DataError(f"{name} has non-finite values (NaN/inf)")
+    big = float(t.detach().abs().max()) * abs(float(scale))
+    if not math.isfinite(big) or big > bound:
+        what = f"|{scale:g} * value|" if scale != 1.0 else "|value|"
+        raise DataError(f"{name}: largest {what} is {big:.3g}, above the bound {bound:g} of an edit "
+                        "(an overflow, not an edit)")
+
+
+def check_outside(name: str, t, inside, where: str) -> None:
+    """Raise DataError unless tensor `t` is exactly zero wherever the Bool mask `inside` (broadcastable) is False;
+    `where` names what was declared (e.g. "head set 'top2' (2 heads)")."""
+    import torch
+
+    outside = t.detach() * (~inside.to(torch.bool)).to(t.dtype)
+    if bool((outside != 0).any()):
+        idx = [int(i) for i in torch.nonzero(outside)[0].tolist()]
+        raise DataError(f"{name} is non-zero outside its {where} (first at index {idx}, value "
+                        f"{float(t.detach()[tuple(idx)]):.3g}): the edit would act where it does not declare")
+
 
 E = TypeVar("E")
 EDIT_KINDS: dict[str, type] = {}
@@ -56,19 +105,62 @@ BUILTIN_MODULES: tuple[str, ...] = ("locaudit.edit.iti", "locaudit.edit.lora")
 def register_edit(kind: str) -> Callable[[type[E]], type[E]]:
     """Class decorator: register an edit class under `kind` (its `kind` attribute is set to it).
 
-    The class needs `applied`, `describe`, `save` and a classmethod `load(path, **overrides)`.
+    The class needs `applied`, `describe`, `save`, `verify(lm=None)` and a classmethod `load(path, **overrides)`.
+    The registry wraps them so that no kind can skip verification: `applied(lm)`, `save(path)` and
+    `export(lm, ...)` call `verify` first, and `load` verifies what it read (naming the folder).
     """
     def deco(cls: type[E]) -> type[E]:
-        for name in ("applied", "describe", "save", "load"):
+        for name in ("applied", "describe", "save", "load", "verify"):
             if not callable(getattr(cls, name, None)):
                 raise TypeError(f"edit kind {kind!r}: {cls.__name__} has no method {name}()")
         prev = EDIT_KINDS.get(kind)
         if prev is not None and prev.__qualname__ != cls.__qualname__:
             raise ConfigError(f"edit kind {kind!r} is already registered by {prev.__module__}.{prev.__qualname__}")
         cls.kind = kind  # type: ignore[attr-defined]
+        _guard(cls)
         EDIT_KINDS[kind] = cls
         return cls
     return deco
+
+
+def _verified_first(fn: Callable, with_lm: bool) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        lm = (args[0] if args else kwargs.get("lm")) if with_lm else None
+        self.verify(lm)
+        return fn(self, *args, **kwargs)
+    wrapper._verifies = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _guard(cls: type) -> None:
+    """Wrap a registered class's applied / save / export (verify first) and load (verify after)."""
+    for name, with_lm in (("applied", True), ("save", False), ("export", True)):
+        fn = getattr(cls, name, None)
+        if callable(fn) and not getattr(fn, "_verifies", False):
+            setattr(cls, name, _verified_first(fn, with_lm))
+    load = getattr(cls, "load")
+    func = getattr(load, "__func__", None)
+    if func is not None and not getattr(func, "_verifies", False):
+        @functools.wraps(func)
+        def loaded(klass, path, *args, **kwargs):
+            edit = func(klass, path, *args, **kwargs)
+            try:
+                edit.verify(None)
+            except (ConfigError, DataError) as e:
+                raise type(e)(f"{path}: {e}") from None
+            return edit
+        loaded._verifies = True  # type: ignore[attr-defined]
+        cls.load = classmethod(loaded)  # type: ignore[attr-defined]
+
+
+def verify_edit(edit, lm: LoadedModel | None = None) -> None:
+    """`edit.verify(lm)`, for code that receives an edit from outside the registry (exports, evaluation);
+    an object without `verify` is refused: it is not a registered edit kind."""
+    fn = getattr(edit, "verify", None)
+    if not callable(fn):
+        raise ConfigError(f"{type(edit).__name__} has no verify(): not an edit of a registered kind")
+    fn(lm)
 
 
 def edit_kinds() -> dict[str, type]:
@@ -105,6 +197,9 @@ class NoEdit(ExportMixin):
 
     def describe(self) -> dict:
         return {"kind": "none"}
+
+    def verify(self, lm: LoadedModel | None = None) -> None:
+        """Nothing to check: the unedited model has no parameters."""
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

@@ -23,7 +23,8 @@ from typing import Iterator, Literal, Mapping, Protocol, Sequence, runtime_check
 import torch
 from torch import Tensor, nn
 
-from locaudit.edit.base import ExportMixin, register_edit, require_files, save_edit_folder
+from locaudit.edit.base import (MAX_EDIT_VALUE, ExportMixin, check_outside, check_tensor, register_edit,
+                                require_files, save_edit_folder)
 from locaudit.errors import ConfigError, DataError
 from locaudit.heads import HeadSet
 from locaudit.models.interventions import add
@@ -75,6 +76,11 @@ def _model_of(acts: HeadActivations) -> dict:
     out = {"name": model.get("name", meta.get("model_name", "")),
            "fingerprint": model.get("fingerprint", meta.get("model_fingerprint", ""))}
     return {k: v for k, v in out.items() if v}
+
+
+def _short(heads: HeadSet) -> str:
+    text = heads.to_string()
+    return f"{heads.name!r} ({len(heads)} heads)" if len(text) > 60 and heads.name else text
 
 
 def mass_mean_directions(X: Tensor, y: Tensor) -> Tensor:
@@ -199,6 +205,39 @@ class ITIEdit(ExportMixin):
 
     def __repr__(self) -> str:
         return f"ITIEdit(heads={self.heads.name!r}, alpha={self.alpha}, direction={self.direction!r})"
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, lm: LoadedModel | None = None) -> None:
+        """Raise unless theta is a finite float [L, H*D] matrix with |alpha * theta| <= MAX_EDIT_VALUE that is
+        zero outside the declared heads (every layer outside them; with `lm` or a recorded `n_heads`, every
+        head outside them too), and, with `lm`, of the model's shape."""
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"ITI alpha must be a finite number, got {self.alpha!r}")
+        check_tensor("ITI theta", self.theta, (None, None))
+        if self.alpha:
+            check_tensor(f"ITI alpha * theta (alpha={self.alpha:g})", self.theta, scale=self.alpha)
+        L, HD = self.theta.shape
+        H = lm.sites.n_heads if lm is not None else self.n_heads
+        if lm is not None:
+            self._check(lm)
+        if not isinstance(self.heads, HeadSet):
+            raise ConfigError(f"ITI heads must be a HeadSet, got {type(self.heads).__name__}")
+        if not self.heads.heads:  # a set recovered from theta without n_heads: it names layers only
+            return
+        if H is not None:
+            if int(H) < 1 or HD % int(H):
+                raise DataError(f"ITI theta has {HD} columns, not a multiple of n_heads={H}")
+            H = int(H)
+            self.heads.check(L, H)
+            check_outside("ITI theta", self.theta, self.heads.dim_mask(L, H, HD // H),
+                          f"declared heads {_short(self.heads)}")
+        else:
+            layers = torch.zeros(L, 1, dtype=torch.bool)
+            for l in self.heads.layers:
+                if not 0 <= l < L:
+                    raise DataError(f"ITI heads {_short(self.heads)} name layer {l}; theta has {L} layers")
+                layers[l] = True
+            check_outside("ITI theta", self.theta, layers, f"declared layers {sorted(self.heads.layers)}")
 
     # ------------------------------------------------------------------ application
     def _check(self, lm: LoadedModel) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from locaudit.errors import ConfigError
+from locaudit.errors import ConfigError, DataError
 from locaudit.models.batching import pad_id, pad_right
 from locaudit.models.interventions import module_hooks
 from locaudit.models.precision import as_precision
@@ -93,9 +93,35 @@ class LayerEdits:
             return self.dw[e]
         return torch.outer(self.b[e], self.a[e])
 
+    def verify(self, lm=None) -> None:
+        """Raise unless the edits are what they declare: one site (`mlp_down` / `o_proj`) of one layer, with
+        finite, bounded (|value| <= MAX_EDIT_VALUE) float updates of that site's weight shape (with `lm`)."""
+        from locaudit.edit.base import check_tensor
+
+        if self.site not in SITES:
+            raise ConfigError(f"layer edit site {self.site!r} is not one of {SITES}")
+        if self.method not in ("ft", "lora"):
+            raise ConfigError(f"layer edit method {self.method!r} is not 'ft' or 'lora'")
+        out_in = (None, None)
+        if lm is not None:
+            n = lm.sites.n_layers
+            if not isinstance(self.layer, int) or not 0 <= self.layer < n:
+                raise ConfigError(f"layer edit declares layer {self.layer!r}; the model has {n} layers")
+            out_in = tuple(site_module(lm, self.site, self.layer).weight.shape)
+        if self.method == "ft":
+            if self.a is not None or self.b is not None:
+                raise DataError("an 'ft' layer edit carries lora factors a/b: it would not be the update it declares")
+            check_tensor(f"layer edit dw (L{self.layer} {self.site})", self.dw, (None, *out_in))
+        else:
+            if self.dw is not None:
+                raise DataError("a 'lora' layer edit carries a full update dw: it would not be the update it declares")
+            check_tensor(f"layer edit a (L{self.layer} {self.site})", self.a, (None, out_in[1]))
+            check_tensor(f"layer edit b (L{self.layer} {self.site})", self.b, (self.a.shape[0], out_in[0]))
+
     @contextmanager
     def applied(self, lm, e: int) -> Iterator[None]:
-        """Within the block, edit e is baked into the site's weight (restored exactly on exit)."""
+        """Within the block, edit e is baked into the site's weight (restored exactly on exit); verified first."""
+        self.verify(lm)
         w = site_module(lm, self.site, self.layer).weight
         old = w.detach().clone()
         try:
@@ -274,6 +300,11 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     finally:
         for p, r in zip(lm.model.parameters(), was):
             p.requires_grad_(r)
+    edits = LayerEdits(layer, cfg.site, cfg.method,
+                       dw=params.get("dw", None).detach() if cfg.method == "ft" else None,
+                       a=params["a"].detach() if cfg.method == "lora" else None,
+                       b=params["b"].detach() if cfg.method == "lora" else None)
+    edits.verify(lm)  # finite and bounded, or the training diverged: fail before scoring, naming the tensor
     # score every score row with its edit (one forward from the cached prefix)
     sel = list(range(n_train, len(all_rows)))
     with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[n_train:], params), prec.autocast(lm.dtype):
@@ -281,10 +312,6 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
                    b.plen[n_train:])
         hidden = _forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer)
         post, _ = _row_terms(lm, hidden, sb, list(range(len(sel))))
-    edits = LayerEdits(layer, cfg.site, cfg.method,
-                       dw=params.get("dw", None).detach() if cfg.method == "ft" else None,
-                       a=params["a"].detach() if cfg.method == "lora" else None,
-                       b=params["b"].detach() if cfg.method == "lora" else None)
     # the forward pass for scoring must not keep the hook's params alive with grads
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None}
 

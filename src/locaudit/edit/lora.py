@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from locaudit.edit.base import ExportMixin, register_edit, require_files, save_edit_folder
+from locaudit.edit.base import ExportMixin, check_outside, check_tensor, register_edit, require_files, save_edit_folder
 from locaudit.errors import ConfigError, DataError
 from locaudit.heads import HeadSet
 from locaudit.models.hooks import o_proj_hooks
@@ -219,8 +219,34 @@ class LoRAEdit(ExportMixin):
                 f"a [{L}, r, {H * D}], b [{L}, r, {out}] ({L} layers, {H} heads x {D})"
             )
         a_mask, b_mask = edit_masks(sites, self.heads, self.reparam)
-        if (self.a * ~a_mask).abs().max() > 0 or (self.b * ~b_mask).abs().max() > 0:
-            raise DataError(f"edit {self.heads.name!r}: a or b is non-zero outside its head set {self.heads.to_string()}")
+        where = f"head set {self.heads.name!r} ({len(self.heads)} heads)"
+        check_outside(f"LoRA a of edit {self.heads.name!r}", self.a, a_mask, where)
+        check_outside(f"LoRA b of edit {self.heads.name!r}", self.b, b_mask, where)
+
+    def verify(self, lm: LoadedModel | None = None) -> None:
+        """Raise unless a and b are finite float [L, r, .] tensors bounded by MAX_EDIT_VALUE, zero on every layer
+        outside the declared head set, and (with `lm`) of the model's shapes and zero outside the set's heads."""
+        if not isinstance(self.heads, HeadSet):
+            raise ConfigError(f"LoRA heads must be a HeadSet, got {type(self.heads).__name__}")
+        if len(self.heads) == 0:
+            raise DataError("LoRA edit declares no heads (an empty head set)")
+        check_tensor("LoRA a", self.a, (None, None, None))
+        check_tensor("LoRA b", self.b, (None, self.a.shape[1], None))
+        if self.reparam and self.a.shape[2] != self.b.shape[2]:
+            raise DataError(f"reparameterised LoRA: a {list(self.a.shape)} and b {list(self.b.shape)} must share "
+                            "their last (heads*head_dim) size")
+        if lm is not None:
+            self.check(lm.sites)
+            return
+        L = self.n_layers
+        on = torch.zeros(L, 1, 1, dtype=torch.bool)
+        for l in self.heads.layers:
+            if not 0 <= l < L:
+                raise DataError(f"LoRA heads {self.heads.name!r} name layer {l}; the edit has {L} layers")
+            on[l] = True
+        where = f"declared layers {list(self.heads.layers)}"
+        check_outside("LoRA a", self.a, on, where)
+        check_outside("LoRA b", self.b, on, where)
 
     def stack(self, sites: ModelSites) -> LoRAStack:
         """A frozen one-edit stack of this edit, on the model's device."""
