@@ -221,3 +221,28 @@ def test_study_records_precision_per_trial_and_in_the_report(monkeypatch, tmp_pa
 
     trials = pd.read_csv(rep.out_dir / "trials.csv")
     assert set(trials.loc[trials["kind"] == "iti", "precision"]) == {"fp32"}
+
+
+def test_hase_keys_follow_the_device_auto_resolves_to(monkeypatch, tmp_path):
+    """A Hase study with `device: auto` on a GPU keys its trials by the GPU's precision (bf16), not by the
+    CPU's: the key says what the compute runs in. On a CPU-only machine the same spec keys fp32 (AVX2)."""
+    from locaudit.study.hase.spec import load_hase_spec
+
+    (tmp_path / "facts.jsonl").write_text('{"subject": "Paris", "prompt": "Paris is in", "target": "France"}\n')
+    (tmp_path / "hase.yaml").write_text("name: h\nmodel: {name: 'tiny:llama', device: auto}\nprecision: auto\n"
+                                        "facts: {path: facts.jsonl}\n")
+    spec = load_hase_spec(tmp_path / "hase.yaml")
+    monkeypatch.setenv("LOCAUDIT_CPU_CAPABILITY", "AVX2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    P.clear_cache()
+    cpu_key = spec.identity()["precision"]
+    assert cpu_key == "fp32" and spec.resolved().device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    P.clear_cache()
+    try:
+        assert spec.resolved().device == "cuda"
+        assert spec.identity()["precision"] == "bf16"
+    finally:
+        P.clear_cache()

@@ -140,7 +140,7 @@ def hase_group(trials: list[HaseTrial], spec: HaseSpec, run_dir: Path):
 
     lm, run_dir = _worker_model(spec), Path(run_dir)
     for t in trials:
-        metrics = _run_trial(t, spec, lm, run_dir, spec.precision, False, steps)
+        metrics = _run_trial(t, spec, lm, run_dir, spec.resolved(), False, steps)
         yield t.key, {"metrics": metrics, "artifacts": {"data": str(data_dir(run_dir, t.key).relative_to(run_dir))}}
 
 
@@ -205,7 +205,7 @@ def _run_local(spec: HaseSpec, run_dir: Path, trials: list[HaseTrial], ledger: L
         return lm_box["lm"]
 
     ran = []
-    precision = spec.precision
+    precision = spec.resolved()
     for t in trials:
         status = ledger.status_of([t.key]).get(t.key)
         if status != "pending":

@@ -28,7 +28,7 @@ from locaudit.errors import ConfigError
 from locaudit.evaluate.facts import PROBLEMS
 from locaudit.io import file_sha256, stable_hash
 from locaudit.localize.tracing import TraceConfig
-from locaudit.models.precision import parse_precision, resolve_precision
+from locaudit.models.precision import ResolvedPrecision, parse_precision, resolve_precision
 from locaudit.study.spec import ResourceSpec
 
 
@@ -140,8 +140,15 @@ class HaseSpec(BaseModel):
     def tracing_kind(self, site: str) -> str:
         return self.analysis.tracing_kind or ("mlp" if site == "mlp_down" else "attn")
 
+    def resolved(self) -> ResolvedPrecision:
+        """`precision` resolved for the device the model will run on (`device: auto` is a GPU where there is
+        one), as every trial computes and keys it."""
+        from locaudit.models.loading import resolve_device
+
+        return resolve_precision(self.precision, resolve_device(self.model.device))
+
     def resolved_precision(self) -> str:
-        return resolve_precision(self.precision, "cuda" if self.model.device.startswith("cuda") else "cpu").name
+        return self.resolved().name
 
     def identity(self) -> dict:
         """What every trial key depends on: model, facts content, precision."""

@@ -16,12 +16,13 @@ from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load
 from locaudit.edit.layer_edit import EditRow, score_rows, train_layer_edits
 from locaudit.evaluate.facts import NEW_OBJECT_PROBLEMS, fact_metrics
 from locaudit.localize.tracing import TracedFact, trace_facts
+from locaudit.models.precision import ResolvedPrecision
 from locaudit.study.hase.spec import HaseSpec
 
 log = logging.getLogger(__name__)
 
 
-def prepare_facts(lm, spec: HaseSpec, precision=None, progress: bool = True) -> dict:
+def prepare_facts(lm, spec: HaseSpec, precision: ResolvedPrecision, progress: bool = True) -> dict:
     """Load, keep the known facts, draw counterfactual objects, sample the studied facts, and pick each
     one's neighbours (same relation) and unrelated prompts (other relations), all seeded."""
     F = spec.facts
@@ -49,7 +50,7 @@ def prepare_facts(lm, spec: HaseSpec, precision=None, progress: bool = True) -> 
             "neighbours": neighbours, "unrelated": unrelated}
 
 
-def run_tracing(lm, spec: HaseSpec, facts: Sequence[Fact], layers: Sequence[int], precision=None,
+def run_tracing(lm, spec: HaseSpec, facts: Sequence[Fact], layers: Sequence[int], precision: ResolvedPrecision,
                 progress: bool = True) -> dict:
     """Tracing effects of every fact at the edited layers, and the (layer x position) grid of the first
     `tracing.grid_facts` facts (for the heatmap)."""
@@ -75,10 +76,10 @@ def _target_ids(tok, f: Fact, problem: str, tracing: dict) -> list[int] | None:
 _PRE_CACHE: dict = {}
 
 
-def _pre_scores(lm, rows: Sequence[EditRow], precision) -> torch.Tensor:
+def _pre_scores(lm, rows: Sequence[EditRow], precision: ResolvedPrecision) -> torch.Tensor:
     """Unedited log-probs of score rows; they do not depend on the edited layer, so a process that runs
     several layers' trials computes them once (in-memory cache keyed by model, precision and rows)."""
-    key = (lm.fingerprint, str(precision), tuple((tuple(r.prompt), tuple(r.completion)) for r in rows))
+    key = (lm.fingerprint, precision.key, tuple((tuple(r.prompt), tuple(r.completion)) for r in rows))
     if key not in _PRE_CACHE:
         if len(_PRE_CACHE) > 64:
             _PRE_CACHE.clear()
@@ -87,7 +88,7 @@ def _pre_scores(lm, rows: Sequence[EditRow], precision) -> torch.Tensor:
 
 
 def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: str, method: str, layer: int,
-                  precision=None, progress: bool = True) -> list[dict]:
+                  precision: ResolvedPrecision, progress: bool = True) -> list[dict]:
     """Edit every studied fact at `layer` (E facts per group share forward passes and the frozen prefix)
     and score each edit. Returns one row per fact: metrics, the tracing effects at `layer`."""
     cfg = spec.editing.config(method)
