@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import stat
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from locaudit.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir(*parts: str) -> Path:
@@ -27,12 +34,164 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+# Temporary siblings are named `.NAME.locaudit-tmp-PID-RANDOM[.tmp]` (and a folder being replaced, for a moment,
+# `.NAME.locaudit-old-PID-RANDOM`), so that a later run recognises what a killed process left behind.
+TMP_TAG = "locaudit-tmp"
+OLD_TAG = "locaudit-old"
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>locaudit-tmp|locaudit-old)-(?P<pid>\d+)-[0-9a-z_]+(\.tmp)?$")
+_LEGACY_RE = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")  # export folders of locaudit <= 0.x: OUT.tmpPID
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def temp_sibling(path: str | os.PathLike, tag: str = TMP_TAG) -> Path:
+    """A fresh (not yet created) hidden sibling name of `path` that `clean_stale_temps` recognises."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed processes left beside `path` (temporary siblings of a dead process id); a folder
+    that was being replaced when its process died is put back where `path` is missing (the previous
+    complete output). Returns the paths cleaned or restored."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    done = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _TEMP_RE.match(p.name)
+        legacy = _LEGACY_RE.match(p.name) if m is None else None
+        hit = m or legacy
+        if hit is None or hit.group("name") != path.name or _pid_alive(int(hit.group("pid"))):
+            continue
+        if m is not None and m.group("tag") == OLD_TAG and not os.path.lexists(path):
+            os.replace(p, path)
+            log.warning("%s: restored the previous output from %s (left by a killed process)", path, p.name)
+        else:
+            _remove(p)
+            log.info("%s: removed %s, left by a killed process", path, p.name)
+        done.append(p)
+    return done
+
+
+def clean_tree_temps(root: str | os.PathLike) -> list[Path]:
+    """`clean_stale_temps` for every temporary entry under `root` (a run folder at start-up)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    targets: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            m = _TEMP_RE.match(n)
+            if m is not None:
+                targets.add(Path(dirpath) / m.group("name"))
+    out: list[Path] = []
+    for t in sorted(targets):
+        out += clean_stale_temps(t)
+    return out
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the modes an ordinary open()/mkdir() would (the umask's):
+    temporary files and folders (mkstemp, mkdtemp, some writers) are 0600/0700."""
+    umask = process_umask()
+    root = Path(root)
+    items = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for p in items:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP if hasattr(errno, "ENOTSUP") else -1):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_path(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put `new` (a complete file or folder) in place of `target`; the old `target` stays whole until `new`
+    is in place (atomic exchange where the system has it, else two renames with the old one kept as a
+    recognised sibling that `clean_stale_temps` puts back if the process dies in between), then is removed."""
+    new, target = Path(new), Path(target)
+    if not os.path.lexists(target):
+        os.replace(new, target)
+        return
+    if not (target.is_dir() or new.is_dir()):
+        os.replace(new, target)  # files: rename(2) is atomic
+        return
+    if _exchange(new, target):
+        _remove(new)  # `new` now holds the old output
+        return
+    old = temp_sibling(target, OLD_TAG)
+    os.replace(target, old)
+    os.replace(new, target)
+    _remove(old)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block succeeds (and `verify(tmp)`, if given,
+    returns), give it the umask's modes and swap it in place of `path` in one step (`replace_path`). On any
+    failure the temporary folder is removed and `path` is untouched. Leftovers of killed processes beside
+    `path` are cleaned first (`clean_stale_temps`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    tmp = temp_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if verify is not None:
+            verify(tmp)
+        follow_umask(tmp)
+        replace_path(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{TMP_TAG}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -116,7 +116,7 @@ def export_command(
 ) -> None:
     """Export an edit (ITI, optimal LoRA, or none) as a merged HF model and/or a PEFT adapter."""
     from locaudit.edit.base import load_edit
-    from locaudit.edit.export import export_merged, export_peft
+    from locaudit.edit.export import _check_target, export_merged, export_peft
     from locaudit.errors import ConfigError
     from locaudit.models.loading import resolve_device
 
@@ -151,6 +151,9 @@ def export_command(
     lm = load_named_model(name, value(dtype), str(resolve_device(device)), trust_remote_code)
     check = "warn" if allow_mismatch else "error"
     fmts = ["merged", "peft"] if fmt == Format.both else [value(fmt)]
+    targets = {f: Path(out) / f if len(fmts) > 1 else Path(out) for f in fmts}
+    for f, target in targets.items():  # refuse before any export runs, so none is left half done
+        _check_target(target, overwrite)
     written = {}
     for f in fmts:
         target = Path(out) / f if len(fmts) > 1 else Path(out)

@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from locaudit.errors import ConfigError
-from locaudit.io import write_json_atomic
+from locaudit.io import atomic_dir, clean_stale_temps, write_json_atomic
 from locaudit.models.loading import LoadedModel, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,13 @@ def _module_names(lm: LoadedModel) -> dict[int, str]:
     return {l: ids[id(lm.sites.o_proj(l))] for l in range(lm.sites.n_layers)}
 
 
+def verify_edit(edit, lm: LoadedModel) -> None:
+    """The registry's check (edit/base.py `verify`): an edit exports only if it is what it declares."""
+    from locaudit.edit.base import verify_edit as _verify
+
+    _verify(edit, lm)
+
+
 def _kind(edit) -> str:
     kind = getattr(edit, "kind", None)
     if kind not in ("none", "iti", "lora"):
@@ -106,27 +112,40 @@ def check_fingerprint(edit, lm: LoadedModel, check: str = "error") -> str | None
     return msg
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> Path:
+def _check_target(out: Path, overwrite: bool) -> Path:
+    """Refuse a non-empty `out` unless `overwrite`, before any work; nothing is deleted here: the new export
+    is written beside `out` and swapped in only once complete (`io.atomic_dir`). Leftovers of a killed
+    export beside `out` are cleaned first, so they never block a rerun."""
     out = Path(out)
+    clean_stale_temps(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise ConfigError(f"export folder {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+            raise ConfigError(f"export folder {out} exists and is not empty; pass overwrite=True (--overwrite) to "
+                              "replace it (it is replaced only once the new export is complete)")
     return out
 
 
-def _tmp_for(out: Path) -> Path:
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
+def _verify_export(files: tuple[str, ...]):
+    """A check of a finished export folder before it is swapped in: every file in `files` is there, JSON files
+    parse and safetensors files open with their tensors listed."""
+    def check(folder: Path) -> None:
+        from safetensors import safe_open
 
-
-def _finish(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
+        for name in files:
+            f = folder / name
+            if not f.is_file():
+                raise ConfigError(f"export: {name} was not written; the previous output (if any) is kept")
+        for f in folder.iterdir():
+            try:
+                if f.suffix == ".json":
+                    json.loads(f.read_text(encoding="utf-8"))
+                elif f.suffix == ".safetensors":
+                    with safe_open(str(f), "pt") as st:
+                        list(st.keys())
+            except Exception as e:  # noqa: BLE001 - any unreadable file means an incomplete export
+                raise ConfigError(f"export: {f.name} is unreadable after writing ({type(e).__name__}: {e}); "
+                                  "the previous output (if any) is kept") from None
+    return check
 
 
 # ---------------------------------------------------------------------------------------------- bias configs
@@ -248,8 +267,9 @@ def export_merged(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool
     (see the module docstring); `none` saves the model as it is.
     """
     _kind(edit)  # refuses an unknown edit kind, naming it
+    verify_edit(edit, lm)  # acts only where it declares, finite and bounded, of the model's shapes
     check_fingerprint(edit, lm, check)
-    out = _prepare_dir(Path(out), overwrite)
+    out = _check_target(Path(out), overwrite)
     cfg, fresh, how = bias_config(lm, _needs_o_bias(edit, lm))
     sd = merged_state(edit, lm)
     for k, shape in fresh.items():  # zero biases the new config declares (q/k/v, unedited layers' o_proj)
@@ -257,14 +277,14 @@ def export_merged(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool
             sd[k] = torch.zeros(shape, dtype=lm.dtype)
     sd = {k: v.detach().cpu() for k, v in sd.items() if k in fresh}
     model = _rebuild(cfg, sd, lm.dtype)
-    tmp = _tmp_for(out)
-    model.save_pretrained(str(tmp))
-    lm.tokenizer.save_pretrained(str(tmp))
-    write_json_atomic(tmp / EXPORT_META, {
-        "format": "merged", "edit": edit.describe(), "base_model": lm.name, "base_fingerprint": lm.fingerprint,
-        "edit_fingerprint": edit_fingerprint(edit), "exported_fingerprint": model_fingerprint(model),
-        "config": how})
-    return _finish(tmp, out)
+    with atomic_dir(out, verify=_verify_export(("config.json", EXPORT_META))) as tmp:
+        model.save_pretrained(str(tmp))
+        lm.tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / EXPORT_META, {
+            "format": "merged", "edit": edit.describe(), "base_model": lm.name, "base_fingerprint": lm.fingerprint,
+            "edit_fingerprint": edit_fingerprint(edit), "exported_fingerprint": model_fingerprint(model),
+            "config": how})
+    return out
 
 
 def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False,
@@ -278,6 +298,7 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     kind = _kind(edit)
     if kind == "none":
         raise ConfigError("the unedited model ('none' edit) has no adapter to export; use the merged format")
+    verify_edit(edit, lm)
     check_fingerprint(edit, lm, check)
     names = _module_names(lm)
     tensors: dict[str, torch.Tensor] = {}
@@ -300,22 +321,23 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
             tensors[f"{prefix}.lora_B.bias"] = iti_bias(edit, lm, l).float()
     if not layers:
         raise ConfigError(f"edit {describe_short(edit)} is zero everywhere: nothing to export as an adapter")
-    out = _prepare_dir(Path(out), overwrite)
+    out = _check_target(Path(out), overwrite)
     config = LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", lora_bias=lora_bias,
         target_modules=[names[l] for l in layers], fan_in_fan_out=bool(lm.sites.spec.conv1d),
         base_model_name_or_path=base_model_name_or_path or base_model_source(lm),
     )
-    tmp = _tmp_for(out)
-    tmp.mkdir(parents=True)
-    config.save_pretrained(str(tmp))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
-    write_json_atomic(tmp / EXPORT_META, {"format": "peft", "adapter_of": edit.describe(), "base_model": lm.name,
-                                          "base_fingerprint": lm.fingerprint, "edit_fingerprint": edit_fingerprint(edit),
-                                          "merge": peft_merge_route(kind, lm)})
+    files = ("adapter_config.json", "adapter_model.safetensors", EXPORT_META)
+    with atomic_dir(out, verify=_verify_export(files)) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+        write_json_atomic(tmp / EXPORT_META, {"format": "peft", "adapter_of": edit.describe(), "base_model": lm.name,
+                                              "base_fingerprint": lm.fingerprint,
+                                              "edit_fingerprint": edit_fingerprint(edit),
+                                              "merge": peft_merge_route(kind, lm)})
     if kind == "iti" and not _has_o_bias(lm):
         log.warning("ITI adapter for %s: %s", lm.name, peft_merge_route(kind, lm))
-    return _finish(tmp, out)
+    return out
 
 
 def _has_o_bias(lm: LoadedModel) -> bool:
@@ -349,8 +371,6 @@ def base_model_source(lm: LoadedModel) -> str:
     """The base model as the user named it (a hub id, a folder or .gguf as an absolute path, a locaudit name),
     for PEFT's base_model_name_or_path: never the cache folder a named model was dequantized into."""
     return str(lm.info.get("source") or lm.name)
-
-
 
 
 def describe_short(edit) -> str:

@@ -36,8 +36,8 @@ from locaudit.models.precision import PrecisionName, migrate_autocast_field
 from locaudit.evaluate.judges.heads import Head, fit_logistic, fit_mlp
 from locaudit.evaluate.judges.reffeatures import LEXICAL
 from locaudit.evaluate.judges.trained import (JudgeFeatures, TrainedJudge, head_input, load_trained_judge,
-                                              save_trained_judge)
-from locaudit.io import write_json_atomic
+                                              read_trained_judge, save_trained_judge)
+from locaudit.io import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 LEX_EXACT = [LEXICAL.index("exact_correct"), LEXICAL.index("exact_incorrect")]
@@ -188,6 +188,8 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     from locaudit.models.loading import load_model
 
     t0 = time.time()
+    final = Path(out_dir)
+    check_judge_target(final)  # before any work
     holdout = load_holdout(cfg.holdout, cfg.holdout_splits, cfg.seed, cfg.fractions, cfg.max_questions)
     references = References.from_spec(cfg.holdout)
     data: dict[str, list[JudgeExample]] = {}
@@ -293,6 +295,29 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
             "ref_features": feats.ref_names,
             "references": {"source": references.source, "fingerprint": references.fingerprint},
             "config": cfg.model_dump(mode="json"), "report": report}
+    # the whole folder is written beside `out_dir` and swapped in once complete and readable: a killed or
+    # failed training leaves the previous judge whole (never new weights beside an old judge.json)
+    with atomic_dir(final, verify=read_trained_judge) as out_dir:
+        _write_judge_folder(out_dir, cfg, meta, heads, feats, references, lm, report, curves)
+    return report
+
+
+JUDGE_FILES = ("judge.json", "judge.safetensors", "report.json", "audit.json", "reliability.png", "checksums.json")
+
+
+def check_judge_target(out_dir: Path) -> None:
+    """Refuse to replace a folder that holds anything but a judge's own files (it is replaced as a whole)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"judge output {out_dir} is a file; give a folder")
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in JUDGE_FILES and not p.name.startswith("."))
+        if foreign:
+            raise ConfigError(f"judge output folder {out_dir} holds files that are not a judge's ({', '.join(foreign[:5])}); "
+                              "the folder is replaced as a whole when training ends: give an empty or judge folder")
+
+
+def _write_judge_folder(out_dir: Path, cfg: JudgeTrainConfig, meta: dict, heads, feats, references, lm, report: dict,
+                        curves: dict) -> None:
     save_trained_judge(out_dir, meta, heads, feats.center)
     if cfg.audit:
         from locaudit.evaluate.judges.audit import audit_judge, load_audit
@@ -311,7 +336,6 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         reliability_diagram(curves, Path(out_dir) / "reliability.png", title="Judge reliability")
         report["reliability_diagram"] = "reliability.png"
     write_json_atomic(Path(out_dir) / "report.json", report)
-    return report
 
 
 def _hard_negatives(data: dict[str, list[JudgeExample]], role: dict[str, str], per_question: int,

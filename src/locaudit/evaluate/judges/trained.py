@@ -149,7 +149,7 @@ def save_trained_judge(out_dir: str | Path, meta: dict, heads: dict[tuple[str, s
             tensors[f"{kind}.{variant}.{k}"] = v.float().contiguous().reshape(v.shape)
     with atomic_path(out / "judge.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    meta = dict(meta, format=FORMAT, weights_sha256=file_sha256(out / "judge.safetensors"),
+    meta = dict(meta, format=FORMAT, weights_sha256=file_sha256(out / "judge.safetensors", 64),
                 heads={f"{k}.{v}": h.kind for (k, v), h in heads.items()})
     write_json_atomic(out / "judge.json", meta)
     return out
@@ -184,6 +184,15 @@ def read_trained_judge(path: str | Path) -> tuple[dict, dict[tuple[str, str], He
         tensors = load_file(str(d / "judge.safetensors"))
     except (SafetensorError, OSError, ValueError) as e:
         raise DataError(f"{d / 'judge.safetensors'}: unreadable ({e})") from None
+    want = meta.get("weights_sha256")
+    if not isinstance(want, str) or len(want) not in (16, 64):
+        raise DataError(f"{d / 'judge.json'}: missing or malformed field 'weights_sha256' (got {want!r}); "
+                        f"the folder cannot be checked: retrain it (`locaudit judge train --out {d}`)")
+    got = file_sha256(d / "judge.safetensors", len(want))
+    if got != want.lower():
+        raise DataError(f"{d / 'judge.safetensors'}: sha256 {got[:16]}... differs from weights_sha256 {want[:16]}... "
+                        "recorded in judge.json (weights changed, or left by an interrupted training); retrain "
+                        f"(`locaudit judge train --out {d}`) or restore the folder")
     if "center" not in tensors:
         raise DataError(f"{d / 'judge.safetensors'}: missing tensor 'center'")
     heads: dict[tuple[str, str], Head] = {}
