@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from locaudit.errors import ConfigError
-from locaudit.io import has_checksums, verify_checksums, write_checksums, write_json_atomic
+from locaudit.io import (clean_tree_temps, has_checksums, temp_sibling, verify_checksums, write_checksums,
+                         write_json_atomic)
 from locaudit.study.trials import Trial
 
 STATUSES = ("pending", "running", "done", "failed")
@@ -136,11 +137,21 @@ class Ledger:
             self._take_lock()
         try:
             self._connect(writer)
+        except LedgerDamagedError:
+            self.close()
+            raise
+        except sqlite3.OperationalError as e:  # a read-only folder, a full disk, an I/O error: not damage
+            self.close()
+            raise ConfigError(f"{self.path}: cannot use the ledger ({e}); check that the run folder is writable "
+                              "and the disk has space, then rerun (nothing was changed)") from None
         except sqlite3.DatabaseError as e:
             self.close()
             raise LedgerDamagedError(f"{self.path} is damaged ({e}); {repair_hint(self.run_dir)}") from None
+        if writer:
+            clean_tree_temps(self.run_dir)  # what killed writers left behind (we hold the lock)
 
-    def _connect(self, writer: bool) -> None:
+    def _connect(self, writer: bool, fresh: bool = False) -> None:
+        """Open the database; `fresh`: a new file that `repair` fills (so trial folders beside it are expected)."""
         self.conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout_s, isolation_level=None,
                                     check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
@@ -148,6 +159,14 @@ class Ledger:
         check = self.conn.execute("PRAGMA quick_check").fetchall()
         if [tuple(r) for r in check] != [("ok",)]:
             raise sqlite3.DatabaseError("quick_check: " + "; ".join(str(r[0]) for r in check[:3])[:300])
+        problem = schema_problem(self.conn)
+        if problem is not None and (problem != "no tables" or not writer or (not fresh and has_trial_folders(self.run_dir))):
+            if problem == "no tables" and not has_trial_folders(self.run_dir):
+                raise ConfigError(f"{self.run_dir} is not a run folder: {self.path} holds no ledger tables")
+            raise LedgerDamagedError(
+                f"{self.path} is a valid SQLite file but not a locaudit ledger this version can read ({problem}); "
+                f"nothing was changed. `locaudit report` and `locaudit run` refuse it: restore the run's ledger, or "
+                f"{repair_hint(self.run_dir)}")
         if writer:
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
@@ -155,10 +174,6 @@ class Ledger:
             cols = {r["name"] for r in self.conn.execute("PRAGMA table_info(trials)")}
             if "cpu_s" not in cols:  # ledgers written before CPU time was recorded
                 self.conn.execute("ALTER TABLE trials ADD COLUMN cpu_s REAL")
-        else:
-            tables = {r["name"] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not {"trials", "meta", "events"} <= tables:
-                raise sqlite3.DatabaseError(f"not a locaudit ledger (tables {sorted(tables)})")
 
     # ------------------------------------------------------------------ lifecycle
     def _take_lock(self) -> None:
@@ -272,7 +287,7 @@ class Ledger:
             raise ValueError(f"finish: status must be 'done' or 'failed', got {status!r}")
         bad = nonfinite_metrics(metrics or {})
         if bad:  # nothing non-finite reaches the ledger (runner._record turns such a trial into a failure)
-            raise ValueError(f"finish: trial {key} has non-finite metric(s) {bad}")
+            raise ValueError(f"finish: trial {key} has non-finite or invalid metric(s) {bad}")
         finished = finished or time.time()
         with self.transaction() as c:
             row = c.execute("SELECT status, started FROM trials WHERE key = ?", (key,)).fetchone()
@@ -335,6 +350,33 @@ class Ledger:
         return [dict(r) for r in self.conn.execute("SELECT * FROM events WHERE key = ? ORDER BY id", (key,))]
 
 
+# the columns every ledger has (cpu_s is added to older ledgers when a run opens them)
+COLUMNS = {
+    "meta": {"k", "v"},
+    "trials": {"key", "kind", "name", "grp", "spec", "status", "attempts", "created", "started", "finished",
+               "duration_s", "worker", "session", "metrics", "artifacts", "error", "in_spec"},
+    "events": {"id", "key", "event", "time", "session", "detail"},
+}
+
+
+def schema_problem(conn: sqlite3.Connection) -> str | None:
+    """None for a locaudit ledger's tables and columns; "no tables" for a new (empty) database; else what
+    differs (missing tables, missing columns)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables.discard("sqlite_sequence")
+    if not tables:
+        return "no tables"
+    missing = sorted(set(COLUMNS) - tables)
+    if missing:
+        return f"tables {sorted(tables)[:6]}; missing table(s) {missing}"
+    for t, want in COLUMNS.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({t})")}
+        lack = sorted(want - have)
+        if lack:
+            return f"table {t!r} lacks column(s) {lack}"
+    return None
+
+
 def _decode(r: sqlite3.Row) -> dict:
     d = dict(r)
     d["spec"] = json.loads(d["spec"]) if d["spec"] else None
@@ -344,10 +386,32 @@ def _decode(r: sqlite3.Row) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- integrity
-def nonfinite_metrics(metrics: dict) -> list[tuple[str, float]]:
-    """(name, value) of every metric that is a number but not finite (NaN, +-inf)."""
+METRIC_BOUND = 1e15  # no metric of a trial (rates, KL, CE, log-probs, counts, seconds) comes near this
+
+
+def metric_problem(value: Any) -> str | None:
+    """Why `value` cannot be a recorded metric (None if it can): a metric is a real number (not a bool, a
+    string or null), finite, with |value| <= METRIC_BOUND."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not a number ({type(value).__name__})"
+    if not math.isfinite(value):
+        return "not finite"
+    if abs(value) > METRIC_BOUND:
+        return f"beyond +-{METRIC_BOUND:g}"
+    return None
+
+
+def nonfinite_metrics(metrics: Any) -> list[tuple[str, Any]]:
+    """(name, value) of every metric that cannot be recorded (`metric_problem`): NaN, +-inf, |value| above
+    METRIC_BOUND, or not a number at all. The one validation of metrics, applied by the runner when it
+    records a trial, by `Ledger.finish`, and by `repair` to every result.json it would restore."""
+    if not isinstance(metrics, dict):
+        return [("metrics", metrics)]
     return [(str(k), v) for k, v in sorted(metrics.items(), key=lambda kv: str(kv[0]))
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)]
+            if not isinstance(k, str) or metric_problem(v) is not None]
+
+
+invalid_metrics = nonfinite_metrics
 
 
 def nonfinite_message(trial: Trial, bad: list[tuple[str, float]]) -> str:
@@ -360,8 +424,8 @@ def nonfinite_message(trial: Trial, bad: list[tuple[str, float]]) -> str:
         "collect": "the model produces non-finite activations (its weights or dtype)",
         "baseline": "the model produces non-finite log-probs (its weights or dtype)",
     }
-    shown = ", ".join(f"{k} = {v}" for k, v in bad[:6])
-    return (f"trial {trial.key} ({trial.name}): non-finite metric(s) {shown}; likely cause: "
+    shown = ", ".join(f"{k} = {v!r}" if not isinstance(v, float) else f"{k} = {v}" for k, v in bad[:6])
+    return (f"trial {trial.key} ({trial.name}): non-finite or invalid metric(s) {shown}; likely cause: "
             f"{causes.get(trial.kind, 'non-finite inputs')}. The trial is failed, nothing of it is kept as done.")
 
 
@@ -423,10 +487,35 @@ def read_trial_record(run_dir: Path, key: str) -> tuple[dict | None, str]:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return None, f"{path} is unreadable ({type(e).__name__})"
-    if not (isinstance(rec, dict) and rec.get("key") == key and rec.get("status") == "done"
-            and isinstance(rec.get("metrics"), dict) and isinstance(rec.get("artifacts"), dict)):
-        return None, f"{path} is not a finished trial's record"
+    problem = record_problem(rec, key)
+    if problem:
+        return None, f"{path}: {problem}"
     return rec, ""
+
+
+def record_problem(rec: Any, key: str) -> str | None:
+    """What makes `rec` not a finished trial's record that can be restored (None: it is one): the runner's
+    own validation of metrics (`nonfinite_metrics`), artifacts as relative paths, times as numbers."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object ({type(rec).__name__})"
+    if rec.get("key") != key:
+        return f"field 'key' is {rec.get('key')!r}, expected {key!r}"
+    if rec.get("status") != "done":
+        return f"field 'status' is {rec.get('status')!r}, not 'done'"
+    bad = nonfinite_metrics(rec.get("metrics"))
+    if bad or not isinstance(rec.get("metrics"), dict):
+        shown = ", ".join(f"{k} = {v!r}" for k, v in bad[:4])
+        return f"field 'metrics' holds values the runner would not record ({shown})"
+    arts = rec.get("artifacts")
+    if not isinstance(arts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in arts.items()):
+        return "field 'artifacts' is not an object of paths"
+    for f in ("started", "finished", "cpu_s"):
+        v = rec.get(f)
+        if v is not None and (metric_problem(v) is not None or v < 0):
+            return f"field {f!r} is {v!r}, not a time in seconds"
+    if rec.get("worker") is not None and not isinstance(rec.get("worker"), str):
+        return f"field 'worker' is {rec.get('worker')!r}, not a string"
+    return None
 
 
 def recheck_done(ledger: Ledger) -> list[tuple[str, str]]:
@@ -443,8 +532,11 @@ def recheck_done(ledger: Ledger) -> list[tuple[str, str]]:
 def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> dict:
     """Rebuild a damaged, empty or missing ledger from the trial folders, keeping the old file as a backup.
 
-    A trial becomes done again where its ``result.json`` is readable, its metrics are finite and its
-    artifact folders match their checksums; every other trial is pending. A healthy ledger is left as it is.
+    A trial becomes done again where its ``result.json`` passes the runner's own validation (`record_problem`:
+    finite, bounded numbers as metrics, paths as artifacts) and its artifact folders match their checksums;
+    every other trial is pending. A healthy ledger is left as it is. The new ledger is built in a temporary
+    file beside the old one, which is moved aside (the backup) only once the new one is complete; a ledger
+    that cannot be written or read for want of space or permission is not damaged, and is left alone.
     Returns {"healthy", "backup", "restored", "pending", "problem"}.
     """
     led = Ledger.__new__(Ledger)
@@ -453,29 +545,28 @@ def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> d
     if not led.run_dir.is_dir():
         raise ConfigError(f"--repair: {led.run_dir} is not a folder")
     led._take_lock()
+    real = led.path
+    tmp_db = temp_sibling(real)
     try:
         problem = ledger_file_problem(led.run_dir)
-        if problem is None and led.path.exists() and led.path.stat().st_size > 0:
+        if problem is None and real.exists() and real.stat().st_size > 0:
             try:
                 led._connect(writer=True)
                 return {"healthy": True, "backup": None, "restored": 0, "pending": 0, "problem": None}
-            except sqlite3.DatabaseError as e:
-                problem = f"{led.path} is damaged ({e})"
-                led.conn.close()
-                led.conn = None
+            except sqlite3.OperationalError as e:  # cannot write or read it (permissions, disk): not damage
+                raise ConfigError(f"--repair: {real} cannot be used ({e}); it was left as it is: check that the run "
+                                  "folder is writable and the disk has space, then rerun") from None
+            except (sqlite3.DatabaseError, LedgerDamagedError) as e:
+                problem = f"{real} is damaged ({e})"
+            finally:
+                if led.conn is not None:
+                    led.conn.close()
+                    led.conn = None
         if problem is None:
             return {"healthy": True, "backup": None, "restored": 0, "pending": 0, "problem": None}
-        backup = None
-        if led.path.exists():
-            backup = led.run_dir / f"{LEDGER_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{led.session[:4]}"
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(led.path) + suffix)
-                if src.exists():
-                    os.replace(src, Path(str(backup) + suffix))
-        else:
-            for suffix in ("-wal", "-shm"):  # without their database these cannot be replayed
-                Path(str(led.path) + suffix).unlink(missing_ok=True)
-        led._connect(writer=True)
+        # rebuild into a temporary file beside the ledger; the damaged file is moved aside only once it is done
+        led.path = tmp_db
+        led._connect(writer=True, fresh=True)
         for k, v in meta.items():
             led.set_meta(k, v)
         trials = list(trials)
@@ -483,7 +574,7 @@ def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> d
         restored = 0
         for t in trials:
             rec, _ = read_trial_record(led.run_dir, t.key)
-            if rec is None or nonfinite_metrics(rec["metrics"]) or check_artifacts(led.run_dir, rec["artifacts"], strict=True):
+            if rec is None or check_artifacts(led.run_dir, rec["artifacts"], strict=True):
                 continue
             finished = float(rec.get("finished") or time.time())
             started = float(rec.get("started") or finished)
@@ -495,7 +586,27 @@ def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> d
                      json.dumps(rec["metrics"], sort_keys=True), json.dumps(rec["artifacts"], sort_keys=True), t.key))
                 led._event(c, t.key, "repaired", f"restored from {RECORD_FILE}")
             restored += 1
+        led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        led.conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to move into place
+        led.conn.close()
+        led.conn = None
+        backup = None
+        if real.exists():
+            backup = led.run_dir / f"{LEDGER_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{led.session[:4]}"
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(real) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(backup) + suffix))
+        else:
+            for suffix in ("-wal", "-shm"):  # without their database these cannot be replayed
+                Path(str(real) + suffix).unlink(missing_ok=True)
+        os.replace(tmp_db, real)
         return {"healthy": False, "backup": str(backup) if backup else None, "restored": restored,
                 "pending": len(trials) - restored, "problem": problem}
+    except sqlite3.OperationalError as e:  # a full disk or read-only folder while rebuilding: nothing was moved
+        raise ConfigError(f"--repair: cannot write the rebuilt ledger beside {real} ({e}); the ledger was left as "
+                          "it is: free space or make the folder writable, then rerun") from None
     finally:
         led.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(tmp_db) + suffix).unlink(missing_ok=True)
