@@ -29,6 +29,7 @@ $(RAY_STAMP): $(STAMP)
 
 ## The main job: the quickstart study on the embedded SmolLM2 model (CPU, < 30 min).
 quickstart: setup
+	$(VENV)/bin/locaudit data get truthfulqa   # a no-op where $$LOCAUDIT_DATA or ../shared/data has it; else downloads
 	$(VENV)/bin/locaudit run studies/quickstart.yaml --out runs/quickstart
 	@echo "report: runs/quickstart/report/index.html"
 

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+# the data root (src/locaudit/data/registry.py): $LOCAUDIT_DATA, else the deprecated $LOCAUDIT_SHARED_DATA,
+# else the repository's sibling ../shared/data
+SHARED_DATA = Path(os.environ.get("LOCAUDIT_DATA") or os.environ.get("LOCAUDIT_SHARED_DATA")
+                   or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,7 +29,8 @@ def _isolated_cache(tmp_path_factory):
 def shared_data() -> Path:
     """../shared/data; integration tests skip, with a visible reason, where it is absent."""
     if not SHARED_DATA.exists():
-        pytest.skip(f"shared data folder {SHARED_DATA} is absent (set LOCAUDIT_SHARED_DATA)")
+        pytest.skip(f"data folder {SHARED_DATA} is absent (set LOCAUDIT_DATA to a data folder; "
+                    "`locaudit data get all` fills $LOCAUDIT_CACHE/data)")
     return SHARED_DATA
 
 

@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("collect", "probe", "localize_cmd", "iti", "edit", "evaluate_cmd", "judge", "run", "report", "export", "hase")
+COMMANDS = ("collect", "probe", "localize_cmd", "iti", "edit", "evaluate_cmd", "judge", "run", "report", "export", "hase",
+            "data")
 
 
 def _register_all() -> None:

@@ -24,14 +24,17 @@ FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior"
 
 
 def caa_root(root: str | Path | None = None) -> Path | None:
-    """The CAA folder: `root`, else $LOCAUDIT_DATA/caa, else the repository's sibling ../shared/data/caa."""
+    """The CAA folder: `root`, else the first data root holding caa/ (data/registry.py: $LOCAUDIT_DATA, the
+    repository's sibling ../shared/data, the cache that `locaudit data get caa` fills)."""
     if root is not None:
         return Path(root)
-    env = os.environ.get("LOCAUDIT_DATA")
-    if env:
-        return Path(env) / "caa"
-    sibling = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "caa"
-    return sibling if sibling.is_dir() else None
+    from locaudit.data.registry import roots
+
+    found = [r / "caa" for w, r in roots() if (r / "caa").is_dir()]
+    if found:
+        return found[0]
+    env = [r / "caa" for w, r in roots() if w.startswith("$")]
+    return env[0] if env else None  # named in errors: where the variable says CAA should be
 
 
 def available_behaviours(root: str | Path | None = None) -> list[str]:

@@ -455,6 +455,12 @@ def expand_env(text: str, field: str) -> str:
     def sub(m: re.Match) -> str:
         var, default = m.group(1), m.group(2)
         val = os.environ.get(var)
+        if (val is None or val == "") and var == "LOCAUDIT_DATA":  # unset: the first data root that exists
+            from locaudit.data.registry import default_root, env_root
+
+            old = env_root()  # the deprecated LOCAUDIT_SHARED_DATA (warned)
+            root = old[1] if old is not None else default_root()
+            val = str(root) if root is not None else None
         if val is None or val == "":
             if default is None:
                 raise ConfigError(f"{field}: environment variable ${{{var}}} is not set (in {text!r}); "

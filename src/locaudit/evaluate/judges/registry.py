@@ -32,18 +32,16 @@ def _references(references: References | str | Path | None) -> References | None
 
 
 def judge_data_dir() -> Path | None:
-    """Where TruthfulQA's finetune_{truth,info}.jsonl live: $LOCAUDIT_JUDGE_DATA, else the shared data
-    folder beside the repository (../shared/data/truthfulqa/data), else None."""
+    """Where TruthfulQA's finetune_{truth,info}.jsonl live: $LOCAUDIT_JUDGE_DATA, else truthfulqa/data under
+    the first data root holding them (data/registry.py: $LOCAUDIT_DATA, ../shared/data, the cache that
+    `locaudit data get truthfulqa` fills), else None."""
     env = os.environ.get("LOCAUDIT_JUDGE_DATA")
     if env:
         return Path(env)
-    shared = os.environ.get("LOCAUDIT_SHARED_DATA")
-    candidates = [Path(shared) / "truthfulqa" / "data"] if shared else []
-    candidates.append(Path(__file__).resolve().parents[5] / "shared" / "data" / "truthfulqa" / "data")
-    for c in candidates:
-        if (c / "finetune_truth.jsonl").is_file():
-            return c
-    return None
+    from locaudit.data.registry import locate
+
+    found = locate("truthfulqa-judge-truth", verify=False)
+    return found.path.parent if found.path is not None else None
 
 
 # The default judge trains on a fixed, seeded subsample of TruthfulQA's judge data (the same judge on every
