@@ -283,7 +283,7 @@ def nan_alpha_on_the_command_line_is_one_line(env: Env) -> None:
     ActivationSet(X, ex, {}).save(env.tmp / "acts")
     code, out = cli(env, "iti", "--activations", env.tmp / "acts", "--heads", "L0H0", "--alpha", "nan",
                     "--out", env.tmp / "iti")
-    one_line_error(code, out, "alpha must be a finite number", "nan")
+    one_line_error(code, out, "--alpha nan: must be a finite number")
     assert not (env.tmp / "iti").exists()
 
 

@@ -12,6 +12,7 @@ from locaudit.cli.options import (
     format_option, max_questions_option, model_option, precision_option,
     seed_option, value,
 )
+from locaudit.cli import options as opt
 from locaudit.models.precision import Precision
 
 EXAMPLE = (
@@ -26,13 +27,13 @@ def collect(
     data: str = data_option(),
     fmt: str = format_option(),
     out: Path = typer.Option(..., "--out", help="Folder to write activations.safetensors, examples.jsonl, meta.json."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Texts per forward pass (sorted by length, right-padded)."),
+    batch_size: int = typer.Option(16, "--batch-size", **opt.count("--batch-size"), help="Texts per forward pass (sorted by length, right-padded)."),
     dtype: DType = dtype_option(),
     precision: Precision = precision_option(),
     device: str = device_option(),
     max_questions: Optional[int] = max_questions_option(),
     seed: int = seed_option('Seed of the question-level train/val/test split and of the appended random questions.'),
-    max_length: int = typer.Option(512, "--max-length", help="Longest text in tokens (longer ones are cut "
+    max_length: int = typer.Option(512, "--max-length", **opt.count("--max-length"), help="Longest text in tokens (longer ones are cut "
                                    "from the left, keeping the last token)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read/write the content-keyed cache "
                                "(model + data + format), so a repeated run is instant."),

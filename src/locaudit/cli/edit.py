@@ -14,6 +14,7 @@ from locaudit.cli.options import (
     format_option, max_questions_option, model_option, precision_option,
     seed_option, value,
 )
+from locaudit.cli import options as opt
 from locaudit.models.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -35,25 +36,25 @@ def edit(
                                          "ranking resolves topK head sets."),
     objective: str = typer.Option("ipo", "--objective", help="ipo (the paper's), dpo or sft (NLL of the "
                                   "preferred answer, a sanity baseline)."),
-    tau: float = typer.Option(0.1, "--tau", help="IPO tau: the target average log-ratio gap is 1/(2 tau)."),
-    beta: float = typer.Option(0.1, "--beta", help="DPO beta."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate; default follows the paper by "
+    tau: float = typer.Option(0.1, "--tau", **opt.positive("--tau"), help="IPO tau: the target average log-ratio gap is 1/(2 tau)."),
+    beta: float = typer.Option(0.1, "--beta", **opt.positive("--beta"), help="DPO beta."),
+    lr: Optional[float] = typer.Option(None, "--lr", **opt.positive("--lr"), help="Learning rate; default follows the paper by "
                                        "head-set size (2e-3 one head, 5e-4 16 heads, 1e-4 all heads)."),
-    epochs: int = typer.Option(2, "--epochs", help="Passes over the training pairs."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Preference pairs per micro-batch."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    rank: int = typer.Option(1, "--rank", help="Rank r of the edit."),
+    epochs: int = typer.Option(2, "--epochs", **opt.count("--epochs"), help="Passes over the training pairs."),
+    batch_size: int = typer.Option(4, "--batch-size", **opt.count("--batch-size"), help="Preference pairs per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", **opt.count("--grad-accum"), help="Micro-batches per optimizer step."),
+    rank: int = typer.Option(1, "--rank", **opt.count("--rank"), help="Rank r of the edit."),
     reparam: bool = typer.Option(True, "--reparam/--plain", help="Reparameterised <a,o> W b (the paper's) "
                                  "or plain LoRA <a,o> b'."),
-    train_seed: int = typer.Option(0, "--train-seed", help="Seed of the initialisation and batch order."),
+    train_seed: int = typer.Option(0, "--train-seed", **opt.count("--train-seed", 0), help="Seed of the initialisation and batch order."),
     seed: int = seed_option(),
     max_questions: Optional[int] = max_questions_option(),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Seeded subset of training pairs."),
-    max_val_pairs: Optional[int] = typer.Option(None, "--max-val-pairs", help="Seeded subset of held-out pairs."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", **opt.count("--max-pairs"), help="Seeded subset of training pairs."),
+    max_val_pairs: Optional[int] = typer.Option(None, "--max-val-pairs", **opt.count("--max-val-pairs"), help="Seeded subset of held-out pairs."),
     val_split: str = typer.Option("val", "--val-split", help="Held-out split for validation loss and "
                                   "preference accuracy: val or test."),
     fmt: str = format_option(),
-    max_length: int = typer.Option(256, "--max-length", help="Maximum tokens of prompt + answer."),
+    max_length: int = typer.Option(256, "--max-length", **opt.count("--max-length"), help="Maximum tokens of prompt + answer."),
     precision: Precision = precision_option(),
     frozen_prefix: bool = typer.Option(True, "--frozen-prefix/--no-frozen-prefix", help="Cache the states "
                                        "below the lowest edited layer and run only the layers above."),

@@ -13,6 +13,7 @@ from locaudit.cli.options import (
     format_option, max_questions_option, model_option, precision_option,
     seed_option, value,
 )
+from locaudit.cli import options as opt
 from locaudit.models.precision import Precision
 
 EXAMPLE = (
@@ -49,7 +50,7 @@ def evaluate(
                                         "none = the unedited model."),
     iti: Optional[Path] = typer.Option(None, "--iti", help="A saved ITI edit folder (same as --edit, "
                                        "with --alpha to change its strength)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Override an ITI edit's saved alpha."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", **opt.bounded("--alpha", opt.MAX_ALPHA), help="Override an ITI edit's saved alpha."),
     metrics: str = typer.Option("mc,kl,ce,pref,gen", "--metrics", help="Comma-separated subset of "
                                 "mc,kl,ce,pref,gen, or all. kl and ce share one pass."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Judge scoring the generations for True/Info "
@@ -59,10 +60,10 @@ def evaluate(
     fmt: str = format_option(),
     seed: int = seed_option(),
     max_questions: Optional[int] = max_questions_option(),
-    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass when scoring."),
-    gen_batch_size: int = typer.Option(16, "--gen-batch-size", help="Questions generated together."),
-    max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Greedy tokens per answer at most."),
-    max_length: int = typer.Option(512, "--max-length", help="Longest scored sequence in tokens."),
+    batch_size: int = typer.Option(32, "--batch-size", **opt.count("--batch-size"), help="Sequences per forward pass when scoring."),
+    gen_batch_size: int = typer.Option(16, "--gen-batch-size", **opt.count("--gen-batch-size"), help="Questions generated together."),
+    max_new_tokens: int = typer.Option(50, "--max-new-tokens", **opt.count("--max-new-tokens"), help="Greedy tokens per answer at most."),
+    max_length: int = typer.Option(512, "--max-length", **opt.count("--max-length"), help="Longest scored sequence in tokens."),
     protocol: str = typer.Option("iti", "--protocol", help="What goes before each question for generation and "
                                  "MC: iti (ITI's instruction prompt + TruthfulQA's six-shot QA primer, as ITI and "
                                  "the paper evaluate) or bare (nothing; locaudit's old protocol)."),
@@ -73,9 +74,9 @@ def evaluate(
                                           "questions with their best answers (the old default)."),
     kl_answers: bool = typer.Option(True, "--kl-answers/--no-kl-answers", help="Also report KL/CE on the "
                                     "split's questions with their best answers (kl_answers, ce_answers)."),
-    kl_max_tokens: Optional[int] = typer.Option(4096, "--kl-max-tokens", help="At most this many tokens of the "
+    kl_max_tokens: Optional[int] = typer.Option(4096, "--kl-max-tokens", **opt.count("--kl-max-tokens"), help="At most this many tokens of the "
                                                 "generic KL/CE text."),
-    judge_threshold: float = typer.Option(0.5, "--judge-threshold", help="P(yes) at or above which the judge "
+    judge_threshold: float = typer.Option(0.5, "--judge-threshold", **opt.probability("--judge-threshold"), help="P(yes) at or above which the judge "
                                           "counts an answer as true / informative (ITI: 0.5); mean probabilities "
                                           "are reported too."),
     mc_primer: bool = typer.Option(False, "--mc-primer/--no-mc-primer", help="With --protocol bare: put "

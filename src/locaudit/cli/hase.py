@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from locaudit.cli import options as opt
 
 hase_app = typer.Typer(
     help=(
@@ -30,8 +31,8 @@ def run_cmd(
     study: Path = typer.Argument(..., help="Hase study file (YAML): model, facts, tracing, layers, editing."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (ledger.sqlite, trials/, report/); "
                                        "default runs/<name>. Running again resumes it."),
-    max_trials: Optional[int] = typer.Option(None, "--max-trials", help="Start at most this many trials, then stop."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Start no new trial after this many "
+    max_trials: Optional[int] = typer.Option(None, "--max-trials", **opt.count("--max-trials"), help="Start at most this many trials, then stop."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", **opt.positive("--max-minutes"), help="Start no new trial after this many "
                                                 "minutes (finished trials are kept; run again to go on)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed trials again."),
     executor: str = typer.Option("local", "--executor", help="'local' (this process, one trial at a time) or 'ray' "
@@ -41,7 +42,7 @@ def run_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: the cluster to join "
                                               "('auto', 'ray://host:10001'); default: start a local Ray instance "
                                               "on this machine's CPUs."),
-    max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", min=1, help="With --executor ray: at most "
+    max_in_flight: Optional[int] = typer.Option(None, "--max-in-flight", **opt.count("--max-in-flight"), help="With --executor ray: at most "
                                                 "this many trials at once (default: as many as the cluster fits)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Build RUN/report/ at the end."),
 ) -> None:

@@ -12,6 +12,7 @@ from locaudit.cli.options import (
     DType, device_option, dtype_option, max_questions_option,
     precision_option, seed_option, value,
 )
+from locaudit.cli import options as opt
 from locaudit.models.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def iti(
                               "random16@3-top16, single@5, L12, L12H3,L20H1 or all."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="Folder written by `locaudit probe`: its ranking "
                                          "resolves topK heads, its weights give --direction probe."),
-    alpha: float = typer.Option(15.0, "--alpha", help="Steering strength: alpha * sigma * u is added per head."),
+    alpha: float = typer.Option(15.0, "--alpha", **opt.bounded("--alpha", opt.MAX_ALPHA), help="Steering strength: alpha * sigma * u is added per head."),
     direction: str = typer.Option("mass_mean", "--direction", help="mass_mean (mean true - mean false "
                                   "activations, ITI's default) or probe (the probe's weight vector)."),
     fit_split: str = typer.Option("train", "--fit-split", help="Split whose activations give the direction "
@@ -47,8 +48,8 @@ def iti(
                                         "recorded in the activations' meta.json."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Prompt format plain|chat for --generate; "
                                       "default: the activations' format."),
-    max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Greedy tokens per answer at most."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Questions generated together."),
+    max_new_tokens: int = typer.Option(50, "--max-new-tokens", **opt.count("--max-new-tokens"), help="Greedy tokens per answer at most."),
+    batch_size: int = typer.Option(16, "--batch-size", **opt.count("--batch-size"), help="Questions generated together."),
     dtype: DType = dtype_option("Stored weights' dtype for --generate: fp32, bf16 or fp16."),
     precision: Precision = precision_option(),
     device: str = device_option(),

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from locaudit.cli.options import device_option, precision_option, value
+from locaudit.cli import options as opt
 from locaudit.models.precision import Precision
 
 from locaudit.errors import ConfigError
@@ -67,21 +68,21 @@ def train(
                                             "option to hold out several (e.g. --holdout-split val --holdout-split test)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the study's question-level split (use the study's)."),
     fractions: str = typer.Option("0.6,0.2,0.2", "--fractions", help="The study's train,val,test fractions."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="The study's --max-questions, if "
+    max_questions: Optional[int] = typer.Option(None, "--max-questions", **opt.count("--max-questions"), help="The study's --max-questions, if "
                                                 "it used one (a subset changes which questions are 'test')."),
     truth_data: Optional[Path] = typer.Option(None, "--truth-data", help="finetune_truth.jsonl (default: "
                                               "$LOCAUDIT_JUDGE_DATA or ../shared/data/truthfulqa/data)."),
     info_data: Optional[Path] = typer.Option(None, "--info-data", help="finetune_info.jsonl (same default)."),
     layers: str = typer.Option("3,6,9,12", "--layers", help="Backbone layers used as features (comma-separated)."),
     heads: str = typer.Option("logistic,mlp", "--heads", help="Head types tried on the validation questions."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Backbone batch size for the feature pass."),
+    batch_size: int = typer.Option(64, "--batch-size", **opt.count("--batch-size"), help="Backbone batch size for the feature pass."),
     precision: Precision = precision_option(),
     device: str = device_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
                                            "backbone's checkpoint (off by default; only for models you trust)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on a busy "
+    threads: Optional[int] = typer.Option(None, "--threads", **opt.count("--threads"), help="torch CPU threads (1 is fastest on a busy "
                                           "machine)."),
-    max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", help="Cap on training "
+    max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", **opt.count("--max-train-examples"), help="Cap on training "
                                                      "examples per judge (quick runs)."),
     out: Path = typer.Option(..., "--out", help="Folder for judge.json, judge.safetensors, report.json."),
 ) -> None:
@@ -117,10 +118,10 @@ def evaluate(
     holdout_split: List[str] = typer.Option(["test"], "--holdout-split", help="Split(s) evaluated on."),
     seed: int = typer.Option(0, "--seed", help="Seed of the question-level split."),
     fractions: str = typer.Option("0.6,0.2,0.2", "--fractions", help="train,val,test fractions."),
-    max_questions: Optional[int] = typer.Option(None, "--max-questions", help="The study's --max-questions."),
+    max_questions: Optional[int] = typer.Option(None, "--max-questions", **opt.count("--max-questions"), help="The study's --max-questions."),
     truth_data: Optional[Path] = typer.Option(None, "--truth-data", help="finetune_truth.jsonl (labels)."),
     info_data: Optional[Path] = typer.Option(None, "--info-data", help="finetune_info.jsonl (labels)."),
-    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Seeded subset of held-out examples."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", **opt.count("--max-examples"), help="Seeded subset of held-out examples."),
     device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here too."),

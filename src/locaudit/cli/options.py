@@ -2,15 +2,19 @@
 
 `--precision auto|fp32|bf16|fp16` (compute precision, models/precision.py), `--device auto|cpu|cuda|cuda:N`,
 `--dtype fp32|bf16|fp16` (stored weights), `--model`, `--data` and `--format`. A bad value fails before anything loads, listing the choices.
+Numeric options carry their range in their type (`Number`: `count`, `positive`, `probability`, `bounded`, ...): a
+value outside it fails at parse time with one line naming the option, and exit code 2.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 
 import typer
 
+from locaudit.errors import LocauditError
 from locaudit.models.precision import Precision
 
 PRECISION_HELP = ("Compute precision: auto (bf16 on GPUs and on CPUs where bf16 matmuls are measured faster, "
@@ -73,7 +77,98 @@ def seed_option(help: str = "Seed of the question-level train/val/test split (th
 
 
 def max_questions_option():
-    return typer.Option(None, "--max-questions", help=MAX_QUESTIONS_HELP)
+    return typer.Option(None, "--max-questions", **count("--max-questions"), help=MAX_QUESTIONS_HELP)
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+class OptionValueError(LocauditError):
+    """A number on the command line outside its option's range. Not a ValueError, so click does not turn it
+    into a usage screen: main() prints it as one line and exits with code 2, before anything loads."""
+
+
+class Number:
+    """The type of a numeric option, range included: `typer.Option(16, "--batch-size", **count("--batch-size"))`.
+
+    Parses the text (ints: base 10; floats: any Python float) and refuses NaN, +-inf and values outside
+    [lo, hi] (open ends with lo_open / hi_open), naming the option and the value."""
+
+    def __init__(self, option: str, kind: type = int, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+        self.option, self.kind, self.lo, self.hi, self.lo_open, self.hi_open = option, kind, lo, hi, lo_open, hi_open
+        self.__name__ = "integer" if kind is int else "number"  # click names the type after the parser
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        fmt = (lambda x: f"{x:g}") if self.kind is float else (lambda x: str(int(x)))
+        if self.lo is not None and self.hi is not None:
+            return (f"{what} in {'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}"
+                    f"{')' if self.hi_open else ']'}")
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {fmt(self.lo)}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {fmt(self.hi)}"
+        return what
+
+    @property
+    def metavar(self) -> str:
+        return ("INT" if self.kind is int else "FLOAT") + "".join(
+            f"{op}{x:g}" for op, x in ((">" if self.lo_open else ">=", self.lo), ("<" if self.hi_open else "<=", self.hi))
+            if x is not None)
+
+    def __call__(self, raw):
+        if raw is None:
+            return None
+        text = str(raw).strip()
+        bad = OptionValueError(f"{self.option} {text}: must be {self.describe()}")
+        if isinstance(raw, bool):
+            raise bad
+        try:
+            v = raw if isinstance(raw, (int, float)) else (int(text, 10) if self.kind is int else float(text))
+        except ValueError:
+            raise bad from None
+        if self.kind is int and (not float(v).is_integer()):
+            raise bad
+        v = self.kind(v) if math.isfinite(v) else v
+        if not math.isfinite(v):
+            raise bad
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            raise bad
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            raise bad
+        return v
+
+
+def _number(option: str, **kw) -> dict:
+    n = Number(option, **kw)
+    return {"parser": n, "metavar": n.metavar}
+
+
+def count(option: str, lo: int = 1) -> dict:
+    """An integer >= lo (default 1): sizes, lengths, counts."""
+    return _number(option, kind=int, lo=lo)
+
+
+def positive(option: str, hi: float | None = None) -> dict:
+    """A finite number > 0 (and <= hi)."""
+    return _number(option, kind=float, lo=0.0, lo_open=True, hi=hi)
+
+
+def non_negative(option: str, hi: float | None = None) -> dict:
+    """A finite number >= 0 (and <= hi)."""
+    return _number(option, kind=float, lo=0.0, hi=hi)
+
+
+def probability(option: str) -> dict:
+    """A number in [0, 1]."""
+    return _number(option, kind=float, lo=0.0, hi=1.0)
+
+
+def bounded(option: str, bound: float) -> dict:
+    """A finite number in [-bound, bound]."""
+    return _number(option, kind=float, lo=-bound, hi=bound)
+
+
+MAX_ALPHA = 1e3  # ITI strengths in the literature are 0-30; beyond 1e3 a steering vector only overflows
 
 
 def value(x) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from locaudit.cli import options as opt
 
 EXAMPLE = "Example:\n\n  locaudit probe --activations runs/acts --out runs/probe --top-k 16"
 
@@ -14,12 +15,12 @@ def probe(
                                      "(activations.safetensors, examples.jsonl, meta.json)."),
     out: Path = typer.Option(..., "--out", help="Folder for probe_accuracy.csv, probe_heatmap.png, ranking.json "
                              "and the probe weights (probes.safetensors)."),
-    l2: float = typer.Option(1.0, "--l2", help="L2 penalty l2/2 |w|^2 on the summed log-loss; 1/l2 is "
+    l2: float = typer.Option(1.0, "--l2", **opt.non_negative("--l2"), help="L2 penalty l2/2 |w|^2 on the summed log-loss; 1/l2 is "
                              "scikit-learn's C (1.0 = its default, as ITI uses)."),
-    top_k: int = typer.Option(16, "--top-k", help="How many of the best heads to print and outline in the heatmap."),
+    top_k: int = typer.Option(16, "--top-k", **opt.count("--top-k"), help="How many of the best heads to print and outline in the heatmap."),
     standardize: bool = typer.Option(False, "--standardize/--no-standardize", help="Fit on features "
                                      "standardised with train statistics (ITI fits raw activations)."),
-    max_iter: int = typer.Option(50, "--max-iter", help="Newton iterations at most (converges in ~5-15)."),
+    max_iter: int = typer.Option(50, "--max-iter", **opt.count("--max-iter"), help="Newton iterations at most (converges in ~5-15)."),
     train_split: str = typer.Option("train", "--train-split", help="Split the probes are fit on."),
     val_split: str = typer.Option("val", "--val-split", help="Split that ranks the heads (never the test split)."),
 ) -> None:

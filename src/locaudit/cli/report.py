@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from locaudit.cli import options as opt
 
 EXAMPLE = ("Example:\n\n  locaudit report runs/quickstart\n\n  locaudit report runs/quickstart --out /tmp/report\n\n"
            "  locaudit report runs/quickstart --judge trained:runs/judge-gemma   # does the verdict depend on the judge?")
@@ -15,7 +16,7 @@ EXAMPLE = ("Example:\n\n  locaudit report runs/quickstart\n\n  locaudit report r
 def report(
     run_dir: Path = typer.Argument(..., help="Run folder written by `locaudit run` (holds ledger.sqlite)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the report (default RUN/report)."),
-    resamples: int = typer.Option(9999, "--resamples", help="Permutation and bootstrap resamples."),
+    resamples: int = typer.Option(9999, "--resamples", **opt.count("--resamples"), help="Permutation and bootstrap resamples."),
     judge: Optional[str] = typer.Option(None, "--judge", help="Re-score every finished trial's saved answers with "
                                         "this judge (same specs as the study's evaluation.judge, e.g. trained:DIR, "
                                         "default, api:MODEL@URL) and write the report under it to RUN/report-<judge> "

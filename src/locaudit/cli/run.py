@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from locaudit.cli.options import PRECISION_HELP
+from locaudit.cli import options as opt
 from locaudit.models.precision import Precision
 
 EXAMPLE = (
@@ -32,10 +33,10 @@ def run(
                                       "failed; finished trials never run again)."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these trial kinds this time "
                                               "(collect, probe, judge, baseline, iti, optimal); repeatable."),
-    max_trials: Optional[int] = typer.Option(None, "--max-trials", help="Start at most this many trials, then stop."),
-    cpus: Optional[float] = typer.Option(None, "--cpus-per-trial", help="Override resources.cpus (Ray)."),
-    gpus: Optional[float] = typer.Option(None, "--gpus-per-trial", help="Override resources.gpus (Ray)."),
-    num_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="CPUs of a local Ray instance (default: all)."),
+    max_trials: Optional[int] = typer.Option(None, "--max-trials", **opt.count("--max-trials"), help="Start at most this many trials, then stop."),
+    cpus: Optional[float] = typer.Option(None, "--cpus-per-trial", **opt.positive("--cpus-per-trial"), help="Override resources.cpus (Ray)."),
+    gpus: Optional[float] = typer.Option(None, "--gpus-per-trial", **opt.non_negative("--gpus-per-trial"), help="Override resources.gpus (Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, "--ray-cpus", **opt.count("--ray-cpus"), help="CPUs of a local Ray instance (default: all)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the trials and their status, and check the design: "
                                  "per comparison the smallest reachable p-value, the effect detectable with 80% "
                                  "power, equivalence power, cost per trial kind, and warnings; run nothing."),
