@@ -118,6 +118,12 @@ def evaluate(
     res = evaluate_edit(lm, the_edit, bd, split, metric_list, the_judge, out, cfg, csv)
     keys = ("mc1", "mc2", "mc0", "kl", "ce", "kl_answers", "ce_answers", "pref_acc", "pref_margin", "true", "info",
             "true_info", "true_prob", "info_prob", "true_info_prob")
+    import math
+
+    bad = {k: getattr(res, k) for k in keys if isinstance(getattr(res, k), float) and not math.isfinite(getattr(res, k))}
+    if bad:  # result.json holds them as null (strict JSON); the command fails, naming them and the likely cause
+        raise ConfigError(f"eval: non-finite metric(s) {bad} for edit {res.edit!r}; likely cause: the edit's strength "
+                          f"(--alpha {alpha}) or the model's dtype ({value(dtype)}); see {out / 'result.json'}")
     typer.echo(json.dumps({"edit": res.edit, "protocol": res.protocol, "kl_text": res.kl_text,
                            **{k: getattr(res, k) for k in keys if getattr(res, k) is not None}}))
     typer.echo(f"-> {out / 'result.json'}")
