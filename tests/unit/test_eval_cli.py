@@ -79,8 +79,8 @@ def test_eval_cli_baseline_and_iti_alpha(setup):
     invoke(["iti", "--activations", str(r / "acts"), "--probe", str(r / "probe"), "--heads", "top2",
             "--alpha", "3", "--out", str(r / "iti2")])
     base = invoke(["eval", "--model", setup["model"], "--data", setup["spec"], "--metrics", "mc,kl,ce,pref",
-                   "--out", str(r / "eval0")])
-    assert '"kl": 0.0' in base.output
+                   "--out", str(r / "eval0"), "--json"])
+    assert json.loads(base.stdout)["kl"] == 0.0  # --json: one strict JSON object on stdout, nothing else
     invoke(["eval", "--model", setup["model"], "--data", setup["spec"], "--iti", str(r / "iti2"),
             "--alpha", "9", "--metrics", "kl,gen", "--max-new-tokens", "3", "--out", str(r / "eval0")])
     rows = (r / "eval0" / "results.csv").read_text().splitlines()

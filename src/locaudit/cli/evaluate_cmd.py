@@ -87,6 +87,8 @@ def evaluate(
     dtype: DType = dtype_option(),
     device: str = device_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the checkpoint."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole result (result.json's content) as one "
+                                  "strict JSON object instead of text."),
 ) -> None:
     """Evaluate an edit (or the unedited model) on one split with every asked-for metric."""
     import json
@@ -124,8 +126,18 @@ def evaluate(
     if bad:  # result.json holds them as null (strict JSON); the command fails, naming them and the likely cause
         raise ConfigError(f"eval: non-finite metric(s) {bad} for edit {res.edit!r}; likely cause: the edit's strength "
                           f"(--alpha {alpha}) or the model's dtype ({value(dtype)}); see {out / 'result.json'}")
-    typer.echo(json.dumps({"edit": res.edit, "protocol": res.protocol, "kl_text": res.kl_text,
-                           **{k: getattr(res, k) for k in keys if getattr(res, k) is not None}}))
+    if json_out:
+        from locaudit.io import strict_json
+
+        typer.echo(json.dumps(strict_json(res.model_dump(mode="json")), allow_nan=False))
+        return
+    typer.echo(f"{res.split} split, {res.n_questions} questions, protocol {res.protocol}"
+               + (f", KL/CE on {res.kl_text}" if res.kl_text else "") + f": edit {json.dumps(res.edit)}")
+    for k in keys:
+        v = getattr(res, k)
+        if v is not None:
+            se = getattr(res, f"{k}_se", None)
+            typer.echo(f"  {k:<15} {v:.4f}" + (f" ± {se:.4f}" if isinstance(se, float) else ""))
     typer.echo(f"-> {out / 'result.json'}")
 
 

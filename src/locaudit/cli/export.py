@@ -59,20 +59,32 @@ def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
             rec, _ = read_trial_record(run_dir, rec_path.parent.name)
             if rec is not None:
                 rows.append(rec)
-    with_edit = [r for r in rows if isinstance(r.get("artifacts"), dict) and r["artifacts"].get("edit")]
+    def has_edit(r: dict) -> bool:
+        return isinstance(r.get("artifacts"), dict) and bool(r["artifacts"].get("edit"))
+
+    def listed(rs: list[dict]) -> str:  # every candidate, never a silent cut
+        return f"{len(rs)}: " + ", ".join(f"{r['key'][:10]} ({r.get('name')})" for r in rs) if rs else "none"
+
+    with_edit = [r for r in rows if has_edit(r)]
     match = [r for r in rows if r.get("key") == trial or r.get("name") == trial]
-    if not match:
-        match = [r for r in rows if str(r.get("key", "")).startswith(trial)]
-    listing = ", ".join(f"{r['key'][:10]} ({r.get('name')})" for r in with_edit[:20]) or "none"
+    if not match:  # a key prefix or a name prefix; among several, the one trial with an edit
+        match = [r for r in rows if trial and (str(r.get("key", "")).startswith(trial)
+                                               or str(r.get("name") or "").startswith(trial))]
+        if len(match) > 1 and sum(map(has_edit, match)) == 1:
+            match = [r for r in match if has_edit(r)]
+    listing = listed(with_edit)
     if len(match) != 1:
-        what = "no trial" if not match else f"{len(match)} trials"
-        raise ConfigError(f"{run_dir}: {what} match {trial!r}; trials with an edit: {listing}")
+        if match:
+            raise ConfigError(f"{run_dir}: {len(match)} trials match {trial!r} (by key or name prefix): "
+                              f"{listed(match).split(': ', 1)[1]}; give more of the key or the full name")
+        raise ConfigError(f"{run_dir}: no trial matches {trial!r} (a key, a key prefix, a name or a name prefix); "
+                          f"trials with an edit, {listing}")
     row = match[0]
     edit = (row.get("artifacts") or {}).get("edit")
     if not edit:
         status = row.get("status", "?")
         raise ConfigError(f"{run_dir}: trial {row['key']} ({row.get('name')}, {status}) has no edit folder "
-                          f"(not an edit trial, or not finished); trials with an edit: {listing}")
+                          f"(not an edit trial, or not finished); trials with an edit, {listing}")
     d = _artifact_dir(run_dir, edit)
     if d is None or not d.is_dir():
         raise ConfigError(f"{run_dir}: trial {row['key']}'s edit folder {edit!r} is missing")
@@ -113,6 +125,8 @@ def export_command(
     device: str = device_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
                                            "checkpoint (off by default; only for models you trust)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one strict JSON object (edit, model, fingerprint, "
+                                  "written folders, how the adapter merges) instead of text."),
 ) -> None:
     """Export an edit (ITI, optimal LoRA, or none) as a merged HF model and/or a PEFT adapter."""
     from locaudit.edit.base import load_edit
@@ -139,7 +153,8 @@ def export_command(
         except ConfigError:
             spec = {}
         study_model = (spec.get("model") or {}).get("name") if isinstance(spec, dict) else None
-        typer.echo(f"trial {row['key']} ({row.get('name')}): edit {edit_dir}")
+        if not json_out:
+            typer.echo(f"trial {row['key']} ({row.get('name')}): edit {edit_dir}")
     else:
         if trial is not None:
             raise ConfigError(f"--trial is for a study run folder; {source} is an edit folder")
@@ -159,9 +174,19 @@ def export_command(
         target = Path(out) / f if len(fmts) > 1 else Path(out)
         fn = export_merged if f == "merged" else export_peft
         written[f] = str(fn(edit, lm, target, overwrite=overwrite, check=check))
-        typer.echo(f"{f}: {written[f]}")
-    typer.echo(json.dumps({"edit": edit.describe(), "model": name, "fingerprint": lm.fingerprint, **written},
-                          default=str))
+        if not json_out:
+            typer.echo(f"{f}: {written[f]}")
+    from locaudit.edit.export import read_export_meta
+
+    merge = read_export_meta(written["peft"]).get("merge") if "peft" in written else None
+    if json_out:
+        from locaudit.io import strict_json
+
+        typer.echo(json.dumps(strict_json({"edit": edit.describe(), "model": name, "fingerprint": lm.fingerprint,
+                                           **written, **({"peft_merge": merge} if merge else {})}),
+                              default=str, allow_nan=False))
+    elif merge:
+        typer.echo(f"merge the adapter: {merge}")
 
 
 def register(app: typer.Typer) -> None:

@@ -41,7 +41,8 @@ def run(
                                  "per comparison the smallest reachable p-value, the effect detectable with 80% "
                                  "power, equivalence power, cost per trial kind, and warnings; run nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable strict JSON instead of text (with "
-                                  "--dry-run: trials and design checks; after a run: the verdict)."),
+                                  "--dry-run: trials and design checks; after a run: the verdict, also with "
+                                  "--no-report, which then writes no report folder)."),
     model: Optional[str] = typer.Option(None, "--model", help="Run the study's design on another model: hub id, "
                                         "local folder, .gguf file, smollm2-135m-instruct or gemma3-270m (part of "
                                         "trial keys). The study is renamed <name>-<model>, and so is its default "
@@ -98,6 +99,18 @@ def run(
         else:
             typer.echo(rep.verdict["headline"])
             typer.echo(f"report: {rep.index}")
+    elif json_out:  # the verdict as the report would give it, with no report folder written
+        import shutil
+        import tempfile
+
+        from locaudit.study.report import build_report
+
+        tmp = Path(tempfile.mkdtemp(prefix="locaudit-verdict-"))
+        try:
+            rep = build_report(run_dir, out_dir=tmp / "report")
+            typer.echo((rep.out_dir / "verdict.json").read_text(encoding="utf-8").rstrip())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if summary.failed:
         raise typer.Exit(1)
 

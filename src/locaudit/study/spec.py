@@ -356,8 +356,14 @@ class StudySpec(_Strict):
         return self
 
     def default_run_dir(self) -> Path:
-        """runs/<name>, the name made one safe folder name (a name never points elsewhere, e.g. '/etc')."""
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-.") or "study"
+        """runs/<name>, the name made one safe folder name (a name never points elsewhere, e.g. '/etc'). Where
+        that loses information (other characters, non-ASCII names, more than 80 characters) a short hash of the
+        whole name follows the readable part, so two names never share a folder: 'étude' -> runs/tude-1a2b3c4d."""
+        import hashlib
+
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-.")[:80].strip("-.")
+        if slug != self.name:
+            slug = f"{slug or 'study'}-{hashlib.sha256(self.name.encode('utf-8')).hexdigest()[:8]}"
         return Path("runs") / slug
 
     # ------------------------------------------------------------------ derived values
