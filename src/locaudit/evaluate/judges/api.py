@@ -97,6 +97,23 @@ def rubric_behaviours(value: str | None) -> tuple[str, ...]:
     return r[2] if r is not None else (TRUTHFULQA,)
 
 
+def secret_safe(url: str) -> bool:
+    """Whether a secret may go to `url`: HTTPS, or any scheme to this machine (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def split_options(base_url: str) -> tuple[str, dict[str, str]]:
     """'URL|rubric=caa:x' -> ('URL', {'rubric': 'caa:x'}); options after '|' as key=value."""
     base, *opts = str(base_url).split("|")
@@ -230,11 +247,19 @@ class ApiJudge(Judge):
             self.name = f"api:{model}@{base}{refs}:{','.join(self.kinds)}"
 
     def _headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json"}
+        return {"Content-Type": "application/json"}
+
+    def _authorize(self, req: urllib.request.Request) -> None:
+        """Add the secret ($key_env) to `req`, only over HTTPS or to this machine (localhost, 127.0.0.0/8, ::1).
+        As an unredirected header, so a redirect never carries it to another URL."""
         key = os.environ.get(self.key_env)
-        if key:
-            h["Authorization"] = f"Bearer {key}"
-        return h
+        if not key:
+            return
+        if not secret_safe(self.url):
+            raise ConfigError(f"api judge: refusing to send the secret in ${self.key_env} to {self.url} over plain "
+                              "HTTP (anyone on the way could read it); use an https:// URL, a server on localhost, "
+                              f"or unset {self.key_env} for a server without auth")
+        req.add_unredirected_header("Authorization", f"Bearer {key}")
 
     def _post(self, body: dict) -> dict:
         """POST with retries; returns the decoded JSON reply."""
@@ -244,6 +269,7 @@ class ApiJudge(Judge):
             self.limiter.wait()
             self.requests += 1
             req = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
+            self._authorize(req)
             retry_after = None
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
