@@ -86,6 +86,14 @@ def test_dry_run_json_is_strict_and_complete(tmp_path: Path) -> None:
     assert not comp["iti"]["in_family"] and comp["iti"]["detectable_effect"] is None
     assert d["design"]["family_size"] == 1
     assert not any(w.startswith("optimal: 19 random draws") for w in d["design"]["warnings"])
+    # alpha x (n + 1) = 1 < 2: only the floor rejects, so the design can report "suggestive" at best
+    assert comp["optimal"]["floor_only"] and comp["optimal"]["draws_beyond_floor"] == 39
+    assert any(w.startswith("optimal: with 19 draws only the floor") and "use >= 39 draws" in w
+               for w in d["design"]["warnings"])
+    study39 = {**STUDY, "localizers": {**STUDY["localizers"], "random": {"n": 39, "iti_n": 8}}}
+    d39 = json.loads(_dry(tmp_path, study39, "--json"))["design"]
+    assert not any("only the floor" in w for w in d39["warnings"])
+    assert not {c["method"]: c for c in d39["comparisons"]}["optimal"]["floor_only"]
     assert any(w.startswith("iti: 8 random draws") for w in d["design"]["warnings"])
 
 
@@ -141,3 +149,24 @@ def test_run_model_option_runs_the_design_on_another_model(tmp_path: Path) -> No
     assert spec.model.name == "tiny:gpt2" and spec.name == "design-tiny-gpt2"
     assert spec.default_run_dir() == Path("runs/design-tiny-gpt2")
     assert [t.name for t in expand(spec)] == [t["name"] for t in other["trials"]]
+
+
+@pytest.mark.parametrize("shift, n, noise", [(2.3, 19, 0.77), (3.0, 39, 1.0), (2.0, 99, 0.5)])
+def test_rank_power_with_the_candidates_own_noise_matches_simulation(shift: float, n: int, noise: float) -> None:
+    rng = np.random.default_rng(2)
+    draws = rng.standard_normal((20000, n))
+    c = shift + noise * rng.standard_normal(20000)
+    sim = ((1 + (draws >= c[:, None]).sum(axis=1)) / (n + 1) <= 0.05 + 1e-12).mean()
+    assert S.rank_power(shift, n, 0.05, noise) == pytest.approx(sim, abs=0.012)
+    assert S.rank_power(shift, n, 0.05, noise) < S.rank_power(shift, n, 0.05)  # noise costs power here
+
+
+def test_detectable_shift_includes_the_candidates_noise() -> None:
+    exact = S.detectable_shift(19, 0.05, 0.8)
+    noisy = S.detectable_shift(19, 0.05, 0.8, 0.77)
+    assert exact == pytest.approx(2.27, abs=0.01) and noisy > exact + 0.3
+    assert S.rank_power(noisy, 19, 0.05, 0.77) == pytest.approx(0.8, abs=1e-6)
+    whole = S.detectable_shift(19, 0.05, 0.8, 0.77, 12)  # the rank test and the hierarchical t-test
+    assert whole >= noisy - 0.05 and S.combined_power(whole, 19, 0.05, 0.77, 12) >= 0.8
+    assert S.combined_power(0.0, 19, 0.05, 2.0, 12) <= 0.05 + 0.01  # the null with a noisy candidate
+    assert S.draws_for_power(1.5, 0.05, noise=0.5) is None

@@ -206,3 +206,60 @@ def test_bootstrap_weights_are_paired_resamples() -> None:
     # a weighted mean over a resample is the mean of the resampled values (the paired bootstrap of a mean)
     x = rng.normal(size=10)
     assert np.std(w[1:] @ x) == pytest.approx(x.std(ddof=0) / math.sqrt(10), rel=0.15)
+
+
+# ---------------------------------------------------------------------------------------------- issue 25
+def test_mann_whitney_is_scipy_and_exact_with_ties_is_the_rank_test() -> None:
+    tied = [1.0] * 19
+    assert S.mann_whitney_u([1.0], tied).pvalue == pytest.approx(1.0)  # all ties: scipy gives 1, not nan
+    draws = [1.0] * 10 + [0.5] * 9
+    exact = S.mann_whitney_u([2.0], draws, "greater", "exact").pvalue
+    assert exact == pytest.approx(S.empirical_p(2.0, draws)) == pytest.approx(0.05)
+    assert S.mann_whitney_u([2.0], draws).pvalue < 0.05  # the normal approximation goes below the floor
+    for x in (0.5, 1.0, 1.5):  # ties with the candidate: exact U = the rank test, counting ties as at least as good
+        assert S.mann_whitney_u([x], draws, "greater", "exact").pvalue == pytest.approx(
+            sps.mannwhitneyu([x], draws, alternative="greater", method="exact").pvalue)
+    assert S.compare([2.0], draws).mwu_p == pytest.approx(0.05)
+
+
+def test_permutation_with_one_value_is_the_rank_test() -> None:
+    r = [0.1, 0.5, 0.3, 0.5, 0.2]
+    for x in (0.5, 0.6, 0.0):
+        assert S.permutation_test([x], r).pvalue == pytest.approx(S.empirical_p(x, r))
+        assert S.permutation_test(r, [x], "less").pvalue == pytest.approx(S.empirical_p(x, r))
+    assert math.isnan(S.mann_whitney_u([], r).pvalue) and math.isnan(S.permutation_test([1.0], []).pvalue)
+
+
+@pytest.mark.parametrize("alt", ["greater", "less", "two-sided"])
+def test_hierarchical_t_reduces_to_one_sample_and_welch(alt: str) -> None:
+    rng = np.random.default_rng(5)
+    r, a = rng.normal(0, 1, 14), rng.normal(0.6, 2, 9)
+    c = 0.9  # locations only: the one-sample t of c - r_j
+    h = S.hierarchical_t(c - r.mean(), r, alternative=alt)
+    ref = sps.ttest_1samp(c - r, 0.0, alternative=alt)
+    assert h["p"] == pytest.approx(ref.pvalue) and h["df"] == pytest.approx(13)
+    lo, hi = ref.confidence_interval(0.95) if alt == "two-sided" else sps.ttest_1samp(c - r, 0.0).confidence_interval(0.95)
+    assert (h["ci_low"], h["ci_high"]) == pytest.approx((lo, hi))
+    # a question part var(a) / n_a with n_a - 1 df: Welch's test of a against the draws
+    h = S.hierarchical_t(a.mean() - r.mean(), r, a.var(ddof=1) / a.size, a.size, alternative=alt)
+    w = sps.ttest_ind(a, r, equal_var=False, alternative=alt)
+    assert h["p"] == pytest.approx(w.pvalue) and h["df"] == pytest.approx(w.df)
+    # training seeds add their own part; one seed adds nothing
+    one = S.hierarchical_t(0.5, r, 0.01, 12, [0.3])
+    two = S.hierarchical_t(0.5, r, 0.01, 12, [0.3, 0.5])
+    assert math.isnan(one["se_seeds"]) and two["se"] > one["se"] and two["p"] > one["p"]
+    assert math.isnan(S.hierarchical_t(0.5, [1.0])["p"]) and math.isnan(S.hierarchical_t(0.0, [1.0, 1.0])["p"])
+
+
+def test_bh_family_keeps_what_bh_could_reject_and_gatekeeping_controls_the_rest() -> None:
+    floors = [0.05, 0.05]
+    assert not S.tarone_family(floors, 0.05).any()  # the FWER rule drops both ...
+    assert S.bh_family(floors, 0.05).all()  # ... plain BH would reject both: BH keeps them
+    adj, member = S.adjust_family([0.05, 0.05], floors, "bh", 0.05)
+    assert member.all() and adj == pytest.approx([0.05, 0.05])
+    assert not S.bh_family([0.1, 0.01], 0.05)[0]
+    # gatekeeping: the primary's tests open the gate only when all reject
+    gate, adj, member = S.gatekeeping([0.01, np.nan], [0.01, 0.02], [0.01, 0.01])
+    assert gate and adj == pytest.approx([0.02, 0.02])
+    gate, adj, _ = S.gatekeeping([0.01, 0.2], [0.001, 0.001], [0.001, 0.001])
+    assert not gate and np.isnan(adj).all()

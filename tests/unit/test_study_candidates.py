@@ -99,20 +99,25 @@ def test_each_candidate_is_judged_against_the_same_draws(tmp_path: Path, spec) -
     assert opt(a_probe)["candidate_mean"] == pytest.approx(0.6, abs=0.05)
     assert opt(a_patch)["random_mean"] == pytest.approx(opt(a_probe)["random_mean"])  # the same null
     assert int(opt(a_patch)["n_random"]) == 49
-    assert opt(a_patch)["outcome"] == "evidence for" and opt(a_probe)["outcome"] != "evidence for"
+    # in its own family (ITI and the optimal edit, Holm) patching passes both tests, but at 49 draws only the floor
+    # p = 0.02 gets under Holm's 0.025: suggestive; the probe's top-K sit among the draws
+    assert opt(a_patch)["outcome"] == "suggestive" and opt(a_probe)["outcome"] not in ("evidence for", "suggestive")
     assert len(for_candidate(res, "patching")) == len(res) - 4  # the other two candidates' top rows (iti + optimal)
 
     rep = build_report(run, n_resamples=199)
     side = pd.read_csv(rep.out_dir / "localizers.csv")
     assert set(side["localizer"]) == {"probe", "patching", "attribution"}
     row = side[(side["localizer"] == "patching") & (side["method"] == "optimal")].iloc[0]
-    assert row["outcome"] == "evidence for"
-    assert row["p_rank_adj_across_localizers"] >= row["p_rank"]
+    # one family across localizers by gatekeeping: the probe (primary) fails, so the gate stays closed
+    assert row["own_family_outcome"] == "suggestive" and row["outcome"] == "inconclusive"
+    assert "gate stayed closed" in row["outcome_note"] and not side["primary_localizer"][side["localizer"] != "probe"].any()
     agree = pd.read_csv(rep.out_dir / "agreement.csv")
     assert list(agree[["a", "b"]].iloc[0]) == ["patching", "attribution"] or list(agree[["a", "b"]].iloc[0]) == ["attribution", "patching"]
     assert 0.0 <= agree["jaccard"].iloc[0] <= 1.0 and agree["k"].iloc[0] == 3
     v = json.loads((rep.out_dir / "verdict.json").read_text())
     assert set(v["localizers"]) == {"probe", "patching", "attribution"}
-    assert v["localizers"]["patching"]["outcome"] == "evidence for"
+    assert v["localizers"]["patching"]["outcome"] == "inconclusive"
+    assert v["localizers"]["patching"]["headline"].startswith("Across localizers: suggestive in its own family")
+    assert "gatekeeping across 3 localizers" in v["localizers"]["probe"]["headline"]
     html = rep.index.read_text()
     assert "Localizers side by side" in html and "Agreement between localizers" in html

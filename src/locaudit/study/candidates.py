@@ -2,10 +2,9 @@
 
 A study may propose candidate locations with several localizers (the probe, activation patching,
 attribution patching). Every candidate's top-K set is edited like the probe's and compared with the
-SAME random draws, full alignment and unedited model (`analysis.for_candidate`). Each candidate's own
-comparison family is corrected as usual (Holm / BH over methods); the headline p-values of the optimal
-edit are corrected once more across candidates (Holm), since asking "is any localizer special?" is one
-more family. Agreement between localizers (Jaccard of top-K sets, Spearman over all heads) is set
+SAME random draws, full alignment and unedited model (`analysis.for_candidate`). Tested against the same
+null, the localizers form one family, by serial gatekeeping: the primary localizer (the probe) first, in its
+own headline family; the others only when it passes all its tests, together in one family (`side_by_side`). Agreement between localizers (Jaccard of top-K sets, Spearman over all heads) is set
 against what two random K-sets / rankings give (hypergeometric and Monte-Carlo nulls).
 """
 
@@ -19,7 +18,7 @@ import pandas as pd
 
 from locaudit.study.analysis import analyze, candidates, for_candidate, primary_metric, verdict
 from locaudit.study.spec import VerdictSpec
-from locaudit.study.stats import adjust_pvalues
+from locaudit.study.stats import gatekeeping
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +54,67 @@ def rankings_of_run(run_dir: Path, rows: list[dict], probe=None, notes: list[str
 def side_by_side(res: pd.DataFrame, perq: dict | None, cfg: VerdictSpec, rankings: dict[str, dict],
                  n_resamples: int = 4999, max_overlap: float | None = 0.5) -> tuple[list[dict], dict[str, Any]]:
     """One row per (candidate localizer, method) with its outcome on the primary metric, and each
-    candidate's verdict (headline and lines). Empty when the study has a single candidate."""
+    candidate's verdict (headline and lines). Empty when the study has a single candidate.
+
+    The localizers form one family by serial gatekeeping (stats.gatekeeping): the primary localizer (the
+    probe, else the first) is decided in its own headline family; only when all of its tests there reject
+    are the other localizers' tests decided, together, by the study's multiplicity rule with the discrete
+    restriction. A test that fails this family is at most "inconclusive"."""
     cands = candidates(res)
     if len(cands) < 2:
         return [], {}
     rows: list[dict] = []
-    verdicts: dict[str, Any] = {}
+    runs: dict[str, tuple] = {}
     for c in cands:
         k = (rankings.get(c) or {}).get("top_k")
-        sub = for_candidate(res, c)
         rk = (rankings.get(c) or {}).get("ranking")
         a = analyze(res, perq, cfg, rk, n_resamples=n_resamples, max_overlap=max_overlap, top_k=k, candidate=c)
-        v = verdict(sub, a.comparisons, a.singles, cfg, top_k=k, flags=a.flags, selection=a.selection)
-        verdicts[c] = {"headline": v.headline, "outcome": v.outcome, "lines": v.lines}
+        sub = for_candidate(res, c)
+        runs[c] = (a, sub, k)
         primary = primary_metric(sub, cfg.primary_metric)
         comp = a.comparisons
         if comp.empty or primary is None:
             continue
         head = comp[(comp["scope"] == "selected") & (comp["metric"] == primary)]
         for _, r in head.iterrows():
-            rows.append({"localizer": c, "top_k": k, "method": r["method"], "metric": primary,
-                         "outcome": r["outcome"], "candidate_mean": r.get("candidate_mean"),
-                         "random_mean": r.get("random_mean"), "n_random": r.get("n_random"),
-                         "percentile": r.get("percentile"), "p_rank": r.get("p_rank"),
-                         "p_rank_adj": r.get("p_rank_adj"), "tost_p_adj": r.get("tost_p_adj"),
+            rows.append({"localizer": c, "primary_localizer": c == cands[0], "top_k": k, "method": r["method"],
+                         "metric": primary, "outcome": r["outcome"], "own_family_outcome": r["outcome"],
+                         "candidate_mean": r.get("candidate_mean"), "random_mean": r.get("random_mean"),
+                         "n_random": r.get("n_random"), "percentile": r.get("percentile"), "p_rank": r.get("p_rank"),
+                         "p_floor": r.get("p_floor"), "p_mean": r.get("p_mean"), "p_combined": r.get("p_combined"),
+                         "p_combined_adj": r.get("p_combined_adj") if r.get("in_family") else float("nan"),
+                         "floor_fragile": r.get("floor_fragile"), "tost_p_adj": r.get("tost_p_adj"),
                          "diff": r.get("diff"), "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high")})
-    for method in {r["method"] for r in rows}:  # one more family: the same method across localizers
-        idx = [i for i, r in enumerate(rows) if r["method"] == method and pd.notna(r["p_rank"])]
-        if len(idx) > 1:
-            adj = adjust_pvalues([float(rows[i]["p_rank"]) for i in idx], "holm")
-            for i, p in zip(idx, adj):
-                rows[i]["p_rank_adj_across_localizers"] = float(p)
+    prim = [r for r in rows if r["primary_localizer"]]
+    rest = [r for r in rows if not r["primary_localizer"]]
+    gate, adj, member = gatekeeping([float(r["p_combined_adj"]) for r in prim],
+                                    [float(r["p_combined"]) for r in rest], [float(r["p_floor"]) for r in rest],
+                                    cfg.multiplicity, cfg.alpha)
+    mult = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no correction"}[cfg.multiplicity]
+    for r, a_, m_ in zip(rest, adj, member):
+        r["p_adj_across_localizers"] = float(a_)
+        r["in_family_across_localizers"] = bool(m_)
+        if r["outcome"] in ("evidence for", "suggestive") and not (gate and m_ and a_ <= cfg.alpha):
+            r["outcome"] = "inconclusive"
+            r["outcome_note"] = (f"the primary localizer ({cands[0]}) did not pass all its tests, so the gate stayed "
+                                 "closed" if not gate else f"not confirmed in the family across localizers ({mult}, "
+                                 f"adjusted p {a_:.3g})")
+    verdicts: dict[str, Any] = {}
+    n_rest = len({r["localizer"] for r in rest})
+    for c, (a, sub, k) in runs.items():
+        note = (f"gatekeeping across {len(cands)} localizers: {c} is the primary localizer, decided first" if c == cands[0]
+                else f"gatekeeping across {len(cands)} localizers: decided only if the primary localizer ({cands[0]}) "
+                f"passes all its tests, then with the other {n_rest} localizer(s) in one {mult} family "
+                f"(gate {'open' if gate else 'closed'})")
+        v = verdict(sub, a.comparisons, a.singles, cfg, top_k=k, flags=a.flags, selection=a.selection,
+                    family_note=note)
+        headline, outcome = v.headline, v.outcome
+        own = next((r for r in rest if r["localizer"] == c and r["method"] == "optimal" and r.get("outcome_note")), None)
+        if own is not None:
+            outcome = "inconclusive"
+            headline = (f"Across localizers: {own['own_family_outcome']} in its own family, but {own['outcome_note']}: "
+                        f"inconclusive. {headline}")
+        verdicts[c] = {"headline": headline, "outcome": outcome, "lines": v.lines}
     return rows, verdicts
 
 

@@ -50,24 +50,39 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
     all_vals = np.concatenate([vals[:, 0][np.isfinite(vals[:, 0])]] + ([base[:1]] if base is not None else []))
     constant = bool(all_vals.size and np.ptp(all_vals) <= 1e-12 * max(1.0, float(np.abs(all_vals).max())))
     noise = eng.has_question_noise(metric)
+    n_q = len(eng.weights(metric)["qids"]) if eng.weights(metric) else None
+    # the question part of the difference's variance: the paired question bootstrap (locations as drawn),
+    # unbiased by n / (n - 1) where the number of questions is known
+    var_q = float(np.nanvar(d_q[boot], ddof=1)) if eng.B > 1 and noise.startswith(("paired", "per-trial")) else 0.0
+    if n_q and n_q > 1:
+        var_q *= n_q / (n_q - 1)
+    seeds_vals = _candidate_seed_values(eng, panel, metric, top)  # the candidate's seeds at its chosen point
+    ht = S.hierarchical_t(float(d[0]), r0, var_q, n_q, seeds_vals, alt, level)
+    # rank stability: over the paired question resamples (locations as drawn), the share in which the
+    # candidate is still strictly better than every draw
+    with np.errstate(invalid="ignore"):
+        first = (sgn * (c[None, boot] - rv[:, boot])).min(axis=0) > 0 if eng.B else np.zeros(0, bool)
     row: dict[str, Any] = {
         "method": panel.method, "metric": metric, "scope": "selected", "selection": eng.selection(panel)["mode"],
-        "family": "headline" if metric == eng.primary else "secondary", "n_random": n,
-        "n_questions": len(eng.weights(metric)["qids"]) if eng.weights(metric) else None,
+        "family": "headline" if metric == eng.primary else "secondary", "n_random": n, "n_questions": n_q,
         "candidate_mean": float(c[0]), "random_mean": float(r0.mean()),
         "random_sd": float(r0.std(ddof=1)) if n > 1 else float("nan"), "diff": float(d[0]),
         "percentile": (S.percentile_rank(c[0], r0) if hib else 100.0 - S.percentile_rank(c[0], r0)),
         "p_rank": S.empirical_p(c[0], r0, alt), "p_floor": S.rank_floor(n),
-        "ci_low": _q(d[boot], (1 - level) / 2), "ci_high": _q(d[boot], (1 + level) / 2),
-        "se_diff": float(np.nanstd(d[boot], ddof=1)) if eng.B > 1 else float("nan"),
-        "se_questions": float(np.nanstd(d_q[boot], ddof=1)) if eng.B > 1 else float("nan"),
+        "p_mean": ht["p"], "t_mean": ht["t"], "df_mean": ht["df"],
+        "ci_low": ht["ci_low"], "ci_high": ht["ci_high"], "interval": "t (Satterthwaite df)",
+        "ci_boot_low": _q(d[boot], (1 - level) / 2), "ci_boot_high": _q(d[boot], (1 + level) / 2),
+        "se_diff": ht["se"], "se_locations": ht["se_locations"], "se_questions": ht["se_questions"],
+        "se_seeds": ht["se_seeds"], "rank_stability": float(first.mean()) if first.size else float("nan"),
         "question_noise": noise, "constant": constant,
+        "training_noise": (f"included ({len(seeds_vals)} training seeds of the candidate)" if len(seeds_vals) > 1 else
+                           "omitted (one training seed: the interval does not include training noise)"),
         "z": S.zscore(c[0], r0) * sgn if n > 1 else float("nan"),
     }
+    row["p_combined"] = max(row["p_rank"], ht["p"]) if math.isfinite(ht["p"]) else float("nan")
     ch = S.crawford_howell(c[0], r0, alt)
-    row.update(ch_p=ch.pvalue, mwu_p=S.mann_whitney_u([c[0]], r0, alt).pvalue)
-    # seeds of the candidate at its chosen grid point (secondary: tests training noise, not locations)
-    seeds_vals = _candidate_seed_values(eng, panel, metric, top)
+    row.update(ch_p=ch.pvalue)
+    # seeds of the candidate vs the draws (secondary: tests training noise, not locations)
     row["n_candidate_seeds"] = len(seeds_vals)
     row["welch_seeds_p"] = S.welch_t(seeds_vals, r0, alt).pvalue if len(seeds_vals) > 1 else float("nan")
     # full alignment and the margin
@@ -146,34 +161,63 @@ def _descriptive_rows(df: pd.DataFrame, method: str, metric: str, primary: str, 
 
 
 def _outcome(row: dict, alpha: float) -> str:
+    """One comparison's outcome (docs/verdict.md). "Evidence for" needs the intersection-union test: the
+    rank test AND the hierarchical t-test of the difference, their p = max(p_rank, p_mean) corrected over
+    the family; "suggestive" when that holds only at the design's floor (one more draw at least as good
+    would undo it)."""
     if row.get("constant") or row.get("gain_measurable") is False:
         return "no signal"
     better = (row["diff"] > 0) if higher_is_better(row["metric"]) else (row["diff"] < 0)
-    if row.get("in_family") and row.get("p_rank_adj", np.nan) <= alpha and better:
-        return "evidence for"
+    if row.get("in_family") and row.get("p_combined_adj", np.nan) <= alpha and better:
+        return "suggestive" if row.get("floor_fragile") else "evidence for"
     if row.get("tost_p_adj", np.nan) <= alpha:
         return "evidence against"
     return "inconclusive"
 
 
+def _one_more_draw(p_rank: np.ndarray, p_mean: np.ndarray, n: np.ndarray, member: np.ndarray, method: str,
+                   alpha: float) -> np.ndarray:
+    """For each family member: would its combined test still pass if one more draw were at least as good
+    (rank p + 1 / (n + 1), the family otherwise unchanged)? False where it would not: the claim rests on
+    the design's floor."""
+    out = np.ones(p_rank.size, dtype=bool)
+    for i in np.flatnonzero(member):
+        pr = p_rank.copy()
+        pr[i] = min(1.0, pr[i] + 1.0 / (n[i] + 1))
+        adj = S.adjust_pvalues(np.maximum(pr, p_mean)[member], method)
+        out[i] = bool(adj[int(member[:i].sum())] <= alpha)
+    return out
+
+
 def _adjust(comp: pd.DataFrame, cfg: VerdictSpec) -> pd.DataFrame:
-    """Holm / BH within each family of the selected scope; the outcome of each row."""
+    """Holm / BH within each family of the selected scope (the discrete restriction by the rank tests'
+    floors); the outcome of each row."""
     if comp.empty:
         return comp
     comp = comp.copy()
-    for col in ("p_rank_adj", "tost_p_adj"):
+    for col in ("p_rank_adj", "p_combined_adj", "tost_p_adj"):
         comp[col] = np.nan
     comp["in_family"] = False
+    comp["floor_fragile"] = False
     comp["family_size"] = np.nan
     for fam in ("headline", "secondary"):
         m = (comp["scope"] == "selected") & (comp["family"] == fam)
         if not m.any():
             continue
-        adj, member = S.adjust_family(comp.loc[m, "p_rank"].to_numpy(float), comp.loc[m, "p_floor"].to_numpy(float),
-                                      cfg.multiplicity, cfg.alpha)
+        floors = comp.loc[m, "p_floor"].to_numpy(float)
+        adj, member = S.adjust_family(comp.loc[m, "p_rank"].to_numpy(float), floors, cfg.multiplicity, cfg.alpha)
         comp.loc[m, "p_rank_adj"] = adj
+        pc = comp.loc[m, "p_combined"].to_numpy(float)
+        member &= np.isfinite(pc)
+        adj_c = np.full(pc.shape, np.nan)
+        if member.any():
+            adj_c[member] = S.adjust_pvalues(pc[member], cfg.multiplicity)
+        comp.loc[m, "p_combined_adj"] = adj_c
         comp.loc[m, "in_family"] = member
         comp.loc[m, "family_size"] = int(member.sum())
+        holds = _one_more_draw(comp.loc[m, "p_rank"].to_numpy(float), comp.loc[m, "p_mean"].to_numpy(float),
+                               comp.loc[m, "n_random"].to_numpy(float), member, cfg.multiplicity, cfg.alpha)
+        comp.loc[m, "floor_fragile"] = ~holds & member
         if "tost_p" in comp.columns:
             comp.loc[m, "tost_p_adj"] = S.adjust_pvalues(comp.loc[m, "tost_p"].to_numpy(float), cfg.multiplicity)
     sel = comp["scope"] == "selected"

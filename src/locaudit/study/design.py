@@ -65,7 +65,7 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
     if spec.iti.enabled and "random" in spec.iti.localizers and "top" in spec.iti.localizers:
         methods.append(("iti", min(n_all, R.iti_n) if R.iti_n is not None else n_all))
     floors = [S.rank_floor(n) for _, n in methods]
-    member = S.tarone_family(floors, cfg.alpha) if methods else np.array([], dtype=bool)
+    member = S.discrete_family(floors, cfg.alpha, cfg.multiplicity) if methods else np.array([], dtype=bool)
     m = max(1, int(member.sum()))
     nq = n_questions
     out: dict[str, Any] = {"alpha": cfg.alpha, "margin": cfg.margin, "multiplicity": cfg.multiplicity,
@@ -82,12 +82,18 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
         gain = g_obs if g_obs and g_obs > 0 and o.get("gain_measurable") is True else cfg.assumed_gain
         sd = sd_obs if sd_obs else cfg.assumed_location_sd * gain
         se_q = se_obs if se_obs else (cfg.assumed_question_sd / math.sqrt(nq) if nq else float("nan"))
-        shift = S.detectable_shift(n, thr, cfg.power) if inc else float("inf")
+        # the candidate's own noise (its question SE in units of the draws' sd) is part of the power
+        ratio = se_q / sd if math.isfinite(se_q) and sd > 0 else 0.0
+        shift = S.detectable_shift(n, thr, cfg.power, ratio, nq) if inc else float("inf")
+        floor_only = bool(inc and thr * (n + 1) < 2 - 1e-9)
         mabs = cfg.margin * gain
         se_eq = math.sqrt(sd ** 2 / max(n, 1) + (se_q if math.isfinite(se_q) else 0.0) ** 2)
         eq_power = S.equivalence_power(mabs, se_eq, cfg.alpha) if n > 1 else 0.0
         c = {"method": method, "n_random": n, "p_floor": f, "in_family": bool(inc), "threshold": thr if inc else None,
-             "can_reach_alpha": bool(inc), "draws_needed_for_floor": _draws_to_join(floors, len(out["comparisons"]), cfg.alpha),
+             "can_reach_alpha": bool(inc), "draws_needed_for_floor": _draws_to_join(floors, len(out["comparisons"]), cfg.alpha,
+                                                                       cfg.multiplicity),
+             "floor_only": floor_only, "draws_beyond_floor": math.ceil(2 / thr - 1 - 1e-9),
+             "noise_ratio": ratio, "power_rule": "rank test and hierarchical t-test" if nq else "rank test",
              "detectable_shift_sd": shift, "detectable_effect": shift * sd if math.isfinite(shift) else None,
              "detectable_gain_fraction": shift * sd / gain if math.isfinite(shift) else None,
              "spread": "observed" if sd_obs else "assumed", "random_sd": sd, "gain": gain, "se_questions": se_q,
@@ -101,6 +107,11 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
                 f"{method}: {n} random draws give a rank p-value floor of {f:.3g}: in a family corrected by "
                 f"{cfg.multiplicity} at {cfg.alpha:g} this comparison cannot show evidence for localization (needs >= "
                 f"{c['draws_needed_for_floor']} draws).")
+        if floor_only:
+            out["warnings"].append(
+                f"{method}: with {n} draws only the floor p = {f:.3g} passes the threshold {thr:.3g} (alpha x (n + 1) = "
+                f"{thr * (n + 1):.2f} < 2): one draw at least as good undoes it, so the best this design can report is "
+                f"'suggestive'; use >= {c['draws_beyond_floor']} draws.")
         if eq_power < cfg.power:
             out["warnings"].append(
                 f"{method}: equivalence power {eq_power:.0%} < {cfg.power:.0%} at the {c['spread']} "
@@ -118,13 +129,13 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
     return out
 
 
-def _draws_to_join(floors: list[float], i: int, alpha: float, max_n: int = 100000) -> int:
-    """The fewest draws with which comparison i is in the Tarone family (others unchanged)."""
+def _draws_to_join(floors: list[float], i: int, alpha: float, method: str = "holm", max_n: int = 100000) -> int:
+    """The fewest draws with which comparison i is in its discrete family (others unchanged)."""
     n = S.draws_for_floor(alpha)
     while n < max_n:
         f = list(floors)
         f[i] = S.rank_floor(n)
-        if S.tarone_family(f, alpha)[i]:
+        if S.discrete_family(f, alpha, method)[i]:
             return n
         n += 1
     return max_n
@@ -136,7 +147,8 @@ def design_text(d: dict) -> list[str]:
              f"margin ±{d['margin']:.0%} of full alignment's gain, {d['n_questions'] or '?'} test questions):"]
     for c in d["comparisons"]:
         det = (f"detects a candidate {c['detectable_shift_sd']:.2f} sd above the draws ({c['detectable_effect']:.3g}, "
-               f"{c['detectable_gain_fraction']:.0%} of the gain) with {d['power']:.0%} power"
+               f"{c['detectable_gain_fraction']:.0%} of the gain) with {d['power']:.0%} power ({c['power_rule']}, the "
+               f"candidate's own noise {c['noise_ratio']:.2f} sd included)"
                if c["detectable_effect"] is not None else f"cannot reach {d['alpha']:g} (needs "
                f"{c['draws_needed_for_floor']} draws)")
         lines.append(f"  {c['method']}: {c['n_random']} draws, smallest p {c['p_floor']:.3g}"

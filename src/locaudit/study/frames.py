@@ -19,7 +19,7 @@ LOWER_IS_BETTER = ("kl", "ce", "loss", "nll", "perplexity")
 BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "candidate", "alpha", "tau", "lr", "seed", "status",
                 "attempts", "duration_s", "cpu_s", "heads", "edit_dir", "eval_dir", "precision", "cpu_capability",
                 "error", "of")
-OUTCOMES = ("evidence for", "evidence against", "inconclusive", "no signal")
+OUTCOMES = ("evidence for", "suggestive", "evidence against", "inconclusive", "no signal")
 # per-question score files of an evaluation folder: {file: {field: component}}
 # judgements.jsonl holds the judges' probabilities: they are the *_prob components, and True / Info are
 # those probabilities thresholded at the evaluation's judge_threshold (as EvalResult.set_judged does)

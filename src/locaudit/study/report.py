@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locaudit.io import atomic_path, write_json_atomic, write_text_atomic
+from locaudit.io import (atomic_path, clean_stale_temps, follow_umask, replace_path, temp_sibling, write_json_atomic,
+                         write_text_atomic)
 from locaudit.study import figures as F
 from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_candidate, load_per_question, metric_columns,
                                      results_frame, trials_frame, verdict)
@@ -43,15 +44,20 @@ STATS_NOTE = (
     "Each location is one unit: training seeds are averaged per location on both sides, and the grid point "
     "(alpha for ITI; tau x learning rate for optimal edits) is chosen per location on the primary metric, on data "
     "other than what is reported (validation split, else cross-fitting on halves of the test questions); every "
-    "metric is read at that point. The test is the candidate's rank among the random draws, p = (1 + #draws at "
-    "least as good) / (n + 1), whose floor 1/(n+1) says how many draws a claim needs. Intervals come from a "
-    "hierarchical bootstrap: random locations resampled, and test questions resampled jointly for every edit "
-    "(paired) where per-question scores exist. Equivalence is a TOST on the difference as a fraction of full "
+    "metric is read at that point. Two tests decide 'evidence for', both at the family's level (an "
+    "intersection-union test: p_combined = max of the two): the candidate's rank among the random draws, p_rank = "
+    "(1 + #draws at least as good) / (n + 1) (exact, ties counted as at least as good; its floor 1/(n+1) says how "
+    "many draws a claim needs), and a hierarchical t-test of the difference, p_mean, whose standard error adds the "
+    "draws' spread, the paired question bootstrap (test questions resampled jointly for every edit) and, with several "
+    "seeds, the candidate's training noise, with Satterthwaite degrees of freedom. A claim that only the floor "
+    "carries (one more draw at least as good would undo it) is 'suggestive'. ci_low/ci_high: the t-interval of the "
+    "difference; ci_boot_*: the bootstrap percentile interval; rank_stability: the share of question resamples in "
+    "which the candidate still ranks first. Equivalence is a TOST on the difference as a fraction of full "
     "alignment's gain over the unedited model. Secondary columns, each a different question: ch_p (Crawford-Howell: "
-    "is the candidate an outlier of a normal distribution of locations), mwu_p (Mann-Whitney, = the rank test with "
-    "one candidate), welch_seeds_p (the candidate's training seeds vs the draws: training noise, not locations), "
-    "t_tost_p (one-sample t TOST of the draws' mean around the candidate, locations only). Scopes other than "
-    "'selected' are descriptive; 'best_on_test' chooses grid points on the reported data and is optimistic."
+    "is the candidate an outlier of a normal distribution of locations), welch_seeds_p (the candidate's training "
+    "seeds vs the draws: training noise, not locations), t_tost_p (one-sample t TOST of the draws' mean around the "
+    "candidate, locations only). Scopes other than 'selected' are descriptive; 'best_on_test' chooses grid points on "
+    "the reported data and is optimistic."
 )
 
 
@@ -230,8 +236,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
                      f"{rejudged['trials']} trials ({rejudged['answers']} answers); the run's own judge was {own}. "
                      "MC, KL and CE do not use a judge and are unchanged.")
     default_out = run_dir / (f"report-{rejudged['slug']}" if rejudged else "report")
-    out = Path(out_dir) if out_dir is not None else default_out
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir) if out_dir is not None else default_out
+    # built in a temporary sibling folder and swapped in as one unit once complete (`_put_in_place`): a killed or
+    # failed rebuild leaves the previous report whole, never an old index.html beside new tables
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final)
+    out = temp_sibling(final)
+    out.mkdir()
     top_k = int(((spec.get("localizers") or {}).get("probe") or {}).get("top_k", 16))
     cfg = VerdictSpec.model_validate(spec.get("verdict") or {})
     max_overlap = ((spec.get("localizers") or {}).get("random") or {}).get("max_overlap", 0.5)
@@ -270,7 +281,23 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     index = out / "index.html"
     write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes,
                                    side, per_candidate, agree))
-    return Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text()))
+    return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
+
+
+def _put_in_place(rep: Report, final: Path) -> Report:
+    """Swap the finished report folder `rep.out_dir` in place of `final` (io.replace_path: the old report stays
+    whole until then) with the umask's modes; the returned Report names the files at their final paths."""
+    tmp = rep.out_dir
+    follow_umask(tmp)
+    replace_path(tmp, final)
+
+    def moved(p):
+        try:
+            return final / Path(p).relative_to(tmp)
+        except (TypeError, ValueError):
+            return p
+    return Report(final, moved(rep.index), {k: moved(p) for k, p in rep.figures.items()},
+                  {k: moved(p) for k, p in rep.tables.items()}, rep.verdict)
 
 
 def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
@@ -309,16 +336,18 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
     if v.table:
         cfg = a.config if a is not None else VerdictSpec()
         parts.append("<h2>Verdict table</h2><p class='muted'>" + html.escape(
-            f"Outcomes (docs/verdict.md): evidence for = the rank test rejects at {cfg.alpha:g} after "
-            f"{cfg.multiplicity} correction; evidence against = TOST within ±{cfg.margin:.0%} of full alignment's "
+            f"Outcomes (docs/verdict.md): evidence for = the rank test and the hierarchical t-test of the difference "
+            f"both reject at {cfg.alpha:g} after {cfg.multiplicity} correction; suggestive = the same, but only at the "
+            f"design's floor; evidence against = TOST within ±{cfg.margin:.0%} of full alignment's "
             "gain; inconclusive = neither; no signal = the metric does not vary or full alignment has no measurable "
             "gain.") + "</p>" + _table(pd.DataFrame(v.table)))
     if side:
         parts.append("<h2>Localizers side by side</h2><p class='muted'>" + html.escape(
             "Each localizer's top-K heads are edited like the probe's and compared with the same random draws, full "
-            "alignment and unedited model. Each localizer's comparisons are corrected within its own family; "
-            "p_rank_adj_across_localizers corrects the same method's rank p-values once more across localizers "
-            "(Holm).") + "</p><ul>" + "".join(
+            "alignment and unedited model. One family across localizers (gatekeeping): the primary localizer (the "
+            "probe) is decided first, in its own headline family; only where all of its tests reject are the other "
+            "localizers' tests decided, together in one family (p_adj_across_localizers, with the discrete "
+            "restriction); otherwise they are at most 'inconclusive'.") + "</p><ul>" + "".join(
             f"<li><b>{html.escape(c)}</b>: {html.escape(d['headline'])}</li>" for c, d in (per_candidate or {}).items())
             + "</ul>" + _table(pd.DataFrame(side)))
     if agree:
@@ -333,7 +362,8 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
         parts.append("</div>")
     cols = ["method", "metric", "scope", "family", "outcome", "selection", "n_random", "candidate_mean", "random_mean",
             "random_sd", "diff", "ci_low", "ci_high", "percentile", "p_rank", "p_floor", "p_rank_adj", "tost_p",
-            "tost_p_adj", "tost_low", "tost_high", "z", "ch_p", "mwu_p", "welch_seeds_p", "t_tost_p", "question_noise"]
+            "tost_p_adj", "tost_low", "tost_high", "z", "p_mean", "p_combined", "p_combined_adj", "rank_stability",
+            "ci_boot_low", "ci_boot_high", "ch_p", "welch_seeds_p", "t_tost_p", "question_noise", "training_noise"]
     parts.append("<h2>Candidate vs random draws</h2><p class='muted'>" + html.escape(STATS_NOTE) + "</p>")
     sel = comp[comp["scope"] == "selected"] if not comp.empty else comp
     parts.append(_table(sel, cols))

@@ -95,8 +95,11 @@ class _Engine:
         return PRODUCTS.get(metric, (metric,))
 
     def weights(self, metric: str) -> dict | None:
-        """Question ids and paired bootstrap weights (halves A, B and their mean) for `metric`, or None
-        when some trial lacks per-question scores for it."""
+        """Question ids and paired bootstrap weights for `metric`, or None when some trial lacks per-question
+        scores for it. "all" [R, Q]: the test questions resampled jointly (every question with the same
+        chance, as they were sampled), the same weights for every edit; "A" and "B": those weights within
+        each question-id hash half, renormalised (for cross-fit selection only); "fa" [R]: half A's share of
+        each replicate's weight. A replicate that leaves a half empty is drawn again."""
         if metric in self._w:
             return self._w[metric]
         comps = self.components(metric)
@@ -112,11 +115,19 @@ class _Engine:
             half = np.array([_half(q) for q in qids], dtype=int)
             if len(qids) >= 2 and 0 < half.sum() < len(qids):
                 rng = np.random.default_rng([self.seed, len(qids), sum(map(ord, metric))])
-                wa = S.bootstrap_weights(len(qids), self.B, rng, half == 0)
-                wb = S.bootstrap_weights(len(qids), self.B, rng, half == 1)
-                fa = float((half == 0).mean())  # share of questions in half A
-                # "all": the same resampled questions, each counted once (row 0: the plain mean over questions)
-                res = {"qids": qids, "A": wa, "B": wb, "all": fa * wa + (1 - fa) * wb, "fa": fa}
+                w = S.bootstrap_weights(len(qids), self.B, rng)
+                a = half == 0
+                for _ in range(100):  # a replicate with no question of one half cannot cross-fit: redraw it
+                    fa = w[:, a].sum(axis=1)
+                    bad = np.flatnonzero((fa <= 0) | (fa >= 1 - 1e-12))
+                    if not bad.size:
+                        break
+                    w[bad] = S.bootstrap_weights(len(qids), bad.size, rng)[1:]
+                fa = w[:, a].sum(axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    wa = np.where(a, w, 0.0) / fa[:, None]
+                    wb = np.where(~a, w, 0.0) / (1 - fa)[:, None]
+                res = {"qids": qids, "A": wa, "B": wb, "all": w, "fa": fa}
         self._w[metric] = res
         return res
 
@@ -230,7 +241,7 @@ class _Engine:
         elif self.weights(metric) is not None:
             same = metric == self.primary  # the primary re-chooses in every replicate; others follow replicate 0
             sa, sb = (sel["A"], sel["B"]) if same else (sel["A"][:, 0], sel["B"][:, 0])
-            fa = self.weights(metric)["fa"]  # each half's questions weigh as in a plain mean
+            fa = self.weights(metric)["fa"]  # [R]: each half's questions weigh as in the replicate's mean
             out = (1 - fa) * _take(self.values(panel, metric, "B"), sa) + fa * _take(self.values(panel, metric, "A"), sb)
         else:
             v = self.values(panel, metric)

@@ -3,34 +3,33 @@
 The candidate (the probe's top-K heads) is usually ONE value per metric, the control a distribution of
 values over random K-head draws. What is proper then:
   - its percentile among the draws and the empirical p-value (1 + #draws at least as good) / (n + 1),
-    whose floor 1/(n+1) says how many draws a claim needs;
+    whose floor 1/(n+1) says how many draws a claim needs (exact with ties: a tie counts as at least as
+    good);
+  - a hierarchical t-test of E[candidate - mean of random locations] > 0 (hierarchical_t): the variance
+    of the difference has a location part (the draws' spread / n), a question part (the paired question
+    bootstrap) and, with several training seeds, a training part; Satterthwaite degrees of freedom
+    calibrate it at small samples. "Evidence for" needs both this test and the rank test (an
+    intersection-union test: p = max of the two, no correction for the pair);
   - the Crawford-Howell t-test, the t-test for one case against a small control sample
-    (t = (x - mean) / (sd * sqrt(1 + 1/n)), n - 1 degrees of freedom): Welch's test with one case;
-  - the Mann-Whitney U test (with one case it equals the empirical rank test), a permutation test of
-    the difference of means (with one case, again the rank test), the z-score (x - mean) / sd, and a
-    bootstrap confidence interval of the difference (candidate fixed, draws resampled).
-With several candidate values (training seeds), the two groups are compared with Welch's t-test,
-Mann-Whitney U, a permutation test and a two-sample bootstrap.
+    (t = (x - mean) / (sd * sqrt(1 + 1/n)), n - 1 degrees of freedom);
+  - descriptive two-group tests (Mann-Whitney U, permutation, bootstrap CI) for pooled views.
 
-The verdict (analysis.py, docs/verdict.md) uses the rank test as THE test, whatever the number of seeds;
-the others are secondary columns. Also here: Holm / Benjamini-Hochberg adjustment with Tarone's rule for
-discrete tests (adjust_family), equivalence tests (TOST: Welch, one-sample, bootstrap), paired bootstrap
-weights over questions, and power: of the rank test (rank_power, detectable_shift, draws_for_power) and
-of TOST (equivalence_power, se_for_equivalence).
-
-Everything here is numpy plus scipy's distribution functions; tests check each test against scipy and
-statsmodels.
+Where a library computes the same thing, it does: scipy (Welch, Mann-Whitney with its exact null, the
+permutation test, the bootstrap, percentiles) and statsmodels (Holm / Benjamini-Hochberg, the t TOSTs).
+Hand-written here, each tested against a library on ties and edge cases: the rank test with its floor,
+Crawford-Howell, the hierarchical t-test (= Welch / one-sample t in its special cases), Tarone's and
+Gilbert's restrictions of discrete families, the bootstrap TOST, paired bootstrap weights, and power
+(rank_power integrates over the candidate's own noise; combined_power simulates the whole rule).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
-from itertools import combinations
 from typing import Sequence
 
 import numpy as np
-from scipy import special
 from scipy import stats as sps
 
 ALTERNATIVES = ("greater", "less", "two-sided")
@@ -68,7 +67,7 @@ def percentile_rank(x: float, ref: Sequence[float]) -> float:
     r = _arr(ref)
     if r.size == 0:
         return float("nan")
-    return float(100.0 * ((r < x).sum() + 0.5 * (r == x).sum()) / r.size)
+    return float(sps.percentileofscore(r, x, kind="mean"))
 
 
 def empirical_p(x: float, ref: Sequence[float], alternative: str = "greater") -> float:
@@ -108,120 +107,81 @@ def crawford_howell(x: float, ref: Sequence[float], alternative: str = "greater"
 
 # ---------------------------------------------------------------------------------------------- two groups
 def welch_t(a: Sequence[float], b: Sequence[float], alternative: str = "greater") -> TestResult:
-    """Welch's unequal-variance t-test of mean(a) - mean(b) (= scipy.stats.ttest_ind(equal_var=False))."""
+    """Welch's unequal-variance t-test of mean(a) - mean(b) (scipy.stats.ttest_ind(equal_var=False))."""
     _check_alt(alternative)
     a, b = _arr(a), _arr(b)
-    if a.size < 2 or b.size < 2:
+    if a.size < 2 or b.size < 2 or a.var(ddof=1) / a.size + b.var(ddof=1) / b.size == 0:
         return TestResult(float("nan"), float("nan"), None, "welch")
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se2 = va + vb
-    if se2 == 0:
-        return TestResult(float("nan"), float("nan"), None, "welch")
-    t = (a.mean() - b.mean()) / math.sqrt(se2)
-    df = se2**2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    return TestResult(float(t), _t_pvalue(t, df, alternative), float(df), "welch")
-
-
-def _mwu_counts(n1: int, n2: int) -> np.ndarray:
-    """Number of orderings of n1 + n2 values for each U = 0..n1*n2 (no ties): c(u; m, n) =
-    c(u - n; m - 1, n) + c(u; m, n - 1)."""
-    # table[m] holds counts for (m, n) as n grows; start with n = 0: only U = 0.
-    prev_n = [np.zeros(1) + 1.0 for _ in range(n1 + 1)]  # (m, 0) for m = 0..n1
-    for n in range(1, n2 + 1):
-        cur = [np.ones(1)]  # (0, n)
-        for m in range(1, n1 + 1):
-            c = np.zeros(m * n + 1)
-            left = cur[m - 1]  # (m - 1, n), shifted by n
-            c[n:n + left.size] += left
-            up = prev_n[m]  # (m, n - 1)
-            c[:up.size] += up
-            cur.append(c)
-        prev_n = cur
-    return prev_n[n1]
+    with warnings.catch_warnings():  # nearly constant groups: scipy warns of precision loss, the numbers stand
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = sps.ttest_ind(a, b, equal_var=False, alternative=alternative)
+    return TestResult(float(r.statistic), float(r.pvalue), float(r.df), "welch")
 
 
 def mann_whitney_u(a: Sequence[float], b: Sequence[float], alternative: str = "greater",
-                   method: str = "auto", continuity: bool = True) -> TestResult:
-    """Mann-Whitney U of a vs b (statistic: U of a), as scipy.stats.mannwhitneyu: exact null
-    distribution when both groups are <= 8 or either is small and there are no ties ('auto' follows
-    scipy: exact unless both > 8 or ties), else the normal approximation with tie and continuity
-    corrections."""
+                   method: str = "auto") -> TestResult:
+    """Mann-Whitney U of a vs b (statistic: U of a): scipy.stats.mannwhitneyu. Use method="exact" for
+    the exact null distribution with ties; with one candidate value it is then the rank test."""
     _check_alt(alternative)
     a, b = _arr(a), _arr(b)
-    n1, n2 = a.size, b.size
-    if n1 == 0 or n2 == 0:
+    if a.size == 0 or b.size == 0:
         return TestResult(float("nan"), float("nan"), None, "mann-whitney")
-    xy = np.concatenate([a, b])
-    ranks = sps.rankdata(xy)
-    _, t = np.unique(xy, return_counts=True)
-    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
-    u2 = n1 * n2 - u1
-    if alternative == "greater":
-        u, f = u1, 1
-    elif alternative == "less":
-        u, f = u2, 1
-    else:
-        u, f = max(u1, u2), 2
-    ties = bool((t > 1).any())
-    if method == "auto":
-        method = "asymptotic" if (n1 > 8 and n2 > 8) or ties else "exact"
-    if method == "exact":
-        counts = _mwu_counts(min(n1, n2), max(n1, n2))
-        k = int(math.ceil(u - 1e-9))
-        p = float(counts[k:].sum() / counts.sum()) if k < counts.size else 0.0
-    elif method == "asymptotic":
-        n = n1 + n2
-        tie_term = float((t.astype(np.float64) ** 3 - t).sum())
-        s = math.sqrt(n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1)))) if n > 1 else 0.0
-        num = u - n1 * n2 / 2 - (0.5 if continuity else 0.0)
-        p = float(special.ndtr(-num / s)) if s > 0 else float("nan")
-    else:
-        raise ValueError(f"method must be auto, exact or asymptotic, got {method!r}")
-    return TestResult(u1, float(np.clip(p * f, 0, 1)), None, f"mann-whitney ({method})")
+    r = sps.mannwhitneyu(a, b, alternative=alternative, method=method)
+    return TestResult(float(r.statistic), float(r.pvalue), None, f"mann-whitney ({method})")
+
+
+def _rng(seed: int) -> dict:
+    """scipy's keyword for a random generator: `rng` from scipy 1.15, `random_state` before."""
+    from scipy import __version__
+
+    major, minor = (int(x) for x in __version__.split(".")[:2])
+    return {"rng" if (major, minor) >= (1, 15) else "random_state": np.random.default_rng(seed)}
+
+
+def _mean_diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
 def permutation_test(a: Sequence[float], b: Sequence[float], alternative: str = "greater",
                      n_resamples: int = 9999, seed: int = 0) -> TestResult:
-    """Permutation test of mean(a) - mean(b): exact (every split of the pooled values) when there are
-    at most n_resamples splits, else n_resamples random ones with the +1 correction (as scipy)."""
+    """Permutation test of mean(a) - mean(b) (scipy.stats.permutation_test, independent samples): exact
+    when there are at most n_resamples splits, else n_resamples random ones with the +1 correction."""
     _check_alt(alternative)
     a, b = _arr(a), _arr(b)
     if a.size == 0 or b.size == 0:
         return TestResult(float("nan"), float("nan"), None, "permutation")
-    pooled = np.concatenate([a, b])
-    n, na = pooled.size, a.size
-    obs = a.mean() - b.mean()
-    total = pooled.sum()
-    n_splits = math.comb(n, na)
-    if n_splits <= n_resamples:
-        idx = np.array(list(combinations(range(n), na)), dtype=np.int64)
-        exact, adj = True, 0
-    else:
-        rng = np.random.default_rng(seed)
-        idx = np.argsort(rng.random((n_resamples, n)), axis=1)[:, :na]
-        exact, adj = False, 1
-    sa = pooled[idx].sum(axis=1)
-    null = sa / na - (total - sa) / (n - na)
-    gamma = abs(np.finfo(np.float64).eps * 100 * obs)
-    p_ge = ((null >= obs - gamma).sum() + adj) / (null.size + adj)
-    p_le = ((null <= obs + gamma).sum() + adj) / (null.size + adj)
-    p = {"greater": p_ge, "less": p_le, "two-sided": min(1.0, 2 * min(p_ge, p_le))}[alternative]
-    return TestResult(float(obs), float(np.clip(p, 0, 1)), None, "permutation (exact)" if exact else "permutation")
+    if min(a.size, b.size) == 1:  # scipy needs two values per group; one value: every split is exact and cheap
+        pooled = np.concatenate([a, b])
+        one_a = a.size == 1
+        idx = np.eye(pooled.size, dtype=bool)  # split i: value i alone in the one-value group
+        sa = np.where(idx, pooled, 0.0).sum(1) if one_a else pooled.sum() - np.where(idx, pooled, 0.0).sum(1)
+        na = a.size
+        null = sa / na - (pooled.sum() - sa) / (pooled.size - na)
+        obs = a.mean() - b.mean()
+        gamma = abs(np.finfo(np.float64).eps * 100 * obs)
+        ge, le = (null >= obs - gamma).mean(), (null <= obs + gamma).mean()
+        p = {"greater": ge, "less": le, "two-sided": min(1.0, 2 * min(ge, le))}[alternative]
+        return TestResult(float(obs), float(p), None, "permutation (exact)")
+    exact = math.comb(a.size + b.size, a.size) <= n_resamples
+    r = sps.permutation_test((a, b), _mean_diff, permutation_type="independent", vectorized=True,
+                             alternative=alternative, n_resamples=n_resamples, **_rng(seed))
+    return TestResult(float(r.statistic), float(r.pvalue), None, "permutation (exact)" if exact else "permutation")
 
 
 def bootstrap_diff_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95, n_resamples: int = 9999,
                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(a) - mean(b), each group resampled on its own (a group of one value
-    stays fixed: the candidate is given, the random draws are the sample)."""
+    """Percentile bootstrap CI of mean(a) - mean(b) (scipy.stats.bootstrap), each group resampled on its
+    own; a group of one value stays fixed (the candidate is given, the random draws are the sample)."""
     a, b = _arr(a), _arr(b)
-    if a.size == 0 or b.size < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    ma = a[rng.integers(0, a.size, (n_resamples, a.size))].mean(axis=1) if a.size > 1 else np.full(n_resamples, a[0])
-    mb = b[rng.integers(0, b.size, (n_resamples, b.size))].mean(axis=1)
-    d = ma - mb
-    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    if a.size == 0 or b.size < 2 or (np.ptp(b) == 0 and (a.size == 1 or np.ptp(a) == 0)):
+        return (float("nan"), float("nan")) if a.size == 0 or b.size < 2 else (float(a.mean() - b[0]),) * 2
+    if a.size == 1:
+        r = sps.bootstrap((b,), lambda y, axis=-1: a[0] - np.mean(y, axis=axis), confidence_level=level,
+                          n_resamples=n_resamples, method="percentile", vectorized=True, **_rng(seed))
+    else:
+        r = sps.bootstrap((a, b), _mean_diff, confidence_level=level, n_resamples=n_resamples,
+                          method="percentile", vectorized=True, **_rng(seed))
+    return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
 # ---------------------------------------------------------------------------------------------- the comparison
@@ -277,7 +237,8 @@ def compare(candidate: Sequence[float], random: Sequence[float], higher_is_bette
         ep = empirical_p(cm, r, alt) if c.size else nan
     if not higher_is_better and np.isfinite(pct):
         pct = 100.0 - pct  # percentile of "goodness": 100 = better than every draw
-    mw = mann_whitney_u(c, r, alt) if c.size and r.size else TestResult(nan, nan)
+    mw = (mann_whitney_u(c, r, alt, "exact" if c.size == 1 else "auto") if c.size and r.size
+          else TestResult(nan, nan))
     pm = permutation_test(c, r, alt, n_resamples, seed) if c.size and r.size else TestResult(nan, nan)
     lo, hi = bootstrap_diff_ci(c, r, level, n_resamples, seed)
     z = (cm - rm) / rsd if r.size > 1 and rsd > 0 else nan
@@ -308,7 +269,8 @@ def draws_for_floor(alpha: float, m: int = 1) -> int:
 def tarone_family(floors: Sequence[float], alpha: float) -> np.ndarray:
     """Tarone (1990): which tests of a discrete family count for multiplicity. K is the smallest k with
     #{i: floor_i <= alpha / k} <= k; tests whose smallest reachable p-value exceeds alpha / K can never be
-    rejected and are left out. The choice depends on the design only, so the family keeps its error rate."""
+    rejected and are left out. The choice depends on the design only, so the family keeps its error rate.
+    A family-wise (Holm) rule; under Benjamini-Hochberg use bh_family."""
     f = np.asarray(floors, dtype=np.float64)
     f = np.where(np.isfinite(f), f, 0.0)  # unknown floor: always counted
     for k in range(1, f.size + 1):
@@ -317,46 +279,68 @@ def tarone_family(floors: Sequence[float], alpha: float) -> np.ndarray:
     return np.ones(f.size, dtype=bool)
 
 
+def bh_family(floors: Sequence[float], alpha: float) -> np.ndarray:
+    """The discrete-test restriction for Benjamini-Hochberg, after Gilbert (2005): a test whose smallest
+    reachable p-value exceeds the largest threshold BH can apply, alpha, can never be rejected and is left
+    out; the others all count. Chosen by the design only, so BH keeps its false discovery rate on the rest.
+    (Tarone's alpha / K cut is a family-wise rule: under BH it drops two tests at floor 0.05 that plain
+    BH would reject together; Gilbert's own K-step variant drops them too, so this milder cut is used.)"""
+    f = np.asarray(floors, dtype=np.float64)
+    f = np.where(np.isfinite(f), f, 0.0)
+    return f <= alpha + 1e-15
+
+
+def discrete_family(floors: Sequence[float], alpha: float, method: str = "holm") -> np.ndarray:
+    """Which tests of a discrete family count: bh_family under "bh", tarone_family otherwise."""
+    return bh_family(floors, alpha) if method == "bh" else tarone_family(floors, alpha)
+
+
 def adjust_pvalues(p: Sequence[float], method: str = "holm") -> np.ndarray:
-    """Holm (step-down, family-wise error) or Benjamini-Hochberg (false discovery rate) adjusted p-values,
-    as statsmodels.stats.multitest.multipletests; NaN entries stay NaN and do not count."""
+    """Holm (step-down, family-wise error) or Benjamini-Hochberg (false discovery rate) adjusted p-values:
+    statsmodels.stats.multitest.multipletests; NaN entries stay NaN and do not count."""
     if method not in MULTIPLICITY:
         raise ValueError(f"multiplicity method must be one of {MULTIPLICITY}, got {method!r}")
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
-    q = p[ok]
-    m = q.size
-    if m == 0:
+    if not ok.any():
         return out
-    if method == "none":
-        out[ok] = q
-        return out
-    order = np.argsort(q, kind="stable")
-    s = q[order]
-    if method == "holm":
-        adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * s))
-    else:
-        adj = np.minimum.accumulate((m / np.arange(1, m + 1) * s)[::-1])[::-1]
-        adj = np.minimum(adj, 1.0)
-    res = np.empty(m)
-    res[order] = adj
-    out[ok] = res
+    out[ok] = p[ok] if method == "none" else multipletests(p[ok], method={"holm": "holm", "bh": "fdr_bh"}[method])[1]
     return out
 
 
 def adjust_family(p: Sequence[float], floors: Sequence[float] | None = None, method: str = "holm",
                   alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Adjusted p-values over a family and which tests are in it. With `floors` (the smallest p-value each
-    test can reach), tests that can never be rejected are left out (tarone_family) and get NaN."""
+    test can reach), tests that can never be rejected are left out (tarone_family under holm, bh_family
+    under bh) and get NaN."""
     p = np.asarray(p, dtype=np.float64)
     member = np.isfinite(p)
     if floors is not None:
-        member &= tarone_family(floors, alpha)
+        member &= discrete_family(floors, alpha, method)
     adj = np.full(p.shape, np.nan)
     if member.any():
         adj[member] = adjust_pvalues(p[member], method)
     return adj, member
+
+
+def gatekeeping(primary: Sequence[float], others: Sequence[float], other_floors: Sequence[float] | None = None,
+                method: str = "holm", alpha: float = 0.05) -> tuple[bool, np.ndarray, np.ndarray]:
+    """Serial gatekeeping over localizers: the pre-declared primary localizer's tests (already adjusted
+    within their own family; NaN = not in it) open the gate only when every one of them rejects at
+    `alpha`; then the other localizers' tests form one family (Holm or BH with the discrete restriction)
+    at `alpha`. Returns (gate open, the others' adjusted p-values (NaN when the gate is closed or a test
+    is out of the family), their family membership). Family-wise error over all tests stays <= alpha: if
+    a primary null is true the others are reached only after a false rejection among the primary's."""
+    pr = np.asarray(primary, dtype=np.float64)
+    pr = pr[np.isfinite(pr)]
+    gate = bool(pr.size and (pr <= alpha).all())
+    adj, member = adjust_family(others, other_floors, method, alpha)
+    if not gate:
+        adj = np.full(adj.shape, np.nan)
+    return gate, adj, member
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
@@ -374,25 +358,64 @@ class TostResult:
 
 
 def tost_welch(a: Sequence[float], b: Sequence[float], low: float, upp: float) -> TostResult:
-    """TOST of mean(a) - mean(b) in (low, upp) with Welch's t (statsmodels ttost_ind(usevar='unequal'))."""
+    """TOST of mean(a) - mean(b) in (low, upp) with Welch's t: statsmodels ttost_ind(usevar='unequal')."""
+    from statsmodels.stats.weightstats import ttost_ind
+
     a, b = _arr(a), _arr(b)
-    if a.size < 2 or b.size < 2:
+    if a.size < 2 or b.size < 2 or a.var(ddof=1) / a.size + b.var(ddof=1) / b.size == 0:
         return TostResult(*(float("nan"),) * 5, None, "tost-welch")
-    t1 = welch_t(a + 0.0, b + low, "greater")
-    t2 = welch_t(a + 0.0, b + upp, "less")
-    return TostResult(max(t1.pvalue, t2.pvalue), t1.pvalue, t2.pvalue, t1.statistic, t2.statistic, t1.df, "tost-welch")
+    p, (t1, p1, df), (t2, p2, _) = ttost_ind(a, b, low, upp, usevar="unequal")
+    return TostResult(float(p), float(p1), float(p2), float(t1), float(t2), float(df), "tost-welch")
 
 
 def tost_one(x: Sequence[float], low: float, upp: float) -> TostResult:
-    """TOST of mean(x) in (low, upp), one-sample t (statsmodels DescrStatsW(x).ttost_mean(low, upp))."""
+    """TOST of mean(x) in (low, upp), one-sample t: statsmodels DescrStatsW(x).ttost_mean(low, upp)."""
+    from statsmodels.stats.weightstats import DescrStatsW
+
     x = _arr(x)
-    n = x.size
-    if n < 2 or x.std(ddof=1) == 0:
+    if x.size < 2 or x.std(ddof=1) == 0:
         return TostResult(*(float("nan"),) * 5, None, "tost-one-sample")
-    se = x.std(ddof=1) / math.sqrt(n)
-    t1, t2 = (x.mean() - low) / se, (x.mean() - upp) / se
-    p1, p2 = float(sps.t.sf(t1, n - 1)), float(sps.t.cdf(t2, n - 1))
-    return TostResult(max(p1, p2), p1, p2, float(t1), float(t2), float(n - 1), "tost-one-sample")
+    p, (t1, p1, df), (t2, p2, _) = DescrStatsW(x).ttost_mean(low, upp)
+    return TostResult(float(p), float(p1), float(p2), float(t1), float(t2), float(df), "tost-one-sample")
+
+
+# ---------------------------------------------------------------------------------------------- hierarchical
+def hierarchical_t(diff: float, random_values: Sequence[float], var_questions: float = 0.0,
+                   n_questions: int | None = None, seed_values: Sequence[float] | None = None,
+                   alternative: str = "greater", level: float = 0.95) -> dict:
+    """One-sided t-test of E[candidate - mean of random locations] > 0 (or < 0) and its t-interval.
+
+    The variance of `diff` adds three parts: locations (the draws' variance / n, n - 1 df), questions
+    (`var_questions`: the paired question bootstrap's variance of the difference, unbiased, with
+    n_questions - 1 df; 0 without per-question scores) and training (the candidate's seed values'
+    variance / seeds, seeds - 1 df; left out with one seed). Satterthwaite's degrees of freedom calibrate
+    the t at small samples. With only the location part it is the one-sample t-test of candidate - draws;
+    with a question part var(a) / n_a it is Welch's test of a against the draws (tests check both)."""
+    _check_alt(alternative)
+    r = _arr(random_values)
+    nan = float("nan")
+    out = {"t": nan, "df": nan, "p": nan, "se": nan, "se_locations": nan, "se_questions": nan, "se_seeds": nan,
+           "ci_low": nan, "ci_high": nan}
+    if r.size < 2 or not math.isfinite(diff):
+        return out
+    parts = [(r.var(ddof=1) / r.size, r.size - 1.0)]
+    vq = float(var_questions) if var_questions is not None and math.isfinite(var_questions) else 0.0
+    parts.append((max(vq, 0.0), (n_questions - 1.0) if n_questions and n_questions > 1 else math.inf))
+    s = _arr(seed_values) if seed_values is not None else np.zeros(0)
+    if s.size > 1:
+        parts.append((s.var(ddof=1) / s.size, s.size - 1.0))
+    var = sum(v for v, _ in parts)
+    out.update(se_locations=math.sqrt(parts[0][0]), se_questions=math.sqrt(parts[1][0]),
+               se_seeds=math.sqrt(parts[2][0]) if len(parts) > 2 else nan)
+    if not var > 0:
+        return out
+    den = sum(v * v / d for v, d in parts if math.isfinite(d) and v > 0)
+    df = var * var / den if den > 0 else math.inf
+    se = math.sqrt(var)
+    t = diff / se
+    h = float(sps.t.ppf((1 + level) / 2, df)) * se
+    out.update(t=float(t), df=float(df), p=_t_pvalue(t, df, alternative), se=se, ci_low=diff - h, ci_high=diff + h)
+    return out
 
 
 def boot_p_above(samples: np.ndarray, threshold: float) -> float:
@@ -435,37 +458,76 @@ def bootstrap_weights(n: int, n_resamples: int, rng: np.random.Generator, subset
 
 
 # ---------------------------------------------------------------------------------------------- power
-def rank_power(shift: float, n: int, alpha: float) -> float:
+_GH = np.polynomial.hermite_e.hermegauss(96)  # nodes and weights for E[f(Z)], Z ~ N(0, 1)
+
+
+def rank_power(shift: float, n: int, alpha: float, noise: float = 0.0) -> float:
     """Power of the one-sided rank test (reject when (1 + #draws >= x) / (n + 1) <= alpha) for a candidate
-    `shift` standard deviations above normally distributed random locations."""
+    whose true value is `shift` standard deviations of the random locations above their mean, and whose
+    own observed value carries noise of sd `noise` (same unit: its question SE / the draws' sd). The
+    power integrates over that noise (Gauss-Hermite); noise 0 treats the candidate's value as exact."""
     k = math.floor(alpha * (n + 1) + 1e-9) - 1  # largest count of draws at least as good that still rejects
     if k < 0 or n < 1:
         return 0.0
-    q = float(sps.norm.sf(shift))
-    return float(sps.binom.cdf(k, n, q))
+    if not noise:
+        return float(sps.binom.cdf(k, n, float(sps.norm.sf(shift))))
+    z, w = _GH
+    q = sps.norm.sf(shift + noise * z)
+    return float((sps.binom.cdf(k, n, q) * w).sum() / w.sum())
 
 
-def detectable_shift(n: int, alpha: float, power: float = 0.8) -> float:
-    """The shift (in standard deviations of the random locations) the rank test detects with `power`;
-    inf when the design cannot reject at all."""
-    if rank_power(40.0, n, alpha) < power:
+def combined_power(shift: float, n: int, alpha: float, noise: float = 0.0, n_questions: int | None = None,
+                   sims: int = 4000, seed: int = 0) -> float:
+    """Power of the whole "evidence for" rule (rank test AND hierarchical t-test, each at `alpha`) by
+    simulation with common random numbers (so it rises with `shift`): draws N(0, 1), the candidate
+    N(shift, noise^2), its question variance estimated with n_questions - 1 df."""
+    if n < 2 or rank_power(40.0, n, alpha) == 0.0:
+        return 0.0
+    rng = np.random.default_rng([seed, n])
+    r = rng.standard_normal((sims, n))
+    zc = rng.standard_normal(sims)
+    c = shift + noise * zc
+    p_rank = (1 + (r >= c[:, None]).sum(axis=1)) / (n + 1)
+    vl = r.var(axis=1, ddof=1) / n
+    if noise and n_questions and n_questions > 1:
+        vq = noise ** 2 * rng.chisquare(n_questions - 1, sims) / (n_questions - 1)
+        df = (vl + vq) ** 2 / (vl ** 2 / (n - 1) + vq ** 2 / (n_questions - 1))
+    else:
+        vq = np.full(sims, noise ** 2)
+        df = np.full(sims, n - 1.0) if not noise else (vl + vq) ** 2 / (vl ** 2 / (n - 1))
+    t = (c - r.mean(axis=1)) / np.sqrt(vl + vq)
+    p_t = sps.t.sf(t, df)
+    return float(((p_rank <= alpha + 1e-12) & (p_t <= alpha)).mean())
+
+
+def detectable_shift(n: int, alpha: float, power: float = 0.8, noise: float = 0.0,
+                     n_questions: int | None = None) -> float:
+    """The shift (in standard deviations of the random locations) detected with `power`, the candidate's
+    own noise included: by the rank test alone (rank_power), or with n_questions by the whole "evidence
+    for" rule (combined_power). inf when the design cannot reject at all."""
+    fn = ((lambda x: combined_power(x, n, alpha, noise, n_questions)) if n_questions
+          else (lambda x: rank_power(x, n, alpha, noise)))
+    if fn(40.0) < power:
         return float("inf")
-    lo, hi = -10.0, 40.0
-    for _ in range(100):
+    lo, hi = -10.0 if not n_questions else 0.0, 40.0
+    for _ in range(60 if not n_questions else 30):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if rank_power(mid, n, alpha) >= power else (mid, hi)
+        lo, hi = (lo, mid) if fn(mid) >= power else (mid, hi)
     return hi
 
 
-def draws_for_power(shift: float, alpha: float, power: float = 0.8, max_n: int = 100000) -> int | None:
-    """The fewest draws with which the rank test detects `shift` (sd units) with `power`; None if > max_n."""
+def draws_for_power(shift: float, alpha: float, power: float = 0.8, max_n: int = 100000, noise: float = 0.0) -> int | None:
+    """The fewest draws with which the rank test detects `shift` (sd units) with `power`, the candidate's
+    own noise included; None if > max_n or never (noise can cap the power below the target)."""
     if not math.isfinite(shift) or shift <= 0:
         return None
     n = draws_for_floor(alpha)
     while n <= max_n:
-        if rank_power(shift, n, alpha) >= power:
+        if rank_power(shift, n, alpha, noise) >= power:
             return n
         n = n + 1 if n < 200 else int(n * 1.05)
+        if noise and n > 2000:  # with noise the power tends to P(candidate above every draw's tail): stop
+            return None
     return None
 
 

@@ -54,26 +54,25 @@ def _pct(x: Any) -> str:
 
 def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, index: int = 0) -> str:
     """What would decide an inconclusive comparison: draws for the rank test to enter its family and reach
-    its threshold, draws to detect the observed effect, and draws / questions for equivalence at the
-    observed spread. `floors`: the headline family's rank-test floors, `index`: this row's place in it."""
+    its threshold, what the hierarchical test of the difference lacks, and draws / questions for equivalence
+    at the observed spread (a design figure for a true difference 0, not power computed from the observed
+    effect). `floors`: the headline family's rank-test floors, `index`: this row's place in it."""
     n = int(row["n_random"])
     floors = list(floors) if floors else [S.rank_floor(n)]
-    member = S.tarone_family(floors, cfg.alpha)
+    member = S.discrete_family(floors, cfg.alpha, cfg.multiplicity)
     parts = []
     if not member[index]:
-        need = _draws_to_join(floors, index, cfg.alpha)
+        need = _draws_to_join(floors, index, cfg.alpha, cfg.multiplicity)
         f2 = list(floors)
         f2[index] = S.rank_floor(need)
-        m = int(S.tarone_family(f2, cfg.alpha).sum())
+        m = int(S.discrete_family(f2, cfg.alpha, cfg.multiplicity).sum())
         parts.append(f"the rank test cannot go below {_p(S.rank_floor(n))} with {n} draws; it needs at least {need} "
                      f"draws to reach {_p(cfg.alpha / m)} ({cfg.multiplicity + ', ' if m > 1 else ''}family of {m})")
-    thr = cfg.alpha / max(1, int(member.sum()) + (0 if member[index] else 1))
-    z = _finite(row.get("z"))
-    if z is not None and z > 0:
-        need = S.draws_for_power(z, thr, cfg.power)
-        parts.append(f"to detect the observed standing (z = {z:.2f}) with {cfg.power:.0%} power: about {need} draws"
-                     if need else f"the observed standing (z = {z:.2f}, about {S.sps.norm.sf(z):.1%} of random locations "
-                     f"expected above it) is not in the {thr:.3g} tail, so more draws alone would not show it")
+    p_mean, p_rank = _finite(row.get("p_mean")), _finite(row.get("p_rank"))
+    if p_mean is not None and p_mean > cfg.alpha and p_rank is not None and p_rank <= cfg.alpha:
+        parts.append(f"the candidate ranks high, but the hierarchical test of the difference does not reject (p = "
+                     f"{_p(p_mean)}; standard error {_fmt(row.get('se_diff'))}: locations {_fmt(row.get('se_locations'))}, "
+                     f"questions {_fmt(row.get('se_questions'))}): more test questions or draws shrink it")
     mabs = _finite(row.get("margin_abs"))
     sd, se_q = _finite(row.get("random_sd")), _finite(row.get("se_questions"))
     if mabs and sd is not None:
@@ -84,9 +83,20 @@ def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, 
     return "; ".join(parts) if parts else "more draws and questions"
 
 
+def _family_text(fam_n: int, primary: str, cfg: VerdictSpec, mult: str, note: str | None) -> str:
+    """The headline family in words (the headline states it)."""
+    rule = "discrete restriction: tests that can never reach the level are left out" + (
+        " (Tarone)" if cfg.multiplicity != "bh" else " (floor above alpha, after Gilbert)")
+    fam = (f"{mult} over {fam_n} test(s) on {primary}, one per edit method, at {_p(cfg.alpha)}; {rule}" if fam_n else
+           f"no test on {primary} here has enough draws to reach {_p(cfg.alpha)}")
+    return fam + (f"; {note}" if note else "")
+
+
 def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config: VerdictSpec | dict | None = None,
-            top_k: int | None = None, flags: list[dict] | None = None, selection: dict | None = None) -> Verdict:
-    """The headline (from the optimal edit, the paper's central comparison) and one line per finding."""
+            top_k: int | None = None, flags: list[dict] | None = None, selection: dict | None = None,
+            family_note: str | None = None) -> Verdict:
+    """The headline (from the optimal edit, the paper's central comparison) and one line per finding.
+    `family_note`: how this candidate's family sits among several localizers (candidates.side_by_side)."""
     cfg = config if isinstance(config, VerdictSpec) else VerdictSpec.model_validate(config or {})
     primary = primary_metric(df, cfg.primary_metric) if not df.empty else None
     if primary is None:
@@ -111,12 +121,16 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
         oc = r["outcome"]
         outcomes[method] = oc
         M = _cap(METHOD_LABEL[method])
+        qn = str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
         stat = (f"{label} {_fmt(r['candidate_mean'])} at the {K} heads vs {_fmt(r['random_mean'])} ± "
                 f"{_fmt(r['random_sd'])} over {int(r['n_random'])} random draws (percentile {r['percentile']:.0f}; "
-                f"rank p = {_p(r['p_rank'])}, floor {_p(r['p_floor'])}, {mult}-adjusted "
-                f"{_p(r['p_rank_adj']) if r['in_family'] else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
-                f"difference {_fmt(r['diff'])}, {cfg.level:.0%} CI [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-                f"{'' if str(r.get('question_noise', '')).startswith(('paired', 'per-trial')) else '; question noise not included: no per-question scores or standard errors'})")
+                f"rank p = {_p(r['p_rank'])}, floor {_p(r['p_floor'])}; hierarchical t-test of the difference p = "
+                f"{_p(r.get('p_mean'))}; combined p = {_p(r.get('p_combined'))}, {mult}-adjusted "
+                f"{_p(r.get('p_combined_adj')) if r['in_family'] else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
+                f"difference {_fmt(r['diff'])}, {cfg.level:.0%} t-interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+                f"{'' if qn else '; question noise not included: no per-question scores or standard errors'}"
+                f"{'; the interval omits training noise (one training seed)' if str(r.get('training_noise', '')).startswith('omitted') else ''}"
+                f"{'; ranks first in ' + _pct(r.get('rank_stability')) + ' of question resamples' if _finite(r.get('rank_stability')) is not None else ''})")
         eq = ""
         if r.get("gain_measurable"):
             eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.get('diff_gain_fraction'))}, "
@@ -129,14 +143,12 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
                    f"{_fmt(r.get('gain_lcb'))})")
             lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
         elif oc == "evidence for":
-            lines.append(f"{M}: evidence for localization: the {K} heads beat random locations: {stat}{eq}.")
-            if (str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
-                    and math.isfinite(r.get("ci_low", float("nan"))) and math.isfinite(r.get("ci_high", float("nan")))
-                    and (r["ci_low"] <= 0 <= r["ci_high"])):
-                lines.append(f"{M}: caution: the rank test holds the {int(r['n_questions'])} test questions fixed; with "
-                             f"their sampling noise included, the {cfg.level:.0%} CI of the difference "
-                             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] includes 0, so another sample of questions "
-                             "might not repeat this: evaluate on more test questions to confirm it.")
+            lines.append(f"{M}: evidence for localization: the {K} heads beat random locations by both the rank test "
+                         f"and the hierarchical test of the difference: {stat}{eq}.")
+        elif oc == "suggestive":
+            lines.append(f"{M}: suggestive, not evidence: the {K} heads pass both tests, but only at the design's floor "
+                         f"p = {_p(r['p_floor'])} (one more draw at least as good would undo it; at least "
+                         f"{math.ceil(2 / cfg.alpha - 1 - 1e-9)} draws can say more): {stat}{eq}.")
         elif oc == "evidence against":
             lines.append(f"{M}: evidence against localization: the {K} heads and random locations are equivalent "
                          f"within ±{cfg.margin:.0%} of full alignment's gain: {stat}{eq}.")
@@ -150,20 +162,22 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
                          f"gain, random draws a median {_pct(r['random_median_gain_fraction'])}.")
         table.append({k: r.get(k) for k in (
             "method", "metric", "outcome", "selection", "candidate_mean", "random_mean", "random_sd", "n_random",
-            "n_questions", "percentile", "z", "p_rank", "p_floor", "p_rank_adj", "in_family", "family_size", "diff",
-            "ci_low", "ci_high", "question_noise", "full_alignment", "unedited", "gain", "gain_lcb", "gain_measurable",
+            "n_questions", "percentile", "z", "p_rank", "p_floor", "p_rank_adj", "p_mean", "p_combined",
+            "p_combined_adj", "floor_fragile", "rank_stability", "in_family", "family_size", "diff", "ci_low",
+            "ci_high", "ci_boot_low", "ci_boot_high", "se_diff", "se_locations", "se_questions", "se_seeds",
+            "question_noise", "training_noise", "full_alignment", "unedited", "gain", "gain_lcb", "gain_measurable",
             "margin_abs", "candidate_gain_fraction", "random_median_gain_fraction", "diff_gain_fraction", "tost_p",
-            "tost_p_adj", "tost_low", "tost_high", "ch_p", "mwu_p", "welch_seeds_p", "t_tost_p",
+            "tost_p_adj", "tost_low", "tost_high", "ch_p", "welch_seeds_p", "t_tost_p",
             "optimistic_candidate", "optimistic_random_mean", "optimistic_p_rank")})
     if selection:
         for method, mode in selection.items():
             lines.append(f"{_cap(METHOD_LABEL[method])}: grid points {SELECTION_LABEL.get(mode, mode)}; the "
                          "'best on test' view (comparisons.csv, scope best_on_test) is optimistic.")
+    family = _family_text(fam_n, primary, cfg, mult, family_note)
     if fam_n or not head.empty:
-        fam = (f"{fam_n} rank test(s) on {primary}, one per method whose draws can reach {_p(cfg.alpha)}" if fam_n else
-               f"no rank test on {primary} here has enough draws to reach {_p(cfg.alpha)}")
-        lines.append(f"Multiplicity: {mult} correction over the headline family ({fam}); the equivalence tests of the "
-                     "same rows form a parallel family; single heads and secondary metrics are separate families.")
+        lines.append(f"Multiplicity: {family}; each test there is an intersection-union test (rank test and "
+                     "hierarchical t-test, both at that level: no correction for the pair); the equivalence tests of "
+                     "the same rows form a parallel family; single heads and secondary metrics are separate families.")
     _singles_lines(singles, cfg, label, lines, table)
     for f in flags or []:
         lines.append(f"Flag: {METHOD_LABEL.get(f['method'], f['method'])} random draw {f['localizer']} {f['issue']} "
@@ -172,19 +186,27 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
     if opt is None:
         headline = ("Verdict pending: the optimal-edit comparison (top-K vs random draws) is not finished, and it is "
                     "the one that can show whether editing gives evidence for localization.")
-        if iti == "evidence for":
+        if iti in ("evidence for", "suggestive"):
             headline += " So far only the heuristic ITI edit makes the candidate heads look special."
     elif opt == "evidence for":
         headline = (f"Edit-based evidence for localization: yes. Under the optimal edit the {K} heads beat random "
                     f"locations on {label}.")
         if any(r.get("n_single_matching_full") for r in table if r.get("method") == "optimal"):
             headline += " But single heads match full alignment, so no location is unique."
+    elif opt == "suggestive":
+        r = head[head["method"] == "optimal"].iloc[0].to_dict()
+        headline = (f"Edit-based evidence for localization: suggestive only. Under the optimal edit the {K} heads beat "
+                    f"all {int(r['n_random'])} random draws on {label} and the hierarchical test of the difference "
+                    f"agrees, but only at the design's floor p = {_p(r['p_floor'])}: one more draw at least as good "
+                    f"would undo it. At least {math.ceil(2 / cfg.alpha - 1 - 1e-9)} draws can give evidence.")
+        if any(r.get("n_single_matching_full") for r in table if r.get("method") == "optimal"):
+            headline += " Single heads match full alignment, so no location would be unique."
     elif opt == "evidence against":
         headline = (f"Edit-based evidence for localization: none. Under the optimal edit, random heads are as "
                     f"effective as the {K} heads on {label} (equivalent within ±{cfg.margin:.0%} of full "
                     "alignment's gain)")
         headline += (", although the heuristic ITI edit made the candidate look special: that contrast is an artefact of "
-                     "the sub-optimal edit, as in Wang & Veitch (2025)." if iti == "evidence for" else ".")
+                     "the sub-optimal edit, as in Wang & Veitch (2025)." if iti in ("evidence for", "suggestive") else ".")
     elif opt == "no signal":
         headline = (f"Edit-based evidence for localization: no signal. Under the optimal edit, {label} does not "
                     "respond measurably, so the comparison cannot speak to localization.")
@@ -193,6 +215,8 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
         headline = (f"Edit-based evidence for localization: inconclusive. Under the optimal edit the {K} heads are "
                     f"neither shown better than random locations on {label} nor equivalent to them. To decide: "
                     f"{decide_hint(r, cfg, floors, order.index('optimal'))}.")
+    if opt is not None:
+        headline += f" (Family: {family}.)"
     return Verdict(headline, lines, table, missing, opt)
 
 
