@@ -93,8 +93,10 @@ def collect(lm: LoadedModel, data: BehaviourData, format: str | PromptFormat = "
     """Every head's output (o_proj input) at the last token of each probe example: Float[N, L, H, D],
     cached by (model, data, format, precision); `out` also receives the files."""
     from locaudit.localize.activations import collect_probe_activations
+    from locaudit.models.precision import as_precision
 
-    return collect_probe_activations(lm, data, _format(format), out, batch_size=batch_size, precision=precision,
+    return collect_probe_activations(lm, data, _format(format), out, batch_size=batch_size,
+                                     precision=as_precision(precision, lm.device),
                                      progress=progress)
 
 

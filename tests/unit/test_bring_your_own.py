@@ -220,3 +220,13 @@ def test_unknown_name_online_asks_the_hub_once_without_retries(monkeypatch):
     with pytest.raises(ConfigError, match=r"could not be asked.*timeout 2 s.*HF_HUB_OFFLINE=1.*did you mean 'smollm2-135m-instruct'"):
         load_model("smollm2-135m")
     assert calls == [("smollm2-135m", 2.0)]
+
+
+@pytest.mark.parametrize("family,route", [("gpt2", "merge_and_unload()"), ("qwen3", "attention_bias=True"),
+                                          ("mistral", "export --format merged"), ("mixtral", "no merged form")])
+def test_each_family_records_how_its_iti_adapter_merges(family, route):
+    from locaudit.edit.export import peft_merge_route
+
+    lm = tiny_model(family)
+    assert route in peft_merge_route("iti", lm)
+    assert peft_merge_route("lora", lm).endswith("merge_and_unload()")

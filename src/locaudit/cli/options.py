@@ -49,7 +49,8 @@ def dtype_option(help: str = "Stored weights' dtype (compute precision is --prec
     return typer.Option(DType.fp32, "--dtype", help=help, case_sensitive=False)
 
 
-MODEL_HELP = "HF hub id, local model folder, .gguf file, or smollm2-135m-instruct (the embedded default)."
+MODEL_HELP = ("HF hub id, local model folder, .gguf file, smollm2-135m-instruct (the embedded default), gemma3-270m, "
+              "or tiny:FAMILY[:SEED] (a tiny random model, for trying things out).")
 DATA_HELP = ("Behaviour spec: truthfulqa:PATH.csv, truthfulqa (hub), caa:NAME_OR_PATH or pairs:PATH; split by "
              "question (train/val/test) with --seed and --max-questions.")
 FORMAT_HELP = "Prompt format: plain ('Q: ...\\nA: ...') or chat (the model's chat template)."

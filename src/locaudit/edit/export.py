@@ -349,22 +349,30 @@ def peft_merge_route(kind: str, lm: LoadedModel) -> str:
 
     A LoRA edit merges with merge_and_unload() everywhere. An ITI adapter is a lora_B bias: PEFT merges it
     only into an o_proj that has a bias, so on families without one (llama, qwen3, gemma, ...) load the base
-    with its attention_bias option (zero biases) before merging, and where the family has no such option
-    (mistral, qwen2, mixtral, phi3, gptj) use locaudit's merged export instead."""
+    with its attention_bias option (zero biases) before merging; mistral and qwen2 have no such option, but
+    locaudit's merged export holds the bias (as llama); mixtral, phi3 and gptj have no merged form at all."""
     if kind != "iti" or _has_o_bias(lm):
         return "PeftModel.from_pretrained(base, ADAPTER).merge_and_unload()"
     src = base_model_source(lm)
+    level = log.level
+    log.setLevel(logging.ERROR)  # bias_config's note on a sliding window is for merged exports, not this question
     try:
         how = bias_config(lm, True)[2]
     except ConfigError:
         how = None
+    finally:
+        log.setLevel(level)
     if how == "attention_bias":
         return (f"PEFT merges a lora_B bias only into an o_proj with a bias: load the base with zero attention biases, "
                 f"AutoModelForCausalLM.from_pretrained({src!r}, attention_bias=True), then "
                 "PeftModel.from_pretrained(base, ADAPTER).merge_and_unload(); or use `locaudit export --format merged`")
-    return (f"PEFT cannot merge this ITI adapter ({lm.model.config.model_type}'s o_proj has no bias and its config no "
-            "attention_bias option): the adapter applies unmerged; for a merged model use `locaudit export --format "
-            "merged` (a folder whose config declares the o_proj bias)")
+    family = lm.model.config.model_type
+    if how is not None:
+        return (f"PEFT cannot merge this ITI adapter ({family}'s o_proj has no bias and its config no attention_bias "
+                "option): it applies unmerged; for a merged model use `locaudit export --format merged` (a "
+                f"{how.split(' ')[0]} folder whose config declares the o_proj bias)")
+    return (f"PEFT cannot merge this ITI adapter and no HF config of {family} declares an o_proj bias: apply it "
+            "unmerged (PeftModel.from_pretrained(base, ADAPTER)); there is no merged form")
 
 
 def base_model_source(lm: LoadedModel) -> str:
