@@ -36,6 +36,7 @@ from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_cand
                                      results_frame, trials_frame, verdict)
 from locaudit.study.candidates import agreement_rows, rankings_of_run, side_by_side
 from locaudit.study.ledger import Ledger
+from locaudit.study.preregistration import FIELDS, KEY as PREREG_KEY, deviations, judge_record
 from locaudit.study.spec import VerdictSpec
 
 log = logging.getLogger(__name__)
@@ -224,14 +225,16 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     run_dir = Path(run_dir)
     with Ledger(run_dir) as ledger:
         spec = ledger.get_meta("spec", {}) or {}
+        pre = ledger.get_meta(PREREG_KEY)
         machine = ledger.get_meta("precision", {}) or {}
         rows = ledger.rows()
         counts = ledger.counts()
     notes: list[str] = []
     rejudged = None
+    own_judge = judge_record(spec) if spec else {"written": None, "resolved": None}
     if judge is not None:
         rows, rejudged = rejudge_rows(run_dir, rows, judge)
-        own = (spec.get("evaluation") or {}).get("judge")
+        own = own_judge.get("resolved") or own_judge.get("written")
         notes.append(f"True and Info re-scored by the judge {rejudged['judge']} from the saved answers of "
                      f"{rejudged['trials']} trials ({rejudged['answers']} answers); the run's own judge was {own}. "
                      "MC, KL and CE do not use a judge and are unchanged.")
@@ -256,6 +259,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     a = analyze(res, perq, cfg, ranking, n_resamples=n_resamples, max_overlap=max_overlap, top_k=top_k)
     comp, singles = a.comparisons, a.singles
     v = verdict(for_candidate(res, "probe"), comp, singles, cfg, top_k=top_k, flags=a.flags, selection=a.selection)
+    used_judge = rejudged["judge"] if rejudged else own_judge.get("resolved")
+    devs = deviations(pre, cfg, used_judge, rejudged is not None)
+    if devs:
+        v.headline = f"Re-analysed: {'; '.join(devs)}. " + v.headline
+    if pre is None:
+        notes.append("This run's ledger has no pre-registered verdict settings (runs started before they were "
+                     "recorded): nothing to compare the analysis with.")
     rankings = rankings_of_run(run_dir, rows, probe, notes)
     side, per_candidate = side_by_side(res, perq, cfg, rankings, n_resamples, max_overlap)
     agree = agreement_rows(rankings) if len(rankings) > 1 else []
@@ -274,13 +284,17 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
           "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
           "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
           "localizers": per_candidate, "localizer_table": side, "agreement": agree,
-          "judge": rejudged or {"judge": (spec.get("evaluation") or {}).get("judge"), "rejudged": False}}
+          "judge": ({**rejudged, "rejudged": True} if rejudged else
+                    {"judge": own_judge.get("resolved"), "written": own_judge.get("written"), "rejudged": False}),
+          "preregistered": pre, "analysed": {**{k: getattr(cfg, k) for k in FIELDS}, "verdict": cfg.model_dump(),
+                                              "judge": used_judge, "primary_metric_used": a.primary},
+          "deviations": devs}
     write_json_atomic(out / "verdict.json", vd)
     tables["verdict.json"] = out / "verdict.json"
     figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
     index = out / "index.html"
     write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes,
-                                   side, per_candidate, agree))
+                                   side, per_candidate, agree, used_judge))
     return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
 
 
@@ -303,7 +317,7 @@ def _put_in_place(rep: Report, final: Path) -> Report:
 def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
           singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
           notes: list[str] | None = None, side: list[dict] | None = None, per_candidate: dict | None = None,
-          agree: list[dict] | None = None) -> str:
+          agree: list[dict] | None = None, judge: str | None = None) -> str:
     name = html.escape(str(spec.get("name", "study")))
     model = spec.get("model", {}) or {}
     data = spec.get("data", {}) or {}
@@ -317,7 +331,8 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
              f"<p>{html.escape(str(spec.get('description', '')))}</p>",
              f"<p>Model <code>{html.escape(str(model.get('name')))}</code> ({html.escape(str(model.get('dtype')))}); "
              f"data <code>{html.escape(str(data.get('spec')))}</code>"
-             f"{', ' + str(data.get('max_questions')) + ' questions' if data.get('max_questions') else ''}. "
+             f"{', ' + str(data.get('max_questions')) + ' questions' if data.get('max_questions') else ''}"
+             f"{'; judge <code>' + html.escape(str(judge)) + '</code>' if judge else ''}. "
              f"Trials: {total} ({status}); trial time {wall / 60:.1f} min"
              f"{f' ({cpu / 60:.1f} CPU-min)' if cpu else ''}.</p>"]
     if machine:

@@ -106,6 +106,9 @@ def run_study(
         ledger.set_meta("spec", spec.to_json())
         ledger.set_meta("study_name", spec.name)
         ledger.set_meta("precision", spec.resolved_precision().meta())  # this session's machine (report header)
+        from locaudit.study.preregistration import preregister
+
+        preregister(ledger, spec)  # the verdict's settings and the resolved judge, once, before any result
         sync = ledger.sync(trials)
         reset = ledger.reset_interrupted()
         if reset:
