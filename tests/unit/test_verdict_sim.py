@@ -105,3 +105,15 @@ def test_dry_run_power_includes_the_candidates_noise() -> None:
     st = V.studies(N, 19, 12, rng, shift=shift, loc_share=0.999, cand_noise=ratio)
     claim, _ = V.claims(V.hierarchical(st, B, rng), 19)
     assert _rate(claim) == pytest.approx(0.8, abs=0.04)
+
+
+def test_docs_name_the_simulations_that_justify_each_rule() -> None:
+    """docs/verdict.md cites these tests by name: each one it cites exists here."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "verdict.md").read_text()
+    cited = set(re.findall(r"`(test_[a-z_]+)`", docs))
+    assert {"test_false_evidence_for_at_the_null", "test_power_at_three_sd", "test_interval_coverage",
+            "test_family_wise_error_across_three_localizers", "test_dry_run_power_includes_the_candidates_noise"} <= cited
+    assert all(name in globals() for name in cited), cited - set(globals())
