@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locaudit.io import (atomic_path, clean_stale_temps, follow_umask, replace_path, temp_sibling, write_json_atomic,
+from locaudit.io import (atomic_path, follow_umask, replace_path, staging_dir, write_json_atomic,
                          write_text_atomic)
 from locaudit.study import figures as F
 from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_candidate, load_per_question, metric_columns,
@@ -242,10 +242,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     final = Path(out_dir) if out_dir is not None else default_out
     # built in a temporary sibling folder and swapped in as one unit once complete (`_put_in_place`): a killed or
     # failed rebuild leaves the previous report whole, never an old index.html beside new tables
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(final)
-    out = temp_sibling(final)
-    out.mkdir()
+    out = staging_dir(final)  # a failed build's folder is removed by the next build (or at exit)
     top_k = int(((spec.get("localizers") or {}).get("probe") or {}).get("top_k", 16))
     cfg = VerdictSpec.model_validate(spec.get("verdict") or {})
     max_overlap = ((spec.get("localizers") or {}).get("random") or {}).get("max_overlap", 0.5)
