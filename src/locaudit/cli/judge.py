@@ -71,7 +71,8 @@ def train(
     max_questions: Optional[int] = typer.Option(None, "--max-questions", **opt.count("--max-questions"), help="The study's --max-questions, if "
                                                 "it used one (a subset changes which questions are 'test')."),
     truth_data: Optional[Path] = typer.Option(None, "--truth-data", help="finetune_truth.jsonl (default: "
-                                              "$LOCAUDIT_JUDGE_DATA or ../shared/data/truthfulqa/data)."),
+                                              "$LOCAUDIT_JUDGE_DATA, else truthfulqa/data under the data root: "
+                                              "$LOCAUDIT_DATA, ../shared/data or the cache; see `locaudit data`)."),
     info_data: Optional[Path] = typer.Option(None, "--info-data", help="finetune_info.jsonl (same default)."),
     layers: str = typer.Option("3,6,9,12", "--layers", help="Backbone layers used as features (comma-separated)."),
     heads: str = typer.Option("logistic,mlp", "--heads", help="Head types tried on the validation questions."),
