@@ -216,9 +216,18 @@ def test_mann_whitney_is_scipy_and_exact_with_ties_is_the_rank_test() -> None:
     exact = S.mann_whitney_u([2.0], draws, "greater", "exact").pvalue
     assert exact == pytest.approx(S.empirical_p(2.0, draws)) == pytest.approx(0.05)
     assert S.mann_whitney_u([2.0], draws).pvalue < 0.05  # the normal approximation goes below the floor
-    for x in (0.5, 1.0, 1.5):  # ties with the candidate: exact U = the rank test, counting ties as at least as good
-        assert S.mann_whitney_u([x], draws, "greater", "exact").pvalue == pytest.approx(
-            sps.mannwhitneyu([x], draws, alternative="greater", method="exact").pvalue)
+    for x in (0.5, 1.0, 1.5):  # ties with the candidate: the exact permutation p is the rank test (scipy's
+        # "exact" assumes no ties and gives less); the rank test is 1 - the strict percentile of x among all values
+        for alt in ("greater", "less"):
+            p = S.mann_whitney_u([x], draws, alt, "exact").pvalue
+            assert p == pytest.approx(S.empirical_p(x, draws, alt))
+            assert S.mann_whitney_u(draws, [x], {"greater": "less", "less": "greater"}[alt], "exact").pvalue == pytest.approx(p)
+        strict = sps.percentileofscore(draws + [x], x, kind="strict") / 100
+        assert S.mann_whitney_u([x], draws, "greater", "exact").pvalue == pytest.approx(1 - strict)
+    no_ties = [0.1, 0.4, 0.7, 0.9]
+    for x in (0.0, 0.5, 1.0):
+        assert S.mann_whitney_u([x], no_ties, "greater", "exact").pvalue == pytest.approx(
+            sps.mannwhitneyu([x], no_ties, alternative="greater", method="exact").pvalue)
     assert S.compare([2.0], draws).mwu_p == pytest.approx(0.05)
 
 

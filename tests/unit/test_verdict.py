@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import DescrStatsW
 
@@ -348,3 +349,21 @@ def test_evidence_for_with_question_noise_spanning_zero_carries_a_caution() -> N
     df, _ = study({"top4": ("top", 0.80), **draws(rand2), "all": ("all", 0.90)}, 0.40)
     a, v, rows = run(df)
     assert rows["optimal"]["outcome"] == "evidence for" and not any("caution" in line for line in v.lines)
+
+
+def test_intervals_without_question_noise_match_scipy() -> None:
+    """Locations only: the t-interval of the difference is the one-sample t interval of candidate - draws, and
+    the hierarchical bootstrap's percentile interval is scipy's bootstrap of the draws' mean (up to resampling);
+    ties among the draws leave the rank p exact (ties count as at least as good)."""
+    rand = [0.55, 0.58, 0.58, 0.60, 0.61, 0.61, 0.62, 0.64, 0.70, 0.70, 0.71]
+    df, _ = study({"top4": ("top", 0.70), **draws(rand), "all": ("all", 0.90)}, 0.40)
+    r = run(df)[2]["optimal"]
+    diffs = 0.70 - np.asarray(rand)
+    ref = sps.ttest_1samp(diffs, 0.0)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    assert r["p_mean"] == pytest.approx(sps.ttest_1samp(diffs, 0.0, alternative="greater").pvalue)
+    boot = sps.bootstrap((diffs,), np.mean, method="percentile", n_resamples=9999, rng=np.random.default_rng(0))
+    assert r["ci_boot_low"] == pytest.approx(boot.confidence_interval.low, abs=0.006)
+    assert r["ci_boot_high"] == pytest.approx(boot.confidence_interval.high, abs=0.006)
+    assert r["p_rank"] == pytest.approx(1 - sps.percentileofscore(rand + [0.70], 0.70, kind="strict") / 100)
+    assert r["p_rank"] == pytest.approx(4 / 12)  # itself and the three draws at 0.70 or above

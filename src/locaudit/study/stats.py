@@ -120,12 +120,19 @@ def welch_t(a: Sequence[float], b: Sequence[float], alternative: str = "greater"
 
 def mann_whitney_u(a: Sequence[float], b: Sequence[float], alternative: str = "greater",
                    method: str = "auto") -> TestResult:
-    """Mann-Whitney U of a vs b (statistic: U of a): scipy.stats.mannwhitneyu. Use method="exact" for
-    the exact null distribution with ties; with one candidate value it is then the rank test."""
+    """Mann-Whitney U of a vs b (statistic: U of a): scipy.stats.mannwhitneyu. scipy's "exact" null assumes
+    no ties; with one value on a side and ties, the exact permutation p-value (ties counted as at least as
+    extreme) is the rank test, computed here instead (equal to scipy's where there are no ties)."""
     _check_alt(alternative)
     a, b = _arr(a), _arr(b)
     if a.size == 0 or b.size == 0:
         return TestResult(float("nan"), float("nan"), None, "mann-whitney")
+    xy = np.concatenate([a, b])
+    if method == "exact" and min(a.size, b.size) == 1 and np.unique(xy).size < xy.size:
+        u = float(sps.rankdata(xy)[:a.size].sum() - a.size * (a.size + 1) / 2)
+        x, ref, alt = (a[0], b, alternative) if a.size == 1 else (b[0], a, {"greater": "less", "less": "greater"}.get(
+            alternative, alternative))
+        return TestResult(u, empirical_p(x, ref, alt), None, "mann-whitney (exact, ties)")
     r = sps.mannwhitneyu(a, b, alternative=alternative, method=method)
     return TestResult(float(r.statistic), float(r.pvalue), None, f"mann-whitney ({method})")
 
