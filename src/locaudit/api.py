@@ -1,7 +1,7 @@
 """The Python API in a few lines: thin, documented wrappers over the modules, accepting strings.
 
 ```python
-from locaudit import load_model, load_behaviour, collect, probe, locate, fit_iti, train_edit, evaluate_edit
+from locaudit import load_model, load_behaviour, collect, probe, locate, fit_iti, train_edit, evaluate_edit, compare
 
 lm = load_model("smollm2-135m-instruct")              # or a hub id, a folder, a .gguf, "tiny:llama"
 data = load_behaviour(df)                              # a spec string, a DataFrame or a datasets.Dataset
@@ -10,7 +10,11 @@ pr = probe(acts)                                       # one logistic probe per 
 iti = fit_iti(acts, "top16", probe=pr, alpha=15)       # ITI at the probe's top-16 heads
 edit, log = train_edit(lm, data, "top16", probe=pr)    # the optimal localized edit there (IPO)
 res = evaluate_edit(lm, edit, data, metrics="mc,kl,ce,pref")
+verdict = compare(res, random=[...], full=..., unedited=..., metric="mc2", k=16)   # vs random locations
 ```
+
+A model you already hold: ``load_model(model, tokenizer=tok)`` (frozen while locaudit works; ``lm.restore()``
+or ``with`` gives its train/grad state back).
 
 Head sets are written in the location language of heads.py (``top16``, ``random16@3``, ``L12H3``,
 ``all``, ``patching:top8`` ...); formats as ``"plain"`` / ``"chat"``. Every function returns the
