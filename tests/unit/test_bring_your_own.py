@@ -230,3 +230,34 @@ def test_each_family_records_how_its_iti_adapter_merges(family, route):
     lm = tiny_model(family)
     assert route in peft_merge_route("iti", lm)
     assert peft_merge_route("lora", lm).endswith("merge_and_unload()")
+
+
+def test_a_hub_that_answers_with_an_error_other_than_not_found_is_left_to_from_pretrained(monkeypatch):
+    """A rate limit or a server error is not 'no such model': check_hub_id lets from_pretrained report it."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from locaudit.models.loading import check_hub_id
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    from types import SimpleNamespace
+
+    def response(code):  # what the hub library's errors read of a response
+        return SimpleNamespace(status_code=code, headers={}, request=None)
+
+    def busy(self, repo_id, timeout=None, **kw):
+        raise HfHubHTTPError("429 Too Many Requests", response=response(429))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", busy)
+    check_hub_id("someorg/some-model")  # no error here
+
+    def missing(self, repo_id, timeout=None, **kw):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        raise RepositoryNotFoundError("404 Repository Not Found", response=response(404))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
+    with pytest.raises(ConfigError, match="no public model of that id"):
+        check_hub_id("someorg/some-model")

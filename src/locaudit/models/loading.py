@@ -275,7 +275,7 @@ def check_hub_id(name: str) -> None:
         raise ConfigError(f"LOCAUDIT_HUB_TIMEOUT={os.environ['LOCAUDIT_HUB_TIMEOUT']!r} is not a number of seconds") from None
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
     except Exception:  # pragma: no cover - an older huggingface_hub: let from_pretrained decide
         return
     try:
@@ -285,6 +285,8 @@ def check_hub_id(name: str) -> None:
     except (RepositoryNotFoundError, HFValidationError):
         raise ConfigError(f"{what}; the hub has no public model of that id (a private one needs `hf auth login`)"
                           f"{hint}") from None
+    except HfHubHTTPError:  # the hub answered (rate limit, server error): from_pretrained reports what it says
+        return
     except Exception as e:  # unreachable hub, timeout, proxy: one line instead of a minute of retries
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:160]
         raise ConfigError(f"{what}; the hub could not be asked ({type(e).__name__}: {first}; timeout {timeout:g} s); "
