@@ -18,7 +18,7 @@ from locaudit.models.precision import Precision
 EXAMPLE = (
     "Example:\n\n"
     "  locaudit collect --model smollm2-135m-instruct "
-    "--data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv --format plain --out runs/acts"
+    "--data truthfulqa:$(locaudit data path truthfulqa-v1) --format plain --out runs/acts"
 )
 
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE = (
     "Example:\n\n"
-    "  locaudit edit --data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv --probe runs/probe "
+    "  locaudit edit --data truthfulqa:$(locaudit data path truthfulqa-v1) --probe runs/probe "
     "--heads top16 --objective ipo --tau 0.1 --epochs 2 --out runs/edit_top16"
 )
 

@@ -18,7 +18,7 @@ from locaudit.models.precision import Precision
 
 EXAMPLE = (
     "Examples:\n\n"
-    "  locaudit eval --model smollm2-135m-instruct --data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv "
+    "  locaudit eval --model smollm2-135m-instruct --data truthfulqa:$(locaudit data path truthfulqa-v1) "
     "--metrics mc,kl,ce,pref --split test --out runs/eval/baseline\n\n"
     "  locaudit eval --data truthfulqa:PATH.csv --iti runs/iti16 --alpha 15 --metrics all --judge NAME --out runs/eval/iti16"
 )

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 EXAMPLE = (
     "Example:\n\n"
     "  locaudit iti --activations runs/acts --probe runs/probe --heads top16 --alpha 15 --out runs/iti16 "
-    "--generate --data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv --split test"
+    "--generate --data truthfulqa:$(locaudit data path truthfulqa-v1) --split test"
 )
 
 

@@ -24,7 +24,7 @@ judge_app = typer.Typer(
         "Judge specs: trained:DIR | hf:TRUTH_MODEL,INFO_MODEL | api:MODEL@BASE_URL or api:MODEL@BASE_URL#KEY_ENV | "
         "reference or reference:METRIC (bleu, rouge1, rouge2, rougeL) | default.\n\n"
         "Example:\n\n"
-        "  locaudit judge train --kind both --holdout truthfulqa:../shared/data/truthfulqa/TruthfulQA.csv "
+        "  locaudit judge train --kind both --holdout truthfulqa:$(locaudit data path truthfulqa) "
         "--holdout-split test --seed 0 --out runs/judge"
     ),
     no_args_is_help=True,

@@ -18,7 +18,7 @@ from locaudit.models.precision import Precision
 EXAMPLE = (
     "Examples:\n\n"
     "  locaudit localize --model smollm2-135m-instruct "
-    "--data truthfulqa:../shared/data/truthfulqa/data/v1/TruthfulQA.csv --method patching --corruption noise "
+    "--data truthfulqa:$(locaudit data path truthfulqa-v1) --method patching --corruption noise "
     "--max-pairs 32 --out runs/patching\n\n"
     "  locaudit localize --data caa:sycophancy --method attribution --corruption contrast --contrast swap_options "
     "--out runs/atp_sycophancy\n\n"

@@ -101,7 +101,7 @@ def _import_datasets():
         raise DataError(
             "TruthfulQA from the hub needs the `datasets` package, which is not installed; "
             "pass the path of a TruthfulQA.csv instead "
-            "(e.g. truthfulqa:../shared/data/truthfulqa/data/v0/TruthfulQA.csv)"
+            "(e.g. truthfulqa:$(locaudit data path truthfulqa-v0))"
         ) from e
     return datasets
 
