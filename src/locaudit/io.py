@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import errno
 import hashlib
@@ -149,6 +150,8 @@ def replace_path(new: str | os.PathLike, target: str | os.PathLike) -> None:
     is in place (atomic exchange where the system has it, else two renames with the old one kept as a
     recognised sibling that `clean_stale_temps` puts back if the process dies in between), then is removed."""
     new, target = Path(new), Path(target)
+    if _STAGING.get(target.absolute()) == new:
+        del _STAGING[target.absolute()]
     if not os.path.lexists(target):
         os.replace(new, target)
         return
@@ -162,6 +165,35 @@ def replace_path(new: str | os.PathLike, target: str | os.PathLike) -> None:
     os.replace(target, old)
     os.replace(new, target)
     _remove(old)
+
+
+_STAGING: dict[Path, Path] = {}  # final path -> this process's staging folder not yet put in place
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """A new, empty temporary folder beside `final` to build an output in, for code that cannot hold a `with`
+    block around its writes; put it in place with `replace_path(tmp, final)`. A staging folder of this process
+    for the same `final` that was never put in place (a failed build) is removed here, and any left at exit
+    by `atexit`; those of dead processes by `clean_stale_temps`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final)
+    old = _STAGING.pop(final.absolute(), None)
+    if old is not None and os.path.lexists(old):
+        _remove(old)
+    tmp = temp_sibling(final)
+    tmp.mkdir()
+    if not _STAGING:
+        atexit.register(_drop_staging)
+    _STAGING[final.absolute()] = tmp
+    return tmp
+
+
+def _drop_staging() -> None:
+    for tmp in list(_STAGING.values()):
+        if os.path.lexists(tmp):
+            _remove(tmp)
+    _STAGING.clear()
 
 
 @contextmanager
