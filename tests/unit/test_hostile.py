@@ -865,11 +865,325 @@ def judge_train_has_trust_remote_code(env: Env) -> None:
     assert JudgeTrainConfig.model_fields["trust_remote_code"].default is False
 
 
+# ---------------------------------------------------------------------------------------------- 7. issue 27
+# nothing destroyed before success; every artifact checked when read; an edit is what it declares
+def _iti(lm, outside: bool = False, alpha: float = 2.0):
+    from locaudit.edit.iti import ITIEdit
+    from locaudit.heads import HeadSet
+
+    L, H, D = lm.sites.shape
+    theta = torch.zeros(L, H * D)
+    theta[1, :D] = 0.5  # L1H0, the declared head
+    if outside:
+        theta[1, D: 2 * D] = 0.5  # L1H1: not declared ("top1, 1 head" acting on two)
+    return ITIEdit(theta, alpha=alpha, heads=HeadSet.parse("L1H0"), n_heads=H,
+                   model={"name": "tiny:llama", "fingerprint": lm.fingerprint})
+
+
+def _unrelated(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("my unrelated notes")
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+@case
+def failing_export_with_overwrite_keeps_the_folder_it_would_replace(env: Env) -> None:
+    from locaudit.edit.export import export_merged, export_peft
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama")
+    out = env.tmp / "out"
+    before = _unrelated(out)
+    other = _iti(lm)
+    other.model = {"name": "tiny:llama", "fingerprint": "another-model"}
+    with pytest.raises(ConfigError, match="fingerprint"):
+        export_merged(other, lm, out, overwrite=True)
+    assert _files(out) == before
+    env.monkeypatch.setattr("safetensors.torch.save_file", _disk_full)  # fails while writing the adapter
+    with pytest.raises(OSError, match="No space left"):
+        export_peft(_iti(lm), lm, out, overwrite=True)
+    assert _files(out) == before and sorted(p.name for p in env.tmp.iterdir()) == ["out"]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device", str(args[-1]) if args else "?")
+
+
+@case
+def leftovers_of_a_killed_export_do_not_block_the_rerun(env: Env) -> None:
+    import subprocess
+
+    from locaudit.edit.export import export_peft
+    from locaudit.models.tiny import tiny_model
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (env.tmp / f"peft.tmp{dead.pid}").mkdir()  # what `export` left before issue 27
+    (env.tmp / f"peft.tmp{dead.pid}" / "adapter_config.json").write_text("{")
+    (env.tmp / f".peft.locaudit-tmp-{dead.pid}-ab12").mkdir()
+    lm = tiny_model("llama")
+    export_peft(_iti(lm), lm, env.tmp / "peft")
+    assert sorted(p.name for p in env.tmp.iterdir()) == ["peft"]
+    assert (env.tmp / "peft" / "adapter_model.safetensors").is_file()
+
+
+@case
+def exported_files_follow_the_umask(env: Env) -> None:
+    from locaudit.edit.export import export_merged
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama")
+    old = os.umask(0o022)
+    try:
+        out = export_merged(_iti(lm), lm, env.tmp / "merged")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["model.safetensors"] == 0o644 and modes["merged"] == 0o755, modes
+    assert all(m in (0o644, 0o755) for m in modes.values()), modes
+
+
+@case
+def judge_training_into_a_folder_of_other_files_is_refused_before_work(env: Env) -> None:
+    from locaudit.evaluate.judges.train import check_judge_target
+
+    before = _unrelated(env.tmp / "judge")
+    with pytest.raises(ConfigError, match=r"judge.* holds files that are not a judge's \(notes\.txt, sub\)"):
+        check_judge_target(env.tmp / "judge")
+    assert _files(env.tmp / "judge") == before
+
+
+@case
+def repair_after_an_io_failure_leaves_a_healthy_ledger_alone(env: Env) -> None:
+    spec, run, _ = fake_run(env)
+    data = (run / "ledger.sqlite").read_bytes()
+
+    def io_error(self, writer, fresh=False):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    env.monkeypatch.setattr(Ledger, "_connect", io_error)
+    with pytest.raises(ConfigError, match=r"--repair: .*ledger\.sqlite cannot be used \(disk I/O error\); it was left"):
+        repair(run, expand(spec), {})
+    env.monkeypatch.undo()
+    assert (run / "ledger.sqlite").read_bytes() == data
+    assert not [p for p in run.iterdir() if ".damaged-" in p.name or "locaudit-tmp" in p.name]
+
+
+@case
+def repair_failing_midway_moves_nothing(env: Env) -> None:
+    spec, run, _ = fake_run(env)
+    (run / "ledger.sqlite").write_bytes(b"\0" * 20_000)
+    real_sync = Ledger.sync
+
+    def full(self, trials):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    env.monkeypatch.setattr(Ledger, "sync", full)
+    with pytest.raises(ConfigError, match=r"--repair: cannot write the rebuilt ledger .*disk is full.*left as it is"):
+        repair(run, expand(spec), {})
+    assert (run / "ledger.sqlite").read_bytes() == b"\0" * 20_000
+    assert not [p for p in run.iterdir() if ".damaged-" in p.name or "locaudit-tmp" in p.name]
+    env.monkeypatch.setattr(Ledger, "sync", real_sync)
+    assert repair(run, expand(spec), {})["restored"] == len(expand(spec))
+
+
+@case
+def repair_restores_only_records_the_runner_would_record(env: Env) -> None:
+    spec, run, _ = fake_run(env)
+    keys = [t.key for t in expand(spec)]
+    for key, value in zip(keys[-4:], ["0.5", True, 1e308, None]):
+        p = run / "trials" / key / "result.json"
+        rec = json.loads(p.read_text())
+        rec["metrics"]["mc1"] = value
+        p.write_text(json.dumps(rec))
+    p = run / "trials" / keys[0] / "result.json"
+    rec = json.loads(p.read_text())
+    rec["finished"] = "yesterday"
+    p.write_text(json.dumps(rec))
+    (run / "ledger.sqlite").unlink()
+    r = repair(run, expand(spec), {"spec": spec.to_json()})
+    assert r["restored"] == len(keys) - 5 and r["pending"] == 5
+    fn = Steps()
+    run_study(spec, run, fn=fn, progress=False)
+    assert sorted(fn.ran) == sorted(keys[-4:] + keys[:1])
+    with Ledger(run) as led:
+        assert all(isinstance(v, float) and abs(v) < 1e15 for r in led.rows() for v in r["metrics"].values())
+
+
+@case
+def strings_and_huge_metrics_fail_the_trial_as_nan_does(env: Env) -> None:
+    from locaudit.study.ledger import nonfinite_metrics
+
+    assert [k for k, _ in nonfinite_metrics({"a": "0.5", "b": True, "c": 1e308, "d": None, "e": 0.5, "f": 3})] == \
+        ["a", "b", "c", "d"]
+    t = expand(spec_of(env.tmp))[0]
+    with Ledger(env.tmp / "run", writer=True) as led:
+        led.sync([t])
+        led.mark_running([t.key])
+        with pytest.raises(ValueError, match="non-finite or invalid"):
+            led.finish(t.key, "done", {"mc1": "0.5"})
+
+
+@case
+def a_valid_sqlite_file_of_another_schema_is_one_line_and_not_started_over(env: Env) -> None:
+    spec, run, _ = fake_run(env)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(run / "ledger.sqlite") + suffix).unlink(missing_ok=True)
+    with sqlite3.connect(str(run / "ledger.sqlite")) as con:
+        con.execute("CREATE TABLE trials (key TEXT PRIMARY KEY, state TEXT)")
+        con.execute("INSERT INTO trials VALUES ('x', 'done')")
+    con.close()
+    data = (run / "ledger.sqlite").read_bytes()
+    one_line_error(*cli(env, "report", run), "ledger.sqlite", "not a locaudit ledger", "--repair")
+    with pytest.raises(LedgerDamagedError, match=r"ledger\.sqlite is a valid SQLite file but not a locaudit ledger"):
+        run_study(spec, run, fn=Steps(), progress=False)
+    assert (run / "ledger.sqlite").read_bytes() == data  # no table added: the run did not start over in it
+    fresh = env.tmp / "other"
+    fresh.mkdir()
+    with sqlite3.connect(str(fresh / "ledger.sqlite")) as con:
+        con.execute("CREATE TABLE notes (t TEXT)")
+    con.close()
+    with pytest.raises(LedgerDamagedError, match=r"missing table\(s\) \['events', 'meta', 'trials'\]"):
+        run_study(spec, fresh, fn=Steps(), progress=False)
+
+
+@case
+def iti_acting_outside_its_declared_heads_is_refused_everywhere(env: Env) -> None:
+    from locaudit.models.precision import resolve_precision
+    from locaudit.edit.base import load_edit
+    from locaudit.evaluate.view import edited
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama")
+    bad = _iti(lm, outside=True)
+    with pytest.raises(DataError, match=r"ITI theta is non-zero outside its declared heads L1H0"):
+        with edited(lm, bad, precision=resolve_precision("fp32")):
+            pass
+    with pytest.raises(DataError, match="outside its declared heads"):
+        bad.export(lm, env.tmp / "export", format="peft")
+    assert not (env.tmp / "export").exists()
+    good = _iti(lm).save(env.tmp / "iti")
+    from safetensors.torch import save_file
+
+    save_file({"theta": bad.theta}, str(good / "iti.safetensors"))  # a tampered file
+    with pytest.raises(DataError, match=r"iti: ITI theta is non-zero outside its declared heads"):
+        load_edit(good)
+
+
+@case
+def huge_iti_strength_is_refused_before_it_overflows(env: Env) -> None:
+    from locaudit.models.precision import resolve_precision
+    from locaudit.edit.base import load_edit
+    from locaudit.evaluate.view import edited
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama")
+    d = _iti(lm).save(env.tmp / "iti")
+    with pytest.raises(DataError, match=r"alpha \* theta \(alpha=1e\+308\).* above the bound"):
+        load_edit(d, alpha=1e308)
+    with pytest.raises(DataError, match="above the bound"):
+        with edited(lm, _iti(lm).with_alpha(1e308), precision=resolve_precision("fp32")):
+            pass
+
+
+@case
+def numeric_options_out_of_range_fail_at_parse_time(env: Env) -> None:
+    d = env.tmp
+    for args, needle in [
+        (["eval", "--out", d / "o", "--data", "pairs:x", "--max-new-tokens", "-1"], "--max-new-tokens -1: must be an integer >= 1"),
+        (["eval", "--out", d / "o", "--data", "pairs:x", "--batch-size", "0"], "--batch-size 0"),
+        (["eval", "--out", d / "o", "--data", "pairs:x", "--judge-threshold", "2"], "--judge-threshold 2: must be a finite number in [0, 1]"),
+        (["collect", "--out", d / "o", "--data", "pairs:x", "--max-length", "0"], "--max-length 0"),
+        (["edit", "--out", d / "o", "--data", "pairs:x", "--max-pairs", "-1"], "--max-pairs -1"),
+        (["localize", "--out", d / "o", "--data", "pairs:x", "--noise-scale", "inf"], "--noise-scale inf"),
+        (["iti", "--activations", d / "a", "--heads", "L0H0", "--alpha", "1e308", "--out", d / "o"], "--alpha 1e308"),
+        (["probe", "--activations", d / "a", "--out", d / "o", "--l2", "nan"], "--l2 nan"),
+        (["run", d / "s.yaml", "--max-trials", "0"], "--max-trials 0"),
+    ]:
+        t0 = time.perf_counter()
+        one_line_error(*cli(env, *args), needle)
+        assert time.perf_counter() - t0 < 5  # refused before anything loads
+    assert not (d / "o").exists()
+
+
+@case
+def non_ascii_study_names_get_distinct_folders(env: Env) -> None:
+    names = ["研究", "исследование", "étude", "études", "a b", "a_b", "quickstart"]
+    dirs = [spec_of(env.tmp, name=n).default_run_dir() for n in names]
+    assert len(set(dirs)) == len(names) and Path("runs") / "study" not in dirs
+    assert dirs[-1] == Path("runs") / "quickstart" and dirs[2].name.startswith("tude-")
+
+
+@case
+def an_api_secret_goes_only_over_https_or_to_localhost(env: Env) -> None:
+    import urllib.request
+
+    from locaudit.evaluate.judges.api import ApiJudge
+
+    env.monkeypatch.setenv("LOCAUDIT_SECRET_TEST", "sk-secret")
+    for url, ok in [("http://judge.example.com/v1", False), ("http://10.0.0.5:8000/v1", False),
+                    ("https://judge.example.com/v1", True), ("http://localhost:8000/v1", True),
+                    ("http://127.0.0.1:8000", True), ("http://[::1]:8000/v1", True)]:
+        j = ApiJudge("m", url, key_env="LOCAUDIT_SECRET_TEST", max_retries=0)
+        req = urllib.request.Request(j.url, data=b"{}", method="POST")
+        if ok:
+            j._authorize(req)
+            assert req.unredirected_hdrs["Authorization"] == "Bearer sk-secret" and "Authorization" not in req.headers
+        else:
+            with pytest.raises(ConfigError, match=r"refusing to send the secret in \$LOCAUDIT_SECRET_TEST .* plain HTTP"):
+                j._authorize(req)
+    env.monkeypatch.delenv("LOCAUDIT_SECRET_TEST")
+    j = ApiJudge("m", "http://judge.example.com/v1", key_env="LOCAUDIT_SECRET_TEST")
+    j._authorize(urllib.request.Request(j.url))  # no secret, nothing to protect
+
+
+@case
+def a_failed_report_rebuild_keeps_the_previous_report_whole(env: Env) -> None:
+    from locaudit.study import report as report_mod
+
+    _, run, _ = fake_run(env)
+    report_mod.build_report(run, n_resamples=99)
+    before = {p.name: p.read_bytes() for p in (run / "report").iterdir()}
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device", str(run / "report" / "index.html"))
+
+    env.monkeypatch.setattr(report_mod, "_html", broken)
+    with pytest.raises(OSError):
+        report_mod.build_report(run, n_resamples=99)
+    assert {p.name: p.read_bytes() for p in (run / "report").iterdir()} == before
+    env.monkeypatch.undo()
+    rep = report_mod.build_report(run, n_resamples=99)
+    assert rep.index == run / "report" / "index.html" and rep.index.is_file()
+    assert not [p for p in run.iterdir() if "locaudit-tmp" in p.name]
+
+
+@case
+def a_new_edit_kind_cannot_skip_verification(env: Env) -> None:
+    from locaudit.edit.base import register_edit
+
+    class Unverified:
+        def applied(self, lm): ...
+        def describe(self): return {}
+        def save(self, path): ...
+        @classmethod
+        def load(cls, path): return cls()
+
+    with pytest.raises(TypeError, match="no method verify"):
+        register_edit("unverified_hostile")(Unverified)
+
+
 @pytest.mark.parametrize("hostile", CASES, ids=[c.__name__ for c in CASES])
 def test_hostile(hostile, tmp_path, monkeypatch, capsys, caplog) -> None:
     hostile(Env(tmp_path, monkeypatch, capsys, caplog))
 
 
 def test_case_count() -> None:
-    """The issue lists these; keep the file holding all of them."""
-    assert len(CASES) >= 50, len(CASES)
+    """The issues list these (issue 15: 66 cases; issue 27 added the classes of section 7); keep them all."""
+    assert len(CASES) >= 82, len(CASES)
