@@ -208,14 +208,32 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write: BEGIN IMMEDIATE .. COMMIT (ROLLBACK on error)."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One atomic write: BEGIN IMMEDIATE .. COMMIT (ROLLBACK on error). A write SQLite cannot make (a full
+        disk, a read-only folder, an I/O error) is one ConfigError naming the ledger; nothing of it is kept."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._write_error(e) from None
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            raise self._write_error(e) from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
-        self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the transaction is gone with the failed statement
+
+    def _write_error(self, e: sqlite3.OperationalError) -> ConfigError:
+        return ConfigError(f"{self.path}: cannot write the ledger ({e}); free disk space or make the run folder "
+                           "writable, then rerun: finished trials are kept, the interrupted ones run again")
 
     def _event(self, c: sqlite3.Connection, key: str, event: str, detail: str | None = None) -> None:
         c.execute("INSERT INTO events (key, event, time, session, detail) VALUES (?, ?, ?, ?, ?)",
