@@ -1099,7 +1099,7 @@ def numeric_options_out_of_range_fail_at_parse_time(env: Env) -> None:
     for args, needle in [
         (["eval", "--out", d / "o", "--data", "pairs:x", "--max-new-tokens", "-1"], "--max-new-tokens -1: must be an integer >= 1"),
         (["eval", "--out", d / "o", "--data", "pairs:x", "--batch-size", "0"], "--batch-size 0"),
-        (["eval", "--out", d / "o", "--data", "pairs:x", "--judge-threshold", "2"], "--judge-threshold 2: must be a finite number in [0, 1]"),
+        (["eval", "--out", d / "o", "--data", "pairs:x", "--judge-threshold", "2"], "--judge-threshold 2: must be a finite number in (0, 1)"),
         (["collect", "--out", d / "o", "--data", "pairs:x", "--max-length", "0"], "--max-length 0"),
         (["edit", "--out", d / "o", "--data", "pairs:x", "--max-pairs", "-1"], "--max-pairs -1"),
         (["localize", "--out", d / "o", "--data", "pairs:x", "--noise-scale", "inf"], "--noise-scale inf"),

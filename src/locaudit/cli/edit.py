@@ -54,7 +54,7 @@ def edit(
     val_split: str = typer.Option("val", "--val-split", help="Held-out split for validation loss and "
                                   "preference accuracy: val or test."),
     fmt: str = format_option(),
-    max_length: int = typer.Option(256, "--max-length", **opt.count("--max-length"), help="Maximum tokens of prompt + answer."),
+    max_length: int = typer.Option(256, "--max-length", **opt.count("--max-length", 8), help="Maximum tokens of prompt + answer."),
     precision: Precision = precision_option(),
     frozen_prefix: bool = typer.Option(True, "--frozen-prefix/--no-frozen-prefix", help="Cache the states "
                                        "below the lowest edited layer and run only the layers above."),

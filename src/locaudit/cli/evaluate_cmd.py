@@ -63,7 +63,7 @@ def evaluate(
     batch_size: int = typer.Option(32, "--batch-size", **opt.count("--batch-size"), help="Sequences per forward pass when scoring."),
     gen_batch_size: int = typer.Option(16, "--gen-batch-size", **opt.count("--gen-batch-size"), help="Questions generated together."),
     max_new_tokens: int = typer.Option(50, "--max-new-tokens", **opt.count("--max-new-tokens"), help="Greedy tokens per answer at most."),
-    max_length: int = typer.Option(512, "--max-length", **opt.count("--max-length"), help="Longest scored sequence in tokens."),
+    max_length: int = typer.Option(512, "--max-length", **opt.count("--max-length", 8), help="Longest scored sequence in tokens."),
     protocol: str = typer.Option("iti", "--protocol", help="What goes before each question for generation and "
                                  "MC: iti (ITI's instruction prompt + TruthfulQA's six-shot QA primer, as ITI and "
                                  "the paper evaluate) or bare (nothing; locaudit's old protocol)."),
@@ -74,9 +74,9 @@ def evaluate(
                                           "questions with their best answers (the old default)."),
     kl_answers: bool = typer.Option(True, "--kl-answers/--no-kl-answers", help="Also report KL/CE on the "
                                     "split's questions with their best answers (kl_answers, ce_answers)."),
-    kl_max_tokens: Optional[int] = typer.Option(4096, "--kl-max-tokens", **opt.count("--kl-max-tokens"), help="At most this many tokens of the "
+    kl_max_tokens: Optional[int] = typer.Option(4096, "--kl-max-tokens", **opt.count("--kl-max-tokens", 2), help="At most this many tokens of the "
                                                 "generic KL/CE text."),
-    judge_threshold: float = typer.Option(0.5, "--judge-threshold", **opt.probability("--judge-threshold"), help="P(yes) at or above which the judge "
+    judge_threshold: float = typer.Option(0.5, "--judge-threshold", **opt.open_probability("--judge-threshold"), help="P(yes) at or above which the judge "
                                           "counts an answer as true / informative (ITI: 0.5); mean probabilities "
                                           "are reported too."),
     mc_primer: bool = typer.Option(False, "--mc-primer/--no-mc-primer", help="With --protocol bare: put "

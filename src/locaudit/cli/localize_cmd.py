@@ -42,14 +42,14 @@ def localize(
     direction: str = typer.Option("auto", "--direction", help="denoise (restore the clean head into the corrupted "
                                   "run), noise (corrupted head into the clean run), or auto (denoise for noise, "
                                   "noise for contrast and mean)."),
-    noise_scale: float = typer.Option(3.0, "--noise-scale", **opt.positive("--noise-scale", 1e3), help="Noise std in multiples of the prompt tokens' "
+    noise_scale: float = typer.Option(3.0, "--noise-scale", **opt.non_negative("--noise-scale", 1e3), help="Noise std in multiples of the prompt tokens' "
                                       "embedding std (ROME: 3)."),
     contrast: str = typer.Option("other_question", "--contrast", help="Contrast prompt: other_question (another "
                                  "pair's prompt) or swap_options (CAA A/B prompts with options (A) and (B) swapped)."),
     positions: str = typer.Option("all", "--positions", help="Where heads are patched: all, prompt, last (the "
                                   "prompt's last token) or completion (last prompt token + completion tokens)."),
     split: str = typer.Option("train", "--split", help="Split whose pairs are used (never rank on test)."),
-    max_pairs: int = typer.Option(48, "--max-pairs", **opt.count("--max-pairs"), help="Seeded subset of the split's pairs (one per question "
+    max_pairs: int = typer.Option(48, "--max-pairs", **opt.count("--max-pairs", 0), help="Seeded subset of the split's pairs (one per question "
                                   "first); 0 = all."),
     heads: Optional[str] = typer.Option(None, "--heads", help="Activation patching only these heads, e.g. "
                                         "'L0,L5H3' (others are left NaN)."),
@@ -59,7 +59,7 @@ def localize(
     graddrop: bool = typer.Option(False, "--graddrop/--no-graddrop", help="Attribution: also compute AtP*'s "
                                   "GradDrop score (L extra backward passes)."),
     batch_pairs: int = typer.Option(4, "--batch-pairs", **opt.count("--batch-pairs"), help="Pairs per batch (two sequences each)."),
-    tokens_per_forward: int = typer.Option(16384, "--tokens-per-forward", **opt.count("--tokens-per-forward"), help="Patching stacks one copy of the "
+    tokens_per_forward: int = typer.Option(16384, "--tokens-per-forward", **opt.count("--tokens-per-forward", 64), help="Patching stacks one copy of the "
                                            "batch per head, up to about this many tokens per forward."),
     fmt: str = format_option(),
     seed: int = seed_option('Seed of the question-level split, the pair subset and the noise.'),

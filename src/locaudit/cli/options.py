@@ -164,6 +164,11 @@ def probability(option: str) -> dict:
     return _number(option, kind=float, lo=0.0, hi=1.0)
 
 
+def open_probability(option: str) -> dict:
+    """A number strictly between 0 and 1 (a threshold that both classes can reach)."""
+    return _number(option, kind=float, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+
+
 def bounded(option: str, bound: float) -> dict:
     """A finite number in [-bound, bound]."""
     return _number(option, kind=float, lo=-bound, hi=bound)
