@@ -272,3 +272,19 @@ def test_bh_family_keeps_what_bh_could_reject_and_gatekeeping_controls_the_rest(
     assert gate and adj == pytest.approx([0.02, 0.02])
     gate, adj, _ = S.gatekeeping([0.01, 0.2], [0.001, 0.001], [0.001, 0.001])
     assert not gate and np.isnan(adj).all()
+
+
+def test_t_tost_is_statsmodels_ttost_mean() -> None:
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    rng = np.random.default_rng(9)
+    for n in (5, 12, 40):
+        x = rng.normal(0.02, 0.1, n)
+        se = x.std(ddof=1) / math.sqrt(n)
+        t = S.t_tost(float(x.mean()), se, n - 1, -0.1, 0.1)
+        ref = DescrStatsW(x).ttost_mean(-0.1, 0.1)
+        assert t["p"] == pytest.approx(ref[0]) and t["p_low"] == pytest.approx(ref[1][1])
+        lo, hi = DescrStatsW(x).tconfint_mean(alpha=0.1)
+        assert (t["lo"], t["hi"]) == pytest.approx((lo, hi))
+        assert (t["p"] < 0.05) == (-0.1 < t["lo"] and t["hi"] < 0.1)
+    assert math.isnan(S.t_tost(0.0, 0.0, 5, -1, 1)["p"])

@@ -91,7 +91,7 @@ def hierarchical(st: dict, B: int, rng: np.random.Generator, k: int = 0, level: 
     se = np.sqrt(var)
     h = sps.t.ppf((1 + level) / 2, df) * se
     return {"d": d, "r": r, "c": c, "var_q": var_q, "p_rank": rank_p(c, r), "p_mean": sps.t.sf(d / se, df),
-            "ci_low": d - h, "ci_high": d + h}
+            "ci_low": d - h, "ci_high": d + h, "se": se, "df": df}
 
 
 def claims(h: dict, n: int, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

@@ -95,14 +95,15 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
         measurable = bool(g0 > 1e-12 and lcb > 0)
         with np.errstate(all="ignore"):
             theta = np.where(gain > 0, sgn * d / gain, np.inf)
-        t = S.boot_tost(theta[boot], -cfg.margin, cfg.margin, cfg.alpha) if eng.B else None
+        t = _tost(theta, d, ht, cfg) if eng.B else None
         row.update(gain=g0, gain_lcb=lcb, gain_measurable=measurable, margin_abs=cfg.margin * g0 if g0 > 0 else None,
                    candidate_gain_fraction=float(sgn * (c[0] - base[0]) / g0) if g0 > 0 else float("nan"),
                    random_median_gain_fraction=float(np.median(sgn * (r0 - base[0]) / g0)) if g0 > 0 else float("nan"),
                    diff_gain_fraction=float(theta[0]) if g0 > 0 else float("nan"),
                    tost_p=t["p"] if t and measurable else float("nan"),
                    tost_low=t["lo"] if t and measurable else float("nan"),
-                   tost_high=t["hi"] if t and measurable else float("nan"))
+                   tost_high=t["hi"] if t and measurable else float("nan"),
+                   tost_method=t["method"] if t and measurable else None)
         if n > 1 and g0 > 0:
             mabs = cfg.margin * g0
             row["t_tost_p"] = S.tost_one(r0, c[0] - mabs, c[0] + mabs).pvalue
@@ -115,6 +116,20 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
     row.update(optimistic_candidate=float(best[top]), optimistic_random_mean=float(np.nanmean(best[rand])),
                optimistic_p_rank=S.empirical_p(best[top], best[rand], alt))
     return row
+
+
+def _tost(theta: np.ndarray, d: np.ndarray, ht: dict, cfg: VerdictSpec) -> dict:
+    """TOST of the difference as a fraction of full alignment's gain, t-calibrated: the bootstrap's standard
+    error of theta, scaled by the hierarchical t-test's over the bootstrap's standard error of the difference
+    (the bootstrap's variance runs small at few questions or draws), with the same Satterthwaite df. Falls
+    back to the bootstrap percentile TOST where a replicate has no positive gain (theta undefined)."""
+    tb, db = theta[1:], d[1:]
+    sd_d = float(np.nanstd(db, ddof=1)) if db.size > 1 else float("nan")
+    if np.isfinite(tb).all() and tb.size > 1 and sd_d > 0 and math.isfinite(ht["se"]) and math.isfinite(ht["df"]):
+        se = float(np.std(tb, ddof=1)) * ht["se"] / sd_d
+        return {**S.t_tost(float(theta[0]), se, ht["df"], -cfg.margin, cfg.margin, cfg.alpha),
+                "method": "t (bootstrap se, Satterthwaite df)"}
+    return {**S.boot_tost(tb, -cfg.margin, cfg.margin, cfg.alpha), "method": "bootstrap percentile"}
 
 
 def _candidate_seed_values(eng: _Engine, panel: _Panel, metric: str, top: int) -> list[float]:

@@ -425,6 +425,18 @@ def hierarchical_t(diff: float, random_values: Sequence[float], var_questions: f
     return out
 
 
+def t_tost(est: float, se: float, df: float, low: float, upp: float, alpha: float = 0.05) -> dict:
+    """TOST of low < theta < upp from an estimate, its standard error and degrees of freedom: p = max of
+    the two one-sided t p-values, and the (1 - 2 alpha) t-interval, which lies inside (low, upp) exactly
+    when p < alpha (statsmodels' ttost_mean in the one-sample case)."""
+    if not (math.isfinite(est) and se > 0 and df > 0):
+        return {"p": float("nan"), "p_low": float("nan"), "p_upp": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    p_low = float(sps.t.sf((est - low) / se, df))
+    p_upp = float(sps.t.cdf((est - upp) / se, df))
+    h = float(sps.t.ppf(1 - alpha, df)) * se
+    return {"p": max(p_low, p_upp), "p_low": p_low, "p_upp": p_upp, "lo": est - h, "hi": est + h}
+
+
 def boot_p_above(samples: np.ndarray, threshold: float) -> float:
     """Bootstrap p-value of H0: theta <= threshold (alternative theta > threshold):
     (1 + #{samples <= threshold}) / (B + 1); small when the bootstrap distribution lies above it."""

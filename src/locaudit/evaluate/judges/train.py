@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -62,22 +62,22 @@ class JudgeTrainConfig(BaseModel):
     holdout_splits: list[str] = Field(["test"], description="splits of that spec held out of training")
     seed: int = Field(0, description="seed of the study's question-level split (must match the study)")
     fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train/val/test fractions of the study")
-    max_questions: int | None = Field(None, description="the study's max_questions (a subset changes the split)")
-    layers: list[int] = Field([3, 6, 9, 12], description="backbone layers whose states are features")
-    max_length: int = Field(256, description="max tokens of 'Q: ..\\nA: ..'")
+    max_questions: int | None = Field(None, ge=2, description="the study's max_questions (a subset changes the split)")
+    layers: list[Annotated[int, Field(ge=0)]] = Field([3, 6, 9, 12], min_length=1, description="backbone layers whose states are features")
+    max_length: int = Field(256, ge=8, description="max tokens of 'Q: ..\\nA: ..'")
     precision: PrecisionName = Field("auto", description="compute precision of the backbone's forward passes "
                                      "(auto: bf16 where the machine runs it faster, else fp32)")
-    batch_size: int = Field(64, description="backbone batch size")
+    batch_size: int = Field(64, ge=1, description="backbone batch size")
     device: str = Field("auto", description="cpu, cuda or auto")
     trust_remote_code: bool = Field(False, description="run code shipped with the backbone's checkpoint (off unless "
                                     "you trust it)")
     val_fraction: float = Field(0.2, description="fraction of training questions used to choose the head")
-    l2_grid: list[float] = Field([1e-2, 3e-2, 0.1, 0.3], description="L2 strengths tried for logistic heads")
-    mlp_weight_decay: list[float] = Field([1e-2], description="AdamW weight decays tried for MLP heads")
+    l2_grid: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field([1e-2, 3e-2, 0.1, 0.3], min_length=1, description="L2 strengths tried for logistic heads")
+    mlp_weight_decay: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field([1e-2], min_length=1, description="AdamW weight decays tried for MLP heads")
     heads: list[str] = Field(["logistic", "mlp"], description="head types tried (logistic, mlp)")
-    max_train_examples: int | None = Field(None, description="cap on distinct training answers, one seeded subset "
+    max_train_examples: int | None = Field(None, ge=1, description="cap on distinct training answers, one seeded subset "
                                            "shared by every kind (each answer's features are computed once)")
-    max_heldout_examples: int | None = Field(None, description="cap on distinct held-out answers evaluated (seeded)")
+    max_heldout_examples: int | None = Field(None, ge=1, description="cap on distinct held-out answers evaluated (seeded)")
     cap_by: Literal["pair", "question"] = Field("pair", description="how the caps draw: pair = answers uniformly "
                                                 "(touches nearly every question); question = whole questions until "
                                                 "the cap (fewer questions' reference answers to encode)")
