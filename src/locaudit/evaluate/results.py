@@ -178,6 +178,8 @@ class EvalResult(BaseModel):
         w = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+            # strict like the JSON: a non-finite number is an empty field, never a bare NaN or inf
+            w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                        for k, v in r.items()})
         write_text_atomic(path, buf.getvalue())
         return path
