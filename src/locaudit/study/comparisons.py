@@ -46,7 +46,7 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
     r0 = rv[:, 0]
     boot = slice(1, None)
     level = cfg.level
-    full, base = eng.full(metric, panel.method), eng.base(metric)
+    base = eng.base(metric)
     all_vals = np.concatenate([vals[:, 0][np.isfinite(vals[:, 0])]] + ([base[:1]] if base is not None else []))
     constant = bool(all_vals.size and np.ptp(all_vals) <= 1e-12 * max(1.0, float(np.abs(all_vals).max())))
     noise = eng.has_question_noise(metric)
@@ -85,7 +85,24 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
     # seeds of the candidate vs the draws (secondary: tests training noise, not locations)
     row["n_candidate_seeds"] = len(seeds_vals)
     row["welch_seeds_p"] = S.welch_t(seeds_vals, r0, alt).pvalue if len(seeds_vals) > 1 else float("nan")
-    # full alignment and the margin
+    row.update(_gain_columns(eng, metric, panel.method, c, r0, d, ht, noise))
+    # the optimistic view: grid points chosen on the reported data itself
+    v_opt = eng.values(panel, metric)[:, :, 0]
+    best = np.array([(np.nanmax(r) if hib else np.nanmin(r)) if np.isfinite(r).any() else np.nan for r in v_opt])
+    row.update(optimistic_candidate=float(best[top]), optimistic_random_mean=float(np.nanmean(best[rand])),
+               optimistic_p_rank=S.empirical_p(best[top], best[rand], alt))
+    return row
+
+
+def _gain_columns(eng: _Engine, metric: str, method: str, c: np.ndarray, r0: np.ndarray, d: np.ndarray, ht: dict,
+                  noise: str) -> dict:
+    """Full alignment's gain over the unedited model, whether it is measurable, the difference as a fraction
+    of it and its TOST against the margin (c [R]: the candidate, r0 [n]: the draws as observed, d [R]: the
+    difference per replicate)."""
+    cfg, boot, n = eng.cfg, slice(1, None), r0.size
+    sgn = 1.0 if higher_is_better(metric) else -1.0
+    full, base = eng.full(metric, method), eng.base(metric)
+    row: dict[str, Any] = {}
     row.update(full_alignment=float(full[0]) if full is not None else None,
                unedited=float(base[0]) if base is not None else None)
     gain = sgn * (full - base) if full is not None and base is not None else None
@@ -110,11 +127,6 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
     else:
         row.update(gain=None, gain_lcb=None, gain_measurable=None, margin_abs=None, tost_p=float("nan"),
                    tost_low=float("nan"), tost_high=float("nan"))
-    # the optimistic view: grid points chosen on the reported data itself
-    v_opt = eng.values(panel, metric)[:, :, 0]
-    best = np.array([(np.nanmax(r) if hib else np.nanmin(r)) if np.isfinite(r).any() else np.nan for r in v_opt])
-    row.update(optimistic_candidate=float(best[top]), optimistic_random_mean=float(np.nanmean(best[rand])),
-               optimistic_p_rank=S.empirical_p(best[top], best[rand], alt))
     return row
 
 

@@ -83,6 +83,67 @@ def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, 
     return "; ".join(parts) if parts else "more draws and questions"
 
 
+# the columns of the headline table (verdict.csv, verdict.json's table)
+TABLE_COLUMNS = (
+            "method", "metric", "outcome", "selection", "candidate_mean", "random_mean", "random_sd", "n_random",
+            "n_questions", "percentile", "z", "p_rank", "p_floor", "p_rank_adj", "p_mean", "p_combined",
+            "p_combined_adj", "floor_fragile", "rank_stability", "in_family", "family_size", "diff", "ci_low",
+            "ci_high", "ci_boot_low", "ci_boot_high", "se_diff", "se_locations", "se_questions", "se_seeds",
+            "question_noise", "training_noise", "full_alignment", "unedited", "gain", "gain_lcb", "gain_measurable",
+            "margin_abs", "candidate_gain_fraction", "random_median_gain_fraction", "diff_gain_fraction", "tost_p",
+            "tost_p_adj", "tost_low", "tost_high", "ch_p", "welch_seeds_p", "t_tost_p",
+            "optimistic_candidate", "optimistic_random_mean", "optimistic_p_rank")
+
+
+def _method_lines(r: dict, method: str, cfg: VerdictSpec, label: str, K: str, mult: str, floors: list[float],
+                  order: list[str]) -> list[str]:
+    """The verdict's lines for one method's headline comparison `r`: its outcome with the numbers behind it,
+    and its standing against full alignment."""
+    lines: list[str] = []
+    oc = r["outcome"]
+    M = _cap(METHOD_LABEL[method])
+    qn = str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
+    stat = (f"{label} {_fmt(r['candidate_mean'])} at the {K} heads vs {_fmt(r['random_mean'])} ± "
+            f"{_fmt(r['random_sd'])} over {int(r['n_random'])} random draws (percentile {r['percentile']:.0f}; "
+            f"rank p = {_p(r['p_rank'])}, floor {_p(r['p_floor'])}; hierarchical t-test of the difference p = "
+            f"{_p(r.get('p_mean'))}; combined p = {_p(r.get('p_combined'))}, {mult}-adjusted "
+            f"{_p(r.get('p_combined_adj')) if r['in_family'] else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
+            f"difference {_fmt(r['diff'])}, {cfg.level:.0%} t-interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+            f"{'' if qn else '; question noise not included: no per-question scores or standard errors'}"
+            f"{'; the interval omits training noise (one training seed)' if str(r.get('training_noise', '')).startswith('omitted') else ''}"
+            f"{'; ranks first in ' + _pct(r.get('rank_stability')) + ' of question resamples' if _finite(r.get('rank_stability')) is not None else ''})")
+    eq = ""
+    if r.get("gain_measurable"):
+        eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.get('diff_gain_fraction'))}, "
+              f"TOST {1 - 2 * cfg.alpha:.0%} bounds [{_pct(r.get('tost_low'))}, {_pct(r.get('tost_high'))}] vs "
+              f"margin ±{cfg.margin:.0%} (p = {_p(r.get('tost_p'))}, adjusted {_p(r.get('tost_p_adj'))})")
+    if oc == "no signal":
+        why = (f"{label} does not vary" if r.get("constant") else
+               f"full alignment shows no measurable gain over the unedited model ({_fmt(r.get('full_alignment'))} "
+               f"vs {_fmt(r.get('unedited'))}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
+               f"{_fmt(r.get('gain_lcb'))})")
+        lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
+    elif oc == "evidence for":
+        lines.append(f"{M}: evidence for localization: the {K} heads beat random locations by both the rank test "
+                     f"and the hierarchical test of the difference: {stat}{eq}.")
+    elif oc == "suggestive":
+        lines.append(f"{M}: suggestive, not evidence: the {K} heads pass both tests, but only at the design's floor "
+                     f"p = {_p(r['p_floor'])} (one more draw at least as good would undo it; at least "
+                     f"{math.ceil(2 / cfg.alpha - 1 - 1e-9)} draws can say more): {stat}{eq}.")
+    elif oc == "evidence against":
+        lines.append(f"{M}: evidence against localization: the {K} heads and random locations are equivalent "
+                     f"within ±{cfg.margin:.0%} of full alignment's gain: {stat}{eq}.")
+    else:
+        why = ("" if r.get("gain_measurable") is not None else
+               " Equivalence cannot be tested without full alignment and unedited results.")
+        lines.append(f"{M}: inconclusive: {stat}{eq}.{why} To decide: {decide_hint(r, cfg, floors, order.index(method))}.")
+    if r.get("gain_measurable") and math.isfinite(r.get("candidate_gain_fraction", float("nan"))):
+        lines.append(f"{M}: full alignment (the optimal edit at all heads) reaches {label} {_fmt(r['full_alignment'])} (unedited "
+                     f"{_fmt(r['unedited'])}); the {K} heads achieve {_pct(r['candidate_gain_fraction'])} of its "
+                     f"gain, random draws a median {_pct(r['random_median_gain_fraction'])}.")
+    return lines
+
+
 def _family_text(fam_n: int, primary: str, cfg: VerdictSpec, mult: str, note: str | None) -> str:
     """The headline family in words (the headline states it)."""
     rule = "discrete restriction: tests that can never reach the level are left out" + (
@@ -92,96 +153,9 @@ def _family_text(fam_n: int, primary: str, cfg: VerdictSpec, mult: str, note: st
     return fam + (f"; {note}" if note else "")
 
 
-def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config: VerdictSpec | dict | None = None,
-            top_k: int | None = None, flags: list[dict] | None = None, selection: dict | None = None,
-            family_note: str | None = None) -> Verdict:
-    """The headline (from the optimal edit, the paper's central comparison) and one line per finding.
-    `family_note`: how this candidate's family sits among several localizers (candidates.side_by_side)."""
-    cfg = config if isinstance(config, VerdictSpec) else VerdictSpec.model_validate(config or {})
-    primary = primary_metric(df, cfg.primary_metric) if not df.empty else None
-    if primary is None:
-        return Verdict("No evaluated trials yet: nothing to conclude.", missing=["every evaluation"])
-    label = metric_label(primary)
-    K = f"top-{top_k}" if top_k else "top-K"
-    lines, table, missing = [], [], []
-    outcomes: dict[str, str | None] = {}
-    head = comp[(comp["scope"] == "selected") & (comp["metric"] == primary)] if not comp.empty else comp
-    fam_n = int(head["in_family"].sum()) if not head.empty else 0
-    order = head["method"].tolist() if not head.empty else []
-    floors = head["p_floor"].astype(float).tolist() if not head.empty else []
-    mult = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}[cfg.multiplicity]
-    for method in METHODS:
-        r = head[head["method"] == method] if not head.empty else head
-        if r is None or r.empty:
-            outcomes[method] = None
-            if not df[df["kind"] == method].empty or method == "optimal":
-                missing.append(f"{METHOD_LABEL[method]}: top-K and random-draw results")
-            continue
-        r = r.iloc[0].to_dict()
-        oc = r["outcome"]
-        outcomes[method] = oc
-        M = _cap(METHOD_LABEL[method])
-        qn = str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
-        stat = (f"{label} {_fmt(r['candidate_mean'])} at the {K} heads vs {_fmt(r['random_mean'])} ± "
-                f"{_fmt(r['random_sd'])} over {int(r['n_random'])} random draws (percentile {r['percentile']:.0f}; "
-                f"rank p = {_p(r['p_rank'])}, floor {_p(r['p_floor'])}; hierarchical t-test of the difference p = "
-                f"{_p(r.get('p_mean'))}; combined p = {_p(r.get('p_combined'))}, {mult}-adjusted "
-                f"{_p(r.get('p_combined_adj')) if r['in_family'] else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
-                f"difference {_fmt(r['diff'])}, {cfg.level:.0%} t-interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-                f"{'' if qn else '; question noise not included: no per-question scores or standard errors'}"
-                f"{'; the interval omits training noise (one training seed)' if str(r.get('training_noise', '')).startswith('omitted') else ''}"
-                f"{'; ranks first in ' + _pct(r.get('rank_stability')) + ' of question resamples' if _finite(r.get('rank_stability')) is not None else ''})")
-        eq = ""
-        if r.get("gain_measurable"):
-            eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.get('diff_gain_fraction'))}, "
-                  f"TOST {1 - 2 * cfg.alpha:.0%} bounds [{_pct(r.get('tost_low'))}, {_pct(r.get('tost_high'))}] vs "
-                  f"margin ±{cfg.margin:.0%} (p = {_p(r.get('tost_p'))}, adjusted {_p(r.get('tost_p_adj'))})")
-        if oc == "no signal":
-            why = (f"{label} does not vary" if r.get("constant") else
-                   f"full alignment shows no measurable gain over the unedited model ({_fmt(r.get('full_alignment'))} "
-                   f"vs {_fmt(r.get('unedited'))}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
-                   f"{_fmt(r.get('gain_lcb'))})")
-            lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
-        elif oc == "evidence for":
-            lines.append(f"{M}: evidence for localization: the {K} heads beat random locations by both the rank test "
-                         f"and the hierarchical test of the difference: {stat}{eq}.")
-        elif oc == "suggestive":
-            lines.append(f"{M}: suggestive, not evidence: the {K} heads pass both tests, but only at the design's floor "
-                         f"p = {_p(r['p_floor'])} (one more draw at least as good would undo it; at least "
-                         f"{math.ceil(2 / cfg.alpha - 1 - 1e-9)} draws can say more): {stat}{eq}.")
-        elif oc == "evidence against":
-            lines.append(f"{M}: evidence against localization: the {K} heads and random locations are equivalent "
-                         f"within ±{cfg.margin:.0%} of full alignment's gain: {stat}{eq}.")
-        else:
-            why = ("" if r.get("gain_measurable") is not None else
-                   " Equivalence cannot be tested without full alignment and unedited results.")
-            lines.append(f"{M}: inconclusive: {stat}{eq}.{why} To decide: {decide_hint(r, cfg, floors, order.index(method))}.")
-        if r.get("gain_measurable") and math.isfinite(r.get("candidate_gain_fraction", float("nan"))):
-            lines.append(f"{M}: full alignment (the optimal edit at all heads) reaches {label} {_fmt(r['full_alignment'])} (unedited "
-                         f"{_fmt(r['unedited'])}); the {K} heads achieve {_pct(r['candidate_gain_fraction'])} of its "
-                         f"gain, random draws a median {_pct(r['random_median_gain_fraction'])}.")
-        table.append({k: r.get(k) for k in (
-            "method", "metric", "outcome", "selection", "candidate_mean", "random_mean", "random_sd", "n_random",
-            "n_questions", "percentile", "z", "p_rank", "p_floor", "p_rank_adj", "p_mean", "p_combined",
-            "p_combined_adj", "floor_fragile", "rank_stability", "in_family", "family_size", "diff", "ci_low",
-            "ci_high", "ci_boot_low", "ci_boot_high", "se_diff", "se_locations", "se_questions", "se_seeds",
-            "question_noise", "training_noise", "full_alignment", "unedited", "gain", "gain_lcb", "gain_measurable",
-            "margin_abs", "candidate_gain_fraction", "random_median_gain_fraction", "diff_gain_fraction", "tost_p",
-            "tost_p_adj", "tost_low", "tost_high", "ch_p", "welch_seeds_p", "t_tost_p",
-            "optimistic_candidate", "optimistic_random_mean", "optimistic_p_rank")})
-    if selection:
-        for method, mode in selection.items():
-            lines.append(f"{_cap(METHOD_LABEL[method])}: grid points {SELECTION_LABEL.get(mode, mode)}; the "
-                         "'best on test' view (comparisons.csv, scope best_on_test) is optimistic.")
-    family = _family_text(fam_n, primary, cfg, mult, family_note)
-    if fam_n or not head.empty:
-        lines.append(f"Multiplicity: {family}; each test there is an intersection-union test (rank test and "
-                     "hierarchical t-test, both at that level: no correction for the pair); the equivalence tests of "
-                     "the same rows form a parallel family; single heads and secondary metrics are separate families.")
-    _singles_lines(singles, cfg, label, lines, table)
-    for f in flags or []:
-        lines.append(f"Flag: {METHOD_LABEL.get(f['method'], f['method'])} random draw {f['localizer']} {f['issue']} "
-                     f"({f['heads']}).")
+def _headline(outcomes: dict, head: pd.DataFrame, table: list[dict], cfg: VerdictSpec, K: str, label: str,
+              floors: list[float], order: list[str]) -> str:
+    """The headline from the optimal edit's outcome (the paper's central comparison), ITI as the contrast."""
     opt, iti = outcomes.get("optimal"), outcomes.get("iti")
     if opt is None:
         headline = ("Verdict pending: the optimal-edit comparison (top-K vs random draws) is not finished, and it is "
@@ -215,6 +189,54 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
         headline = (f"Edit-based evidence for localization: inconclusive. Under the optimal edit the {K} heads are "
                     f"neither shown better than random locations on {label} nor equivalent to them. To decide: "
                     f"{decide_hint(r, cfg, floors, order.index('optimal'))}.")
+    return headline
+
+
+def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config: VerdictSpec | dict | None = None,
+            top_k: int | None = None, flags: list[dict] | None = None, selection: dict | None = None,
+            family_note: str | None = None) -> Verdict:
+    """The headline (from the optimal edit, the paper's central comparison) and one line per finding.
+    `family_note`: how this candidate's family sits among several localizers (candidates.side_by_side)."""
+    cfg = config if isinstance(config, VerdictSpec) else VerdictSpec.model_validate(config or {})
+    primary = primary_metric(df, cfg.primary_metric) if not df.empty else None
+    if primary is None:
+        return Verdict("No evaluated trials yet: nothing to conclude.", missing=["every evaluation"])
+    label = metric_label(primary)
+    K = f"top-{top_k}" if top_k else "top-K"
+    lines, table, missing = [], [], []
+    outcomes: dict[str, str | None] = {}
+    head = comp[(comp["scope"] == "selected") & (comp["metric"] == primary)] if not comp.empty else comp
+    fam_n = int(head["in_family"].sum()) if not head.empty else 0
+    order = head["method"].tolist() if not head.empty else []
+    floors = head["p_floor"].astype(float).tolist() if not head.empty else []
+    mult = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}[cfg.multiplicity]
+    for method in METHODS:
+        r = head[head["method"] == method] if not head.empty else head
+        if r is None or r.empty:
+            outcomes[method] = None
+            if not df[df["kind"] == method].empty or method == "optimal":
+                missing.append(f"{METHOD_LABEL[method]}: top-K and random-draw results")
+            continue
+        r = r.iloc[0].to_dict()
+        oc = r["outcome"]
+        outcomes[method] = oc
+        lines += _method_lines(r, method, cfg, label, K, mult, floors, order)
+        table.append({k: r.get(k) for k in TABLE_COLUMNS})
+    if selection:
+        for method, mode in selection.items():
+            lines.append(f"{_cap(METHOD_LABEL[method])}: grid points {SELECTION_LABEL.get(mode, mode)}; the "
+                         "'best on test' view (comparisons.csv, scope best_on_test) is optimistic.")
+    family = _family_text(fam_n, primary, cfg, mult, family_note)
+    if fam_n or not head.empty:
+        lines.append(f"Multiplicity: {family}; each test there is an intersection-union test (rank test and "
+                     "hierarchical t-test, both at that level: no correction for the pair); the equivalence tests of "
+                     "the same rows form a parallel family; single heads and secondary metrics are separate families.")
+    _singles_lines(singles, cfg, label, lines, table)
+    for f in flags or []:
+        lines.append(f"Flag: {METHOD_LABEL.get(f['method'], f['method'])} random draw {f['localizer']} {f['issue']} "
+                     f"({f['heads']}).")
+    opt = outcomes.get("optimal")
+    headline = _headline(outcomes, head, table, cfg, K, label, floors, order)
     if opt is not None:
         headline += f" (Family: {family}.)"
     return Verdict(headline, lines, table, missing, opt)
