@@ -17,7 +17,7 @@ import re
 import reprlib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -176,7 +176,8 @@ class LocalizerSpec(_Strict):
 
 class ITISpec(_Strict):
     enabled: bool = Field(True, description="Run ITI (heuristic) edits.")
-    alphas: list[float] = Field(default_factory=lambda: [5.0, 15.0], min_length=1, description="Alpha grid.")
+    alphas: list[Annotated[float, Field(ge=-1e3, le=1e3)]] = Field(default_factory=lambda: [5.0, 15.0], min_length=1,
+                                                                  description="Alpha grid (|alpha| <= 1000).")
     direction: Literal["mass_mean", "probe"] = Field("mass_mean", description="ITI direction.")
     localizers: list[Group] = Field(default_factory=lambda: ["top", "random"], description="Where to edit.")
 
@@ -198,7 +199,8 @@ class LRGrid(_Strict):
 
 class OptimalSpec(_Strict):
     enabled: bool = Field(True, description="Run optimal (trained, localized LoRA) edits.")
-    taus: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="IPO tau grid.")
+    taus: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1], min_length=1,
+                                                     description="IPO tau grid (> 0).")
     lr: LRGrid = Field(default_factory=LRGrid, description="Learning-rate grid per localizer group (paper: "
                        "1e-4 all heads, 5e-4 16 heads, 2e-3 one head).")
     objective: Literal["ipo", "dpo", "sft"] = Field("ipo", description="Training objective.")
