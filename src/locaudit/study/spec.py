@@ -199,8 +199,7 @@ class LRGrid(_Strict):
 
 class OptimalSpec(_Strict):
     enabled: bool = Field(True, description="Run optimal (trained, localized LoRA) edits.")
-    taus: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1], min_length=1,
-                                                     description="IPO tau grid (> 0).")
+    taus: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="IPO tau grid.")
     lr: LRGrid = Field(default_factory=LRGrid, description="Learning-rate grid per localizer group (paper: "
                        "1e-4 all heads, 5e-4 16 heads, 2e-3 one head).")
     objective: Literal["ipo", "dpo", "sft"] = Field("ipo", description="Training objective.")
