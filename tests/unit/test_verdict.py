@@ -360,6 +360,8 @@ def test_beating_all_draws_on_noisy_questions_is_not_evidence() -> None:
     assert r["training_noise"].startswith("omitted") and any("omits training noise" in line for line in v.lines)
     assert 0 < r["rank_stability"] < 1
     assert not any("caution" in line for line in v.lines)  # the one-sided test decides; no CI-vs-test caution
+    # what would decide it: the design's power with the candidate's own noise, never power from the observed z
+    assert "with 19 draws the rank test detects a candidate" in v.headline and "observed standing" not in v.headline
     rand2 = list(np.linspace(0.55, 0.65, 19))  # a clear win without question noise: both tests pass
     df, _ = study({"top4": ("top", 0.80), **draws(rand2), "all": ("all", 0.90)}, 0.40)
     a, v, rows = run(df)

@@ -68,6 +68,15 @@ def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, 
         m = int(S.discrete_family(f2, cfg.alpha, cfg.multiplicity).sum())
         parts.append(f"the rank test cannot go below {_p(S.rank_floor(n))} with {n} draws; it needs at least {need} "
                      f"draws to reach {_p(cfg.alpha / m)} ({cfg.multiplicity + ', ' if m > 1 else ''}family of {m})")
+    sd0, seq0 = _finite(row.get("random_sd")), _finite(row.get("se_questions"))
+    if member[index] and sd0:  # the design's power (not the observed effect's): the candidate's own noise included
+        thr = cfg.alpha / max(1, int(member.sum()))
+        ratio = (seq0 or 0.0) / sd0
+        shift = S.detectable_shift(n, thr, cfg.power, ratio)
+        if math.isfinite(shift):
+            parts.append(f"with {n} draws the rank test detects a candidate {shift:.1f} sd of the draws above them "
+                         f"({shift * sd0:.3g}) with {cfg.power:.0%} power, its own question noise ({ratio:.2f} sd) "
+                         "included")
     p_mean, p_rank = _finite(row.get("p_mean")), _finite(row.get("p_rank"))
     if p_mean is not None and p_mean > cfg.alpha and p_rank is not None and p_rank <= cfg.alpha:
         parts.append(f"the candidate ranks high, but the hierarchical test of the difference does not reject (p = "
