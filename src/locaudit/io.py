@@ -12,8 +12,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +41,12 @@ def cache_dir(*parts: str) -> Path:
 # `.NAME.locaudit-old-PID-RANDOM`), so that a later run recognises what a killed process left behind.
 TMP_TAG = "locaudit-tmp"
 OLD_TAG = "locaudit-old"
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>locaudit-tmp|locaudit-old)-(?P<pid>\d+)-[0-9a-z_]+(\.tmp)?$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>locaudit-tmp|locaudit-old)-(?:h(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-"
+                      r"[0-9a-z_]+(\.tmp)?$")
+# this machine, in temporary names: a process id means something only on the machine that wrote it (run folders
+# can sit on storage that Ray workers of other machines share); another machine's leftovers go after a day
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_FOREIGN_AGE_S = 86400.0
 _LEGACY_RE = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")  # export folders of locaudit <= 0.x: OUT.tmpPID
 
 
@@ -58,7 +65,7 @@ def _pid_alive(pid: int) -> bool:
 def temp_sibling(path: str | os.PathLike, tag: str = TMP_TAG) -> Path:
     """A fresh (not yet created) hidden sibling name of `path` that `clean_stale_temps` recognises."""
     path = Path(path)
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f".{path.name}.{tag}-h{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _remove(p: Path) -> None:
@@ -85,7 +92,16 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
         m = _TEMP_RE.match(p.name)
         legacy = _LEGACY_RE.match(p.name) if m is None else None
         hit = m or legacy
-        if hit is None or hit.group("name") != path.name or _pid_alive(int(hit.group("pid"))):
+        if hit is None or hit.group("name") != path.name:
+            continue
+        host = m.group("host") if m is not None else None
+        if host is not None and host != _HOST:
+            try:
+                if time.time() - p.lstat().st_mtime < _FOREIGN_AGE_S:
+                    continue  # perhaps a live writer on another machine
+            except OSError:
+                continue
+        elif _pid_alive(int(hit.group("pid"))):
             continue
         if m is not None and m.group("tag") == OLD_TAG and not os.path.lexists(path):
             os.replace(p, path)
@@ -223,7 +239,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{TMP_TAG}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{TMP_TAG}-h{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -91,3 +91,22 @@ def test_leftovers_of_killed_processes_are_cleaned_and_a_half_replaced_folder_re
     nested.mkdir(parents=True)
     (nested / f".result.json.{TMP_TAG}-{dead.pid}-x1.tmp").write_text("{")
     assert len(clean_tree_temps(tmp_path / "run")) == 1 and list(nested.iterdir()) == []
+
+
+def test_leftovers_of_another_machine_are_kept_while_fresh(tmp_path):
+    """A process id means nothing on another machine (a run folder on shared storage): its temporaries are
+    removed only once they are a day old."""
+    import os
+    import time
+
+    from locaudit.io import _HOST, TMP_TAG, clean_stale_temps, temp_sibling
+
+    other = "0" * 8 if _HOST != "0" * 8 else "1" * 8
+    fresh = tmp_path / f".out.{TMP_TAG}-h{other}-1234567-abc"
+    stale = tmp_path / f".out.{TMP_TAG}-h{other}-7654321-abc"
+    fresh.mkdir()
+    stale.mkdir()
+    day_ago = time.time() - 2 * 86400
+    os.utime(stale, (day_ago, day_ago))
+    assert clean_stale_temps(tmp_path / "out") == [stale] and fresh.is_dir()
+    assert f"-h{_HOST}-{os.getpid()}-" in temp_sibling(tmp_path / "out").name
