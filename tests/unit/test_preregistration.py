@@ -68,3 +68,23 @@ def test_a_trained_judge_is_recorded_by_folder_and_content(tmp_path: Path) -> No
     (folder / "meta.json").write_text('{"a": 2}')
     assert judge_record(spec)["hash"] != a["hash"]
     assert judge_record({"evaluation": {}}) == {"written": None, "resolved": None}
+
+
+def test_the_default_judge_is_recorded_by_its_cache_folder(tmp_path: Path, monkeypatch) -> None:
+    from locaudit.evaluate.judges.registry import default_judge_dir
+
+    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers\n")
+    monkeypatch.setenv("LOCAUDIT_TEST_JUDGE", "default:small")
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+    study = {**STUDY, "data": {"spec": "truthfulqa:tqa.csv"}, "evaluation": {"judge": "${LOCAUDIT_TEST_JUDGE:-default}"}}
+    spec = parse_study(study, tmp_path, "s.yaml")
+    rec = judge_record(spec)
+    want = Path(rec["folder"])
+    assert rec["resolved"] == "default:small" and want.name.startswith("default-small-") and rec["hash"] is None
+    assert want.parent == Path(default_judge_dir("truthfulqa:x", ("test",))).parent  # the judges' cache
+    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers\nx\n")
+    assert judge_record(spec)["folder"] != rec["folder"]  # keyed by the held-out file's content
+    (tmp_path / "tqa.csv").write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers\n")
+    want.mkdir(parents=True)
+    (want / "judge.json").write_text("{}")
+    assert len(judge_record(spec)["hash"]) == 64

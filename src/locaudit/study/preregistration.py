@@ -56,7 +56,25 @@ def judge_record(spec: Any) -> dict:
     if kind == "trained" and rest:
         out["folder"] = str(Path(rest).expanduser().resolve())
         out["hash"] = _folder_hash(Path(out["folder"]))
+    elif kind == "default":
+        try:
+            out["folder"] = str(_default_judge_dir(s, rest))
+            out["hash"] = _folder_hash(Path(out["folder"]))  # None until it is trained (on first use)
+        except Exception as e:  # a spec the default judge cannot serve: the run says so when it builds it
+            out["folder_error"] = str(e)[:300]
     return out
+
+
+def _default_judge_dir(spec: Any, size: str) -> Path:
+    """The cache folder of the study's default judge (the hold-out as rejudge.study_judge sets it up)."""
+    from locaudit.evaluate.judges.registry import default_judge_dir
+    from locaudit.study.trials import _selection
+
+    d, ev = spec.data, spec.evaluation
+    select = _selection(spec)
+    holdout = tuple(sorted({ev.split, select["split"]} if select and "gen" in select["metrics"] else {ev.split}))
+    return default_judge_dir(spec.resolved_data_spec(), holdout, d.seed, tuple(d.fractions), d.max_questions,
+                             size=size)
 
 
 def record(spec: Any) -> dict:
