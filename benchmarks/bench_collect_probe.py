@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
 
 from locaudit.models.precision import resolve_precision  # noqa: E402
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
@@ -269,7 +270,7 @@ def main() -> None:
     }
     acts = collect_probe_activations(lm, load_behaviour(f"truthfulqa:{args.csv}", seed=0,
                                                         max_questions=args.probe_questions),
-                                     "plain", batch_size=bs, progress=False)
+                                     "plain", batch_size=bs, progress=False, precision=_P('fp32'))
     result["probing"] = bench_probe(acts)
     result["goals"] = {
         "overhead_le_10pct": result["overhead_vs_bare_forward"] <= 0.10,

@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
+from locaudit.models.precision import resolve_precision as _P  # noqa: E402  (resolved once, as entry points do)
 
 REPO = Path(__file__).resolve().parents[1]
 CSV = Path(os.environ.get("LOCAUDIT_SHARED_DATA", REPO.parent / "shared" / "data")) / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
@@ -113,7 +114,7 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
         from locaudit.edit.train import checkpointing_needed, choose_layout
 
         def layout(lm, enc, cfg) -> dict:
-            tiled, packed = choose_layout(lm, enc, cfg)
+            tiled, packed = choose_layout(lm, enc, cfg, _P(cfg.precision))
             return {"tiled": tiled, "packed": packed}
         from locaudit.heads import HeadSet
 
@@ -125,8 +126,8 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             heads = [HeadSet.all(L, H)]
             cfg = cfg.model_copy(update={"gradient_checkpointing": kind != "locaudit_all:nogc"})
             with Clock() as ref_clock:  # in the layout training uses (tiled head, packed pairs where checked)
-                tiled, packed = choose_layout(lm, enc, cfg)
-                reference_logps(lm, enc, PREC, cfg.eval_batch_size, disk=False, tiled=tiled, packed=packed)
+                tiled, packed = choose_layout(lm, enc, cfg, _P(cfg.precision))
+                reference_logps(lm, enc, _P(PREC), cfg.eval_batch_size, disk=False, tiled=tiled, packed=packed)
             auto = cfg.model_copy(update={"gradient_checkpointing": "auto"})
             out.update(tiled=tiled, packed=packed,
                        auto_checkpointing=checkpointing_needed(lm, auto, enc, len(heads), L, packed))
@@ -138,13 +139,13 @@ def worker(kind: str, n_pairs: int, batch_size: int) -> dict:
             layer = int(kind.split(":")[1])
             use = kind.startswith("prefix_on")
             heads = [HeadSet.parse(f"L{layer}H3")]
-            reference_logps(lm, enc, PREC, cfg.eval_batch_size, disk=False, **layout(lm, enc, cfg))
+            reference_logps(lm, enc, _P(PREC), cfg.eval_batch_size, disk=False, **layout(lm, enc, cfg))
             c0 = cfg.model_copy(update={"frozen_prefix": use})
             if use:  # one-time state collection, reported apart (shared by every trial at this layer)
                 from locaudit.edit.prefix import PREFIX_CACHE
-                from locaudit.edit.fastcast import frozen_bf16_weights
+                from locaudit.models.fastcast import frozen_bf16_weights
                 with Clock() as sc, frozen_bf16_weights(lm.model, PREC == "bf16"):
-                    PREFIX_CACHE.get(lm, enc, layer, PREC, c0.eval_batch_size)
+                    PREFIX_CACHE.get(lm, enc, layer, _P(PREC), c0.eval_batch_size)
                 out.update(states_wall=sc.wall, states_cpu=sc.cpu)
             with Clock() as c:
                 train_edits(lm, heads, pairs, None, config=c0)

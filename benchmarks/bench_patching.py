@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "truthfulqa" / "data" / "v1" / "TruthfulQA.csv"
@@ -69,13 +70,13 @@ def main() -> None:
     batched_cfg = PatchingConfig(heads=heads, batch_pairs=args.batch_pairs, tokens_per_forward=args.tokens_per_forward)
     stack_cfg = batched_cfg.model_copy(update={"skip_layers": False})
     loop_cfg = PatchingConfig(heads=heads, batch_pairs=1, tokens_per_forward=64, skip_layers=False)
-    activation_patching(lm, pairs[:1], PatchingConfig(heads="L0H0"), args.precision, progress=False)  # warm-up
+    activation_patching(lm, pairs[:1], PatchingConfig(heads="L0H0"), precision=args.precision, progress=False)  # warm-up
     best = {"batched": float("inf"), "stacked": float("inf"), "loop": float("inf")}
     cfgs = {"batched": batched_cfg, "stacked": stack_cfg, "loop": loop_cfg}
     results = {}
     for _ in range(args.repeats):  # interleaved, best of: the machine may be shared
         for name, cfg in cfgs.items():
-            t, results[name] = timed(lambda cfg=cfg: activation_patching(lm, pairs, cfg, args.precision, progress=False))
+            t, results[name] = timed(lambda cfg=cfg: activation_patching(lm, pairs, cfg, precision=args.precision, progress=False))
             best[name] = min(best[name], t)
     t_batched, t_stack, t_loop = best["batched"], best["stacked"], best["loop"]
     eff_b, eff_l = results["batched"], results["loop"]
@@ -83,7 +84,7 @@ def main() -> None:
     max_diff = float((eff_b.effect[done] - eff_l.effect[done]).abs().max())
 
     all_cfg = PatchingConfig(batch_pairs=args.batch_pairs)
-    t_atp = min(timed(lambda: attribution_patching(lm, pairs, all_cfg, args.precision, progress=False))[0]
+    t_atp = min(timed(lambda: attribution_patching(lm, pairs, all_cfg, precision=args.precision, progress=False))[0]
                 for _ in range(args.repeats))
     plan = _Plan(lm, pairs, all_cfg)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_caa_probe_signal_and_iti_direction(shared_data, smollm2):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         texts = probe_texts(exs, "plain", smollm2.tokenizer, 512)
-    X = collect_activations(smollm2, texts, batch_size=8, progress=False)  # [N, L, H, D]
+    X = collect_activations(smollm2, texts, batch_size=8, progress=False, precision=_P('fp32'))  # [N, L, H, D]
     y = torch.tensor([e.label for e in exs])
     u = mass_mean_directions(X.flatten(1, 2).double(), y)  # [L*H, D]
     assert (u.norm(dim=-1) > 0).all()
@@ -70,7 +71,7 @@ def test_ab_metric_on_the_sycophancy_test_set(shared_data, smollm2):
     assert len(pairs) == 50
     pairs = pairs[:4]  # bounded: the metric's cost grows with the items (long prompts), its correctness does not
     fmt = PromptFormat("plain")
-    res = score_ab(smollm2, None, pairs, fmt, batch_size=4)
+    res = score_ab(smollm2, None, pairs, fmt, batch_size=4, precision=_P('fp32'))
     s = res.summary()
     assert 0 < s["ab"] < 1 and s["n_ab"] == 4 and s["ab_delta"] == 0.0
     # one item by hand: the letters' probabilities after the prompt, normalised over the two

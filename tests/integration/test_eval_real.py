@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def test_smollm2_baseline_mc_and_iti_kl(smollm2, shared_data, tmp_path, monkeypa
     assert 0.0 <= base.mc1 <= 1.0 and 0.0 < base.mc2 < 1.0
     assert base.kl == 0.0 and 0.5 < base.ce < 10
 
-    acts = collect_probe_activations(smollm2, data, fmt, progress=False, precision="auto")
+    acts = collect_probe_activations(smollm2, data, fmt, progress=False, precision=_P('auto'))
     probe = probe_activations(acts)
     heads = probe.top(8)
     edit = fit_iti(acts, heads)

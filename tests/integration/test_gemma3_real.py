@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,7 @@ def test_ab_metric_on_caa(gemma3, shared_data):
     if not path.exists():
         pytest.skip(f"{path} is absent")
     pairs = load_caa(path)[:4]
-    res = score_ab(gemma3, _iti(gemma3, alpha=8.0), pairs, PromptFormat("plain"), batch_size=8)
+    res = score_ab(gemma3, _iti(gemma3, alpha=8.0), pairs, PromptFormat("plain"), batch_size=8, precision=_P('fp32'))
     s = res.summary()
     assert s["n_ab"] == 4 and 0 < s["ab"] < 1 and 0 < s["ab_base"] < 1
     assert s["ab_delta"] == pytest.approx(s["ab"] - s["ab_base"])

@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def test_collect_and_probe_truthfulqa(smollm2, shared_data, tmp_path, monkeypatc
     data = load_behaviour(f"truthfulqa:{csv}", seed=0, max_questions=24)
     t = time.perf_counter()
     acts = collect_probe_activations(smollm2, data, "plain", out_dir=tmp_path / "acts", batch_size=32,
-                                     precision="auto", progress=False)
+                                     precision=_P('auto'), progress=False)
     took = time.perf_counter() - t
     N = len(acts)
     assert 120 <= N <= 400 and acts.shape[1:] == (30, 9, 64)
@@ -28,12 +29,12 @@ def test_collect_and_probe_truthfulqa(smollm2, shared_data, tmp_path, monkeypatc
 
     # the batched, padded rows (auto: bf16 where fast, else fp32) match one-at-a-time fp32 collection up to bf16 precision
     few = [0, N // 2, N - 1]
-    ref = collect_activations(smollm2, [acts.examples[i]["text"] for i in few], batch_size=1, progress=False)
+    ref = collect_activations(smollm2, [acts.examples[i]["text"] for i in few], batch_size=1, progress=False, precision=_P('fp32'))
     rel = (acts.heads[few] - ref).norm() / ref.norm()
     assert rel < 0.05, f"relative difference {rel:.3f}"
 
     t = time.perf_counter()
-    again = collect_probe_activations(smollm2, data, "plain", batch_size=32, precision="auto",
+    again = collect_probe_activations(smollm2, data, "plain", batch_size=32, precision=_P('auto'),
                                       progress=False)
     assert time.perf_counter() - t < 5 and torch.equal(again.heads, acts.heads)  # read from the cache
 

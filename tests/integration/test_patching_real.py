@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
 
     t = time.perf_counter()
     atp = localize_heads(smollm2, data, "attribution", {"max_pairs": 2}, out_dir=tmp_path / "atp",
-                         precision="auto", progress=False)
+                         precision=_P('auto'), progress=False)
     took = time.perf_counter() - t
     assert atp.shape == (L, H) and atp.n == 2 and torch.isfinite(atp.effect).all()
     assert atp.effect.abs().max() > 0
@@ -36,10 +37,9 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
     heads = ",".join(f"L{l}H{h}" for l, h in top)
     pairs = select_pairs(data.pairs("train"), 2, 0)
     t = time.perf_counter()
-    batched = activation_patching(smollm2, pairs, PatchingConfig(heads=heads), "auto", progress=False)
+    batched = activation_patching(smollm2, pairs, PatchingConfig(heads=heads), precision=_P('auto'), progress=False)
     took = time.perf_counter() - t
-    loop = activation_patching(smollm2, pairs, PatchingConfig(heads=heads, batch_pairs=1, tokens_per_forward=64),
-                               "auto", progress=False)
+    loop = activation_patching(smollm2, pairs, PatchingConfig(heads=heads, batch_pairs=1, tokens_per_forward=64), precision=_P('auto'), progress=False)
     done = torch.isfinite(batched.effect)
     assert int(done.sum()) == 3 and all(bool(done[lh]) for lh in top)
     scale = float(batched.effect[done].abs().max())
@@ -48,6 +48,6 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
           f"(AtP {[round(float(atp.effect[lh]), 4) for lh in top]}), {took:.1f} s")
 
     # clean values into the clean run: exactly no effect
-    zero = activation_patching(smollm2, pairs[:1], PatchingConfig(heads="L0H0,L29H8", noise_scale=0.0), "auto",
+    zero = activation_patching(smollm2, pairs[:1], PatchingConfig(heads="L0H0,L29H8", noise_scale=0.0), precision=_P('auto'),
                                progress=False)
     assert float(zero.effect.nan_to_num().abs().max()) == 0.0

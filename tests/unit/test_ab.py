@@ -15,6 +15,7 @@ from locaudit.edit.iti import ITIEdit
 from locaudit.evaluate.ab import normalised_match_prob, score_ab
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 def _pairs(n=6):
@@ -49,7 +50,7 @@ def test_ab_matches_a_hand_written_forward():
     lm = tiny_model("llama")
     fmt = PromptFormat("plain")
     pairs = _pairs()
-    res = score_ab(lm, None, pairs, fmt, batch_size=4)
+    res = score_ab(lm, None, pairs, fmt, batch_size=4, precision=_P('fp32'))
     for p, got in zip(pairs, res.p):
         m = _hand_logp(lm, fmt.prompt(p.question), fmt.completion(p.chosen))
         o = _hand_logp(lm, fmt.prompt(p.question), fmt.completion(p.rejected))
@@ -65,11 +66,11 @@ def test_swapping_sides_gives_one_minus_p_and_an_edit_changes_it():
     lm = tiny_model("gpt2")
     pairs = _pairs()
     swapped = [PreferencePair(p.qid, p.question, p.rejected, p.chosen) for p in pairs]
-    a = score_ab(lm, None, pairs)
-    b = score_ab(lm, None, swapped)
+    a = score_ab(lm, None, pairs, precision=_P('fp32'))
+    b = score_ab(lm, None, swapped, precision=_P('fp32'))
     assert all(x + y == pytest.approx(1.0, abs=1e-9) for x, y in zip(a.p, b.p))
     edit = _iti(lm)
-    e = score_ab(lm, edit, pairs)
+    e = score_ab(lm, edit, pairs, precision=_P('fp32'))
     assert e.p_base == a.p and max(abs(x - y) for x, y in zip(e.p, a.p)) > 1e-4
     s = e.summary()
     assert s["ab_delta"] == pytest.approx(s["ab"] - s["ab_base"], abs=1e-12)

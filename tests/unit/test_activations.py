@@ -18,6 +18,7 @@ from locaudit.localize.activations import (
     collect_probe_activations,
 )
 from locaudit.models.hooks import o_proj_hooks
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 TEXTS = [
     "Q: What is the capital of France?\nA: Paris",
@@ -50,7 +51,7 @@ def test_heads_reassemble_o_proj_input_and_output(tiny):
     text = TEXTS[2]
     ins, outs = _capture(tiny, text)
     T = ins[0].shape[1]
-    heads = collect_activations(tiny, [text] * T, batch_size=4, positions=list(range(T)), progress=False)
+    heads = collect_activations(tiny, [text] * T, batch_size=4, positions=list(range(T)), progress=False, precision=_P('fp32'))
     assert heads.shape == (T, *lm_shape)
     for l in range(L):
         # per-head slices, concatenated, are exactly the o_proj input at each position
@@ -62,8 +63,8 @@ def test_heads_reassemble_o_proj_input_and_output(tiny):
 
 
 def test_batched_with_padding_equals_one_at_a_time(tiny):
-    batched = collect_activations(tiny, TEXTS, batch_size=3, progress=False)
-    single = torch.cat([collect_activations(tiny, [t], batch_size=1, progress=False) for t in TEXTS])
+    batched = collect_activations(tiny, TEXTS, batch_size=3, progress=False, precision=_P('fp32'))
+    single = torch.cat([collect_activations(tiny, [t], batch_size=1, progress=False, precision=_P('fp32')) for t in TEXTS])
     assert batched.shape == (len(TEXTS), *tiny.sites.shape)
     assert (batched - single).abs().max().item() < 1e-5
     # rows come back in the input order, not the length-sorted order
@@ -71,17 +72,17 @@ def test_batched_with_padding_equals_one_at_a_time(tiny):
 
 
 def test_stopping_early_gives_the_same_values(tiny):
-    a = collect_activations(tiny, TEXTS, batch_size=4, progress=False, stop_early=True)
-    b = collect_activations(tiny, TEXTS, batch_size=4, progress=False, stop_early=False)
+    a = collect_activations(tiny, TEXTS, batch_size=4, progress=False, stop_early=True, precision=_P('fp32'))
+    b = collect_activations(tiny, TEXTS, batch_size=4, progress=False, stop_early=False, precision=_P('fp32'))
     assert torch.equal(a, b)
 
 
 def test_streamed_file_equals_in_memory(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    mem = collect_activations(tiny, TEXTS, batch_size=2, progress=False)
+    mem = collect_activations(tiny, TEXTS, batch_size=2, progress=False, precision=_P('fp32'))
     path = tmp_path / "acts.safetensors"
-    disk = collect_activations(tiny, TEXTS, batch_size=2, progress=False, out_path=path)
+    disk = collect_activations(tiny, TEXTS, batch_size=2, progress=False, out_path=path, precision=_P('fp32'))
     assert torch.equal(mem, disk)
     loaded = load_file(str(path))  # the streamed file is a standard safetensors file
     assert list(loaded) == ["heads"] and loaded["heads"].dtype == torch.float32
@@ -89,34 +90,34 @@ def test_streamed_file_equals_in_memory(tiny, tmp_path):
 
 
 def test_positions_and_bad_positions(tiny):
-    last = collect_activations(tiny, TEXTS[:3], positions="last", progress=False)
-    neg = collect_activations(tiny, TEXTS[:3], positions=[-1, -1, -1], progress=False)
+    last = collect_activations(tiny, TEXTS[:3], positions="last", progress=False, precision=_P('fp32'))
+    neg = collect_activations(tiny, TEXTS[:3], positions=[-1, -1, -1], progress=False, precision=_P('fp32'))
     assert torch.equal(last, neg)
-    first = collect_activations(tiny, TEXTS[:3], positions=[0, 0, 0], progress=False)
+    first = collect_activations(tiny, TEXTS[:3], positions=[0, 0, 0], progress=False, precision=_P('fp32'))
     assert not torch.allclose(first[0], last[0])
     with pytest.raises(DataError, match=r"positions\[1\] = 50"):
-        collect_activations(tiny, TEXTS[:3], positions=[0, 50, 0], progress=False)
+        collect_activations(tiny, TEXTS[:3], positions=[0, 50, 0], progress=False, precision=_P('fp32'))
     with pytest.raises(DataError, match="one index per text"):
-        collect_activations(tiny, TEXTS[:3], positions=[0, 0], progress=False)
+        collect_activations(tiny, TEXTS[:3], positions=[0, 0], progress=False, precision=_P('fp32'))
     with pytest.raises(DataError, match="'first'"):
-        collect_activations(tiny, TEXTS[:3], positions="first", progress=False)
+        collect_activations(tiny, TEXTS[:3], positions="first", progress=False, precision=_P('fp32'))
     with pytest.raises(DataError, match=r"texts\[0\]"):
-        collect_activations(tiny, [None], progress=False)  # type: ignore[list-item]
+        collect_activations(tiny, [None], progress=False, precision=_P('fp32'))  # type: ignore[list-item]
 
 
 def test_bf16_autocast_close_to_fp32():
     from locaudit.models.tiny import tiny_model
 
     lm = tiny_model("llama", with_bias=True)
-    fp32 = collect_activations(lm, TEXTS, progress=False)
-    bf16 = collect_activations(lm, TEXTS, progress=False, precision="bf16")
+    fp32 = collect_activations(lm, TEXTS, progress=False, precision=_P('fp32'))
+    bf16 = collect_activations(lm, TEXTS, progress=False, precision=_P('bf16'))
     assert bf16.dtype == torch.float32
     rel = (bf16 - fp32).norm() / fp32.norm()
     assert 0 < rel.item() < 0.05
 
 
 def test_empty_text_list(tiny):
-    out = collect_activations(tiny, [], progress=False)
+    out = collect_activations(tiny, [], progress=False, precision=_P('fp32'))
     assert out.shape == (0, *tiny.sites.shape)
 
 
@@ -199,14 +200,14 @@ def test_probe_activations_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
     lm = tiny_model("llama")
     data = _behaviour()
-    acts = collect_probe_activations(lm, data, "plain", out_dir=tmp_path / "out", progress=False)
+    acts = collect_probe_activations(lm, data, "plain", out_dir=tmp_path / "out", progress=False, precision=_P('fp32'))
     exs = data.probe_examples()
     assert len(acts) == len(exs) == 18
     assert [e["qid"] for e in acts.examples] == [e.qid for e in exs]
     assert [e["label"] for e in acts.examples] == [e.label for e in exs]
     assert {e["split"] for e in acts.examples} == {"train", "val"}
     assert acts.examples[0]["text"] == probe_text(exs[0], "plain", lm.tokenizer)
-    direct = collect_activations(lm, [e["text"] for e in acts.examples], progress=False)
+    direct = collect_activations(lm, [e["text"] for e in acts.examples], progress=False, precision=_P('fp32'))
     assert (acts.heads - direct).abs().max() < 1e-5
     assert (tmp_path / "out" / ACTIVATIONS_FILE).exists()
     assert acts.meta["model_fingerprint"] == lm.fingerprint and acts.meta["data_fingerprint"] == data.fingerprint
@@ -215,24 +216,24 @@ def test_probe_activations_cached(tmp_path, monkeypatch):
         raise AssertionError("cache miss: collection ran again")
 
     monkeypatch.setattr(A, "collect_activations", boom)
-    again = collect_probe_activations(lm, data, "plain", progress=False)
+    again = collect_probe_activations(lm, data, "plain", progress=False, precision=_P('fp32'))
     assert torch.equal(again.heads, acts.heads)
     # a different model, data or format gives another key (so a collection would run)
     plain = PromptFormat("plain")
-    key = A.activation_key(lm, data.fingerprint, plain)
+    key = A.activation_key(lm, data.fingerprint, plain, precision=_P('fp32'))
     assert key == acts.meta["key"]
-    assert A.activation_key(tiny_model("llama", seed=1), data.fingerprint, plain) != key
-    assert A.activation_key(lm, _behaviour(tag="!").fingerprint, plain) != key
-    assert A.activation_key(lm, data.fingerprint, PromptFormat("chat")) != key
+    assert A.activation_key(tiny_model("llama", seed=1), data.fingerprint, plain, precision=_P('fp32')) != key
+    assert A.activation_key(lm, _behaviour(tag="!").fingerprint, plain, precision=_P('fp32')) != key
+    assert A.activation_key(lm, data.fingerprint, PromptFormat("chat"), precision=_P('fp32')) != key
     with pytest.raises(AssertionError, match="cache miss"):
-        collect_probe_activations(lm, _behaviour(tag="!"), "plain", progress=False)
+        collect_probe_activations(lm, _behaviour(tag="!"), "plain", progress=False, precision=_P('fp32'))
 
 
 def test_probe_activations_without_cache_needs_out_dir(tmp_path):
     from locaudit.models.tiny import tiny_model
 
     with pytest.raises(DataError, match="needs an out_dir"):
-        collect_probe_activations(tiny_model("gpt2"), _behaviour(), "plain", cache=False)
+        collect_probe_activations(tiny_model("gpt2"), _behaviour(), "plain", cache=False, precision=_P('fp32'))
     acts = collect_probe_activations(tiny_model("gpt2"), _behaviour(), "chat", out_dir=tmp_path / "o", cache=False,
-                                     progress=False)
+                                     progress=False, precision=_P('fp32'))
     assert ActivationSet.load(tmp_path / "o").meta["format"] == "chat" and len(acts) == 18

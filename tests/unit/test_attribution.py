@@ -18,6 +18,7 @@ from locaudit.localize.attribution import attribution_patching
 from locaudit.localize.corruptions import PatchingConfig, prompt_noise
 from locaudit.localize.patching import activation_patching
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 PAIRS = [PreferencePair(f"q{i}", f"Name {i} colours.", f"Red and {'blue' * (i + 1)}.", f"No {i}") for i in range(3)]
 
@@ -103,7 +104,7 @@ def _reference(lm, corruption: str, drop: int | None = None) -> torch.Tensor:
 
 @pytest.mark.parametrize("corruption", ["noise", "mean"])
 def test_attribution_equals_exact_gradient_product(lm, corruption):
-    got = attribution_patching(lm, PAIRS, PatchingConfig(corruption=corruption, batch_pairs=2), progress=False)
+    got = attribution_patching(lm, PAIRS, PatchingConfig(corruption=corruption, batch_pairs=2), progress=False, precision=_P('fp32'))
     ref = _reference(lm, corruption)
     assert got.per_example.abs().max() > 1e-3
     assert torch.allclose(got.per_example.double(), ref, atol=1e-5, rtol=1e-5), \
@@ -111,7 +112,7 @@ def test_attribution_equals_exact_gradient_product(lm, corruption):
 
 
 def test_graddrop_equals_forward_detached_reference(lm):
-    got = attribution_patching(lm, PAIRS, PatchingConfig(graddrop=True), progress=False)
+    got = attribution_patching(lm, PAIRS, PatchingConfig(graddrop=True), progress=False, precision=_P('fp32'))
     L = lm.sites.n_layers
     per_drop = [_reference(lm, "noise", drop=lp).abs() for lp in range(L)]
     ref = torch.zeros_like(per_drop[0])
@@ -124,11 +125,11 @@ def test_graddrop_equals_forward_detached_reference(lm):
 
 
 def test_zero_noise_gives_zero_and_small_noise_matches_patching(lm):
-    zero = attribution_patching(lm, PAIRS, PatchingConfig(noise_scale=0.0), progress=False)
+    zero = attribution_patching(lm, PAIRS, PatchingConfig(noise_scale=0.0), progress=False, precision=_P('fp32'))
     assert zero.per_example.abs().max() == 0.0
     cfg = PatchingConfig(noise_scale=0.01)  # first order is exact as the patch shrinks
-    atp = attribution_patching(lm, PAIRS, cfg, progress=False)
-    act = activation_patching(lm, PAIRS, cfg, progress=False)
+    atp = attribution_patching(lm, PAIRS, cfg, progress=False, precision=_P('fp32'))
+    act = activation_patching(lm, PAIRS, cfg, progress=False, precision=_P('fp32'))
     scale = float(act.effect.abs().max())
     assert scale > 0
     assert float((atp.effect - act.effect).abs().max()) < 0.05 * scale
@@ -136,6 +137,6 @@ def test_zero_noise_gives_zero_and_small_noise_matches_patching(lm):
 
 
 def test_attribution_meta_says_what_was_skipped(lm):
-    eff = attribution_patching(lm, PAIRS[:2], PatchingConfig(corruption="mean"), progress=False)
+    eff = attribution_patching(lm, PAIRS[:2], PatchingConfig(corruption="mean"), progress=False, precision=_P('fp32'))
     assert "not applicable" in eff.meta["qk_fix"] and eff.method == "attribution"
     assert eff.meta["direction"] == "noise" and eff.n == 2

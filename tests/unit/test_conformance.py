@@ -19,6 +19,7 @@ from locaudit.heads import HeadSet
 from locaudit.models import interventions as iv
 from locaudit.models.sites import SITES
 from locaudit.models.tiny import FAMILIES, tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 KINDS = ("none", "iti", "lora_reparam", "lora_plain")
 PRECISIONS = ("fp32", "bf16")
@@ -57,7 +58,7 @@ def ids_for(lm):
 
 
 def logits(lm, edit, precision, ids):
-    with edited(lm, edit, precision):
+    with edited(lm, edit, precision=_P(precision)):
         return lm.model(input_ids=ids).logits.float()
 
 
@@ -103,7 +104,7 @@ def test_model_restored_on_exit_and_on_error(family, kind, precision):
     if kind != "none":
         assert not torch.allclose(out, base)
     with pytest.raises(RuntimeError, match="boom"):
-        with edited(lm, edit, precision):
+        with edited(lm, edit, precision=_P(precision)):
             lm.model(input_ids=ids)
             raise RuntimeError("boom")
     after = state(lm)
@@ -124,10 +125,10 @@ def test_masked_heads_untouched(family, kind, precision):
     edit = make_edit(kind, lm)
     first = min(HEADS.layers)
     outside = ~HEADS.dim_mask(L, H, D)
-    with edited(lm, None, precision), iv.capture(s, "heads", [first]) as cap:
+    with edited(lm, None, precision=_P(precision)), iv.capture(s, "heads", [first]) as cap:
         cap.forward(lm.model, ids)
         o_base = cap.values[first].float()
-    with edited(lm, edit, precision), iv.capture(s, "heads", HEADS.layers) as ci, \
+    with edited(lm, edit, precision=_P(precision)), iv.capture(s, "heads", HEADS.layers) as ci, \
             iv.capture(s, "attn_out", HEADS.layers) as co:
         lm.model(input_ids=ids)
     cols = outside[first]
@@ -248,7 +249,7 @@ def test_edit_verification(family, kind, tmp_path):
         with pytest.raises(LocauditError, match=match):
             bad.verify(lm)
         with pytest.raises(LocauditError, match=match):
-            with edited(lm, bad, "fp32"):
+            with edited(lm, bad, precision=_P('fp32')):
                 lm.model(input_ids=ids)
         assert not hooks_left(lm)
         with pytest.raises(LocauditError, match=match):
@@ -274,7 +275,7 @@ def test_edit_verification(family, kind, tmp_path):
             # without the model, a stored LoRA edit is checked layer by layer; the head check runs on apply
             back = load_edit(folder)
             with pytest.raises(LocauditError, match=match):
-                with edited(lm, back, "fp32"):
+                with edited(lm, back, precision=_P('fp32')):
                     pass
         else:
             on_file = "finite" if how == "nan" else match  # the loaders' own finite checks come first

@@ -73,6 +73,7 @@ def test_chat_text_ends_with_the_random_question():
 # ------------------------------------------------------------------------------------ long texts keep the answer
 from locaudit.data.probing import fit_probe_text, probe_texts, render_probe_text  # noqa: E402
 from locaudit.models.tiny import tiny_tokenizer  # noqa: E402
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 def _long_example(q_chars=1500, r_chars=2200, answer=" (A)"):
@@ -133,5 +134,5 @@ def test_probe_signal_survives_collection_of_long_caa_like_texts():
     pos, neg = _long_example(answer="(A)"), _long_example(answer="(B)")
     with pytest.warns(UserWarning, match="cut"):
         texts = probe_texts([pos, neg], "plain", lm.tokenizer, 512)
-    X = collect_activations(lm, texts, batch_size=2, max_length=512, progress=False)
+    X = collect_activations(lm, texts, batch_size=2, max_length=512, progress=False, precision=_P('fp32'))
     assert (X[0] - X[1]).abs().max() > 1e-4  # the answers differ, so do the activations

@@ -17,6 +17,7 @@ from locaudit.evaluate.klce import clear_memory_cache
 from locaudit.localize.activations import collect_probe_activations
 from locaudit.localize.probe import probe_activations
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 runner = CliRunner()
 
@@ -33,7 +34,7 @@ def setup(tmp_path_factory):
     lm = tiny_model("llama")
     model_dir = save_tiny_model(lm, root / "model")
     data = load_behaviour(spec)
-    acts = collect_probe_activations(lm, data, PromptFormat("plain"), out_dir=root / "acts", progress=False)
+    acts = collect_probe_activations(lm, data, PromptFormat("plain"), out_dir=root / "acts", progress=False, precision=_P('fp32'))
     probe_activations(acts).save(root / "probe")
     yield {"root": root, "spec": spec, "model": str(model_dir)}
     clear_memory_cache()

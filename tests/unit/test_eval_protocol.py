@@ -16,6 +16,7 @@ from locaudit.evaluate.mc import TRUTHFULQA_QA_PRIMER
 from locaudit.evaluate.rdata import read_lazyload, unserialize
 from locaudit.evaluate.texts import Corpus, austen_from_debian, corpus_windows, load_corpus
 from locaudit.models.tiny import tiny_tokenizer
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 def truthfulqa_prompt_with_answer(question, ans, primer):
@@ -182,7 +183,7 @@ def test_iti_generation_on_a_tiny_model_keeps_the_question(tmp_path):
     lm = tiny_model("llama")
     qs = [Question("q1", "Is ice cold?", "Yes", ("Yes",), ("No",))]
     recs = generate_answers(lm, None, qs, PromptFormat("plain", protocol="iti"), max_new_tokens=5, progress=False,
-                            max_length=512)
+                            max_length=512, precision=_P('fp32'))
     assert len(recs) == 1 and recs[0].qid == "q1"
     from locaudit.evaluate.generate import truncation_side
 

@@ -17,6 +17,7 @@ from locaudit.evaluate.preferences import score_preferences
 from locaudit.evaluate.runner import EvalConfig, evaluate_edit, parse_metrics
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +100,7 @@ def test_preferences_against_direct_scoring(lm):
     pairs = [PreferencePair("a", "Where is Paris?", "In France", "In Spain"),
              PreferencePair("a", "Where is Paris?", "In Europe", "In Spain"),
              PreferencePair("b", "Can pigs fly?", "No", "Yes, they can")]
-    res = score_preferences(lm, None, pairs)
+    res = score_preferences(lm, None, pairs, precision=_P('fp32'))
 
     def avg(q, a):
         p = lm.tokenizer(f"Q: {q}\nA:")["input_ids"]
@@ -112,7 +113,7 @@ def test_preferences_against_direct_scoring(lm):
     assert res.margin == pytest.approx(sum(ref) / 3, abs=1e-4)
     assert res.accuracy == pytest.approx(sum(r > 0 for r in ref) / 3)
     assert res.n_pairs == 3 and res.accuracy_se is not None
-    edited = score_preferences(lm, iti(lm, 8.0), pairs)
+    edited = score_preferences(lm, iti(lm, 8.0), pairs, precision=_P('fp32'))
     assert edited.margin != res.margin
 
 

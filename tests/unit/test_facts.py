@@ -9,6 +9,7 @@ import pytest
 from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load_facts, next_token_topk,
                                  object_ids, split_facts, subject_token_span)
 from locaudit.errors import DataError
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 KNOWN = [
     {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica", "template": "{} is located in the continent",
@@ -97,7 +98,7 @@ def test_subject_span_and_known_filter():
     ids = tok(prompt)["input_ids"]
     assert tok.decode(ids[s0:s1]) == "Paris"
     # the tiny model knows whatever its greedy next token is: build one known and one unknown fact
-    top = next_token_topk(lm, [prompt, "Rome is in"], k=3)
+    top = next_token_topk(lm, [prompt, "Rome is in"], k=3, precision=_P('fp32'))
     greedy = tok.decode([int(top[0, 0])])
     worst = next(t for t in ("q", "z", "x", "k") if object_ids(tok, t)[0] not in top[1].tolist())
     facts = [Fact("a", "Paris", prompt, greedy.lstrip() if greedy.startswith(" ") else greedy, "R"),
@@ -105,10 +106,10 @@ def test_subject_span_and_known_filter():
     # object_ids prepends a space: the known fact's first object token must be the space-led greedy token
     facts[0] = Fact("a", "Paris", prompt, "zz", "R")
     first = object_ids(tok, "zz")[0]
-    top1 = next_token_topk(lm, [prompt], k=len(tok))[0].tolist()
+    top1 = next_token_topk(lm, [prompt], k=len(tok), precision=_P('fp32'))[0].tolist()
     rank = top1.index(first)
-    kept = known_facts(lm, facts, top_k=rank + 1)
+    kept = known_facts(lm, facts, top_k=rank + 1, precision=_P('fp32'))
     assert "a" in [f.id for f in kept] and kept[0].meta["object_rank"] == rank
-    assert "a" not in [f.id for f in known_facts(lm, facts, top_k=rank)] if rank > 0 else True
+    assert "a" not in [f.id for f in known_facts(lm, facts, top_k=rank, precision=_P('fp32'))] if rank > 0 else True
     # batching changes nothing
-    assert next_token_topk(lm, [prompt, "Rome is in"], 3, batch_size=1).tolist() == top.tolist()
+    assert next_token_topk(lm, [prompt, "Rome is in"], 3, batch_size=1, precision=_P('fp32')).tolist() == top.tolist()

@@ -14,6 +14,7 @@ from locaudit.evaluate.generate import (
 )
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 PROMPTS = ["Q: Hi?\nA:", "Q: What is the tallest mountain on Earth?\nA:", "Q: Why?\nA:",
            "Q: Who wrote Hamlet, the play?\nA:"]
@@ -63,11 +64,11 @@ def test_edited_generation_matches_cache_free_loop(family):
 
 def test_edit_changes_generations_and_model_is_restored():
     lm = tiny_model("llama")
-    base = generate_answers(lm, None, questions(), max_new_tokens=12, progress=False)
-    edited = generate_answers(lm, edit_for(lm), questions(), max_new_tokens=12, progress=False)
+    base = generate_answers(lm, None, questions(), max_new_tokens=12, progress=False, precision=_P('fp32'))
+    edited = generate_answers(lm, edit_for(lm), questions(), max_new_tokens=12, progress=False, precision=_P('fp32'))
     assert [r.answer for r in base] != [r.answer for r in edited]
     assert sum(len(m._forward_pre_hooks) for m in lm.model.modules()) == 0
-    again = generate_answers(lm, None, questions(), max_new_tokens=12, progress=False)
+    again = generate_answers(lm, None, questions(), max_new_tokens=12, progress=False, precision=_P('fp32'))
     assert again == base
     assert [r.qid for r in base] == [q.qid for q in questions()]
 
@@ -90,13 +91,13 @@ def test_strip_stop():
 
 def test_chat_format_generates():
     lm = tiny_model("qwen2")
-    recs = generate_answers(lm, None, questions()[:2], fmt=PromptFormat("chat"), max_new_tokens=8, progress=False)
+    recs = generate_answers(lm, None, questions()[:2], fmt=PromptFormat("chat"), max_new_tokens=8, progress=False, precision=_P('fp32'))
     assert len(recs) == 2 and all("<|end|>" not in r.answer for r in recs)
 
 
 def test_jsonl_roundtrip_and_errors(tmp_path):
     recs = generate_answers(tiny_model("llama"), None, questions(), max_new_tokens=4, progress=False,
-                            out_path=tmp_path / "gen.jsonl")
+                            out_path=tmp_path / "gen.jsonl", precision=_P('fp32'))
     assert load_generations(tmp_path / "gen.jsonl") == recs
     (tmp_path / "bad.jsonl").write_text('{"qid": "1", "question": "x"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1.*answer"):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.models.scoring import encode_completions, encode_separately, joint_split, score_completions
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 CORPUS = ["Q: Is the sky blue?\nA: yes it is.", "Q: Is fire cold?\nA: no it is not.",
           "yes yes yes no no answer answer the answer", "A: yes", "A: no", "Q: Can fish swim?\nA: yes they can."] * 3
@@ -118,7 +119,7 @@ def test_mc_scores_the_joint_ids(lm, tok):
     qs, ans = ["Is fire cold?", "Is fire cold?", "Can fish swim?"], ["yes", "no it is not.", "yes they can."]
     fmt = PromptFormat("plain")
     for share in (True, False):
-        got = score_answers(lm, None, qs, ans, fmt, share_prompt=share)
+        got = score_answers(lm, None, qs, ans, fmt, share_prompt=share, precision=_P('fp32'))
         for q, a, g in zip(qs, ans, got):
             prompt = fmt.prompt(q)
             n = len(tok(prompt)["input_ids"])
@@ -143,7 +144,7 @@ def test_ipo_pairs_and_preferences_use_the_joint_ids(lm, tok):
         assert cp + cc == tok(prompt + fmt.completion(pr.chosen))["input_ids"]
         assert rp + rc == tok(prompt + fmt.completion(pr.rejected))["input_ids"]
     assert pieces(tok, enc.rejected[0][1]) == ["▁yes"]
-    res = score_preferences(lm, None, pairs, fmt)
+    res = score_preferences(lm, None, pairs, fmt, precision=_P('fp32'))
     for pr, c, r in zip(pairs, res.chosen, res.rejected):
         prompt = fmt.prompt(pr.question)
         n = len(tok(prompt)["input_ids"])

@@ -18,6 +18,7 @@ from locaudit.evaluate.judges.heads import fit_logistic, fit_mlp
 from locaudit.evaluate.judges.train import JudgeTrainConfig, train_judge
 from locaudit.evaluate.judges.trained import load_trained_judge
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 CSV_HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
 TOPICS = ["cats", "rain", "gold", "moon", "salt", "bees", "iron", "snow", "tea", "owls", "jazz", "sand",
@@ -171,7 +172,7 @@ def test_mlp_head_learns_xor():
 
 def test_pair_encoder_cache_and_pooling(tmp_path):
     lm = tiny_model("llama", seed=0)
-    enc = PairEncoder(lm, [0, 2], batch_size=2, precision="fp32", cache=tmp_path / "f.sqlite")
+    enc = PairEncoder(lm, [0, 2], batch_size=2, precision=_P('fp32'), cache=tmp_path / "f.sqlite")
     qs, as_ = ["Q one?", "Q two is longer?", "Q one?"], ["A.", "A longer answer here.", ""]
     x = enc.encode(qs, as_)
     assert x.shape == (3, 2, 2, lm.sites.d_model)
@@ -184,11 +185,11 @@ def test_pair_encoder_cache_and_pooling(tmp_path):
     torch.testing.assert_close(x[1, 0, 0], hs[1][0, len(p):].mean(0).half().float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(x[1, 0, 1], hs[1][0, -1].half().float(), atol=1e-2, rtol=1e-2)
     # cached: a new encoder on the same file computes nothing (the model is not called)
-    enc2 = PairEncoder(lm, [0, 2], batch_size=2, precision="fp32", cache=tmp_path / "f.sqlite")
+    enc2 = PairEncoder(lm, [0, 2], batch_size=2, precision=_P('fp32'), cache=tmp_path / "f.sqlite")
     enc2._forward = None
     torch.testing.assert_close(enc2.encode(qs[:2], as_[:2]), x[:2])
     # bf16 autocast stays close to fp32
-    xb = PairEncoder(lm, [0, 2], batch_size=2, precision="bf16", cache=False).encode(qs, as_)
+    xb = PairEncoder(lm, [0, 2], batch_size=2, precision=_P('bf16'), cache=False).encode(qs, as_)
     assert (xb - x).abs().max() < 0.1 * x.abs().max()
     random.seed(0)
 
@@ -223,8 +224,8 @@ def test_pair_encoder_shared_prompt_equals_full_sequences(family):
     if family not in FAMILIES:
         pytest.skip(f"family {family} is not registered")
     lm = tiny_model(family, seed=0)
-    shared = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False)
-    full = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False, share_prompt=False)
+    shared = PairEncoder(lm, [0, 1], batch_size=4, precision=_P('fp32'), cache=False)
+    full = PairEncoder(lm, [0, 1], batch_size=4, precision=_P('fp32'), cache=False, share_prompt=False)
     a, b = shared.encode(SHARED_QS, SHARED_AS), full.encode(SHARED_QS, SHARED_AS)
     assert shared._shared_ok is True  # the check passed, so the shared path produced these
     torch.testing.assert_close(a, b, atol=2e-3 * float(b.abs().max()), rtol=1e-3)
@@ -234,8 +235,8 @@ def test_pair_encoder_shared_prompt_equals_full_sequences(family):
 def test_pair_encoder_falls_back_when_sharing_differs(monkeypatch):
     """If the shared path disagrees with full sequences on the first group, every item is encoded in full."""
     lm = tiny_model("llama", seed=0)
-    full = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False, share_prompt=False)
-    enc = PairEncoder(lm, [0, 1], batch_size=4, precision="fp32", cache=False)
+    full = PairEncoder(lm, [0, 1], batch_size=4, precision=_P('fp32'), cache=False, share_prompt=False)
+    enc = PairEncoder(lm, [0, 1], batch_size=4, precision=_P('fp32'), cache=False)
     real = enc._shared
     monkeypatch.setattr(enc, "_shared", lambda cap, p, comps: real(cap, p, comps) + 1.0)
     torch.testing.assert_close(enc.encode(SHARED_QS, SHARED_AS), full.encode(SHARED_QS, SHARED_AS))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from locaudit.edit.layer_edit import EditRow, LayerEditConfig, score_rows, site_module, train_layer_edits
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 def _rows(lm):
@@ -35,10 +36,10 @@ def test_edit_reaches_new_object_and_touches_only_its_layer(family, method, site
     train, score = _rows(lm)
     train = train if method == "lora" else train[:2]
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    pre = score_rows(lm, score)
+    pre = score_rows(lm, score, precision=_P('fp32'))
     for layer in (0, 2):
         cfg = LayerEditConfig(site=site, **CFG[method])
-        edits, post, info = train_layer_edits(lm, layer, train, score, 2, "error_injection", cfg)
+        edits, post, info = train_layer_edits(lm, layer, train, score, 2, "error_injection", cfg, precision=_P('fp32'))
         assert info["frozen_prefix"] == (layer > 0)
         assert post[0] > pre[0] + 2.0 and post[2] > pre[2] + 2.0  # the new objects became much more likely
         assert post[0] > post[1]  # efficacy on the toy fact: p_new > p_old
@@ -50,7 +51,7 @@ def test_edit_reaches_new_object_and_touches_only_its_layer(family, method, site
                 changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
                 assert len(changed) == 1 and lm.model.get_parameter(changed[0]) is target
                 # the baked weight in a full forward equals the hook on the frozen prefix
-                full = score_rows(lm, [r for r in score if r.edit == e])
+                full = score_rows(lm, [r for r in score if r.edit == e], precision=_P('fp32'))
             assert torch.allclose(full, post[[i for i, r in enumerate(score) if r.edit == e]], atol=1e-4)
         assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())  # restored exactly
 
@@ -61,11 +62,11 @@ def test_edits_trained_together_equal_edits_trained_alone():
     lm = tiny_model("llama", n_layers=3)
     train, score = _rows(lm)
     cfg = LayerEditConfig(**CFG["ft"])
-    together, post, _ = train_layer_edits(lm, 1, train[:2], score, 2, "error_injection", cfg)
+    together, post, _ = train_layer_edits(lm, 1, train[:2], score, 2, "error_injection", cfg, precision=_P('fp32'))
     for e in (0, 1):
         alone, post_e, _ = train_layer_edits(
             lm, 1, [EditRow(train[e].prompt, train[e].completion, 0, "target")],
-            [EditRow(r.prompt, r.completion, 0) for r in score if r.edit == e], 1, "error_injection", cfg)
+            [EditRow(r.prompt, r.completion, 0) for r in score if r.edit == e], 1, "error_injection", cfg, precision=_P('fp32'))
         # equal up to float accumulation order (a batch of 2 vs 1 rows; the thread count changes it too):
         # 1e-4 of the norm bound after 30 Adam steps
         assert torch.allclose(alone.dw[0], together.dw[e], atol=1e-4 * cfg.norm_bound)
@@ -79,8 +80,8 @@ def test_erasure_and_amplification_move_the_true_object():
     tok = lm.tokenizer
     rows = [EditRow(tok("Paris is in")["input_ids"], tok(" Fr", add_special_tokens=False)["input_ids"], 0, "target")]
     score = [EditRow(r.prompt, r.completion, 0) for r in rows]
-    pre = score_rows(lm, score)
+    pre = score_rows(lm, score, precision=_P('fp32'))
     cfg = LayerEditConfig(**CFG["ft"])
-    _, up, _ = train_layer_edits(lm, 1, rows, score, 1, "fact_amplification", cfg)
-    _, down, _ = train_layer_edits(lm, 1, rows, score, 1, "fact_erasure", cfg)
+    _, up, _ = train_layer_edits(lm, 1, rows, score, 1, "fact_amplification", cfg, precision=_P('fp32'))
+    _, down, _ = train_layer_edits(lm, 1, rows, score, 1, "fact_erasure", cfg, precision=_P('fp32'))
     assert up[0] > pre[0] and down[0] < pre[0]

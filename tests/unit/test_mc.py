@@ -14,6 +14,7 @@ from locaudit.edit.iti import ITIEdit
 from locaudit.evaluate.mc import TRUTHFULQA_QA_PRIMER, mc1_score, mc2_score, score_answers, score_mc
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 def truthfulqa_mc_calcs(scores_true, scores_false, ref_true, ref_best):
@@ -81,7 +82,7 @@ ITEMS = [
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_score_mc_equals_direct_forward(family):
     lm = tiny_model(family)
-    res = score_mc(lm, None, ITEMS, batch_size=3)
+    res = score_mc(lm, None, ITEMS, batch_size=3, precision=_P('fp32'))
     fmt = PromptFormat("plain")
     for it, sc in zip(ITEMS, res.items):
         ref = {a: direct_logprob(lm, fmt.prompt(it.question), fmt.completion(a))
@@ -100,10 +101,10 @@ def test_batched_equals_one_at_a_time_and_primer():
     lm = tiny_model("qwen2")
     qs = [it.question for it in ITEMS for _ in it.mc2_answers]
     ans = [a for it in ITEMS for a in it.mc2_answers]
-    batched = score_answers(lm, None, qs, ans, batch_size=16)
-    single = [score_answers(lm, None, [q], [a], batch_size=1)[0] for q, a in zip(qs, ans)]
+    batched = score_answers(lm, None, qs, ans, batch_size=16, precision=_P('fp32'))
+    single = [score_answers(lm, None, [q], [a], batch_size=1, precision=_P('fp32'))[0] for q, a in zip(qs, ans)]
     np.testing.assert_allclose(batched, single, atol=1e-4)
-    primed = score_answers(lm, None, qs, ans, prefix=TRUTHFULQA_QA_PRIMER, max_length=2048)
+    primed = score_answers(lm, None, qs, ans, prefix=TRUTHFULQA_QA_PRIMER, max_length=2048, precision=_P('fp32'))
     assert primed != batched
     ref = direct_logprob(lm, TRUTHFULQA_QA_PRIMER + "Q: " + qs[0] + "\nA:", " " + ans[0])
     assert primed[0] == pytest.approx(ref, abs=1e-4)
@@ -115,18 +116,18 @@ def test_edit_changes_scores_and_model_restored():
     heads = HeadSet.from_heads([(1, 1), (2, 0)])
     theta = torch.randn(L, H * D, generator=torch.Generator().manual_seed(0)) * heads.dim_mask(L, H, D)
     edit = ITIEdit(theta, alpha=5.0, heads=heads)
-    base = score_mc(lm, None, ITEMS)
-    ed = score_mc(lm, edit, ITEMS)
+    base = score_mc(lm, None, ITEMS, precision=_P('fp32'))
+    ed = score_mc(lm, edit, ITEMS, precision=_P('fp32'))
     assert ed.items[0].logprobs != base.items[0].logprobs
-    assert score_mc(lm, edit.with_alpha(0.0), ITEMS).items[0].logprobs == base.items[0].logprobs
-    assert score_mc(lm, None, ITEMS).items[0].logprobs == base.items[0].logprobs
+    assert score_mc(lm, edit.with_alpha(0.0), ITEMS, precision=_P('fp32')).items[0].logprobs == base.items[0].logprobs
+    assert score_mc(lm, None, ITEMS, precision=_P('fp32')).items[0].logprobs == base.items[0].logprobs
     assert sum(len(m._forward_pre_hooks) for m in lm.model.modules()) == 0
 
 
 def test_bf16_autocast_close_to_fp32():
     lm = tiny_model("llama")
-    a = score_mc(lm, None, ITEMS)
-    b = score_mc(lm, None, ITEMS, precision=torch.bfloat16)
+    a = score_mc(lm, None, ITEMS, precision=_P('fp32'))
+    b = score_mc(lm, None, ITEMS, precision=_P("bf16"))
     for x, y in zip(a.items, b.items):
         for k in x.logprobs:
             assert y.logprobs[k] == pytest.approx(x.logprobs[k], rel=0.05, abs=0.5)
@@ -151,8 +152,8 @@ def test_shared_prompt_scoring_equals_full_sequences(family):
     edit = ITIEdit(theta, alpha=3.0, heads=heads)
     items = [MCItem(qid=f"q{i}", question=q, mc1_answers=[" a", " bb", " ccc"], mc1_labels=[1, 0, 0],
                     mc2_answers=[" a", " bb", " dd d"], mc2_labels=[1, 0, 1]) for i, q in enumerate(["w?", "vv?"])]
-    a = score_mc(lm, edit, items, share_prompt=True)
-    b = score_mc(lm, edit, items, share_prompt=False)
+    a = score_mc(lm, edit, items, share_prompt=True, precision=_P('fp32'))
+    b = score_mc(lm, edit, items, share_prompt=False, precision=_P('fp32'))
     for x, y in zip(a.items, b.items):
         for k in x.logprobs:
             assert x.logprobs[k] == pytest.approx(y.logprobs[k], abs=5e-5)

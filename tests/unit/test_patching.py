@@ -23,6 +23,7 @@ from locaudit.localize.effects import HeadEffects
 from locaudit.localize.causal import localize_heads
 from locaudit.localize.patching import activation_patching
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 PAIRS = [PreferencePair(f"q{i}", f"What is {i} plus {i}?", f"It is {2 * i}.", f"Maybe {i + 7} or so")
          for i in range(4)]
@@ -139,7 +140,7 @@ def _reference_effects(lm, pairs, corruption: str, scale: float = 3.0, seed: int
 @pytest.mark.parametrize("corruption", ["noise", "mean", "contrast"])
 def test_patching_matches_hand_written_hooks(lm, corruption):
     cfg = PatchingConfig(corruption=corruption, batch_pairs=3, tokens_per_forward=300)  # several copies per forward
-    got = activation_patching(lm, PAIRS, cfg, progress=False)
+    got = activation_patching(lm, PAIRS, cfg, progress=False, precision=_P('fp32'))
     contrast = contrast_questions(PAIRS, "other_question", 0) if corruption == "contrast" else None
     ref = _reference_effects(lm, PAIRS, corruption, contrast=contrast)
     assert got.per_example.shape == ref.shape
@@ -152,19 +153,19 @@ def test_patching_matches_hand_written_hooks(lm, corruption):
 
 def test_clean_into_clean_and_zero_noise_give_zero(lm):
     for direction in ("denoise", "noise"):
-        eff = activation_patching(lm, PAIRS, PatchingConfig(noise_scale=0.0, direction=direction), progress=False)
+        eff = activation_patching(lm, PAIRS, PatchingConfig(noise_scale=0.0, direction=direction), progress=False, precision=_P('fp32'))
         assert eff.per_example.abs().max() == 0.0
         assert eff.meta["m_clean_mean"] == pytest.approx(eff.meta["m_corrupt_mean"])
     # a contrast prompt equal to the clean prompt (options swapped twice) patches clean values into the clean run
     same = [PreferencePair("a", "Pick one.\n(A) yes\n(B) no", "(A)", "(B)"),
             PreferencePair("b", "Pick.\n(A) red\n(B) blue", "(B)", "(A)")]
-    eff = activation_patching(lm, same, PatchingConfig(corruption="contrast", contrast="swap_options"), progress=False)
+    eff = activation_patching(lm, same, PatchingConfig(corruption="contrast", contrast="swap_options"), progress=False, precision=_P('fp32'))
     assert eff.effect.abs().max() > 0  # a real contrast moves the metric
 
 
 def test_batching_does_not_change_numbers(lm):
-    one = activation_patching(lm, PAIRS, PatchingConfig(batch_pairs=1, tokens_per_forward=64), progress=False)
-    many = activation_patching(lm, PAIRS, PatchingConfig(batch_pairs=4, tokens_per_forward=1 << 20), progress=False)
+    one = activation_patching(lm, PAIRS, PatchingConfig(batch_pairs=1, tokens_per_forward=64), progress=False, precision=_P('fp32'))
+    many = activation_patching(lm, PAIRS, PatchingConfig(batch_pairs=4, tokens_per_forward=1 << 20), progress=False, precision=_P('fp32'))
     assert torch.allclose(one.per_example, many.per_example, atol=2e-6)
 
 
@@ -173,11 +174,11 @@ def test_layers_below_the_patched_head_are_not_recomputed(lm):
     handle = lm.sites.layer(0).register_forward_hook(lambda m, a, out: calls.__setitem__("n", calls["n"] + 1))
     try:
         top = lm.sites.n_layers - 1
-        skip = activation_patching(lm, PAIRS, PatchingConfig(heads=f"L{top}", batch_pairs=4), progress=False)
+        skip = activation_patching(lm, PAIRS, PatchingConfig(heads=f"L{top}", batch_pairs=4), progress=False, precision=_P('fp32'))
         n_skip = calls["n"]
         calls["n"] = 0
         full = activation_patching(lm, PAIRS, PatchingConfig(heads=f"L{top}", batch_pairs=4, skip_layers=False,
-                                                             tokens_per_forward=64), progress=False)
+                                                             tokens_per_forward=64), progress=False, precision=_P('fp32'))
     finally:
         handle.remove()
     assert n_skip == 2  # the clean capture and the base run; no patched forward runs layer 0
@@ -187,16 +188,16 @@ def test_layers_below_the_patched_head_are_not_recomputed(lm):
 
 def test_restricted_heads_and_positions(lm):
     H = lm.sites.n_heads
-    full = activation_patching(lm, PAIRS, PatchingConfig(), progress=False)
-    part = activation_patching(lm, PAIRS, PatchingConfig(heads="L1,L0H2"), progress=False)
+    full = activation_patching(lm, PAIRS, PatchingConfig(), progress=False, precision=_P('fp32'))
+    part = activation_patching(lm, PAIRS, PatchingConfig(heads="L1,L0H2"), progress=False, precision=_P('fp32'))
     done = torch.isfinite(part.effect)
     assert int(done.sum()) == H + 1 and bool(done[1].all()) and bool(done[0, 2])
     assert torch.allclose(part.effect[done], full.effect[done], atol=2e-6)
     assert part.ranking()[-1] not in {(1, h) for h in range(H)}  # NaN heads rank last
-    last = activation_patching(lm, PAIRS, PatchingConfig(positions="last"), progress=False)
+    last = activation_patching(lm, PAIRS, PatchingConfig(positions="last"), progress=False, precision=_P('fp32'))
     assert not torch.allclose(last.effect, full.effect)
     # noise only touches the prompt, so patching at the prompt's positions only still has effects
-    prompt = activation_patching(lm, PAIRS, PatchingConfig(positions="prompt"), progress=False)
+    prompt = activation_patching(lm, PAIRS, PatchingConfig(positions="prompt"), progress=False, precision=_P('fp32'))
     assert prompt.effect.abs().max() > 0
 
 
@@ -299,19 +300,19 @@ class _Data:
 def test_localize_heads_caches_by_content(tmp_path, monkeypatch):
     lm = tiny_model("llama")
     cfg = {"max_pairs": 3, "corruption": "mean"}
-    first = localize_heads(lm, _Data(), "patching", cfg, out_dir=tmp_path / "out", progress=False)
+    first = localize_heads(lm, _Data(), "patching", cfg, out_dir=tmp_path / "out", progress=False, precision=_P('fp32'))
     assert (tmp_path / "out" / "effects_heatmap.png").exists() and first.n == 3
     import locaudit.localize.causal as causal
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
     monkeypatch.setattr(causal, "activation_patching", boom)
-    again = localize_heads(lm, _Data(), "patching", cfg, progress=False)
+    again = localize_heads(lm, _Data(), "patching", cfg, progress=False, precision=_P('fp32'))
     assert torch.allclose(again.effect, first.effect) and again.meta["key"] == first.meta["key"]
     with pytest.raises(AssertionError, match="recomputed"):  # another config is another key
-        localize_heads(lm, _Data(), "patching", {**cfg, "positions": "last"}, progress=False)
+        localize_heads(lm, _Data(), "patching", {**cfg, "positions": "last"}, progress=False, precision=_P('fp32'))
     with pytest.raises(ConfigError):
-        localize_heads(lm, _Data(), "probing", cfg)
+        localize_heads(lm, _Data(), "probing", cfg, precision=_P('fp32'))
 
 
 # ------------------------------------------------------------------ the command

@@ -11,6 +11,7 @@ import torch
 from locaudit.errors import ConfigError
 from locaudit.models import precision as P
 from locaudit.models.tiny import tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 @pytest.fixture(autouse=True)
@@ -32,34 +33,76 @@ def test_auto_follows_faked_capability(monkeypatch, cap, expected):
     assert r.meta()["cpu_capability"] == cap and r.meta()["precision"] == expected
 
 
+def _forms(autocast: float, weights: float, fp32: float = 1.0) -> dict:
+    """Per-phase seconds as measure_forms returns them (the same ratio in both phases)."""
+    return {"fp32": {"forward": fp32, "train": 2 * fp32}, "autocast": {"forward": autocast, "train": 2 * autocast},
+            "bf16-weights": {"forward": weights, "train": 2 * weights}}
+
+
 def test_auto_picks_fp32_when_bf16_hardware_measures_slow(monkeypatch):
-    """An AMX machine where the measured check finds bf16 slower (e.g. a throttled VM) stays on fp32;
+    """An AMX machine where the whole-job check finds bf16 slower (e.g. a throttled VM) stays on fp32;
     the measurement runs once per machine and is cached on disk."""
     calls = []
     monkeypatch.setattr(P, "_real_cpu_capability", lambda: "AMX")
-    monkeypatch.setattr(P, "measure_bf16_speedup", lambda *a, **k: calls.append(1) or 0.6)
+    monkeypatch.setattr(P, "measure_forms", lambda *a, **k: calls.append(1) or _forms(1.6, 1.05))
     assert P.resolve_precision("auto", "cpu").name == "fp32"
     P._resolve.cache_clear()  # a new process: the disk cache answers, no second measurement
     r = P.resolve_precision("auto", "cpu")
-    assert r.name == "fp32" and "0.60x" in r.reason and calls == [1]
+    assert r.name == "fp32" and r.form == "" and "0.95x" in r.reason and calls == [1]
 
 
-def test_auto_picks_bf16_when_measured_fast(monkeypatch):
+@pytest.mark.parametrize("autocast,weights,form", [(0.5, 0.4, "bf16-weights"), (0.4, 0.5, "autocast")])
+def test_auto_picks_the_faster_bf16_form(monkeypatch, autocast, weights, form):
     monkeypatch.setattr(P, "_real_cpu_capability", lambda: "AMX")
-    monkeypatch.setattr(P, "measure_bf16_speedup", lambda *a, **k: 5.5)
+    monkeypatch.setattr(P, "measure_forms", lambda *a, **k: _forms(autocast, weights))
     r = P.resolve_precision("auto", "cpu")
-    assert r.name == "bf16" and "5.5x" in r.reason and r.autocast_dtype == torch.bfloat16
+    assert r.name == "bf16" and r.form == form and "2.50x" in r.reason and r.autocast_dtype == torch.bfloat16
+    assert r.meta()["precision_form"] == form
+
+
+def test_choose_form_weighs_the_whole_job():
+    """A form that wins the forward pass but loses training by more is not chosen: forward counts twice,
+    training once (PHASE_WEIGHTS), and bf16 must win the total by MIN_SPEEDUP."""
+    fast_fwd_slow_train = {"fp32": {"forward": 1.0, "train": 1.0}, "autocast": {"forward": 0.8, "train": 1.7},
+                           "bf16-weights": {"forward": 0.9, "train": 1.6}}
+    assert P.choose_form(fast_fwd_slow_train)[0] == "fp32"
+    just_below = _forms(1 / 1.05, 1 / 1.09)
+    assert P.choose_form(just_below)[0] == "fp32"
+    assert P.choose_form(_forms(1 / 1.2, 1 / 1.15))[0] == "autocast"
 
 
 def test_avx2_never_measures(monkeypatch):
     monkeypatch.setattr(P, "_real_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(P, "measure_bf16_speedup", lambda *a, **k: pytest.fail("must not measure on AVX2"))
+    monkeypatch.setattr(P, "measure_forms", lambda *a, **k: pytest.fail("must not measure on AVX2"))
     assert P.resolve_precision("auto", "cpu").name == "fp32"
 
 
-def test_real_measurement_is_a_ratio():
-    s = P.measure_bf16_speedup(size=64, repeats=1)
-    assert s > 0 and s == s
+def test_real_measurement_times_every_form_and_phase():
+    lm = tiny_model("llama")
+    m = P.measure_forms(batch=1, seq=16, repeats=1, model=lm.model)
+    assert set(m) == set(P.FORMS)
+    assert all(v > 0 and v == v for f in m.values() for v in f.values())
+    assert set(P.choose_form(m)[0:1]) <= {"fp32", "autocast", "bf16-weights"}
+    assert all(not p.requires_grad for p in lm.model.parameters())  # the model is left as it was
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bf16_weights_form_is_bit_identical_to_autocast_and_restores(family):
+    """`compute` in the bf16-weights form gives autocast's logits bit for bit, with fp32 weights back after."""
+    lm = tiny_model(family)
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    auto = P.ResolvedPrecision("bf16", "bf16", "cpu", "AVX2", "test", "autocast")
+    weights = P.ResolvedPrecision("bf16", "bf16", "cpu", "AVX2", "test", "bf16-weights")
+    with torch.no_grad():
+        with auto.compute(lm.model, lm.dtype):
+            a = lm.model(input_ids=ids).logits
+        with weights.compute(lm.model, lm.dtype):
+            assert any(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+            b = lm.model(input_ids=ids).logits
+    assert torch.equal(a, b)
+    for n, p in lm.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
 
 
 def test_explicit_precision_is_kept_and_warned_when_emulated(monkeypatch, caplog):
@@ -76,13 +119,28 @@ def test_bad_spelling_names_choices(bad):
 
 
 def test_as_precision_coercions():
-    assert P.as_precision(None).name == "fp32"
+    assert P.as_precision(None).requested == "auto"
     assert P.as_precision(torch.bfloat16).name == "bf16"
     assert P.as_precision("float16").name == "fp16"
     r = P.resolve_precision("fp32")
     assert P.as_precision(r) is r
     with pytest.raises(ConfigError):
         P.as_precision(torch.int8)
+
+
+@pytest.mark.parametrize("bad", ["auto", "fp32", None, torch.bfloat16])
+def test_functions_below_the_entry_points_take_only_a_resolved_precision(bad):
+    """"auto", None or a bare string below the entry points is a TypeError naming the function, so that no
+    depth of a job can read them differently (None once meant fp32 there while configs meant auto)."""
+    from locaudit.evaluate.klce import kl_ce
+    from locaudit.localize.activations import collect_activations
+
+    lm = tiny_model("llama")
+    with pytest.raises(TypeError, match="ResolvedPrecision"):
+        collect_activations(lm, ["a b c"], precision=bad, progress=False)
+    with pytest.raises(TypeError, match="ResolvedPrecision"):
+        kl_ce(lm, None, ["a b c d"], precision=bad)
+    assert P.require_resolved(P.resolve_precision("fp32"), "x").name == "fp32"
 
 
 def test_autocast_context_is_noop_for_fp32_and_same_dtype_weights():
@@ -100,11 +158,11 @@ def test_cache_keys_and_metas_carry_precision(monkeypatch, tmp_path):
     from locaudit.data.prompts import PromptFormat
 
     lm = tiny_model("llama")
-    k32 = activation_key(lm, "d", PromptFormat("plain"), precision="fp32")
-    k16 = activation_key(lm, "d", PromptFormat("plain"), precision="bf16")
+    k32 = activation_key(lm, "d", PromptFormat("plain"), precision=_P('fp32'))
+    k16 = activation_key(lm, "d", PromptFormat("plain"), precision=_P('bf16'))
     assert k32 != k16
     monkeypatch.setenv("LOCAUDIT_CPU_CAPABILITY", "AVX2")
-    assert activation_key(lm, "d", PromptFormat("plain"), precision="auto") == k32  # auto resolves to fp32 here
+    assert activation_key(lm, "d", PromptFormat("plain"), precision=_P('auto')) == k32  # auto resolves to fp32 here
 
 
 def test_eval_result_and_edit_meta_record_precision(monkeypatch):

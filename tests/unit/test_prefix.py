@@ -17,6 +17,7 @@ from locaudit.edit.prefix import PrefixCache, collect_states, run_from_layer
 from locaudit.edit.train import StackRunner, train_edit
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import FAMILIES, tiny_model
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 
 def toy_pairs(n: int) -> list[PreferencePair]:
@@ -38,10 +39,10 @@ def _loss_and_grads(lm, heads_list, enc, use_prefix: bool):
     with torch.no_grad():  # non-zero b so that gradients reach a too
         for p in stack.b_params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    runner = StackRunner(lm, stack, cfg)
+    runner = StackRunner(lm, stack, cfg, _P(cfg.precision))
     assert runner.use_prefix == use_prefix
     states = runner.states(enc) if use_prefix else None
-    ref = reference_mod.reference_logps(lm, enc, "fp32", disk=False)
+    ref = reference_mod.reference_logps(lm, enc, _P('fp32'), disk=False)
     idx = [3, 0, 5]
     with runner.session():
         pol = runner.logps(enc, idx, states)
@@ -93,12 +94,12 @@ def test_multi_edit_prefix_equals_full():
 def test_cache_advances_from_lower_layer():
     lm = tiny_model("qwen2", n_layers=4)
     enc = encode_pairs(lm.tokenizer, toy_pairs(5), PromptFormat("plain"), 64)
-    direct = collect_states(lm, enc, 3, "fp32")
+    direct = collect_states(lm, enc, 3, _P('fp32'))
     cache = PrefixCache()
-    low = cache.get(lm, enc, 1, "fp32")
+    low = cache.get(lm, enc, 1, _P("fp32"))
     assert low.layer == 1
-    high = cache.get(lm, enc, 3, "fp32")  # served from layer 1's states
-    assert cache.get(lm, enc, 3, "fp32") is high
+    high = cache.get(lm, enc, 3, _P("fp32"))  # served from layer 1's states
+    assert cache.get(lm, enc, 3, _P("fp32")) is high
     for a, b in zip(direct.states, high.states):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert len(high.states) == 10 and high.states[0].shape[-1] == lm.sites.d_model
@@ -146,11 +147,11 @@ def test_prefix_policy_at_zero_edit_equals_reference(family, precision):
     stack = build_stack(lm.sites, [HeadSet.parse("L2H1,L3H0")], seeds=[1])
     assert all(float(p.detach().abs().sum()) == 0 for p in stack.b_params)  # b starts at zero
     runner = StackRunner(lm, stack, TrainConfig(precision=precision, frozen_prefix=True, progress=False,
-                                                gradient_checkpointing=False))
+                                                gradient_checkpointing=False), prec)
     assert runner.use_prefix and runner.precision.name == precision
     idx = list(range(len(enc)))
     full = StackRunner(lm, stack, TrainConfig(precision=precision, frozen_prefix=False, progress=False,
-                                              gradient_checkpointing=False))
+                                              gradient_checkpointing=False), prec)
     with torch.no_grad():
         with runner.session():
             pol = runner.logps(enc, idx, states)

@@ -13,6 +13,7 @@ from locaudit.errors import DataError
 from locaudit.heads import HeadSet
 from locaudit.localize.activations import ActivationSet
 from locaudit.localize.probe import ProbeResult, probe_activations, read_accuracy_csv, train_probes
+from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 PLANTED = {(1, 2): 1.5, (3, 0): 0.8, (4, 3): 0.4}
 
@@ -89,7 +90,7 @@ def test_agrees_with_sklearn_on_tiny_model_activations():
         body = " ".join(rng.choice(words, size=int(rng.integers(2, 6))))
         texts.append(f"{body} is {'true' if label else 'false'}{'.' * int(rng.integers(1, 3))}")
         labels.append(label)
-    X = collect_activations(lm, texts, batch_size=32, progress=False)
+    X = collect_activations(lm, texts, batch_size=32, progress=False, precision=_P('fp32'))
     y = torch.tensor(labels)
     tr, va = torch.arange(160), torch.arange(160, 240)
     res = train_probes(X, y, tr, va)

@@ -9,8 +9,11 @@ import torch
 from locaudit.data.facts import object_ids, subject_token_span
 from locaudit.localize.tracing import (TraceConfig, _noise, category_heatmap, embedding_std, trace_fact,
                                        window_layers)
+from locaudit.models.precision import resolve_precision
 
 PROMPT, SUBJECT, TARGET = "The Eiffel Tower is in", "Eiffel Tower", "Paris"
+
+FP32 = resolve_precision("fp32")
 
 
 def _module(lm, kind, l):
@@ -61,7 +64,7 @@ def test_tracing_equals_independent_hooks(family):
 
     lm = tiny_model(family, n_layers=4)
     cfg = TraceConfig(n_noise=3, window=2, seed=5, max_rows=7)  # max_rows splits the rows into several passes
-    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg)
+    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg, precision=FP32)
     for kind in ("hidden", "mlp", "attn"):
         for layer in range(4):
             pc, pr = _reference(lm, cfg, kind, layer)
@@ -76,7 +79,7 @@ def test_restoring_the_last_layer_everywhere_is_clean_and_grid_matches():
 
     lm = tiny_model("llama", n_layers=3)
     cfg = TraceConfig(n_noise=2, kinds=["hidden"], seed=1)
-    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg, grid=True)
+    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg, grid=True, precision=FP32)
     grid = torch.tensor(tf.grid["hidden"])  # [L, T]
     s1 = tf.subject[1]
     # the grid's column at the last subject token is the layer-level effect (same noise samples)
@@ -93,9 +96,9 @@ def test_seeded_and_scaled():
     from locaudit.models.tiny import tiny_model
 
     lm = tiny_model("llama", n_layers=2)
-    a = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=3))
-    b = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=3))
-    c = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=4))
+    a = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=3), precision=FP32)
+    b = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=3), precision=FP32)
+    c = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, seed=4), precision=FP32)
     assert a.effects == b.effects and a.effects != c.effects
     assert TraceConfig().window_for(48) == 10 and TraceConfig().window_for(30) == 6
     assert window_layers(0, 6, 30) == [0, 1, 2] and window_layers(29, 6, 30) == [26, 27, 28, 29]

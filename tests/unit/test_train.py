@@ -163,7 +163,7 @@ def test_sft_and_dpo_objectives_train():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_bf16_weight_copies_are_bit_identical_to_autocast(family):
-    from locaudit.edit.fastcast import frozen_bf16_weights
+    from locaudit.models.fastcast import frozen_bf16_weights
 
     lm = tiny_model(family)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}

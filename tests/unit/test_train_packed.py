@@ -116,7 +116,7 @@ def test_packed_prefix_policy_at_zero_edit_equals_packed_full_forward(family, pr
     assert states.packed and len(states.states) == len(enc) and states.dtype == torch.float32
     stack = build_stack(lm.sites, [HeadSet.parse("L2H1,L3H0")], seeds=[1])
     runners = [StackRunner(lm, stack, TrainConfig(precision=precision, frozen_prefix=p, progress=False,
-                                                  gradient_checkpointing=False)) for p in (True, False)]
+                                                  gradient_checkpointing=False), prec) for p in (True, False)]
     for r in runners:
         r.choose_logp_fn(enc)
         assert r.packed and r.tiled

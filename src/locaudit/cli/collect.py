@@ -13,7 +13,7 @@ from locaudit.cli.options import (
     seed_option, value,
 )
 from locaudit.cli import options as opt
-from locaudit.models.precision import Precision
+from locaudit.models.precision import Precision, as_precision
 
 EXAMPLE = (
     "Example:\n\n"
@@ -50,7 +50,7 @@ def collect(
     bd = load_behaviour(data, seed=seed, max_questions=max_questions)
     lm = load_model(model, dtype=value(dtype), device=device, trust_remote_code=trust_remote_code)
     acts = collect_probe_activations(lm, bd, prompt_format, out_dir=out, cache=cache, batch_size=batch_size,
-                                     precision=value(precision), max_length=max_length)
+                                     precision=as_precision(value(precision), lm.device), max_length=max_length)
     N, L, H, D = acts.shape
     counts = {s: int(acts.indices(s).numel()) for s in ("train", "val", "test")}
     typer.echo(f"{N} examples x {L} layers x {H} heads x {D} dims ({counts}), precision "

@@ -13,7 +13,7 @@ from locaudit.cli.options import (
     precision_option, seed_option, value,
 )
 from locaudit.cli import options as opt
-from locaudit.models.precision import Precision
+from locaudit.models.precision import Precision, as_precision
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def iti(
     prompt_format = PromptFormat(fmt or acts.meta.get("format", "plain"))
     path = out / f"generations_{split}.jsonl"
     recs = generate_answers(lm, edit, bd.questions(split), prompt_format, max_new_tokens, batch_size, out_path=path,
-                            precision=value(precision))
+                            precision=as_precision(value(precision), lm.device))
     typer.echo(f"{len(recs)} answers for split {split!r} -> {path}")
 
 

@@ -13,7 +13,7 @@ from locaudit.cli.options import (
     seed_option, value,
 )
 from locaudit.cli import options as opt
-from locaudit.models.precision import Precision
+from locaudit.models.precision import Precision, as_precision
 
 EXAMPLE = (
     "Examples:\n\n"
@@ -98,7 +98,7 @@ def localize(
     L, H = lm.sites.n_layers, lm.sites.n_heads
     if not 1 <= top_k <= L * H:
         raise ConfigError(f"--top-k {top_k}: must be in 1..{L * H} (the model has {L} x {H} heads)")
-    eff = localize_heads(lm, bd, method, config, split=split, out_dir=out, precision=value(precision), cache=cache)
+    eff = localize_heads(lm, bd, method, config, split=split, out_dir=out, precision=as_precision(value(precision), lm.device), cache=cache)
     import torch
 
     if not (bool(torch.isfinite(eff.effect).all()) and bool(torch.isfinite(eff.se).all())):

@@ -109,12 +109,12 @@ def object_ids(tokenizer, obj: str) -> list[int]:
 
 
 @torch.no_grad()
-def next_token_topk(lm, prompts: Sequence[str], k: int, batch_size: int = 32, precision=None,
+def next_token_topk(lm, prompts: Sequence[str], k: int, batch_size: int = 32, *, precision: "ResolvedPrecision",
                     progress: bool = False) -> torch.Tensor:
     """Long[Tensor, "n k"]: the k most likely next tokens after each prompt (batched, right-padded)."""
-    from locaudit.models.precision import as_precision
+    from locaudit.models.precision import require_resolved
 
-    prec = as_precision(precision, lm.device)
+    prec = require_resolved(precision, "facts")
     tok = lm.tokenizer
     ids = [list(x) for x in tok(list(prompts))["input_ids"]]
     out = torch.zeros(len(ids), k, dtype=torch.long)
@@ -130,7 +130,7 @@ def next_token_topk(lm, prompts: Sequence[str], k: int, batch_size: int = 32, pr
     return out
 
 
-def known_facts(lm, facts: Sequence[Fact], top_k: int = 1, batch_size: int = 32, precision=None,
+def known_facts(lm, facts: Sequence[Fact], top_k: int = 1, batch_size: int = 32, *, precision: "ResolvedPrecision",
                 progress: bool = False) -> list[Fact]:
     """The facts whose object's first token is among the model's top-k next tokens after the prompt.
 
@@ -138,7 +138,7 @@ def known_facts(lm, facts: Sequence[Fact], top_k: int = 1, batch_size: int = 32,
     """
     if top_k < 1:
         raise DataError(f"known filter: top_k must be >= 1, got {top_k}")
-    top = next_token_topk(lm, [f.prompt for f in facts], top_k, batch_size, precision, progress)
+    top = next_token_topk(lm, [f.prompt for f in facts], top_k, batch_size, precision=precision, progress=progress)
     kept = []
     for f, row in zip(facts, top.tolist()):
         first = object_ids(lm.tokenizer, f.target)[0]

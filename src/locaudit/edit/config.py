@@ -53,7 +53,8 @@ class TrainConfig(BaseModel):
         "auto", description="compute precision: auto (bf16 on GPUs and CPUs where bf16 is measured faster, "
         "else fp32), fp32, bf16 or fp16 (models/precision.py)")
     cast_frozen_weights: bool = Field(
-        True, description="under bf16, hold bf16 copies of frozen matmul weights (same numbers, no per-call casts)")
+        True, description="under bf16 in its bf16-weights form (models/precision.py), hold bf16 copies of frozen "
+        "matmul weights (same numbers, no per-call casts); False: plain autocast")
     tiled_logps: bool = Field(
         True, description="LM head on completion tokens only, in tiles (less memory); checked against the full head")
     packed_pairs: bool = Field(

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from locaudit.errors import ConfigError, DataError
 from locaudit.models.batching import pad_id, pad_right
 from locaudit.models.interventions import module_hooks
-from locaudit.models.precision import as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 SITES = ("mlp_down", "o_proj")
 
@@ -232,7 +232,7 @@ def _token_counts(b: Batch, sel: Sequence[int], device) -> torch.Tensor:
 
 
 def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows: Sequence[EditRow],
-                      n_edits: int, problem: str, cfg: LayerEditConfig, precision=None
+                      n_edits: int, problem: str, cfg: LayerEditConfig, precision: ResolvedPrecision
                       ) -> tuple[LayerEdits, torch.Tensor, dict]:
     """Train E = n_edits edits at `layer` together and score `score_rows` with them.
 
@@ -240,7 +240,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     lora, role 'kl' (unrelated prompts). Returns (edits, Float[len(score_rows)] summed completion log-probs
     after the edit, info {"loss_first", "loss_last", "frozen_prefix"}).
     """
-    prec = as_precision(precision, lm.device)
+    prec = require_resolved(precision, "layer_edit")
     module = site_module(lm, cfg.site, layer)
     w = module.weight
     dev, pad = lm.device, pad_id(lm.tokenizer)
@@ -317,9 +317,9 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
 
 
 @torch.no_grad()
-def score_rows(lm, rows: Sequence[EditRow], batch_size: int = 64, precision=None) -> torch.Tensor:
+def score_rows(lm, rows: Sequence[EditRow], batch_size: int = 64, *, precision: ResolvedPrecision) -> torch.Tensor:
     """Float[len(rows)]: summed completion log-probs under the unedited model (full forward, batched)."""
-    prec = as_precision(precision, lm.device)
+    prec = require_resolved(precision, "layer_edit")
     out = torch.zeros(len(rows))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) + len(rows[i].completion))
     for s in range(0, len(order), batch_size):

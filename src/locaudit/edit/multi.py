@@ -44,9 +44,10 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
         group = order[g: end]
         hs = [heads_list[i] for i in group]
         label = hs[0].name if len(hs) == 1 else f"edits {g + 1}-{g + len(hs)} of {len(order)}"
-        stack, logs = train_stack(lm, hs, enc_train, enc_val, cfg, [lrs[i] for i in group], label)
+        stack, logs = train_stack(lm, hs, enc_train, enc_val, cfg, [lrs[i] for i in group], label, p.precision)
         for e, i in enumerate(group):
-            out[i] = (make_edit(lm, stack, e, heads_list[i], cfg, lrs[i], fmt, logs[e], enc_train, enc_val), logs[e])
+            out[i] = (make_edit(lm, stack, e, heads_list[i], cfg, lrs[i], fmt, logs[e], enc_train, enc_val, p.precision),
+                      logs[e])
     return out  # type: ignore[return-value]
 
 

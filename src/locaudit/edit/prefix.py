@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from locaudit.models.batching import pad_right_tensors
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.surgery import (PREFIX_FAMILIES, capture_input, checkpointed_layers,  # noqa: F401 (re-exported)
                                      prefix_supported, run_from_layer)
 
@@ -53,7 +53,7 @@ class PrefixStates:
         return sum(s.numel() * s.element_size() for s in self.states)
 
 
-def collect_states(lm: LoadedModel, enc, layer: int, precision: PrecisionLike, batch_size: int = 16,
+def collect_states(lm: LoadedModel, enc, layer: int, precision: ResolvedPrecision, batch_size: int = 16,
                    start: PrefixStates | None = None, progress: bool = False, packed: bool = False) -> PrefixStates:
     """No-grad pass storing the states entering `layer` for every sequence of `enc` (an EncodedPairs), or
     with `packed` for every pair's packed row (edit/packed.py; batch_size // 2 rows per forward).
@@ -79,8 +79,8 @@ def collect_states(lm: LoadedModel, enc, layer: int, precision: PrecisionLike, b
     dev = lm.device
     it = range(0, len(order), batch_size)
     dtype = None
-    precision = as_precision(precision, lm.device)
-    with torch.no_grad(), precision.autocast(lm.dtype), capture_input(lm, layer) as cap:
+    precision = require_resolved(precision, "prefix")
+    with torch.no_grad(), precision.compute(lm.model, lm.dtype), capture_input(lm, layer) as cap:
         ctx = run_from_layer(lm, start.layer) if start is not None and start.layer > 0 else nullcontext()
         with ctx as feed:
             for s in tqdm(it, desc=f"prefix states @ layer {layer}", disable=not progress, leave=False):
@@ -114,9 +114,9 @@ class PrefixCache:
         self.max_entries = max_entries
         self._store: OrderedDict[tuple, PrefixStates] = OrderedDict()
 
-    def get(self, lm: LoadedModel, enc, layer: int, precision: PrecisionLike,
+    def get(self, lm: LoadedModel, enc, layer: int, precision: ResolvedPrecision,
             batch_size: int = 16, progress: bool = False, packed: bool = False) -> PrefixStates:
-        precision = as_precision(precision, lm.device)
+        precision = require_resolved(precision, "prefix")
         key = (lm.fingerprint, enc.key, precision.key, bool(packed), int(layer))
         if key in self._store:
             self._store.move_to_end(key)

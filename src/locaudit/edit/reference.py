@@ -20,7 +20,7 @@ from locaudit.edit.objectives import PairLogps
 from locaudit.edit.packed import pack_pairs, packed_lengths, packed_logprobs
 from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.scoring import collate_completions, completion_logprobs
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _MEMORY: dict[str, PairLogps] = {}
 
 
-def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int = 8,
+def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: ResolvedPrecision, batch_size: int = 8,
                    progress: bool = False, tiled: bool = False, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """No-grad summed completion log-probs and token counts of all 2N sequences (length-sorted batches);
     `tiled` uses edit.logps.tiled_completion_logprobs (same values, less memory); `packed` runs each pair
@@ -41,7 +41,7 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike,
     sums = torch.zeros(len(seqs))
     counts = torch.zeros(len(seqs), dtype=torch.long)
     dev = lm.device
-    with torch.no_grad(), as_precision(precision, lm.device).autocast(lm.dtype):
+    with torch.no_grad(), require_resolved(precision, "reference").compute(lm.model, lm.dtype):
         for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not progress,
                       leave=False):
             idx = order[s: s + batch_size]
@@ -52,7 +52,7 @@ def sequence_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike,
     return sums, counts
 
 
-def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int,
+def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: ResolvedPrecision, batch_size: int,
                   progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(enc)
     lens = packed_lengths(enc)
@@ -60,7 +60,7 @@ def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, 
     per = max(1, batch_size // 2)
     sums = torch.zeros(2 * n)
     counts = torch.zeros(2 * n, dtype=torch.long)
-    with torch.no_grad(), as_precision(precision, lm.device).autocast(lm.dtype):
+    with torch.no_grad(), require_resolved(precision, "reference").compute(lm.model, lm.dtype):
         for s in tqdm(range(0, n, per), desc="reference log-probs", disable=not progress, leave=False):
             idx = order[s: s + per]
             lp, k = packed_logprobs(lm.model, pack_pairs(enc, idx, one_row=None).to(lm.device))
@@ -70,12 +70,12 @@ def _packed_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, 
     return sums, counts
 
 
-def reference_logps(lm: LoadedModel, enc: EncodedPairs, precision: PrecisionLike, batch_size: int = 8,
+def reference_logps(lm: LoadedModel, enc: EncodedPairs, precision: ResolvedPrecision, batch_size: int = 8,
                     disk: bool = True, progress: bool = False, tiled: bool = False, packed: bool = False) -> PairLogps:
     """The frozen model's PairLogps of `enc`, from memory, disk, or one batched no-grad pass."""
     from safetensors.torch import load_file, save_file
 
-    precision = as_precision(precision, lm.device)
+    precision = require_resolved(precision, "reference")
     spec = {"model": lm.fingerprint, "data": enc.key, "precision": precision.key, "tiled": bool(tiled)}
     if packed:  # a key of its own; unpacked runs keep the keys they had
         spec["packed"] = True

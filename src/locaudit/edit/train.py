@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.config import TrainConfig
-from locaudit.edit.fastcast import frozen_bf16_weights
+from locaudit.models.fastcast import frozen_bf16_weights
 from locaudit.edit.encoded import EncodedPairs, encode_pairs, length_sorted, replicate
 from locaudit.edit.logps import check_tiled, tiled_completion_logprobs
 from locaudit.edit.lora import LoRAEdit, LoRAStack, build_stack
@@ -36,7 +36,7 @@ from locaudit.edit.reference import reference_logps
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import resolve_precision
+from locaudit.models.precision import ResolvedPrecision, as_precision, require_resolved
 from locaudit.models.scoring import completion_logprobs
 from locaudit.models.surgery import checkpointed_layers, prefix_supported, run_from_layer
 
@@ -85,11 +85,12 @@ def cosine_schedule(total: int, warmup: int):
     return f
 
 
-def choose_layout(lm: LoadedModel, enc: EncodedPairs, config: TrainConfig) -> tuple[bool, bool]:
+def choose_layout(lm: LoadedModel, enc: EncodedPairs, config: TrainConfig,
+                  precision: ResolvedPrecision) -> tuple[bool, bool]:
     """(tiled, packed) as training uses them: tiled log-probs if configured and equal to `completion_logprobs`
     on a batch of `enc`; packed pairs (which need the tiled head) if configured and equal to the unpacked
     ones. The reference log-probs must be computed in the same layout (`reference_logps(tiled=, packed=)`)."""
-    precision = resolve_precision(config.precision, lm.device)
+    precision = require_resolved(precision, "choose_layout")
     key = (lm.fingerprint, enc.key, precision.key, bool(config.tiled_logps), bool(config.packed_pairs))
     if key in _LAYOUTS:  # checked once per model, data and precision (a study trains many edits on the same pairs)
         return _LAYOUTS[key]
@@ -145,9 +146,9 @@ def checkpointing_needed(lm: LoadedModel, config: TrainConfig, enc: EncodedPairs
 class StackRunner:
     """Forward passes of a LoRAStack on pair batches: full model, or from the cached prefix."""
 
-    def __init__(self, lm: LoadedModel, stack: LoRAStack, config: TrainConfig) -> None:
+    def __init__(self, lm: LoadedModel, stack: LoRAStack, config: TrainConfig, precision: ResolvedPrecision) -> None:
         self.lm, self.stack, self.config = lm, stack, config
-        self.precision = resolve_precision(config.precision, lm.device)
+        self.precision = require_resolved(precision, "StackRunner")
         self.lowest = min(stack.layers)
         self.use_prefix = bool(config.frozen_prefix and self.lowest > 0 and prefix_supported(lm))
         if config.frozen_prefix and self.lowest > 0 and not self.use_prefix:
@@ -161,7 +162,7 @@ class StackRunner:
 
     def choose_logp_fn(self, enc: EncodedPairs) -> bool:
         """Use tiled log-probs and packed pairs where configured and checked (`choose_layout`)."""
-        self.tiled, self.packed = choose_layout(self.lm, enc, self.config)
+        self.tiled, self.packed = choose_layout(self.lm, enc, self.config, self.precision)
         self.logp_fn = tiled_completion_logprobs if self.tiled else completion_logprobs
         n_run = self.lm.sites.n_layers - (self.lowest if self.use_prefix else 0)
         self.checkpointing = checkpointing_needed(self.lm, self.config, enc, self.stack.n_edits, n_run, self.packed)
@@ -237,25 +238,26 @@ def validation_before(config: TrainConfig, ref_val: PairLogps) -> dict:
 
 def train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
                 enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
-                label: str = "") -> tuple[LoRAStack, list[TrainLog]]:
-    """Train len(heads_list) edits together; returns the trained stack and one TrainLog per edit."""
+                label: str = "", precision: ResolvedPrecision | None = None) -> tuple[LoRAStack, list[TrainLog]]:
+    """Train len(heads_list) edits together; returns the trained stack and one TrainLog per edit. `precision`:
+    `config.precision` resolved once by the caller (`prepare`); None resolves it here (a direct call)."""
     if len(lrs) != len(heads_list):
         raise ConfigError(f"train_stack: {len(lrs)} learning rates for {len(heads_list)} edits")
-    prec = resolve_precision(config.precision, lm.device)
-    with frozen_bf16_weights(lm.model, prec.name == "bf16" and lm.dtype != torch.bfloat16
-                             and config.cast_frozen_weights):
-        return _train_stack(lm, heads_list, enc_train, enc_val, config, lrs, label)
+    prec = as_precision(config.precision, lm.device) if precision is None else require_resolved(precision, "train_stack")
+    with frozen_bf16_weights(lm.model, prec.name == "bf16" and prec.form == "bf16-weights"
+                             and lm.dtype != torch.bfloat16 and config.cast_frozen_weights):
+        return _train_stack(lm, heads_list, enc_train, enc_val, config, lrs, label, prec)
 
 
 def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
                  enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
-                 label: str) -> tuple[LoRAStack, list[TrainLog]]:
+                 label: str, precision: ResolvedPrecision) -> tuple[LoRAStack, list[TrainLog]]:
     t0 = time.perf_counter()
     E = len(heads_list)
     dev = lm.device
     cfg = config
     stack = build_stack(lm.sites, heads_list, cfg.rank, cfg.reparam, seeds=[cfg.seed] * E).to(dev)
-    runner = StackRunner(lm, stack, cfg)
+    runner = StackRunner(lm, stack, cfg, precision)
     tiled = runner.choose_logp_fn(enc_train)
     need_ref = cfg.objective in ("ipo", "dpo")
     ref_train = reference_logps(lm, enc_train, runner.precision, cfg.eval_batch_size, cfg.reference_disk_cache,
@@ -370,7 +372,8 @@ def divergence(a: torch.Tensor, b: torch.Tensor, tlog: TrainLog) -> str | None:
 
 
 def make_edit(lm: LoadedModel, stack: LoRAStack, e: int, heads: HeadSet, config: TrainConfig, lr: float,
-              fmt: PromptFormat, tlog: TrainLog, enc_train: EncodedPairs, enc_val: EncodedPairs | None) -> LoRAEdit:
+              fmt: PromptFormat, tlog: TrainLog, enc_train: EncodedPairs, enc_val: EncodedPairs | None,
+              precision: ResolvedPrecision) -> LoRAEdit:
     """Edit e of a trained stack as a LoRAEdit with its meta (model, objective, hyper-parameters, curve)."""
     a, b = stack.edit_tensors(e)
     cfg = config.model_dump()
@@ -379,7 +382,7 @@ def make_edit(lm: LoadedModel, stack: LoRAStack, e: int, heads: HeadSet, config:
         "model": {"name": lm.name, "fingerprint": lm.fingerprint},
         "objective": config.objective,
         "config": cfg,
-        "precision": resolve_precision(config.precision, lm.device).meta(),
+        "precision": require_resolved(precision, "make_edit").meta(),
         "format": {"kind": fmt.kind, "system": fmt.system},
         "data": {"n_train": len(enc_train), "n_val": len(enc_val) if enc_val else 0, "train_key": enc_train.key,
                  "val_key": enc_val.key if enc_val else None},
@@ -409,6 +412,7 @@ class Prepared:
     lrs: list[float]
     enc_train: EncodedPairs
     enc_val: EncodedPairs | None
+    precision: ResolvedPrecision  # config.precision resolved once, for every step of the run
 
 
 def prepare(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Sequence[PreferencePair],
@@ -427,7 +431,7 @@ def prepare(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Sequenc
         raise ConfigError(f"train_edits: {len(lrs)} learning rates for {len(heads_list)} head sets")
     enc_train = encode_pairs(lm.tokenizer, train_pairs, fmt, cfg.max_length, lm.fingerprint)
     enc_val = encode_pairs(lm.tokenizer, val_pairs, fmt, cfg.max_length, lm.fingerprint) if val_pairs else None
-    return Prepared(cfg, fmt, [float(x) for x in lrs], enc_train, enc_val)
+    return Prepared(cfg, fmt, [float(x) for x in lrs], enc_train, enc_val, as_precision(cfg.precision, lm.device))
 
 
 def train_edit(lm: LoadedModel, heads: HeadSet, train_pairs: Sequence[PreferencePair],
@@ -439,9 +443,9 @@ def train_edit(lm: LoadedModel, heads: HeadSet, train_pairs: Sequence[Preference
     the paper's default for len(heads). Same result as `multi.train_edits` with one head set.
     """
     p = prepare(lm, [heads], train_pairs, val_pairs, fmt, config, **overrides)
-    stack, logs = train_stack(lm, [heads], p.enc_train, p.enc_val, p.config, p.lrs, heads.name)
+    stack, logs = train_stack(lm, [heads], p.enc_train, p.enc_val, p.config, p.lrs, heads.name, p.precision)
     tlog = logs[0]
-    edit = make_edit(lm, stack, 0, heads, p.config, p.lrs[0], p.fmt, tlog, p.enc_train, p.enc_val)
+    edit = make_edit(lm, stack, 0, heads, p.config, p.lrs[0], p.fmt, tlog, p.enc_train, p.enc_val, p.precision)
     if tlog.diverged:
         raise TrainingError(f"edit at {heads.name} diverged: {tlog.diverged}; it was not saved")
     return edit, tlog

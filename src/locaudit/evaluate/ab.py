@@ -28,7 +28,7 @@ from locaudit.evaluate.preferences import clustered_mean_se
 from locaudit.evaluate.view import edited
 from locaudit.io import stable_hash
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.scoring import score_completions_shared_prompt
 
 AB_FIELDS = ("ab", "ab_se", "ab_acc", "ab_acc_se", "ab_base", "ab_delta", "ab_delta_se", "n_ab")
@@ -62,7 +62,7 @@ def normalised_match_prob(logp_match: torch.Tensor, logp_other: torch.Tensor) ->
 
 
 def _match_probs(lm: LoadedModel, edit, pairs: Sequence[PreferencePair], fmt: PromptFormat, batch_size: int,
-                 max_length: int, precision: PrecisionLike) -> list[float]:
+                 max_length: int, precision: ResolvedPrecision) -> list[float]:
     tok = lm.tokenizer
     prompts, completions, flipped = [], [], []
     for p in pairs:
@@ -73,7 +73,7 @@ def _match_probs(lm: LoadedModel, edit, pairs: Sequence[PreferencePair], fmt: Pr
         for a in (first, second):
             prompts.append(fmt.prompt(p.question, tok))
             completions.append(fmt.completion(a))
-    with edited(lm, edit, precision):
+    with edited(lm, edit, precision=precision):
         # each item's prompt once, both letters on its KV cache (the prompt is nearly all of the tokens)
         sums, _ = score_completions_shared_prompt(lm.model, tok, prompts, completions, max_length=max_length,
                                                   add_special_tokens=add_special_tokens_for(fmt, tok, prompts[0]),
@@ -91,7 +91,7 @@ def score_ab(
     fmt: PromptFormat = PromptFormat("plain"),
     batch_size: int = 32,
     max_length: int = 512,
-    precision: PrecisionLike = None,
+    *, precision: ResolvedPrecision,
 ) -> ABResult:
     """CAA's A/B metric of `edit` (None: the unedited model) on `pairs` (chosen = matching the behaviour)."""
     pairs = list(pairs)
@@ -101,7 +101,7 @@ def score_ab(
     key = stable_hash({"model": lm.fingerprint, "dtype": str(lm.dtype),
                        "pairs": [(p.question, p.chosen, p.rejected) for p in pairs],
                        "fmt": [fmt.kind, fmt.system, fmt.protocol], "max_length": max_length,
-                       "precision": as_precision(precision, lm.device).key})
+                       "precision": require_resolved(precision, "ab").key})
     base = _BASE_CACHE.get(key)
     if base is None:
         base = _match_probs(lm, None, pairs, fmt, batch_size, max_length, precision)

@@ -27,7 +27,7 @@ from locaudit.io import read_jsonl, write_text_atomic
 from locaudit.evaluate.view import edited
 from locaudit.models.batching import add_special_tokens_for, pad_id, pad_left
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.prefix_cache import PrefixState, cache_kwarg, shared_prefix
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def generate_answers(
     batch_size: int = 16,
     out_path: str | Path | None = None,
     progress: bool = True,
-    precision: PrecisionLike = None,
+    *, precision: ResolvedPrecision,
     max_length: int | None = None,
 ) -> list[GenerationRecord]:
     """Greedy answers to `questions` with `edit` applied at every position; optionally saved as JSONL.
@@ -214,7 +214,7 @@ def generate_answers(
     `max_length`: prompt + answer tokens at most (default: the model's context); longer prompts lose their start."""
     prompts = [fmt.prompt(q.question, lm.tokenizer) for q in questions]
     special = add_special_tokens_for(fmt, lm.tokenizer, prompts[0]) if prompts else True
-    with edited(lm, edit, precision):
+    with edited(lm, edit, precision=precision):
         limit = context_limit(lm, max_length or 10**9)
         answers = greedy_generate(lm, prompts, max_new_tokens, fmt.stop_strings(lm.tokenizer), batch_size,
                                   special, progress, max_prompt_tokens=max(limit - max_new_tokens, 1) if limit < 10**9 else None)

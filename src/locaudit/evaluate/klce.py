@@ -34,7 +34,7 @@ from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.batching import pad_id, pad_right
 from locaudit.models.interventions import capture
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.sites import output_head
 
 _MEMORY: "OrderedDict[str, OriginalCache]" = OrderedDict()
@@ -139,9 +139,9 @@ def final_hidden(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int 
 
 
 def original_cache(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: int = 16,
-                   precision: PrecisionLike = None, disk: bool = True, progress: bool = False) -> OriginalCache:
+                   *, precision: ResolvedPrecision, disk: bool = True, progress: bool = False) -> OriginalCache:
     """The unedited model's final hidden states for `ids`, from memory, disk, or computed once."""
-    key = stable_hash({"model": lm.fingerprint, "dtype": str(lm.dtype), "precision": as_precision(precision, lm.device).key,
+    key = stable_hash({"model": lm.fingerprint, "dtype": str(lm.dtype), "precision": require_resolved(precision, "klce").key,
                        "ids": stable_hash([list(x) for x in ids], 32), "v": 1})
     if key in _MEMORY:
         _MEMORY.move_to_end(key)
@@ -159,7 +159,7 @@ def original_cache(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: in
         except Exception:  # a damaged cache file is recomputed
             cache = None
     if cache is None:
-        with edited(lm, None, precision):
+        with edited(lm, None, precision=precision):
             hidden, offsets = final_hidden(lm, ids, batch_size, progress, check=True)
         cache = OriginalCache([list(x) for x in ids], hidden, offsets, key)
         if path is not None:
@@ -190,7 +190,7 @@ def kl_ce(
     ids: Sequence[Sequence[int]] | None = None,
     batch_size: int = 16,
     max_length: int = 512,
-    precision: PrecisionLike = None,
+    *, precision: ResolvedPrecision,
     chunk: int = 256,
     disk_cache: bool = True,
     progress: bool = False,
@@ -205,8 +205,8 @@ def kl_ce(
         ids = tokenize(lm.tokenizer, texts, max_length)
     if not ids:
         raise DataError("kl_ce: no texts to score")
-    orig = original_cache(lm, ids, batch_size, precision, disk_cache, progress)
-    with edited(lm, edit, precision):
+    orig = original_cache(lm, ids, batch_size, precision=precision, disk=disk_cache, progress=progress)
+    with edited(lm, edit, precision=precision):
         hidden, offsets = final_hidden(lm, ids, batch_size, progress)
     targets = torch.cat([torch.tensor(x[1:]) for x in ids])
     kl_pos = torch.empty(len(targets), dtype=torch.float64)

@@ -23,7 +23,7 @@ from locaudit.edit.base import Edit
 from locaudit.models.batching import add_special_tokens_for
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.scoring import score_completions, score_completions_shared_prompt
 
 # TruthfulQA's "qa" preset (truthfulqa/presets.py): six question-answer shots put before every question
@@ -101,7 +101,7 @@ def score_answers(
     prefix: str = "",
     batch_size: int = 32,
     max_length: int = 512,
-    precision: PrecisionLike = None,
+    *, precision: ResolvedPrecision,
     share_prompt: bool = True,
 ) -> list[float]:
     """Summed log-prob of each answer given its question's prompt, with `edit` applied.
@@ -114,7 +114,7 @@ def score_answers(
     if not prompts:
         return []
     special = add_special_tokens_for(fmt, tok, prompts[0])
-    with edited(lm, edit, precision):
+    with edited(lm, edit, precision=precision):
         if share_prompt:  # each question's prompt once, on the KV cache (models/scoring.py)
             sums, _ = score_completions_shared_prompt(lm.model, tok, prompts, completions, max_length=max_length,
                                                       add_special_tokens=special, batch_size=batch_size)
@@ -132,7 +132,7 @@ def score_mc(
     prefix: str = "",
     batch_size: int = 32,
     max_length: int = 512,
-    precision: PrecisionLike = None,
+    *, precision: ResolvedPrecision,
     share_prompt: bool = True,
 ) -> MCResult:
     """MC1/MC2 (and MC0 where the item has mc0 targets) for `items`, with `edit` applied at every position.
@@ -147,7 +147,8 @@ def score_mc(
                 keys[(it.qid, a)] = len(qs)
                 qs.append(it.question)
                 ans.append(a)
-    logp = score_answers(lm, edit, qs, ans, fmt, prefix, batch_size, max_length, precision, share_prompt)
+    logp = score_answers(lm, edit, qs, ans, fmt, prefix, batch_size, max_length, precision=precision,
+                         share_prompt=share_prompt)
     out = []
     for it in items:
         s = lambda answers: [logp[keys[(it.qid, a)]] for a in answers]  # noqa: E731

@@ -20,7 +20,7 @@ from locaudit.edit.base import Edit
 from locaudit.models.batching import add_special_tokens_for
 from locaudit.evaluate.view import edited
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.scoring import score_completions
 
 
@@ -61,7 +61,7 @@ def score_preferences(
     fmt: PromptFormat = PromptFormat("plain"),
     batch_size: int = 32,
     max_length: int = 512,
-    precision: PrecisionLike = None,
+    *, precision: ResolvedPrecision,
 ) -> PreferenceResult:
     """Accuracy and mean margin of per-token-averaged completion log-probs, with `edit` applied."""
     tok = lm.tokenizer
@@ -75,7 +75,7 @@ def score_preferences(
                 completions.append(fmt.completion(a))
     if not prompts:
         return PreferenceResult(float("nan"), None, float("nan"), None, 0, [], [])
-    with edited(lm, edit, precision):
+    with edited(lm, edit, precision=precision):
         sums, counts = score_completions(lm.model, tok, prompts, completions, batch_size=batch_size,
                                          max_length=max_length,
                                          add_special_tokens=add_special_tokens_for(fmt, tok, prompts[0]))

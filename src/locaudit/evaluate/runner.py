@@ -184,7 +184,7 @@ def evaluate_edit(
         from locaudit.evaluate.preferences import score_preferences
 
         t0 = time.perf_counter()
-        p = score_preferences(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len, ac)
+        p = score_preferences(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len, precision=ac)
         for k, v in p.summary().items():
             setattr(res, k, v)
         timed("pref", t0)
@@ -194,7 +194,8 @@ def evaluate_edit(
 
         t0 = time.perf_counter()
         res = with_ab_fields(res)
-        for k, v in score_ab(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len, ac).summary().items():
+        for k, v in score_ab(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len,
+                            precision=ac).summary().items():
             setattr(res, k, v)
         timed("ab", t0)
 

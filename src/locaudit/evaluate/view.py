@@ -15,7 +15,7 @@ import torch
 from locaudit.edit.base import Edit, NoEdit
 from locaudit.errors import ConfigError
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 
 def as_edit(edit: Edit | None) -> Edit:
@@ -32,16 +32,16 @@ def describe(edit: Edit | None) -> dict:
 
 
 @contextmanager
-def edited(lm: LoadedModel, edit: Edit | None = None, precision: PrecisionLike = None) -> Iterator[LoadedModel]:
+def edited(lm: LoadedModel, edit: Edit | None = None, *, precision: ResolvedPrecision) -> Iterator[LoadedModel]:
     """Run the block with `edit` applied at every position, without gradients, at `precision`.
 
-    `precision`: None or "fp32" (exact), "bf16"/"fp16" (autocast matmuls; fast only on GPUs and CPUs with
-    AMX), "auto" (what the machine runs fastest), or a ResolvedPrecision. Log-softmax and reductions stay
-    in fp32 in every metric.
+    `precision`: the job's ResolvedPrecision (models/precision.py), resolved where the job started; its
+    `compute` context runs the block (autocast, and bf16 copies of the frozen weights in that form).
+    Log-softmax and reductions stay in fp32 in every metric.
     """
-    prec = as_precision(precision, lm.device)
+    prec = require_resolved(precision, "view")
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        stack.enter_context(prec.autocast(lm.dtype))
+        stack.enter_context(prec.compute(lm.model, lm.dtype))
         stack.enter_context(as_edit(edit).applied(lm))
         yield lm

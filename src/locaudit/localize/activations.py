@@ -26,7 +26,7 @@ from locaudit.io import atomic_path, cache_dir, read_jsonl, stable_hash, write_j
 from locaudit.localize.store import create_tensor_file, open_tensor
 from locaudit.models.batching import length_sorted_batches, pad_id, pad_right
 from locaudit.models.interventions import capture
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 ACTIVATIONS_FILE = "activations.safetensors"
 EXAMPLES_FILE = "examples.jsonl"
@@ -77,7 +77,7 @@ def collect_activations(
     positions: str | Sequence[int] = "last",
     *,
     out_path: str | os.PathLike | None = None,
-    precision: PrecisionLike = None,
+    precision: ResolvedPrecision,
     max_length: int = 512,
     add_special_tokens: bool = True,
     stop_early: bool = True,
@@ -110,7 +110,7 @@ def collect_activations(
 
     device = lm.device
     pad = pad_id(lm.tokenizer)
-    amp = as_precision(precision, device).autocast(lm.dtype)
+    amp = require_resolved(precision, "activations").compute(lm.model, lm.dtype)
     bar = tqdm(total=N, desc="collect activations", unit="ex", disable=not progress or N == 0, leave=False)
     try:
         with torch.inference_mode(), capture(sites, "heads", range(L), "all", stop=stop_early,
@@ -221,12 +221,12 @@ class ActivationSet:
 
 
 def activation_key(lm, data_fingerprint: str, fmt, positions: str = "last", max_length: int = 512,
-                   precision: PrecisionLike = None) -> str:
+                   *, precision: ResolvedPrecision) -> str:
     """Cache key: model content, data content, prompt format, token positions and numerics."""
     return stable_hash({
         "model": lm.fingerprint, "model_dtype": str(lm.dtype), "data": data_fingerprint,
         "format": [fmt.kind, fmt.system], "positions": positions, "max_length": max_length,
-        "precision": as_precision(precision, lm.device).key, "version": FORMAT_VERSION,
+        "precision": require_resolved(precision, "activations").key, "version": FORMAT_VERSION,
     })
 
 
@@ -252,7 +252,7 @@ def collect_probe_activations(
     cache: bool = True,
     *,
     batch_size: int = 16,
-    precision: PrecisionLike = None,
+    precision: ResolvedPrecision,
     max_length: int = 512,
     progress: bool = True,
 ) -> ActivationSet:
@@ -265,8 +265,8 @@ def collect_probe_activations(
 
     if isinstance(fmt, str):
         fmt = PromptFormat(fmt)
-    prec = as_precision(precision, lm.device)
-    key = activation_key(lm, data.fingerprint, fmt, "last", max_length, prec)
+    prec = require_resolved(precision, "activations")
+    key = activation_key(lm, data.fingerprint, fmt, "last", max_length, precision=prec)
     target = cache_dir("activations", key) if cache else Path(out_dir) if out_dir is not None else None
     if target is None:
         raise DataError("collect_probe_activations: cache=False needs an out_dir to write to")

@@ -35,10 +35,10 @@ from locaudit.localize.corruptions import PatchingConfig, patch_positions
 from locaudit.localize.effects import HeadEffects
 from locaudit.localize.patching import _as3d, _meta, _Plan, capture_heads, embedding_hook, pair_metric, source_values
 from locaudit.models.interventions import grad_hooks, site_hooks
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 
-def attribution_patching(lm, pairs: Sequence, config: PatchingConfig | None = None, precision: PrecisionLike = None,
+def attribution_patching(lm, pairs: Sequence, config: PatchingConfig | None = None, *, precision: ResolvedPrecision,
                          progress: bool = True) -> HeadEffects:
     """AtP of every head on `pairs`: HeadEffects with effect/se [L, H], per-pair AtP [n, L, H] and, with
     `config.graddrop`, the extra score ``graddrop`` [L, H]."""
@@ -46,7 +46,7 @@ def attribution_patching(lm, pairs: Sequence, config: PatchingConfig | None = No
     plan = _Plan(lm, pairs, config)
     sites = lm.sites
     L, H, D = sites.shape
-    prec = as_precision(precision, lm.device)
+    prec = require_resolved(precision, "attribution")
     per = torch.zeros(plan.n, L, H, dtype=torch.float64)
     gd = torch.zeros(plan.n, L, H, dtype=torch.float64) if config.graddrop else None
     m_base_all = torch.zeros(plan.n, dtype=torch.float64)

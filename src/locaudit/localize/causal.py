@@ -15,21 +15,21 @@ from locaudit.localize.attribution import attribution_patching
 from locaudit.localize.corruptions import PatchingConfig, select_pairs
 from locaudit.localize.effects import HeadEffects
 from locaudit.localize.patching import VERSION, activation_patching
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 METHODS = ("patching", "attribution")
 
 
 def localization_key(lm, data_fingerprint: str, method: str, config: PatchingConfig, split: str,
-                     precision: PrecisionLike = None) -> str:
+                     precision: ResolvedPrecision) -> str:
     """Cache key: model content and dtype, data content, split, method, config and numerics."""
     return stable_hash({"model": lm.fingerprint, "model_dtype": str(lm.dtype), "data": data_fingerprint,
                         "split": split, "method": method, "config": config.model_dump(),
-                        "precision": as_precision(precision, lm.device).key, "version": VERSION})
+                        "precision": require_resolved(precision, "causal").key, "version": VERSION})
 
 
 def localize_heads(lm, data, method: str = "patching", config: PatchingConfig | dict | None = None,
-                   split: str = "train", out_dir: str | os.PathLike | None = None, precision: PrecisionLike = None,
+                   split: str = "train", out_dir: str | os.PathLike | None = None, *, precision: ResolvedPrecision,
                    cache: bool = True, progress: bool = True) -> HeadEffects:
     """Rank every head of `lm` for the behaviour `data` (a BehaviourData) by activation patching
     (method "patching") or attribution patching ("attribution") on the pairs of `split`.
@@ -54,9 +54,9 @@ def localize_heads(lm, data, method: str = "patching", config: PatchingConfig | 
             pass  # a damaged entry is recomputed
     pairs = select_pairs(data.pairs(split), config.max_pairs, config.pair_seed)
     if method == "patching":
-        eff = activation_patching(lm, pairs, config, precision, progress)
+        eff = activation_patching(lm, pairs, config, precision=precision, progress=progress)
     else:
-        eff = attribution_patching(lm, pairs, config, precision, progress)
+        eff = attribution_patching(lm, pairs, config, precision=precision, progress=progress)
     eff.meta.update(key=key, data=data.name, data_fingerprint=data.fingerprint, split=split)
     if target is not None:
         eff.save(target)

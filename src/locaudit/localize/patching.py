@@ -31,7 +31,7 @@ from locaudit.localize.corruptions import (EncodedRuns, PatchingConfig, batch_no
 from locaudit.localize.effects import HeadEffects
 from locaudit.models.batching import length_sorted_batches
 from locaudit.models.interventions import capture, head_mask, module_hooks, replace, site_hooks
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.scoring import CompletionBatch, completion_logprobs
 from locaudit.models.surgery import skipped_layers
 
@@ -180,7 +180,7 @@ def _heads_to_patch(config: PatchingConfig, L: int, H: int) -> list[Head]:
     return list(hs.heads)
 
 
-def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = None, precision: PrecisionLike = None,
+def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = None, *, precision: ResolvedPrecision,
                         progress: bool = True) -> HeadEffects:
     """Activation patching of every head (or `config.heads`) on `pairs` (PreferencePair list).
 
@@ -192,7 +192,7 @@ def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = Non
     sites = lm.sites
     L, H, D = sites.shape
     heads = _heads_to_patch(config, L, H)
-    prec = as_precision(precision, lm.device)
+    prec = require_resolved(precision, "patching")
     per = torch.full((plan.n, L, H), float("nan"), dtype=torch.float64)
     m_base_all = torch.zeros(plan.n, dtype=torch.float64)
     m_src_all = torch.zeros(plan.n, dtype=torch.float64)

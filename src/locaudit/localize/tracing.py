@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.models.interventions import site_hooks
-from locaudit.models.precision import as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 KINDS = ("hidden", "mlp", "attn")
 # ROME's token categories for heatmaps averaged over facts
@@ -114,7 +114,7 @@ def _clean_states(lm, ids: torch.Tensor, kinds: Sequence[str]) -> tuple[dict[str
 
 @torch.no_grad()
 def _run_rows(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int], kind: str,
-              restore: list[tuple[list[int], int]], clean: torch.Tensor, precision) -> torch.Tensor:
+              restore: list[tuple[list[int], int]], clean: torch.Tensor, precision: ResolvedPrecision) -> torch.Tensor:
     """One batched forward: row r has noise[r] on the subject and clean `kind` states restored at the
     layers restore[r][0] and position restore[r][1] (empty layers: corrupted only). Returns Float[R, V]."""
     R = len(restore)
@@ -142,7 +142,7 @@ def _run_rows(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int],
     fns = {("embed", 0): embed_noise}
     for l, (rows, pos) in rows_at.items():
         fns[(_site(kind), l)] = restore_at(l, torch.tensor(rows), torch.tensor(pos))
-    with site_hooks(lm.sites, fns), as_precision(precision, lm.device).autocast(lm.dtype):
+    with site_hooks(lm.sites, fns), require_resolved(precision, "tracing").autocast(lm.dtype):
         logits = lm.model(input_ids=x, use_cache=False, **_last_only(lm)).logits
     return logits[:, -1].float().softmax(-1)
 
@@ -153,7 +153,7 @@ def _noise(cfg: TraceConfig, fact_index: int, n: int, n_subj: int, d: int, scale
 
 
 def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | None = None, fact_index: int = 0,
-               layers: Sequence[int] | None = None, grid: bool = False, precision=None,
+               layers: Sequence[int] | None = None, grid: bool = False, *, precision: ResolvedPrecision,
                noise_std: float | None = None) -> TracedFact:
     """Trace one fact at every layer in `layers` (default all) for every kind of `cfg.kinds`.
 
@@ -212,7 +212,7 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
 
 
 def trace_facts(lm, facts, cfg: TraceConfig | None = None, layers: Sequence[int] | None = None,
-                grid_facts: int | None = None, precision=None, progress: bool = True) -> list[TracedFact]:
+                grid_facts: int | None = None, *, precision: ResolvedPrecision, progress: bool = True) -> list[TracedFact]:
     """Trace every fact (Fact objects); the first `grid_facts` (default cfg.grid_facts) also get the
     (layer x position) grid."""
     cfg = cfg or TraceConfig()

@@ -1,22 +1,30 @@
-"""One precision policy: ``auto | fp32 | bf16 | fp16``, resolved once per process from the real device.
+"""One precision policy: ``auto | fp32 | bf16 | fp16``, resolved once per job, where the job starts.
 
 Precision here is the *compute* precision of matmuls: under ``bf16``/``fp16`` the model's forward runs
-under torch autocast (weights stay in their stored dtype, log-softmax and losses in fp32); ``fp32`` runs
-the model as it is. The stored weights' dtype is a separate choice (``--dtype``, default fp32).
+under torch autocast (log-softmax and losses in fp32); ``fp32`` runs the model as it is. The stored weights'
+dtype is a separate choice (``--dtype``, default fp32). bf16 runs in one of two forms with the same numbers:
+frozen matmul weights held as bf16 copies for the block (``bf16-weights``, `ResolvedPrecision.compute`) or
+autocast casting the fp32 weights on every call (``autocast``); trained parameters and their optimiser state
+stay fp32 in both.
 
 ``auto`` picks, for the device at hand:
 
-- CUDA: bf16 where the GPU supports it, else fp16 is *not* chosen silently: fp32.
-- CPU: bf16 only where the CPU has hardware bf16 matmuls (AMX tiles or AVX512-BF16) *and* a short
-  measured check at first use confirms bf16 matmuls are faster than fp32 there; fp32 otherwise. On a
-  CPU with only AVX2, bf16 is emulated: a matmul is ~100x slower than in fp32, so ``auto`` is fp32.
+- CUDA: bf16 (as bf16 weights) where the GPU supports it, else fp32 (fp16 is never chosen silently).
+- CPU: bf16 only where the CPU has hardware bf16 matmuls (AMX tiles or AVX512-BF16) *and* a measured check
+  of the whole job's shape (`measure_forms`: a forward pass and a training step of a SmolLM2-wide model in
+  fp32, autocast and bf16 weights, weighted as a study spends them) finds a bf16 form at least
+  ``MIN_SPEEDUP`` faster; then the faster form. fp32 otherwise. On a CPU with only AVX2 (or AVX512 without
+  BF16), bf16 is emulated, ~100x slower than fp32, so ``auto`` is fp32 and nothing is measured.
 
 The measured check runs once per machine (CPU model, capability, torch version, threads) and is cached in
-``<cache>/precision/``. ``LOCAUDIT_CPU_CAPABILITY`` overrides what the CPU reports (``AVX2``,
-``AVX512``, ``AVX512_BF16`` or ``AMX``), which tests use to fake either kind of machine.
+``<cache>/precision/``. ``LOCAUDIT_CPU_CAPABILITY`` overrides what the CPU reports (``AVX2``, ``AVX512``,
+``AVX512_BF16`` or ``AMX``), which tests use to fake either kind of machine; under it the measured check is
+skipped (a faked AMX is taken to be fast, as bf16 weights).
 
-The resolved precision and the capability go into every artifact's meta (`ResolvedPrecision.meta`), and
-into cache keys where they change numbers (`ResolvedPrecision.key`).
+Entry points (the Python API, the CLI, a study's or config's ``precision`` field) resolve once with
+`as_precision` / `resolve_precision`; every function below takes the `ResolvedPrecision` and checks it with
+`require_resolved`. The resolved precision and the capability go into every artifact's meta
+(`ResolvedPrecision.meta`), and into cache keys where they change numbers (`ResolvedPrecision.key`).
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ class ResolvedPrecision:
     device: str
     capability: str
     reason: str
+    form: str = ""
+    """How bf16 runs (numbers are the same either way): "bf16-weights" (frozen fp32 matmul weights held as bf16
+    copies for the block, models/fastcast.py) or "autocast" (autocast casts fp32 weights on every call); ""
+    at fp32, "autocast" at fp16."""
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -87,11 +99,25 @@ class ResolvedPrecision:
             return nullcontext()
         return torch.autocast(device_type=self.device, dtype=dt)
 
+    def compute(self, model: torch.nn.Module, model_dtype: torch.dtype | None = None) -> ContextManager:
+        """The context every forward of a job runs in: `autocast(model_dtype)` and, in the "bf16-weights" form,
+        bf16 copies of the model's frozen fp32 matmul weights (bit-identical to autocast, without its per-call
+        casts). Trained parameters (requires_grad) keep fp32, and so does their optimiser state."""
+        from contextlib import ExitStack
+
+        from locaudit.models.fastcast import frozen_bf16_weights
+
+        stack = ExitStack()
+        stack.enter_context(self.autocast(model_dtype))
+        if self.name == "bf16" and self.form == "bf16-weights" and model_dtype in (None, torch.float32):
+            stack.enter_context(frozen_bf16_weights(model))
+        return stack
+
     def meta(self) -> dict[str, str]:
         """For meta.json, ledger rows and report headers."""
         return {"precision": self.name, "precision_requested": self.requested, "device": self.device,
                 "cpu_capability": cpu_capability() if self.device == "cpu" else self.capability,
-                "capability": self.capability, "precision_reason": self.reason}
+                "capability": self.capability, "precision_reason": self.reason, "precision_form": self.form}
 
     @property
     def key(self) -> str:
@@ -164,58 +190,137 @@ def _machine_key() -> str:
                         "threads": torch.get_num_threads()})
 
 
-def measure_bf16_speedup(size: int = 512, repeats: int = 3) -> float:
-    """fp32 time / bf16-autocast time of a `size`^3 matmul on this CPU (best of `repeats`); > 1 = bf16 faster.
+FORMS = ("fp32", "autocast", "bf16-weights")
+"""The three ways a job can run: (c) fp32; (a) bf16 autocast over the fp32 weights; (b) bf16 autocast with the
+frozen weights held as bf16 copies (trained parameters and their optimiser state stay fp32)."""
+# How much of a study each measured phase stands for: collection, evaluation and judging are forward passes
+# (two parts), training is forward + backward (one part). bf16 must win the weighted total by this margin.
+PHASE_WEIGHTS = {"forward": 2.0, "train": 1.0}
+MIN_SPEEDUP = 1.1
 
-    Emulated bf16 (AVX2) is two orders of magnitude slower, so a single bf16 matmul at most is run there
-    when it is clearly slow (the check stops early, ~0.1 s).
+
+def _job_model(layers: int = 2, vocab: int = 8192) -> torch.nn.Module:
+    """A Llama-shaped model of SmolLM2's width (576 wide, 9 heads of 64, MLP 1536) with `layers` layers:
+    what a study's forward and backward passes look like, at a size that times in about a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def measure_forms(batch: int = 1, seq: int = 256, repeats: int = 2,
+                  model: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
+    """Seconds per phase for each of `FORMS` on this CPU: {form: {"forward": s, "train": s}}, best of `repeats`.
+
+    "forward" is a no-grad forward of `batch` x `seq` tokens (collection, evaluation, judging); "train" is a
+    forward and a backward to a trained parameter at the first layer's input, frozen weights (an edit's step).
+    Emulated bf16 (no AMX / AVX512-BF16) is two orders of magnitude slower: a form whose first call takes over
+    20x fp32's is not timed further.
     """
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+    from locaudit.models.fastcast import frozen_bf16_weights
 
-    def best(fn) -> float:
-        fn()  # warm-up
-        t = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
+    model = model if model is not None else _job_model()
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
 
-    t32 = best(lambda: a @ b)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    t0 = time.perf_counter()
-    a16 @ b16  # warm-up and early exit on emulated bf16
-    first = time.perf_counter() - t0
-    if first > 20 * t32 and first > 0.02:
-        return t32 / first
-    t16 = best(lambda: a16 @ b16)
-    return t32 / t16
+    def shift(_m, _a, out):  # the trained parameter: a shift of the embeddings, so grads flow through every layer
+        return out + delta
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    def train() -> None:
+        h = model.get_input_embeddings().register_forward_hook(shift)
+        try:
+            model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+        finally:
+            h.remove()
+            delta.grad = None
+
+    def timed(fn, ctx) -> float:
+        best = float("inf")
+        for i in range(repeats + 1):  # the first call warms up
+            with ctx():
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+            if i == 0 and ref is not None and dt > 20 * ref:
+                return dt
+            if i > 0:
+                best = min(best, dt)
+        return best
+
+    def ctx_for(form: str):
+        if form == "fp32":
+            return nullcontext
+        if form == "autocast":
+            return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+        def both():
+            from contextlib import ExitStack
+
+            st = ExitStack()
+            st.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            st.enter_context(frozen_bf16_weights(model))
+            return st
+        return both
+
+    out: dict[str, dict[str, float]] = {}
+    for form in FORMS:
+        out[form] = {}
+        for phase, fn in (("forward", forward), ("train", train)):
+            ref = out["fp32"][phase] if form != "fp32" else None
+            out[form][phase] = timed(fn, ctx_for(form))
+    return out
 
 
-def cpu_bf16_is_fast() -> tuple[bool, str]:
-    """Whether bf16 matmuls beat fp32 on this CPU: hardware check, then a measured check cached per machine."""
+def job_seconds(times: dict[str, float]) -> float:
+    """A job's weighted seconds (PHASE_WEIGHTS) from one form's per-phase times."""
+    return sum(w * times[phase] for phase, w in PHASE_WEIGHTS.items())
+
+
+def choose_form(measured: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """("fp32" | "autocast" | "bf16-weights", why) from `measure_forms`' output: the fastest bf16 form where it
+    beats fp32 on the weighted job by MIN_SPEEDUP, else fp32. A job is never made slower than fp32."""
+    t32 = job_seconds(measured["fp32"])
+    best = min(("autocast", "bf16-weights"), key=lambda f: job_seconds(measured[f]))
+    speed = t32 / job_seconds(measured[best])
+    parts = ", ".join(f"{f} {t32 / job_seconds(measured[f]):.2f}x" for f in ("autocast", "bf16-weights"))
+    phases = ", ".join(f"{ph} {measured['fp32'][ph] / measured[best][ph]:.2f}x" for ph in PHASE_WEIGHTS)
+    if speed >= MIN_SPEEDUP:
+        return best, f"bf16 as {best}: a study-shaped job measured {speed:.2f}x faster than fp32 ({phases}; {parts})"
+    return "fp32", f"bf16 measured {speed:.2f}x fp32 on a study-shaped job ({parts}): not faster, fp32"
+
+
+def cpu_bf16_is_fast() -> tuple[bool, str, str]:
+    """(bf16 faster, why, form) on this CPU: hardware check, then `measure_forms`, cached per machine."""
     cap = cpu_capability()
     if not cpu_has_bf16_hardware(cap):
-        return False, f"CPU capability {cap}: no bf16 matmul hardware (bf16 would be emulated)"
+        return False, f"CPU capability {cap}: no bf16 matmul hardware (bf16 would be emulated)", ""
     if os.environ.get(_CAPABILITY_ENV):
-        return True, f"CPU capability {cap} (forced by {_CAPABILITY_ENV}); measured check skipped"
+        return True, f"CPU capability {cap} (forced by {_CAPABILITY_ENV}); measured check skipped", "bf16-weights"
     from locaudit.io import cache_dir, write_json_atomic
 
-    path = cache_dir("precision") / f"{_machine_key()}.json"
-    speedup = None
+    path = cache_dir("precision") / f"forms-{_machine_key()}.json"
+    measured = None
     if path.exists():
         try:
-            speedup = float(json.loads(path.read_text())["bf16_speedup"])
-        except (OSError, ValueError, KeyError, TypeError):
-            speedup = None
-    if speedup is None:
-        speedup = measure_bf16_speedup()
-        write_json_atomic(path, {"bf16_speedup": speedup, "capability": cap, "torch": torch.__version__,
-                                 "threads": torch.get_num_threads()})
-    if speedup > 1.2:
-        return True, f"CPU capability {cap}; bf16 matmuls measured {speedup:.1f}x faster than fp32"
-    return False, f"CPU capability {cap}, but bf16 matmuls measured {speedup:.2f}x fp32 here"
+            measured = json.loads(path.read_text())["seconds"]
+            choose_form(measured)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            measured = None
+    if measured is None:
+        measured = measure_forms()
+        write_json_atomic(path, {"seconds": measured, "capability": cap, "torch": torch.__version__,
+                                 "threads": torch.get_num_threads(), "phase_weights": PHASE_WEIGHTS})
+    form, why = choose_form(measured)
+    return form != "fp32", f"CPU capability {cap}; {why}", "" if form == "fp32" else form
 
 
 def _device_type(device: torch.device | str | None) -> str:
@@ -236,6 +341,11 @@ def resolve_precision(requested: Any = "auto", device: torch.device | str | None
     return _resolve(req, dev, os.environ.get(_CAPABILITY_ENV, ""))
 
 
+# The form an explicit precision runs in: bf16 holds bf16 copies of the frozen weights (the same numbers as
+# autocast, no per-call casts; edit training has always run this way); fp16 is plain autocast.
+_FIXED_FORMS = {"fp32": "", "bf16": "bf16-weights", "fp16": "autocast"}
+
+
 @lru_cache(maxsize=32)
 def _resolve(req: str, dev: str, _fake: str) -> ResolvedPrecision:
     if dev == "cuda":
@@ -244,23 +354,23 @@ def _resolve(req: str, dev: str, _fake: str) -> ResolvedPrecision:
         cap = f"cuda sm_{major}{minor}" + (" bf16" if bf16_ok else "")
         if req == "auto":
             name = "bf16" if bf16_ok else "fp32"
-            return ResolvedPrecision(name, req, dev, cap, f"auto on {cap}: {name}")
+            return ResolvedPrecision(name, req, dev, cap, f"auto on {cap}: {name}", _FIXED_FORMS[name])
         if req == "bf16" and not bf16_ok:
             raise ConfigError(f"precision = 'bf16' asked for, but this GPU ({cap}) has no bf16; use fp16 or fp32")
-        return ResolvedPrecision(req, req, dev, cap, f"{req} as asked")
+        return ResolvedPrecision(req, req, dev, cap, f"{req} as asked", _FIXED_FORMS[req])
     if dev != "cpu":
         name = "fp32" if req == "auto" else req
-        return ResolvedPrecision(name, req, dev, dev, f"{name} on {dev}")
+        return ResolvedPrecision(name, req, dev, dev, f"{name} on {dev}", _FIXED_FORMS[name])
     cap = cpu_capability()
     if req == "auto":
-        fast, why = cpu_bf16_is_fast()
+        fast, why, form = cpu_bf16_is_fast()
         name = "bf16" if fast else "fp32"
-        return ResolvedPrecision(name, req, dev, cap, f"auto: {name} ({why})")
+        return ResolvedPrecision(name, req, dev, cap, f"auto: {name} ({why})", form)
     reason = f"{req} as asked"
     if req in ("bf16", "fp16") and not cpu_has_bf16_hardware(cap):
         reason += f"; CPU capability {cap} emulates it, expect it to be far slower than fp32"
         log.warning("precision %s on a CPU with capability %s is emulated and far slower than fp32", req, cap)
-    return ResolvedPrecision(req, req, dev, cap, reason)
+    return ResolvedPrecision(req, req, dev, cap, reason, _FIXED_FORMS[req])
 
 
 def clear_cache() -> None:
@@ -272,20 +382,35 @@ def clear_cache() -> None:
 
 
 PrecisionLike = Any
-"""None | "auto" | "fp32" | "bf16" | "fp16" | torch.dtype | ResolvedPrecision (see `as_precision`)."""
+"""What an entry point accepts as `precision`: None (= "auto") | "auto" | "fp32" | "bf16" | "fp16" | torch.dtype |
+ResolvedPrecision (see `as_precision`). Below the entry points every function takes a `ResolvedPrecision`."""
 
 
 def as_precision(value: PrecisionLike, device: torch.device | str | None = "cpu") -> ResolvedPrecision:
-    """Coerce what a primitive accepts as `precision` to a ResolvedPrecision for `device`.
+    """Resolve what an ENTRY POINT accepts as `precision` (the Python API, the CLI, a config's field) for `device`.
 
-    None -> fp32 (the exact path); a torch dtype -> its name (torch.bfloat16 -> bf16); a string ->
-    `resolve_precision` (so "auto" follows the machine); a ResolvedPrecision passes through.
+    None -> "auto" (as every config defaults); a torch dtype -> its name (torch.bfloat16 -> bf16); a string ->
+    `resolve_precision` (so "auto" follows the machine); a ResolvedPrecision passes through. Call it once per
+    job, where the job starts, and hand the result down: functions below take a `ResolvedPrecision` and check
+    it with `require_resolved`.
     """
     if value is None:
-        value = "fp32"
+        value = "auto"
     elif isinstance(value, torch.dtype):
         value = dtype_name(value)  # raises ConfigError naming the dtype for any other
     return resolve_precision(value, device)
+
+
+def require_resolved(value: Any, where: str) -> ResolvedPrecision:
+    """`value` itself, where it is a ResolvedPrecision; a TypeError naming `where` otherwise.
+
+    Functions below the entry points call it, so that "auto", None or a bare string can never be read
+    differently at different depths of one job (None once meant fp32 here while configs meant auto).
+    """
+    if isinstance(value, ResolvedPrecision):
+        return value
+    raise TypeError(f"{where}: precision must be a ResolvedPrecision, resolved once where the job starts "
+                    f"(locaudit.models.precision.as_precision / resolve_precision); got {value!r}")
 
 
 def migrate_autocast_field(data: Any, where: str) -> Any:

@@ -25,7 +25,7 @@ from locaudit.io import cache_dir, stable_hash
 from locaudit.models.batching import length_chunks, pad_id
 from locaudit.models.interventions import capture
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike, as_precision
+from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.scoring import collate_completions, encode_completions
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class PairEncoder:
     length-sorted, at `precision` (models/precision.py; features are stored as fp16 on disk)."""
 
     def __init__(self, lm: LoadedModel, layers: Sequence[int], batch_size: int = 32, max_length: int = 256,
-                 precision: PrecisionLike = "auto", cache: str | Path | None | bool = None,
+                 *, precision: ResolvedPrecision, cache: str | Path | None | bool = None,
                  share_prompt: bool = True) -> None:
         n = lm.sites.n_layers
         layers = tuple(int(l) if int(l) >= 0 else n + int(l) for l in layers)
@@ -57,7 +57,7 @@ class PairEncoder:
         self.layers = tuple(sorted(set(layers)))
         self.batch_size = batch_size
         self.max_length = max_length
-        self.precision = as_precision(precision, lm.device)
+        self.precision = require_resolved(precision, "features")
         self.key = stable_hash({"model": lm.fingerprint, "layers": self.layers, "max_length": max_length,
                                 "precision": self.precision.key, "text": "plain-v1"})
         if cache is False:
@@ -173,7 +173,7 @@ class PairEncoder:
     def _plain(self, cap, seqs: list) -> np.ndarray:
         """Features of full (prompt, answer) sequences, batched with right padding."""
         b = collate_completions(seqs, pad_id(self.lm.tokenizer)).to(self.lm.device)
-        with self.precision.autocast(self.lm.dtype):
+        with self.precision.compute(self.lm.model, self.lm.dtype):
             cap.forward(self.lm.model, b.input_ids, b.attention_mask)
         lengths = b.attention_mask.sum(1)
         rows = torch.arange(len(seqs), device=b.input_ids.device)
@@ -194,7 +194,7 @@ class PairEncoder:
         cache = DynamicCache(config=model.config)
         kwarg = cache_kwarg(model)
         out = np.empty((B, *self.dim), dtype=np.float16)
-        with self.precision.autocast(self.lm.dtype):
+        with self.precision.compute(self.lm.model, self.lm.dtype):
             cap.forward(model, x, torch.ones_like(x), use_cache=True, **{kwarg: cache})
             end = {l: cap.values[l][0, -1] for l in self.layers}
             for idx in length_chunks([len(c) for c in comps], self.batch_size):

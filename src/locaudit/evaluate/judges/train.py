@@ -32,7 +32,7 @@ from locaudit.evaluate.judges.calibration import expected_calibration_error, rel
 from locaudit.evaluate.judges.hardneg import hard_negatives
 from locaudit.evaluate.judges.data import JudgeExample, load_holdout, load_judge_data
 from locaudit.evaluate.judges.features import PairEncoder
-from locaudit.models.precision import PrecisionName, migrate_autocast_field
+from locaudit.models.precision import PrecisionName, as_precision, migrate_autocast_field
 from locaudit.evaluate.judges.heads import Head, fit_logistic, fit_mlp
 from locaudit.evaluate.judges.reffeatures import LEXICAL
 from locaudit.evaluate.judges.trained import (JudgeFeatures, TrainedJudge, head_input, load_trained_judge,
@@ -227,7 +227,7 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
     if lm is None:
         lm = load_model(cfg.model, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                           precision=cfg.precision)
+                           precision=as_precision(cfg.precision, lm.device))
     pairs = list(dict.fromkeys((e.question, e.answer) for s in split.values() for part in s.values() for e in part))
     log.info("judge features: %d distinct (question, answer) pairs, layers %s of %s", len(pairs), encoder.layers, cfg.model)
     t_feat = time.time()

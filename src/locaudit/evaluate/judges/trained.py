@@ -24,7 +24,7 @@ from locaudit.evaluate.judges.heads import Head
 from locaudit.evaluate.judges.reffeatures import LEXICAL, embedding_features, embedding_names, lexical_features
 from locaudit.io import atomic_path, file_sha256, stable_hash, write_json_atomic
 from locaudit.models.loading import LoadedModel
-from locaudit.models.precision import PrecisionLike
+from locaudit.models.precision import PrecisionLike, ResolvedPrecision, as_precision
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class TrainedJudge(Judge):
 
     def __init__(self, meta: dict, heads: dict[tuple[str, str], Head], center: torch.Tensor, lm: LoadedModel,
                  references: References | None, weights_hash: str, batch_size: int = 64,
-                 path: Path | None = None, precision: PrecisionLike = "auto") -> None:
+                 path: Path | None = None, *, precision: ResolvedPrecision) -> None:
         self.meta = meta
         self.heads = heads
         self.kinds = tuple(k for k in ("truth", "info") if (k, "noref") in heads)
@@ -236,7 +236,7 @@ def load_trained_judge(path: str | Path, references: References | str | None = N
                           f"{meta['model_fingerprint']}, but the loaded model's fingerprint is {lm.fingerprint}")
     weights_hash = stable_hash({"weights": file_sha256(d / "judge.safetensors"), "encoder": meta["encoder"]})
     return TrainedJudge(meta, heads, center, lm, references, weights_hash, batch_size=batch_size, path=d,
-                        precision=precision)
+                        precision=as_precision(precision, lm.device))
 
 
 __all__ = ["POOLS", "JudgeFeatures", "TrainedJudge", "load_trained_judge", "read_trained_judge", "save_trained_judge"]
