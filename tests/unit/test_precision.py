@@ -304,3 +304,16 @@ def test_hase_keys_follow_the_device_auto_resolves_to(monkeypatch, tmp_path):
         assert spec.identity()["precision"] == "bf16"
     finally:
         P.clear_cache()
+
+
+@pytest.mark.parametrize("autocast,weights,form", [(0.5, 0.4, "bf16-weights"), (0.4, 0.5, "autocast"),
+                                                   (1.5, 1.3, "bf16-weights")])
+def test_explicit_bf16_runs_in_the_form_this_machine_runs_faster(monkeypatch, autocast, weights, form):
+    """A study resolved `auto` -> bf16 hands "bf16" to its configs: they must run the same form, and so does
+    an explicit bf16 where bf16 is slower than fp32 (it is kept, as asked)."""
+    monkeypatch.setattr(P, "_real_cpu_capability", lambda: "AMX")
+    monkeypatch.setattr(P, "measure_forms", lambda *a, **k: _forms(autocast, weights))
+    r = P.resolve_precision("bf16", "cpu")
+    assert r.name == "bf16" and r.form == form
+    a = P.resolve_precision("auto", "cpu")
+    assert a.form == (form if a.name == "bf16" else "")

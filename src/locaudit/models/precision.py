@@ -299,10 +299,11 @@ def choose_form(measured: dict[str, dict[str, float]]) -> tuple[str, str]:
 
 
 def cpu_bf16_is_fast() -> tuple[bool, str, str]:
-    """(bf16 faster, why, form) on this CPU: hardware check, then `measure_forms`, cached per machine."""
+    """(bf16 faster, why, the faster bf16 form) on this CPU: hardware check, then `measure_forms`, cached per
+    machine. Without bf16 hardware nothing is measured and the form is "bf16-weights" (emulated either way)."""
     cap = cpu_capability()
     if not cpu_has_bf16_hardware(cap):
-        return False, f"CPU capability {cap}: no bf16 matmul hardware (bf16 would be emulated)", ""
+        return False, f"CPU capability {cap}: no bf16 matmul hardware (bf16 would be emulated)", "bf16-weights"
     if os.environ.get(_CAPABILITY_ENV):
         return True, f"CPU capability {cap} (forced by {_CAPABILITY_ENV}); measured check skipped", "bf16-weights"
     from locaudit.io import cache_dir, write_json_atomic
@@ -320,7 +321,8 @@ def cpu_bf16_is_fast() -> tuple[bool, str, str]:
         write_json_atomic(path, {"seconds": measured, "capability": cap, "torch": torch.__version__,
                                  "threads": torch.get_num_threads(), "phase_weights": PHASE_WEIGHTS})
     form, why = choose_form(measured)
-    return form != "fp32", f"CPU capability {cap}; {why}", "" if form == "fp32" else form
+    best = min(("autocast", "bf16-weights"), key=lambda f: job_seconds(measured[f]))
+    return form != "fp32", f"CPU capability {cap}; {why}", best
 
 
 def _device_type(device: torch.device | str | None) -> str:
@@ -365,12 +367,16 @@ def _resolve(req: str, dev: str, _fake: str) -> ResolvedPrecision:
     if req == "auto":
         fast, why, form = cpu_bf16_is_fast()
         name = "bf16" if fast else "fp32"
-        return ResolvedPrecision(name, req, dev, cap, f"auto: {name} ({why})", form)
+        return ResolvedPrecision(name, req, dev, cap, f"auto: {name} ({why})", form if fast else "")
     reason = f"{req} as asked"
+    form = _FIXED_FORMS[req]
     if req in ("bf16", "fp16") and not cpu_has_bf16_hardware(cap):
         reason += f"; CPU capability {cap} emulates it, expect it to be far slower than fp32"
         log.warning("precision %s on a CPU with capability %s is emulated and far slower than fp32", req, cap)
-    return ResolvedPrecision(req, req, dev, cap, reason, _FIXED_FORMS[req])
+    elif req == "bf16":  # in the form this machine runs faster (the measurement auto uses, cached per machine)
+        form = cpu_bf16_is_fast()[2]
+        reason += f", as {form}"
+    return ResolvedPrecision(req, req, dev, cap, reason, form)
 
 
 def clear_cache() -> None:
