@@ -27,7 +27,8 @@ Conventions:
 
 from __future__ import annotations
 
-from locaudit.study.comparisons import (Analysis, analyze, comparisons, draw_flags, gain_fraction, singles_table)
+from locaudit.study.comparisons import (Analysis, Comparison, analyze, comparisons, draw_flags, gain_fraction,
+                                        singles_table)
 from locaudit.study.design import design, design_text, equivalence_needs
 from locaudit.study.frames import (BASE_COLUMNS, LOWER_IS_BETTER, METHOD_LABEL, METHODS, OUTCOMES, PER_QUESTION_FILES,
                                    PRIMARY_ORDER, PRODUCTS, SELECTION_LABEL, _by_localizer, best_per_localizer,
@@ -36,7 +37,7 @@ from locaudit.study.frames import (BASE_COLUMNS, LOWER_IS_BETTER, METHOD_LABEL, 
                                    to_jsonable, trials_frame)
 from locaudit.study.verdict import Verdict, decide_hint, verdict
 
-__all__ = ["Analysis", "analyze", "comparisons", "draw_flags", "gain_fraction", "singles_table", "design",
+__all__ = ["Analysis", "Comparison", "analyze", "comparisons", "draw_flags", "gain_fraction", "singles_table", "design",
            "design_text", "equivalence_needs", "BASE_COLUMNS", "LOWER_IS_BETTER", "METHOD_LABEL", "METHODS",
            "OUTCOMES", "PER_QUESTION_FILES", "PRIMARY_ORDER", "PRODUCTS", "SELECTION_LABEL", "best_per_localizer",
            "candidates", "for_candidate", "grid_label", "higher_is_better", "load_per_question", "merge_selection",

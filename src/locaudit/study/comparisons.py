@@ -5,7 +5,7 @@ outcome of each comparison: `analyze` runs them all (docs/verdict.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,78 @@ from locaudit.study.spec import VerdictSpec
 def _q(x: np.ndarray, q: float) -> float:
     x = x[np.isfinite(x)]
     return float(np.quantile(x, q)) if x.size else float("nan")
+
+
+NAN = float("nan")
+
+
+@dataclass
+class Comparison:
+    """One comparison of the selected scope: the candidate against the random draws on one metric for one edit
+    method, as the verdict reads it (a row of comparisons.csv; docs/verdict.md names each field)."""
+
+    method: str
+    metric: str
+    outcome: str | None = None
+    selection: str | None = None
+    candidate_mean: float = NAN
+    random_mean: float = NAN
+    random_sd: float = NAN
+    n_random: int = 0
+    n_questions: int | None = None
+    percentile: float = NAN
+    z: float = NAN
+    p_rank: float = NAN  # (1 + #draws at least as good) / (n + 1)
+    p_floor: float = NAN  # 1 / (n + 1)
+    p_rank_adj: float = NAN
+    p_mean: float = NAN  # the hierarchical t-test of the difference
+    p_combined: float = NAN  # max(p_rank, p_mean): the intersection-union test
+    p_combined_adj: float = NAN
+    floor_fragile: bool = False  # one more draw at least as good would undo the claim
+    rank_stability: float = NAN
+    in_family: bool = False
+    family_size: float = NAN
+    diff: float = NAN
+    ci_low: float = NAN  # the t-interval of the difference
+    ci_high: float = NAN
+    ci_boot_low: float = NAN  # the bootstrap percentile interval
+    ci_boot_high: float = NAN
+    se_diff: float = NAN
+    se_locations: float = NAN
+    se_questions: float = NAN
+    se_seeds: float = NAN
+    question_noise: str = ""
+    training_noise: str = ""
+    full_alignment: float | None = None
+    unedited: float | None = None
+    gain: float | None = None
+    gain_lcb: float | None = None
+    gain_measurable: bool | None = None
+    margin_abs: float | None = None
+    candidate_gain_fraction: float = NAN
+    random_median_gain_fraction: float = NAN
+    diff_gain_fraction: float = NAN
+    tost_p: float = NAN
+    tost_p_adj: float = NAN
+    tost_low: float = NAN
+    tost_high: float = NAN
+    ch_p: float = NAN
+    welch_seeds_p: float = NAN
+    t_tost_p: float = NAN
+    optimistic_candidate: float = NAN
+    optimistic_random_mean: float = NAN
+    optimistic_p_rank: float = NAN
+    constant: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Comparison":
+        """From a comparisons-table row (a dict or a pandas row); fields it lacks keep their defaults."""
+        row = dict(row)
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+
+    def columns(self) -> dict:
+        """The headline table's columns (verdict.csv; every field but the internal `constant`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "constant"}
 
 
 def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from locaudit.study import stats as S
+from locaudit.study.comparisons import Comparison
 from locaudit.study.design import _draws_to_join, _finite, equivalence_needs
 from locaudit.study.frames import METHOD_LABEL, METHODS, SELECTION_LABEL, metric_label, primary_metric
 from locaudit.study.spec import VerdictSpec
@@ -52,12 +53,13 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{x + 0.0 if round(x * 100) else 0.0:.0%}"
 
 
-def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, index: int = 0) -> str:
+def decide_hint(row: Comparison | dict, cfg: VerdictSpec, floors: list[float] | None = None, index: int = 0) -> str:
     """What would decide an inconclusive comparison: draws for the rank test to enter its family and reach
     its threshold, what the hierarchical test of the difference lacks, and draws / questions for equivalence
     at the observed spread (a design figure for a true difference 0, not power computed from the observed
     effect). `floors`: the headline family's rank-test floors, `index`: this row's place in it."""
-    n = int(row["n_random"])
+    row = row if isinstance(row, Comparison) else Comparison.from_row(row)
+    n = int(row.n_random)
     floors = list(floors) if floors else [S.rank_floor(n)]
     member = S.discrete_family(floors, cfg.alpha, cfg.multiplicity)
     parts = []
@@ -68,7 +70,7 @@ def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, 
         m = int(S.discrete_family(f2, cfg.alpha, cfg.multiplicity).sum())
         parts.append(f"the rank test cannot go below {_p(S.rank_floor(n))} with {n} draws; it needs at least {need} "
                      f"draws to reach {_p(cfg.alpha / m)} ({cfg.multiplicity + ', ' if m > 1 else ''}family of {m})")
-    sd0, seq0 = _finite(row.get("random_sd")), _finite(row.get("se_questions"))
+    sd0, seq0 = _finite(row.random_sd), _finite(row.se_questions)
     if member[index] and sd0:  # the design's power (not the observed effect's): the candidate's own noise included
         thr = cfg.alpha / max(1, int(member.sum()))
         ratio = (seq0 or 0.0) / sd0
@@ -77,79 +79,67 @@ def decide_hint(row: dict, cfg: VerdictSpec, floors: list[float] | None = None, 
             parts.append(f"with {n} draws the rank test detects a candidate {shift:.1f} sd of the draws above them "
                          f"({shift * sd0:.3g}) with {cfg.power:.0%} power, its own question noise ({ratio:.2f} sd) "
                          "included")
-    p_mean, p_rank = _finite(row.get("p_mean")), _finite(row.get("p_rank"))
+    p_mean, p_rank = _finite(row.p_mean), _finite(row.p_rank)
     if p_mean is not None and p_mean > cfg.alpha and p_rank is not None and p_rank <= cfg.alpha:
         parts.append(f"the candidate ranks high, but the hierarchical test of the difference does not reject (p = "
-                     f"{_p(p_mean)}; standard error {_fmt(row.get('se_diff'))}: locations {_fmt(row.get('se_locations'))}, "
-                     f"questions {_fmt(row.get('se_questions'))}): more test questions or draws shrink it")
-    mabs = _finite(row.get("margin_abs"))
-    sd, se_q = _finite(row.get("random_sd")), _finite(row.get("se_questions"))
+                     f"{_p(p_mean)}; standard error {_fmt(row.se_diff)}: locations {_fmt(row.se_locations)}, "
+                     f"questions {_fmt(row.se_questions)}): more test questions or draws shrink it")
+    mabs = _finite(row.margin_abs)
+    sd, se_q = _finite(row.random_sd), _finite(row.se_questions)
     if mabs and sd is not None:
-        need = equivalence_needs(sd, int(row["n_random"]), se_q or 0.0, _finite(row.get("n_questions")), mabs,
+        need = equivalence_needs(sd, int(row.n_random), se_q or 0.0, _finite(row.n_questions), mabs,
                                  cfg.alpha, cfg.power)
         parts.append(f"for equivalence within ±{cfg.margin:.0%} of full alignment's gain (if truly equal; observed "
                      f"spread sd {sd:.3g}, question SE {(se_q or 0.0) if (se_q or 0) > 1e-12 else 0:.3g}): {need['text']}")
     return "; ".join(parts) if parts else "more draws and questions"
 
 
-# the columns of the headline table (verdict.csv, verdict.json's table)
-TABLE_COLUMNS = (
-            "method", "metric", "outcome", "selection", "candidate_mean", "random_mean", "random_sd", "n_random",
-            "n_questions", "percentile", "z", "p_rank", "p_floor", "p_rank_adj", "p_mean", "p_combined",
-            "p_combined_adj", "floor_fragile", "rank_stability", "in_family", "family_size", "diff", "ci_low",
-            "ci_high", "ci_boot_low", "ci_boot_high", "se_diff", "se_locations", "se_questions", "se_seeds",
-            "question_noise", "training_noise", "full_alignment", "unedited", "gain", "gain_lcb", "gain_measurable",
-            "margin_abs", "candidate_gain_fraction", "random_median_gain_fraction", "diff_gain_fraction", "tost_p",
-            "tost_p_adj", "tost_low", "tost_high", "ch_p", "welch_seeds_p", "t_tost_p",
-            "optimistic_candidate", "optimistic_random_mean", "optimistic_p_rank")
-
-
-def _method_lines(r: dict, method: str, cfg: VerdictSpec, label: str, K: str, mult: str, floors: list[float],
+def _method_lines(r: Comparison, method: str, cfg: VerdictSpec, label: str, K: str, mult: str, floors: list[float],
                   order: list[str]) -> list[str]:
     """The verdict's lines for one method's headline comparison `r`: its outcome with the numbers behind it,
     and its standing against full alignment."""
     lines: list[str] = []
-    oc = r["outcome"]
+    oc = r.outcome
     M = _cap(METHOD_LABEL[method])
-    qn = str(r.get("question_noise", "")).startswith(("paired", "per-trial"))
-    stat = (f"{label} {_fmt(r['candidate_mean'])} at the {K} heads vs {_fmt(r['random_mean'])} ± "
-            f"{_fmt(r['random_sd'])} over {int(r['n_random'])} random draws (percentile {r['percentile']:.0f}; "
-            f"rank p = {_p(r['p_rank'])}, floor {_p(r['p_floor'])}; hierarchical t-test of the difference p = "
-            f"{_p(r.get('p_mean'))}; combined p = {_p(r.get('p_combined'))}, {mult}-adjusted "
-            f"{_p(r.get('p_combined_adj')) if r['in_family'] else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
-            f"difference {_fmt(r['diff'])}, {cfg.level:.0%} t-interval [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+    qn = str(r.question_noise).startswith(("paired", "per-trial"))
+    stat = (f"{label} {_fmt(r.candidate_mean)} at the {K} heads vs {_fmt(r.random_mean)} ± "
+            f"{_fmt(r.random_sd)} over {int(r.n_random)} random draws (percentile {r.percentile:.0f}; "
+            f"rank p = {_p(r.p_rank)}, floor {_p(r.p_floor)}; hierarchical t-test of the difference p = "
+            f"{_p(r.p_mean)}; combined p = {_p(r.p_combined)}, {mult}-adjusted "
+            f"{_p(r.p_combined_adj) if r.in_family else 'n/a: cannot reach ' + _p(cfg.alpha) + ' in this family'}; "
+            f"difference {_fmt(r.diff)}, {cfg.level:.0%} t-interval [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]"
             f"{'' if qn else '; question noise not included: no per-question scores or standard errors'}"
-            f"{'; the interval omits training noise (one training seed)' if str(r.get('training_noise', '')).startswith('omitted') else ''}"
-            f"{'; ranks first in ' + _pct(r.get('rank_stability')) + ' of question resamples' if _finite(r.get('rank_stability')) is not None else ''})")
+            f"{'; the interval omits training noise (one training seed)' if str(r.training_noise).startswith('omitted') else ''}"
+            f"{'; ranks first in ' + _pct(r.rank_stability) + ' of question resamples' if _finite(r.rank_stability) is not None else ''})")
     eq = ""
-    if r.get("gain_measurable"):
-        eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.get('diff_gain_fraction'))}, "
-              f"TOST {1 - 2 * cfg.alpha:.0%} bounds [{_pct(r.get('tost_low'))}, {_pct(r.get('tost_high'))}] vs "
-              f"margin ±{cfg.margin:.0%} (p = {_p(r.get('tost_p'))}, adjusted {_p(r.get('tost_p_adj'))})")
+    if r.gain_measurable:
+        eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.diff_gain_fraction)}, "
+              f"TOST {1 - 2 * cfg.alpha:.0%} bounds [{_pct(r.tost_low)}, {_pct(r.tost_high)}] vs "
+              f"margin ±{cfg.margin:.0%} (p = {_p(r.tost_p)}, adjusted {_p(r.tost_p_adj)})")
     if oc == "no signal":
-        why = (f"{label} does not vary" if r.get("constant") else
-               f"full alignment shows no measurable gain over the unedited model ({_fmt(r.get('full_alignment'))} "
-               f"vs {_fmt(r.get('unedited'))}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
-               f"{_fmt(r.get('gain_lcb'))})")
+        why = (f"{label} does not vary" if r.constant else
+               f"full alignment shows no measurable gain over the unedited model ({_fmt(r.full_alignment)} "
+               f"vs {_fmt(r.unedited)}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
+               f"{_fmt(r.gain_lcb)})")
         lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
     elif oc == "evidence for":
         lines.append(f"{M}: evidence for localization: the {K} heads beat random locations by both the rank test "
                      f"and the hierarchical test of the difference: {stat}{eq}.")
     elif oc == "suggestive":
         lines.append(f"{M}: suggestive, not evidence: the {K} heads pass both tests, but only at the design's floor "
-                     f"p = {_p(r['p_floor'])} (one more draw at least as good would undo it; at least "
+                     f"p = {_p(r.p_floor)} (one more draw at least as good would undo it; at least "
                      f"{math.ceil(2 / cfg.alpha - 1 - 1e-9)} draws can say more): {stat}{eq}.")
     elif oc == "evidence against":
         lines.append(f"{M}: evidence against localization: the {K} heads and random locations are equivalent "
                      f"within ±{cfg.margin:.0%} of full alignment's gain: {stat}{eq}.")
     else:
-        why = ("" if r.get("gain_measurable") is not None else
+        why = ("" if r.gain_measurable is not None else
                " Equivalence cannot be tested without full alignment and unedited results.")
         lines.append(f"{M}: inconclusive: {stat}{eq}.{why} To decide: {decide_hint(r, cfg, floors, order.index(method))}.")
-    if r.get("gain_measurable") and math.isfinite(r.get("candidate_gain_fraction", float("nan"))):
-        lines.append(f"{M}: full alignment (the optimal edit at all heads) reaches {label} {_fmt(r['full_alignment'])} (unedited "
-                     f"{_fmt(r['unedited'])}); the {K} heads achieve {_pct(r['candidate_gain_fraction'])} of its "
-                     f"gain, random draws a median {_pct(r['random_median_gain_fraction'])}.")
+    if r.gain_measurable and math.isfinite(r.candidate_gain_fraction):
+        lines.append(f"{M}: full alignment (the optimal edit at all heads) reaches {label} {_fmt(r.full_alignment)} (unedited "
+                     f"{_fmt(r.unedited)}); the {K} heads achieve {_pct(r.candidate_gain_fraction)} of its "
+                     f"gain, random draws a median {_pct(r.random_median_gain_fraction)}.")
     return lines
 
 
@@ -177,10 +167,10 @@ def _headline(outcomes: dict, head: pd.DataFrame, table: list[dict], cfg: Verdic
         if any(r.get("n_single_matching_full") for r in table if r.get("method") == "optimal"):
             headline += " But single heads match full alignment, so no location is unique."
     elif opt == "suggestive":
-        r = head[head["method"] == "optimal"].iloc[0].to_dict()
+        r = Comparison.from_row(head[head["method"] == "optimal"].iloc[0].to_dict())
         headline = (f"Edit-based evidence for localization: suggestive only. Under the optimal edit the {K} heads beat "
-                    f"all {int(r['n_random'])} random draws on {label} and the hierarchical test of the difference "
-                    f"agrees, but only at the design's floor p = {_p(r['p_floor'])}: one more draw at least as good "
+                    f"all {int(r.n_random)} random draws on {label} and the hierarchical test of the difference "
+                    f"agrees, but only at the design's floor p = {_p(r.p_floor)}: one more draw at least as good "
                     f"would undo it. At least {math.ceil(2 / cfg.alpha - 1 - 1e-9)} draws can give evidence.")
         if any(r.get("n_single_matching_full") for r in table if r.get("method") == "optimal"):
             headline += " Single heads match full alignment, so no location would be unique."
@@ -194,7 +184,7 @@ def _headline(outcomes: dict, head: pd.DataFrame, table: list[dict], cfg: Verdic
         headline = (f"Edit-based evidence for localization: no signal. Under the optimal edit, {label} does not "
                     "respond measurably, so the comparison cannot speak to localization.")
     else:
-        r = head[head["method"] == "optimal"].iloc[0].to_dict()
+        r = Comparison.from_row(head[head["method"] == "optimal"].iloc[0].to_dict())
         headline = (f"Edit-based evidence for localization: inconclusive. Under the optimal edit the {K} heads are "
                     f"neither shown better than random locations on {label} nor equivalent to them. To decide: "
                     f"{decide_hint(r, cfg, floors, order.index('optimal'))}.")
@@ -226,11 +216,11 @@ def verdict(df: pd.DataFrame, comp: pd.DataFrame, singles: pd.DataFrame, config:
             if not df[df["kind"] == method].empty or method == "optimal":
                 missing.append(f"{METHOD_LABEL[method]}: top-K and random-draw results")
             continue
-        r = r.iloc[0].to_dict()
-        oc = r["outcome"]
+        r = Comparison.from_row(r.iloc[0].to_dict())
+        oc = r.outcome
         outcomes[method] = oc
         lines += _method_lines(r, method, cfg, label, K, mult, floors, order)
-        table.append({k: r.get(k) for k in TABLE_COLUMNS})
+        table.append(r.columns())
     if selection:
         for method, mode in selection.items():
             lines.append(f"{_cap(METHOD_LABEL[method])}: grid points {SELECTION_LABEL.get(mode, mode)}; the "
