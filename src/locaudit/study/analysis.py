@@ -1,5 +1,6 @@
 """From ledger rows to the paper's answer: tables, candidate-vs-random comparisons, single heads vs full
-alignment, a verdict with one of four outcomes, and design (power) checks. docs/verdict.md defines them.
+alignment, a verdict with one of five outcomes (evidence for, suggestive, evidence against, inconclusive,
+no signal), and design (power) checks. docs/verdict.md defines them.
 
 This module gathers the public names of the modules that do each job:
   - `study/frames.py`: ledger rows to tables (trials, results, metric columns, the primary metric,
@@ -18,11 +19,15 @@ Conventions:
     result is reported on: on the validation split when the trials report `val_<metric>`, else by
     cross-fitting on the test questions (choose on one half, read the other, both ways), else (no
     per-question scores) on test, labelled optimistic. The "best on test" view stays, labelled optimistic;
-  - the test: the candidate's rank among the random locations, (1 + #draws at least as good) / (n + 1);
-    intervals: a hierarchical bootstrap over random locations and test questions (paired across edits);
-  - equivalence: TOST on the candidate-minus-random difference as a fraction of full alignment's gain;
+  - "evidence for": the candidate's rank among the random locations, (1 + #draws at least as good) / (n + 1),
+    AND a hierarchical t-test of E[candidate - mean of random] > 0 reject (an intersection-union test);
+    "suggestive" when only the design's floor carries it; intervals: t-intervals whose standard error adds
+    locations, questions (a paired bootstrap, questions resampled jointly) and training seeds;
+  - equivalence: a t-calibrated TOST on the candidate-minus-random difference as a fraction of full
+    alignment's gain;
   - multiplicity: Holm or Benjamini-Hochberg across the headline table (the primary metric, one row per
-    method), the single heads and the secondary metrics, each its own family.
+    method), the single heads and the secondary metrics, each its own family; several localizers form one
+    family by gatekeeping (study/candidates.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@
   flags.csv         random draws that coincide with, overlap or duplicate other locations
   timing.csv        trials, wall and CPU seconds per trial kind
   verdict.json      the verdict, its lines and its numbers (strict JSON: NaN is null)
-The outcomes (evidence for / evidence against / inconclusive / no signal) are defined in docs/verdict.md.
+The outcomes (evidence for / suggestive / evidence against / inconclusive / no signal) are defined in
+docs/verdict.md; verdict.json also carries the pre-registered settings and any deviation from them.
 """
 
 from __future__ import annotations
