@@ -12,12 +12,15 @@ Each precision runs the same steps from the same data:
 Every trial must end `done`, every number must be finite, and the numbers that do not pass through a greedy
 choice must lie within `TOLERANCE` of fp32 (greedy generations can legitimately differ at lower precision,
 so their judgements are checked for completeness, and the judge itself is compared on fixed answers).
+
+`LOCAUDIT_TEST_DEVICE=cuda` runs the same matrix on a GPU (benchmarks/gpu_check.sh does).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ from locaudit.models.precision import clear_cache
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE = os.environ.get("LOCAUDIT_TEST_DEVICE", "cpu")
 # Tolerances against fp32, by quantity: (absolute, relative). bf16 keeps 8 bits of mantissa, fp16 11; a
 # tiny random model's logits are O(1), so a few 1e-2 absolute on log-probability-derived scores is the
 # rounding of a handful of bf16 matmuls, not a bug (a wrong dtype path is off by O(1) or not finite).
@@ -47,7 +51,7 @@ FACTS = [("Paris", "R1", "France"), ("Rome", "R1", "Italy"), ("Tokyo", "R2", "Ja
 
 STUDY = """
 name: tiny-precision-{precision}
-model: {{name: "tiny:llama"}}
+model: {{name: "tiny:llama", device: {device}}}
 precision: {precision}
 data: {{spec: "truthfulqa:{csv}", seed: 1}}
 localizers:
@@ -78,7 +82,7 @@ verdict: {{primary_metric: mc2}}
 """
 
 HASE = (
-    "name: tiny-hase-{precision}\nmodel: {{name: 'tiny:llama'}}\nprecision: {precision}\n"
+    "name: tiny-hase-{precision}\nmodel: {{name: 'tiny:llama', device: {device}}}\nprecision: {precision}\n"
     "facts: {{path: facts.jsonl, known_top_k: 259, max_facts: 4, n_neighbours: 1}}\n"
     "tracing: {{n_noise: 2, kinds: [mlp], grid_facts: 0}}\nlayers: [0, 2]\n"
     "editing: {{problems: [error_injection], methods: [ft, lora],\n"
@@ -137,7 +141,7 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
     from locaudit.evaluate.judges.train import JudgeTrainConfig, train_judge
     from locaudit.evaluate.judges.trained import load_trained_judge
     from locaudit.localize.effects import HeadEffects
-    from locaudit.models.tiny import tiny_model
+    from locaudit.models.loading import load_model
     from locaudit.study.hase.run import run_hase
     from locaudit.study.hase.spec import load_hase_spec
     from locaudit.study.ledger import Ledger
@@ -147,17 +151,17 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
 
     out: dict = {}
     root.mkdir(parents=True)
-    lm = tiny_model("llama", seed=0)
+    lm = load_model("tiny:llama", device=DEVICE)
     # judge training (features with the shared prompt, empty answers included) and scoring
     cfg = JudgeTrainConfig(kinds=["truth", "info"], model="tiny:llama", truth_data=data / "truth.jsonl",
                            info_data=data / "info.jsonl", holdout=f"truthfulqa:{data / 'TruthfulQA.csv'}",
                            seed=1, layers=[0, 2], batch_size=8, l2_grid=[1e-1], heads=["logistic"],
-                           precision=precision, audit=False)
+                           precision=precision, audit=False, device=DEVICE)
     judge_dir = root / "judge"
     train_judge(cfg, judge_dir, lm=lm)
     saved = json.loads((judge_dir / "judge.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in judge.json"))
     _finite(saved, "judge.json")
-    judge = load_trained_judge(judge_dir, device="cpu", lm=lm, precision=precision)
+    judge = load_trained_judge(judge_dir, device=DEVICE, lm=lm, precision=precision)
     # one question with several answers (the shared-prompt path), an empty one among them: a row with no
     # answer token takes the prompt's last state (the bf16 path that once failed)
     qs = ["What is true about cats?"] * 4 + ["What is true about rain?"]
@@ -167,7 +171,7 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
 
     # the study
     spec_path = root / "study.yaml"
-    spec_path.write_text(STUDY.format(precision=precision, csv=data / "TruthfulQA.csv", judge=judge_dir))
+    spec_path.write_text(STUDY.format(precision=precision, csv=data / "TruthfulQA.csv", judge=judge_dir, device=DEVICE))
     spec = load_study(spec_path)
     trials = expand(spec)
     kinds = {t.kind for t in trials}
@@ -207,7 +211,7 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
 
     # Hase: facts, tracing, per-layer edits
     (root / "facts.jsonl").write_text((data / "facts.jsonl").read_text())
-    (root / "hase.yaml").write_text(HASE.format(precision=precision))
+    (root / "hase.yaml").write_text(HASE.format(precision=precision, device=DEVICE))
     res = run_hase(load_hase_spec(root / "hase.yaml"), root / "hase", progress=False)
     assert not res["counts"].get("failed") and res["counts"].get("done", 0) == 2 + 2 * 2, res["counts"]
     with Ledger(root / "hase") as led:
