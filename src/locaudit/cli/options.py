@@ -17,8 +17,9 @@ import typer
 from locaudit.errors import LocauditError
 from locaudit.models.precision import Precision
 
-PRECISION_HELP = ("Compute precision: auto (bf16 on GPUs and on CPUs where bf16 matmuls are measured faster, "
-                  "i.e. with AMX; fp32 on other CPUs, where bf16 is emulated and ~100x slower), fp32, bf16 or fp16.")
+PRECISION_HELP = ("Compute precision: auto (bf16 on GPUs with bf16, and on CPUs with AMX or AVX512-BF16 where a "
+                  "study-shaped check at first use measures bf16 faster; fp32 elsewhere, where bf16 is emulated), "
+                  "fp32, bf16 or fp16. See models/precision.py.")
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N."
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
