@@ -120,7 +120,8 @@ def export_command(
                                         "folder) or the model recorded in the edit."),
     allow_mismatch: bool = typer.Option(False, "--allow-model-mismatch", help="Export even if the model's "
                                         "fingerprint differs from the one the edit was made on (a warning)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder; the new export is written beside it and swapped in only once "
+                                   "complete, so a failed or killed export leaves the old one whole."),
     dtype: DType = dtype_option(),
     device: str = device_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
