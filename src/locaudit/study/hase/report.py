@@ -1,8 +1,10 @@
 """The report of a Hase study: tables (strict JSON / CSV), figures (PNG) and one HTML page.
 
-RUN/report/: r2.csv (R^2 of tracing / layer / both and tracing's added R^2, bootstrap CIs over facts, per
-problem and method), verdict.json (tracing-argmax vs random layer, per problem and method, and the fact
-counts), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
+RUN/report/: r2.csv (R^2 of tracing / layer / both / layer*tracing and tracing's added R^2, bootstrap CIs over facts,
+with the F-tests of what tracing adds to the layer, per problem and method), verdict.json (the tracing-argmax
+layer against a null that keeps each layer's mean: permutation of tracing curves across facts and the
+leave-one-fact-out layer-mean-removed contrast; the cross-fitted best fixed layer; per problem and method,
+and the fact counts), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
 scatter_<problem>_<method>.png, index.html. Rebuilt from the ledger at any time (also mid-study).
 """
 
@@ -66,7 +68,7 @@ def analyze(spec: HaseSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]
         res = regressions(d, A.bootstrap, A.seed)
         for row in res.rows():
             tables.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **row})
-        v = argmax_vs_random(d, A.bootstrap, A.alpha, A.margin, A.seed)
+        v = argmax_vs_random(d, A.bootstrap, A.alpha, A.margin, A.seed, n_perm=A.permutations)
         verdicts.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **v})
     return pd.DataFrame(tables), verdicts
 
@@ -140,6 +142,22 @@ def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) 
     return figs
 
 
+def _f(x, fmt: str = ".3f") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and np.isfinite(x) else "n/a"
+
+
+def _verdict_numbers(v: dict) -> str:
+    """The numbers behind a verdict, in one sentence (empty when there was no test)."""
+    if "p_perm" not in v:
+        return ""
+    ci = v.get("theta_ci") or [float("nan")] * 2
+    return (f" theta = {_f(v['theta'])} (90% CI [{_f(ci[0])}, {_f(ci[1])}]), contrast p = {_f(v['p_contrast'], '.3g')}, "
+            f"permutation p = {_f(v['p_perm'], '.3g')} ({v['n_perm']} permutations), TOST p = {_f(v['tost_p'], '.3g')}. "
+            f"Mean success: tracing's layer {_f(v['mean_success_argmax'])}, with another fact's tracing curve "
+            f"{_f(v['mean_success_permuted'])}, the mean over layers {_f(v['mean_success_random'])}, the cross-fitted "
+            f"best fixed layer {_f(v['mean_success_best_fixed'])}, each fact's best layer {_f(v['mean_success_best'])}.")
+
+
 def _table_html(df: pd.DataFrame) -> str:
     if df.empty:
         return "<p>(no rows yet)</p>"
@@ -171,19 +189,13 @@ def build_report(run_dir: str | Path) -> Path:
                      f"(object's first token in the top-{facts['known_top_k']}), "
                      f"{fact_counts.get('with_counterfactual')} with a counterfactual object, "
                      f"{fact_counts.get('used')} studied.</p>")
-    parts.append("<h2>Verdict: is the layer where tracing peaks better to edit than a random layer?</h2><ul>")
+    parts.append("<h2>Verdict: does the layer where a fact's tracing peaks edit that fact better than the layer's "
+                 "mean success predicts?</h2><ul>")
     for v in verdicts:
-        ci = v.get("theta_ci") or [float("nan"), float("nan")]
-        extra = (f" theta = {v.get('theta', float('nan')):.3f} (90% CI [{ci[0]:.3f}, {ci[1]:.3f}]), p_for = "
-                 f"{v.get('p_for', float('nan')):.3g}, TOST p = {v.get('tost_p', float('nan')):.3g}. Mean success: "
-                 f"tracing's layer {v.get('mean_success_argmax', float('nan')):.3f}, a random layer "
-                 f"{v.get('mean_success_random', float('nan')):.3f}, the best fixed layer "
-                 f"(layer {v.get('best_layer_by_mean')}) {v.get('mean_success_best_fixed', float('nan')):.3f}, "
-                 f"each fact's best layer {v.get('mean_success_best', float('nan')):.3f}."
-                 if "theta" in v else "")
         parts.append(f"<li><b>{e(v['problem'])} / {e(v['method'])}: {e(v['outcome'])}</b>. "
-                     f"{e(v.get('text', v.get('reason', '')))}{e(extra)}</li>")
-    parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both)</h2>")
+                     f"{e(v.get('text', v.get('reason', '')))}{e(_verdict_numbers(v))}</li>")
+    parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both, layer * tracing), with the "
+                 "F-tests of what tracing adds to the layer</h2>")
     parts.append(_table_html(table))
     for f in figs:
         parts.append(f"<h3>{e(f)}</h3><img src='{e(f)}'>")
@@ -197,11 +209,14 @@ def summary_text(run_dir: str | Path) -> str:
     v = json.loads((Path(run_dir) / "report" / "verdict.json").read_text())
     lines = [f"facts: {json.dumps(v['facts'])}"]
     for r in v["r2"]:
-        lines.append(f"  {r['problem']:<18} {r['method']:<5} R2[{r['model']:<13}] = {r['r2']:.3f} "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+        ftest = (f"  F = {_f(r.get('F'), '.3g')} (df {r.get('F_df_num')}, {r.get('F_df_den')}), p = {_f(r.get('F_p'), '.3g')}"
+                 if r.get("F_df_num") is not None else "")
+        lines.append(f"  {r['problem']:<18} {r['method']:<5} R2[{r['model']:<17}] = {_f(r['r2'])} "
+                     f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]{ftest}")
     for d in v["verdicts"]:
         lines.append(f"  verdict {d['problem']} / {d['method']}: {d['outcome']} "
-                     f"(theta={d.get('theta')}, p_for={d.get('p_for')}, tost_p={d.get('tost_p')})")
+                     f"(theta={d.get('theta')}, p_perm={d.get('p_perm')}, p_contrast={d.get('p_contrast')}, "
+                     f"tost_p={d.get('tost_p')})")
     return "\n".join(lines)
 
 

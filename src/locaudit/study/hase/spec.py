@@ -82,8 +82,10 @@ class AnalysisSpec(BaseModel):
     success: str = Field("rewrite_score", description="the edit-success metric regressed (rewrite_score, efficacy, ...)")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of facts for the CIs")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the verdict's tests")
-    margin: float = Field(0.1, gt=0, lt=1, description="equivalence margin: a fraction of the oracle best "
-                                                       "layer's gain over a random layer")
+    margin: float = Field(0.1, gt=0, lt=1, description="equivalence margin: a fraction of the fact-level oracle "
+                                                       "gain over each layer's mean success")
+    permutations: int = Field(2000, ge=0, description="permutations of tracing curves across facts (the verdict's "
+                                                      "null that keeps each layer's mean); p floor 1/(n+1)")
     seed: int = Field(0, description="seed of the bootstrap")
 
 
