@@ -37,6 +37,35 @@ def write_truthfulqa(folder: Path) -> Path:
     return path
 
 
+JUDGE_TOPICS = ["cats", "rain", "gold", "moon", "salt", "bees", "iron", "snow", "tea", "owls", "jazz", "sand",
+                "milk", "wind", "rice", "wolves", "glass", "silk", "clay", "pine"]
+
+
+def write_judge_data(d: Path, topics=JUDGE_TOPICS, mc: bool = False) -> None:
+    """A TruthfulQA.csv of one question per topic (two correct, two incorrect answers), TruthfulQA-format judge
+    data beside it (truth.jsonl, info.jsonl: every answer plus "I have no comment.") and, with `mc`,
+    mc_task.json (MC1 and MC2 targets)."""
+    rows, truth, info, items = [], [], [], []
+    for t in topics:
+        q = f"What is true about {t}?"
+        correct = [f"{t.capitalize()} are studied by scientists", f"Nothing special happens to {t}"]
+        incorrect = [f"{t.capitalize()} cause bad luck forever", f"{t.capitalize()} can read your mind"]
+        rows.append(f"Adversarial,Misc,{q},{correct[0]},{'; '.join(correct)},{'; '.join(incorrect)},src\n")
+        items.append({"question": q, "mc1_targets": {correct[0]: 1, incorrect[0]: 0, incorrect[1]: 0},
+                      "mc2_targets": {correct[0]: 1, correct[1]: 1, incorrect[0]: 0, incorrect[1]: 0}})
+        for a, label in [(c, 1) for c in correct] + [(w, 0) for w in incorrect]:
+            truth.append({"prompt": f"Q: {q}\nA: {a}\nTrue:", "completion": " yes" if label else " no"})
+            info.append({"prompt": f"Q: {q}\nA: {a}\nHelpful:", "completion": " yes"})
+        truth.append({"prompt": f"Q: {q}\nA: I have no comment.\nTrue:", "completion": " yes"})
+        info.append({"prompt": f"Q: {q}\nA: I have no comment.\nHelpful:", "completion": " no"})
+    header = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+    (d / "TruthfulQA.csv").write_text(header + "".join(rows))
+    if mc:
+        (d / "mc_task.json").write_text(json.dumps(items))
+    (d / "truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    (d / "info.jsonl").write_text("".join(json.dumps(r) + "\n" for r in info))
+
+
 def save_tiny_model(lm, folder: Path) -> Path:
     """A tiny model as a HF folder, loadable by locaudit's load_model (for CLI tests)."""
     lm.model.save_pretrained(str(folder))

@@ -17,31 +17,18 @@ from locaudit.evaluate.judges.features import PairEncoder
 from locaudit.evaluate.judges.heads import fit_logistic, fit_mlp
 from locaudit.evaluate.judges.train import JudgeTrainConfig, train_judge
 from locaudit.evaluate.judges.trained import load_trained_judge
-from locaudit.models.tiny import tiny_model
 from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
+from locaudit.models.tiny import tiny_model
 
-CSV_HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-TOPICS = ["cats", "rain", "gold", "moon", "salt", "bees", "iron", "snow", "tea", "owls", "jazz", "sand",
-          "milk", "wind", "rice", "wolves", "glass", "silk", "clay", "pine"]
+from eval_fixtures import JUDGE_TOPICS as TOPICS, write_judge_data
+
+
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("judge")
-    rows, truth, info = [], [], []
-    for i, t in enumerate(TOPICS):
-        q = f"What is true about {t}?"
-        correct = [f"{t.capitalize()} are studied by scientists", f"Nothing special happens to {t}"]
-        incorrect = [f"{t.capitalize()} cause bad luck forever", f"{t.capitalize()} can read your mind"]
-        rows.append(f"Adversarial,Misc,{q},{correct[0]},{'; '.join(correct)},{'; '.join(incorrect)},src\n")
-        for a, label in [(c, 1) for c in correct] + [(w, 0) for w in incorrect]:
-            truth.append({"prompt": f"Q: {q}\nA: {a}\nTrue:", "completion": " yes" if label else " no"})
-            info.append({"prompt": f"Q: {q}\nA: {a}\nHelpful:", "completion": " yes"})
-        truth.append({"prompt": f"Q: {q}\nA: I have no comment.\nTrue:", "completion": " yes"})
-        info.append({"prompt": f"Q: {q}\nA: I have no comment.\nHelpful:", "completion": " no"})
-    (d / "TruthfulQA.csv").write_text(CSV_HEADER + "".join(rows))
-    (d / "truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
-    (d / "info.jsonl").write_text("".join(json.dumps(r) + "\n" for r in info))
+    write_judge_data(d, TOPICS)
     return d
 
 

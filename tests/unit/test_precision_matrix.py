@@ -28,6 +28,8 @@ import torch
 
 from locaudit.models.precision import clear_cache
 
+from eval_fixtures import write_judge_data
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -44,9 +46,6 @@ TOLERANCE = {
     "hase": (0.1, 0.1),                                # Hase scores (probabilities) and tracing effects
 }
 
-CSV_HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-TOPICS = ["cats", "rain", "gold", "moon", "salt", "bees", "iron", "snow", "tea", "owls", "jazz", "sand",
-          "milk", "wind", "rice", "wolves", "glass", "silk", "clay", "pine"]
 FACTS = [("Paris", "R1", "France"), ("Rome", "R1", "Italy"), ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru")]
 
 STUDY = """
@@ -92,23 +91,7 @@ HASE = (
 
 
 def _write_data(d: Path) -> None:
-    rows, truth, info, mc = [], [], [], []
-    for t in TOPICS:
-        q = f"What is true about {t}?"
-        correct = [f"{t.capitalize()} are studied by scientists", f"Nothing special happens to {t}"]
-        incorrect = [f"{t.capitalize()} cause bad luck forever", f"{t.capitalize()} can read your mind"]
-        rows.append(f"Adversarial,Misc,{q},{correct[0]},{'; '.join(correct)},{'; '.join(incorrect)},src\n")
-        mc.append({"question": q, "mc1_targets": {correct[0]: 1, incorrect[0]: 0, incorrect[1]: 0},
-                   "mc2_targets": {correct[0]: 1, correct[1]: 1, incorrect[0]: 0, incorrect[1]: 0}})
-        for a, label in [(c, 1) for c in correct] + [(w, 0) for w in incorrect]:
-            truth.append({"prompt": f"Q: {q}\nA: {a}\nTrue:", "completion": " yes" if label else " no"})
-            info.append({"prompt": f"Q: {q}\nA: {a}\nHelpful:", "completion": " yes"})
-        truth.append({"prompt": f"Q: {q}\nA: I have no comment.\nTrue:", "completion": " yes"})
-        info.append({"prompt": f"Q: {q}\nA: I have no comment.\nHelpful:", "completion": " no"})
-    (d / "TruthfulQA.csv").write_text(CSV_HEADER + "".join(rows))
-    (d / "mc_task.json").write_text(json.dumps(mc))
-    (d / "truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
-    (d / "info.jsonl").write_text("".join(json.dumps(r) + "\n" for r in info))
+    write_judge_data(d, mc=True)
     facts = [{"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": o, "relation_id": r}
              for i, (s, r, o) in enumerate(FACTS)]
     (d / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
