@@ -69,8 +69,10 @@ def format_option() -> str:
     return typer.Option("plain", "--format", help=FORMAT_HELP)
 
 
-MAX_QUESTIONS_HELP = ("Keep a seeded subset of this many questions, taken before the question-level 60/20/20 "
-                      "split (quick runs; use the same value for collect, probe, edit and eval).")
+MAX_QUESTIONS_HELP = ("Keep a seeded subset of this many questions, taken from each split in proportion AFTER "
+                      "the question-level 60/20/20 split of the whole data (so a subset never moves a question "
+                      "between splits; data/behaviour.py). Quick runs; use the same value for collect, probe, "
+                      "edit and eval.")
 
 
 def seed_option(help: str = "Seed of the question-level train/val/test split (the same for every command of "

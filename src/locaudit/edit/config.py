@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
         "(edit/packed.py; 1.5x fewer tokens on TruthfulQA); checked against one row per sequence")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute layer activations in the backward pass (less training memory, one more "
-        "forward: on SmolLM2 with 2 CPU cores 50% less memory for 25-40% more time); auto = only where a training "
+        "forward: in the README's IPO benchmark, about half the memory for 54% more time); auto = only where a training "
         "pass's stored activations would exceed the memory budget (edit/train.py checkpointing_needed)")
     max_length: int = Field(256, ge=8, description="maximum tokens of prompt + completion (prompt cut from the left)")
     eval_batch_size: int = Field(
