@@ -7,21 +7,25 @@ Sites: the MLP output projection (`mlp_down`, as ROME / MEMIT; default) or the a
         FT-L constraint);
   lora  a rank-one update dW = b a^T trained on the NLL of the target object plus `kl_weight` x
         KL(p_orig || p_edit) of the next-token distribution on unrelated prompts (facts of other
-        relations).
+        relations);
+  rome  ROME's closed-form rank-one update of the MLP down-projection (edit/rome.py): stored, like lora,
+        as dW = b a^T.
 
 Speed: many facts are edited together (one edit per fact, each row of a batch carries its edit's index,
 so E edits share every forward pass), and the hidden states entering layer l are computed once per group
 and layer (the frozen prefix): training and scoring run layers >= l only.
 
-Objectives per editing problem: error_injection / tracing_reversal / fact_amplification minimise the mean
-token NLL of their target object; fact_erasure minimises -log(1 - p(o_true)).
+Objectives per editing problem: error_injection / tracing_reversal / fact_amplification minimise the
+token NLL of their target object (mean over its tokens, or summed with `nll: sum` as in Hase's FT-1);
+fact_erasure minimises -log(1 - p(o_true)). With `early_stop`, an edit stops changing once its loss is
+below that value (the others go on).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +43,9 @@ class LayerEditConfig(BaseModel):
     """How one per-layer fact edit is trained."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["ft", "lora"] = Field("ft", description="ft: norm-bounded fine-tuning of the site weight; "
-                                                            "lora: rank-one update with a KL penalty")
+    method: Literal["ft", "lora", "rome"] = Field("ft", description="ft: norm-bounded fine-tuning of the site "
+                                                                    "weight; lora: rank-one update with a KL penalty; "
+                                                                    "rome: ROME's closed-form rank-one update")
     site: Literal["mlp_down", "o_proj"] = Field("mlp_down", description="the edited weight of the layer")
     steps: int = Field(10, ge=1, description="optimisation steps per edit (full batch: each fact's prompt)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -50,6 +55,28 @@ class LayerEditConfig(BaseModel):
     init_scale: float = Field(1e-2, gt=0, description="lora: std of the random init of a (b starts at 0)")
     batch_facts: int = Field(16, ge=1, description="facts edited together (they share forward passes)")
     seed: int = Field(0, description="seed of the lora init")
+    nll: Literal["mean", "sum"] = Field("mean", description="target NLL per edit: mean over the object's tokens, "
+                                                            "or summed (Hase's FT-1)")
+    early_stop: float | None = Field(None, gt=0, description="an edit stops updating once its target loss is "
+                                                             "below this (Hase's FT-1 / ROME: 1e-2); null = never")
+    clamp_norm_factor: float = Field(4.0, gt=0, description="rome: ||v* - W k*|| at most this x ||W k*|| (ROME: 4)")
+    v_weight_decay: float = Field(0.5, ge=0, description="rome: weight of ||v* - W k*||^2 / ||W k*||^2 in the "
+                                                         "value objective (ROME: 0.5)")
+    cov_ridge: float = Field(0.0, ge=0, description="rome: C + cov_ridge x mean(diag C) x I before inverting")
+    cov_tokens: int | None = Field(None, ge=1, description="rome: tokens of generic text for C = E[k k^T] "
+                                                           "(null = the whole text)")
+
+    # fields added after studies were run: left out of a trial's key while at their default, so that old
+    # studies keep their trial keys
+    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("nll", "early_stop", "clamp_norm_factor", "v_weight_decay", "cov_ridge", "cov_tokens")
+
+    def key_dump(self) -> dict:
+        """The settings a trial key hashes: model_dump() without the newer fields at their defaults."""
+        d = self.model_dump()
+        for k in self.NEW_FIELDS:
+            if d[k] == type(self).model_fields[k].default:
+                d.pop(k)
+        return d
 
 
 def site_module(lm, site: str, layer: int) -> torch.nn.Linear:
@@ -100,8 +127,8 @@ class LayerEdits:
 
         if self.site not in SITES:
             raise ConfigError(f"layer edit site {self.site!r} is not one of {SITES}")
-        if self.method not in ("ft", "lora"):
-            raise ConfigError(f"layer edit method {self.method!r} is not 'ft' or 'lora'")
+        if self.method not in ("ft", "lora", "rome"):
+            raise ConfigError(f"layer edit method {self.method!r} is not 'ft', 'lora' or 'rome'")
         out_in = (None, None)
         if lm is not None:
             n = lm.sites.n_layers
@@ -114,7 +141,8 @@ class LayerEdits:
             check_tensor(f"layer edit dw (L{self.layer} {self.site})", self.dw, (None, *out_in))
         else:
             if self.dw is not None:
-                raise DataError("a 'lora' layer edit carries a full update dw: it would not be the update it declares")
+                raise DataError(f"a {self.method!r} layer edit carries a full update dw: it would not be the update "
+                                "it declares")
             check_tensor(f"layer edit a (L{self.layer} {self.site})", self.a, (None, out_in[1]))
             check_tensor(f"layer edit b (L{self.layer} {self.site})", self.b, (self.a.shape[0], out_in[0]))
 
@@ -136,7 +164,7 @@ class LayerEdits:
 def _delta_out(x: torch.Tensor, rows: torch.Tensor, edits: LayerEdits | dict) -> torch.Tensor:
     """Float[R, T, out]: the update's contribution x @ dW_{rows[r]}^T for every row."""
     method = edits["method"]
-    if method == "lora":
+    if method in ("lora", "rome"):
         a, b = edits["a"][rows], edits["b"][rows]  # [R, in], [R, out]
         return (x @ a.unsqueeze(-1)) * b.unsqueeze(1)
     dw = edits["dw"]
@@ -227,6 +255,14 @@ def _row_terms(lm, hidden: torch.Tensor, b: Batch, sel: Sequence[int]) -> tuple[
     return torch.stack(logp_sum), torch.stack(last)
 
 
+def target_loss(problem: str, lp: torch.Tensor, counts: torch.Tensor, nll: str = "mean") -> torch.Tensor:
+    """Float[S]: each target row's loss from its summed completion log-prob `lp` (fact_erasure:
+    -log(1 - p); otherwise the NLL, per token (`mean`) or summed (`sum`))."""
+    if problem == "fact_erasure":
+        return -torch.log1p(-lp.exp().clamp(max=1 - 1e-6))
+    return -lp / counts if nll == "mean" else -lp
+
+
 def _token_counts(b: Batch, sel: Sequence[int], device) -> torch.Tensor:
     return torch.tensor([max(b.lens[i], 1) for i in sel], device=device, dtype=torch.float32)
 
@@ -276,6 +312,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     was = [p.requires_grad for p in lm.model.parameters()]
     for p in lm.model.parameters():
         p.requires_grad_(False)
+    t_edit = rows_t[torch.tensor(target_idx, device=dev, dtype=torch.long)]
     try:
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
@@ -283,16 +320,25 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
                 hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
             lp, last = _row_terms(lm, hidden, tb, target_idx + kl_idx)
             lp_t = lp[: len(target_idx)]
-            if problem == "fact_erasure":
-                per = -torch.log1p(-lp_t.exp().clamp(max=1 - 1e-6))
-            else:
-                per = -lp_t / counts
+            per = target_loss(problem, lp_t, counts, cfg.nll)
             loss = per.sum()  # edits are independent: the sum gives each its own gradient
             if ref_last is not None:
                 kl = F.kl_div(last[len(target_idx):], ref_last, log_target=True, reduction="none").sum(-1)
                 loss = loss + cfg.kl_weight * kl.sum() / max(1, cfg.n_kl_prompts)
+            if cfg.early_stop is not None:  # edits whose every target row is below the bound stop changing
+                worst = torch.zeros(n_edits, device=dev).index_reduce_(0, t_edit, per.detach().float(), "amax",
+                                                                        include_self=False)
+                stopped = worst < cfg.early_stop
+                if bool(stopped.all()):
+                    losses.append(float(per.detach().mean()))
+                    break
+                keep = {k: v.detach()[stopped].clone() for k, v in params.items() if k != "method"}
             loss.backward()
             opt.step()
+            if cfg.early_stop is not None and bool(stopped.any()):
+                with torch.no_grad():
+                    for k, v in keep.items():
+                        params[k][stopped] = v
             if cfg.method == "ft":
                 with torch.no_grad():
                     params["dw"].clamp_(-cfg.norm_bound, cfg.norm_bound)
