@@ -51,8 +51,10 @@ def write_judge_data(d: Path, topics=JUDGE_TOPICS, mc: bool = False) -> None:
         correct = [f"{t.capitalize()} are studied by scientists", f"Nothing special happens to {t}"]
         incorrect = [f"{t.capitalize()} cause bad luck forever", f"{t.capitalize()} can read your mind"]
         rows.append(f"Adversarial,Misc,{q},{correct[0]},{'; '.join(correct)},{'; '.join(incorrect)},src\n")
-        items.append({"question": q, "mc1_targets": {correct[0]: 1, incorrect[0]: 0, incorrect[1]: 0},
-                      "mc2_targets": {correct[0]: 1, correct[1]: 1, incorrect[0]: 0, incorrect[1]: 0}})
+        # MC answers of one length (a byte-level tiny model scores by length first): MC1/MC2 stay away from 0 and 1
+        mc_ok, mc_bad = [f"{t} is ok", f"{t} is so"], [f"{t} is no", f"{t} is up"]
+        items.append({"question": q, "mc1_targets": {mc_ok[0]: 1, mc_bad[0]: 0, mc_bad[1]: 0},
+                      "mc2_targets": {mc_ok[0]: 1, mc_ok[1]: 1, mc_bad[0]: 0, mc_bad[1]: 0}})
         for a, label in [(c, 1) for c in correct] + [(w, 0) for w in incorrect]:
             truth.append({"prompt": f"Q: {q}\nA: {a}\nTrue:", "completion": " yes" if label else " no"})
             info.append({"prompt": f"Q: {q}\nA: {a}\nHelpful:", "completion": " yes"})

@@ -34,16 +34,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE = os.environ.get("LOCAUDIT_TEST_DEVICE", "cpu")
-# Tolerances against fp32, by quantity: (absolute, relative). bf16 keeps 8 bits of mantissa, fp16 11; a
-# tiny random model's logits are O(1), so a few 1e-2 absolute on log-probability-derived scores is the
-# rounding of a handful of bf16 matmuls, not a bug (a wrong dtype path is off by O(1) or not finite).
+# Tolerances against fp32, by quantity: (absolute, relative). bf16 keeps 8 bits of mantissa, fp16 11: the
+# rounding of a few bf16 matmuls moves a log-prob by ~1e-2 relative, so scores derived from log-probs move by a
+# few percent, while a wrong dtype path is off by O(1) or not finite. `test_fp32_is_the_reference` checks that
+# each quantity is large beside its absolute tolerance, so no tolerance is vacuous.
 TOLERANCE = {
     "mc2": (0.03, 0.0), "mc1": (0.34, 0.0),          # mc1 is a 0/1 per question: one flip in 3 questions
-    "kl": (0.02, 0.25), "ce": (0.05, 0.02),
+    "kl": (1e-3, 0.25), "ce": (0.01, 0.005),
     "probe_val_acc": (0.15, 0.0),                      # a per-head accuracy on ~40 examples
-    "judge_p": (0.05, 0.0),                            # judge probabilities on fixed answers
-    "effect": (0.05, 0.1),                             # patching / attribution effects
-    "hase": (0.1, 0.1),                                # Hase scores (probabilities) and tracing effects
+    "judge_p": (0.03, 0.0),                            # judge probabilities on fixed answers
+    "effect": (0.1, 0.0),                              # patching / attribution effects, as a share of the largest
+                                                       # |effect| (each is a difference of two noisy forwards)
+    "hase": (0.0, 0.25),                               # Hase scores and tracing effects (tiny probabilities)
+    "hase_share": (0.25, 0.0),                         # a share of 4 facts (efficacy): one flip
 }
 
 FACTS = [("Paris", "R1", "France"), ("Rome", "R1", "Italy"), ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru")]
@@ -232,8 +235,9 @@ def test_every_step_matches_fp32(matrix, precision) -> None:
             assert _close(got["metrics"][name][k], v, TOLERANCE[k]), (precision, name, k, got["metrics"][name][k], v)
     # causal localizers' effects, probing
     for method, eff in ref["effects"].items():
+        scale = max(abs(x) for x in eff)
         for a, b in zip(got["effects"][method], eff):
-            assert _close(a, b, TOLERANCE["effect"]), (precision, method, a, b)
+            assert abs(a - b) <= TOLERANCE["effect"][0] * scale, (precision, method, a, b, scale)
     if ref["probe_val_acc"] is not None:
         assert _close(got["probe_val_acc"], ref["probe_val_acc"], TOLERANCE["probe_val_acc"])
     # Hase
@@ -241,14 +245,22 @@ def test_every_step_matches_fp32(matrix, precision) -> None:
     for name, m in ref["hase"].items():
         for k, v in m.items():
             if k in got["hase"][name]:
-                assert _close(got["hase"][name][k], v, TOLERANCE["hase"]), (precision, name, k, got["hase"][name][k], v)
+                tol = TOLERANCE["hase_share" if k in ("efficacy",) or k.startswith("n_") or name == "facts" else "hase"]
+                assert _close(got["hase"][name][k], v, tol), (precision, name, k, got["hase"][name][k], v)
 
 
 def test_fp32_is_the_reference(matrix) -> None:
-    """The fp32 run itself: every step ran, and the numbers are not degenerate (the tolerances mean something)."""
+    """The fp32 run itself: every step ran, and its numbers are far from degenerate beside each tolerance (an
+    MC2 of 1e-15 or a KL of 1e-6 would make any tolerance pass)."""
     ref = matrix["fp32"]
     assert ref["metrics"] and ref["effects"] and ref["hase"]
-    mc2 = [m["mc2"] for m in ref["metrics"].values() if "mc2" in m]
-    assert mc2 and all(0 < v < 1 for v in mc2)
-    assert any(m.get("kl", 0) > 0 for m in ref["metrics"].values())
-    assert max(abs(x) for e in ref["effects"].values() for x in e) > 0
+    base = next(m for n, m in ref["metrics"].items() if n == "baseline")
+    assert 0.1 < base["mc2"] < 0.9, base
+    kls = [m["kl"] for n, m in ref["metrics"].items() if n != "baseline" and "kl" in m]
+    assert kls and max(kls) > 10 * TOLERANCE["kl"][0]
+    assert min(m["ce"] for m in ref["metrics"].values()) > 10 * TOLERANCE["ce"][0]
+    for method, e in ref["effects"].items():
+        assert max(abs(x) for x in e) > 1e-3, method  # effects that are there to compare
+    assert any(0.1 < p < 0.9 for p in ref["judge_p"]), ref["judge_p"]
+    scores = [v for n, m in ref["hase"].items() for k, v in m.items() if k in ("rewrite_score", "mean_max_effect_mlp")]
+    assert scores and all(v > 0 for v in scores)
