@@ -218,22 +218,36 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     (tmp_path / "study.yaml").write_text(
         "name: tiny\nfacts: {path: facts.jsonl, known_top_k: 259, max_facts: 6, n_neighbours: 2}\n"
         "tracing: {n_noise: 2, kinds: [mlp, hidden], grid_facts: 1}\nlayers: [0, 1, 2]\n"
-        "editing: {problems: [error_injection, fact_erasure], methods: [ft, lora],\n"
-        "  ft: {steps: 3, lr: 0.05, norm_bound: 0.1, batch_facts: 4}, lora: {steps: 3, lr: 0.1, batch_facts: 4}}\n"
-        "analysis: {bootstrap: 50}\n")
+        "editing: {problems: [error_injection, fact_erasure], methods: [ft, lora, rome],\n"
+        "  ft: {steps: 3, lr: 0.05, norm_bound: 0.1, batch_facts: 4, nll: sum, early_stop: 0.01},\n"
+        "  lora: {steps: 3, lr: 0.1, batch_facts: 4}, rome: {steps: 5, lr: 0.5, batch_facts: 4, cov_tokens: 3000}}\n"
+        "analysis: {bootstrap: 50, permutations: 200}\n")
     spec = load_hase_spec(tmp_path / "study.yaml")
     res = run_hase(spec, tmp_path / "run", lm=lm, progress=False)
-    assert res["counts"]["done"] == 2 + 2 * 2 * 3 and res["counts"]["failed"] == 0
+    assert res["counts"]["done"] == 2 + 2 * 3 * 3 and res["counts"]["failed"] == 0, res
     again = run_hase(spec, tmp_path / "run", lm=lm, progress=False)
     assert again["ran"] == []
     index = build_report(tmp_path / "run")
     v = json.loads((index.parent / "verdict.json").read_text())
-    assert v["facts"]["used"] == 6 and len(v["verdicts"]) == 4
+    assert v["facts"]["used"] == 6 and len(v["verdicts"]) == 6
+    assert all("p_perm" in d and d["outcome"] in ("evidence for", "evidence against", "inconclusive", "no signal")
+               for d in v["verdicts"])
+    norms = {(r["problem"], r["method"]): r for r in v["edit_norms"]}
+    assert len(norms) == 6 and all(r["n"] == 18 for r in norms.values())
+    # ft stops early (loss < 0.01): erasing a fact the random model gives p ~ 0 needs no change at all
+    assert norms[("fact_erasure", "ft")]["max"] == 0.0
+    assert all(r["mean"] > 0 for k, r in norms.items() if k != ("fact_erasure", "ft"))
     assert {r["model"] for r in v["r2"]} == {"tracing", "layer", "both", "interaction", "added_tracing",
                                             "added_interaction"}
     assert (index.parent / "success_by_layer.png").exists() and (index.parent / "tracing_heatmap_mlp.png").exists()
     edits = pd.read_csv(index.parent / "edits.csv")
-    assert len(edits) == 6 * 3 * 4 and set(edits["layer"]) == {0, 1, 2}
+    assert len(edits) == 6 * 3 * 6 and set(edits["layer"]) == {0, 1, 2}
+    stopped = (edits["problem"] == "fact_erasure") & (edits["method"] == "ft")
+    assert edits["dw_rel_norm"].ge(0).all() and edits.loc[stopped, "dw_rel_norm"].eq(0).all()
+    # the ft bound holds entry-wise, so ft's relative norm is at most bound x sqrt(entries) / ||W||
+    from locaudit.study.hase.report import summary_text
+
+    assert "||dW||/||W||" in summary_text(tmp_path / "run") and "rome" in summary_text(tmp_path / "run")
 
 
 def test_spread_order_covers_depth_first():

@@ -326,8 +326,8 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
                 kl = F.kl_div(last[len(target_idx):], ref_last, log_target=True, reduction="none").sum(-1)
                 loss = loss + cfg.kl_weight * kl.sum() / max(1, cfg.n_kl_prompts)
             if cfg.early_stop is not None:  # edits whose every target row is below the bound stop changing
-                worst = torch.zeros(n_edits, device=dev).index_reduce_(0, t_edit, per.detach().float(), "amax",
-                                                                        include_self=False)
+                worst = torch.full((n_edits,), float("-inf"), device=dev).scatter_reduce(
+                    0, t_edit, per.detach().float(), "amax")
                 stopped = worst < cfg.early_stop
                 if bool(stopped.all()):
                     losses.append(float(per.detach().mean()))

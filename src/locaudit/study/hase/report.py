@@ -53,7 +53,7 @@ def collect(run_dir: Path) -> tuple[HaseSpec, dict | None, dict | None, pd.DataF
 
 def analyze(spec: HaseSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     """The R^2 table and the verdicts, per (problem, method)."""
-    kind = spec.tracing_kind(spec.editing.ft.site if "ft" in spec.editing.methods else spec.editing.lora.site)
+    kind = spec.tracing_kind(spec.editing.config(spec.editing.methods[0]).site)
     A = spec.analysis
     tables, verdicts = [], []
     if df.empty:
@@ -123,7 +123,7 @@ def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) 
         fig.savefig(out / "success_by_layer.png", dpi=110)
         plt.close(fig)
         figs.append("success_by_layer.png")
-        kind = spec.tracing_kind(spec.editing.ft.site)
+        kind = spec.tracing_kind(spec.editing.config(spec.editing.methods[0]).site)
         for (problem, method), g in df.groupby(["problem", "method"]):
             col = f"tracing_{kind}"
             if col not in g:
@@ -140,6 +140,19 @@ def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) 
             plt.close(fig)
             figs.append(name)
     return figs
+
+
+def edit_norms(df: pd.DataFrame) -> list[dict]:
+    """||dW||_F / ||W||_F of the edits, per (problem, method): mean, median, max and the count."""
+    if df.empty or "dw_rel_norm" not in df:
+        return []
+    out = []
+    for (problem, method), g in df.groupby(["problem", "method"], sort=True):
+        x = g["dw_rel_norm"].dropna().to_numpy(dtype=float)
+        if x.size:
+            out.append({"problem": problem, "method": method, "n": int(x.size), "mean": float(x.mean()),
+                        "median": float(np.median(x)), "max": float(x.max())})
+    return out
 
 
 def _f(x, fmt: str = ".3f") -> str:
@@ -177,6 +190,7 @@ def build_report(run_dir: str | Path) -> Path:
     fact_counts = facts["counts"] if facts else {}
     write_json_atomic(out / "verdict.json", {"facts": fact_counts, "known_top_k": facts and facts["known_top_k"],
                                              "verdicts": verdicts, "r2": table.to_dict("records"),
+                                             "edit_norms": edit_norms(df),
                                              "trials": counts})
     figs = _figures(spec, tracing, df, out)
     e = html.escape
@@ -197,6 +211,8 @@ def build_report(run_dir: str | Path) -> Path:
     parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both, layer * tracing), with the "
                  "F-tests of what tracing adds to the layer</h2>")
     parts.append(_table_html(table))
+    parts.append("<h2>Size of the edits: ||dW|| / ||W|| (Frobenius) per editor</h2>")
+    parts.append(_table_html(pd.DataFrame(edit_norms(df))))
     for f in figs:
         parts.append(f"<h3>{e(f)}</h3><img src='{e(f)}'>")
     parts.append("</body></html>")
@@ -213,6 +229,9 @@ def summary_text(run_dir: str | Path) -> str:
                  if r.get("F_df_num") is not None else "")
         lines.append(f"  {r['problem']:<18} {r['method']:<5} R2[{r['model']:<17}] = {_f(r['r2'])} "
                      f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]{ftest}")
+    for r in v.get("edit_norms", []):
+        lines.append(f"  ||dW||/||W|| {r['problem']:<18} {r['method']:<5} mean {_f(r['mean'], '.3g')} "
+                     f"median {_f(r['median'], '.3g')} max {_f(r['max'], '.3g')} (n={r['n']})")
     for d in v["verdicts"]:
         lines.append(f"  verdict {d['problem']} / {d['method']}: {d['outcome']} "
                      f"(theta={d.get('theta')}, p_perm={d.get('p_perm')}, p_contrast={d.get('p_contrast')}, "

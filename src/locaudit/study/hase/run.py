@@ -60,7 +60,7 @@ def expand_hase(spec: HaseSpec, n_layers: int) -> list[HaseTrial]:
     out = [facts, trace]
     for problem in spec.editing.problems:
         for method in spec.editing.methods:
-            cfg = spec.editing.config(method).model_dump()
+            cfg = spec.editing.config(method).key_dump()  # old studies keep their trial keys
             for layer in spread_order(layers):
                 out.append(_trial("hase_edit", {**ident, "facts_trial": facts.key, "trace_trial": trace.key,
                                                 "problem": problem, "method": method, "layer": layer,

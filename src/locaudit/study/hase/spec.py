@@ -55,11 +55,15 @@ class EditingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     problems: list[str] = Field(default_factory=lambda: ["error_injection"],
                                 description=f"editing problems, of {list(PROBLEMS)}")
-    methods: list[Literal["ft", "lora"]] = Field(default_factory=lambda: ["ft"], description="edit methods")
+    methods: list[Literal["ft", "lora", "rome"]] = Field(default_factory=lambda: ["ft"], description="edit methods")
     ft: LayerEditConfig = Field(default_factory=lambda: LayerEditConfig(method="ft"),
                                 description="settings of the constrained fine-tuning edit")
     lora: LayerEditConfig = Field(default_factory=lambda: LayerEditConfig(method="lora", lr=1e-2),
                                   description="settings of the rank-one LoRA edit with KL penalty")
+    rome: LayerEditConfig = Field(default_factory=lambda: LayerEditConfig(method="rome", steps=20, lr=0.5,
+                                                                          early_stop=5e-2),
+                                  description="settings of ROME (value optimisation steps / lr, clamp, weight "
+                                              "decay; C = E[k k^T] on the shipped Austen text, cov_tokens of it)")
 
     @field_validator("problems")
     @classmethod
@@ -70,8 +74,9 @@ class EditingSpec(BaseModel):
         return v
 
     def config(self, method: str) -> LayerEditConfig:
-        c = self.ft if method == "ft" else self.lora
-        return c.model_copy(update={"method": method})
+        if method not in ("ft", "lora", "rome"):
+            raise ConfigError(f"editing.methods: unknown edit method {method!r}; choose from ['ft', 'lora', 'rome']")
+        return getattr(self, method).model_copy(update={"method": method})
 
 
 class AnalysisSpec(BaseModel):

@@ -12,8 +12,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load_facts, object_ids)
-from locaudit.edit.layer_edit import EditRow, score_rows, train_layer_edits
+from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load_facts, object_ids,
+                                 subject_token_span)
+from locaudit.edit.layer_edit import EditRow, LayerEditConfig, score_rows, train_layer_edits
+from locaudit.edit.rome import key_second_moment, relative_norms, rome_layer_edits
 from locaudit.evaluate.facts import NEW_OBJECT_PROBLEMS, fact_metrics
 from locaudit.localize.tracing import TracedFact, trace_facts
 from locaudit.models.precision import ResolvedPrecision
@@ -87,6 +89,26 @@ def _pre_scores(lm, rows: Sequence[EditRow], precision: ResolvedPrecision) -> to
     return _PRE_CACHE[key]
 
 
+ROME_TEXT = "austen"  # the shipped generic text (evaluate/corpora/austen.txt) for ROME's C = E[k k^T]
+_C_CACHE: dict = {}  # in-process: a trial's fact groups share their layer's C (the disk cache holds it across runs)
+
+
+def rome_second_moment(lm, layer: int, cfg: LayerEditConfig, precision: ResolvedPrecision) -> torch.Tensor:
+    """ROME's key second moment at `layer` on the shipped Austen text (windows of at most 512 tokens, the
+    first `cfg.cov_tokens` tokens), cached by content (model, layer, precision, token windows)."""
+    from locaudit.evaluate.texts import corpus_windows, load_corpus
+
+    key = (lm.fingerprint, int(layer), precision.key, cfg.cov_tokens)
+    if key in _C_CACHE:
+        return _C_CACHE[key]
+    max_len = min(512, int(getattr(lm.model.config, "max_position_embeddings", 512) or 512))
+    windows = corpus_windows(load_corpus(ROME_TEXT), lm.tokenizer, max_length=max_len, max_tokens=cfg.cov_tokens)
+    if len(_C_CACHE) > 8:
+        _C_CACHE.clear()
+    _C_CACHE[key] = key_second_moment(lm, layer, windows, precision, text_id=ROME_TEXT)
+    return _C_CACHE[key]
+
+
 def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: str, method: str, layer: int,
                   precision: ResolvedPrecision, progress: bool = True) -> list[dict]:
     """Edit every studied fact at `layer` (E facts per group share forward passes and the frozen prefix)
@@ -121,7 +143,13 @@ def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: 
                     score.append(EditRow(P(g.prompt), new, e))
             index.append(rows)
         pre = _pre_scores(lm, score, precision)
-        _, post, info = train_layer_edits(lm, layer, train, score, len(group), problem, cfg, precision)
+        if method == "rome":
+            C = rome_second_moment(lm, layer, cfg, precision)
+            keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
+            edits, post, info = rome_layer_edits(lm, layer, train, keys, score, len(group), problem, cfg, C, precision)
+        else:
+            edits, post, info = train_layer_edits(lm, layer, train, score, len(group), problem, cfg, precision)
+        norms = relative_norms(lm, edits)
 
         def pick(v: torch.Tensor, rows: dict) -> dict:
             d = {"true": float(v[rows["true"]]), "nb_true": [float(v[i]) for i in rows["nb_true"]],
@@ -130,11 +158,12 @@ def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: 
                 d["new"] = float(v[rows["new"]])
             return d
 
-        for (f, _), rows in zip(group, index):
+        for e, ((f, _), rows) in enumerate(zip(group, index)):
             m = fact_metrics(problem, pick(pre, rows), pick(post, rows))
             tr = tracing["facts"][f.id]
             row = {"fact": f.id, "relation_id": f.relation_id, "layer": layer, "problem": problem, "method": method,
-                   **m, "loss_first": info["loss_first"], "loss_last": info["loss_last"]}
+                   **m, "loss_first": info["loss_first"], "loss_last": info["loss_last"],
+                   "dw_rel_norm": norms[e]}  # ||dW||_F / ||W||_F of this fact's edit
             for kind, eff in tr["effects"].items():
                 row[f"tracing_{kind}"] = eff[layer]
             out.append(row)
