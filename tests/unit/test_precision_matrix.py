@@ -187,9 +187,16 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
     probe = next(t for t in trials if t.kind == "probe")
     out["probe_val_acc"] = rows[probe.key]["metrics"].get("top_k_mean_val_acc")
 
-    # rejudge with another judge, and export an optimal and an ITI edit
-    _cli("report", str(run), "--judge", "reference:bleu")
-    assert any(p.name.startswith("report-") for p in run.iterdir())
+    # rejudge: the saved answers re-scored by the same trained judge at this precision give the study's numbers
+    from locaudit.study.rejudge import rejudge_rows
+
+    again, summary = rejudge_rows(run, gen, judge, progress=False)
+    assert summary["scored"] > 0
+    for old, new in zip(gen, again):
+        for k in ("true", "info", "true_info"):
+            if k in old["metrics"]:
+                assert new["metrics"][k] == pytest.approx(old["metrics"][k], abs=1e-6), (precision, old["name"], k)
+    # export an optimal and an ITI edit
     exp = {t.kind: t for t in trials if t.kind in ("iti", "optimal")}
     for kind, t in exp.items():
         _cli("export", str(run), "--trial", t.key, "--out", str(root / f"export-{kind}"), "--model", "tiny:llama")
