@@ -217,7 +217,8 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (tmp_path / "study.yaml").write_text(
         "name: tiny\nfacts: {path: facts.jsonl, known_top_k: 259, max_facts: 6, n_neighbours: 2}\n"
-        "tracing: {n_noise: 2, kinds: [mlp, hidden], grid_facts: 1}\nlayers: [0, 1, 2]\n"
+        "tracing: {n_noise: 4, kinds: [mlp, hidden], grid_facts: 1, measure: fraction, noise_from: subject,\n"
+        "  clean_pos0: true}\nlayers: [0, 1, 2]\n"
         "editing: {problems: [error_injection, fact_erasure], methods: [ft, lora, rome],\n"
         "  ft: {steps: 3, lr: 0.05, norm_bound: 0.1, batch_facts: 4, nll: sum, early_stop: 0.01},\n"
         "  lora: {steps: 3, lr: 0.1, batch_facts: 4}, rome: {steps: 5, lr: 0.5, batch_facts: 4, cov_tokens: 3000}}\n"
@@ -232,6 +233,10 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     assert v["facts"]["used"] == 6 and len(v["verdicts"]) == 6
     assert all("p_perm" in d and d["outcome"] in ("evidence for", "evidence against", "inconclusive", "no signal")
                for d in v["verdicts"])
+    tr = v["tracing"]
+    assert tr["measure"] == "fraction" and tr["clean_pos0"] and set(tr["reliability"]) == {"mlp", "hidden"}
+    assert tr["reliability"]["mlp"]["n_facts"] == 6 and tr["position0"]["n_noised"] == 0
+    assert all(x >= 0 or x != x for x in pd.read_csv(index.parent / "edits.csv")["tracing_mlp"])  # max(0, .) / |.|
     norms = {(r["problem"], r["method"]): r for r in v["edit_norms"]}
     assert len(norms) == 6 and all(r["n"] == 18 for r in norms.values())
     # ft stops early (loss < 0.01): erasing a fact the random model gives p ~ 0 needs no change at all

@@ -103,3 +103,86 @@ def test_seeded_and_scaled():
     assert TraceConfig().window_for(48) == 10 and TraceConfig().window_for(30) == 6
     assert window_layers(0, 6, 30) == [0, 1, 2] and window_layers(29, 6, 30) == [26, 27, 28, 29]
     assert embedding_std(lm) > 0
+
+
+def test_fraction_is_the_max_over_positions_of_the_grid():
+    """Hase's variable: max over positions of max(0, restored - corrupt) / |clean - corrupt|, from the same
+    noise samples as the (layer x position) grid, which is checked against independent hooks above."""
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama", n_layers=3)
+    cfg = TraceConfig(n_noise=4, kinds=["hidden", "mlp"], window=2, seed=2, measure="fraction")
+    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg, grid=True, precision=FP32)
+    den = abs(tf.p_clean - tf.p_corrupt)
+    assert den > 1e-4
+    for kind in ("hidden", "mlp"):
+        grid = torch.tensor(tf.grid[kind])
+        want = (grid.max(1).values.clamp(min=0) / den).tolist()
+        assert tf.effects[kind] == pytest.approx(want, abs=1e-5), kind
+        assert all(v >= 0 for v in tf.effects[kind])
+    if tf.p_clean > tf.p_corrupt:  # restoring the last layer's output at the last position restores it all
+        assert tf.effects["hidden"][-1] >= 1 - 1e-4
+    # the default measure is still the original difference at the last subject token
+    old = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg.model_copy(update={"measure": "diff"}), precision=FP32)
+    assert old.effects["hidden"] == pytest.approx(torch.tensor(tf.grid["hidden"])[:, tf.subject[1] - 1].tolist(),
+                                                  abs=1e-6)
+
+
+def test_split_halves_and_reliability():
+    from locaudit.localize.tracing import TracedFact, split_half_reliability
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama", n_layers=3)
+    tf = trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=4, kinds=["mlp"], window=2), precision=FP32)
+    a, b = tf.halves["mlp"]
+    # the two halves are two independent noise draws; their mean is the 4-sample curve
+    assert [(x + y) / 2 for x, y in zip(a, b)] == pytest.approx(tf.effects["mlp"], abs=1e-6)
+    assert a != b
+    assert trace_fact(lm, PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=1, kinds=["mlp"]), precision=FP32).halves == {}
+    g = torch.Generator().manual_seed(0)
+
+    def fact(x, y):
+        return TracedFact(0.5, 0.1, {"mlp": x}, (0, 1), 3, halves={"mlp": [x, y]})
+
+    same = [fact(c, c) for c in torch.randn(30, 5, generator=g).tolist()]
+    r = split_half_reliability(same, "mlp")
+    assert r["r"] == pytest.approx(1.0) and r["spearman_brown"] == pytest.approx(1.0) and r["n_facts"] == 30
+    noise = [fact(torch.randn(5, generator=g).tolist(), torch.randn(5, generator=g).tolist()) for _ in range(200)]
+    assert abs(split_half_reliability(noise, "mlp")["r"]) < 0.15
+    signal = [fact((c + 0.3 * torch.randn(5, generator=g)).tolist(), (c + 0.3 * torch.randn(5, generator=g)).tolist())
+              for c in torch.randn(200, 5, generator=g)]
+    rel = split_half_reliability(signal, "mlp")
+    assert 0.85 < rel["r"] < 0.97 and rel["spearman_brown"] > rel["r"]  # 1 / (1 + 0.09) = 0.917
+
+
+def test_subject_noise_unit_and_clean_position_0():
+    from types import SimpleNamespace
+
+    from locaudit.localize.tracing import subject_embedding_std
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama", n_layers=2)
+    tok = lm.tokenizer
+    facts = [SimpleNamespace(prompt=PROMPT, subject=SUBJECT), SimpleNamespace(prompt="Paris is in", subject="Paris")]
+    ids = []
+    for f in facts:
+        s0, s1 = subject_token_span(tok, f.prompt, f.subject)
+        ids += tok(f.prompt)["input_ids"][s0:s1]
+    W = lm.sites.embed().weight.detach()
+    assert subject_embedding_std(lm, facts) == pytest.approx(float(W[ids].std()), rel=1e-6)
+    assert subject_embedding_std(lm, facts) != pytest.approx(embedding_std(lm), rel=1e-3)
+    # a one-token subject at position 0 (the tiny tokenizer adds no BOS): with clean_pos0 nothing is noised
+    prompt, subj, target = "X is a city in", "X", "Paris"
+    assert subject_token_span(tok, prompt, subj) == (0, 1)
+    on = trace_fact(lm, prompt, subj, target, TraceConfig(n_noise=2, kinds=["hidden"], clean_pos0=True), precision=FP32)
+    off = trace_fact(lm, prompt, subj, target, TraceConfig(n_noise=2, kinds=["hidden"]), precision=FP32)
+    assert on.p_corrupt == pytest.approx(on.p_clean, abs=1e-6) and not on.pos0_noised
+    assert off.p_corrupt != pytest.approx(off.p_clean, abs=1e-6) and off.pos0_noised
+    # a subject after position 0 is noised the same with or without clean_pos0
+    a = trace_fact(lm, "A " + PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, kinds=["hidden"], clean_pos0=True),
+                   precision=FP32)
+    b = trace_fact(lm, "A " + PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, kinds=["hidden"]), precision=FP32)
+    assert a.effects == b.effects and not a.pos0_noised and not b.pos0_noised
+    # new fields at their defaults stay out of trial keys (old studies keep their keys)
+    assert TraceConfig().key_dump() == TraceConfig().model_dump(exclude={"measure", "noise_from", "clean_pos0"})
+    assert TraceConfig(measure="fraction").key_dump()["measure"] == "fraction"

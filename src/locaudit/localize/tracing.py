@@ -8,8 +8,18 @@ For one fact (a prompt whose next token starts the true object):
                    "hidden": the output of layer l (the residual stream after layer l);
                    "mlp":    the MLP output of the layers in a window of w around l;
                    "attn":   the attention output (o_proj's output) of the layers in that window.
-Tracing effect(l) = p(true object's first token | restored at l) - p(... | corrupted), each averaged over
-the noise samples. Every (noise sample, restored layer) variant of a fact is one row of ONE batched
+Tracing effect(l), `measure`:
+  diff      (default, the original) p(true object's first token | restored at l, last subject token)
+            - p(... | corrupted), each averaged over the noise samples;
+  fraction  (Hase et al.'s variable) the MAX over token positions t of the fraction restored,
+            max(0, (p_restored(l, t) - p_corrupt) / |p_clean - p_corrupt|) (NaN where the corruption
+            changes nothing).
+Noise unit, `noise_from`: "embedding" (default, the original: std of the whole embedding matrix) or
+"subject" (ROME's: std of the embeddings of the traced facts' subject tokens). `clean_pos0`: position 0
+(the attention sink) is never noised (a subject starting there loses its first token from the noise).
+Split-half reliability: the noise samples' two halves are two independent draws (two seeds in effect), so
+every fact also gets its tracing curve from each half (`halves`) at no extra cost; `split_half_reliability`
+correlates them over (fact, layer) and applies Spearman-Brown. Every (noise sample, restored layer) variant of a fact is one row of ONE batched
 forward pass (rows = samples x (layers + 1)); the (layer x position) grid for ROME's heatmaps is the
 same computation with one row per (sample, layer, position).
 
@@ -19,8 +29,9 @@ states are restored at the ``resid_post`` / ``mlp_out`` / ``attn_out`` sites.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,6 +61,22 @@ class TraceConfig(BaseModel):
     grid_facts: int = Field(0, ge=0, description="facts (the first ones) also traced at every (layer, position) "
                                                  "for ROME's heatmap (costs layers x positions rows per fact)")
     max_rows: int = Field(256, ge=1, description="largest batch of restored variants in one forward pass")
+    measure: Literal["diff", "fraction"] = Field("diff", description="diff: p(restored) - p(corrupt) at the last "
+                                                 "subject token; fraction: Hase's max over positions of "
+                                                 "max(0, restored / |p_clean - p_corrupt|)")
+    noise_from: Literal["embedding", "subject"] = Field("embedding", description="noise std unit: the whole "
+                                                        "embedding matrix, or the traced facts' subject tokens (ROME)")
+    clean_pos0: bool = Field(False, description="never noise position 0 (the attention sink)")
+
+    # added after studies were traced: left out of a trial's key at their defaults (which are the old behaviour)
+    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("measure", "noise_from", "clean_pos0")
+
+    def key_dump(self) -> dict:
+        d = self.model_dump()
+        for k in self.NEW_FIELDS:
+            if d[k] == type(self).model_fields[k].default:
+                d.pop(k)
+        return d
 
     def window_for(self, n_layers: int) -> int:
         return int(self.window) if self.window else max(1, round(10 * n_layers / 48))
@@ -66,6 +93,46 @@ def embedding_std(lm) -> float:
     return float(w.detach().float().std())
 
 
+def subject_embedding_std(lm, facts) -> float:
+    """Std of the entries of the embeddings of the facts' subject tokens (as tokenised inside each prompt;
+    ROME's noise unit). `facts`: objects with .prompt and .subject."""
+    from locaudit.data.facts import subject_token_span
+
+    w = lm.sites.embed().weight.detach().float()
+    ids = []
+    for f in facts:
+        s0, s1 = subject_token_span(lm.tokenizer, f.prompt, f.subject)
+        ids += list(lm.tokenizer(f.prompt)["input_ids"][s0:s1])
+    if not ids:
+        raise ConfigError("noise_from: subject needs at least one fact with subject tokens")
+    return float(w[torch.tensor(ids)].std())
+
+
+def split_half_reliability(traced: Sequence["TracedFact"], kind: str) -> dict:
+    """Split-half reliability of the tracing variable of `kind` over (fact, layer): r = Pearson correlation
+    of the two halves' values, and Spearman-Brown 2r / (1 + r) (the full curve's reliability); also the
+    median over facts of the per-fact correlation of the two half curves (over layers)."""
+    a, b, per = [], [], []
+    for t in traced:
+        h = t.halves.get(kind)
+        if not h:
+            continue
+        x, y = torch.tensor(h[0], dtype=torch.float64), torch.tensor(h[1], dtype=torch.float64)
+        ok = torch.isfinite(x) & torch.isfinite(y)
+        a.append(x[ok])
+        b.append(y[ok])
+        if int(ok.sum()) >= 3 and float(x[ok].std()) > 0 and float(y[ok].std()) > 0:
+            per.append(float(torch.corrcoef(torch.stack([x[ok], y[ok]]))[0, 1]))
+    out = {"kind": kind, "n_facts": len(a), "r": float("nan"), "spearman_brown": float("nan"),
+           "median_fact_r": float(torch.tensor(per).median()) if per else float("nan"), "n_fact_r": len(per)}
+    if a:
+        x, y = torch.cat(a), torch.cat(b)
+        if x.numel() >= 3 and float(x.std()) > 0 and float(y.std()) > 0:
+            r = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+            out.update(r=r, spearman_brown=2 * r / (1 + r) if r > -1 else float("nan"))
+    return out
+
+
 @dataclass
 class TracedFact:
     """Tracing of one fact. effects[kind]: Float[n_layers] (restored - corrupted); probabilities too."""
@@ -77,6 +144,8 @@ class TracedFact:
     n_tokens: int
     noise_top: int = -1  # the most likely next token under corruption (the "tracing reversal" target)
     grid: dict[str, list[list[float]]] = field(default_factory=dict)  # kind -> [layer][position] effects
+    halves: dict[str, list[list[float]]] = field(default_factory=dict)  # kind -> [half A curve, half B curve]
+    pos0_noised: bool = False  # the noise touched position 0 (the subject starts there and clean_pos0 is off)
 
 
 # the intervention site (models/interventions.py) each kind restores
@@ -171,10 +240,21 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
     answer = object_ids(tok, target)[0]
     w = cfg.window_for(L)
     clean, p_clean = _clean_states(lm, ids, cfg.kinds)
-    std = embedding_std(lm) if noise_std is None else noise_std
+    if noise_std is not None:
+        std = noise_std
+    elif cfg.noise_from == "subject":
+        from types import SimpleNamespace
+
+        std = subject_embedding_std(lm, [SimpleNamespace(prompt=prompt, subject=subject)])
+    else:
+        std = embedding_std(lm)
     n = cfg.n_noise
     noise = _noise(cfg, fact_index, n, subj[1] - subj[0], lm.sites.d_model, cfg.noise_scale * std).to(lm.device)
+    if cfg.clean_pos0 and subj[0] == 0:
+        noise[:, 0] = 0  # the attention sink stays clean
+    pos0_noised = subj[0] == 0 and not cfg.clean_pos0
     last_subj = subj[1] - 1
+    h = n // 2  # the two halves of the noise samples (split-half reliability); none with 1 sample
 
     def run(kind: str, variants: list[tuple[list[int], int]]) -> torch.Tensor:
         """Float[len(variants), n]: p(answer) of every variant under every noise sample."""
@@ -192,23 +272,41 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
     def restored_layers(kind: str, l: int) -> list[int]:
         return [l] if kind == "hidden" else window_layers(l, w, L)
 
-    effects, grids = {}, {}
+    pcl = float(p_clean[answer])
+
+    def curve(p: torch.Tensor) -> list[float]:
+        """The tracing variable per layer from p Float[1 + variants, samples] (row 0: corrupted only)."""
+        pc = float(p[0].mean())
+        eff = [float("nan")] * L
+        if cfg.measure == "diff":
+            for j, l in enumerate(layers):
+                eff[l] = float(p[1 + j].mean()) - pc
+            return eff
+        den = abs(pcl - pc)
+        m = p[1:].mean(1).view(len(layers), T)
+        for j, l in enumerate(layers):
+            eff[l] = max(0.0, float(m[j].max()) - pc) / den if den > 1e-12 else float("nan")
+        return eff
+
+    effects, grids, halves = {}, {}, {}
     p_corrupt, noise_top = None, -1
     for kind in cfg.kinds:
-        variants = [([], last_subj)] + [(restored_layers(kind, l), last_subj) for l in layers]
+        if cfg.measure == "diff":
+            variants = [([], last_subj)] + [(restored_layers(kind, l), last_subj) for l in layers]
+        else:
+            variants = [([], last_subj)] + [(restored_layers(kind, l), t) for l in layers for t in range(T)]
         p, corrupt_dist = run(kind, variants)
         pc = float(p[0].mean())
         if p_corrupt is None:
             p_corrupt, noise_top = pc, int(corrupt_dist.argmax())
-        eff = [float("nan")] * L
-        for j, l in enumerate(layers):
-            eff[l] = float(p[1 + j].mean()) - pc
-        effects[kind] = eff
+        effects[kind] = curve(p)
+        if h >= 1:
+            halves[kind] = [curve(p[:, :h]), curve(p[:, h: 2 * h])]
         if grid:
             gv = [(restored_layers(kind, l), t) for l in range(L) for t in range(T)]
             pg, _ = run(kind, gv)
             grids[kind] = (pg.mean(1) - pc).view(L, T).tolist()
-    return TracedFact(float(p_clean[answer]), float(p_corrupt), effects, subj, T, noise_top, grids)
+    return TracedFact(pcl, float(p_corrupt), effects, subj, T, noise_top, grids, halves, pos0_noised)
 
 
 def trace_facts(lm, facts, cfg: TraceConfig | None = None, layers: Sequence[int] | None = None,
@@ -217,7 +315,7 @@ def trace_facts(lm, facts, cfg: TraceConfig | None = None, layers: Sequence[int]
     (layer x position) grid."""
     cfg = cfg or TraceConfig()
     grid_facts = cfg.grid_facts if grid_facts is None else grid_facts
-    std = embedding_std(lm)
+    std = subject_embedding_std(lm, facts) if cfg.noise_from == "subject" else embedding_std(lm)
     out = []
     for i, f in enumerate(tqdm(facts, desc="causal tracing", disable=not progress)):
         out.append(trace_fact(lm, f.prompt, f.subject, f.target, cfg, i, layers, grid=i < grid_facts,

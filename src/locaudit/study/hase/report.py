@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locaudit.io import write_json_atomic, write_text_atomic
+from locaudit.io import strict_json, write_json_atomic, write_text_atomic
 from locaudit.study.hase.analysis import argmax_vs_random, regressions
 from locaudit.study.hase.run import META_KEY, read_data
 from locaudit.study.hase.spec import HaseSpec
@@ -80,7 +80,8 @@ def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) 
     figs = []
     if tracing and tracing.get("facts"):
         traced = [TracedFact(v["p_clean"], v["p_corrupt"], v["effects"], tuple(v["subject"]), v["n_tokens"],
-                             v["noise_top"], v["grid"]) for v in tracing["facts"].values()]
+                             v["noise_top"], v["grid"], v.get("halves", {}), v.get("pos0_noised", False))
+                  for v in tracing["facts"].values()]
         for kind in spec.tracing.kinds:
             if not any(kind in t.grid for t in traced):
                 continue
@@ -142,6 +143,24 @@ def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) 
     return figs
 
 
+def _tracing_summary(tracing: dict | None) -> dict:
+    """The tracing variable's definition, its split-half reliability per kind (the ceiling on the R^2 it can
+    reach) and the position-0 summary; recomputed from the halves for runs traced before these were stored."""
+    if not tracing:
+        return {}
+    from locaudit.localize.tracing import TracedFact, split_half_reliability
+
+    rel = tracing.get("reliability")
+    if rel is None:
+        traced = [TracedFact(v["p_clean"], v["p_corrupt"], v["effects"], tuple(v["subject"]), v["n_tokens"],
+                             halves=v.get("halves", {})) for v in tracing["facts"].values()]
+        kinds = sorted({k for v in tracing["facts"].values() for k in v["effects"]})
+        rel = {k: split_half_reliability(traced, k) for k in kinds}
+    return {"measure": tracing.get("measure", "diff"), "noise_from": tracing.get("noise_from", "embedding"),
+            "clean_pos0": tracing.get("clean_pos0", False), "reliability": rel,
+            "position0": tracing.get("position0", {})}
+
+
 def edit_norms(df: pd.DataFrame) -> list[dict]:
     """||dW||_F / ||W||_F of the edits, per (problem, method): mean, median, max and the count."""
     if df.empty or "dw_rel_norm" not in df:
@@ -191,6 +210,7 @@ def build_report(run_dir: str | Path) -> Path:
     write_json_atomic(out / "verdict.json", {"facts": fact_counts, "known_top_k": facts and facts["known_top_k"],
                                              "verdicts": verdicts, "r2": table.to_dict("records"),
                                              "edit_norms": edit_norms(df),
+                                             "tracing": _tracing_summary(tracing),
                                              "trials": counts})
     figs = _figures(spec, tracing, df, out)
     e = html.escape
@@ -211,6 +231,15 @@ def build_report(run_dir: str | Path) -> Path:
     parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both, layer * tracing), with the "
                  "F-tests of what tracing adds to the layer</h2>")
     parts.append(_table_html(table))
+    ts = _tracing_summary(tracing)
+    if ts:
+        parts.append(f"<p>Tracing variable: {e(ts['measure'])} (noise unit: {e(ts['noise_from'])} std; position 0 "
+                     f"{'kept clean' if ts['clean_pos0'] else 'noised when the subject starts there'}). Its split-half "
+                     "reliability (two halves of the noise samples; Spearman-Brown for the full curve) bounds the R^2 "
+                     "tracing can reach:</p>")
+        parts.append(_table_html(pd.DataFrame(list(ts["reliability"].values()))))
+        if ts["position0"]:
+            parts.append(f"<p>Position 0: {e(json.dumps(strict_json(ts['position0'])))}</p>")
     parts.append("<h2>Size of the edits: ||dW|| / ||W|| (Frobenius) per editor</h2>")
     parts.append(_table_html(pd.DataFrame(edit_norms(df))))
     for f in figs:
@@ -229,6 +258,9 @@ def summary_text(run_dir: str | Path) -> str:
                  if r.get("F_df_num") is not None else "")
         lines.append(f"  {r['problem']:<18} {r['method']:<5} R2[{r['model']:<17}] = {_f(r['r2'])} "
                      f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]{ftest}")
+    for k, r in (v.get("tracing") or {}).get("reliability", {}).items():
+        lines.append(f"  tracing[{k}] split-half r = {_f(r.get('r'))}, Spearman-Brown = {_f(r.get('spearman_brown'))} "
+                     f"({r.get('n_facts')} facts)")
     for r in v.get("edit_norms", []):
         lines.append(f"  ||dW||/||W|| {r['problem']:<18} {r['method']:<5} mean {_f(r['mean'], '.3g')} "
                      f"median {_f(r['median'], '.3g')} max {_f(r['max'], '.3g')} (n={r['n']})")

@@ -55,7 +55,7 @@ def expand_hase(spec: HaseSpec, n_layers: int) -> list[HaseTrial]:
     ident = spec.identity()
     facts = _trial("hase_facts", {**ident, "n_kl": spec.editing.lora.n_kl_prompts})
     layers = spec.layer_list(n_layers)
-    trace = _trial("hase_trace", {**ident, "facts_trial": facts.key, "tracing": spec.tracing.model_dump(),
+    trace = _trial("hase_trace", {**ident, "facts_trial": facts.key, "tracing": spec.tracing.key_dump(),
                                   "layers": layers}, (facts.key,))
     out = [facts, trace]
     for problem in spec.editing.problems:

@@ -17,7 +17,7 @@ from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load
 from locaudit.edit.layer_edit import EditRow, LayerEditConfig, score_rows, train_layer_edits
 from locaudit.edit.rome import key_second_moment, relative_norms, rome_layer_edits
 from locaudit.evaluate.facts import NEW_OBJECT_PROBLEMS, fact_metrics
-from locaudit.localize.tracing import TracedFact, trace_facts
+from locaudit.localize.tracing import TracedFact, split_half_reliability, trace_facts
 from locaudit.models.precision import ResolvedPrecision
 from locaudit.study.hase.spec import HaseSpec
 
@@ -58,12 +58,33 @@ def run_tracing(lm, spec: HaseSpec, facts: Sequence[Fact], layers: Sequence[int]
     `tracing.grid_facts` facts (for the heatmap)."""
     traced = trace_facts(lm, facts, spec.tracing, layers, precision=precision, progress=progress)
     return {"layers": list(layers), "window": spec.tracing.window_for(lm.sites.n_layers),
+            "measure": spec.tracing.measure, "noise_from": spec.tracing.noise_from,
+            "clean_pos0": spec.tracing.clean_pos0,
+            "reliability": {k: split_half_reliability(traced, k) for k in spec.tracing.kinds},
+            "position0": position0_summary(traced, spec.tracing.kinds, layers),
             "facts": {f.id: _traced_dict(lm, t) for f, t in zip(facts, traced)}}
+
+
+def position0_summary(traced, kinds, layers) -> dict:
+    """How many facts had position 0 (the attention sink) noised, and the corruption and tracing peak of those
+    facts beside the others (the effect of noising position 0 on this study's tracing variable)."""
+    import math
+
+    out = {"n_noised": sum(t.pos0_noised for t in traced), "n_clean": sum(not t.pos0_noised for t in traced)}
+    for flag, name in ((True, "noised"), (False, "clean")):
+        g = [t for t in traced if t.pos0_noised == flag]
+        out[f"mean_p_drop_{name}"] = (sum(t.p_clean - t.p_corrupt for t in g) / len(g)) if g else float("nan")
+        for k in kinds:
+            peaks = [max(v for v in (t.effects[k][l] for l in layers) if not math.isnan(v)) for t in g
+                     if any(not math.isnan(t.effects[k][l]) for l in layers)]
+            out[f"mean_peak_{k}_{name}"] = sum(peaks) / len(peaks) if peaks else float("nan")
+    return out
 
 
 def _traced_dict(lm, t: TracedFact) -> dict:
     return {"p_clean": t.p_clean, "p_corrupt": t.p_corrupt, "effects": t.effects, "subject": list(t.subject),
-            "n_tokens": t.n_tokens, "noise_top": t.noise_top, "grid": t.grid}
+            "n_tokens": t.n_tokens, "noise_top": t.noise_top, "grid": t.grid, "halves": t.halves,
+            "pos0_noised": t.pos0_noised}
 
 
 def _target_ids(tok, f: Fact, problem: str, tracing: dict) -> list[int] | None:
