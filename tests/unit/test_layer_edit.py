@@ -85,3 +85,34 @@ def test_erasure_and_amplification_move_the_true_object():
     _, up, _ = train_layer_edits(lm, 1, rows, score, 1, "fact_amplification", cfg, precision=_P('fp32'))
     _, down, _ = train_layer_edits(lm, 1, rows, score, 1, "fact_erasure", cfg, precision=_P('fp32'))
     assert up[0] > pre[0] and down[0] < pre[0]
+
+
+def test_summed_nll_and_per_edit_early_stopping():
+    """nll: sum gives each edit its summed target NLL (mean x tokens); with early_stop, an edit whose loss is
+    below the bound stops changing while the others go on, and the loop ends once every edit has stopped."""
+    from locaudit.models.tiny import tiny_model
+
+    lm = tiny_model("llama", n_layers=3)
+    train, score = _rows(lm)
+    P = _P("fp32")
+    base = dict(method="ft", steps=4, lr=0.05, norm_bound=0.1)
+    _, _, mean = train_layer_edits(lm, 1, train[:2], score, 2, "error_injection", LayerEditConfig(**base), P)
+    _, _, summed = train_layer_edits(lm, 1, train[:2], score, 2, "error_injection",
+                                     LayerEditConfig(**base, nll="sum"), P)
+    lens = [len(r.completion) for r in train[:2]]
+    pre = score_rows(lm, train[:2], precision=P)
+    assert mean["loss_first"] == pytest.approx(float((-pre / torch.tensor(lens, dtype=torch.float)).mean()), rel=1e-4)
+    assert summed["loss_first"] == pytest.approx(float((-pre).mean()), rel=1e-4)
+    # edit 1's target is already likely (its own prompt's greedy continuation): its loss starts below the bound
+    greedy = [int(lm.model(input_ids=torch.tensor([train[1].prompt])).logits[0, -1].argmax())]
+    rows = [train[0], EditRow(train[1].prompt, greedy, 1, "target")]
+    lp1 = float(score_rows(lm, rows[1:], precision=P)[0])
+    stop = -lp1 * 1.5  # above edit 1's loss, far below edit 0's
+    assert stop < float(-score_rows(lm, rows[:1], precision=P)[0])
+    edits, _, info = train_layer_edits(lm, 1, rows, score, 2, "error_injection",
+                                       LayerEditConfig(**base, early_stop=stop), P)
+    assert float(edits.dw[1].abs().max()) == 0.0 and float(edits.dw[0].abs().max()) > 0
+    # a bound above every loss stops everything before the first step
+    edits, _, info = train_layer_edits(lm, 1, rows, score, 2, "error_injection",
+                                       LayerEditConfig(**base, early_stop=1e6), P)
+    assert float(edits.dw.abs().max()) == 0.0 and info["loss_first"] == info["loss_last"]
