@@ -122,6 +122,13 @@ def test_fraction_is_the_max_over_positions_of_the_grid():
         assert all(v >= 0 for v in tf.effects[kind])
     if tf.p_clean > tf.p_corrupt:  # restoring the last layer's output at the last position restores it all
         assert tf.effects["hidden"][-1] >= 1 - 1e-4
+    # over the subject's tokens and the last one only: the max over those grid columns
+    cols = sorted(set(range(*tf.subject)) | {tf.n_tokens - 1})
+    sub = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg.model_copy(update={"fraction_positions": "subject_and_last"}),
+                     precision=FP32)
+    for kind in ("hidden", "mlp"):
+        want = (torch.tensor(tf.grid[kind])[:, cols].max(1).values.clamp(min=0) / den).tolist()
+        assert sub.effects[kind] == pytest.approx(want, abs=1e-5), kind
     # the default measure is still the original difference at the last subject token
     old = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg.model_copy(update={"measure": "diff"}), precision=FP32)
     assert old.effects["hidden"] == pytest.approx(torch.tensor(tf.grid["hidden"])[:, tf.subject[1] - 1].tolist(),
@@ -184,5 +191,6 @@ def test_subject_noise_unit_and_clean_position_0():
     b = trace_fact(lm, "A " + PROMPT, SUBJECT, TARGET, TraceConfig(n_noise=2, kinds=["hidden"]), precision=FP32)
     assert a.effects == b.effects and not a.pos0_noised and not b.pos0_noised
     # new fields at their defaults stay out of trial keys (old studies keep their keys)
-    assert TraceConfig().key_dump() == TraceConfig().model_dump(exclude={"measure", "noise_from", "clean_pos0"})
+    assert TraceConfig().key_dump() == TraceConfig().model_dump(exclude={"measure", "noise_from", "clean_pos0",
+                                                                         "fraction_positions"})
     assert TraceConfig(measure="fraction").key_dump()["measure"] == "fraction"

@@ -67,9 +67,12 @@ class TraceConfig(BaseModel):
     noise_from: Literal["embedding", "subject"] = Field("embedding", description="noise std unit: the whole "
                                                         "embedding matrix, or the traced facts' subject tokens (ROME)")
     clean_pos0: bool = Field(False, description="never noise position 0 (the attention sink)")
+    fraction_positions: Literal["all", "subject_and_last"] = Field(
+        "all", description="fraction: the positions the max runs over: every token (Hase), or the subject's tokens "
+                           "and the last token (where ROME's effects sit; about 3x cheaper on known_1000 prompts)")
 
     # added after studies were traced: left out of a trial's key at their defaults (which are the old behaviour)
-    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("measure", "noise_from", "clean_pos0")
+    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("measure", "noise_from", "clean_pos0", "fraction_positions")
 
     def key_dump(self) -> dict:
         d = self.model_dump()
@@ -254,6 +257,8 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
         noise[:, 0] = 0  # the attention sink stays clean
     pos0_noised = subj[0] == 0 and not cfg.clean_pos0
     last_subj = subj[1] - 1
+    positions = (list(range(T)) if cfg.fraction_positions == "all"
+                 else sorted(set(range(subj[0], subj[1])) | {T - 1}))
     h = n // 2  # the two halves of the noise samples (split-half reliability); none with 1 sample
 
     def run(kind: str, variants: list[tuple[list[int], int]]) -> torch.Tensor:
@@ -283,7 +288,7 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
                 eff[l] = float(p[1 + j].mean()) - pc
             return eff
         den = abs(pcl - pc)
-        m = p[1:].mean(1).view(len(layers), T)
+        m = p[1:].mean(1).view(len(layers), len(positions))
         for j, l in enumerate(layers):
             eff[l] = max(0.0, float(m[j].max()) - pc) / den if den > 1e-12 else float("nan")
         return eff
@@ -294,7 +299,7 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
         if cfg.measure == "diff":
             variants = [([], last_subj)] + [(restored_layers(kind, l), last_subj) for l in layers]
         else:
-            variants = [([], last_subj)] + [(restored_layers(kind, l), t) for l in layers for t in range(T)]
+            variants = [([], last_subj)] + [(restored_layers(kind, l), t) for l in layers for t in positions]
         p, corrupt_dist = run(kind, variants)
         pc = float(p[0].mean())
         if p_corrupt is None:
