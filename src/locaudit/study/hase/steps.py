@@ -70,7 +70,10 @@ def position0_summary(traced, kinds, layers) -> dict:
     facts beside the others (the effect of noising position 0 on this study's tracing variable)."""
     import math
 
-    out = {"n_noised": sum(t.pos0_noised for t in traced), "n_clean": sum(not t.pos0_noised for t in traced)}
+    out = {"n_noised": sum(t.pos0_noised for t in traced), "n_clean": sum(not t.pos0_noised for t in traced),
+           # a one-token subject at position 0 with position 0 kept clean: nothing is noised, so the fraction
+           # restored is undefined (NaN) and the fact drops out of the analysis
+           "n_nothing_noised": sum(not t.pos0_noised and tuple(t.subject) == (0, 1) for t in traced)}
     for flag, name in ((True, "noised"), (False, "clean")):
         g = [t for t in traced if t.pos0_noised == flag]
         out[f"mean_p_drop_{name}"] = (sum(t.p_clean - t.p_corrupt for t in g) / len(g)) if g else float("nan")
