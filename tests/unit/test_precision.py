@@ -317,3 +317,18 @@ def test_explicit_bf16_runs_in_the_form_this_machine_runs_faster(monkeypatch, au
     assert r.name == "bf16" and r.form == form
     a = P.resolve_precision("auto", "cpu")
     assert a.form == (form if a.name == "bf16" else "")
+
+
+def test_a_compute_context_built_but_not_entered_changes_nothing():
+    """`compute` is lazy: building the context (as a function may, before its `with`) must not swap weights or
+    switch autocast on; only entering it does, and leaving it restores the fp32 weights."""
+    lm = tiny_model("llama")
+    prec = P.ResolvedPrecision("bf16", "bf16", "cpu", "AVX2", "test", "bf16-weights")
+    ctx = prec.compute(lm.model, lm.dtype)
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+    assert not torch.is_autocast_enabled("cpu")
+    with ctx:
+        assert any(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+    del ctx
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())

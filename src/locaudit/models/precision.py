@@ -34,11 +34,11 @@ import logging
 import os
 import platform
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
-from typing import Any, ContextManager, Literal
+from typing import Any, ContextManager, Iterator, Literal
 
 import torch
 
@@ -103,15 +103,16 @@ class ResolvedPrecision:
         """The context every forward of a job runs in: `autocast(model_dtype)` and, in the "bf16-weights" form,
         bf16 copies of the model's frozen fp32 matmul weights (bit-identical to autocast, without its per-call
         casts). Trained parameters (requires_grad) keep fp32, and so does their optimiser state."""
-        from contextlib import ExitStack
+        return self._compute(model, model_dtype)
 
+    @contextmanager
+    def _compute(self, model: torch.nn.Module, model_dtype: torch.dtype | None) -> Iterator[None]:
+        """`compute`'s body: entered only by `with` (a context built and never entered must change nothing)."""
         from locaudit.models.fastcast import frozen_bf16_weights
 
-        stack = ExitStack()
-        stack.enter_context(self.autocast(model_dtype))
-        if self.name == "bf16" and self.form == "bf16-weights" and model_dtype in (None, torch.float32):
-            stack.enter_context(frozen_bf16_weights(model))
-        return stack
+        weights = self.name == "bf16" and self.form == "bf16-weights" and model_dtype in (None, torch.float32)
+        with self.autocast(model_dtype), frozen_bf16_weights(model, weights):
+            yield
 
     def meta(self) -> dict[str, str]:
         """For meta.json, ledger rows and report headers."""
