@@ -310,6 +310,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def key_dump(config, new_fields) -> dict:
+    """`config.model_dump()` (a pydantic model) without the fields in `new_fields` that sit at their defaults:
+    fields added after trials were run stay out of those trials' keys while they keep the old behaviour."""
+    d = config.model_dump()
+    for k in new_fields:
+        if d[k] == type(config).model_fields[k].default:
+            d.pop(k)
+    return d
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     """A short sha256 of `obj`'s canonical JSON: the key for content-addressed caches."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":")).encode()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from locaudit.errors import ConfigError, DataError
+from locaudit.io import key_dump
 from locaudit.models.batching import pad_id, pad_right
 from locaudit.models.interventions import module_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
@@ -72,11 +73,7 @@ class LayerEditConfig(BaseModel):
 
     def key_dump(self) -> dict:
         """The settings a trial key hashes: model_dump() without the newer fields at their defaults."""
-        d = self.model_dump()
-        for k in self.NEW_FIELDS:
-            if d[k] == type(self).model_fields[k].default:
-                d.pop(k)
-        return d
+        return key_dump(self, self.NEW_FIELDS)
 
 
 def site_module(lm, site: str, layer: int) -> torch.nn.Linear:

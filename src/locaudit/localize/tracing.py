@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
+from locaudit.io import key_dump
 from locaudit.models.interventions import site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
 
@@ -75,11 +76,7 @@ class TraceConfig(BaseModel):
     NEW_FIELDS: ClassVar[tuple[str, ...]] = ("measure", "noise_from", "clean_pos0", "fraction_positions")
 
     def key_dump(self) -> dict:
-        d = self.model_dump()
-        for k in self.NEW_FIELDS:
-            if d[k] == type(self).model_fields[k].default:
-                d.pop(k)
-        return d
+        return key_dump(self, self.NEW_FIELDS)
 
     def window_for(self, n_layers: int) -> int:
         return int(self.window) if self.window else max(1, round(10 * n_layers / 48))
