@@ -170,3 +170,44 @@ def test_detectable_shift_includes_the_candidates_noise() -> None:
     assert whole >= noisy - 0.05 and S.combined_power(whole, 19, 0.05, 0.77, 12) >= 0.8
     assert S.combined_power(0.0, 19, 0.05, 2.0, 12) <= 0.05 + 0.01  # the null with a noisy candidate
     assert S.draws_for_power(1.5, 0.05, noise=0.5) is None
+
+
+def test_dry_run_sizes_a_design_by_a_pilot(tmp_path: Path) -> None:
+    """--pilot: a finished pilot's observed spread sizes another study (and its timings give the cost);
+    the per-question SE is rescaled to the study's question count; a folder without results is refused."""
+    import hashlib
+
+    import pandas as pd
+
+    from locaudit.cli.main import app
+    from locaudit.cli.run import pilot_spread
+    from locaudit.study.runner import run_study
+    from locaudit.study.spec import parse_study
+
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    pilot = {**STUDY, "name": "pilot"}
+
+    def fake(trials, spec, run_dir):
+        for t in trials:
+            rng = np.random.default_rng(int(hashlib.sha256(t.key.encode()).hexdigest()[:8], 16))
+            v = {"baseline": 0.3, "iti": 0.5}.get(t.kind, 0.7 + 0.05 * rng.standard_normal())
+            yield t.key, {"metrics": {"true": v, "true_se": 0.02} if t.kind not in ("collect", "probe") else {},
+                          "artifacts": {}}
+
+    run_study(parse_study(pilot, tmp_path), tmp_path / "pilot", fn=fake, progress=False)
+    final = {**STUDY, "localizers": {**STUDY["localizers"], "random": {"n": 39}}, "iti": {"enabled": False}}
+    assumed = json.loads(_dry(tmp_path, final, "--json"))["design"]["comparisons"][0]
+    d = json.loads(_dry(tmp_path, final, "--json", "--pilot", str(tmp_path / "pilot")))["design"]
+    opt = d["comparisons"][0]
+    assert assumed["spread"] == "assumed" and opt["spread"] == "observed"
+    assert opt["n_random"] == 39 and opt["random_sd"] != assumed["random_sd"]
+    assert d["cost"]["optimal"]["mean_wall_s"] is not None  # the pilot's timings
+    # SE ~ 1/sqrt(n): a pilot on 100 questions sizes a study on 400 with half its SE
+    obs = pd.DataFrame([{"n_questions": 100, "se_questions": 0.04, "random_sd": 0.1}])
+    assert pilot_spread(obs, 400)["se_questions"].iloc[0] == pytest.approx(0.02)
+    path = tmp_path / "s.yaml"
+    (tmp_path / "empty").mkdir()
+    bad = CliRunner().invoke(app, ["run", str(path), "--dry-run", "--pilot", str(tmp_path / "empty")])
+    assert bad.exit_code != 0 and "not a run folder" in str(bad.output) + str(bad.exception)
+    no_dry = CliRunner().invoke(app, ["run", str(path), "--pilot", str(tmp_path / "pilot")])
+    assert no_dry.exit_code != 0 and "--dry-run" in no_dry.output

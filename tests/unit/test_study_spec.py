@@ -230,3 +230,23 @@ def test_judge_must_fit_the_behaviour(folder: Path) -> None:
     with pytest.raises(ConfigError, match="valid for"):
         spec_of(folder, data__spec="caa:sycophancy", evaluation__judge="default", evaluation__metrics=["gen"])
     spec_of(folder, data__spec="caa:sycophancy", evaluation__metrics=["ab", "kl"])  # A/B items need no judge
+
+
+def test_ranked_single_heads_are_the_probes_best_alone(folder: Path) -> None:
+    ranking = [(2, 1), (0, 3), (1, 0), (2, 2)]
+    loc = Localizer.parse("ranked#1")
+    assert loc.kind == "ranked" and loc.group == "single" and loc.name == "ranked#1"
+    assert Localizer.parse(loc.name) == loc and loc.needs_ranking
+    assert loc.resolve(3, 4, ranking).heads == ((0, 3),)
+    with pytest.raises(ConfigError, match="ranking"):
+        loc.resolve(3, 4)
+    with pytest.raises(ConfigError, match="only 4 heads"):
+        Localizer.parse("ranked#4").resolve(3, 4, ranking)
+    trials = expand(spec_of(folder, localizers__single={"n": 2, "top": 2}))
+    probe = next(t for t in trials if t.kind == "probe")
+    ranked = [t for t in trials if t.kind == "optimal" and t.localizer.kind == "ranked"]
+    assert [t.localizer.name for t in ranked] == ["ranked#0", "ranked#1"]
+    assert all(probe.key in t.deps and t.group == "single" for t in ranked)
+    # the sampled singles keep their keys when ranked heads are added
+    plain = {t.key for t in expand(spec_of(folder)) if t.kind == "optimal"}
+    assert {t.key for t in trials if t.kind == "optimal" and t.localizer.kind != "ranked"} == plain

@@ -40,6 +40,10 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the trials and their status, and check the design: "
                                  "per comparison the smallest reachable p-value, the effect detectable with 80% "
                                  "power, equivalence power, cost per trial kind, and warnings; run nothing."),
+    pilot: Optional[Path] = typer.Option(None, "--pilot", help="With --dry-run: size the design by a finished "
+                                         "pilot's run folder instead of the study's assumptions: its observed "
+                                         "spread over random draws, full alignment's gain, the per-question SE "
+                                         "(rescaled to this study's question count) and its trial timings."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable strict JSON instead of text (with "
                                   "--dry-run: trials and design checks; after a run: the verdict, also with "
                                   "--no-report, which then writes no report folder)."),
@@ -83,8 +87,10 @@ def run(
         typer.echo(f"ledger {run_dir / 'ledger.sqlite'} is healthy: nothing to repair" if r["healthy"] else
                    f"ledger rebuilt ({r['problem']}): {r['restored']} trial(s) restored as done, {r['pending']} "
                    f"to run; backup: {r['backup'] or 'none (there was no ledger file)'}")
+    if pilot is not None and not dry_run:
+        raise typer.BadParameter("--pilot sizes a design: use it with --dry-run", param_hint="--pilot")
     if dry_run:
-        _dry_run(spec, run_dir, json_out)
+        _dry_run(spec, run_dir, json_out, pilot)
         return
     summary = run_study(spec, run_dir, executor=executor, address=address, retry_failed=retry_failed, kinds=kinds,
                         max_trials=max_trials, cpus=cpus, gpus=gpus, num_cpus=num_cpus)
@@ -145,28 +151,63 @@ def _test_questions(spec) -> int | None:
     return min(n, spec.evaluation.max_questions) if spec.evaluation.max_questions else n
 
 
-def _dry_run(spec, run_dir: Path, as_json: bool) -> None:
+def _observed(spec, run_dir: Path) -> tuple[dict[str, str], object, dict[str, list[float]]]:
+    """A run folder's trial status, its comparisons table (None before results) and its trial timings."""
+    from locaudit.study.analysis import analyze, load_per_question, results_frame
+    from locaudit.study.ledger import Ledger
+
+    with Ledger(run_dir) as led:
+        status = led.status_of()
+        rows = led.rows()
+    timings: dict[str, list[float]] = {}
+    for r in rows:
+        if r["status"] == "done" and r.get("duration_s") is not None:
+            timings.setdefault(r["kind"], []).append(float(r["duration_s"]))
+    res = results_frame(rows)
+    observed = None
+    if not res.empty:
+        observed = analyze(res, load_per_question(run_dir, rows), spec.verdict, n_resamples=999).comparisons
+    return status, observed, timings
+
+
+def _has_run(run_dir: Path) -> bool:
+    return (run_dir / "ledger.sqlite").exists() or (run_dir / "trials").is_dir()
+
+
+def pilot_spread(observed, n_questions: int | None):
+    """A pilot's comparisons table, its per-question SE rescaled from the pilot's question count to the
+    study's (SE ~ 1/sqrt(n)): the spreads the design is sized by."""
+    if observed is None or observed.empty or not n_questions:
+        return observed
+    out = observed.copy()
+    if "n_questions" in out and "se_questions" in out:
+        nq = out["n_questions"].astype(float)
+        out["se_questions"] = out["se_questions"] * (nq / float(n_questions)) ** 0.5
+    return out
+
+
+def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None) -> None:
     """The trials with their status, then the design checks (analysis.design): observed spread and timings
-    from the run folder where it has results, the study's assumptions otherwise."""
+    from a pilot's run folder (--pilot), else from the run folder where it has results, else the study's
+    assumptions."""
+    from locaudit.errors import LocauditError
     from locaudit.study.analysis import design, design_text
     from locaudit.study.trials import expand
 
     trials = expand(spec)
     status: dict[str, str] = {}
     observed, timings = None, {}
-    if (run_dir / "ledger.sqlite").exists() or (run_dir / "trials").is_dir():
-        from locaudit.study.analysis import analyze, load_per_question, results_frame
-        from locaudit.study.ledger import Ledger
-
-        with Ledger(run_dir) as led:
-            status = led.status_of()
-            rows = led.rows()
-        for r in rows:
-            if r["status"] == "done" and r.get("duration_s") is not None:
-                timings.setdefault(r["kind"], []).append(float(r["duration_s"]))
-        res = results_frame(rows)
-        if not res.empty:
-            observed = analyze(res, load_per_question(run_dir, rows), spec.verdict, n_resamples=999).comparisons
+    if _has_run(run_dir):
+        status, observed, timings = _observed(spec, run_dir)
+    if pilot is not None:
+        if not _has_run(pilot):
+            raise LocauditError(f"--pilot {pilot}: not a run folder (no ledger.sqlite or trials/)")
+        _, p_obs, p_times = _observed(spec, pilot)
+        if p_obs is None or p_obs.empty:
+            raise LocauditError(f"--pilot {pilot}: the pilot has no finished results to size the design by")
+        observed = pilot_spread(p_obs, _test_questions(spec))
+        for k, v in p_times.items():
+            timings.setdefault(k, v)
     from locaudit.study.trials import KINDS
 
     by: dict[str, int] = {}

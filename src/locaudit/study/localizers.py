@@ -23,6 +23,7 @@ _TOP = re.compile(r"^top(\d+)$")
 _RANDOM = re.compile(r"^random(\d+)@(\d+)(?:-top(\d+))?$")
 _SINGLE = re.compile(r"^single@(\d+)(?:-top(\d+))?$")
 _SINGLE_INDEX = re.compile(r"^single#(\d+)@(\d+)(?:-top(\d+))?$")
+_RANKED = re.compile(r"^ranked#(\d+)$")
 
 
 def _int_or_none(x: str | None) -> int | None:
@@ -31,7 +32,8 @@ def _int_or_none(x: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class Localizer:
-    """kind: top | random | single | heads | all. `group` is what statistics compare (top vs random ...)."""
+    """kind: top | random | single | ranked | heads | all. `group` is what statistics compare (top vs
+    random ...); `ranked#i` is the ranking's i-th best head alone (0-based), a single head."""
 
     kind: str
     k: int | None = None
@@ -45,7 +47,7 @@ class Localizer:
 
     @property
     def group(self) -> str:
-        return "single" if self.kind == "heads" else self.kind
+        return "single" if self.kind in ("heads", "ranked") else self.kind
 
     @property
     def name(self) -> str:
@@ -61,6 +63,8 @@ class Localizer:
             return f"random{self.k}@{self.seed}{ex}"
         if self.kind == "single":
             return f"single#{self.index}@{self.seed}{ex}"
+        if self.kind == "ranked":
+            return f"ranked#{self.index}"
         if self.kind == "heads":
             return str(self.heads)
         return "all"
@@ -87,13 +91,15 @@ class Localizer:
         if m := _SINGLE_INDEX.match(f):
             return cls("single", index=int(m.group(1)), seed=int(m.group(2)), exclude_top=_int_or_none(m.group(3)),
                        ranking=ranking)
+        if m := _RANKED.match(f):
+            return cls("ranked", index=int(m.group(1)), ranking=ranking)
         if not all(re.match(r"^L\d+$", part) for part in f.split(",")):
             HeadSet.parse(f)  # explicit heads: raises ConfigError naming the bad part
         return cls("heads", heads=f)
 
     @property
     def needs_ranking(self) -> bool:
-        return self.kind == "top" or bool(self.exclude_top) or self.redraws
+        return self.kind in ("top", "ranked") or bool(self.exclude_top) or self.redraws
 
     @property
     def redraws(self) -> bool:
@@ -120,6 +126,11 @@ class Localizer:
         if self.kind == "random":
             draw = HeadSet.random(int(self.k), int(self.seed), n_layers, n_heads, exclude=exclude, name=self.name)  # type: ignore[arg-type]
             return self._redrawn(draw, n_layers, n_heads, exclude, ranking) if self.redraws else draw  # type: ignore[arg-type]
+        if self.kind == "ranked":
+            ranked = list(ranking)  # type: ignore[arg-type]
+            if int(self.index) >= len(ranked):  # type: ignore[arg-type]
+                raise ConfigError(f"location {self.name!r}: the ranking has only {len(ranked)} heads")
+            return HeadSet((tuple(ranked[int(self.index)]),), self.name)  # type: ignore[arg-type]
         if self.kind == "single":
             return HeadSet.single(int(self.index), int(self.seed), n_layers, n_heads, exclude, self.name)  # type: ignore[arg-type]
         if self.kind == "heads":

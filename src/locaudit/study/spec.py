@@ -110,6 +110,8 @@ class RandomSpec(_Strict):
 class SingleSpec(_Strict):
     n: int = Field(0, ge=0, description="Number of distinct single heads sampled (a seeded permutation of all heads).")
     seed: int = Field(0, ge=0, description="Seed of that permutation; raising n keeps the earlier heads.")
+    top: int = Field(0, ge=0, description="Also edit each of the probe's N best heads alone (locations "
+                     "ranked#0..ranked#N-1): does the best-probed head on its own match full alignment?")
     heads: list[str] = Field(default_factory=list, description="Listed single heads, e.g. ['L12H3', '20.1'].")
     exclude_top: bool = Field(False, description="Never sample one of the probe's top-K heads.")
 

@@ -102,6 +102,7 @@ def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = Non
         out += [Localizer("random", k=spec.random_k, seed=s, exclude_top=ex, **redraw) for s in seeds]
     if "single" in groups:
         ex = top_k if L.single.exclude_top else None
+        out += [Localizer("ranked", index=i) for i in range(L.single.top)]
         out += [Localizer("single", seed=L.single.seed, index=i, exclude_top=ex) for i in range(L.single.n)]
         out += [Localizer("heads", heads=h) for h in L.single.heads]
     if "all" in groups and L.all:
