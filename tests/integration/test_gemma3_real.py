@@ -69,13 +69,16 @@ def test_iti_applied_equals_baked_and_peft_export_round_trip(tmp_path, gemma3):
             baked = lm.model(**enc).logits
     assert lm.model.config.attention_bias is False  # restored
     assert float((live - base).abs().max()) > 1e-2
-    assert float((baked - live).abs().max()) <= 1e-4
+    # fp32 rounding relative to the logits' scale (|logit| up to ~20 here; a bias added in o_proj vs a hook
+    # after it reorders one sum per layer): measured 1.1e-4 at most on an AVX2 CPU, i.e. ~6e-6 relative
+    tol = 1e-5 * float(live.abs().max()) + 1e-5
+    assert float((baked - live).abs().max()) <= tol
     adapter = export_peft(edit, lm, tmp_path / "peft")
     pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm.info["path"], dtype=torch.float32),
                                    str(adapter))
     with torch.no_grad():
         got = pm(**enc).logits
-    assert float((got - live).abs().max()) <= 1e-4
+    assert float((got - live).abs().max()) <= tol
 
 
 def test_ab_metric_on_caa(gemma3, shared_data):

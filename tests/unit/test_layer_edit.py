@@ -67,9 +67,14 @@ def test_edits_trained_together_equal_edits_trained_alone():
         alone, post_e, _ = train_layer_edits(
             lm, 1, [EditRow(train[e].prompt, train[e].completion, 0, "target")],
             [EditRow(r.prompt, r.completion, 0) for r in score if r.edit == e], 1, "error_injection", cfg, precision=_P('fp32'))
-        # equal up to float accumulation order (a batch of 2 vs 1 rows; the thread count changes it too):
-        # 1e-4 of the norm bound after 30 Adam steps
-        assert torch.allclose(alone.dw[0], together.dw[e], atol=1e-4 * cfg.norm_bound)
+        # equal up to float accumulation order (a batch of 2 vs 1 rows; the thread count changes it too).
+        # Adam divides each element's step by that element's own gradient scale, so an element whose gradient
+        # sits at rounding level can move by a visible fraction of lr: measured on an AVX2 CPU, one of 2048
+        # elements differs by 1.2e-5 (1.2e-4 of the norm bound). Hence: the whole update within 1e-4 of its
+        # norm, and no element further than 1e-3 of the norm bound after 30 Adam steps
+        diff = alone.dw[0] - together.dw[e]
+        assert diff.norm() <= 1e-4 * together.dw[e].norm()
+        assert diff.abs().max() <= 1e-3 * cfg.norm_bound
         assert torch.allclose(post_e, post[[i for i, r in enumerate(score) if r.edit == e]], atol=1e-4)
 
 
