@@ -129,3 +129,18 @@ def test_text_sources(tmp_path):
         text_file_chunks(tmp_path / "e.txt", lm.tokenizer)
     with pytest.raises(DataError, match="fewer than 2"):
         tokenize(lm.tokenizer, ["x", "hello"])
+
+
+def test_unedited_kl_is_exactly_zero_against_a_cache_from_another_thread_count(monkeypatch):
+    """The unedited model is its own reference: KL exactly 0 and CE from the cached states, even when the
+    cached states differ from a fresh pass by rounding (written under another thread count or batching)."""
+    lm = tiny_model("llama")
+    clear_memory_cache()
+    ref = kl_ce(lm, None, TEXTS, precision=_P("fp32"))
+    key = next(iter(klce._MEMORY))
+    klce._MEMORY[key].hidden.add_(1e-5 * torch.randn_like(klce._MEMORY[key].hidden))  # rounding-level drift
+    calls = []
+    monkeypatch.setattr(klce, "final_hidden", lambda *a, **k: calls.append(1))
+    again = kl_ce(lm, None, TEXTS, precision=_P("fp32"))
+    assert again.kl == 0.0 and calls == []  # no second pass for the unedited model
+    assert again.ce == pytest.approx(ref.ce, abs=1e-3) and again.n_tokens == ref.n_tokens

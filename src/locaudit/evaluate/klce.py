@@ -206,8 +206,11 @@ def kl_ce(
     if not ids:
         raise DataError("kl_ce: no texts to score")
     orig = original_cache(lm, ids, batch_size, precision=precision, disk=disk_cache, progress=progress)
-    with edited(lm, edit, precision=precision):
-        hidden, offsets = final_hidden(lm, ids, batch_size, progress)
+    if edit is None:  # the unedited model IS the reference: KL is exactly 0 (a cache written under another
+        hidden, offsets = orig.hidden, orig.offsets  # thread count would differ from a recomputation by rounding)
+    else:
+        with edited(lm, edit, precision=precision):
+            hidden, offsets = final_hidden(lm, ids, batch_size, progress)
     targets = torch.cat([torch.tensor(x[1:]) for x in ids])
     kl_pos = torch.empty(len(targets), dtype=torch.float64)
     ce_pos = torch.empty(len(targets), dtype=torch.float64)
