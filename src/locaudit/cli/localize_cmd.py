@@ -98,13 +98,8 @@ def localize(
     L, H = lm.sites.n_layers, lm.sites.n_heads
     if not 1 <= top_k <= L * H:
         raise ConfigError(f"--top-k {top_k}: must be in 1..{L * H} (the model has {L} x {H} heads)")
+    # localize_heads checks that the effects are finite before it writes anything (the cache entry, `out`)
     eff = localize_heads(lm, bd, method, config, split=split, out_dir=out, precision=as_precision(value(precision), lm.device), cache=cache)
-    import torch
-
-    if not (bool(torch.isfinite(eff.effect).all()) and bool(torch.isfinite(eff.se).all())):
-        n_bad = int((~torch.isfinite(eff.effect)).sum())
-        raise ConfigError(f"{method}: {n_bad} head effect(s) are not finite (NaN/inf), so no ranking can be "
-                          f"trusted; likely cause: --noise-scale {noise_scale} or the model's dtype ({value(dtype)})")
     m = eff.meta
     typer.echo(f"{method} ({m.get('corruption')}, {m.get('direction')}, positions {m.get('positions')}) on {eff.n} "
                f"{split} pairs: metric clean {_f(m.get('m_clean_mean'))}, corrupted {_f(m.get('m_corrupt_mean'))}; "

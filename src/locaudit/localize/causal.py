@@ -46,7 +46,7 @@ def localize_heads(lm, data, method: str = "patching", config: PatchingConfig | 
     if target is not None and (target / "meta.json").exists():
         try:
             eff = HeadEffects.load(target)
-            if eff.meta.get("key") == key:
+            if eff.meta.get("key") == key and nonfinite_problem(eff, config) is None:
                 if out_dir is not None:
                     eff.save(out_dir)
                 return eff
@@ -57,9 +57,40 @@ def localize_heads(lm, data, method: str = "patching", config: PatchingConfig | 
         eff = activation_patching(lm, pairs, config, precision=precision, progress=progress)
     else:
         eff = attribution_patching(lm, pairs, config, precision=precision, progress=progress)
+    problem = nonfinite_problem(eff, config)
+    if problem is not None:  # checked before anything is written: no cache entry, no files in out_dir
+        raise ConfigError(f"{method}: {problem}, so no ranking can be trusted; likely cause: the noise scale "
+                          f"(noise_scale={config.noise_scale}) or the model's dtype ({lm.dtype}). Nothing was written")
     eff.meta.update(key=key, data=data.name, data_fingerprint=data.fingerprint, split=split)
     if target is not None:
         eff.save(target)
     if out_dir is not None:
         eff.save(out_dir)
     return eff
+
+
+def nonfinite_problem(eff: HeadEffects, config: PatchingConfig) -> str | None:
+    """What is not finite in a localizer's result (None: nothing): an infinite effect or standard error anywhere,
+    or NaN at a head that was computed. Heads left out of `config.heads` are NaN by design, and so is every
+    standard error of a single pair."""
+    import torch
+
+    L, H = eff.shape
+    computed = torch.ones(L, H, dtype=torch.bool)
+    if config.heads is not None and eff.method == "patching":
+        from locaudit.heads import HeadSet
+
+        computed = torch.zeros(L, H, dtype=torch.bool)
+        for l, h in HeadSet.parse(config.heads, L, H).heads:
+            computed[l, h] = True
+    bad_eff = torch.isinf(eff.effect) | (torch.isnan(eff.effect) & computed)
+    bad_se = torch.isinf(eff.se) | (torch.isnan(eff.se) & computed & (eff.n > 1))
+    if not (bad_eff.any() or bad_se.any()):
+        return None
+    parts = []
+    if bad_eff.any():
+        parts.append(f"{int(bad_eff.sum())} head effect(s)")
+    if bad_se.any():
+        parts.append(f"{int(bad_se.sum())} standard error(s)")
+    first = tuple(int(x) for x in (bad_eff | bad_se).nonzero()[0])
+    return f"{' and '.join(parts)} are not finite (NaN/inf; first at L{first[0]}H{first[1]})"
