@@ -179,7 +179,11 @@ def replace_path(new: str | os.PathLike, target: str | os.PathLike) -> None:
         return
     old = temp_sibling(target, OLD_TAG)
     os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # the old output goes back; `new` stays for its owner to remove
+        raise
     _remove(old)
 
 
@@ -229,6 +233,11 @@ def atomic_dir(path: str | os.PathLike, verify: Callable[[Path], None] | None = 
             verify(tmp)
         follow_umask(tmp)
         replace_path(tmp, path)
+    except Exception as e:
+        named = named_os_error(e, path, tmp)
+        if named is None:
+            raise
+        raise named from e
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
@@ -248,9 +257,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mode of the file it replaces), so run folders, caches and reports can be shared
         os.chmod(tmp_path, _mode_for(path))
         os.replace(tmp_path, path)
+    except Exception as e:
+        named = named_os_error(e, path, tmp_path)
+        if named is None:
+            raise
+        raise named from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def named_os_error(e: BaseException, path: Path, tmp: Path) -> OSError | None:
+    """A failed write into `tmp` (the temporary file or folder of `path`) as an OSError that names what was being
+    written, so the CLI's one line says where: write(2) errors (EFBIG under a file-size limit, ENOSPC, EIO) carry
+    no file name, safetensors wraps them as ``SafetensorError('... (os error 27)')``, and a name inside `tmp` is
+    given as the same name under `path`. None where `e` is no such error (it is raised as it is)."""
+    if isinstance(e, OSError):
+        if e.errno is None:
+            return None
+        if e.filename is None:
+            return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+        name = str(e.filename)
+        if name == str(tmp) or name.startswith(str(tmp) + os.sep):
+            return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path) + name[len(str(tmp)):])
+        return None
+    m = _OS_ERROR_RE.search(str(e))
+    if m is not None and type(e).__name__ == "SafetensorError":
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n), str(path))
+    return None
 
 
 def process_umask() -> int:

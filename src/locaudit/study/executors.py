@@ -38,6 +38,9 @@ class Outcome:
     finished: float = 0.0
     worker: str = ""
     cpu_s: float | None = None  # CPU time of the worker process (all threads) during the trial
+    # {final trial folder: its staging folder}, paths relative to the run folder: where the step wrote the
+    # trial's folder; the driver puts it in place whole once it records the trial as done (runner._record)
+    staged: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +61,7 @@ def run_group_safely(fn: GroupFn, trials: list[Trial], spec: StudySpec, run_dir:
             pending.discard(key)
             now, cpu = time.time(), time.process_time()
             yield key, Outcome("done", dict(result.get("metrics", {})), dict(result.get("artifacts", {})),
-                               None, started, now, worker_id(), cpu - cpu0)
+                               None, started, now, worker_id(), cpu - cpu0, dict(result.get("staged") or {}))
             started, cpu0 = now, cpu
     except Exception:
         err = traceback.format_exc()

@@ -21,6 +21,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from locaudit.errors import ConfigError
-from locaudit.io import (clean_tree_temps, has_checksums, temp_sibling, verify_checksums, write_checksums,
-                         write_json_atomic)
+from locaudit.io import (_TEMP_RE, clean_tree_temps, follow_umask, has_checksums, replace_path, temp_sibling,
+                         verify_checksums, write_checksums, write_json_atomic)
 from locaudit.study.trials import Trial
 
 STATUSES = ("pending", "running", "done", "failed")
@@ -404,7 +405,12 @@ def _decode(r: sqlite3.Row) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- integrity
-METRIC_BOUND = 1e15  # no metric of a trial (rates, KL, CE, log-probs, counts, seconds) comes near this
+# the largest |metric| a trial may record. 2^53 ~ 9e15 is where float64 (and any JSON reader that reads numbers as
+# doubles) stops holding every integer, so counts would round silently; squares and sums over trials (variances,
+# bootstrap means) of values this size stay finite. A genuine metric is orders of magnitude below it: rates and
+# True/Info in [0, 1], KL/CE in nats per token (bounded by the logit range), log-prob sums of one answer, token
+# counts, seconds, Unix times (~2e9). A trial whose metric is beyond it is failed and runs again with --retry-failed
+METRIC_BOUND = 1e15
 
 
 def metric_problem(value: Any) -> str | None:
@@ -477,19 +483,72 @@ def check_artifacts(run_dir: Path, artifacts: dict, strict: bool = False) -> str
     return None
 
 
-def seal_artifacts(run_dir: Path, artifacts: dict) -> None:
-    """Write the checksums of a finished trial's artifact folders (after every file in them is written)."""
+def seal_artifacts(run_dir: Path, artifacts: dict, staged: dict[Path, Path] | None = None) -> None:
+    """Write the checksums of a finished trial's artifact folders (after every file in them is written);
+    an artifact under a staged folder (`staged`: final folder -> its staging folder) is sealed where it is."""
     for k in ARTIFACT_DIRS:
         d = _artifact_dir(Path(run_dir), artifacts.get(k))
+        if d is not None:
+            d = _staged_path(d, staged)
         if d is not None and d.is_dir():
             write_checksums(d)
 
 
+def _staged_path(p: Path, staged: dict[Path, Path] | None) -> Path:
+    """Where `p` (a path of the run) is while its trial folder is still staged."""
+    for final, tmp in (staged or {}).items():
+        try:
+            return tmp / p.relative_to(final)
+        except ValueError:
+            continue
+    return p
+
+
+def staged_trial_folders(run_dir: Path, trial: Trial, staged: Any) -> dict[Path, Path]:
+    """{final folder: staging folder} of a trial's result (`Outcome.staged`: relative paths, as the worker's
+    RunContext built them). Only the trial's own folder trials/KEY, staged as a recognised temporary sibling
+    (`io.staging_dir`) that exists, is accepted; anything else is a ValueError naming it."""
+    run_dir = Path(run_dir)
+    out: dict[Path, Path] = {}
+    if not staged:
+        return out
+    if not isinstance(staged, dict):
+        raise ValueError(f"trial {trial.key}: staged folders {staged!r} are not a mapping")
+    for final_rel, tmp_rel in staged.items():
+        final, tmp = _artifact_dir(run_dir, final_rel), _artifact_dir(run_dir, tmp_rel)
+        m = _TEMP_RE.match(tmp.name) if tmp is not None else None
+        if (final is None or tmp is None or final != run_dir / "trials" / trial.key or tmp.parent != final.parent
+                or m is None or m.group("name") != final.name):
+            raise ValueError(f"trial {trial.key}: staged folder {tmp_rel!r} for {final_rel!r} is not its trial "
+                             "folder's staging folder")
+        if not tmp.is_dir():
+            raise ValueError(f"trial {trial.key}: its staged folder {tmp} is missing (a run folder that the "
+                             "worker and the driver do not share?)")
+        out[final] = tmp
+    return out
+
+
+def commit_trial_folders(staged: dict[Path, Path]) -> None:
+    """Put each complete staged trial folder in place of its final folder, whole (`io.replace_path`: an
+    earlier attempt's folder stays until the new one is in place)."""
+    for final, tmp in staged.items():
+        follow_umask(tmp)
+        replace_path(tmp, final)
+
+
+def discard_trial_folders(staged: dict[Path, Path]) -> None:
+    """Remove the staging folders of a trial that failed; its final folder (if any) is left as it was."""
+    for tmp in staged.values():
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_trial_record(run_dir: Path, trial: Trial, status: str, metrics: dict, artifacts: dict,
                        started: float | None, finished: float | None, worker: str | None,
-                       cpu_s: float | None) -> Path:
-    """trials/KEY/result.json: a finished trial's result, what `repair` rebuilds a ledger from."""
-    out = Path(run_dir) / "trials" / trial.key / RECORD_FILE
+                       cpu_s: float | None, staged: dict[Path, Path] | None = None) -> Path:
+    """trials/KEY/result.json: a finished trial's result, what `repair` rebuilds a ledger from (written into
+    the trial's staging folder where `staged` has one, which is then put in place whole)."""
+    out = _staged_path(Path(run_dir) / "trials" / trial.key / RECORD_FILE, staged)
     write_json_atomic(out, {"key": trial.key, "kind": trial.kind, "name": trial.name, "status": status,
                             "metrics": metrics, "artifacts": artifacts, "started": started,
                             "finished": finished, "worker": worker, "cpu_s": cpu_s})

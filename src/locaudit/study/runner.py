@@ -5,7 +5,8 @@ left running by a dead process, then runs every pending trial whose dependencies
 chosen executor, recording each one as it ends. Done trials are never run again; failed ones only with
 ``retry_failed=True``. A result with a non-finite metric is recorded as failed; a done trial leaves
 ``trials/KEY/result.json`` and checksums of its artifact folders, and runs again if they no longer match
-(ledger.py). The per-trial work is a group function (default: `locaudit.study.steps.run_group`,
+(ledger.py). The real steps write a trial's folder into a temporary sibling (`RunContext.trial_dir`); the driver
+seals it, writes result.json into it and renames it into place whole once the trial is recorded as done. The per-trial work is a group function (default: `locaudit.study.steps.run_group`,
 the real collect / probe / ITI / optimal / evaluation steps); tests inject their own.
 """
 
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.study.executors import GroupFn, LocalExecutor, Outcome, RayExecutor
-from locaudit.study.ledger import (Ledger, nonfinite_message, nonfinite_metrics, recheck_done, seal_artifacts,
+from locaudit.study.ledger import (Ledger, commit_trial_folders, discard_trial_folders, nonfinite_message,
+                                   nonfinite_metrics, recheck_done, seal_artifacts, staged_trial_folders,
                                    write_trial_record)
 from locaudit.study.spec import StudySpec
 from locaudit.study.trials import Trial, expand
@@ -176,16 +178,29 @@ def run_study(
 
 
 def _record(ledger: Ledger, trial: Trial, outcome: Outcome) -> None:
+    """Record a trial's end. A done trial's metrics are validated, its artifacts sealed by checksums and its
+    result.json written, all inside its staged trial folder (`Outcome.staged`, from the real steps), which is
+    then put in place of trials/KEY whole: a trial folder is never half written where it would be read. A
+    trial that fails here or in its step leaves trials/KEY as it was and its staging folder is removed."""
+    staged: dict = {}
+    try:
+        staged = staged_trial_folders(ledger.run_dir, trial, outcome.staged)
+    except ValueError as e:
+        if outcome.status == "done":
+            outcome.status, outcome.error, outcome.metrics = "failed", str(e), {}
     if outcome.status == "done":  # finite or failed; a done trial's artifacts are sealed by checksums
         bad = nonfinite_metrics(outcome.metrics)
         try:
             if bad:
                 raise ValueError(nonfinite_message(trial, bad))
-            seal_artifacts(ledger.run_dir, outcome.artifacts)
+            seal_artifacts(ledger.run_dir, outcome.artifacts, staged)
             write_trial_record(ledger.run_dir, trial, "done", outcome.metrics, outcome.artifacts, outcome.started
-                               or None, outcome.finished or None, outcome.worker or None, outcome.cpu_s)
+                               or None, outcome.finished or None, outcome.worker or None, outcome.cpu_s, staged)
+            commit_trial_folders(staged)
         except (ValueError, OSError) as e:
             outcome.status, outcome.error, outcome.metrics = "failed", str(e), {}
+    if outcome.status != "done":
+        discard_trial_folders(staged)
     if outcome.status == "failed":
         first = (outcome.error or "").strip().splitlines()[-1:] or ["?"]
         log.warning("trial %s (%s) failed: %s", trial.key, trial.name, first[0])

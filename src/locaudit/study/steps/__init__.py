@@ -20,6 +20,8 @@ Files of a run folder:
   trials/KEY/edit/      an ITI edit (iti.safetensors, meta.json)
   trials/KEY/eval/      the evaluation (EvalResult files: metrics, generations, judgements); eval/val/ the
                         validation scores used to choose grid points
+A trial's folder trials/KEY is written into a temporary sibling (`RunContext.trial_dir`) and renamed into place
+whole by the driver once the trial is recorded as done, with its checksums and result.json (runner._record).
 """
 
 from __future__ import annotations
@@ -64,16 +66,26 @@ def run_group(trials: list[Trial], spec: StudySpec, run_dir: Path) -> Iterator[t
     if len(kinds) != 1:
         raise ConfigError(f"a trial group mixes kinds {sorted(kinds)}")
     kind = kinds.pop()
-    if kind in BATCHED:
-        seed_everything(trials[0].key)
-        for key, res in BATCHED[kind](ctx, trials):
-            yield key, _with_precision(ctx, res)
-        return
-    if kind not in STEPS:
+    if kind not in STEPS and kind not in BATCHED:
         raise ConfigError(f"unknown trial kind {kind!r}; registered: {sorted(STEPS) + sorted(BATCHED)}")
-    for t in trials:
-        seed_everything(t.key)
-        yield t.key, _with_precision(ctx, STEPS[kind](ctx, t))
+    try:
+        if kind in BATCHED:
+            seed_everything(trials[0].key)
+            for key, res in BATCHED[kind](ctx, trials):
+                yield key, _finished(ctx, key, res)
+            return
+        for t in trials:
+            seed_everything(t.key)
+            res = STEPS[kind](ctx, t)
+            yield t.key, _finished(ctx, t.key, res)
+    finally:  # trials that did not finish (an error, or the driver stopped): their staged folders go
+        for t in trials:
+            ctx.drop_staged(t.key)
+
+
+def _finished(ctx: RunContext, key: str, result: dict) -> dict:
+    """A step's result as the driver records it: the precision, and the staged trial folder to put in place."""
+    return {**_with_precision(ctx, result), "staged": ctx.take_staged(key)}
 
 
 def _with_precision(ctx: RunContext, result: dict) -> dict:

@@ -81,6 +81,7 @@ class RunContext:
         self._views: dict[tuple, EvalView] = {}
         self._judges: dict[tuple, Any] = {}
         self._rankings: dict[str, Any] = {}
+        self._staged: dict[str, tuple[Path, Path]] = {}  # trial key -> (trials/KEY, its staging folder)
 
     @cached_property
     def lm(self):
@@ -134,10 +135,40 @@ class RunContext:
         return self.run_dir / "shared" / f"{kind}-{key}"
 
     def trial_dir(self, key: str) -> Path:
-        return self.run_dir / "trials" / key
+        """Where a trial writes its folder: a new temporary sibling of trials/KEY (`io.staging_dir`), the same one
+        for every call during the trial. The driver renames it into place whole once the trial is recorded as
+        done (`runner._record`), so trials/KEY is never half written; `rel` names paths in it by their final
+        place, which artifacts record."""
+        from locaudit.io import staging_dir
+
+        final = self.run_dir / "trials" / key
+        if key not in self._staged or not self._staged[key][1].is_dir():
+            self._staged[key] = (final, staging_dir(final))
+        return self._staged[key][1]
+
+    def take_staged(self, key: str) -> dict[str, str]:
+        """{final: staging folder} (relative to the run folder) of trial `key`, for its result; forgets it."""
+        got = self._staged.pop(key, None)
+        return {} if got is None else {self.rel(got[0]): self.rel(got[1])}
+
+    def drop_staged(self, key: str) -> None:
+        """Remove the staging folder of trial `key` (its step failed); trials/KEY is left as it was."""
+        import shutil
+
+        got = self._staged.pop(key, None)
+        if got is not None:
+            shutil.rmtree(got[1], ignore_errors=True)
 
     def rel(self, p: Path) -> str:
-        return str(Path(p).resolve().relative_to(self.run_dir.resolve()))
+        """`p` relative to the run folder; a path in a staged trial folder by its final place."""
+        p = Path(p).resolve()
+        for final, tmp in self._staged.values():
+            try:
+                p = final.resolve() / p.relative_to(tmp.resolve())
+                break
+            except ValueError:
+                continue
+        return str(p.relative_to(self.run_dir.resolve()))
 
     def activations(self, collect_key: str):
         if collect_key not in self._acts:
