@@ -3,7 +3,8 @@
 Sources: an edit folder (written by `locaudit iti`, `locaudit edit` or a study), or a study run folder
 plus `--trial KEY` (a key, a unique key prefix or a trial name; the trial's edit folder is found in the
 run's ledger, or in trials/KEY/result.json). Outputs: a merged HF model folder (`--format merged`), a
-PEFT adapter (`--format peft`) or both, in OUT/merged and OUT/peft.
+PEFT adapter (`--format peft`) or both, in OUT/merged and OUT/peft (written together beside OUT and
+swapped in as one unit: both or neither).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def export_command(
 ) -> None:
     """Export an edit (ITI, optimal LoRA, or none) as a merged HF model and/or a PEFT adapter."""
     from locaudit.edit.base import load_edit
-    from locaudit.edit.export import _check_target, export_merged, export_peft
+    from locaudit.edit.export import _check_target, export_both, export_merged, export_peft
     from locaudit.errors import ConfigError
     from locaudit.models.loading import resolve_device
 
@@ -166,17 +167,16 @@ def export_command(
         raise ConfigError(f"{edit_dir}: the edit records no model name; pass --model")
     lm = load_named_model(name, value(dtype), str(resolve_device(device)), trust_remote_code)
     check = "warn" if allow_mismatch else "error"
-    fmts = ["merged", "peft"] if fmt == Format.both else [value(fmt)]
-    targets = {f: Path(out) / f if len(fmts) > 1 else Path(out) for f in fmts}
-    for f, target in targets.items():  # refuse before any export runs, so none is left half done
-        _check_target(target, overwrite)
-    written = {}
-    for f in fmts:
-        target = Path(out) / f if len(fmts) > 1 else Path(out)
+    if fmt == Format.both:  # one unit: OUT gets both new exports, or keeps what it held
+        written = {f: str(p) for f, p in export_both(edit, lm, out, overwrite=overwrite, check=check).items()}
+    else:
+        f = value(fmt)
+        _check_target(Path(out), overwrite)  # refuse before any work
         fn = export_merged if f == "merged" else export_peft
-        written[f] = str(fn(edit, lm, target, overwrite=overwrite, check=check))
-        if not json_out:
-            typer.echo(f"{f}: {written[f]}")
+        written = {f: str(fn(edit, lm, Path(out), overwrite=overwrite, check=check))}
+    if not json_out:
+        for f, folder in written.items():
+            typer.echo(f"{f}: {folder}")
     from locaudit.edit.export import read_export_meta
 
     merge = read_export_meta(written["peft"]).get("merge") if "peft" in written else None

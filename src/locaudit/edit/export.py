@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from locaudit.errors import ConfigError
-from locaudit.io import atomic_dir, clean_stale_temps, write_json_atomic
+from locaudit.io import _TEMP_RE, atomic_dir, clean_stale_temps, replace_path, temp_sibling, write_json_atomic
 from locaudit.models.loading import LoadedModel, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,56 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     if kind == "iti" and not _has_o_bias(lm):
         log.warning("ITI adapter for %s: %s", lm.name, peft_merge_route(kind, lm))
     return out
+
+
+BOTH = ("merged", "peft")
+
+
+def export_both(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool = False,
+                base_model_name_or_path: str | None = None, *, check: str = "error") -> dict[str, Path]:
+    """`export_merged` into OUT/merged and `export_peft` into OUT/peft as one unit: both are written into a
+    temporary sibling of OUT, each checked, and that folder is swapped in place of OUT at once (`io.replace_path`),
+    so OUT holds both new exports or, after any failure or kill, exactly what it held before. Other entries of
+    OUT are carried over into the new folder (hard links, else copies) before the swap. Returns {format: folder}."""
+    out = Path(out)
+    if _kind(edit) == "none":
+        raise ConfigError("the unedited model ('none' edit) has no adapter to export; use the merged format")
+    clean_stale_temps(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export folder {out} is a file; give a folder (OUT/merged and OUT/peft go in it)")
+    for f in BOTH:  # refuse before any work, as a single-format export does
+        _check_target(out / f, overwrite)
+    tmp = temp_sibling(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        export_merged(edit, lm, tmp / "merged", check=check)
+        export_peft(edit, lm, tmp / "peft", base_model_name_or_path=base_model_name_or_path, check=check)
+        if out.is_dir():
+            for entry in sorted(out.iterdir()):
+                if entry.name not in BOTH and not _TEMP_RE.match(entry.name):
+                    _carry(entry, tmp / entry.name)
+        replace_path(tmp, out)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {f: out / f for f in BOTH}
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """`src` (a file, folder or link the user keeps in an export folder) at `dst`: hard links, else copies."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(str(src), str(dst))
 
 
 def _has_o_bias(lm: LoadedModel) -> bool:
