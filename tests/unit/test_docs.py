@@ -85,13 +85,15 @@ def test_test_question_counts_match_the_data(shared_data) -> None:
     from locaudit.cli.run import _test_questions
     from locaudit.study.spec import load_study
 
+    checked = 0
     for path in gen().study_files():
         spec = load_study(path)
-        try:
-            spec.resolved_data_spec()
-        except Exception as e:  # noqa: BLE001 - a data root without this file
-            pytest.skip(f"{path.name}: {e}")
+        if not Path(spec.resolved_data_spec().partition(":")[2]).is_file():
+            continue  # a data root without this file: the dry run could not count it either
         assert gen().n_test_questions(spec) == _test_questions(spec), path.name
+        checked += 1
+    if not checked:
+        pytest.skip(f"no study's data file under {shared_data}")
 
 
 def test_registered_family_counts_in_prose() -> None:
@@ -242,7 +244,9 @@ def test_readme_numbers_about_a_study_are_the_dry_runs() -> None:
     """The README's paragraphs and table rows about a study file state its dry run's numbers (a block naming
     several study files must agree with one of them)."""
     errors = []
-    for block, studies in readme_study_claims():
+    claims = readme_study_claims()
+    assert any(s == ["quickstart.yaml"] for _, s in claims), "the README's quickstart section is no longer found"
+    for block, studies in claims:
         results = {n: dry_run_claims(block, design_of(n)) for n in studies}
         if all(results.values()):
             errors.append(f"{block[:80]!r}...: " + "; ".join(f"{n}: {', '.join(b)}" for n, b in results.items()))
