@@ -46,7 +46,7 @@ def edit(
     rank: int = typer.Option(1, "--rank", **opt.count("--rank"), help="Rank r of the edit."),
     reparam: bool = typer.Option(True, "--reparam/--plain", help="Reparameterised <a,o> W b (the paper's) "
                                  "or plain LoRA <a,o> b'."),
-    train_seed: int = typer.Option(0, "--train-seed", **opt.count("--train-seed", 0), help="Seed of the initialisation and batch order."),
+    train_seed: int = typer.Option(0, "--train-seed", **opt.seed_range("--train-seed"), help="Seed of the initialisation and batch order."),
     seed: int = seed_option(),
     max_questions: Optional[int] = max_questions_option(),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", **opt.count("--max-pairs"), help="Seeded subset of training pairs."),

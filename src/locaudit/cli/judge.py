@@ -66,7 +66,7 @@ def train(
     holdout: str = typer.Option(..., "--holdout", help=HOLDOUT_HELP),
     holdout_split: List[str] = typer.Option(["test"], "--holdout-split", help="Split(s) held out; repeat the "
                                             "option to hold out several (e.g. --holdout-split val --holdout-split test)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the study's question-level split (use the study's)."),
+    seed: int = typer.Option(0, "--seed", **opt.seed_range("--seed"), help="Seed of the study's question-level split (use the study's)."),
     fractions: str = typer.Option("0.6,0.2,0.2", "--fractions", help="The study's train,val,test fractions."),
     max_questions: Optional[int] = typer.Option(None, "--max-questions", **opt.count("--max-questions"), help="The study's --max-questions, if "
                                                 "it used one (a subset changes which questions are 'test')."),
@@ -117,7 +117,7 @@ def evaluate(
     judge: str = typer.Option(..., "--judge", help="Judge spec, e.g. trained:runs/judge or reference:bleu."),
     holdout: str = typer.Option(..., "--holdout", help=HOLDOUT_HELP),
     holdout_split: List[str] = typer.Option(["test"], "--holdout-split", help="Split(s) evaluated on."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the question-level split."),
+    seed: int = typer.Option(0, "--seed", **opt.seed_range("--seed"), help="Seed of the question-level split."),
     fractions: str = typer.Option("0.6,0.2,0.2", "--fractions", help="train,val,test fractions."),
     max_questions: Optional[int] = typer.Option(None, "--max-questions", **opt.count("--max-questions"), help="The study's --max-questions."),
     truth_data: Optional[Path] = typer.Option(None, "--truth-data", help="finetune_truth.jsonl (labels)."),

@@ -75,9 +75,17 @@ MAX_QUESTIONS_HELP = ("Keep a seeded subset of this many questions, taken from e
                       "edit and eval.")
 
 
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: numpy refuses negative ones, torch generators get seed * 1_000_003 + i
+
+
 def seed_option(help: str = "Seed of the question-level train/val/test split (the same for every command of "
                             "one experiment).") -> int:
-    return typer.Option(0, "--seed", help=help)
+    return typer.Option(0, "--seed", **seed_range("--seed"), help=help)
+
+
+def seed_range(option: str) -> dict:
+    """An integer in [0, MAX_SEED]."""
+    return _number(option, kind=int, lo=0, hi=MAX_SEED)
 
 
 def max_questions_option():
@@ -177,7 +185,10 @@ def bounded(option: str, bound: float) -> dict:
     return _number(option, kind=float, lo=-bound, hi=bound)
 
 
-MAX_ALPHA = 1e3  # ITI strengths in the literature are 0-30; beyond 1e3 a steering vector only overflows
+# ITI strengths in the literature are 0-30 (ITI's paper: 15); 1e3 leaves a 30x margin above that. Beyond it the
+# shift alpha * sigma * u is hundreds of times a head's whole activation spread: no steering experiment, only a
+# path to fp16 overflow (edit/base.MAX_EDIT_VALUE bounds |alpha * theta| itself, for any alpha)
+MAX_ALPHA = 1e3
 
 
 def value(x) -> str:

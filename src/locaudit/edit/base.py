@@ -55,10 +55,14 @@ class Edit(Protocol):
         The registry calls it before `applied`, `export` and `save`, and after `load`."""
 
 
-# the largest |parameter| (or |alpha * theta|) an edit may carry: beyond it the edit is not a steering
-# vector or a trained update but an overflow waiting to happen (bf16/fp16 activations; training's own
-# divergence bound, edit/train.py MAX_EDIT_ABS, is the same value)
-MAX_EDIT_VALUE = 1e4
+# the largest |parameter| (or |alpha * theta|) an edit may carry: float16's largest finite value. Beyond it
+# the edit itself is inf in an fp16 run, so it is an overflow, not an edit, on any precision a study may resume
+# on. It rejects no legitimate edit: ITI's theta is sigma * u (u a unit direction, sigma a head's activation
+# std along it), so even the largest alpha a study or the CLI accepts (1000, cli/options.MAX_ALPHA) passes
+# unless sigma * |u_i| > 65; trained parameters move about lr per Adam step and training already fails them as
+# diverged at 1e4 (edit/train.py MAX_EDIT_ABS). (It was 1e4, which refused in-range alphas on heads with
+# sigma > 10.)
+MAX_EDIT_VALUE = 65504.0
 
 
 def check_tensor(name: str, t, shape: tuple | None = None, bound: float = MAX_EDIT_VALUE, scale: float = 1.0) -> None:

@@ -43,7 +43,7 @@ SITES = ("mlp_down", "o_proj")
 class LayerEditConfig(BaseModel):
     """How one per-layer fact edit is trained."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     method: Literal["ft", "lora", "rome"] = Field("ft", description="ft: norm-bounded fine-tuning of the site "
                                                                     "weight; lora: rank-one update with a KL penalty; "
                                                                     "rome: ROME's closed-form rank-one update")
@@ -55,7 +55,7 @@ class LayerEditConfig(BaseModel):
     n_kl_prompts: int = Field(2, ge=0, description="lora: unrelated prompts per fact for the KL penalty")
     init_scale: float = Field(1e-2, gt=0, description="lora: std of the random init of a (b starts at 0)")
     batch_facts: int = Field(16, ge=1, description="facts edited together (they share forward passes)")
-    seed: int = Field(0, description="seed of the lora init")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the lora init")
     nll: Literal["mean", "sum"] = Field("mean", description="target NLL per edit: mean over the object's tokens, "
                                                             "or summed (Hase's FT-1)")
     early_stop: float | None = Field(None, gt=0, description="an edit stops updating once its target loss is "

@@ -57,7 +57,7 @@ POSITIONS = ("all", "prompt", "last", "completion")
 class PatchingConfig(BaseModel):
     """How a causal localizer (activation or attribution patching) runs; every field keys the cache."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
 
     corruption: Corruption = Field("noise", description="How the corrupted run differs from the clean one: "
                                    "noise (Gaussian noise on the prompt's token embeddings, ROME's causal tracing), "
@@ -65,19 +65,20 @@ class PatchingConfig(BaseModel):
     direction: Literal["auto", "denoise", "noise"] = Field(
         "auto", description="denoise: restore the clean head into the corrupted run; noise: put the corrupted "
         "head into the clean run. auto = denoise for noise, noise for contrast and mean.")
-    noise_scale: float = Field(3.0, ge=0.0, description="Noise standard deviation in multiples of the prompt "
-                               "tokens' embedding std (ROME: 3).")
-    noise_seed: int = Field(0, description="Seed of the embedding noise (drawn per pair, batch-independent).")
+    noise_scale: float = Field(3.0, ge=0.0, le=1e3, description="Noise standard deviation in multiples of the "
+                               "prompt tokens' embedding std (ROME: 3; at most 1000, as the CLI's --noise-scale).")
+    noise_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the embedding noise (drawn per pair, "
+                            "batch-independent; 32-bit: torch seeds are seed * 1_000_003 + pair).")
     contrast: Literal["other_question", "swap_options"] = Field(
         "other_question", description="Contrast prompt: another pair's prompt (seeded derangement), or the A/B "
         "prompt with the texts of options (A) and (B) swapped (CAA).")
-    contrast_seed: int = Field(0, description="Seed of the other_question derangement.")
+    contrast_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the other_question derangement.")
     positions: Literal["all", "prompt", "last", "completion"] = Field(
         "all", description="Token positions where a head is patched: all, prompt, last (the prompt's last "
         "token) or completion (the last prompt token and every completion token).")
     max_pairs: int | None = Field(48, ge=1, description="Pairs of the split used (a seeded subset, one pair per "
                                   "question first); None = all.")
-    pair_seed: int = Field(0, description="Seed of the pair subset.")
+    pair_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pair subset.")
     batch_pairs: int = Field(4, ge=1, description="Pairs per base batch (each pair is two sequences).")
     tokens_per_forward: int = Field(16384, ge=64, description="Activation patching stacks copies of a batch, one "
                                     "patched head per copy, up to about this many tokens per forward pass.")

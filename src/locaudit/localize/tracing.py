@@ -51,14 +51,16 @@ CATEGORIES = ("first subject token", "middle subject tokens", "last subject toke
 class TraceConfig(BaseModel):
     """How causal tracing corrupts and restores."""
 
-    model_config = ConfigDict(extra="forbid")
-    noise_scale: float = Field(3.0, gt=0, description="noise std as a multiple of the embedding std (ROME: 3)")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
+    noise_scale: float = Field(3.0, gt=0, le=1e3, description="noise std as a multiple of the embedding std (ROME: 3; "
+                               "at most 1000)")
     n_noise: int = Field(10, ge=1, description="noise samples per fact, batched (ROME: 10)")
     kinds: list[str] = Field(default_factory=lambda: ["hidden", "mlp", "attn"],
                              description="what is restored: hidden (layer output), mlp / attn (window of layers)")
     window: int | None = Field(None, ge=1, description="window of layers for mlp/attn restoration; "
                                                        "None = ROME's 10 of GPT-2 XL's 48 layers, scaled to the depth")
-    seed: int = Field(0, description="seed of the noise (per fact: seed and fact index)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the noise (per fact: seed and fact index; 32-bit: "
+                      "torch seeds are seed * 1_000_003 + fact)")
     grid_facts: int = Field(0, ge=0, description="facts (the first ones) also traced at every (layer, position) "
                                                  "for ROME's heatmap (costs layers x positions rows per fact)")
     max_rows: int = Field(256, ge=1, description="largest batch of restored variants in one forward pass")

@@ -33,7 +33,7 @@ from locaudit.study.spec import ResourceSpec
 
 
 class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     name: str = Field("smollm2-135m-instruct", description="hub id, local folder, GGUF file or the embedded default")
     dtype: str = Field("fp32", description="weight dtype (fp32, bf16, fp16)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
@@ -41,18 +41,18 @@ class ModelSpec(BaseModel):
 
 
 class FactsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     path: str = Field(..., description="known_1000.json (ROME) or a JSONL of subject / prompt / target")
     known_top_k: int = Field(1, ge=1, description="a fact is known when its object's first token is among "
                                                   "the model's top-k next tokens (1 = greedy)")
     max_facts: int | None = Field(100, ge=1, description="edit and trace at most this many known facts "
                                                          "(a seeded sample; null = all)")
     n_neighbours: int = Field(3, ge=0, description="facts of the same relation scored for specificity")
-    seed: int = Field(0, description="seed of the fact sample and of the counterfactual objects")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the fact sample and of the counterfactual objects")
 
 
 class EditingSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     problems: list[str] = Field(default_factory=lambda: ["error_injection"],
                                 description=f"editing problems, of {list(PROBLEMS)}")
     methods: list[Literal["ft", "lora", "rome"]] = Field(default_factory=lambda: ["ft"], description="edit methods")
@@ -80,7 +80,7 @@ class EditingSpec(BaseModel):
 
 
 class AnalysisSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     tracing_kind: Literal["hidden", "mlp", "attn"] | None = Field(
         None, description="which tracing effect the regressions use (default: mlp for mlp_down edits, "
                           "attn for o_proj edits)")
@@ -91,11 +91,11 @@ class AnalysisSpec(BaseModel):
                                                        "gain over each layer's mean success")
     permutations: int = Field(2000, ge=0, description="permutations of tracing curves across facts (the verdict's "
                                                       "null that keeps each layer's mean); p floor 1/(n+1)")
-    seed: int = Field(0, description="seed of the bootstrap")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the bootstrap")
 
 
 class HaseSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     name: str = Field(..., description="study name (run folder default: runs/<name>)")
     description: str = Field("", description="free text shown in the report")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the model")
