@@ -139,6 +139,14 @@ def score_mc(
 
     `prefix` goes before every prompt (e.g. TRUTHFULQA_QA_PRIMER for TruthfulQA's few-shot setting).
     """
+    keys, qs, ans = mc_answers(items)
+    logp = score_answers(lm, edit, qs, ans, fmt, prefix, batch_size, max_length, precision=precision,
+                         share_prompt=share_prompt)
+    return mc_result(items, keys, logp)
+
+
+def mc_answers(items: Sequence[MCItem]) -> tuple[dict[tuple[str, str], int], list[str], list[str]]:
+    """Every distinct (question, answer) of `items` once: ({(qid, answer): index}, questions, answers)."""
     keys: dict[tuple[str, str], int] = {}
     qs, ans = [], []
     for it in items:
@@ -147,8 +155,11 @@ def score_mc(
                 keys[(it.qid, a)] = len(qs)
                 qs.append(it.question)
                 ans.append(a)
-    logp = score_answers(lm, edit, qs, ans, fmt, prefix, batch_size, max_length, precision=precision,
-                         share_prompt=share_prompt)
+    return keys, qs, ans
+
+
+def mc_result(items: Sequence[MCItem], keys: dict[tuple[str, str], int], logp: Sequence[float]) -> MCResult:
+    """MC1/MC2/MC0 per item from the answers' log-probs (`logp[keys[(qid, answer)]]`)."""
     out = []
     for it in items:
         s = lambda answers: [logp[keys[(it.qid, a)]] for a in answers]  # noqa: E731

@@ -107,11 +107,14 @@ def evaluate_edit(
     out_dir: str | Path | None = None,
     config: EvalConfig | None = None,
     csv_path: str | Path | None = None,
+    *, write_result: bool = True,
 ) -> EvalResult:
     """Evaluate `edit` on `data` (a BehaviourData) for `split`; returns (and, with out_dir, writes) an EvalResult.
 
     `judge`: any object with `score(questions, answers) -> [JudgeScore(truth, info)]` and `name`; used on
-    the generations when "gen" is among the metrics.
+    the generations when "gen" is among the metrics. `write_result=False`: out_dir gets the per-metric files
+    (generations, judgements, MC items) but not result.json / results.csv (evaluate/shared.py merges results
+    of several metrics computed apart and writes those itself).
     """
     cfg = config or EvalConfig()
     metrics = parse_metrics(metrics)
@@ -124,11 +127,7 @@ def evaluate_edit(
     from locaudit.evaluate.generate import context_limit
 
     max_len = context_limit(lm, cfg.max_length)  # a model's context caps every scored sequence
-    res = EvalResult(edit=describe(edit), model=lm.name, model_fingerprint=lm.fingerprint,
-                     data=getattr(data, "name", ""), data_fingerprint=getattr(data, "fingerprint", ""),
-                     split=split, format=fmt.kind, protocol=fmt.protocol, metrics=list(metrics),
-                     n_questions=len(questions),
-                     precision=prec.name, cpu_capability=prec.meta()["cpu_capability"])
+    res = result_header(lm, edit, data, split, fmt, metrics, len(questions), prec)
 
     def timed(name: str, t0: float) -> None:
         res.seconds[name] = round(time.perf_counter() - t0, 3)
@@ -149,9 +148,7 @@ def evaluate_edit(
             for k, v in mc.summary().items():
                 setattr(res, k, v)
             if out is not None:
-                write_text_atomic(out / "mc_items.jsonl", "".join(
-                    json.dumps({"qid": s.qid, "mc1": s.mc1, "mc2": s.mc2, "mc0": s.mc0, "logprobs": s.logprobs},
-                               ensure_ascii=False) + "\n" for s in mc.items))
+                write_mc_items(out / "mc_items.jsonl", mc)
         timed("mc", t0)
 
     if "kl" in metrics or "ce" in metrics:
@@ -222,9 +219,31 @@ def evaluate_edit(
     elif judge is not None:
         log.warning("a judge was given but 'gen' is not among the metrics: True/Info not computed")
 
+    if write_result:
+        record_result(res, out, csv_path)
+    return res
+
+
+def record_result(res: EvalResult, out: Path | None, csv_path: str | Path | None = None) -> None:
+    """out/result.json and a row of results.csv (csv_path, else out/results.csv)."""
     if out is not None:
         res.save_json(out / "result.json")
         res.append_csv(csv_path or out / "results.csv")
     elif csv_path is not None:
         res.append_csv(csv_path)
-    return res
+
+
+def result_header(lm: LoadedModel, edit: Edit | None, data: Any, split: str, fmt: PromptFormat,
+                  metrics: Sequence[str], n_questions: int, prec) -> EvalResult:
+    """An EvalResult with what identifies the evaluation and no metric values yet."""
+    return EvalResult(edit=describe(edit), model=lm.name, model_fingerprint=lm.fingerprint,
+                      data=getattr(data, "name", ""), data_fingerprint=getattr(data, "fingerprint", ""),
+                      split=split, format=fmt.kind, protocol=fmt.protocol, metrics=list(metrics),
+                      n_questions=n_questions, precision=prec.name, cpu_capability=prec.meta()["cpu_capability"])
+
+
+def write_mc_items(path: Path, mc) -> None:
+    """mc_items.jsonl: one line per question (MC1, MC2, MC0 and the answers' log-probs) of an MCResult."""
+    write_text_atomic(path, "".join(
+        json.dumps({"qid": s.qid, "mc1": s.mc1, "mc2": s.mc2, "mc0": s.mc0, "logprobs": s.logprobs},
+                   ensure_ascii=False) + "\n" for s in mc.items))
