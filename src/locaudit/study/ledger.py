@@ -143,8 +143,9 @@ class Ledger:
             raise
         except sqlite3.OperationalError as e:  # a read-only folder, a full disk, an I/O error: not damage
             self.close()
-            raise ConfigError(f"{self.path}: cannot use the ledger ({e}); check that the run folder is writable "
-                              "and the disk has space, then rerun (nothing was changed)") from None
+            raise ConfigError(f"{self.path}: cannot use the ledger ({e}); check that the run folder is writable, "
+                              "the disk has space and no file-size limit (ulimit -f) is in the way, then rerun "
+                              "(nothing was changed)") from None
         except sqlite3.DatabaseError as e:
             self.close()
             raise LedgerDamagedError(f"{self.path} is damaged ({e}); {repair_hint(self.run_dir)}") from None
