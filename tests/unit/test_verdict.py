@@ -84,6 +84,7 @@ def test_constant_metric_is_no_signal() -> None:
     assert rows["optimal"]["constant"] and rows["optimal"]["outcome"] == "no signal"
     assert v.headline.startswith("Edit-based evidence for localization: no signal")
     assert "none" not in v.headline and "does not vary" in " ".join(v.lines)
+    assert "does not vary" in v.headline  # the headline names the cause
 
 
 def test_full_alignment_without_measurable_gain_is_no_signal() -> None:
@@ -98,6 +99,8 @@ def test_full_alignment_without_measurable_gain_is_no_signal() -> None:
     r = rows["optimal"]
     assert r["question_noise"] == "paired per-question bootstrap" and r["gain_measurable"] is False
     assert r["outcome"] == "no signal" and "no measurable gain" in " ".join(v.lines)
+    # the headline names the cause (full alignment gained nothing), never "does not respond"
+    assert "full alignment" in v.headline and "no measurable gain" in v.headline and "respond" not in v.headline
 
 
 def test_evidence_for_with_enough_draws_and_holm_over_methods() -> None:

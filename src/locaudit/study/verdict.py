@@ -39,7 +39,8 @@ def _cap(s: str) -> str:
 def _fmt(x: Any, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
-    return f"{x:.{nd}f}"
+    out = f"{x:.{nd}f}"
+    return out[1:] if out.startswith("-") and float(out) == 0 else out  # float noise prints 0.000, never -0.000
 
 
 def _p(x: Any) -> str:
@@ -94,6 +95,19 @@ def decide_hint(row: Comparison | dict, cfg: VerdictSpec, floors: list[float] | 
     return "; ".join(parts) if parts else "more draws and questions"
 
 
+def _no_signal_cause(r: Comparison, cfg: VerdictSpec, label: str) -> str:
+    """Why a comparison has no signal, in words: the metric is constant, or full alignment gained nothing
+    measurable (with its numbers), or full alignment / unedited results are missing."""
+    if r.constant:
+        return (f"{label} takes the same value ({_fmt(r.candidate_mean)}) at every location edited and in the unedited "
+                "model: it does not vary")
+    if r.full_alignment is None or r.unedited is None:
+        return f"{label} cannot be put on full alignment's scale: full alignment or unedited results are missing"
+    return (f"full alignment (the edit at all heads) shows no measurable gain over the unedited model on {label} "
+            f"({_fmt(r.full_alignment)} vs {_fmt(r.unedited)}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
+            f"{_fmt(r.gain_lcb)}), so no location can be measured against it")
+
+
 def _method_lines(r: Comparison, method: str, cfg: VerdictSpec, label: str, K: str, mult: str, floors: list[float],
                   order: list[str]) -> list[str]:
     """The verdict's lines for one method's headline comparison `r`: its outcome with the numbers behind it,
@@ -117,11 +131,8 @@ def _method_lines(r: Comparison, method: str, cfg: VerdictSpec, label: str, K: s
               f"TOST {1 - 2 * cfg.alpha:.0%} bounds [{_pct(r.tost_low)}, {_pct(r.tost_high)}] vs "
               f"margin ±{cfg.margin:.0%} (p = {_p(r.tost_p)}, adjusted {_p(r.tost_p_adj)})")
     if oc == "no signal":
-        why = (f"{label} does not vary" if r.constant else
-               f"full alignment shows no measurable gain over the unedited model ({_fmt(r.full_alignment)} "
-               f"vs {_fmt(r.unedited)}; one-sided {1 - cfg.alpha:.0%} lower bound of the gain "
-               f"{_fmt(r.gain_lcb)})")
-        lines.append(f"{M}: no signal: {why}, so this comparison cannot speak to localization.")
+        lines.append(f"{M}: no signal: {_no_signal_cause(r, cfg, label)}, so this comparison cannot speak to "
+                     "localization.")
     elif oc == "evidence for":
         lines.append(f"{M}: evidence for localization: the {K} heads beat random locations by both the rank test "
                      f"and the hierarchical test of the difference: {stat}{eq}.")
@@ -181,8 +192,9 @@ def _headline(outcomes: dict, head: pd.DataFrame, table: list[dict], cfg: Verdic
         headline += (", although the heuristic ITI edit made the candidate look special: that contrast is an artefact of "
                      "the sub-optimal edit, as in Wang & Veitch (2025)." if iti in ("evidence for", "suggestive") else ".")
     elif opt == "no signal":
-        headline = (f"Edit-based evidence for localization: no signal. Under the optimal edit, {label} does not "
-                    "respond measurably, so the comparison cannot speak to localization.")
+        r = Comparison.from_row(head[head["method"] == "optimal"].iloc[0].to_dict())
+        headline = (f"Edit-based evidence for localization: no signal. Under the optimal edit, "
+                    f"{_no_signal_cause(r, cfg, label)}, so the comparison cannot speak to localization.")
     else:
         r = Comparison.from_row(head[head["method"] == "optimal"].iloc[0].to_dict())
         headline = (f"Edit-based evidence for localization: inconclusive. Under the optimal edit the {K} heads are "
