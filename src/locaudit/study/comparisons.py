@@ -27,6 +27,14 @@ def _q(x: np.ndarray, q: float) -> float:
 NAN = float("nan")
 
 
+def _spread_is_noise(vals) -> bool:
+    """The values are equal up to float rounding (sd at most 1e-12 of their size): a z-score of them is noise
+    divided by noise, so it is left undefined."""
+    v = np.asarray(vals, dtype=float)
+    v = v[np.isfinite(v)]
+    return v.size > 1 and float(v.std(ddof=1)) <= 1e-12 * max(1.0, float(np.abs(v).max()))
+
+
 @dataclass
 class Comparison:
     """One comparison of the selected scope: the candidate against the random draws on one metric for one edit
@@ -149,7 +157,7 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
         "question_noise": noise, "constant": constant,
         "training_noise": (f"included ({len(seeds_vals)} training seeds of the candidate)" if len(seeds_vals) > 1 else
                            "omitted (one training seed: the interval does not include training noise)"),
-        "z": S.zscore(c[0], r0) * sgn if n > 1 else float("nan"),
+        "z": S.zscore(c[0], r0) * sgn if n > 1 and not _spread_is_noise(r0) else float("nan"),
     }
     row["p_combined"] = max(row["p_rank"], ht["p"]) if math.isfinite(ht["p"]) else float("nan")
     ch = S.crawford_howell(c[0], r0, alt)
@@ -253,8 +261,9 @@ def _descriptive_rows(df: pd.DataFrame, method: str, metric: str, primary: str, 
                      "family": "descriptive", "n_random": d["n_random"], "candidate_mean": d["candidate_mean"],
                      "random_mean": d["random_mean"], "random_sd": d["random_sd"], "diff": d["diff"],
                      "percentile": d["percentile"], "p_rank": d["empirical_p"], "p_floor": S.rank_floor(d["n_random"]),
-                     "ci_low": d["ci_low"], "ci_high": d["ci_high"], "z": d["z"], "ch_p": d["t_p"] if d["n_candidate"] == 1
-                     else float("nan"), "welch_seeds_p": d["t_p"] if d["n_candidate"] > 1 else float("nan"),
+                     "ci_low": d["ci_low"], "ci_high": d["ci_high"], "z": NAN if _spread_is_noise(rand) else d["z"],
+                     "ch_p": d["t_p"] if d["n_candidate"] == 1 else float("nan"),
+                     "welch_seeds_p": d["t_p"] if d["n_candidate"] > 1 else float("nan"),
                      "mwu_p": d["mwu_p"], "perm_p": d["perm_p"]})
     return rows
 
