@@ -4,6 +4,11 @@ Each function takes the results table (analysis.results_frame) and writes one PN
 when the trials it needs are not finished yet, so a half-finished study still gets every figure it can.
 Colours: random draws grey, the probe's top-K heads red, single heads blue, all heads green, the
 unedited model black.
+
+Sizes are for a report page 800-1400 px wide: at DPI, a figure is at most MAX_WIDTH_IN inches (1020 px) wide, so
+that at 800 px (768 px of content; 753 beside a scrollbar) it is shown at 0.73 of its size or more and its 10 pt
+tick labels (16.7 px at DPI) stay at least 12 px tall (tests/unit/test_report_layout.py measures this in a browser). Axes of a metric with a known range
+(shares in [0, 1]; KL and CE >= 0) never extend past it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ GROUP_LABEL = {"random": "random heads", "top": "probe top-K", "single": "single
                "none": "unedited"}
 
 
+DPI = 120
+MAX_WIDTH_IN = 8.5  # 1020 px at DPI
+
+
 def _plt():
     import matplotlib
 
@@ -32,13 +41,62 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+def _save(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
     plt = _plt()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return Path(path)
+
+
+SHARE_METRICS = ("true", "info", "true_info", "true_info_per_q", "true_prob", "info_prob", "true_info_prob", "mc0",
+                 "mc1", "mc2", "ab", "pref_acc")
+NON_NEGATIVE_METRICS = ("kl", "ce", "kl_answers", "ce_answers")
+
+
+def metric_range(metric: str | None) -> tuple[float | None, float | None]:
+    """The values a metric can take: (0, 1) for shares and accuracies, (0, None) for KL and CE, else unbounded."""
+    m = (metric or "").lower()
+    if m in SHARE_METRICS or m.endswith(("_acc", "_share", "_rate")):
+        return 0.0, 1.0
+    if m in NON_NEGATIVE_METRICS:
+        return 0.0, None
+    return None, None
+
+
+def _clip_axis(ax, metric: str | None, axis: str = "x") -> None:
+    """Keep an axis inside the metric's range (a histogram of identical shares would otherwise span
+    [v - 0.5, v + 0.5]): the limits are cut to the range, with a 2% margin for markers at its ends."""
+    lo, hi = metric_range(metric)
+    if lo is None and hi is None:
+        return
+    get, set_ = (ax.get_xlim, ax.set_xlim) if axis == "x" else (ax.get_ylim, ax.set_ylim)
+    a, b = get()
+    pad = 0.02 * ((hi if hi is not None else b) - (lo if lo is not None else a))
+    a2 = a if lo is None else max(a, lo - pad)
+    b2 = b if hi is None else min(b, hi + pad)
+    if b2 > a2:
+        set_(a2, b2)
+
+
+def _narrow_range(ax, values, metric: str | None) -> None:
+    """A histogram whose values are (nearly) all equal: a narrow x range around them, inside the metric's range,
+    instead of matplotlib's +-0.5."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return
+    lo_v, hi_v = float(v.min()), float(v.max())
+    lo, hi = metric_range(metric)
+    width = (hi - lo) if lo is not None and hi is not None else max(abs(lo_v), abs(hi_v), 1.0)
+    if hi_v - lo_v <= 1e-9 * width:
+        pad = 0.05 * width
+        a, b = lo_v - pad, hi_v + pad
+        if lo is not None:
+            a = max(a, lo - 0.01 * width)
+        if hi is not None:
+            b = min(b, hi + 0.01 * width)
+        ax.set_xlim(a, b)
 
 
 OTHER_CANDIDATE_COLORS = ("#7b3294", "#e08214", "#1b9e77", "#666666")  # candidates after the probe's
@@ -86,6 +144,9 @@ def hist_random_vs_top(df: pd.DataFrame, method: str, path: str | os.PathLike, m
     if base is not None:
         ax.axvline(base, color=COLORS["none"], linestyle=":", linewidth=1.5, label=f"unedited ({base:.3f})")
     ax.set_ylim(0, max(ymax, 1.0))
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts of draws
+    _narrow_range(ax, [*rand, *top, *full, *([base] if base is not None else [])], metric)
+    _clip_axis(ax, metric, "x")
     ax.set_xlabel(f"{metric_label(metric)} (grid point chosen per location)")
     ax.set_ylabel("random draws")
     ax.set_title(f"{METHOD_LABEL[method]}: {metric_label(metric)}, random vs localized heads")
@@ -101,7 +162,9 @@ def _scatter(df: pd.DataFrame, path: str | os.PathLike, x: str, y: str, title: s
     if pts.empty:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(have), figsize=(5.0 * len(have), 4.0), squeeze=False)
+    # panels side by side, the figure at most MAX_WIDTH_IN wide (legible ticks at 800 px)
+    w = min(4.25 * len(have), MAX_WIDTH_IN)
+    fig, axes = plt.subplots(1, len(have), figsize=(w, 3.7), squeeze=False)
     base = pts[pts["kind"] == "baseline"]
     for ax, method in zip(axes[0], have):
         sub = pts[pts["kind"] == method]
@@ -114,6 +177,8 @@ def _scatter(df: pd.DataFrame, path: str | os.PathLike, x: str, y: str, title: s
             ax.scatter(base[x], base[y], s=90, c=COLORS["none"], marker="*", label="unedited")
         ax.set_xlabel(metric_label(x))
         ax.set_ylabel(metric_label(y))
+        _clip_axis(ax, x, "x")
+        _clip_axis(ax, y, "y")
         ax.set_title(f"{METHOD_LABEL[method]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -141,7 +206,7 @@ def probe_heatmap(val_acc: np.ndarray, path: str | os.PathLike, top_k: int,
     plt = _plt()
     acc = np.asarray(val_acc, dtype=float)
     L, H = acc.shape
-    fig, ax = plt.subplots(figsize=(min(2.5 + 0.35 * H, 16), min(1.8 + 0.22 * L, 14)))
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.35 * H, MAX_WIDTH_IN), min(1.8 + 0.22 * L, 12)))
     im = ax.imshow(acc, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax).set_label("validation accuracy")
     order = sorted(((-acc[l, h], l, h) for l in range(L) for h in range(H)))[:top_k]
@@ -169,14 +234,16 @@ def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: s
     s = s.sort_values("value", ascending=not higher_is_better(metric))
     best = best_per_localizer(df, method, metric)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * len(s) + 2.5), 4.0))
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.32 * len(s) + 2.5), MAX_WIDTH_IN), 4.0))
     xs = np.arange(len(s))
     base = _baseline(df, metric)
     if base is not None:  # lollipops from the unedited model's value: the gain each head's edit buys
         ax.vlines(xs, base, s["value"], color=COLORS["single"], alpha=0.6, linewidth=2)
     ax.scatter(xs, s["value"], color=COLORS["single"], s=36, zorder=3, label="single head")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([h or l for h, l in zip(s["head"], s["localizer"])], rotation=70, fontsize=7)
+    every = max(1, int(np.ceil(len(s) / 40)))  # at most about 40 labels across MAX_WIDTH_IN
+    names = [h or l for h, l in zip(s["head"], s["localizer"])]
+    ax.set_xticks(xs[::every])
+    ax.set_xticklabels(names[::every], rotation=70, fontsize=7)
     full = _by_localizer(best, metric, "all")[0]
     top = _by_localizer(best, metric, "top")[0]
     rand = _by_localizer(best, metric, "random")[0]
@@ -188,6 +255,7 @@ def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: s
         ax.axhspan(np.min(rand), np.max(rand), color=COLORS["random"], alpha=0.2, label="random draws (range)")
     if base is not None:
         ax.axhline(base, color=COLORS["none"], linestyle=":", linewidth=1.5, label=f"unedited ({base:.3f})")
+    _clip_axis(ax, metric, "y")
     ax.set_ylabel(f"{metric_label(metric)} (chosen grid point)")
     ax.set_title(f"{METHOD_LABEL[method]}: single heads vs full alignment", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -218,6 +286,7 @@ def grid_curves(df: pd.DataFrame, method: str, path: str | os.PathLike, metric: 
     base = _baseline(df, metric)
     if base is not None:
         ax.axhline(base, color=COLORS["none"], linestyle=":", label="unedited")
+    _clip_axis(ax, metric, "y")
     ax.set_xlabel(xcol)
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{METHOD_LABEL[method]}: {metric_label(metric)} over {xcol}", fontsize=10)
