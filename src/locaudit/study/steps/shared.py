@@ -11,7 +11,8 @@ def run_collect(ctx: RunContext, t: Trial) -> dict:
 
     out = ctx.shared_dir("collect", t.key)
     acts = collect_probe_activations(ctx.lm, ctx.data, ctx.fmt, out_dir=out,
-                                     batch_size=int(t.content.get("batch_size", 16)), precision=ctx.precision)
+                                     batch_size=int(t.content.get("batch_size", 16)), precision=ctx.precision,
+                                     progress=False)  # the study's bar is the one progress display
     ctx._acts[t.key] = acts
     N, L, H, D = acts.shape
     return {"metrics": {"n_examples": N, "n_layers": L, "n_heads": H, "head_dim": D},
@@ -49,7 +50,7 @@ def run_localize(ctx: RunContext, t: Trial) -> dict:
     c = t.content
     out = ctx.shared_dir("localize", t.key)
     eff = localize_heads(ctx.lm, ctx.data, method=c["method"], config=dict(c["config"]), split=c["split"],
-                         out_dir=out, precision=ctx.precision, progress=True)
+                         out_dir=out, precision=ctx.precision, progress=False)  # the study's bar is the one display
     ctx._rankings[t.key] = eff.ranking()
     k = int(c["config"].get("top_k", 16))
     score = eff.score().flatten().double()
