@@ -12,6 +12,7 @@ the real collect / probe / ITI / optimal / evaluation steps); tests inject their
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,14 @@ def run_study(
         todo = [t for t in trials if status.get(t.key) == "pending" and (kinds is None or t.kind in kinds)]
         summary = RunSummary(run_dir, sync["total"], sync["added"], reset)
         ex = make_executor(executor, fn, spec, run_dir, address, cpus, gpus, num_cpus) if todo else None
+        # the one progress display of a run: the steps show no bars of their own, the bar names the trial running,
+        # and log lines print above it instead of through it
         bar = tqdm(total=len(todo), desc=f"study {spec.name}", unit="trial", disable=not progress)
+        quiet_logs = contextlib.ExitStack()
+        if progress:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            quiet_logs.enter_context(logging_redirect_tqdm())
         started: set[str] = set()
         inflight: set[str] = set()
         try:
@@ -147,6 +155,8 @@ def run_study(
                         inflight.add(k)
                     todo = [t for t in todo if t.key not in set(keys)]
                     ex.submit(group)
+                    bar.set_postfix_str(f"running {group[0].name[:40]}" + (f" (+{len(group) - 1})" if len(group) > 1
+                                                                            else ""))
                 if ex is None or not ex.in_flight():
                     break  # what is left waits on dependencies that failed or were not run
                 for trial, outcome in ex.collect():
@@ -164,6 +174,7 @@ def run_study(
             ledger.release(sorted(inflight))
             raise
         finally:
+            quiet_logs.close()
             bar.close()
             if ex is not None:
                 ex.shutdown()
