@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from locaudit.errors import ConfigError
+from locaudit.io import key_dump
 from locaudit.models.precision import PrecisionName, migrate_autocast_field
 
 # (number of heads, learning rate) from the paper: single head, 16 heads; all heads is added per model
@@ -34,7 +35,9 @@ def default_lr(n_heads: int, total_heads: int) -> float:
 class TrainConfig(BaseModel):
     """How to train an optimal localized edit (defaults follow Wang & Veitch 2025)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # finite numbers
+    # fields added after trials were trained: kept out of `key_dump` (edit metas, keys) at their defaults
+    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("eval_every", "patience", "min_delta", "max_epochs", "snapshot_steps")
 
     objective: Literal["ipo", "dpo", "sft"] = Field("ipo", description="training objective: ipo, dpo or sft (chosen NLL)")
     tau: float = Field(0.1, gt=0, description="IPO regularisation tau: the target log-ratio gap is 1/(2 tau)")
@@ -48,7 +51,8 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm per edit (None: no clipping)")
     rank: int = Field(1, ge=1, description="rank r of the edit (number of (a, b) components per layer)")
     reparam: bool = Field(True, description="reparameterised form <a,o> W b (True) or plain LoRA <a,o> b' (False)")
-    seed: int = Field(0, description="seed of the initialisation and the batch order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the initialisation and the batch order (32-bit: "
+                      "torch generators are seeded with seed * 1_000_003 + epoch)")
     precision: PrecisionName = Field(
         "auto", description="compute precision: auto (bf16 on GPUs and CPUs where bf16 is measured faster, "
         "else fp32), fp32, bf16 or fp16 (models/precision.py)")
@@ -76,6 +80,21 @@ class TrainConfig(BaseModel):
         None, ge=0, description="multi-edit planning: cost of one edit's copy in a shared pass relative to a run of "
         "its own (None: 0.85 on CPU, as measured on SmolLM2 with 2 cores; 0.35 on GPU); 0 groups whenever allowed")
     progress: bool = Field(True, description="show a progress bar with the loss")
+    eval_every: int | None = Field(
+        None, ge=1, description="early stopping on validation: evaluate the validation loss every this many "
+        "optimizer steps (and at step 0), keep each edit's best-validation state, freeze an edit after `patience` "
+        "evaluations without an improvement of `min_delta`, end the pass when every edit is frozen; the edit "
+        "returned is its best state. Needs validation pairs. None: train `epochs` epochs, keep the last state")
+    patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement before an edit stops")
+    min_delta: float = Field(0.0, ge=0, description="early stopping: the least validation-loss decrease that counts "
+                             "as an improvement")
+    max_epochs: int | None = Field(
+        None, ge=1, description="early stopping: the most epochs a pass may run (the cosine schedule spans them); "
+        "None: `epochs`. Ignored without eval_every")
+    snapshot_steps: list[float] | None = Field(
+        None, description="a dose curve: each edit's state is copied after these optimizer steps "
+        "(TrainLog.snapshots); a value in (0, 1) is a fraction of the planned steps, a value >= 1 a step count; "
+        "None: none")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +107,14 @@ class TrainConfig(BaseModel):
             warnings.warn(f"TrainConfig.prefix_dtype = {old!r} is gone: cached prefix states keep the dtype "
                           "the layers above receive, so training from them is exact", FutureWarning, stacklevel=2)
         return data
+
+    @field_validator("snapshot_steps")
+    @classmethod
+    def _snapshot_steps(cls, v: list[float] | None) -> list[float] | None:
+        for x in v or []:
+            if not (math.isfinite(x) and (0 < x < 1 or (x >= 1 and float(x).is_integer()))):
+                raise ValueError(f"each snapshot step is a fraction in (0, 1) or a whole step count >= 1, got {x}")
+        return v
 
     @field_validator("tau", "beta", "lr")
     @classmethod
@@ -103,6 +130,20 @@ class TrainConfig(BaseModel):
             return cls(**kwargs)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, "TrainConfig")) from None
+
+    def key_dump(self) -> dict:
+        """model_dump() without the newer fields at their defaults (io.key_dump): edits trained as before
+        record the same config as before."""
+        return key_dump(self, self.NEW_FIELDS)
+
+    def resolved_epochs(self) -> int:
+        """Epochs a pass may run: max_epochs (else epochs) with early stopping, epochs without."""
+        return self.epochs if self.eval_every is None else (self.max_epochs or self.epochs)
+
+    def resolved_snapshots(self, total_steps: int) -> list[int]:
+        """snapshot_steps as optimizer step counts in 1..total_steps (fractions of `total_steps` rounded, at least 1)."""
+        steps = {max(1, round(x * total_steps)) if x < 1 else int(x) for x in self.snapshot_steps or []}
+        return sorted(s for s in steps if s <= total_steps)
 
     def resolved_lr(self, n_heads: int, total_heads: int) -> float:
         return self.lr if self.lr is not None else default_lr(n_heads, total_heads)

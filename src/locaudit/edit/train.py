@@ -16,7 +16,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -33,6 +33,7 @@ from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
 from locaudit.edit.packed import check_packed, pack_pairs, packed_lengths, packed_logprobs
 from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates
 from locaudit.edit.reference import reference_logps
+from locaudit.edit.stopping import EarlyStopping
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
 from locaudit.models.loading import LoadedModel
@@ -65,14 +66,32 @@ class TrainLog:
     packed_pairs: bool = False
     gradient_checkpointing: bool = False
     diverged: str | None = None  # why training diverged (see `divergence`); such an edit is never saved
+    # early stopping (TrainConfig.eval_every): the validation curve, the best state's evaluation, where it stopped
+    evals: list[dict] = field(default_factory=list)  # {step, epoch, val_loss, val_accuracy, val_margin}
+    best: dict = field(default_factory=dict)  # the evaluation of the state returned: {step, val_loss, ...}
+    stopped_step: int | None = None  # optimizer steps done when patience ran out (None: it never did)
+    steps_run: int | None = None  # optimizer steps the pass ran (early stopping)
+    # TrainConfig.snapshot_steps: {optimizer steps done: (a, b) full-model tensors}; not part of to_dict
+    snapshots: dict = field(default_factory=dict, repr=False)
 
     @property
     def after(self) -> dict:
-        """Validation after the last epoch (empty without validation data)."""
+        """Validation of the edit returned: its best state with early stopping, else after the last epoch
+        (empty without validation data)."""
+        if self.best:
+            return self.best
         return self.epochs[-1] if self.epochs else {}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The curve as JSON-able data: the snapshots' tensors left out, the early-stopping fields only when used
+        (a run without them records what it recorded before they existed)."""
+        d = {k: v for k, v in asdict(replace(self, snapshots={})).items() if k != "snapshots"}
+        for k in ("evals", "best", "stopped_step", "steps_run"):
+            if not d[k] and d[k] != 0:
+                d.pop(k)
+        if self.snapshots:
+            d["snapshot_steps"] = sorted(self.snapshots)
+        return d
 
 
 def cosine_schedule(total: int, warmup: int):
@@ -265,7 +284,9 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     ref_val = reference_logps(lm, enc_val, runner.precision, cfg.eval_batch_size, cfg.reference_disk_cache,
                               cfg.progress, tiled, runner.packed) if enc_val is not None else None
     st_train = runner.states(enc_train)
-    st_val = runner.states(enc_val) if enc_val is not None and cfg.eval_each_epoch else None
+    if cfg.eval_every is not None and enc_val is None:
+        raise ConfigError("TrainConfig.eval_every (early stopping on validation) needs validation pairs; none given")
+    st_val = runner.states(enc_val) if enc_val is not None and (cfg.eval_each_epoch or cfg.eval_every) else None
 
     logs = [TrainLog(hs.name, float(lr), n_train=len(enc_train), n_val=len(enc_val) if enc_val else 0,
                      lowest_layer=runner.lowest, frozen_prefix=runner.use_prefix,
@@ -281,21 +302,40 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     n = len(enc_train)
     n_micro = math.ceil(n / cfg.batch_size)
     steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
-    total = cfg.epochs * steps_per_epoch
+    epochs = cfg.resolved_epochs()
+    total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, math.ceil(cfg.warmup_ratio * total)))
+    stopper = EarlyStopping(stack, cfg.patience, cfg.min_delta) if cfg.eval_every is not None else None
+    snap_at = set(cfg.resolved_snapshots(total))
+    last_eval: tuple[int, list[dict]] | None = None  # (step, per-edit validation) of the latest early-stopping check
+
+    def check(step: int, epoch: float) -> list[dict]:
+        """Early stopping: validation of every edit after `step` optimizer steps, recorded and judged."""
+        nonlocal last_eval
+        vals = runner.evaluate(enc_val, ref_val, st_val)
+        was = [stopper.is_stopped(e) for e in range(E)]  # a stopped edit's curve ends where it stopped
+        stopper.update(step, [v["val_loss"] for v in vals])
+        for e, v in enumerate(vals):
+            if not was[e]:
+                logs[e].evals.append({"step": step, "epoch": epoch, **v})
+        last_eval = (step, vals)
+        return vals
 
     step = 0
     with runner.session():
-        bar = tqdm(total=cfg.epochs * n_micro, desc=label or f"train {E} edit(s)", disable=not cfg.progress,
+        bar = tqdm(total=epochs * n_micro, desc=label or f"train {E} edit(s)", disable=not cfg.progress,
                    leave=False)
         try:
-            for epoch in range(cfg.epochs):
+            if stopper is not None:
+                check(0, 0.0)  # the unedited state (b = 0) is the first candidate
+            for epoch in range(epochs):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
                 perm = torch.randperm(n, generator=g).tolist()
                 batches = [perm[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
                 epoch_loss = torch.zeros(E)
                 acc_loss = torch.zeros(E)
                 opt.zero_grad(set_to_none=True)
+                n_done = len(batches)
                 for k, idx in enumerate(batches):
                     group_start = (k // cfg.grad_accum) * cfg.grad_accum
                     group_size = min(cfg.grad_accum, len(batches) - group_start)
@@ -316,6 +356,8 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(ld.mean()):.4f}", epoch=epoch)
                     if k + 1 == group_start + group_size:
+                        if stopper is not None:
+                            stopper.mask_stopped_grads()  # a stopped edit keeps its parameters and moments
                         norms = []
                         for e in range(E):
                             if cfg.max_grad_norm is not None:
@@ -332,12 +374,29 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                                                   "lr": lr_now[e], "grad_norm": norms[e]})
                         acc_loss.zero_()
                         step += 1
-                rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / len(batches))} for e in range(E)]
+                        if step in snap_at:
+                            for e in range(E):
+                                if stopper is None or not stopper.is_stopped(e):
+                                    logs[e].snapshots[step] = stack.edit_tensors(e)
+                        if stopper is not None and step % cfg.eval_every == 0:
+                            check(step, epoch + (k + 1) / len(batches))
+                            if stopper.all_stopped:
+                                n_done = k + 1
+                                break
+                rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / n_done)} for e in range(E)]
                 if enc_val is not None and cfg.eval_each_epoch:
-                    for e, v in enumerate(runner.evaluate(enc_val, ref_val, st_val)):
+                    vals = (last_eval[1] if last_eval is not None and last_eval[0] == step
+                            else runner.evaluate(enc_val, ref_val, st_val))
+                    for e, v in enumerate(vals):
                         rec[e].update(v)
                 for e in range(E):
                     logs[e].epochs.append(rec[e])
+                if stopper is not None and stopper.all_stopped:
+                    break
+            if stopper is not None:
+                if last_eval is None or last_eval[0] != step:
+                    check(step, float(epochs))  # the last state is a candidate too
+                _finish_early_stopping(stopper, logs, step)
         finally:
             bar.close()
     secs = time.perf_counter() - t0
@@ -347,6 +406,16 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
         if lg.diverged:
             log.warning("edit %s diverged: %s", lg.heads, lg.diverged)
     return stack, logs
+
+
+def _finish_early_stopping(stopper: EarlyStopping, logs: list[TrainLog], step: int) -> None:
+    """Put each edit's best-validation state back into the stack and record it in its log."""
+    stopper.restore_best()
+    for e, lg in enumerate(logs):
+        best = next(v for v in lg.evals if v["step"] == stopper.best_step[e])
+        lg.best = dict(best)
+        lg.stopped_step = stopper.stopped_at[e]
+        lg.steps_run = int(step)
 
 
 MAX_EDIT_ABS = 1e4  # an edit parameter beyond this magnitude has exploded (Adam moves ~lr per step)
@@ -376,7 +445,7 @@ def make_edit(lm: LoadedModel, stack: LoRAStack, e: int, heads: HeadSet, config:
               precision: ResolvedPrecision) -> LoRAEdit:
     """Edit e of a trained stack as a LoRAEdit with its meta (model, objective, hyper-parameters, curve)."""
     a, b = stack.edit_tensors(e)
-    cfg = config.model_dump()
+    cfg = config.key_dump()
     cfg["lr"] = float(lr)
     meta = {
         "model": {"name": lm.name, "fingerprint": lm.fingerprint},

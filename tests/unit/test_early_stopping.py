@@ -1,0 +1,152 @@
+"""Early stopping on validation (TrainConfig.eval_every) and dose snapshots (snapshot_steps) on tiny models:
+the edit returned is the best-validation state, per edit inside a multi-edit pass, under fp32 and bf16; with
+both off, training is bit-for-bit what it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from locaudit.data.types import PreferencePair
+from locaudit.edit import reference as reference_mod
+from locaudit.edit import train as train_mod
+from locaudit.edit.config import TrainConfig
+from locaudit.edit.lora import build_stack
+from locaudit.edit.multi import train_edits
+from locaudit.edit.stopping import EarlyStopping
+from locaudit.edit.train import train_edit
+from locaudit.errors import ConfigError
+from locaudit.heads import HeadSet
+from locaudit.models.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pairs(n: int, offset: int = 0) -> list[PreferencePair]:
+    return [PreferencePair(f"q{i}", f"What is item {i}?", f"It is good {i % 4}.", f"Bad bad {i % 3}!")
+            for i in range(offset, offset + n)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+    reference_mod.clear_memory()
+    train_mod.PREFIX_CACHE.clear()
+
+
+BASE = dict(progress=False, reference_disk_cache=False, epochs=3, batch_size=2, warmup_ratio=0.0)
+
+
+def test_stopper_keeps_the_best_state_and_stops_after_patience() -> None:
+    lm = tiny_model("llama", n_layers=2)
+    stack = build_stack(lm.sites, [HeadSet.parse("L0H0"), HeadSet.parse("L1H1")])
+    stop = EarlyStopping(stack, patience=2, min_delta=0.01)
+    curves = [[5.0, 4.0, 3.0, 3.5, 4.0, 5.0], [5.0, 4.995, 4.99, 4.985, 4.98, 4.0]]  # edit 1: tiny steps only
+    for step in range(6):
+        with torch.no_grad():
+            for e in range(2):
+                for p in stack.edit_parameters(e):
+                    p.fill_(float(step))
+        stop.update(step, [curves[0][step], curves[1][step]])
+    assert stop.best_step == [2, 0] and stop.best_loss == [3.0, 5.0]
+    assert stop.stopped_at == [4, 2]  # two evaluations without a 0.01 improvement
+    assert stop.all_stopped
+    stop.restore_best()
+    assert all(float(p.detach().max()) == 2.0 for p in stack.edit_parameters(0))
+    assert all(float(p.detach().abs().max()) == 0.0 for p in stack.edit_parameters(1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_returned_edit_is_the_best_validation_snapshot(precision) -> None:
+    """Validation on the training pairs with a high learning rate and a wide IPO target (tau = 2: a gap of 0.25)
+    overshoots: the loss falls, then rises. The edit returned is the snapshot at the best evaluated step."""
+    lm = tiny_model("llama", n_layers=2)
+    train = pairs(6)
+    total = 3 * 3
+    cfg = dict(BASE, precision=precision, tau=2.0, lr=0.05, eval_every=1, patience=100,
+               snapshot_steps=list(range(1, total + 1)))
+    edit, log = train_edit(lm, HeadSet.parse("L0H1,L1H0"), train, train, config=cfg)
+    losses = [e["val_loss"] for e in log.evals]
+    assert [e["step"] for e in log.evals] == list(range(total + 1))
+    best = min(range(len(losses)), key=lambda i: losses[i])
+    assert log.best["step"] == best and log.after["val_loss"] == pytest.approx(losses[best])
+    assert 0 < best < total and losses[-1] > losses[best]  # the case the test is about: a rise after the best
+    a, b = log.snapshots[best]
+    assert torch.equal(edit.a, a) and torch.equal(edit.b, b)
+    assert sorted(log.snapshots) == list(range(1, total + 1))
+    d = log.to_dict()
+    assert d["best"]["step"] == best and d["snapshot_steps"] == list(range(1, total + 1)) and "snapshots" not in d
+    assert edit.meta["config"]["eval_every"] == 1  # the curve and its settings are in the edit's meta
+    assert [e["step"] for e in edit.meta["curve"]["evals"]] == list(range(total + 1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_each_edit_of_a_pass_stops_on_its_own(precision) -> None:
+    lm = tiny_model("llama", n_layers=3)
+    heads = [HeadSet.parse("L0H1"), HeadSet.parse("L1H0,L2H2"), HeadSet.parse("L2H3")]
+    train = pairs(6)
+    cfg = dict(BASE, precision=precision, tau=2.0, eval_every=1, patience=2, max_epochs=6,
+               snapshot_steps=list(range(1, 19)), max_parallel=3, group_copy_cost=0.0)
+    out = train_edits(lm, heads, train, train, config=cfg, lrs=[0.2, 1e-4, 0.05])
+    assert len({lg.lowest_layer for _, lg in out}) == 1  # one pass
+    for edit, lg in out:
+        losses = {e["step"]: e["val_loss"] for e in lg.evals}
+        best = min(losses, key=losses.get)
+        assert lg.best["step"] == best
+        if best == 0:
+            assert float(edit.b.abs().max()) == 0.0  # no step beat the unedited model: the identity edit
+        else:
+            a, b = lg.snapshots[best]
+            assert torch.equal(edit.a, a) and torch.equal(edit.b, b)
+        if lg.stopped_step is not None:  # patience ran out: its curve ends there, no snapshot after it
+            assert max(losses) == lg.stopped_step and lg.stopped_step - best == 2
+            assert all(s <= lg.stopped_step for s in lg.snapshots)
+    assert out[0][1].stopped_step is not None  # the edit with the high learning rate overshoots and stops
+    if all(lg.stopped_step is not None for _, lg in out):
+        assert out[0][1].steps_run == max(lg.stopped_step for _, lg in out)  # the pass ended with the last one
+
+
+def test_disabled_is_bitwise_unchanged() -> None:
+    lm = tiny_model("llama", n_layers=2)
+    heads = HeadSet.parse("L0H1,L1H0")
+    train, val = pairs(6), pairs(3, 40)
+    cfg = dict(BASE, precision="fp32")
+    e0, l0 = train_edit(lm, heads, train, val, config=cfg)
+    e1, l1 = train_edit(lm, heads, train, val, config=dict(cfg, snapshot_steps=[0.5, 3]))  # snapshots only
+    assert torch.equal(e0.a, e1.a) and torch.equal(e0.b, e1.b)
+    assert l0.steps == l1.steps and l0.epochs == l1.epochs
+    assert sorted(l1.snapshots) == [3, 4]  # 9 planned steps: half of them is step round(4.5) = 4
+    # the records of a run without the new settings are what they were before them
+    assert set(l0.to_dict()) == {"heads", "lr", "steps", "epochs", "before", "seconds", "n_train", "n_val",
+                                 "lowest_layer", "frozen_prefix", "tiled_logps", "packed_pairs",
+                                 "gradient_checkpointing", "diverged"}
+    assert not set(TrainConfig.NEW_FIELDS) & set(e0.meta["config"])
+    assert TrainConfig().key_dump() == {k: v for k, v in TrainConfig().model_dump().items()
+                                        if k not in TrainConfig.NEW_FIELDS}
+
+
+def test_early_stopping_needs_validation_pairs() -> None:
+    lm = tiny_model("llama", n_layers=2)
+    with pytest.raises(ConfigError, match="eval_every"):
+        train_edit(lm, HeadSet.parse("L0H1"), pairs(4), None, config=dict(BASE, precision="fp32", eval_every=1))
+
+
+def test_snapshot_steps_are_checked() -> None:
+    with pytest.raises(ConfigError, match="snapshot_steps"):
+        TrainConfig.make(snapshot_steps=[1.5])
+    assert TrainConfig.make(snapshot_steps=[0.5, 2]).resolved_snapshots(9) == [2, 4]
+    assert TrainConfig.make(snapshot_steps=[0.01, 20]).resolved_snapshots(9) == [1]
+
+
+def test_learning_curves_figure(tmp_path) -> None:
+    """The report's figure reads the curve as make_edit records it in the edit's meta."""
+    from locaudit.study.figures_training import curve_points, learning_curves
+
+    lm = tiny_model("llama", n_layers=2)
+    out = train_edits(lm, [HeadSet.parse("L0H1"), HeadSet.parse("L1H0")], pairs(6), pairs(3, 40),
+                      config=dict(BASE, precision="fp32", eval_every=2, patience=2))
+    curves = [(e.heads.name, "random", e.meta["curve"]) for e, _ in out]
+    xs, ys, kept = curve_points(curves[0][2])
+    assert xs[0] == 0 and xs == sorted(xs) and kept == (out[0][1].best["step"], pytest.approx(out[0][1].best["val_loss"]))
+    assert learning_curves(curves, tmp_path / "lc.png").is_file()
+    assert learning_curves([("x", "top", {"epochs": [], "steps": []})], tmp_path / "none.png") is None
