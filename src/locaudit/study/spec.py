@@ -49,6 +49,11 @@ def check_config_fields(config_cls: type[BaseModel], fields: dict[str, Any], own
         raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
 
 
+# a seed is a 32-bit unsigned integer: numpy's generators refuse negative seeds, and TrainConfig, PatchingConfig
+# and tracing derive torch generator seeds as seed * 1_000_003 + index, which must fit in 64 bits
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number is finite
 
@@ -70,7 +75,7 @@ class DataSpec(_Strict):
                       "resolve against the study file's folder.")
     mc_path: str | None = Field(None, description="Optional TruthfulQA mc_task.json for MC1/MC2.")
     max_questions: int | None = Field(None, ge=2, description="Subsample this many questions (seeded).")
-    seed: int = Field(0, description="Seed of the split by question and of subsampling.")
+    seed: Seed = Field(0, description="Seed of the split by question and of subsampling.")
     fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train/val/test fractions.")
     format: Literal["plain", "chat"] = Field("plain", description="Prompt format (data/prompts.py).")
     system: str | None = Field(None, description="Chat format only: a system message.")
@@ -94,8 +99,8 @@ class RandomSpec(_Strict):
     n: int = Field(20, ge=0, description="Number of random K-head draws (seeds seed_start..seed_start+n-1). "
                    "A rank p-value cannot go below 1/(n+1): 19 draws reach 0.05 for one test, 39 for two.")
     k: int | None = Field(None, ge=1, description="Heads per draw; default: probe.top_k.")
-    seed_start: int = Field(0, ge=0, description="First draw seed.")
-    seeds: list[int] | None = Field(None, description="Explicit draw seeds (replaces n / seed_start).")
+    seed_start: Seed = Field(0, description="First draw seed.")
+    seeds: list[Seed] | None = Field(None, description="Explicit draw seeds (replaces n / seed_start).")
     exclude_top: bool = Field(False, description="Never draw one of the probe's top-K heads.")
     max_overlap: float | None = Field(0.5, ge=0, le=1, description="Redraw (seeded, reproducibly) a draw that "
                                       "shares more than this fraction of its heads with the probe's top-K; null: "
@@ -109,7 +114,7 @@ class RandomSpec(_Strict):
 
 class SingleSpec(_Strict):
     n: int = Field(0, ge=0, description="Number of distinct single heads sampled (a seeded permutation of all heads).")
-    seed: int = Field(0, ge=0, description="Seed of that permutation; raising n keeps the earlier heads.")
+    seed: Seed = Field(0, description="Seed of that permutation; raising n keeps the earlier heads.")
     top: int = Field(0, ge=0, description="Also edit each of the probe's N best heads alone (locations "
                      "ranked#0..ranked#N-1): does the best-probed head on its own match full alignment?")
     heads: list[str] = Field(default_factory=list, description="Listed single heads, e.g. ['L12H3', '20.1'].")
@@ -178,6 +183,7 @@ class LocalizerSpec(_Strict):
 
 class ITISpec(_Strict):
     enabled: bool = Field(True, description="Run ITI (heuristic) edits.")
+    # |alpha| <= 1000, as the CLI's --alpha: 30x the strengths in the literature (cli/options.MAX_ALPHA says why)
     alphas: list[Annotated[float, Field(ge=-1e3, le=1e3)]] = Field(default_factory=lambda: [5.0, 15.0], min_length=1,
                                                                   description="Alpha grid (|alpha| <= 1000).")
     direction: Literal["mass_mean", "probe"] = Field("mass_mean", description="ITI direction.")
@@ -213,10 +219,14 @@ class OptimalSpec(_Strict):
     train_options: dict[str, Any] = Field(default_factory=dict, description="Further TrainConfig fields "
                                           "(edit/config.py), e.g. {warmup_ratio: 0.1}; precision is the "
                                           "study's own field.")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds (replicates).")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds (replicates).")
     localizers: list[Group] = Field(default_factory=lambda: list(GROUPS), description="Where to edit.")
     batch_edits: int = Field(1, ge=1, description="Train up to this many edits with equal hyper-parameters in "
                              "one pass (speed only; not part of trial keys).")
+    dose_steps: list[float] = Field(default_factory=list, description="A dose curve per optimal edit (matched "
+                                    "collateral damage, docs/verdict.md): the edit's state after these optimizer steps "
+                                    "(a value in (0, 1): a fraction of the planned steps; >= 1: a step count) is also "
+                                    "scored on the primary metric and KL. Empty: none (part of trial keys only when set).")
 
     @field_validator("taus")
     @classmethod
@@ -225,14 +235,22 @@ class OptimalSpec(_Strict):
             raise ValueError(f"taus must be > 0, got {v}")
         return v
 
+    @field_validator("dose_steps")
+    @classmethod
+    def _dose_steps(cls, v: list[float]) -> list[float]:
+        from locaudit.edit.config import TrainConfig
+
+        check_config_fields(TrainConfig, {"snapshot_steps": v}, set(), "", "TrainConfig field")
+        return v
+
     @field_validator("train_options")
     @classmethod
     def _train_options(cls, v: dict[str, Any]) -> dict[str, Any]:
         from locaudit.edit.config import TrainConfig
 
         check_config_fields(TrainConfig, v, {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed",
-                                             "progress", "precision"},
-                            "the study's own fields (taus, lr, rank, ...)", "TrainConfig field")
+                                             "progress", "precision", "snapshot_steps"},
+                            "the study's own fields (taus, lr, rank, dose_steps, ...)", "TrainConfig field")
         return v
 
 
@@ -310,6 +328,11 @@ class VerdictSpec(_Strict):
                                        "primary metric over random locations, as a fraction of that gain.")
     assumed_question_sd: float = Field(0.2, gt=0, description="Design checks before any result: sd over test "
                                        "questions of the per-question difference between two edits.")
+    kl_budget: float | None = Field(None, gt=0, description="Matched collateral damage (optimal.dose_steps): the "
+                                    "KL on generic text at which locations' gains are compared; None: kl_budget_fraction "
+                                    "of the KL that full alignment's edit reaches (else the random draws' median).")
+    kl_budget_fraction: float = Field(0.5, gt=0, le=1, description="The KL budget as a fraction of full "
+                                      "alignment's KL, where kl_budget is not set.")
 
 
 class ResourceSpec(_Strict):

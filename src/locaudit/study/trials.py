@@ -205,6 +205,7 @@ def expand(spec: StudySpec) -> list[Trial]:
                     trials.append(_select_trial(t, select, common, judge))
     if spec.optimal.enabled:
         O = spec.optimal
+        dose = {"dose_steps": [float(x) for x in O.dose_steps]} if O.dose_steps else {}  # keys unchanged when unset
         for loc in localizers_of(spec, list(O.localizers)):
             gridded = len(O.taus) * len(getattr(O.lr, loc.group)) > 1
             rk = ranking_of(loc)
@@ -221,7 +222,7 @@ def expand(spec: StudySpec) -> list[Trial]:
                              "epochs": int(O.epochs), "batch_size": O.batch_size,
                              "max_train_pairs": O.max_train_pairs, "max_val_pairs": O.max_val_pairs,
                              "train_options": dict(sorted(O.train_options.items())), "seed": int(seed),
-                             "evaluation": evaluation, **rk},
+                             "evaluation": evaluation, **rk, **dose},
                             deps=deps, batch_fields=("localizer", "probe", "lr")))
                         if select and gridded:
                             trials.append(_select_trial(t, select, common, judge))

@@ -20,6 +20,7 @@ import torch
 from locaudit.errors import LocauditError
 from locaudit.io import has_checksums, verify_checksums, write_checksums, write_json_atomic
 from locaudit.study.steps.context import RunContext
+from locaudit.study.steps.dose import DOSE_FILE, evaluate_dose, save_snapshots
 from locaudit.study.steps.evaluation import evaluate
 from locaudit.study.trials import Trial, training_key
 
@@ -55,8 +56,10 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         val_pairs = _subsample(ctx.data.pairs("val"), c["max_val_pairs"], seed + 1)
         options = dict(c.get("train_options", {}))
         options.setdefault("max_parallel", max(1, len(todo)))  # train_edits groups edits by lowest layer
+        if c.get("dose_steps"):
+            options["snapshot_steps"] = list(c["dose_steps"])
         cfg = TrainConfig.make(objective=c["objective"], tau=c["tau"], rank=c["rank"], epochs=c["epochs"],
-                               batch_size=c["batch_size"], seed=c["seed"], progress=True,
+                               batch_size=c["batch_size"], seed=c["seed"], progress=False,  # the study's bar shows progress
                                precision=ctx.precision.name, **options)
         results = train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
                               lrs=[float(t.content["lr"]) for t in todo])
@@ -66,8 +69,11 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
                 diverged.append(f"trial {t.key} ({t.name}): {tlog.diverged}")
                 continue
             edit.save(d)
+            extra = {"best": tlog.best, "steps": len(tlog.steps)} if tlog.best or tlog.snapshots else {}
+            if tlog.snapshots:
+                extra["dose_steps"] = save_snapshots(edit, tlog, d)
             write_json_atomic(d / TRAINED_MARKER, {"seconds": tlog.seconds, "before": tlog.before, "after": tlog.after,
-                                                   "n_train": tlog.n_train, "n_val": tlog.n_val})
+                                                   "n_train": tlog.n_train, "n_val": tlog.n_val, **extra})
             write_checksums(d)  # last: the folder is trusted only while it matches
     bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
     for t in trials:
@@ -82,8 +88,12 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         for k, v in (trained.get("after") or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "epoch":
                 metrics[f"train_{k}"] = float(v)
-        yield t.key, {"metrics": metrics, "artifacts": {"edit": ctx.rel(edit_dir[t.key]), "eval": ctx.rel(d / "eval"),
-                                                       "heads": heads[t.key].to_string()}}
+        artifacts = {"edit": ctx.rel(edit_dir[t.key]), "eval": ctx.rel(d / "eval"), "heads": heads[t.key].to_string()}
+        if t.content.get("dose_steps"):  # the training path's snapshots scored (matched collateral damage)
+            dose = evaluate_dose(ctx, t, edit, edit_dir[t.key], metrics, d)
+            metrics["n_dose_points"] = float(len(dose["points"]))
+            artifacts["dose"] = ctx.rel(d / DOSE_FILE)
+        yield t.key, {"metrics": metrics, "artifacts": artifacts}
     if diverged:
         from locaudit.edit.train import TrainingError
 
