@@ -1,0 +1,80 @@
+"""Learning curves of optimal edits: validation loss (the training objective on held-out pairs) against optimizer
+steps, one line per edit, coloured by localizer group, the state kept (the best under early stopping) as a dot.
+
+The curve is read from each trained edit's meta.json ("curve": edit.train.TrainLog): the early-stopping
+evaluations where there are any (TrainConfig.eval_every), else the unedited model at step 0 and the end of every
+epoch. Colours as study/figures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from locaudit.study.figures import COLORS, GROUP_LABEL, MAX_WIDTH_IN, _plt, _save
+
+
+def curve_points(curve: dict) -> tuple[list[float], list[float], tuple[float, float] | None]:
+    """(steps, validation losses, (step, loss) of the state kept or None) of one TrainLog dict."""
+    evals = curve.get("evals") or []
+    if evals:
+        xs = [float(e["step"]) for e in evals if "val_loss" in e]
+        ys = [float(e["val_loss"]) for e in evals if "val_loss" in e]
+        best = curve.get("best") or {}
+        kept = (float(best["step"]), float(best["val_loss"])) if "step" in best and "val_loss" in best else None
+        return xs, ys, kept
+    epochs = [e for e in curve.get("epochs") or [] if "val_loss" in e]
+    if not epochs:
+        return [], [], None
+    per_epoch = len(curve.get("steps") or []) / max(1, len(curve.get("epochs") or []))
+    xs = [float(e["epoch"]) * per_epoch for e in epochs]
+    ys = [float(e["val_loss"]) for e in epochs]
+    before = (curve.get("before") or {}).get("val_loss")
+    if before is not None:
+        xs, ys = [0.0] + xs, [float(before)] + ys
+    return xs, ys, (xs[-1], ys[-1])
+
+
+def read_curves(run_dir: Path, rows: list[dict]) -> list[tuple[str, str, dict]]:
+    """(localizer, group, TrainLog dict) of every finished optimal trial whose edit folder has a curve."""
+    from locaudit.study.trials import Trial
+
+    out = []
+    for r in rows:
+        edit = (r.get("artifacts") or {}).get("edit")
+        if r.get("kind") != "optimal" or r.get("status") != "done" or not edit:
+            continue
+        try:
+            meta = json.loads((Path(run_dir) / edit / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        t = Trial.from_dict({**(r.get("spec") or {}), "key": r["key"], "kind": "optimal",
+                             "content": (r.get("spec") or {}).get("content", {})})
+        lo = t.localizer
+        if meta.get("curve"):
+            out.append((lo.name if lo else r["key"], t.group, meta["curve"]))
+    return out
+
+
+def learning_curves(curves: list[tuple[str, str, dict]], path: str | os.PathLike) -> Path | None:
+    """One line per edit (validation loss vs step); None when no edit has a validation curve."""
+    drawn = [(name, group, *curve_points(c)) for name, group, c in curves]
+    drawn = [d for d in drawn if len(d[2]) > 1]
+    if not drawn:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(min(6.5, MAX_WIDTH_IN), 4.0))
+    seen: set[str] = set()
+    for name, group, xs, ys, kept in sorted(drawn, key=lambda d: d[1] == "top"):
+        col = COLORS.get(group, "#555555")
+        ax.plot(xs, ys, "-", color=col, lw=1.8 if group == "top" else 0.8, alpha=1.0 if group == "top" else 0.6,
+                label=GROUP_LABEL.get(group, group) if group not in seen else None)
+        seen.add(group)
+        if kept is not None:
+            ax.scatter([kept[0]], [kept[1]], s=14, color=col, edgecolors="black", linewidths=0.4, zorder=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Optimal edits: validation loss during training (dot: the state kept)", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
