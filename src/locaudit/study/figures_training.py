@@ -73,6 +73,7 @@ def learning_curves(curves: list[tuple[str, str, dict]], path: str | os.PathLike
         seen.add(group)
         if kept is not None:
             ax.scatter([kept[0]], [kept[1]], s=14, color=col, edgecolors="black", linewidths=0.4, zorder=3)
+    ax.ticklabel_format(axis="y", useOffset=False)  # losses near 25 (IPO at tau 0.1) differ in the 3rd decimal
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss")
     ax.set_title("Optimal edits: validation loss during training (dot: the state kept)", fontsize=10)
