@@ -36,6 +36,7 @@ from locaudit.study import figures as F
 from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_candidate, load_per_question, metric_columns,
                                      results_frame, trials_frame, verdict)
 from locaudit.study.candidates import agreement_rows, rankings_of_run, side_by_side
+from locaudit.study.dose_report import CAPTIONS as DOSE_CAPTIONS, dose_section, insert_section, learning_figure
 from locaudit.study.ledger import Ledger
 from locaudit.study.preregistration import FIELDS, KEY as PREREG_KEY, deviations, judge_record
 from locaudit.study.spec import VerdictSpec
@@ -129,12 +130,54 @@ def _probe(run_dir: Path, rows: list[dict], notes: list[str] | None = None):
     return None
 
 
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """A PNG's width and height in pixels from its IHDR chunk (None if it is not a PNG)."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+WIDE_FIGURE_PX = 700  # a figure wider than this gets a row of its own (class "wide")
+
+
 def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+    raw = path.read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
+    size = _png_size(raw)
+    wh = f' width="{size[0]}" height="{size[1]}"' if size else ""  # the layout is known before decoding
+    return f'<img alt="{html.escape(path.stem)}"{wh} src="data:image/png;base64,{data}">'
 
 
-def _num(v) -> str:
+# columns in the compared metric's units: printed to 4 significant digits of the row's scale (the larger of its
+# means), so float noise such as a constant spread of 2.8e-17 prints 0
+SCALED = ("candidate_mean", "random_mean", "random_sd", "diff", "ci_low", "ci_high", "ci_boot_low", "ci_boot_high",
+          "se_diff", "se_locations", "se_questions", "se_seeds", "full_alignment", "unedited", "gain", "gain_lcb",
+          "margin_abs", "value", "optimistic_candidate", "optimistic_random_mean", "tost_low_abs", "tost_high_abs")
+SCALE_FROM = ("candidate_mean", "random_mean", "full_alignment", "unedited", "value", "optimistic_candidate")
+
+
+def _is_p(col: str) -> bool:
+    """A p-value column (p_rank, p_combined_adj, tost_p, ch_p, welch_seeds_p, p_jaccard, ...)."""
+    c = str(col)
+    return c.startswith("p_") or c.endswith("_p") or "_p_" in c
+
+
+def _row_scale(r) -> float | None:
+    vals = []
+    for c in SCALE_FROM:
+        try:
+            v = r[c]
+        except (KeyError, IndexError):
+            continue
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+                and math.isfinite(float(v)):
+            vals.append(abs(float(v)))
+    return max(vals) if vals else None
+
+
+def _num(v, col: str | None = None, scale: float | None = None) -> str:
+    """A table cell: p-values to 2 significant digits; numbers in the metric's units (SCALED, with the row's
+    `scale`) to 4 significant digits of that scale; other floats to 4 significant digits; never '-0'."""
     if v is None:
         return ""
     if isinstance(v, (bool, np.bool_)):
@@ -142,35 +185,89 @@ def _num(v) -> str:
     if isinstance(v, (int, np.integer)):
         return str(int(v))
     if isinstance(v, (float, np.floating)):
+        v = float(v)
         if not math.isfinite(v):
-            return ""
+            return "n/a" if col is not None and _is_p(col) else ""  # a test that could not be (or was not) run
         a = abs(v)
-        return f"{v:.2e}" if (a and (a < 1e-3 or a >= 1e5)) else f"{v:.4g}"
+        if col is not None and _is_p(col):
+            return f"{v:.2g}" if a >= 1e-3 or a == 0 else f"{v:.1e}"
+        if col in SCALED and scale is not None:
+            s = max(scale, a)
+            if s == 0 or a <= 1e-9 * s:
+                return "0"
+            nd = min(8, max(0, 3 - math.floor(math.log10(s))))
+            out = f"{v:.{nd}f}"
+            return "0" if float(out) == 0 else out
+        if a < 1e-12:
+            return "0"
+        out = f"{v:.2e}" if (a < 1e-3 or a >= 1e5) else f"{v:.4g}"
+        return "0" if out.startswith("-") and float(out) == 0 else out
     return html.escape(str(v))
 
 
-def _table(df: pd.DataFrame, cols: list[str] | None = None, max_rows: int = 500) -> str:
+def _th(c) -> str:
+    """A header cell; long names may break after their underscores (p_combined_<wbr>adj)."""
+    return "<th>" + html.escape(str(c)).replace("_", "_<wbr>") + "</th>"
+
+
+def _table(df: pd.DataFrame, cols: list[str] | None = None, max_rows: int = 500, cls: str = "") -> str:
     if df is None or df.empty:
         return "<p class='muted'>nothing yet</p>"
     cols = [c for c in (cols or list(df.columns)) if c in df.columns]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    head = "".join(_th(c) for c in cols)
     body = []
     for _, r in df.head(max_rows).iterrows():
-        body.append("<tr>" + "".join(f"<td>{_num(r[c])}</td>" for c in cols) + "</tr>")
+        scale = _row_scale(r)
+        cells = []
+        for c in cols:
+            v = r[c]
+            numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            cells.append(f"<td class='n'>{_num(v, c, scale)}</td>" if numeric else f"<td>{_num(v, c, scale)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p class='muted'>{len(df) - max_rows} more rows in the CSV</p>" if len(df) > max_rows else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+    klass = f" class='{cls}'" if cls else ""
+    return f"<table{klass}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+
+
+def _first(cols: list[str], key: list[str]) -> list[str]:
+    """`cols` with the key columns first, in the key's order."""
+    return [c for c in key if c in cols] + [c for c in cols if c not in key]
+
+
+def _key_table(df: pd.DataFrame, key: list[str], every: list[str] | None = None, csv: str | None = None,
+               max_rows: int = 500) -> str:
+    """The decision columns (outcome and p-values first) in a table that fits an 800 px page (class 'key'),
+    then every column (`every`, default the frame's with the key first) in a collapsed details table that may
+    scroll sideways."""
+    if df is None or df.empty:
+        return "<p class='muted'>nothing yet</p>"
+    cols = [c for c in (every or _first(list(df.columns), key)) if c in df.columns]
+    rest = [c for c in cols if c not in key]
+    out = _table(df, key, max_rows, cls="key")
+    if rest:
+        where = f" (also in {html.escape(csv)})" if csv else ""
+        out += (f"<details><summary>All {len(cols)} columns{where}</summary>" + _table(df, cols, max_rows, cls="all")
+                + "</details>")
+    return out
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;
+overflow-wrap:break-word}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .verdict{background:#f4f7fb;border-left:5px solid #1f77b4;padding:.8em 1em;margin:1em 0}
 .verdict p.head{font-weight:600;font-size:1.08em;margin:.2em 0 .6em}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0;display:block;overflow-x:auto}
-th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
-th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:1em} .figs figure{margin:0;flex:1 1 460px} .figs img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.8em;color:#555} .muted{color:#888} code{background:#f4f4f4;padding:0 .2em}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0;display:block;max-width:100%;overflow-x:auto}
+th,td{border:1px solid #ddd;padding:.25em .35em;text-align:left;vertical-align:top}
+td.n{text-align:right;white-space:nowrap} td{overflow-wrap:anywhere;max-width:24em}
+th{background:#f0f0f0;font-weight:600}
+table.key td{max-width:14em}
+details{margin:.3em 0} summary{cursor:pointer;color:#1f4e79}
+.figs{display:flex;flex-wrap:wrap;gap:1em} .figs figure{margin:0;flex:1 1 460px;min-width:0}
+.figs figure.wide{flex-basis:100%} .figs img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.8em;color:#555} .muted{color:#888} code{background:#f4f4f4;padding:0 .2em;overflow-wrap:anywhere}
+pre{white-space:pre-wrap;overflow-wrap:anywhere}
 """
 
 
@@ -203,6 +300,18 @@ def _figures(run_dir: Path, out: Path, res: pd.DataFrame, selected: pd.DataFrame
     return figs
 
 
+# the decision columns, first and alone in the tables a reader sees (every column sits below, collapsed)
+VERDICT_KEY = ["method", "outcome", "p_combined_adj", "p_rank", "p_floor", "p_mean", "tost_p_adj", "candidate_mean",
+               "random_mean", "diff"]
+COMPARISON_KEY = ["method", "metric", "outcome", "p_combined_adj", "p_rank", "p_floor", "p_mean", "tost_p_adj",
+                  "candidate_mean", "random_mean", "diff"]
+LOCALIZER_KEY = ["localizer", "method", "outcome", "p_combined_adj", "p_rank", "p_floor", "p_mean", "tost_p_adj",
+                 "candidate_mean", "random_mean", "diff"]
+SINGLES_KEY = ["method", "head", "matches_full", "p_match_adj", "gain_fraction", "gain_fraction_lcb", "value",
+               "full_alignment", "probe_rank"]
+AGREEMENT_KEY = ["a", "b", "k", "jaccard", "p_jaccard", "spearman", "p_spearman"]
+
+
 CAPTIONS = {
     "hist_iti": "ITI (heuristic) edits: the primary metric over random K-head draws vs the probe's top-K heads.",
     "hist_optimal": "Optimal edits: the same comparison. The paper finds random heads as good as the top-K heads here.",
@@ -215,6 +324,7 @@ CAPTIONS = {
     "probe_heatmap": "Per-head probe accuracy; red boxes: the top-K heads; blue circles: single heads whose optimal "
                      "edit matches full alignment (lower confidence bound of the gain fraction above 1 - margin).",
 }
+CAPTIONS.update(DOSE_CAPTIONS)
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resamples: int = 4999,
@@ -261,6 +371,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     devs = deviations(pre, cfg, used_judge, rejudged is not None)
     if devs:
         v.headline = f"Re-analysed: {'; '.join(devs)}. " + v.headline
+    dose = dose_section(run_dir, rows, res, a.selected, a.primary, cfg, out, n_resamples)  # None: no dose curves
+    if dose is not None and dose.line:
+        v.lines.append(dose.line)
     if pre is None:
         notes.append("This run's ledger has no pre-registered verdict settings (runs started before they were "
                      "recorded): nothing to compare the analysis with.")
@@ -287,12 +400,20 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
           "preregistered": pre, "analysed": {**{k: getattr(cfg, k) for k in FIELDS}, "verdict": cfg.model_dump(),
                                               "judge": used_judge, "primary_metric_used": a.primary},
           "deviations": devs}
+    if dose is not None:  # matched collateral damage (study/dose_report.py)
+        vd["matched_kl"] = dose.result
+        tables["matched_kl.csv"] = _write_df(dose.table, out / "matched_kl.csv")
     write_json_atomic(out / "verdict.json", vd)
     tables["verdict.json"] = out / "verdict.json"
     figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
+    figs.update(dose.figures if dose is not None else {})
+    lc = learning_figure(run_dir, rows, out)  # edits trained with early stopping (None without)
+    if lc is not None:
+        figs["learning_curves"] = lc
     index = out / "index.html"
-    write_text_atomic(index, _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes,
-                                   side, per_candidate, agree, used_judge))
+    page = _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes, side, per_candidate, agree,
+                 used_judge)
+    write_text_atomic(index, insert_section(page, dose.html(_table)) if dose is not None else page)
     return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
 
 
@@ -353,7 +474,7 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
             f"both reject at {cfg.alpha:g} after {cfg.multiplicity} correction; suggestive = the same, but only at the "
             f"design's floor; evidence against = TOST within ±{cfg.margin:.0%} of full alignment's "
             "gain; inconclusive = neither; no signal = the metric does not vary or full alignment has no measurable "
-            "gain.") + "</p>" + _table(pd.DataFrame(v.table)))
+            "gain.") + "</p>" + _key_table(pd.DataFrame(v.table), VERDICT_KEY, csv="verdict.csv"))
     if side:
         parts.append("<h2>Localizers side by side</h2><p class='muted'>" + html.escape(
             "Each localizer's top-K heads are edited like the probe's and compared with the same random draws, full "
@@ -362,28 +483,34 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
             "localizers' tests decided, together in one family (p_adj_across_localizers, with the discrete "
             "restriction); otherwise they are at most 'inconclusive'.") + "</p><ul>" + "".join(
             f"<li><b>{html.escape(c)}</b>: {html.escape(d['headline'])}</li>" for c, d in (per_candidate or {}).items())
-            + "</ul>" + _table(pd.DataFrame(side)))
+            + "</ul>" + _key_table(pd.DataFrame(side), LOCALIZER_KEY, csv="localizers.csv"))
     if agree:
         parts.append("<h2>Agreement between localizers</h2><p class='muted'>" + html.escape(
             "Jaccard of the top-K sets and Spearman correlation over all heads, against two random K-sets "
             "(hypergeometric: mean and 95th percentile of the Jaccard, p = P(overlap >= observed)) and two random "
-            "rankings (Monte-Carlo 95th percentile of Spearman).") + "</p>" + _table(pd.DataFrame(agree)))
+            "rankings (Monte-Carlo 95th percentile of Spearman).") + "</p>"
+            + _key_table(pd.DataFrame(agree), AGREEMENT_KEY, csv="agreement.csv"))
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for k, p in figs.items():
-            parts.append(f"<figure>{_img(p)}<figcaption>{html.escape(CAPTIONS.get(k, k))}</figcaption></figure>")
+            with open(p, "rb") as fh:
+                size = _png_size(fh.read(24))
+            wide = " class='wide'" if size and size[0] > WIDE_FIGURE_PX else ""
+            parts.append(f"<figure{wide}>{_img(p)}<figcaption>{html.escape(CAPTIONS.get(k, k))}</figcaption></figure>")
         parts.append("</div>")
-    cols = ["method", "metric", "scope", "family", "outcome", "selection", "n_random", "candidate_mean", "random_mean",
-            "random_sd", "diff", "ci_low", "ci_high", "percentile", "p_rank", "p_floor", "p_rank_adj", "tost_p",
-            "tost_p_adj", "tost_low", "tost_high", "z", "p_mean", "p_combined", "p_combined_adj", "rank_stability",
-            "ci_boot_low", "ci_boot_high", "ch_p", "welch_seeds_p", "t_tost_p", "question_noise", "training_noise"]
+    cols = ["method", "metric", "outcome", "p_combined_adj", "p_rank", "p_floor", "p_mean", "tost_p_adj",
+            "candidate_mean", "random_mean", "diff", "scope", "family", "selection", "n_random", "random_sd", "ci_low",
+            "ci_high", "percentile", "p_rank_adj", "tost_p", "tost_low", "tost_high", "z", "p_combined",
+            "rank_stability", "ci_boot_low", "ci_boot_high", "ch_p", "welch_seeds_p", "t_tost_p", "question_noise",
+            "training_noise"]
     parts.append("<h2>Candidate vs random draws</h2><p class='muted'>" + html.escape(STATS_NOTE) + "</p>")
     sel = comp[comp["scope"] == "selected"] if not comp.empty else comp
-    parts.append(_table(sel, cols))
+    parts.append(_key_table(sel, COMPARISON_KEY, cols, "comparisons.csv"))
     if not comp.empty and (comp["scope"] != "selected").any():
         parts.append("<details><summary>Best on test (optimistic), per grid point and pooled (descriptive)</summary>"
-                     + _table(comp[comp["scope"] != "selected"], cols) + "</details>")
-    parts.append("<h2>Single heads vs full alignment</h2>" + _table(singles))
+                     + _table(comp[comp["scope"] != "selected"], _first(cols, ["method", "metric", "scope"]), cls="all")
+                     + "</details>")
+    parts.append("<h2>Single heads vs full alignment</h2>" + _key_table(singles, SINGLES_KEY, csv="singles.csv"))
     if a is not None and a.flags:
         parts.append("<h2>Flagged random draws</h2>" + _table(pd.DataFrame(a.flags)))
     if a is not None and a.selection:
@@ -395,8 +522,10 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
     if a is not None and a.flags and not res.empty:  # duplicate / overlapping random draws, flagged in the table
         flag = {(f["method"], f["localizer"]): f["issue"] for f in a.flags}
         shown = res.assign(flag=[flag.get((k, loc)) for k, loc in zip(res["kind"], res["localizer"])])
-    parts.append("<h2>Results</h2>" + _table(shown, ["kind", "group", "localizer", "candidate", "heads", "flag", "alpha",
-                                                     "tau", "lr", "seed", *metrics, "duration_s", "edit_dir"]))
+    every = ["kind", "group", "localizer", "candidate", "heads", "flag", "alpha", "tau", "lr", "seed", *metrics,
+             "duration_s", "edit_dir"]
+    parts.append("<h2>Results</h2>" + _key_table(shown, ["kind", "group", "localizer", "flag", "alpha", "tau", "lr",
+                                                         "seed", *metrics[:3]], every, "results.csv"))
     failed = all_df[all_df["status"] == "failed"] if not all_df.empty else all_df
     if not failed.empty:
         parts.append("<h2>Failed trials</h2>" + _table(failed, ["key", "kind", "localizer", "attempts", "error"])
