@@ -42,9 +42,10 @@ class DoseSection:
     def html(self, table: Callable[[pd.DataFrame], str]) -> str:
         """The section, with the report's table renderer."""
         r = self.result
-        head = {k: r.get(k) for k in ("budget", "budget_source", "metric", "outcome", "candidate_gain",
-                                      "random_mean_gain", "diff", "ci_low", "ci_high", "p_rank", "p_floor", "p_mean",
-                                      "p_combined", "tost_p", "n_random", "n_questions")}
+        # the decision columns only (the line above names the budget's source; matched_kl.csv and verdict.json
+        # hold the rest), so the table fits a narrow page
+        head = {k: r.get(k) for k in ("outcome", "budget", "candidate_gain", "random_mean_gain", "diff", "ci_low",
+                                      "ci_high", "p_rank", "p_floor", "p_mean", "tost_p")}
         return ("<h2>Matched collateral damage</h2>" + (f"<p>{html.escape(self.line)}</p>" if self.line else "")
                 + "<p class='muted'>" + html.escape(NOTE) + "</p>" + table(pd.DataFrame([head]))
                 + "<details><summary>Every location at the KL budget</summary>" + table(self.table) + "</details>")
