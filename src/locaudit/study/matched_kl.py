@@ -183,4 +183,7 @@ def summary_line(res: dict, metric: str) -> str | None:
             f"generic text ({res.get('budget_source', '')}), the candidate's {metric} gain {f(res['candidate_gain'])} "
             f"vs the random draws' mean {f(res['random_mean_gain'])} (difference {f(res['diff'])}, "
             f"{f(res['ci_low'])} to {f(res['ci_high'])}; rank p {f(res['p_rank'])}, floor {f(res['p_floor'])}; "
-            f"t-test p {f(res['p_mean'])}): {res['outcome']}.")
+            f"t-test p {f(res['p_mean'])}): {res['outcome']}."
+            + ("" if res.get("candidate_reached", True) and res.get("random_reached") == res.get("n_random") else
+               f" Reaching the budget: the candidate {'yes' if res.get('candidate_reached') else 'no'}, "
+               f"{res.get('random_reached')} of {res.get('n_random')} draws (the others keep their trained gain)."))
