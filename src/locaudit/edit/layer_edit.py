@@ -44,9 +44,10 @@ class LayerEditConfig(BaseModel):
     """How one per-layer fact edit is trained."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
-    method: Literal["ft", "lora", "rome"] = Field("ft", description="ft: norm-bounded fine-tuning of the site "
-                                                                    "weight; lora: rank-one update with a KL penalty; "
-                                                                    "rome: ROME's closed-form rank-one update")
+    method: Literal["ft", "lora", "rome", "memit"] = Field(
+        "ft", description="ft: norm-bounded fine-tuning of the site weight; lora: rank-one update with a KL penalty; "
+                          "rome: ROME's closed-form rank-one update; memit: MEMIT's update spread over a window of "
+                          "layers (edit/memit.py)")
     site: Literal["mlp_down", "o_proj"] = Field("mlp_down", description="the edited weight of the layer")
     steps: int = Field(10, ge=1, description="optimisation steps per edit (full batch: each fact's prompt)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -66,10 +67,16 @@ class LayerEditConfig(BaseModel):
     cov_ridge: float = Field(0.0, ge=0, description="rome: C + cov_ridge x mean(diag C) x I before inverting")
     cov_tokens: int | None = Field(None, ge=1, description="rome: tokens of generic text for C = E[k k^T] "
                                                            "(null = the whole text)")
+    window: int = Field(5, ge=1, description="memit: layers edited for 'layer l', centred on l and clipped at the "
+                                             "model's ends (Hase et al.: range(l - w//2, l + ceil(w/2)))")
+    mom2_update_weight: float = Field(15000.0, ge=0, description="memit: lambda of (lambda C + K K^T)^-1, the "
+                                                                 "weight of preserving the keys' second moment "
+                                                                 "(MEMIT, GPT-J: 15000)")
 
     # fields added after studies were run: left out of a trial's key while at their default, so that old
     # studies keep their trial keys
-    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("nll", "early_stop", "clamp_norm_factor", "v_weight_decay", "cov_ridge", "cov_tokens")
+    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("nll", "early_stop", "clamp_norm_factor", "v_weight_decay", "cov_ridge",
+                                             "cov_tokens", "window", "mom2_update_weight")
 
     def key_dump(self) -> dict:
         """The settings a trial key hashes: model_dump() without the newer fields at their defaults."""
@@ -124,8 +131,8 @@ class LayerEdits:
 
         if self.site not in SITES:
             raise ConfigError(f"layer edit site {self.site!r} is not one of {SITES}")
-        if self.method not in ("ft", "lora", "rome"):
-            raise ConfigError(f"layer edit method {self.method!r} is not 'ft', 'lora' or 'rome'")
+        if self.method not in ("ft", "lora", "rome", "memit"):
+            raise ConfigError(f"layer edit method {self.method!r} is not 'ft', 'lora', 'rome' or 'memit'")
         out_in = (None, None)
         if lm is not None:
             n = lm.sites.n_layers
@@ -161,7 +168,7 @@ class LayerEdits:
 def _delta_out(x: torch.Tensor, rows: torch.Tensor, edits: LayerEdits | dict) -> torch.Tensor:
     """Float[R, T, out]: the update's contribution x @ dW_{rows[r]}^T for every row."""
     method = edits["method"]
-    if method in ("lora", "rome"):
+    if method in ("lora", "rome", "memit"):
         a, b = edits["a"][rows], edits["b"][rows]  # [R, in], [R, out]
         return (x @ a.unsqueeze(-1)) * b.unsqueeze(1)
     dw = edits["dw"]

@@ -111,6 +111,74 @@ def rank_one(C: torch.Tensor, k: torch.Tensor, ridge: float = 0.0) -> torch.Tens
     return u / den
 
 
+def _add_at(out, fn):
+    """Apply fn to a module's output tensor (a layer may return a tuple whose first item is the hidden state)."""
+    if isinstance(out, tuple):
+        return (fn(out[0]), *out[1:])
+    return fn(out)
+
+
+def optimise_values(lm, tb: Batch, tstates: torch.Tensor | None, from_layer: int, at: tuple[str, int],
+                    key_pos: Sequence[int], n_edits: int, problem: str, cfg: LayerEditConfig, scale: torch.Tensor,
+                    precision: ResolvedPrecision) -> tuple[torch.Tensor, list[float]]:
+    """The value optimisation of ROME (compute_v) and MEMIT (compute_z): delta (Float[E, out]) added to the
+    output of module `at` = (module, layer) (ROME: ("mlp_down", l); MEMIT: ("layer", last window layer), the
+    residual stream) at each train row's key position, optimised with Adam (cfg.steps, cfg.lr) on the
+    problem's target loss + cfg.v_weight_decay x ||delta||^2 / scale^2, ||delta|| clamped to
+    cfg.clamp_norm_factor x scale after every step (scale: Float[E], ROME ||W k*||, MEMIT ||h_l||).
+    `tb` holds one target row per edit, `tstates` the states entering `from_layer` (or None).
+    Returns (delta, the mean target loss at every step)."""
+    prec = require_resolved(precision, "optimise_values")
+    dev, nt = tb.ids.device, tb.ids.shape[0]
+    ri = torch.arange(nt, device=dev)
+    pi = torch.tensor(list(key_pos), device=dev)
+    e_of = tb.rows
+    width = hook_width(lm, at)
+    delta = torch.zeros(n_edits, width, device=dev, requires_grad=True)
+    scale = scale.to(dev).float().clamp(min=1e-8).unsqueeze(1)
+    max_norm = cfg.clamp_norm_factor * scale
+
+    def add(h):
+        h = h.clone()
+        h[ri, pi] = h[ri, pi] + delta[e_of].to(h.dtype)
+        return h
+
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    counts = _token_counts(tb, list(range(nt)), dev)
+    losses: list[float] = []
+    was = [p.requires_grad for p in lm.model.parameters()]
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            with module_hooks(lm.sites, {at: lambda x, out: _add_at(out, add)}), prec.autocast(lm.dtype):
+                hidden = _forward(lm, tb.ids, tb.mask, tstates, from_layer)
+            lp, _ = _row_terms(lm, hidden, tb, list(range(nt)))
+            per = target_loss(problem, lp, counts, cfg.nll)
+            losses.append(float(per.detach().mean()))
+            if cfg.early_stop is not None and bool((per.detach() < cfg.early_stop).all()):
+                break
+            decay = cfg.v_weight_decay * delta.pow(2).sum(1) / scale.squeeze(1) ** 2
+            (per.sum() + decay.sum()).backward()
+            opt.step()
+            with torch.no_grad():  # ROME's / MEMIT's clamp of ||delta||
+                n = delta.norm(dim=1, keepdim=True)
+                delta.mul_(torch.where(n > max_norm, max_norm / n.clamp(min=1e-12), torch.ones_like(n)))
+    finally:
+        for p, r in zip(lm.model.parameters(), was):
+            p.requires_grad_(r)
+    return delta.detach(), losses
+
+
+def hook_width(lm, at: tuple[str, int]) -> int:
+    """The width of module `at`'s output: the down-projection's rows, or the hidden size for a layer."""
+    name, layer = at
+    if name == "layer":
+        return int(lm.model.get_input_embeddings().weight.shape[1])
+    return int(site_module(lm, name, layer).weight.shape[0])
+
+
 def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Sequence[int],
                      score_rows: Sequence[EditRow], n_edits: int, problem: str, cfg: LayerEditConfig,
                      C: torch.Tensor, precision: ResolvedPrecision) -> tuple[LayerEdits, torch.Tensor, dict]:
@@ -152,41 +220,8 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
     k_star = torch.zeros(n_edits, W.shape[1], device=dev).index_copy(0, e_of, seen["k"])
     wk = k_star @ W.detach().float().t()  # W k* without bias: the scale of delta
     v0 = torch.zeros(n_edits, W.shape[0], device=dev).index_copy(0, e_of, seen["v"])
-    delta = torch.zeros(n_edits, W.shape[0], device=dev, requires_grad=True)
-    wk_norm = wk.norm(dim=1, keepdim=True).clamp(min=1e-8)
-    max_norm = cfg.clamp_norm_factor * wk_norm
-
-    def add_delta(x, out):
-        out = out.clone()
-        out[ri, pi] = out[ri, pi] + delta[e_of].to(out.dtype)
-        return out
-
-    opt = torch.optim.Adam([delta], lr=cfg.lr)
-    counts = _token_counts(tb, list(range(nt)), dev)
-    losses = []
-    was = [p.requires_grad for p in lm.model.parameters()]
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
-    try:
-        for _ in range(cfg.steps):
-            opt.zero_grad(set_to_none=True)
-            with module_hooks(lm.sites, {("mlp_down", layer): add_delta}), prec.autocast(lm.dtype):
-                hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
-            lp, _ = _row_terms(lm, hidden, tb, list(range(nt)))
-            per = target_loss(problem, lp, counts, cfg.nll)
-            losses.append(float(per.detach().mean()))
-            if cfg.early_stop is not None and bool((per.detach() < cfg.early_stop).all()):
-                break
-            decay = cfg.v_weight_decay * delta.pow(2).sum(1) / wk_norm.squeeze(1) ** 2
-            (per.sum() + decay.sum()).backward()
-            opt.step()
-            with torch.no_grad():  # ROME's clamp of ||delta||
-                n = delta.norm(dim=1, keepdim=True)
-                delta.mul_(torch.where(n > max_norm, max_norm / n.clamp(min=1e-12), torch.ones_like(n)))
-    finally:
-        for p, r in zip(lm.model.parameters(), was):
-            p.requires_grad_(r)
-    d = delta.detach()
+    d, losses = optimise_values(lm, tb, tstates, layer, ("mlp_down", layer), key_pos, n_edits, problem, cfg,
+                                wk.norm(dim=1), prec)
     a = rank_one(C, k_star, cfg.cov_ridge).float()
     edits = LayerEdits(layer, cfg.site, "rome", a=a, b=d.clone())
     edits.verify(lm)
