@@ -23,6 +23,20 @@ correlates them over (fact, layer) and applies Spearman-Brown. Every (noise samp
 forward pass (rows = samples x (layers + 1)); the (layer x position) grid for ROME's heatmaps is the
 same computation with one row per (sample, layer, position).
 
+Shared computation (`method="shared"`, the default; exact, checked against `method="full"` in
+tests/unit/test_tracing_shared.py). A restored row equals the corrupted run wherever the restoration cannot
+reach yet, so that part is computed once per noise sample instead of once per row:
+  layers   below the first restored layer s, a row's states are the corrupted run's. The corrupted run
+           (one row per noise sample) keeps the residual stream entering every layer, and each variant runs
+           only layers s.. from those states (models/surgery.py `run_from_layer`, as the frozen prefix of
+           training does), batched over the variants that share s;
+  positions  with causal attention, restoring at position t leaves positions < t equal to the corrupted
+           run at every layer, so a variant runs only positions t.. on top of a KV cache of the corrupted
+           run's positions < t (as models/prefix_cache.py continues a shared prompt), batched over the
+           variants that share (s, t). Used where the model's cache is a plain dynamic cache holding every
+           position at every layer (else all positions run).
+Families whose card lacks `prefix=True` (models/sites.py) run the full forward per row.
+
 Noise enters at the ``embed`` site (the embedding module's output; models/interventions.py), and clean
 states are restored at the ``resid_post`` / ``mlp_out`` / ``attn_out`` sites.
 """
@@ -30,8 +44,9 @@ states are restored at the ``resid_post`` / ``mlp_out`` / ``attn_out`` sites.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,8 +54,9 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.io import key_dump
-from locaudit.models.interventions import site_hooks
+from locaudit.models.interventions import _as_3d, capture, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
+from locaudit.models.surgery import prefix_supported, run_from_layer
 
 KINDS = ("hidden", "mlp", "attn")
 # ROME's token categories for heatmaps averaged over facts
@@ -175,7 +191,7 @@ def _clean_states(lm, ids: torch.Tensor, kinds: Sequence[str]) -> tuple[dict[str
 
     def grab(k: str, l: int):
         def fn(x: torch.Tensor) -> None:
-            states[k][l] = x[0].detach()
+            states[k][l] = _as_3d(x, 1)[0].detach()  # OPT's MLP runs on (batch * pos, d)
         return fn
 
     with site_hooks(lm.sites, {(_site(k), l): grab(k, l) for k in kinds for l in range(L)}):
@@ -190,12 +206,6 @@ def _run_rows(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int],
     layers restore[r][0] and position restore[r][1] (empty layers: corrupted only). Returns Float[R, V]."""
     R = len(restore)
     x = ids.expand(R, -1)
-    rows_at: dict[int, tuple[list[int], list[int]]] = {}
-    for r, (layers, pos) in enumerate(restore):
-        for l in layers:
-            rows_at.setdefault(l, ([], []))
-            rows_at[l][0].append(r)
-            rows_at[l][1].append(pos)
     s0, s1 = subj
 
     def embed_noise(o: torch.Tensor) -> torch.Tensor:
@@ -203,18 +213,116 @@ def _run_rows(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int],
         o[:, s0:s1] += noise.to(o.dtype)
         return o
 
-    def restore_at(l: int, ri: torch.Tensor, pi: torch.Tensor):
-        def fn(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
-            t[ri, pi] = clean[l, pi].to(t.dtype)
-            return t
-        return fn
-
-    fns = {("embed", 0): embed_noise}
-    for l, (rows, pos) in rows_at.items():
-        fns[(_site(kind), l)] = restore_at(l, torch.tensor(rows), torch.tensor(pos))
+    fns = {("embed", 0): embed_noise, **_restore_fns(kind, restore, clean)}
     with site_hooks(lm.sites, fns), require_resolved(precision, "tracing").autocast(lm.dtype):
         logits = lm.model(input_ids=x, use_cache=False, **_last_only(lm)).logits
+    return logits[:, -1].float().softmax(-1)
+
+
+def _restore_fns(kind: str, restore: list[tuple[list[int], int]], clean: torch.Tensor, offset: int = 0) -> dict:
+    """Hooks putting clean[l, pos] back at (layer l, row r, position pos - offset) for every restore[r]."""
+    rows_at: dict[int, tuple[list[int], list[int]]] = {}
+    for r, (layers, pos) in enumerate(restore):
+        for l in layers:
+            rows_at.setdefault(l, ([], []))
+            rows_at[l][0].append(r)
+            rows_at[l][1].append(pos)
+
+    def restore_at(l: int, ri: torch.Tensor, pi: torch.Tensor):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            t = _as_3d(x, len(restore)).clone()  # OPT's MLP runs on (batch * pos, d)
+            t[ri, pi - offset] = clean[l, pi].to(t.dtype)
+            return t.view(x.shape)
+        return fn
+
+    return {(_site(kind), l): restore_at(l, torch.tensor(rows), torch.tensor(pos)) for l, (rows, pos) in rows_at.items()}
+
+
+@dataclass
+class _Corrupted:
+    """The corrupted run of one fact, one row per noise sample: pre[l] Float[n, T, d], the residual stream
+    entering layer l (as the layer receives it); probs Float[n, V] at the last position; cache: its KV cache
+    where every layer holds every position (else None)."""
+
+    pre: list[torch.Tensor]
+    probs: torch.Tensor
+    cache: object | None
+
+
+def _whole_dynamic_cache(cache, T: int) -> bool:
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    return (type(cache) is DynamicCache and len(cache.layers) > 0
+            and all(type(c) in (DynamicLayer, DynamicSlidingWindowLayer) and c.keys is not None
+                    and c.keys.shape[-2] == T for c in cache.layers))
+
+
+@torch.no_grad()
+def _corrupted_run(lm, ids: torch.Tensor, noise: torch.Tensor, subj: tuple[int, int], precision: ResolvedPrecision,
+                   share_positions: bool) -> _Corrupted:
+    from locaudit.models.prefix_cache import cache_kwarg
+
+    n, L, T = noise.shape[0], lm.sites.n_layers, ids.shape[1]
+    s0, s1 = subj
+
+    def embed_noise(o: torch.Tensor) -> torch.Tensor:
+        o = o.clone()
+        o[:, s0:s1] += noise.to(o.dtype)
+        return o
+
+    with site_hooks(lm.sites, {("embed", 0): embed_noise}), capture(lm.sites, "resid_pre", range(L)) as cap, \
+            require_resolved(precision, "tracing").autocast(lm.dtype):
+        out = cap.forward(lm.model, ids.expand(n, -1), None, use_cache=share_positions, **_last_only(lm))
+        pre = [cap.values[l] for l in range(L)]
+    cache = None
+    if share_positions:
+        cache = out[cache_kwarg(lm.model)] if cache_kwarg(lm.model) in out else out.past_key_values
+        cache = cache if _whole_dynamic_cache(cache, T) else None
+    return _Corrupted(pre, out.logits[:, -1].float().softmax(-1), cache)
+
+
+def _past(lm, cache, samples: torch.Tensor, t: int):
+    """A fresh dynamic cache holding the corrupted run's keys/values of positions < t at every layer, row r from
+    noise sample samples[r]."""
+    from transformers import DynamicCache
+
+    past = DynamicCache(config=lm.model.config)
+    for l, c in enumerate(cache.layers):
+        past.update(c.keys[samples, :, :t], c.values[samples, :, :t], l)
+    return past
+
+
+@contextmanager
+def _from_layer(lm, start: int) -> Iterator[dict]:
+    """Run layers start.. on the states put in feed["h"] (models/surgery.py; at 0 the states replace layer 0's
+    input, the embeddings' path then computing nothing that is kept)."""
+    if start > 0:
+        with run_from_layer(lm, start) as feed:
+            yield feed
+        return
+    feed: dict = {}
+    with site_hooks(lm.sites, {("resid_pre", 0): lambda cur: feed["h"].to(cur.dtype)}):
+        yield feed
+
+
+@torch.no_grad()
+def _run_shared(lm, ids: torch.Tensor, corrupted: _Corrupted, kind: str, start: int, t: int, samples: torch.Tensor,
+                restore: list[tuple[list[int], int]], clean: torch.Tensor, precision: ResolvedPrecision) -> torch.Tensor:
+    """Rows r = restore[r] under noise sample samples[r], computed from layer `start` and position `t` on (the
+    corrupted run's states below both). Every restored layer is >= start and every position >= t. Float[R, V]."""
+    from locaudit.models.prefix_cache import cache_kwarg
+
+    R = len(restore)
+    extra = {}
+    if t > 0:
+        extra = {cache_kwarg(lm.model): _past(lm, corrupted.cache, samples, t), "use_cache": True}
+    else:
+        extra = {"use_cache": False}
+    h = corrupted.pre[start][samples, t:]
+    with _from_layer(lm, start) as feed, site_hooks(lm.sites, _restore_fns(kind, restore, clean, t)), \
+            require_resolved(precision, "tracing").autocast(lm.dtype):
+        feed["h"] = h
+        logits = lm.model(input_ids=ids[:, t:].expand(R, -1), **extra, **_last_only(lm)).logits
     return logits[:, -1].float().softmax(-1)
 
 
@@ -225,10 +333,14 @@ def _noise(cfg: TraceConfig, fact_index: int, n: int, n_subj: int, d: int, scale
 
 def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | None = None, fact_index: int = 0,
                layers: Sequence[int] | None = None, grid: bool = False, *, precision: ResolvedPrecision,
-               noise_std: float | None = None) -> TracedFact:
+               noise_std: float | None = None, method: Literal["shared", "full"] = "shared",
+               share_positions: bool = True) -> TracedFact:
     """Trace one fact at every layer in `layers` (default all) for every kind of `cfg.kinds`.
 
     With `grid`, also the (layer x position) effects of every kind (one row per sample, layer, position).
+    `method`: "shared" computes each row only above its first restored layer and from its restored position
+    on (module docstring; `share_positions=False` keeps every position); "full" runs every row through the
+    whole model (the reference). Both give the same numbers up to floating-point rounding.
     """
     from locaudit.data.facts import object_ids, subject_token_span
 
@@ -260,12 +372,37 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
                  else sorted(set(range(subj[0], subj[1])) | {T - 1}))
     h = n // 2  # the two halves of the noise samples (split-half reliability); none with 1 sample
 
+    if method not in ("shared", "full"):
+        raise ConfigError(f"tracing method {method!r} is not one of ('shared', 'full')")
+    shared = method == "shared" and prefix_supported(lm)
+    corrupted = _corrupted_run(lm, ids, noise, subj, precision, share_positions) if shared else None
+    per = max(n, (cfg.max_rows // n) * n)  # rows per forward pass: whole noise-sample blocks
+
+    def run_shared(kind: str, variants: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run` from the corrupted run's states: variants grouped by (first restored layer, first position run)."""
+        p = torch.empty(len(variants), n)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (ls, pos) in enumerate(variants):
+            if not ls:  # corrupted only
+                p[j] = corrupted.probs[:, answer].cpu()
+                continue
+            groups.setdefault((min(ls), pos if corrupted.cache is not None else 0), []).append(j)
+        for (start, t), js in groups.items():
+            for c in range(0, len(js), per // n):
+                chunk = js[c: c + per // n]
+                restore = [variants[j] for j in chunk for _ in range(n)]
+                samples = torch.arange(n, device=lm.device).repeat(len(chunk))
+                probs = _run_shared(lm, ids, corrupted, kind, start, t, samples, restore, clean[kind], precision)
+                p[chunk] = probs[:, answer].cpu().view(len(chunk), n)
+        return p, corrupted.probs.mean(0).cpu()
+
     def run(kind: str, variants: list[tuple[list[int], int]]) -> torch.Tensor:
         """Float[len(variants), n]: p(answer) of every variant under every noise sample."""
+        if shared:
+            return run_shared(kind, variants)
         restore = [v for v in variants for _ in range(n)]
         rows_noise = noise.repeat(len(variants), 1, 1)
         out, first = [], None
-        per = max(n, (cfg.max_rows // n) * n)
         for s in range(0, len(restore), per):
             probs = _run_rows(lm, ids, rows_noise[s: s + per], subj, kind, restore[s: s + per], clean[kind], precision)
             if first is None:
@@ -314,16 +451,17 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
 
 
 def trace_facts(lm, facts, cfg: TraceConfig | None = None, layers: Sequence[int] | None = None,
-                grid_facts: int | None = None, *, precision: ResolvedPrecision, progress: bool = True) -> list[TracedFact]:
+                grid_facts: int | None = None, *, precision: ResolvedPrecision, progress: bool = True,
+                method: Literal["shared", "full"] = "shared") -> list[TracedFact]:
     """Trace every fact (Fact objects); the first `grid_facts` (default cfg.grid_facts) also get the
-    (layer x position) grid."""
+    (layer x position) grid. `method`: as in `trace_fact`."""
     cfg = cfg or TraceConfig()
     grid_facts = cfg.grid_facts if grid_facts is None else grid_facts
     std = subject_embedding_std(lm, facts) if cfg.noise_from == "subject" else embedding_std(lm)
     out = []
     for i, f in enumerate(tqdm(facts, desc="causal tracing", disable=not progress)):
         out.append(trace_fact(lm, f.prompt, f.subject, f.target, cfg, i, layers, grid=i < grid_facts,
-                              precision=precision, noise_std=std))
+                              precision=precision, noise_std=std, method=method))
     return out
 
 
