@@ -55,7 +55,8 @@ class EditingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
     problems: list[str] = Field(default_factory=lambda: ["error_injection"],
                                 description=f"editing problems, of {list(PROBLEMS)}")
-    methods: list[Literal["ft", "lora", "rome"]] = Field(default_factory=lambda: ["ft"], description="edit methods")
+    methods: list[Literal["ft", "lora", "rome", "memit"]] = Field(default_factory=lambda: ["ft"],
+                                                                  description="edit methods")
     ft: LayerEditConfig = Field(default_factory=lambda: LayerEditConfig(method="ft"),
                                 description="settings of the constrained fine-tuning edit")
     lora: LayerEditConfig = Field(default_factory=lambda: LayerEditConfig(method="lora", lr=1e-2),
@@ -64,6 +65,11 @@ class EditingSpec(BaseModel):
                                                                           early_stop=5e-2),
                                   description="settings of ROME (value optimisation steps / lr, clamp, weight "
                                               "decay; C = E[k k^T] on the shipped Austen text, cov_tokens of it)")
+    memit: LayerEditConfig = Field(default_factory=lambda: LayerEditConfig(method="memit", steps=20, lr=0.5,
+                                                                           early_stop=5e-2, clamp_norm_factor=0.75),
+                                   description="settings of MEMIT 'at layer l': the window of `window` layers "
+                                               "centred on l (5, as Hase et al.), z's optimisation as rome's with "
+                                               "MEMIT's clamp 0.75 x ||h||, mom2_update_weight lambda (15000), C as rome")
 
     @field_validator("problems")
     @classmethod
@@ -74,8 +80,9 @@ class EditingSpec(BaseModel):
         return v
 
     def config(self, method: str) -> LayerEditConfig:
-        if method not in ("ft", "lora", "rome"):
-            raise ConfigError(f"editing.methods: unknown edit method {method!r}; choose from ['ft', 'lora', 'rome']")
+        if method not in ("ft", "lora", "rome", "memit"):
+            raise ConfigError(f"editing.methods: unknown edit method {method!r}; choose from "
+                              "['ft', 'lora', 'rome', 'memit']")
         return getattr(self, method).model_copy(update={"method": method})
 
 
