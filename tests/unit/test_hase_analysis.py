@@ -213,24 +213,26 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     for i, (s, rel, obj) in enumerate([("Paris", "R1", "France"), ("Rome", "R1", "Italy"), ("Oslo", "R1", "Norway"),
                                        ("Bern", "R1", "Swiss"), ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru"),
                                        ("Cairo", "R2", "Egypt")]):
-        recs.append({"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": obj, "relation_id": rel})
+        recs.append({"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": obj, "relation_id": rel,
+                     **({"paraphrases": [f"Where is {s}? {s} lies in"]} if i % 2 == 0 else {})})
     (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (tmp_path / "study.yaml").write_text(
         "name: tiny\nfacts: {path: facts.jsonl, known_top_k: 259, max_facts: 6, n_neighbours: 2}\n"
         "tracing: {n_noise: 4, kinds: [mlp, hidden], grid_facts: 1, measure: fraction, noise_from: subject,\n"
         "  clean_pos0: true}\nlayers: [0, 1, 2]\n"
-        "editing: {problems: [error_injection, fact_erasure], methods: [ft, lora, rome],\n"
+        "editing: {problems: [error_injection, fact_erasure], methods: [ft, lora, rome, memit],\n"
         "  ft: {steps: 3, lr: 0.05, norm_bound: 0.1, batch_facts: 4, nll: sum, early_stop: 0.01},\n"
-        "  lora: {steps: 3, lr: 0.1, batch_facts: 4}, rome: {steps: 5, lr: 0.5, batch_facts: 4, cov_tokens: 3000}}\n"
+        "  lora: {steps: 3, lr: 0.1, batch_facts: 4}, rome: {steps: 5, lr: 0.5, batch_facts: 4, cov_tokens: 3000},\n"
+        "  memit: {steps: 5, lr: 0.5, batch_facts: 4, cov_tokens: 3000, window: 3, mom2_update_weight: 10}}\n"
         "analysis: {bootstrap: 50, permutations: 200}\n")
     spec = load_hase_spec(tmp_path / "study.yaml")
     res = run_hase(spec, tmp_path / "run", lm=lm, progress=False)
-    assert res["counts"]["done"] == 2 + 2 * 3 * 3 and res["counts"]["failed"] == 0, res
+    assert res["counts"]["done"] == 2 + 2 * 4 * 3 and res["counts"]["failed"] == 0, res
     again = run_hase(spec, tmp_path / "run", lm=lm, progress=False)
     assert again["ran"] == []
     index = build_report(tmp_path / "run")
     v = json.loads((index.parent / "verdict.json").read_text())
-    assert v["facts"]["used"] == 6 and len(v["verdicts"]) == 6
+    assert v["facts"]["used"] == 6 and len(v["verdicts"]) == 8
     assert all("p_perm" in d and d["outcome"] in ("evidence for", "evidence against", "inconclusive", "no signal")
                for d in v["verdicts"])
     tr = v["tracing"]
@@ -238,7 +240,7 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     assert tr["reliability"]["mlp"]["n_facts"] == 6 and tr["position0"]["n_noised"] == 0
     assert all(x >= 0 or x != x for x in pd.read_csv(index.parent / "edits.csv")["tracing_mlp"])  # max(0, .) / |.|
     norms = {(r["problem"], r["method"]): r for r in v["edit_norms"]}
-    assert len(norms) == 6 and all(r["n"] == 18 for r in norms.values())
+    assert len(norms) == 8 and all(r["n"] == 18 for r in norms.values())
     # ft stops early (loss < 0.01): erasing a fact the random model gives p ~ 0 needs no change at all
     assert norms[("fact_erasure", "ft")]["max"] == 0.0
     assert all(r["mean"] > 0 for k, r in norms.items() if k != ("fact_erasure", "ft"))
@@ -246,7 +248,18 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
                                             "added_interaction"}
     assert (index.parent / "success_by_layer.png").exists() and (index.parent / "tracing_heatmap_mlp.png").exists()
     edits = pd.read_csv(index.parent / "edits.csv")
-    assert len(edits) == 6 * 3 * 6 and set(edits["layer"]) == {0, 1, 2}
+    assert len(edits) == 6 * 3 * 8 and set(edits["layer"]) == {0, 1, 2}
+    # memit "at layer l" edits the window centred on l; Hase's measures per edit; paraphrases where the file has them
+    mem = edits[edits["method"] == "memit"]
+    assert dict(zip(mem["layer"], mem["window"])) == {0: "0-1", 1: "0-1-2", 2: "1-2"}
+    assert mem["residual_left"].between(0, 1.5).all()
+    has_para = edits["fact"].astype(int) % 2 == 0
+    assert edits.loc[has_para, "paraphrase_score"].notna().all() and edits.loc[~has_para, "paraphrase_score"].isna().all()
+    assert edits["neighbourhood_stability"].between(0, 1).all() and edits["combined_score"].notna().all()
+    measures = {(r["problem"], r["method"], r["measure"]) for r in v["r2_by_measure"]}
+    assert ("error_injection", "memit", "paraphrase_score") in measures and v["paraphrases"] is True
+    assert {m for _, _, m in measures} <= {"rewrite_score", "paraphrase_score", "neighbourhood_stability", "combined_score"}
+    assert (index.parent / "r2_by_measure.csv").exists() and "R^2 per success measure" in index.read_text()
     stopped = (edits["problem"] == "fact_erasure") & (edits["method"] == "ft")
     assert edits["dw_rel_norm"].ge(0).all() and edits.loc[stopped, "dw_rel_norm"].eq(0).all()
     # the ft bound holds entry-wise, so ft's relative norm is at most bound x sqrt(entries) / ||W||

@@ -91,7 +91,12 @@ def load_facts(path: str | Path, max_facts: int | None = None) -> list[Fact]:
         if fid in seen:
             raise DataError(f"{where}: duplicate fact id {fid!r}")
         seen.add(fid)
-        facts.append(Fact(fid, r["subject"], r["prompt"].rstrip(), target.strip(), str(r.get("relation_id", ""))))
+        para = r.get("paraphrases", r.get("paraphrase_prompts"))  # CounterFact's key, or ours (known_1000: none)
+        if para is not None and (not isinstance(para, list) or not all(isinstance(p, str) and p.strip() for p in para)):
+            raise DataError(f"{where}: field 'paraphrases' must be a list of non-empty prompts")
+        meta = {"paraphrases": [p.rstrip() for p in para]} if para else {}
+        facts.append(Fact(fid, r["subject"], r["prompt"].rstrip(), target.strip(), str(r.get("relation_id", "")),
+                          meta=meta))
         if max_facts is not None and len(facts) >= max_facts:
             break
     if not facts:

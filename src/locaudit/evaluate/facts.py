@@ -14,6 +14,18 @@ Neighbourhood specificity (ROME's NS, for problems with a new object): the share
 relation whose own object stays more likely than the new object after the edit. `neighbour_drift`
 (every problem): mean |log p_post - log p_pre| of the neighbours' own objects.
 Fluency (n-gram entropy of generations) is not computed: it needs generation per (fact, layer) edit.
+
+Hase et al.'s measures (google/belief-localization, experiments/evaluate.py), each a number per edit:
+  paraphrase_score         the rewrite score on each paraphrase of the prompt, averaged (generalisation). Needs
+                           paraphrase prompts (CounterFact's `paraphrase_prompts`); known_1000 has none, and
+                           CounterFact is not in the data root, so with known_1000 this measure is absent;
+  neighbourhood_stability  Hase's neighbourhood score (specificity): on each neighbour prompt, the probability
+                           p of the edit's target object (o_new, o_noise, or o_true for erasure/amplification)
+                           must not move: 1 - |p_post - p_pre| / (|p_pre - 0.5| + 0.5) (1 = unchanged, 0 = the
+                           largest change possible), averaged over neighbours. CounterFact's neighbours share
+                           the edited fact's true object; here they are other known facts of the same relation;
+  combined_score           the harmonic mean of rewrite, paraphrase (where present) and neighbourhood scores,
+                           each clipped at 0 (Hase's target_score; 0 when any is <= 0).
 """
 
 from __future__ import annotations
@@ -67,8 +79,43 @@ def neighbourhood(problem: str, nb_pre_true: Sequence[float], nb_post_true: Sequ
     return out
 
 
+def paraphrase_score(problem: str, pre_true: Sequence[float], post_true: Sequence[float],
+                     pre_new: Sequence[float] | None = None, post_new: Sequence[float] | None = None) -> float:
+    """The mean rewrite score over paraphrase prompts (NaN without paraphrases)."""
+    if not len(pre_true):
+        return float("nan")
+    n = len(pre_true)
+    pn = pre_new if pre_new is not None else [None] * n
+    qn = post_new if post_new is not None else [None] * n
+    return sum(rewrite_score(problem, a, b, c, d) for a, b, c, d in zip(pre_true, post_true, pn, qn)) / n
+
+
+def neighbourhood_stability(pre_target: Sequence[float], post_target: Sequence[float]) -> float:
+    """Hase's neighbourhood score from the log-probs of the edit's target object on neighbour prompts:
+    mean of 1 - |p_post - p_pre| / (|p_pre - 0.5| + 0.5) (NaN without neighbours)."""
+    if not len(pre_target):
+        return float("nan")
+    out = []
+    for a, b in zip(pre_target, post_target):
+        p, q = _p(a), _p(b)
+        out.append(1.0 - abs(q - p) / (abs(p - 0.5) + 0.5))
+    return sum(out) / len(out)
+
+
+def combined_score(*scores: float) -> float:
+    """Harmonic mean of the scores that are not NaN, each clipped at 0 (0 if any is <= 0)."""
+    xs = [max(0.0, float(x)) for x in scores if x == x]
+    if not xs:
+        return float("nan")
+    if min(xs) <= 0:
+        return 0.0
+    return len(xs) / sum(1.0 / x for x in xs)
+
+
 def fact_metrics(problem: str, pre: dict, post: dict) -> dict[str, float]:
-    """All metrics of one edit. `pre` / `post`: {"true": logp, "new": logp, "nb_true": [..], "nb_new": [..]}."""
+    """All metrics of one edit. `pre` / `post`: {"true": logp, "new": logp, "nb_true": [..], "nb_new": [..],
+    optionally "nb_target": [..] (the edit's target object on each neighbour prompt), "para_true": [..],
+    "para_new": [..] (the paraphrase prompts)}."""
     m = {
         "rewrite_score": rewrite_score(problem, pre["true"], post["true"], pre.get("new"), post.get("new")),
         "efficacy": efficacy(problem, pre["true"], post["true"], post.get("new")),
@@ -77,4 +124,12 @@ def fact_metrics(problem: str, pre: dict, post: dict) -> dict[str, float]:
     if problem in NEW_OBJECT_PROBLEMS:
         m["p_new_pre"], m["p_new_post"] = _p(pre["new"]), _p(post["new"])
     m.update(neighbourhood(problem, pre.get("nb_true", []), post.get("nb_true", []), post.get("nb_new")))
+    if "nb_target" in pre:
+        m["neighbourhood_stability"] = neighbourhood_stability(pre["nb_target"], post["nb_target"])
+    if "para_true" in pre:
+        m["paraphrase_score"] = paraphrase_score(problem, pre["para_true"], post["para_true"], pre.get("para_new"),
+                                                 post.get("para_new"))
+    if "nb_target" in pre or "para_true" in pre:
+        m["combined_score"] = combined_score(m["rewrite_score"], m.get("paraphrase_score", float("nan")),
+                                             m.get("neighbourhood_stability", float("nan")))
     return m

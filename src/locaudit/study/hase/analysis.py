@@ -8,7 +8,8 @@
    R^2 of each, the added R^2 of tracing over layer (both - layer, interaction - layer), with percentile
    bootstrap CIs over facts (facts are resampled with all their layers). OLS by least squares (checked
    against statsmodels). `ftests`: the nested-model F-tests of what tracing adds to the layer, as the paper
-   reports them (interaction vs layer; both vs layer).
+   reports them (interaction vs layer; both vs layer). `measure_r2`: the same table for each of Hase's
+   success measures (rewrite, paraphrase, neighbourhood, combined; evaluate/facts.py), as the paper gives it.
 2. Does the layer where tracing peaks edit better than the layer alone predicts? A comparison with the mean
    over layers ("a random layer") is confounded: when tracing peaks early on average and early layers are
    easy to edit, tracing wins with no fact-level information. So the null here keeps each layer's mean:
@@ -165,6 +166,29 @@ def regressions(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: floa
     ci = {k: (float(np.nanquantile(v, a)), float(np.nanquantile(v, 1 - a))) if v else (float("nan"), float("nan"))
           for k, v in boots.items()}
     return R2Result(est, ci, len(facts), len(layers), len(df), ftests(df))
+
+
+MEASURES = ("rewrite_score", "paraphrase_score", "neighbourhood_stability", "combined_score")
+
+
+def measure_r2(df: pd.DataFrame, tracing_col: str, measures: tuple[str, ...] = MEASURES, n_boot: int = 1000,
+               seed: int = 0) -> pd.DataFrame:
+    """The R^2 table per success measure, as Hase et al. give it (rewrite, paraphrase, neighbourhood and the
+    combined score): for each measure present in `df` with values, `regressions` of that measure on the edited
+    layer and `tracing_col` (rows: the measure, each model's R^2 with its bootstrap CI over facts, tracing's added
+    R^2 over the layer, the F-tests). A measure absent from `df` (paraphrase_score without paraphrase prompts)
+    or constant is left out."""
+    rows = []
+    for m in measures:
+        if m not in df or tracing_col not in df:
+            continue
+        d = pd.DataFrame({"fact": df["fact"], "layer": df["layer"], "tracing": df[tracing_col], "success": df[m]})
+        d = d.dropna(subset=["success", "tracing"])
+        if d.empty or d["layer"].nunique() < 2 or d["fact"].nunique() < 3 or d["success"].nunique() < 2:
+            continue
+        for r in regressions(d, n_boot, seed).rows():
+            rows.append({"measure": m, **r})
+    return pd.DataFrame(rows)
 
 
 def _wide(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from locaudit.io import strict_json, write_json_atomic, write_text_atomic
-from locaudit.study.hase.analysis import argmax_vs_random, regressions
+from locaudit.study.hase.analysis import MEASURES, argmax_vs_random, measure_r2, regressions
 from locaudit.study.hase.run import META_KEY, read_data
 from locaudit.study.hase.spec import HaseSpec
 from locaudit.study.ledger import Ledger
@@ -71,6 +71,43 @@ def analyze(spec: HaseSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]
         v = argmax_vs_random(d, A.bootstrap, A.alpha, A.margin, A.seed, n_perm=A.permutations)
         verdicts.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **v})
     return pd.DataFrame(tables), verdicts
+
+
+NO_PARAPHRASES = ("No paraphrase score: the facts carry no paraphrase prompts (ROME's known_1000 has none; CounterFact, "
+                  "which has them, is not in the data root). Generalisation is not measured.")
+
+
+def measure_tables(spec: HaseSpec, df: pd.DataFrame) -> pd.DataFrame:
+    """Hase's R^2 table per success measure (rewrite, paraphrase, neighbourhood, combined), per (problem, method)."""
+    if df.empty:
+        return pd.DataFrame()
+    kind = spec.tracing_kind(spec.editing.config(spec.editing.methods[0]).site)
+    A, out = spec.analysis, []
+    for (problem, method), g in df.groupby(["problem", "method"], sort=True):
+        t = measure_r2(g, f"tracing_{kind}", MEASURES, A.bootstrap, A.seed)
+        if not t.empty:
+            t.insert(0, "method", method)
+            t.insert(0, "problem", problem)
+            t.insert(3, "tracing_kind", kind)
+            out.append(t)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def measure_summary(mt: pd.DataFrame) -> pd.DataFrame:
+    """One row per (problem, method, measure): each model's R^2, tracing's added R^2 over the layer with its CI,
+    and the interaction F-test's p (the report's compact view of `measure_tables`)."""
+    if mt.empty:
+        return mt
+    rows = []
+    for (problem, method, measure), g in mt.groupby(["problem", "method", "measure"], sort=False):
+        r = g.set_index("model")
+        ai = r.loc["added_interaction"]
+        rows.append({"problem": problem, "method": method, "measure": measure, "n_rows": int(ai["n_rows"]),
+                     **{f"r2_{m}": float(r.loc[m, "r2"]) for m in ("tracing", "layer", "both", "interaction")},
+                     "added_tracing": float(r.loc["added_tracing", "r2"]),
+                     "added_interaction": float(ai["r2"]), "added_ci_low": float(ai["ci_low"]),
+                     "added_ci_high": float(ai["ci_high"]), "F_p_interaction": float(ai["F_p"])})
+    return pd.DataFrame(rows)
 
 
 def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) -> list[str]:
@@ -206,9 +243,14 @@ def build_report(run_dir: str | Path) -> Path:
     if not df.empty:
         write_text_atomic(out / "edits.csv", df.to_csv(index=False))
     write_text_atomic(out / "r2.csv", table.to_csv(index=False) if not table.empty else "")
+    mt = measure_tables(spec, df)
+    write_text_atomic(out / "r2_by_measure.csv", mt.to_csv(index=False) if not mt.empty else "")
+    has_para = "paraphrase_score" in df and df["paraphrase_score"].notna().any()
     fact_counts = facts["counts"] if facts else {}
     write_json_atomic(out / "verdict.json", {"facts": fact_counts, "known_top_k": facts and facts["known_top_k"],
                                              "verdicts": verdicts, "r2": table.to_dict("records"),
+                                             "r2_by_measure": measure_summary(mt).to_dict("records"),
+                                             "paraphrases": bool(has_para),
                                              "edit_norms": edit_norms(df),
                                              "tracing": _tracing_summary(tracing),
                                              "trials": counts})
@@ -231,6 +273,12 @@ def build_report(run_dir: str | Path) -> Path:
     parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both, layer * tracing), with the "
                  "F-tests of what tracing adds to the layer</h2>")
     parts.append(_table_html(table))
+    parts.append("<h2>R^2 per success measure (Hase et al.): rewrite, paraphrase (generalisation), neighbourhood "
+                 "(specificity: the edit's target object must not move on other facts of the relation), and their "
+                 "harmonic mean; tracing's added R^2 over the layer with its bootstrap CI over facts</h2>")
+    if not has_para:
+        parts.append(f"<p>{e(NO_PARAPHRASES)}</p>")
+    parts.append(_table_html(measure_summary(mt)))
     ts = _tracing_summary(tracing)
     if ts:
         parts.append(f"<p>Tracing variable: {e(ts['measure'])} (noise unit: {e(ts['noise_from'])} std; position 0 "
@@ -258,6 +306,13 @@ def summary_text(run_dir: str | Path) -> str:
                  if r.get("F_df_num") is not None else "")
         lines.append(f"  {r['problem']:<18} {r['method']:<5} R2[{r['model']:<17}] = {_f(r['r2'])} "
                      f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]{ftest}")
+    for r in v.get("r2_by_measure", []):
+        lines.append(f"  {r['problem']:<18} {r['method']:<5} {r['measure']:<23} R2 tracing {_f(r['r2_tracing'])} "
+                     f"layer {_f(r['r2_layer'])} both {_f(r['r2_both'])} layer*tracing {_f(r['r2_interaction'])}; "
+                     f"added {_f(r['added_interaction'])} [{_f(r['added_ci_low'])}, {_f(r['added_ci_high'])}] "
+                     f"F p = {_f(r['F_p_interaction'], '.3g')}")
+    if not v.get("paraphrases", True):
+        lines.append("  " + NO_PARAPHRASES)
     for k, r in (v.get("tracing") or {}).get("reliability", {}).items():
         lines.append(f"  tracing[{k}] split-half r = {_f(r.get('r'))}, Spearman-Brown = {_f(r.get('spearman_brown'))} "
                      f"({r.get('n_facts')} facts)")
@@ -271,4 +326,4 @@ def summary_text(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_report", "collect", "analyze", "summary_text"]
+__all__ = ["build_report", "collect", "analyze", "measure_tables", "measure_summary", "summary_text"]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from locaudit.data.facts import (Fact, counterfactual_targets, known_facts, load_facts, object_ids,
                                  subject_token_span)
 from locaudit.edit.layer_edit import EditRow, LayerEditConfig, score_rows, train_layer_edits
+from locaudit.edit.memit import memit_layer_edits, window_layers, window_relative_norms
 from locaudit.edit.rome import key_second_moment, relative_norms, rome_layer_edits
 from locaudit.evaluate.facts import NEW_OBJECT_PROBLEMS, fact_metrics
 from locaudit.localize.tracing import TracedFact, split_half_reliability, trace_facts
@@ -127,7 +128,7 @@ def rome_second_moment(lm, layer: int, cfg: LayerEditConfig, precision: Resolved
         return _C_CACHE[key]
     max_len = min(512, int(getattr(lm.model.config, "max_position_embeddings", 512) or 512))
     windows = corpus_windows(load_corpus(ROME_TEXT), lm.tokenizer, max_length=max_len, max_tokens=cfg.cov_tokens)
-    if len(_C_CACHE) > 8:
+    if len(_C_CACHE) > 12:  # memit needs its window's 5 at once
         _C_CACHE.clear()
     _C_CACHE[key] = key_second_moment(lm, layer, windows, precision, text_id=ROME_TEXT)
     return _C_CACHE[key]
@@ -157,27 +158,47 @@ def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: 
             if new is not None:
                 rows["new"] = len(score)
                 score.append(EditRow(P(f.prompt), new, e))
-            rows["nb_true"], rows["nb_new"] = [], []
+            rows["nb_true"], rows["nb_new"], rows["nb_target"] = [], [], []
             for nb in facts_data["neighbours"][f.id]:
                 g = pool[nb]
                 rows["nb_true"].append(len(score))
                 score.append(EditRow(P(g.prompt), object_ids(tok, g.target), e))
+                # the edit's target object on the neighbour prompt (Hase's neighbourhood score); for new-object
+                # problems it is also ROME's NS row (nb_new)
+                rows["nb_target"].append(len(score))
                 if new is not None:
                     rows["nb_new"].append(len(score))
-                    score.append(EditRow(P(g.prompt), new, e))
+                score.append(EditRow(P(g.prompt), target, e))
+            paras = f.meta.get("paraphrases", [])  # known_1000 has none (CounterFact has paraphrase_prompts)
+            if paras:
+                rows["para_true"], rows["para_new"] = [], []
+                for q in paras:
+                    rows["para_true"].append(len(score))
+                    score.append(EditRow(P(q), object_ids(tok, f.target), e))
+                    if new is not None:
+                        rows["para_new"].append(len(score))
+                        score.append(EditRow(P(q), new, e))
             index.append(rows)
         pre = _pre_scores(lm, score, precision)
         if method == "rome":
             C = rome_second_moment(lm, layer, cfg, precision)
             keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
             edits, post, info = rome_layer_edits(lm, layer, train, keys, score, len(group), problem, cfg, C, precision)
+        elif method == "memit":  # "at layer l": the window centred on l (Hase et al.)
+            window = window_layers(layer, lm.sites.n_layers, cfg.window)
+            Cs = {l: rome_second_moment(lm, l, cfg, precision) for l in window}
+            keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
+            edits, post, info = memit_layer_edits(lm, window, train, keys, score, len(group), problem, cfg, Cs,
+                                                  precision)
         else:
             edits, post, info = train_layer_edits(lm, layer, train, score, len(group), problem, cfg, precision)
-        norms = relative_norms(lm, edits)
+        norms = window_relative_norms(lm, edits) if method == "memit" else relative_norms(lm, edits)
 
         def pick(v: torch.Tensor, rows: dict) -> dict:
-            d = {"true": float(v[rows["true"]]), "nb_true": [float(v[i]) for i in rows["nb_true"]],
-                 "nb_new": [float(v[i]) for i in rows["nb_new"]]}
+            d = {"true": float(v[rows["true"]])}
+            for k in ("nb_true", "nb_new", "nb_target", "para_true", "para_new"):
+                if k in rows and (rows[k] or not k.startswith("para")):
+                    d[k] = [float(v[i]) for i in rows[k]]
             if "new" in rows:
                 d["new"] = float(v[rows["new"]])
             return d
@@ -187,7 +208,10 @@ def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: 
             tr = tracing["facts"][f.id]
             row = {"fact": f.id, "relation_id": f.relation_id, "layer": layer, "problem": problem, "method": method,
                    **m, "loss_first": info["loss_first"], "loss_last": info["loss_last"],
-                   "dw_rel_norm": norms[e]}  # ||dW||_F / ||W||_F of this fact's edit
+                   "dw_rel_norm": norms[e]}  # ||dW||_F / ||W||_F of this fact's edit (memit: over its window)
+            if method == "memit":
+                row["window"] = "-".join(str(l) for l in info["layers"])
+                row["residual_left"] = float(info["residual_left"][e])
             for kind, eff in tr["effects"].items():
                 row[f"tracing_{kind}"] = eff[layer]
             out.append(row)
