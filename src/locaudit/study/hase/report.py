@@ -4,7 +4,8 @@ RUN/report/: r2.csv (R^2 of tracing / layer / both / layer*tracing and tracing's
 with the F-tests of what tracing adds to the layer, per problem and method), verdict.json (the tracing-argmax
 layer against a null that keeps each layer's mean: permutation of tracing curves across facts and the
 leave-one-fact-out layer-mean-removed contrast; the cross-fitted best fixed layer; per problem and method,
-and the fact counts), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
+and the fact counts), r2_by_measure.csv (the R^2 table for each of Hase's success measures: rewrite, paraphrase
+where the facts have paraphrases, neighbourhood, combined), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
 scatter_<problem>_<method>.png, index.html. Rebuilt from the ledger at any time (also mid-study).
 """
 
