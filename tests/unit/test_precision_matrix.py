@@ -8,7 +8,7 @@ Each precision runs the same steps from the same data:
   baseline, ITI, optimal training (packed pairs, the frozen prefix, grouped edits, a dose snapshot) and their
   evaluations (the dose point's MC and KL too);
 - rejudge (`locaudit report RUN --judge ...`) and export (merged model, PEFT adapter);
-- Hase: facts, tracing and per-layer edits.
+- Hase: facts, tracing and per-layer edits (ft, lora, memit over a 2-layer window).
 
 Every trial must end `done`, every number must be finite, and the numbers that do not pass through a greedy
 choice must lie within `TOLERANCE` of fp32 (greedy generations can legitimately differ at lower precision,
@@ -88,9 +88,12 @@ verdict: {{primary_metric: mc2}}
 HASE = (
     "name: tiny-hase-{precision}\nmodel: {{name: 'tiny:llama', device: {device}}}\nprecision: {precision}\n"
     "facts: {{path: facts.jsonl, known_top_k: 259, max_facts: 4, n_neighbours: 1}}\n"
-    "tracing: {{n_noise: 2, kinds: [mlp], grid_facts: 0}}\nlayers: [0, 2]\n"
-    "editing: {{problems: [error_injection], methods: [ft, lora],\n"
-    "  ft: {{steps: 2, lr: 0.05, norm_bound: 0.1, batch_facts: 4}}, lora: {{steps: 2, lr: 0.1, batch_facts: 4}}}}\n"
+    # layers 0 and 1 of 3: memit's z sits at its window's last layer, and at the model's last layer the subject
+    # position no longer reaches the prediction (a no-op edit: rewrite 0 in fp32, rounding noise elsewhere)
+    "tracing: {{n_noise: 2, kinds: [mlp], grid_facts: 0}}\nlayers: [0, 1]\n"
+    "editing: {{problems: [error_injection], methods: [ft, lora, memit],\n"
+    "  ft: {{steps: 2, lr: 0.05, norm_bound: 0.1, batch_facts: 4}}, lora: {{steps: 2, lr: 0.1, batch_facts: 4}},\n"
+    "  memit: {{steps: 2, lr: 0.5, batch_facts: 4, cov_tokens: 600, window: 2, mom2_update_weight: 10}}}}\n"
     "analysis: {{bootstrap: 20}}\n"
 )
 
@@ -215,7 +218,7 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
     (root / "facts.jsonl").write_text((data / "facts.jsonl").read_text())
     (root / "hase.yaml").write_text(HASE.format(precision=precision, device=DEVICE))
     res = run_hase(load_hase_spec(root / "hase.yaml"), root / "hase", progress=False)
-    assert not res["counts"].get("failed") and res["counts"].get("done", 0) == 2 + 2 * 2, res["counts"]
+    assert not res["counts"].get("failed") and res["counts"].get("done", 0) == 2 + 3 * 2, res["counts"]
     with Ledger(root / "hase") as led:
         hrows = led.rows()
     for r in hrows:
