@@ -97,7 +97,7 @@ def test_shared_computes_less_and_uses_the_kv_cache():
             for m, s in (("full", True), ("shared", False), ("shared", True))}
     # clean run + every row through all 6 layers, vs from each window's first layer, vs from its position too
     assert cost[("shared", True)] < cost[("shared", False)] < 0.75 * cost[("full", True)]
-    assert cost[("shared", True)] < 0.5 * cost[("full", True)]
+    assert cost[("shared", True)] < 0.6 * cost[("full", True)]
     # the model is left as it was: every layer, no hooks
     assert len(lm.sites.layer_list) == 6
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in lm.sites.layer_list)

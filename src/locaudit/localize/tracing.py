@@ -19,9 +19,9 @@ Noise unit, `noise_from`: "embedding" (default, the original: std of the whole e
 (the attention sink) is never noised (a subject starting there loses its first token from the noise).
 Split-half reliability: the noise samples' two halves are two independent draws (two seeds in effect), so
 every fact also gets its tracing curve from each half (`halves`) at no extra cost; `split_half_reliability`
-correlates them over (fact, layer) and applies Spearman-Brown. Every (noise sample, restored layer) variant of a fact is one row of ONE batched
-forward pass (rows = samples x (layers + 1)); the (layer x position) grid for ROME's heatmaps is the
-same computation with one row per (sample, layer, position).
+correlates them over (fact, layer) and applies Spearman-Brown. Every (noise sample, restored layer) variant of
+a fact is one row of a batched forward pass (rows = samples x (layers + 1); `max_rows` per pass); the (layer x
+position) grid for ROME's heatmaps is the same computation with one row per (sample, layer, position).
 
 Shared computation (`method="shared"`, the default; exact, checked against `method="full"` in
 tests/unit/test_tracing_shared.py). A restored row equals the corrupted run wherever the restoration cannot
@@ -31,10 +31,16 @@ reach yet, so that part is computed once per noise sample instead of once per ro
            only layers s.. from those states (models/surgery.py `run_from_layer`, as the frozen prefix of
            training does), batched over the variants that share s;
   positions  with causal attention, restoring at position t leaves positions < t equal to the corrupted
-           run at every layer, so a variant runs only positions t.. on top of a KV cache of the corrupted
-           run's positions < t (as models/prefix_cache.py continues a shared prompt), batched over the
-           variants that share (s, t). Used where the model's cache is a plain dynamic cache holding every
-           position at every layer (else all positions run).
+           run at every layer, so a batch of variants runs only from the first position any of them restores
+           on, on top of a KV cache of the corrupted run's positions before it (as models/prefix_cache.py
+           continues a shared prompt). The variants that share s form two batches: those restoring the last
+           position (one token each) and the others (the subject's tokens, from the first of them). One batch
+           per (s, position) would cut more FLOPs, but its 10-row matmuls run far below a CPU's GEMM peak
+           (measured slower than no position sharing; benchmarks/bench_tracing.py). Used where the model's
+           cache is a plain dynamic cache holding every position at every layer (else all positions run);
+  no-ops   restoring a position before the first noised one (before the subject, or position 0 under
+           `clean_pos0`) puts back what is already there: such a variant IS the corrupted run. At fp32 only:
+           the clean states come from an fp32 run, so under bf16 / fp16 autocast restoring them is not a no-op.
 Families whose card lacks `prefix=True` (models/sites.py) run the full forward per row.
 
 Noise enters at the ``embed`` site (the embedding module's output; models/interventions.py), and clean
@@ -377,19 +383,24 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
     shared = method == "shared" and prefix_supported(lm)
     corrupted = _corrupted_run(lm, ids, noise, subj, precision, share_positions) if shared else None
     per = max(n, (cfg.max_rows // n) * n)  # rows per forward pass: whole noise-sample blocks
+    # positions before it are never noised: the corrupted run is the clean one there, restoring them is a no-op
+    # (at fp32 only: the clean states come from an fp32 run, so under bf16 / fp16 they differ by the rounding)
+    first_noised = (subj[0] + 1 if cfg.clean_pos0 and subj[0] == 0 else subj[0]) if not precision.is_reduced else 0
 
     def run_shared(kind: str, variants: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """`run` from the corrupted run's states: variants grouped by (first restored layer, first position run)."""
         p = torch.empty(len(variants), n)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
         for j, (ls, pos) in enumerate(variants):
-            if not ls:  # corrupted only
+            if not ls or pos < first_noised:  # corrupted only, or restored where the corrupted run is clean
                 p[j] = corrupted.probs[:, answer].cpu()
                 continue
-            groups.setdefault((min(ls), pos if corrupted.cache is not None else 0), []).append(j)
-        for (start, t), js in groups.items():
+            groups.setdefault((min(ls), pos == T - 1), []).append(j)
+        for (start, _), js in groups.items():
             for c in range(0, len(js), per // n):
                 chunk = js[c: c + per // n]
+                # every row of the chunk runs from its first restored position (the last position: one token)
+                t = min(variants[j][1] for j in chunk) if corrupted.cache is not None else 0
                 restore = [variants[j] for j in chunk for _ in range(n)]
                 samples = torch.arange(n, device=lm.device).repeat(len(chunk))
                 probs = _run_shared(lm, ids, corrupted, kind, start, t, samples, restore, clean[kind], precision)
