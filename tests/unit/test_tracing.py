@@ -31,8 +31,8 @@ def _reference(lm, cfg, kind, layer):
     clean = {}
     hs = []
     for l in range(L):
-        def grab(m, a, o, l=l):
-            clean[l] = (o[0] if isinstance(o, tuple) else o)[0].clone()
+        def grab(m, a, o, l=l):  # OPT's MLP runs on (batch * pos, d): view it as [batch, pos, d]
+            clean[l] = (o[0] if isinstance(o, tuple) else o).reshape(1, ids.shape[1], -1)[0].clone()
         hs.append(_module(lm, kind, l).register_forward_hook(grab))
     lm.model(input_ids=ids)
     for h in hs:
@@ -48,8 +48,10 @@ def _reference(lm, cfg, kind, layer):
         hs = []
         for l in restore:
             def put(m, a, o, l=l):
-                t = (o[0] if isinstance(o, tuple) else o).clone()
+                x = o[0] if isinstance(o, tuple) else o
+                t = x.reshape(1, ids.shape[1], -1).clone()
                 t[0, s1 - 1] = clean[l][s1 - 1]
+                t = t.view(x.shape)
                 return (t, *o[1:]) if isinstance(o, tuple) else t
             hs.append(_module(lm, kind, l).register_forward_hook(put))
         pr.append(lm.model(inputs_embeds=emb).logits[0, -1].softmax(-1)[ans])
@@ -58,7 +60,7 @@ def _reference(lm, cfg, kind, layer):
     return float(torch.stack(pc).mean()), float(torch.stack(pr).mean())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", "opt"])  # opt: its MLP output is 2-D
 def test_tracing_equals_independent_hooks(family):
     from locaudit.models.tiny import tiny_model
 
