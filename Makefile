@@ -75,6 +75,7 @@ bench: setup
 	$(PY) benchmarks/bench_optimal_edit.py
 	$(PY) benchmarks/bench_mc.py
 	$(PY) benchmarks/bench_shared_eval.py
+	$(PY) benchmarks/bench_tracing.py
 
 ## The parts of README.md and docs/*.md that derive from the source (marked <!-- generated:NAME -->):
 ## CLI commands, study fields, TrainConfig/EvalConfig, model families, each study's --dry-run design.
