@@ -6,6 +6,8 @@ Specs for `load_behaviour`:
 - `truthfulqa`           the HF hub copy (needs `datasets` and network or its cache).
 - `caa:NAME_OR_PATH`     a CAA A/B dataset (chosen = matching behaviour).
 - `pairs:PATH`           a generic JSONL/JSON/CSV file of prompt, chosen, rejected (optional qid).
+- `pairs:hf:ID[@CONFIG][:SPLIT]` the same fields from a datasets-hub id (split default train; needs `datasets`
+                        and the hub or its cache), e.g. `pairs:hf:OWNER/NAME:test`.
 For pair datasets, a "question" is a prompt: its correct answers are its chosen answers and its
 incorrect answers its rejected ones, so generation, evaluation and probing work the same way.
 """
@@ -198,11 +200,17 @@ def load_behaviour(
     if kind in ("caa", "pairs"):
         if not arg:
             raise ConfigError(f"spec {spec!r}: give a name or path after '{kind}:'")
-        pairs = load_caa(arg) if kind == "caa" else load_pairs(arg)
+        if kind == "pairs" and arg.startswith("hf:"):
+            from locaudit.data.pairs import load_pairs_hub
+
+            pairs = load_pairs_hub(arg[3:])
+        else:
+            pairs = load_caa(arg) if kind == "caa" else load_pairs(arg)
         mc = load_mc(mc_path) if mc_path is not None else []
         name = f"{kind}-{Path(arg).stem if Path(arg).suffix else arg.replace('/', '-')}"
         return _build(name, questions_from_pairs(pairs), pairs, mc, seed, fractions, max_questions, {"spec": spec})
     raise ConfigError(
         f"behaviour spec {spec!r}: unknown kind {kind!r}; "
-        "use truthfulqa:PATH.csv, truthfulqa, caa:NAME_OR_PATH or pairs:PATH"
+        "use truthfulqa:PATH.csv, truthfulqa (the hub's truthfulqa/truthful_qa), caa:NAME_OR_PATH, pairs:PATH or "
+        "pairs:hf:OWNER/NAME[@CONFIG][:SPLIT] (a datasets-hub id)"
     )

@@ -57,6 +57,35 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
+def load_pairs_hub(spec: str) -> list[PreferencePair]:
+    """Pairs from a HuggingFace datasets-hub id, `OWNER/NAME[@CONFIG][:SPLIT]` (split default train), whose
+    rows have the fields prompt, chosen, rejected (optional qid), as a local file's. Needs `datasets` and the
+    hub (or its local cache; HF_HUB_OFFLINE=1 reads only the cache)."""
+    from locaudit.data.truthfulqa import _import_datasets
+
+    name, _, split = spec.partition(":")
+    name, _, config = name.partition("@")
+    if not name.strip() or name.count("/") != 1:
+        raise DataError(f"pairs:hf:{spec}: expected a hub id OWNER/NAME[@CONFIG][:SPLIT], e.g. "
+                        "pairs:hf:OWNER/NAME:test (string columns prompt, chosen, rejected)")
+    datasets = _import_datasets()
+    try:
+        rows = datasets.load_dataset(name.strip(), config.strip() or None, split=split.strip() or "train")
+    except Exception as e:  # offline, no cache, unknown id or split
+        raise DataError(f"could not load {name!r} (config {config or 'default'}, split {split or 'train'}) from "
+                        f"the HuggingFace hub ({type(e).__name__}: {e}); offline, pass a local file instead "
+                        "(pairs:PATH.jsonl with fields prompt, chosen, rejected)") from e
+    missing = [f for f in PAIR_FIELDS if f not in (rows.column_names or [])]
+    if missing:
+        raise DataError(f"hub dataset {name!r} (split {split or 'train'}): no column(s) {missing}; its columns are "
+                        f"{rows.column_names}: write the pairs to a JSONL file with fields {PAIR_FIELDS}")
+    where = Path(f"hf:{name}")
+    pairs = [_pair(where, f"row {i}", dict(rec)) for i, rec in enumerate(rows)]
+    if not pairs:
+        raise DataError(f"hub dataset {name!r} (split {split or 'train'}): no pairs")
+    return pairs
+
+
 def _json_records(path: Path, text: str):
     try:
         data = json.loads(text)
