@@ -45,9 +45,17 @@ def final_step(trained: dict) -> int | None:
     return best.get("step", trained.get("steps"))
 
 
-def evaluate_dose(ctx: RunContext, t: Trial, edit, edit_dir: Path, metrics: dict, out_dir: Path) -> dict:
+def dose_points(edit_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every saved snapshot of a trained edit, in step order."""
+    folders = sorted((Path(edit_dir) / DOSE_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [(int(f.name.split("-")[1]), f) for f in folders]
+
+
+def evaluate_dose(ctx: RunContext, t: Trial, edit, edit_dir: Path, metrics: dict, out_dir: Path,
+                  scored: dict[int, dict] | None = None) -> dict:
     """Score the snapshots of trial `t` (and the trained `edit` where its own evaluation lacks a dose metric);
-    write out_dir/dose.json; returns it."""
+    write out_dir/dose.json; returns it. `scored`: {step: metrics} of snapshots already scored (together with
+    other trials' snapshots, into out_dir/dose/step-N), not scored again."""
     from locaudit.edit.lora import LoRAEdit
     from locaudit.study.steps.evaluation import score_split
 
@@ -56,13 +64,13 @@ def evaluate_dose(ctx: RunContext, t: Trial, edit, edit_dir: Path, metrics: dict
     trained = json.loads((Path(edit_dir) / "trained.json").read_text(encoding="utf-8"))
     last = final_step(trained)
     points = []
-    folders = sorted((Path(edit_dir) / DOSE_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for f in folders:
-        step = int(f.name.split("-")[1])
+    for step, f in dose_points(edit_dir):
         if step == last:
             continue  # the same state as the trained edit, scored below
         d = out_dir / DOSE_DIR / f.name
-        m = score_split(ctx, ev, LoRAEdit.load(f), ev["split"], ev.get("max_questions"), wanted, d)
+        m = (scored or {}).get(step)
+        if m is None:
+            m = score_split(ctx, ev, LoRAEdit.load(f), ev["split"], ev.get("max_questions"), wanted, d)
         points.append({"step": step, "final": False, "eval": ctx.rel(d), "metrics": m})
     if set(wanted) <= set(ev["metrics"]):  # the trained edit's own evaluation has every dose metric
         final = {"eval": ctx.rel(out_dir / "eval"), "metrics": {k: v for k, v in metrics.items()}}

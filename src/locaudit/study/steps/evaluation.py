@@ -47,6 +47,20 @@ def score_split(ctx: RunContext, ev: dict, edit, split: str, n: int | None, metr
     return flatten_metrics(result)
 
 
+def score_many(ctx: RunContext, ev: dict, edits: list, split: str, n: int | None, metrics: list[str],
+               out_dirs: list[Path]) -> list[dict]:
+    """`[score_split(ctx, ev, e, split, n, metrics, o) for e, o in zip(edits, out_dirs)]`, computed together
+    (evaluate/shared.evaluate_edits: the unedited layers below each edit's lowest edited layer, the primer and
+    the prompts run once for all edits): the same numbers, up to float rounding."""
+    from locaudit.evaluate.shared import evaluate_edits
+
+    holdout = tuple(ev.get("judge_holdout") or (ev["split"],))
+    judge = ctx.judge(holdout) if "gen" in metrics and ev.get("judge") else None
+    results = evaluate_edits(ctx.lm, edits, ctx.eval_view(split, n), split=split, metrics=list(metrics),
+                             judge=judge, out_dirs=out_dirs, config=_config(ctx, ev))
+    return [flatten_metrics(r) for r in results]
+
+
 def evaluate(ctx: RunContext, trial: Trial, edit, out_dir: Path) -> dict[str, float]:
     """Score `edit` (None = the unedited model) as `trial` says; flat {metric: value}."""
     ev = trial.content["evaluation"]

@@ -21,7 +21,7 @@ from locaudit.errors import LocauditError
 from locaudit.io import has_checksums, verify_checksums, write_checksums, write_json_atomic
 from locaudit.study.steps.context import RunContext
 from locaudit.study.steps.dose import DOSE_FILE, evaluate_dose, save_snapshots
-from locaudit.study.steps.evaluation import evaluate
+from locaudit.study.steps.evaluation import evaluate, score_many
 from locaudit.study.trials import Trial, training_key
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,13 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
                                                    "n_train": tlog.n_train, "n_val": tlog.n_val, **extra})
             write_checksums(d)  # last: the folder is trusted only while it matches
     bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
-    for t in trials:
-        if t.key in bad:
-            continue
+    ready = [t for t in trials if t.key not in bad]
+    edits = {t.key: LoRAEdit.load(edit_dir[t.key]) for t in ready}
+    scored, dose_scored = _score_group(ctx, ready, edits, edit_dir)
+    for t in ready:
         d = ctx.trial_dir(t.key)
-        edit = LoRAEdit.load(edit_dir[t.key])
-        metrics = evaluate(ctx, t, edit, d / "eval")
+        edit = edits[t.key]
+        metrics = scored[t.key] if t.key in scored else evaluate(ctx, t, edit, d / "eval")
         trained = json.loads((edit_dir[t.key] / TRAINED_MARKER).read_text())
         metrics["n_edit_heads"] = float(len(heads[t.key]))
         metrics["train_seconds"] = float(trained.get("seconds", float("nan")))
@@ -90,7 +91,7 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
                 metrics[f"train_{k}"] = float(v)
         artifacts = {"edit": ctx.rel(edit_dir[t.key]), "eval": ctx.rel(d / "eval"), "heads": heads[t.key].to_string()}
         if t.content.get("dose_steps"):  # the training path's snapshots scored (matched collateral damage)
-            dose = evaluate_dose(ctx, t, edit, edit_dir[t.key], metrics, d)
+            dose = evaluate_dose(ctx, t, edit, edit_dir[t.key], metrics, d, dose_scored.get(t.key))
             metrics["n_dose_points"] = float(len(dose["points"]))
             artifacts["dose"] = ctx.rel(d / DOSE_FILE)
         yield t.key, {"metrics": metrics, "artifacts": artifacts}
@@ -98,6 +99,37 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         from locaudit.edit.train import TrainingError
 
         raise TrainingError("; ".join(diverged))
+
+
+def _score_group(ctx: RunContext, ready: list[Trial], edits: dict, edit_dir: dict) -> tuple[dict, dict]:
+    """Every trained edit of the group, and every dose snapshot, scored together (steps.evaluation.score_many):
+    {key: metrics}, {key: {step: metrics}}. Trials whose evaluation differs from the first one's (not the case
+    within one batch group) are left out and scored alone by the caller."""
+    from locaudit.edit.lora import LoRAEdit
+    from locaudit.study.steps.dose import DOSE_DIR, dose_metrics, dose_points, final_step
+
+    if not ready:
+        return {}, {}
+    ev = ready[0].content["evaluation"]
+    same = [t for t in ready if t.content["evaluation"] == ev]
+    n = ev.get("max_questions")
+    outs = [ctx.trial_dir(t.key) / "eval" for t in same]
+    got = score_many(ctx, ev, [edits[t.key] for t in same], ev["split"], n, list(ev["metrics"]), outs)
+    scored = {t.key: m for t, m in zip(same, got)}
+    jobs = []  # (key, step, snapshot folder, out folder)
+    for t in same:
+        if not t.content.get("dose_steps"):
+            continue
+        last = final_step(json.loads((edit_dir[t.key] / TRAINED_MARKER).read_text(encoding="utf-8")))
+        jobs += [(t.key, step, f, ctx.trial_dir(t.key) / DOSE_DIR / f.name)
+                 for step, f in dose_points(edit_dir[t.key]) if step != last]
+    dose: dict[str, dict[int, dict]] = {}
+    if jobs:
+        got = score_many(ctx, ev, [LoRAEdit.load(f) for _, _, f, _ in jobs], ev["split"], n, dose_metrics(ctx),
+                         [o for *_, o in jobs])
+        for (key, step, _, _), m in zip(jobs, got):
+            dose.setdefault(key, {})[step] = m
+    return scored, dose
 
 
 def _trained_ok(d: Path) -> bool:
