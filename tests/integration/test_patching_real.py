@@ -37,13 +37,17 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
     heads = ",".join(f"L{l}H{h}" for l, h in top)
     pairs = select_pairs(data.pairs("train"), 2, 0)
     t = time.perf_counter()
-    batched = activation_patching(smollm2, pairs, PatchingConfig(heads=heads), precision=_P('auto'), progress=False)
+    prec = _P('auto')  # as this machine resolves it: fp32, or bf16 where measured faster
+    batched = activation_patching(smollm2, pairs, PatchingConfig(heads=heads), precision=prec, progress=False)
     took = time.perf_counter() - t
-    loop = activation_patching(smollm2, pairs, PatchingConfig(heads=heads, batch_pairs=1, tokens_per_forward=64), precision=_P('auto'), progress=False)
+    loop = activation_patching(smollm2, pairs, PatchingConfig(heads=heads, batch_pairs=1, tokens_per_forward=64), precision=prec, progress=False)
     done = torch.isfinite(batched.effect)
     assert int(done.sum()) == 3 and all(bool(done[lh]) for lh in top)
     scale = float(batched.effect[done].abs().max())
-    assert float((batched.effect[done] - loop.effect[done]).abs().max()) <= 1e-3 * max(scale, 1.0)
+    # batched copies vs one pair per forward change matmul shapes: fp32 rounding, or bf16's (measured 8.5e-3 on
+    # effects up to 0.18 when auto ran bf16)
+    tol = 1e-3 if prec.name == "fp32" else 2e-2
+    assert float((batched.effect[done] - loop.effect[done]).abs().max()) <= tol * max(scale, 1.0)
     print(f"activation patching of AtP's top 3: {[round(float(batched.effect[lh]), 4) for lh in top]} "
           f"(AtP {[round(float(atp.effect[lh]), 4) for lh in top]}), {took:.1f} s")
 

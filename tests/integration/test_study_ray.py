@@ -54,6 +54,11 @@ def test_ray_executor_local_instance(tmp_path: Path, shared_data: Path, monkeypa
     with Ledger(tmp_path / "local") as led:
         for r in led.rows():
             got = rows[r["key"]]["metrics"]
+            # `auto` is resolved by each process (a 1-thread Ray worker and this process may measure bf16
+            # differently on a bf16-capable CPU); each trial records what it ran: equal precisions must give equal
+            # numbers, different ones agree to bf16's rounding
+            same = (r.get("artifacts") or {}).get("precision") == (rows[r["key"]].get("artifacts") or {}).get("precision")
             for m, v in r["metrics"].items():
                 if m != "train_seconds":
-                    assert got[m] == pytest.approx(v, rel=1e-4, abs=1e-6), (r["name"], m)
+                    assert got[m] == pytest.approx(v, rel=1e-4 if same else 3e-2, abs=1e-6 if same else 1e-2), \
+                        (r["name"], m)
