@@ -34,11 +34,10 @@ from typing import Sequence
 
 import torch
 
-from locaudit.edit.layer_edit import (Batch, EditRow, LayerEditConfig, LayerEdits, _forward, _prefix_states,
-                                      _row_terms, edit_hook, make_batch)
-from locaudit.edit.rome import _check_site, optimise_values
+from locaudit.edit.layer_edit import (Batch, EditRow, LayerEditConfig, LayerEdits, _forward,
+                                      _row_terms, edit_hook)
+from locaudit.edit.rome import _check_site, optimise_values, target_batch
 from locaudit.errors import ConfigError, DataError
-from locaudit.models.batching import pad_id
 from locaudit.models.interventions import module_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
 
@@ -96,22 +95,9 @@ def memit_layer_edits(lm, layers: Sequence[int], train_rows: Sequence[EditRow], 
         _check_site(lm, l, cfg.site)
         if l not in Cs:
             raise ConfigError(f"memit: no key second moment C for window layer {l}")
-    if len(train_rows) != n_edits or sorted(r.edit for r in train_rows) != list(range(n_edits)):
-        raise ConfigError(f"memit: expected one target row per edit (0..{n_edits - 1}); got edits "
-                          f"{[r.edit for r in train_rows]}")
-    if any(r.role != "target" for r in train_rows):
-        raise ConfigError("memit: train rows must all be 'target' rows (memit has no KL rows)")
-    if len(key_pos) != n_edits or any(not 0 <= p < len(r.prompt) for p, r in zip(key_pos, train_rows)):
-        raise ConfigError(f"memit: key positions {list(key_pos)} must lie inside each target row's prompt")
     first, last = layers[0], layers[-1]
-    dev, pad = lm.device, pad_id(lm.tokenizer)
-    all_rows = list(train_rows) + list(score_rows)
-    b = make_batch(all_rows, pad, dev)
-    with prec.autocast(lm.dtype):
-        states = _prefix_states(lm, b.ids, b.mask, first)
-    nt = len(train_rows)
-    tb = Batch(b.ids[:nt], b.mask[:nt], b.rows[:nt], b.starts[:nt], b.lens[:nt], b.plen[:nt])
-    tstates = states[:nt] if states is not None else None
+    b, states, nt, tb, tstates = target_batch(lm, "memit", train_rows, score_rows, n_edits, key_pos, first, prec)
+    dev = lm.device
     ri, pi, e_of = torch.arange(nt, device=dev), torch.tensor(list(key_pos), device=dev), tb.rows
 
     def read(params: dict[int, dict], at_layer: int | None) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -118,6 +118,27 @@ def _add_at(out, fn):
     return fn(out)
 
 
+def target_batch(lm, method: str, train_rows: Sequence[EditRow], score_rows: Sequence[EditRow], n_edits: int,
+                 key_pos: Sequence[int], first: int, prec):
+    """ROME/MEMIT's shared start: check one 'target' row per edit with its key position inside the prompt,
+    batch target and score rows together and run the unedited layers below `first` once.
+    Returns (batch of all rows, their states entering `first` or None, n target rows, the target rows' batch,
+    their states)."""
+    if len(train_rows) != n_edits or sorted(r.edit for r in train_rows) != list(range(n_edits)):
+        raise ConfigError(f"{method}: expected one target row per edit (0..{n_edits - 1}); got edits "
+                          f"{[r.edit for r in train_rows]}")
+    if any(r.role != "target" for r in train_rows):
+        raise ConfigError(f"{method}: train rows must all be 'target' rows ({method} has no KL rows)")
+    if len(key_pos) != n_edits or any(not 0 <= p < len(r.prompt) for p, r in zip(key_pos, train_rows)):
+        raise ConfigError(f"{method}: key positions {list(key_pos)} must lie inside each target row's prompt")
+    b = make_batch(list(train_rows) + list(score_rows), pad_id(lm.tokenizer), lm.device)
+    with prec.autocast(lm.dtype):
+        states = _prefix_states(lm, b.ids, b.mask, first)
+    nt = len(train_rows)
+    tb = Batch(b.ids[:nt], b.mask[:nt], b.rows[:nt], b.starts[:nt], b.lens[:nt], b.plen[:nt])
+    return b, states, nt, tb, (states[:nt] if states is not None else None)
+
+
 def optimise_values(lm, tb: Batch, tstates: torch.Tensor | None, from_layer: int, at: tuple[str, int],
                     key_pos: Sequence[int], n_edits: int, problem: str, cfg: LayerEditConfig, scale: torch.Tensor,
                     precision: ResolvedPrecision) -> tuple[torch.Tensor, list[float]]:
@@ -189,21 +210,8 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
     the edit, info {"loss_first", "loss_last", "frozen_prefix", "k", "v", "delta_norm"})."""
     prec = require_resolved(precision, "rome")
     W = _check_site(lm, layer, cfg.site).weight
-    if len(train_rows) != n_edits or sorted(r.edit for r in train_rows) != list(range(n_edits)):
-        raise ConfigError(f"rome: expected one target row per edit (0..{n_edits - 1}); got edits "
-                          f"{[r.edit for r in train_rows]}")
-    if any(r.role != "target" for r in train_rows):
-        raise ConfigError("rome: train rows must all be 'target' rows (rome has no KL rows)")
-    if len(key_pos) != n_edits or any(not 0 <= p < len(r.prompt) for p, r in zip(key_pos, train_rows)):
-        raise ConfigError(f"rome: key positions {list(key_pos)} must lie inside each target row's prompt")
-    dev, pad = lm.device, pad_id(lm.tokenizer)
-    all_rows = list(train_rows) + list(score_rows)
-    b = make_batch(all_rows, pad, dev)
-    with prec.autocast(lm.dtype):
-        states = _prefix_states(lm, b.ids, b.mask, layer)
-    nt = len(train_rows)
-    tb = Batch(b.ids[:nt], b.mask[:nt], b.rows[:nt], b.starts[:nt], b.lens[:nt], b.plen[:nt])
-    tstates = states[:nt] if states is not None else None
+    b, states, nt, tb, tstates = target_batch(lm, "rome", train_rows, score_rows, n_edits, key_pos, layer, prec)
+    dev = lm.device
     ri = torch.arange(nt, device=dev)
     pi = torch.tensor(list(key_pos), device=dev)
     e_of = tb.rows  # edit of each train row
@@ -226,7 +234,7 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
     edits = LayerEdits(layer, cfg.site, "rome", a=a, b=d.clone())
     edits.verify(lm)
     params = {"method": "rome", "a": a, "b": d}
-    sel = list(range(nt, len(all_rows)))
+    sel = list(range(nt, b.ids.shape[0]))
     with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[nt:], params), prec.autocast(lm.dtype):
         sb = Batch(b.ids[nt:], b.mask[nt:], b.rows[nt:], b.starts[nt:], b.lens[nt:], b.plen[nt:])
         hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, layer)
