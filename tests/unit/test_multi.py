@@ -118,3 +118,32 @@ def test_grouped_equals_separate_under_each_precision(precision, tol):
         scale = float(e_one.b.abs().max())
         torch.testing.assert_close(e_multi.b, e_one.b, rtol=tol, atol=tol * scale)
         torch.testing.assert_close(e_multi.a, e_one.a, rtol=tol, atol=tol * float(e_one.a.abs().max()))
+
+
+def test_each_edit_is_handed_over_as_its_group_ends():
+    """`on_done` sees every edit once, group by group (before the next group trains), with the returned edit:
+    what lets a study save each edit at once, so a run killed part way keeps the groups already trained."""
+    lm = tiny_model("llama", n_layers=4)
+    heads = [HeadSet.parse(f"L{l}H{h}") for l, h in [(3, 0), (0, 1), (2, 2), (1, 3), (3, 3)]]
+    seen: list[tuple[int, object, int]] = []
+    calls_at_start: list[int] = []
+    real_stack = train_mod.train_stack
+
+    def counting_stack(*a, **k):  # how many edits had been handed over when each group started
+        calls_at_start.append(len(seen))
+        return real_stack(*a, **k)
+
+    import locaudit.edit.multi as multi_mod
+
+    orig = multi_mod.train_stack
+    multi_mod.train_stack = counting_stack
+    try:
+        out = train_edits(lm, heads, toy_pairs(4), None, on_done=lambda i, e, lg: seen.append((i, e, lg.lowest_layer)),
+                          config=dict(progress=False, reference_disk_cache=False, precision="fp32", epochs=1,
+                                      max_parallel=2, group_copy_cost=0.0))
+    finally:
+        multi_mod.train_stack = orig
+    assert sorted(i for i, _, _ in seen) == list(range(len(heads)))
+    assert all(out[i][0] is e for i, e, _ in seen)
+    assert [i for i, _, _ in seen] == [1, 3, 2, 0, 4]  # groups {L0H1, L1H3}, {L2H2, L3H0}, {L3H3}
+    assert calls_at_start == [0, 2, 4]  # each group's edits were handed over before the next group started

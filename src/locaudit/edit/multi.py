@@ -12,7 +12,7 @@ groups (edit/reference.py, edit/prefix.py).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
@@ -27,10 +27,13 @@ from locaudit.models.loading import LoadedModel
 def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Sequence[PreferencePair],
                 val_pairs: Sequence[PreferencePair] | None = None, fmt: PromptFormat | None = None,
                 config: TrainConfig | dict | None = None, lrs: Sequence[float] | None = None,
+                on_done: Callable[[int, LoRAEdit, TrainLog], None] | None = None,
                 **overrides) -> list[tuple[LoRAEdit, TrainLog]]:
     """Train one edit per head set, in groups of at most `config.max_parallel` that share each pass
     (`plan_groups`); same result as separate `train_edit` runs with the same config. `lrs` overrides the
-    per-edit learning rates."""
+    per-edit learning rates. `on_done(i, edit, log)` is called for edit i (its index in `heads_list`) as soon as
+    its group has trained, before the next group starts: a caller saves it there, so a long run killed part way
+    loses at most the group in training."""
     p = prepare(lm, heads_list, train_pairs, val_pairs, fmt, config, lrs, **overrides)
     cfg, fmt, lrs, enc_train, enc_val = p.config, p.fmt, p.lrs, p.enc_train, p.enc_val
     heads_list = list(heads_list)
@@ -48,6 +51,8 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
         for e, i in enumerate(group):
             out[i] = (make_edit(lm, stack, e, heads_list[i], cfg, lrs[i], fmt, logs[e], enc_train, enc_val, p.precision),
                       logs[e])
+            if on_done is not None:
+                on_done(i, *out[i])
     return out  # type: ignore[return-value]
 
 
