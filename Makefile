@@ -70,17 +70,21 @@ browser:
 test-fast: setup
 	$(TEST_UNIT)
 
-## Benchmarks (scripts, not tests): print JSON ratios against the tools a user would otherwise pick.
+## Benchmarks (scripts, not tests): print JSON ratios against the tools a user would otherwise pick, and write
+## them with their provenance to docs/measurements/NAME.json, from which `make docs` renders the README's table.
+BENCH_OUT := docs/measurements
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/bench_collect_probe.py
-	$(PY) benchmarks/bench_optimal_edit.py
-	$(PY) benchmarks/bench_mc.py
-	$(PY) benchmarks/bench_shared_eval.py
-	$(PY) benchmarks/bench_tracing.py
+	$(PY) benchmarks/bench_collect_probe.py --out $(BENCH_OUT)/bench_collect_probe.json
+	$(PY) benchmarks/bench_optimal_edit.py --out $(BENCH_OUT)/bench_optimal_edit.json
+	$(PY) benchmarks/bench_mc.py --out $(BENCH_OUT)/bench_mc.json
+	$(PY) benchmarks/bench_shared_eval.py --out $(BENCH_OUT)/bench_shared_eval.json
+	$(PY) benchmarks/bench_patching.py --out $(BENCH_OUT)/bench_patching.json
+	$(PY) benchmarks/bench_tracing.py --out $(BENCH_OUT)/bench_tracing.json
 
 ## The parts of README.md and docs/*.md that derive from the source (marked <!-- generated:NAME -->):
-## CLI commands, study fields, TrainConfig/EvalConfig, model families, each study's --dry-run design.
+## CLI commands, study fields, TrainConfig/EvalConfig, model families, each study's --dry-run design, and the
+## measured tables (speed, time, accuracy) from docs/measurements/*.json.
 ## Seconds: no model, no data. tests/unit/test_docs.py fails when they are stale.
 docs: setup
 	$(PY) scripts/gen_docs.py

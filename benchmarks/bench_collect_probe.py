@@ -21,7 +21,6 @@ probing >= 20x the scikit-learn loop at the same accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
+from machine import add_out_option, emit, short, fraction_of_peak, linear_params, machine_info  # noqa: E402
 
 from locaudit.models.precision import resolve_precision  # noqa: E402
 from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
@@ -180,6 +179,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="precision of every collector (auto: bf16 only where this CPU runs it faster)")
     ap.add_argument("--skip", default="", help="comma list of collectors to skip: one_at_a_time,nnsight,tlens")
+    add_out_option(ap, "bench_collect_probe")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if args.threads:
@@ -278,7 +278,30 @@ def main() -> None:
         "probing_ge_20x_sklearn": result["probing"]["speedup_vs_sklearn"] >= 20,
         "probing_same_accuracy": result["probing"]["mean_abs_val_acc_diff"] < 0.02,
     }
-    print(json.dumps(result, indent=2))
+    emit(args.out, "bench_collect_probe", "head-activation collection and all-head probing on SmolLM2", machine,
+         result, table_rows(result))
+
+
+LABELS = {"bare_forward": "bare batched forward", "nnsight": "nnsight", "transformer_lens": "TransformerLens",
+          "one_at_a_time": "one at a time", "locaudit_no_early_stop": "locaudit without stopping early"}
+
+
+def table_rows(r: dict) -> list[list[str]]:
+    """The README's rows (machine.COLUMNS) from this benchmark's results."""
+    eps, frac, vs = r["examples_per_s"], r["fraction_of_fp32_peak"], r["locaudit_speedup_vs"]
+    others = [k for k in LABELS if k in eps]
+    ratio = [f"{vs[k]:.2f}x {'the ' + LABELS[k] if k == 'bare_forward' else LABELS[k]}" for k in
+             ("bare_forward", "one_at_a_time") if k in vs]
+    pr = r["probing"]
+    return [
+        [f"head-activation collection, {r['n_texts']} TruthfulQA probe texts",
+         f"{eps['locaudit']:.1f} examples/s ({frac['locaudit']:.2f} of peak)",
+         "; ".join(f"{LABELS[k]} {eps[k]:.1f} ({frac[k]:.2f})" for k in others) or "-", ", ".join(ratio) or "-"],
+        [f"all-head probing ({pr['heads']} heads)", f"{pr['batched_s']:.2f} s, one batched Newton fit",
+         f"scikit-learn's LogisticRegression per head, {pr['sklearn_loop_s']:.1f} s",
+         f"{pr['speedup_vs_sklearn']:.1f}x, mean validation accuracy {pr['mean_val_acc_batched']:.3f} vs "
+         f"{pr['mean_val_acc_sklearn']:.3f} (diff {short(pr['mean_abs_val_acc_diff'])})"],
+    ]
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Both sides run at one precision (`--precision`, default auto: bf16 only where th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
+from machine import add_out_option, emit, short, fraction_of_peak, linear_params, machine_info  # noqa: E402
 
 from locaudit.models.precision import resolve_precision  # noqa: E402
 
@@ -42,6 +41,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both sides")
     ap.add_argument("--mc-file", default=str(MC_FILE))
     ap.add_argument("--protocol", default="iti", choices=["iti", "bare"], help="what goes before each question")
+    add_out_option(ap, "bench_mc")
     args = ap.parse_args()
 
     from locaudit.data.prompts import PromptFormat
@@ -90,7 +90,21 @@ def main() -> None:
         "max_abs_logprob_diff": diff, "mc1": batched.mean("mc1"), "mc2": batched.mean("mc2"),
         "mc1_one_at_a_time": mc1_single, "mc2_one_at_a_time": mc2_single,
     }
-    print(json.dumps(out, indent=2))
+    emit(args.out, "bench_mc", "MC1/MC2 scoring on SmolLM2, batched vs one answer at a time", machine, out,
+         table_rows(out))
+
+
+def _agreement(a: float, b: float) -> str:
+    return "identical" if a == b else f"within {short(abs(a - b))}"
+
+
+def table_rows(r: dict) -> list[list[str]]:
+    """The README's row (machine.COLUMNS) from this benchmark's results."""
+    proto = "ITI's protocol" if r["protocol"] == "iti" else "the bare protocol"
+    return [[f"MC1/MC2 with {proto}, {r['questions']} questions, {r['answers']} answers",
+             f"{r['batched_answers_per_s']:.1f} answers/s", f"one answer at a time {r['one_at_a_time_answers_per_s']:.1f}",
+             f"{r['speedup']:.1f}x, MC1 {_agreement(r['mc1'], r['mc1_one_at_a_time'])}, "
+             f"MC2 {_agreement(r['mc2'], r['mc2_one_at_a_time'])}"]]
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import fraction_of_peak, linear_params, machine_info  # noqa: E402
+from machine import add_out_option, emit, fraction_of_peak, linear_params, machine_info  # noqa: E402
 from locaudit.models.precision import resolve_precision as _P  # noqa: E402  (resolved once, as entry points do)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=["on", "off"], default="on",
                     help="gradient checkpointing in the prefix and multi-edit parts (locaudit's default: on)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; the fastest is kept")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    add_out_option(ap, "bench_optimal_edit")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both tools")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -314,10 +314,46 @@ def main() -> None:
                          "peak_rss_delta_mb_one_pass": one["peak_rss_delta_mb"],
                          "peak_rss_delta_mb_sequential": seq["peak_rss_delta_mb"]}
     result["runs"] = runs
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(a.out, "bench_optimal_edit", "IPO training of optimal edits on SmolLM2 against TRL + PEFT, the frozen prefix "
+         "and edits trained together", machine, result, table_rows(result))
+
+
+def table_rows(r: dict) -> list[list[str]]:
+    """The README's rows (machine.COLUMNS) from this benchmark's results (each part that ran)."""
+    rows, runs, n = [], r["runs"], r["pairs"]
+    if "vs_trl_all_heads" in r:
+        cmp = r["vs_trl_all_heads"]
+        d = cmp["each tool's default (TRL: checkpointing on; locaudit: auto)"]
+        on, off = cmp["both with gradient checkpointing"], cmp["neither with gradient checkpointing"]
+        cached = [c["speedup_wall_reference_cached"] for c in cmp.values()]
+
+        def mb(c: dict) -> str:
+            return f"{c['locaudit_peak_rss_delta_mb']:.0f} vs {c['trl_peak_rss_delta_mb']:.0f} MB"
+
+        rows.append([f"one IPO epoch of an all-heads rank-1 edit, {n} pairs, reference pass included",
+                     f"{n / d['locaudit_pairs_per_s']:.1f} s (checkpointing "
+                     f"{'on' if r['locaudit_auto_checkpointing'] else 'off'}: `auto` here)",
+                     f"TRL DPOTrainer(ipo) + PEFT on o_proj {n / d['trl_pairs_per_s']:.1f} s (its default, checkpointing on)",
+                     f"{d['speedup_wall']:.1f}x at both tools' defaults (peak memory {mb(d)}); {on['speedup_wall']:.1f}x "
+                     f"with checkpointing in both ({mb(on)}), {off['speedup_wall']:.1f}x with it off in both ({mb(off)}); "
+                     f"{min(cached):.1f}-{max(cached):.1f}x for every later epoch or edit on the same pairs, whose "
+                     f"reference is cached"])
+    parts = [(p, label) for p, label in (("multi", "single heads"), ("multi16", "random 16-head sets"))
+             if f"{p}_one_pass" in runs]
+    if parts:
+        one = [runs[f"{p}_one_pass"] for p, _ in parts]
+        seq = [runs[f"{p}_sequential"] for p, _ in parts]
+        rows.append([f"{len(one[0]['heads'])} edits trained in one pass (reference cached)",
+                     "; ".join(f"{len(o['heads'])} {label} {o['wall']:.1f} s" for o, (_, label) in zip(one, parts)),
+                     "the same edits trained one after another: " + "; ".join(f"{s['wall']:.1f} s" for s in seq),
+                     "; ".join(f"{s['wall'] / o['wall']:.2f}x" for o, s in zip(one, seq))])
+    if "frozen_prefix" in r:
+        fp, on_ = r["frozen_prefix"], runs["prefix_on"]
+        rows.append([f"frozen prefix: one head at layer {fp['layer']} of {fp['n_layers']}",
+                     f"{on_['wall']:.1f} s incl. {fp['one_time_states_wall']:.1f} s collecting the states once",
+                     f"{runs['prefix_off']['wall']:.1f} s running the lower layers every step",
+                     f"{fp['speedup_wall']:.2f}x"])
+    return rows
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Prints one JSON object with the CPU capability and the resolved precision (bench
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import add_out_option, emit, machine_info, short  # noqa: E402
 from locaudit.models.precision import resolve_precision as _P  # resolved once, as entry points do
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +42,7 @@ def main() -> None:
     ap.add_argument("--tokens-per-forward", type=int, default=16384)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time counts")
+    add_out_option(ap, "bench_patching")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -121,7 +121,22 @@ def main() -> None:
         "attribution_over_forward_backward": round(t_atp / t_fb, 2),
         "attribution_speedup_over_all_head_patching": round(t_batched * L * H / n_heads / t_atp, 1),
     }
-    print(json.dumps(out, indent=2))
+    emit(args.out, "bench_patching", "activation and attribution patching on SmolLM2", info, out, table_rows(out))
+
+
+def table_rows(r: dict) -> list[list[str]]:
+    """The README's rows (machine.COLUMNS) from this benchmark's results."""
+    return [
+        [f"activation patching, {r['heads_patched']} heads x {r['pairs']} pairs",
+         f"{r['batched_heads_x_pairs_per_s']:.1f} heads x pairs/s (batched)",
+         f"one head per forward, every layer: {r['loop_heads_x_pairs_per_s']:.1f}",
+         f"{r['batched_over_loop']:.1f}x (stacked copies alone {r['stacked_copies_only_over_loop']:.1f}x), "
+         f"same effects within {short(r['batched_vs_loop_max_abs_diff'])}"],
+        [f"attribution patching, all heads, {r['pairs']} pairs", f"{r['attribution_all_heads_s']:.2f} s",
+         f"activation patching of all heads, {r['all_heads_patching_estimated_s']:.1f} s (estimated from the batched rate)",
+         f"{r['attribution_speedup_over_all_head_patching']:.1f}x; {r['attribution_over_forward_backward']:.2f}x one "
+         f"plain forward + backward"],
+    ]
 
 
 if __name__ == "__main__":

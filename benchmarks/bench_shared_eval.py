@@ -15,7 +15,6 @@ were free and everything above cost what it does alone, is printed beside the me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import add_out_option, emit, machine_info, short  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LOCAUDIT_DATA", REPO.parent / "shared" / "data"))
@@ -77,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both sides")
     ap.add_argument("--csv", default=str(CSV))
+    add_out_option(ap, "bench_shared_eval")
     args = ap.parse_args()
     os.environ.setdefault("LOCAUDIT_CACHE", tempfile.mkdtemp(prefix="bench-shared-"))
 
@@ -126,7 +126,17 @@ def main() -> None:
         "mc2": {nm: round(r.mc2, 4) for nm, r in zip(names, together)} if "mc" in metrics else None,
         "generation": "not shared (evaluate_edits runs gen per edit)",
     }
-    print(json.dumps(out, indent=2))
+    emit(args.out, "bench_shared_eval", "N edits evaluated together vs one at a time on SmolLM2", machine, out,
+         table_rows(out))
+
+
+def table_rows(r: dict) -> list[list[str]]:
+    """The README's row (machine.COLUMNS) from this benchmark's results."""
+    diff = max(r["max_abs_diff"].values(), default=0.0)
+    return [[f"{r['n_edits']} edits evaluated together ({', '.join(r['metrics'])}; {r['questions']} questions)",
+             f"{r['seconds_together']:.1f} s", f"the same edits one at a time {r['seconds_one_at_a_time']:.1f} s",
+             f"{r['speedup']:.2f}x (ideal from layer sharing {r['ideal_speedup_from_layer_sharing']:.2f}x), "
+             f"same numbers within {short(diff)}"]]
 
 
 if __name__ == "__main__":

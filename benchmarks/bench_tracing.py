@@ -19,7 +19,6 @@ change on a shared machine hits them alike. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import add_out_option, emit, machine_info, short  # noqa: E402
 
 from locaudit.models.precision import resolve_precision  # noqa: E402
 
@@ -45,6 +44,7 @@ def main() -> None:
     ap.add_argument("--facts-file", default=str(FACTS))
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of every side")
     ap.add_argument("--variants", default="full,layers,shared", help="comma-separated: full, layers, shared")
+    add_out_option(ap, "bench_tracing")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or any(v not in VARIANTS for v in variants):
@@ -90,7 +90,7 @@ def main() -> None:
                          "seconds": {v: round(seconds[v][-1], 2) for v in variants}})
 
     mean = {v: sum(s) / len(s) for v, s in seconds.items()}
-    print(json.dumps({
+    result = {
         "benchmark": "causal tracing per fact (Hase study settings)",
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **machine,
@@ -102,7 +102,25 @@ def main() -> None:
         "max_abs_diff_of_tracing_variable_vs_" + variants[0]: {v: d for v, d in diff.items()},
         "minutes_per_100_facts": {v: round(100 * m / 60, 1) for v, m in mean.items()},
         "per_fact": per_fact,
-    }, indent=2))
+    }
+    emit(args.out, "bench_tracing", "causal tracing per fact on SmolLM2 at a Hase study's settings", machine, result,
+         table_rows(result))
+
+
+NAMES = {"full": "full computation", "layers": "layer sharing", "shared": "layer and position sharing"}
+
+
+def table_rows(r: dict) -> list[list[str]]:
+    """The README's row (machine.COLUMNS) from this benchmark's results: locaudit's default (shared) against
+    the full computation, and the layer-only variant where it ran."""
+    s, sp = r["seconds_per_fact"], r.get("speedup_vs_full") or {}
+    if "shared" not in s or "full" not in s:
+        return []
+    alt = [f"{NAMES['full']} {s['full']:.1f} s"] + ([f"{NAMES['layers']} {s['layers']:.1f} s"] if "layers" in s else [])
+    diff = max((d for d in next(v for k, v in r.items() if k.startswith("max_abs_diff")).values()), default=0.0)
+    return [[f"causal tracing of one fact, {r['study']}'s settings, {r['facts']} facts",
+             f"{s['shared']:.1f} s per fact (shared computation, the default)", "; ".join(alt),
+             f"{sp['shared']:.2f}x, same numbers within {short(diff)}"]]
 
 
 if __name__ == "__main__":

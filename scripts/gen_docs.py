@@ -14,6 +14,12 @@ NAME is one of BLOCKS below: the CLI's commands (from the typer app), the study 
 Nothing loads a model or data: the dry-run part expands the trials and runs the design checks only, with
 the test-question count computed from the data's known size (`n_test_questions`).
 
+Measured figures (speed, time, memory, accuracy) come from the files in docs/measurements/ (strict JSON:
+a table, its provenance, and a benchmark's raw results): `bench` is the README's benchmark table, one row
+group per benchmarks/bench_*.py that wrote `docs/measurements/NAME.json` (`make bench`), and
+`measured.NAME` is the table of docs/measurements/NAME.json. Each ends with where, when and how its
+figures were measured; a file whose figures were transcribed from an earlier statement says so.
+
     python scripts/gen_docs.py            # rewrite the generated parts
     python scripts/gen_docs.py --check    # exit 1 and name each stale part (tests/unit/test_docs.py)
 """
@@ -37,6 +43,17 @@ BLOCK = re.compile(r"(?P<open><!-- generated:(?P<name>[\w.-]+) -->\n)(?P<body>.*
                    re.S)
 # The environment a study file reads; the generated numbers must not depend on the machine's setting.
 STUDY_ENV = ("LOCAUDIT_JUDGE", "LOCAUDIT_PAPER_MODEL", "HASE_FACTS")
+MEASUREMENTS = "docs/measurements"
+SCHEMA = "locaudit-measurement/1"  # benchmarks/machine.py writes it
+# The benchmarks whose measurement files the README's table shows, in its order.
+BENCHMARKS = ("bench_collect_probe", "bench_mc", "bench_optimal_edit", "bench_shared_eval", "bench_patching",
+              "bench_tracing")
+# What a measurement's provenance must state. A run (benchmarks/machine.py `provenance`) records its
+# machine itself; a transcription records where the figures were first stated and what that statement
+# said of the machine ("not stated" where it said nothing).
+NOT_STATED = "not stated"
+PROVENANCE = {"run": ("date", "machine", "cpu_capability", "precision", "torch", "threads", "command", "commit"),
+              "transcribed": ("date", "machine", "cpu_capability", "precision", "source", "note")}
 # Question counts of the built-in data files the study files use (data/registry.py), so that the design
 # checks know the number of test questions without the data at hand. tests/unit/test_docs.py checks them
 # against the files where the data root has them.
@@ -288,6 +305,128 @@ def block_study_designs() -> str:
         "|---|---|---|---|---|---|---|---|---|", *rows]) + "\n"
 
 
+# ------------------------------------------------------------------------------------------- measurements
+class MeasurementError(ValueError):
+    """A measurement file that is not what `make docs` can render; the message names the file and field."""
+
+
+def _no_nan(token: str) -> float:
+    raise ValueError(f"{token} is not strict JSON (write null)")
+
+
+def load_measurement(path: Path) -> dict:
+    """A docs/measurements/*.json file, checked: strict JSON, the schema, a complete provenance of its kind,
+    a table whose rows have one text cell per column."""
+    where = str(path)
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_nan)
+    except (OSError, ValueError) as e:
+        raise MeasurementError(f"{where}: {e}") from e
+    if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
+        raise MeasurementError(f"{where}: schema must be {SCHEMA!r}")
+    prov = rec.get("provenance")
+    kind = prov.get("kind") if isinstance(prov, dict) else None
+    if kind not in PROVENANCE:
+        raise MeasurementError(f"{where}: provenance.kind must be one of {sorted(PROVENANCE)}, not {kind!r}")
+    for key in PROVENANCE[kind]:
+        value = prov.get(key)
+        if kind == "run" and key == "commit" and key in prov:
+            continue  # None outside a git checkout: recorded as unknown
+        if value is None or value == "" or (key == "threads" and not isinstance(value, int)):
+            raise MeasurementError(f"{where}: provenance.{key} is missing or empty (a {kind} must state it)")
+    if not re.match(r"^\d{4}-\d{2}-\d{2}", str(prov["date"])):
+        raise MeasurementError(f"{where}: provenance.date {prov['date']!r} is not an ISO date")
+    tab = rec.get("table")
+    cols = tab.get("columns") if isinstance(tab, dict) else None
+    rows = tab.get("rows") if isinstance(tab, dict) else None
+    if not (isinstance(cols, list) and cols and all(isinstance(c, str) for c in cols) and isinstance(rows, list)):
+        raise MeasurementError(f"{where}: table needs columns (a list of text) and rows (a list)")
+    for i, r in enumerate(rows):
+        if not (isinstance(r, list) and len(r) == len(cols) and all(isinstance(c, str) for c in r)):
+            raise MeasurementError(f"{where}: table.rows[{i}] needs {len(cols)} text cells ({cols})")
+    notes = rec.get("notes", [])
+    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        raise MeasurementError(f"{where}: notes must be a list of text")
+    return rec
+
+
+def measurement_files(root: Path = ROOT) -> list[Path]:
+    return sorted((root / MEASUREMENTS).glob("*.json"))
+
+
+def source_line(rel: str, rec: dict) -> str:
+    """Where, when and how a file's figures were measured, in one sentence."""
+    p = rec["provenance"]
+    if p["kind"] == "run":
+        commit = f"commit {p['commit'][:12]}{'+dirty' if p['commit'].endswith('+dirty') else ''}" if p.get("commit") \
+            else "no git commit recorded"
+        load = f", load {p['cpu_load_at_start']} at start" if p.get("cpu_load_at_start") is not None else ""
+        peak = f", fp32 GEMM peak {p['fp32_gemm_peak_gflops']} GFLOP/s" if p.get("fp32_gemm_peak_gflops") else ""
+        model = (rec.get("results") or {}).get("model")
+        return (f"`{rel}`: `{p['command']}` on {p['date']}, {p['machine']}; CPU capability {p['cpu_capability']}, "
+                f"{p['precision']}, torch {p['torch']}, threads {p['threads']}{load}{peak}"
+                f"{f', model {model}' if model else ''}; {commit}.")
+    said = [x for x in (p["cpu_capability"] != NOT_STATED and f"CPU capability {p['cpu_capability']}",
+                        p["precision"] != NOT_STATED and p["precision"]) if x]
+    where = (f"measured on {p['machine']} ({', '.join(said) or 'capability and precision not stated'})"
+             if p["machine"] != NOT_STATED else
+             f"machine not stated{' (' + ', '.join(said) + ')' if said else ', nor CPU capability or precision'}")
+    return f"`{rel}`: transcribed, not re-run: {p['source']}; {where}, on or before {p['date']}. {p['note']}"
+
+
+def _when(rec: dict) -> str:
+    p = rec["provenance"]
+    return f"{p['cpu_capability']}, {p['precision']}, {str(p['date'])[:10]}" + (
+        " (transcribed)" if p["kind"] == "transcribed" else "")
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(cell(c) for c in r) + " |" for r in rows)])
+
+
+def block_bench(root: Path = ROOT) -> str:
+    """The README's benchmark table: the rows of every benchmark's measurement file, with where and when each
+    ran, and the sources below it; a benchmark without a file is named as not measured."""
+    rows, sources, missing, columns = [], [], [], None
+    for name in BENCHMARKS:
+        path = root / MEASUREMENTS / f"{name}.json"
+        if not path.exists():
+            missing.append(f"`benchmarks/{name}.py`")
+            continue
+        rec = load_measurement(path)
+        if columns is None:
+            columns = rec["table"]["columns"]
+        elif rec["table"]["columns"] != columns:
+            raise MeasurementError(f"{path}: table.columns {rec['table']['columns']} differ from the other "
+                                   f"benchmarks' {columns}")
+        rows += [[*r, _when(rec)] for r in rec["table"]["rows"]]
+        sources.append(f"- {source_line(f'{MEASUREMENTS}/{name}.json', rec)}")
+    parts = [markdown_table([*(columns or ["benchmark"]), "CPU, precision, date"], rows)] if rows else []
+    parts.append("Sources:\n\n" + "\n".join(sources) if sources else "No benchmark measured here yet.")
+    if missing:
+        parts.append(f"Not measured in this repository yet: {', '.join(missing)} (`make bench` writes "
+                     f"`{MEASUREMENTS}/NAME.json`, `make docs` adds it here).")
+    return "\n\n".join(parts) + "\n"
+
+
+def block_measured(name: str, root: Path = ROOT) -> str:
+    """The table of docs/measurements/NAME.json, its notes and its source."""
+    rel = f"{MEASUREMENTS}/{name}.json"
+    rec = load_measurement(root / rel)
+    parts = [markdown_table(rec["table"]["columns"], rec["table"]["rows"])]
+    if rec.get("notes"):
+        parts.append("\n".join(f"- {n}" for n in rec["notes"]))
+    parts.append(f"Source: {source_line(rel, rec)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def known_block(name: str, root: Path = ROOT) -> bool:
+    if name.startswith("measured."):
+        return (root / MEASUREMENTS / f"{name.removeprefix('measured.')}.json").is_file()
+    return name in BLOCKS
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "cli": block_cli,
     "study-spec": block_study_spec,
@@ -295,14 +434,24 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "eval-config": block_eval_config,
     "families": block_families,
     "study-designs": block_study_designs,
+    "bench": block_bench,
 }
 
 
 # ------------------------------------------------------------------------------------------------- render
 @functools.lru_cache(maxsize=None)
-def body(name: str) -> str:
-    """A generated part's text (computed once per process)."""
+def _source_body(name: str) -> str:
     return BLOCKS[name]()
+
+
+def body(name: str, root: Path = ROOT) -> str:
+    """A generated part's text: from the source (computed once per process), or from `root`'s measurement
+    files (read every time, so that a check sees an edited file)."""
+    if name == "bench":
+        return block_bench(root)
+    if name.startswith("measured."):
+        return block_measured(name.removeprefix("measured."), root)
+    return _source_body(name)
 
 
 def render(text: str, bodies: dict[str, str], where: str = "") -> str:
@@ -325,7 +474,7 @@ def stale(root: Path = ROOT) -> dict[Path, tuple[str, str]]:
     """{file: (committed text, generated text)} for every doc file whose generated parts are out of date."""
     files = {p: p.read_text(encoding="utf-8") for p in doc_files(root)}
     names = {n for t in files.values() for n in generated_names(t)}
-    bodies = {n: body(n) for n in sorted(names) if n in BLOCKS}
+    bodies = {n: body(n, root) for n in sorted(names) if known_block(n, root)}
     out = {}
     for p, text in files.items():
         new = render(text, bodies, str(p.relative_to(root)))
@@ -338,7 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a generated part is stale")
     args = ap.parse_args(argv)
-    todo = stale()
+    try:
+        todo = stale()
+    except MeasurementError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for p, (_, new) in todo.items():
         rel = p.relative_to(ROOT)
         if args.check:
