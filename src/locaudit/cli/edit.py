@@ -60,8 +60,10 @@ def edit(
                                        "below the lowest edited layer and run only the layers above."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="Gradient "
                                                  "checkpointing: recompute layer activations in the backward pass "
-                                                 "(about half the training memory, 54% more time in the README's benchmark). Default: "
-                                                 "only where the stored activations would exceed the memory budget."),
+                                                 "(less training memory for more time: "
+                                                 "docs/measurements/bench_optimal_edit.json). Default: only where "
+                                                 "a training pass's stored activations would exceed 2 GiB or a "
+                                                 "quarter of the free memory (edit/train.py checkpointing_needed)."),
     export_merged: Optional[Path] = typer.Option(None, "--export-merged", help="Also save a merged HF model "
                                                  "folder with the edit folded into o_proj."),
     export_peft: Optional[Path] = typer.Option(None, "--export-peft", help="Also save a PEFT LoRA adapter "

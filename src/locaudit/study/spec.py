@@ -345,7 +345,8 @@ class StudySpec(_Strict):
     description: str = Field("", description="Free text shown in the report.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model to study.")
     precision: PrecisionName = Field("auto", description="Compute precision of every step: auto (bf16 on GPUs "
-                                     "and on CPUs where bf16 is measured faster, i.e. AMX; fp32 elsewhere), "
+                                     "with bf16, and on CPUs with AMX or AVX512-BF16 where the check at first "
+                                     "use measures bf16 faster; fp32 elsewhere; models/precision.py), "
                                      "fp32, bf16 or fp16. Part of trial keys as written; the resolved precision "
                                      "is recorded per trial.")
     data: DataSpec = Field(..., description="The behaviour dataset and its split.")
