@@ -28,7 +28,8 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
     took = time.perf_counter() - t
     assert atp.shape == (L, H) and atp.n == 2 and torch.isfinite(atp.effect).all()
     assert atp.effect.abs().max() > 0
-    assert atp.meta["m_clean_mean"] != pytest.approx(atp.meta["m_corrupt_mean"])  # the noise moves the metric
+    assert atp.meta["m_clean_mean"] != pytest.approx(atp.meta["m_corrupt_mean"])  # the contrast moves the metric
+    assert atp.meta["corruption"] == "contrast" and atp.meta["stability"]["k"] == 16
     assert HeadEffects.load(tmp_path / "atp").ranking() == atp.ranking()
     print(f"\nattribution patching, all {L * H} heads x 2 pairs: {took:.1f} s; top-5 {atp.ranking()[:5]}")
 
@@ -52,6 +53,6 @@ def test_patching_and_attribution_on_smollm2(smollm2, shared_data, tmp_path, mon
           f"(AtP {[round(float(atp.effect[lh]), 4) for lh in top]}), {took:.1f} s")
 
     # clean values into the clean run: exactly no effect
-    zero = activation_patching(smollm2, pairs[:1], PatchingConfig(heads="L0H0,L29H8", noise_scale=0.0), precision=_P('auto'),
+    zero = activation_patching(smollm2, pairs[:1], PatchingConfig(corruption="noise", heads="L0H0,L29H8", noise_scale=0.0), precision=_P('auto'),
                                progress=False)
     assert float(zero.effect.nan_to_num().abs().max()) == 0.0

@@ -26,6 +26,12 @@ PAIRS = [PreferencePair(f"q{i}", f"Name {i} colours.", f"Red and {'blue' * (i + 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def PC(**kw) -> PatchingConfig:
+    """The configs these references are written for: noise or the given corruption, patched at every position
+    (the defaults are contrast at the completion positions); position 0 is never noised (as the default)."""
+    return PatchingConfig(**{"corruption": "noise", "positions": "all", **kw})
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm(request):
     return tiny_model(request.param, with_bias=True)
@@ -84,7 +90,7 @@ def _reference(lm, corruption: str, drop: int | None = None) -> torch.Tensor:
             noise = None
             if corruption == "noise":
                 noise = torch.zeros(1, T, sites.d_model)
-                noise[0, : len(p)] = prompt_noise(i, len(p), sites.d_model, 0) * 3.0 * sigma
+                noise[0, 1: len(p)] = prompt_noise(i, len(p), sites.d_model, 0)[1:] * 3.0 * sigma  # pos 0 clean
             z = [torch.zeros(1, T, H * D, requires_grad=True) for _ in range(L)]
             base = {}
             m = _run(lm, p, c, noise=noise, z=z, detach_layer=drop, capture=base)
@@ -104,7 +110,7 @@ def _reference(lm, corruption: str, drop: int | None = None) -> torch.Tensor:
 
 @pytest.mark.parametrize("corruption", ["noise", "mean"])
 def test_attribution_equals_exact_gradient_product(lm, corruption):
-    got = attribution_patching(lm, PAIRS, PatchingConfig(corruption=corruption, batch_pairs=2), progress=False, precision=_P('fp32'))
+    got = attribution_patching(lm, PAIRS, PC(corruption=corruption, batch_pairs=2), progress=False, precision=_P('fp32'))
     ref = _reference(lm, corruption)
     assert got.per_example.abs().max() > 1e-3
     assert torch.allclose(got.per_example.double(), ref, atol=1e-5, rtol=1e-5), \
@@ -112,7 +118,7 @@ def test_attribution_equals_exact_gradient_product(lm, corruption):
 
 
 def test_graddrop_equals_forward_detached_reference(lm):
-    got = attribution_patching(lm, PAIRS, PatchingConfig(graddrop=True), progress=False, precision=_P('fp32'))
+    got = attribution_patching(lm, PAIRS, PC(graddrop=True), progress=False, precision=_P('fp32'))
     L = lm.sites.n_layers
     per_drop = [_reference(lm, "noise", drop=lp).abs() for lp in range(L)]
     ref = torch.zeros_like(per_drop[0])
@@ -125,9 +131,9 @@ def test_graddrop_equals_forward_detached_reference(lm):
 
 
 def test_zero_noise_gives_zero_and_small_noise_matches_patching(lm):
-    zero = attribution_patching(lm, PAIRS, PatchingConfig(noise_scale=0.0), progress=False, precision=_P('fp32'))
+    zero = attribution_patching(lm, PAIRS, PC(noise_scale=0.0), progress=False, precision=_P('fp32'))
     assert zero.per_example.abs().max() == 0.0
-    cfg = PatchingConfig(noise_scale=0.01)  # first order is exact as the patch shrinks
+    cfg = PC(noise_scale=0.01)  # first order is exact as the patch shrinks
     atp = attribution_patching(lm, PAIRS, cfg, progress=False, precision=_P('fp32'))
     act = activation_patching(lm, PAIRS, cfg, progress=False, precision=_P('fp32'))
     scale = float(act.effect.abs().max())
@@ -137,6 +143,6 @@ def test_zero_noise_gives_zero_and_small_noise_matches_patching(lm):
 
 
 def test_attribution_meta_says_what_was_skipped(lm):
-    eff = attribution_patching(lm, PAIRS[:2], PatchingConfig(corruption="mean"), progress=False, precision=_P('fp32'))
+    eff = attribution_patching(lm, PAIRS[:2], PC(corruption="mean"), progress=False, precision=_P('fp32'))
     assert "not applicable" in eff.meta["qk_fix"] and eff.method == "attribution"
     assert eff.meta["direction"] == "noise" and eff.n == 2

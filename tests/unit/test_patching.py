@@ -32,6 +32,12 @@ PAIRS = [PreferencePair(f"q{i}", f"What is {i} plus {i}?", f"It is {2 * i}.", f"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def PC(**kw) -> PatchingConfig:
+    """The configs these references are written for: noise or the given corruption, patched at every position
+    (the defaults are contrast at the completion positions); position 0 is never noised (as the default)."""
+    return PatchingConfig(**{"corruption": "noise", "positions": "all", **kw})
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm(request):
     return tiny_model(request.param, with_bias=True)
@@ -95,7 +101,7 @@ def _reference_effects(lm, pairs, corruption: str, scale: float = 3.0, seed: int
             sgn = 1 if s == 0 else -1
             if corruption == "noise":
                 noise = torch.zeros(1, len(p) + len(c), sites.d_model)
-                noise[0, : len(p)] = prompt_noise(i, len(p), sites.d_model, seed) * scale * sigma
+                noise[0, 1: len(p)] = prompt_noise(i, len(p), sites.d_model, seed)[1:] * scale * sigma  # pos 0 clean
                 base_emb = (emb_mod, noise)  # denoise: the base run is the noised run
                 m_base += sgn * _avg_logp(model, p, c, emb=base_emb)
             else:
@@ -108,7 +114,7 @@ def _reference_effects(lm, pairs, corruption: str, scale: float = 3.0, seed: int
                     sl = slice(h * D, (h + 1) * D)
                     if corruption == "noise":
                         noise = torch.zeros(1, len(p) + len(c), sites.d_model)
-                        noise[0, : len(p)] = prompt_noise(i, len(p), sites.d_model, seed) * scale * sigma
+                        noise[0, 1: len(p)] = prompt_noise(i, len(p), sites.d_model, seed)[1:] * scale * sigma
                         clean = _capture(model, sites.o_proj(l), p, c)
 
                         def fn(o, clean=clean, sl=sl):
@@ -139,7 +145,7 @@ def _reference_effects(lm, pairs, corruption: str, scale: float = 3.0, seed: int
 
 @pytest.mark.parametrize("corruption", ["noise", "mean", "contrast"])
 def test_patching_matches_hand_written_hooks(lm, corruption):
-    cfg = PatchingConfig(corruption=corruption, batch_pairs=3, tokens_per_forward=300)  # several copies per forward
+    cfg = PC(corruption=corruption, batch_pairs=3, tokens_per_forward=300)  # several copies per forward
     got = activation_patching(lm, PAIRS, cfg, progress=False, precision=_P('fp32'))
     contrast = contrast_questions(PAIRS, "other_question", 0) if corruption == "contrast" else None
     ref = _reference_effects(lm, PAIRS, corruption, contrast=contrast)
@@ -153,19 +159,19 @@ def test_patching_matches_hand_written_hooks(lm, corruption):
 
 def test_clean_into_clean_and_zero_noise_give_zero(lm):
     for direction in ("denoise", "noise"):
-        eff = activation_patching(lm, PAIRS, PatchingConfig(noise_scale=0.0, direction=direction), progress=False, precision=_P('fp32'))
+        eff = activation_patching(lm, PAIRS, PC(noise_scale=0.0, direction=direction), progress=False, precision=_P('fp32'))
         assert eff.per_example.abs().max() == 0.0
         assert eff.meta["m_clean_mean"] == pytest.approx(eff.meta["m_corrupt_mean"])
     # a contrast prompt equal to the clean prompt (options swapped twice) patches clean values into the clean run
     same = [PreferencePair("a", "Pick one.\n(A) yes\n(B) no", "(A)", "(B)"),
             PreferencePair("b", "Pick.\n(A) red\n(B) blue", "(B)", "(A)")]
-    eff = activation_patching(lm, same, PatchingConfig(corruption="contrast", contrast="swap_options"), progress=False, precision=_P('fp32'))
+    eff = activation_patching(lm, same, PC(corruption="contrast", contrast="swap_options"), progress=False, precision=_P('fp32'))
     assert eff.effect.abs().max() > 0  # a real contrast moves the metric
 
 
 def test_batching_does_not_change_numbers(lm):
-    one = activation_patching(lm, PAIRS, PatchingConfig(batch_pairs=1, tokens_per_forward=64), progress=False, precision=_P('fp32'))
-    many = activation_patching(lm, PAIRS, PatchingConfig(batch_pairs=4, tokens_per_forward=1 << 20), progress=False, precision=_P('fp32'))
+    one = activation_patching(lm, PAIRS, PC(batch_pairs=1, tokens_per_forward=64), progress=False, precision=_P('fp32'))
+    many = activation_patching(lm, PAIRS, PC(batch_pairs=4, tokens_per_forward=1 << 20), progress=False, precision=_P('fp32'))
     assert torch.allclose(one.per_example, many.per_example, atol=2e-6)
 
 
@@ -174,10 +180,10 @@ def test_layers_below_the_patched_head_are_not_recomputed(lm):
     handle = lm.sites.layer(0).register_forward_hook(lambda m, a, out: calls.__setitem__("n", calls["n"] + 1))
     try:
         top = lm.sites.n_layers - 1
-        skip = activation_patching(lm, PAIRS, PatchingConfig(heads=f"L{top}", batch_pairs=4), progress=False, precision=_P('fp32'))
+        skip = activation_patching(lm, PAIRS, PC(heads=f"L{top}", batch_pairs=4), progress=False, precision=_P('fp32'))
         n_skip = calls["n"]
         calls["n"] = 0
-        full = activation_patching(lm, PAIRS, PatchingConfig(heads=f"L{top}", batch_pairs=4, skip_layers=False,
+        full = activation_patching(lm, PAIRS, PC(heads=f"L{top}", batch_pairs=4, skip_layers=False,
                                                              tokens_per_forward=64), progress=False, precision=_P('fp32'))
     finally:
         handle.remove()
@@ -188,26 +194,26 @@ def test_layers_below_the_patched_head_are_not_recomputed(lm):
 
 def test_restricted_heads_and_positions(lm):
     H = lm.sites.n_heads
-    full = activation_patching(lm, PAIRS, PatchingConfig(), progress=False, precision=_P('fp32'))
-    part = activation_patching(lm, PAIRS, PatchingConfig(heads="L1,L0H2"), progress=False, precision=_P('fp32'))
+    full = activation_patching(lm, PAIRS, PC(), progress=False, precision=_P('fp32'))
+    part = activation_patching(lm, PAIRS, PC(heads="L1,L0H2"), progress=False, precision=_P('fp32'))
     done = torch.isfinite(part.effect)
     assert int(done.sum()) == H + 1 and bool(done[1].all()) and bool(done[0, 2])
     assert torch.allclose(part.effect[done], full.effect[done], atol=2e-6)
     assert part.ranking()[-1] not in {(1, h) for h in range(H)}  # NaN heads rank last
-    last = activation_patching(lm, PAIRS, PatchingConfig(positions="last"), progress=False, precision=_P('fp32'))
+    last = activation_patching(lm, PAIRS, PC(positions="last"), progress=False, precision=_P('fp32'))
     assert not torch.allclose(last.effect, full.effect)
     # noise only touches the prompt, so patching at the prompt's positions only still has effects
-    prompt = activation_patching(lm, PAIRS, PatchingConfig(positions="prompt"), progress=False, precision=_P('fp32'))
+    prompt = activation_patching(lm, PAIRS, PC(positions="prompt"), progress=False, precision=_P('fp32'))
     assert prompt.effect.abs().max() > 0
 
 
 def test_config_errors():
     with pytest.raises((ConfigError, ValueError)):
-        PatchingConfig(corruption="mean", direction="denoise")
+        PC(corruption="mean", direction="denoise")
     with pytest.raises(ValueError):
-        PatchingConfig(noise_scale=-1)
+        PC(noise_scale=-1)
     with pytest.raises(ValueError):
-        PatchingConfig(bogus=1)
+        PC(bogus=1)
     with pytest.raises(DataError, match="options"):
         swap_options("no options here")
     with pytest.raises(DataError, match="two different"):
@@ -335,7 +341,7 @@ def test_localize_cli_end_to_end(tmp_path, monkeypatch):
             "--max-pairs", "4", "--top-k", "3", "--precision", "fp32", "--graddrop", "--out", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
-    assert "attribution (noise, denoise, positions all) on 4 train pairs" in res.output
+    assert "attribution (contrast, noise, positions completion) on 4 train pairs" in res.output
     ranking = json.loads((out / "ranking.json").read_text())
     assert len(ranking) == 12 and "graddrop" in ranking[0] and (out / "effects_heatmap.png").exists()
     assert f"L{ranking[0]['layer']}H{ranking[0]['head']}" in res.output

@@ -18,8 +18,8 @@ from locaudit.models.precision import Precision, as_precision
 EXAMPLE = (
     "Examples:\n\n"
     "  locaudit localize --model smollm2-135m-instruct "
-    "--data truthfulqa:$(locaudit data path truthfulqa-v1) --method patching --corruption noise "
-    "--max-pairs 32 --out runs/patching\n\n"
+    "--data truthfulqa:$(locaudit data path truthfulqa-v1) --method patching "
+    "--max-pairs 48 --out runs/patching\n\n"
     "  locaudit localize --data caa:sycophancy --method attribution --corruption contrast --contrast swap_options "
     "--out runs/atp_sycophancy\n\n"
     "Both write effects.csv, ranking.json, effects_heatmap.png, effects.safetensors and meta.json. Activation "
@@ -36,9 +36,9 @@ def localize(
                              "effects.safetensors and meta.json."),
     method: str = typer.Option("patching", "--method", help="patching (activation patching, exact, ~L*H forwards "
                                "per pair) or attribution (its first-order approximation: one forward + backward)."),
-    corruption: str = typer.Option("noise", "--corruption", help="noise: Gaussian noise on the prompt's token "
-                                   "embeddings (ROME's causal tracing); contrast: a contrast prompt from the data; "
-                                   "mean: replace the head by its dataset mean."),
+    corruption: str = typer.Option("contrast", "--corruption", help="contrast: a contrast prompt from the data; "
+                                   "noise: Gaussian noise on the prompt's token embeddings but position 0 (ROME's "
+                                   "causal tracing); mean: replace the head by its dataset mean."),
     direction: str = typer.Option("auto", "--direction", help="denoise (restore the clean head into the corrupted "
                                   "run), noise (corrupted head into the clean run), or auto (denoise for noise, "
                                   "noise for contrast and mean)."),
@@ -46,8 +46,8 @@ def localize(
                                       "embedding std (ROME: 3)."),
     contrast: str = typer.Option("other_question", "--contrast", help="Contrast prompt: other_question (another "
                                  "pair's prompt) or swap_options (CAA A/B prompts with options (A) and (B) swapped)."),
-    positions: str = typer.Option("all", "--positions", help="Where heads are patched: all, prompt, last (the "
-                                  "prompt's last token) or completion (last prompt token + completion tokens)."),
+    positions: str = typer.Option("completion", "--positions", help="Where heads are patched: completion (last "
+                                  "prompt token + completion tokens), last (the prompt's last token), prompt or all."),
     split: str = typer.Option("train", "--split", help="Split whose pairs are used (never rank on test)."),
     max_pairs: int = typer.Option(48, "--max-pairs", **opt.count("--max-pairs", 0), help="Seeded subset of the split's pairs (one per question "
                                   "first); 0 = all."),

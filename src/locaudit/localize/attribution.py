@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from locaudit.localize.corruptions import PatchingConfig, patch_positions
 from locaudit.localize.effects import HeadEffects
+from locaudit.localize.stability import record_stability
 from locaudit.localize.patching import _as3d, _meta, _Plan, capture_heads, embedding_hook, pair_metric, source_values
 from locaudit.models.interventions import grad_hooks, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
@@ -73,6 +74,7 @@ def attribution_patching(lm, pairs: Sequence, config: PatchingConfig | None = No
             if gd is not None:
                 gd[idx] = out["graddrop"]
     meta = _meta(lm, plan, prec, "attribution", m_base_all, m_src_all)
+    record_stability(meta, per, config.top_k, config.rank_by, config.pair_seed)
     meta["qk_fix"] = "not applicable: nodes are head outputs, downstream of their own attention softmax"
     extra = {"graddrop": gd.mean(0).float()} if gd is not None else {}
     return HeadEffects.from_per_example(per, "attribution", meta, extra, keep=config.keep_per_example)

@@ -8,8 +8,15 @@ A behaviour is a list of preference pairs (x, y+, y-). The metric of a run is th
 run as two sequences, x+y+ and x+y-. A corruption gives, for each pair, a second run whose head outputs
 differ from the clean run's:
 
-(a) ``noise`` (ROME's causal tracing): the prompt's token embeddings e_t (t < |x|, the output of the
-    embedding module) become e_t + s * sigma * eps_t with eps_t ~ N(0, I_d), s = `noise_scale` (3 by
+Defaults (`PatchingConfig`): contrast corruption, patched at the completion positions, 48 pairs. Noising every
+prompt token and restoring heads at every position (the former defaults) lets an early head win by putting token
+identity back: restoring it at the noised positions undoes the corruption itself, so early layers can fill the
+top-K (on SmolLM2 and TruthfulQA, the top-8 of both localizers sat in layers 0-2 under them). A contrast prompt shares the completions, so the patched head carries what differs in
+the behaviour; the completion positions are where the metric is read.
+
+(a) ``noise`` (ROME's causal tracing): the prompt's token embeddings e_t (0 < t < |x|, the output of the
+    embedding module; position 0, the attention sink, stays clean unless `noise_pos0`) become
+    e_t + s * sigma * eps_t with eps_t ~ N(0, I_d), s = `noise_scale` (3 by
     default) and sigma = the standard deviation of the embedding entries of the prompts' tokens (ROME's
     "3x the embedding std"). eps is drawn per pair from a generator seeded by (noise_seed, pair index),
     so it does not depend on batching, and the chosen and rejected sequences share it (same prompt).
@@ -59,9 +66,11 @@ class PatchingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number is finite
 
-    corruption: Corruption = Field("noise", description="How the corrupted run differs from the clean one: "
+    corruption: Corruption = Field("contrast", description="How the corrupted run differs from the clean one: "
+                                   "contrast (default: a contrast prompt from the data, so a head is credited for "
+                                   "what differs between the prompts' behaviour, not for carrying token identity), "
                                    "noise (Gaussian noise on the prompt's token embeddings, ROME's causal tracing), "
-                                   "contrast (a contrast prompt from the data), mean (the head's dataset mean).")
+                                   "mean (the head's dataset mean).")
     direction: Literal["auto", "denoise", "noise"] = Field(
         "auto", description="denoise: restore the clean head into the corrupted run; noise: put the corrupted "
         "head into the clean run. auto = denoise for noise, noise for contrast and mean.")
@@ -69,13 +78,16 @@ class PatchingConfig(BaseModel):
                                "prompt tokens' embedding std (ROME: 3; at most 1000, as the CLI's --noise-scale).")
     noise_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the embedding noise (drawn per pair, "
                             "batch-independent; 32-bit: torch seeds are seed * 1_000_003 + pair).")
+    noise_pos0: bool = Field(False, description="Noise: also noise position 0 (the attention sink; off: it stays "
+                             "clean, so restoring an early head cannot win by putting the sink's token back).")
     contrast: Literal["other_question", "swap_options"] = Field(
         "other_question", description="Contrast prompt: another pair's prompt (seeded derangement), or the A/B "
         "prompt with the texts of options (A) and (B) swapped (CAA).")
     contrast_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the other_question derangement.")
     positions: Literal["all", "prompt", "last", "completion"] = Field(
-        "all", description="Token positions where a head is patched: all, prompt, last (the prompt's last "
-        "token) or completion (the last prompt token and every completion token).")
+        "completion", description="Token positions where a head is patched: completion (default: the last prompt "
+        "token and every completion token, where the behaviour is read), last (the prompt's last token), prompt, "
+        "or all.")
     max_pairs: int | None = Field(48, ge=1, description="Pairs of the split used (a seeded subset, one pair per "
                                   "question first); None = all.")
     pair_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pair subset.")
@@ -265,9 +277,10 @@ def prompt_noise(pair_index: int, n_tokens: int, d_model: int, seed: int) -> tor
     return torch.randn(n_tokens, d_model, generator=g)
 
 
-def batch_noise(base: CompletionBatch, pair_idx: Sequence[int], d_model: int, seed: int, scale: float) -> torch.Tensor:
+def batch_noise(base: CompletionBatch, pair_idx: Sequence[int], d_model: int, seed: int, scale: float,
+                pos0: bool = False) -> torch.Tensor:
     """Float[Tensor, "2B T d_model"]: `scale` * eps on the prompt tokens of every sequence (chosen rows then
-    rejected rows of the pairs `pair_idx`), zero on completions and padding."""
+    rejected rows of the pairs `pair_idx`), zero on completions and padding, and on position 0 unless `pos0`."""
     B = len(pair_idx)
     T = base.input_ids.shape[1]
     out = torch.zeros(2 * B, T, d_model)
@@ -275,6 +288,8 @@ def batch_noise(base: CompletionBatch, pair_idx: Sequence[int], d_model: int, se
         for r in (j, B + j):
             P = int(base.prompt_lengths[r])
             out[r, :P] = prompt_noise(i, P, d_model, seed) * scale
+            if not pos0:
+                out[r, 0] = 0.0
     return out
 
 

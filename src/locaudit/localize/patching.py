@@ -12,7 +12,8 @@ batch take ceil(L*H / K) forwards (K from `tokens_per_forward`), not L*H * pairs
 layer order, and a forward whose patched heads all sit at layer l or above skips layers 0..l-1: their
 outputs are the base run's (nothing below l is patched), cached once per batch and returned in place of
 the layer's computation (`skipped_layers`), which halves the work of patching every head. Only
-completion positions reach the LM head (`models.scoring.completion_logprobs`).
+completion positions reach the LM head (`models.scoring.completion_logprobs`). meta["stability"]: the top-K's
+stability between two disjoint halves of the pairs (localize/stability.py), from the per-pair effects.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from locaudit.heads import Head, HeadSet
 from locaudit.localize.corruptions import (EncodedRuns, PatchingConfig, batch_noise, embedding_std, encode_runs,
                                            patch_positions)
 from locaudit.localize.effects import HeadEffects
+from locaudit.localize.stability import record_stability
 from locaudit.models.batching import length_sorted_batches
 from locaudit.models.interventions import capture, head_mask, module_hooks, replace, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
@@ -36,7 +38,7 @@ from locaudit.models.scoring import CompletionBatch, completion_logprobs
 from locaudit.models.surgery import skipped_layers
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: position 0 is no longer noised (PatchingConfig.noise_pos0 gives the old runs); meta["stability"]
 METRIC_LABEL = "change of mean log p(chosen) - mean log p(rejected)"
 
 
@@ -128,7 +130,8 @@ class _Plan:
 
     def noise(self, batch: CompletionBatch, idx: Sequence[int]) -> torch.Tensor:
         c = self.config
-        return batch_noise(batch, idx, self.lm.sites.d_model, c.noise_seed, c.noise_scale * float(self.sigma))
+        return batch_noise(batch, idx, self.lm.sites.d_model, c.noise_seed, c.noise_scale * float(self.sigma),
+                           pos0=c.noise_pos0)
 
     def base_and_source(self, idx: Sequence[int]):
         """(base batch, base noise, source batch | None, source noise, source prompt lengths | None)."""
@@ -228,6 +231,7 @@ def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = Non
         bar.close()
     meta = _meta(lm, plan, prec, "patching", m_base_all, m_src_all)
     meta["heads_patched"] = len(heads)
+    record_stability(meta, per, config.top_k, config.rank_by, config.pair_seed)
     return HeadEffects.from_per_example(per, "patching", meta, keep=config.keep_per_example)
 
 
