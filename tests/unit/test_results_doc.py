@@ -1,0 +1,99 @@
+"""scripts/results_doc.py: docs/results.md generated from report folders, never typed.
+
+A real (fake-metric) study's report gives the page: its numbers are verdict.csv's, its figures are copied, the
+plain words follow the outcome, `--check` fails on an edited figure and passes on the generated page; the judge
+agreement is scipy's Spearman correlation."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["results_doc"] = mod  # its dataclass looks its module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rd = _load()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A three-candidate study with fake metrics (tests/unit/test_study_candidates.py) and its report."""
+    from test_study_candidates import STUDY, fake
+
+    from locaudit.study.report import build_report
+    from locaudit.study.runner import run_study
+    from locaudit.study.spec import parse_study
+
+    root = tmp_path_factory.mktemp("rd")
+    (root / "pairs.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    spec = parse_study({**STUDY, "precision": "fp32", "localizers": {**STUDY["localizers"], "random": {"n": 19, "max_overlap": None},
+                                          "single": {"n": 3, "seed": 0}}}, root, "s.yaml")
+    run_study(spec, root / "run", fn=fake, progress=False)
+    build_report(root / "run", n_resamples=199)
+    return root / "run"
+
+
+def test_the_page_carries_the_reports_numbers_and_figures(run, tmp_path) -> None:
+    out = tmp_path / "docs" / "results.md"
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0
+    text = out.read_text()
+    v = pd.read_csv(run / "report" / "verdict.csv")
+    opt = v[v["method"] == "optimal"].iloc[0]
+    row = next(line for line in text.splitlines() if line.startswith("| optimal |"))
+    assert f"**{opt['outcome']}**" in row and f"{opt['candidate_mean']:.3f}" in row
+    assert f"{opt['random_mean']:.3f} ± {opt['random_sd']:.3f} ({int(opt['n_random'])})" in row
+    assert "In plain words: On mc2" in text and opt["outcome"] in text
+    figs = [p.name for p in (tmp_path / "docs" / "results" / "tiny-model").iterdir()]
+    assert "hist_optimal.png" in figs
+    assert "](results/tiny-model/hist_optimal.png)" in text
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--check"]) == 0
+    out.write_text(text.replace(f"{opt['candidate_mean']:.3f}", "0.999", 1))  # a typed figure
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--check"]) == 1
+
+
+@pytest.mark.parametrize("outcome, words", [("evidence for", "against the paper's general claim"),
+                                            ("evidence against", "as the paper argues"),
+                                            ("suggestive", "not a decision either way"),
+                                            ("inconclusive", "absence of a difference is not equivalence")])
+def test_plain_words_follow_the_outcome(outcome: str, words: str) -> None:
+    st = rd.Study("m", Path("."), {}, pd.DataFrame([{"method": "optimal", "metric": "mc2", "outcome": outcome}]),
+                  None, None, None, None)
+    assert words in rd.plain_words(st) and outcome in rd.plain_words(st)
+    others = [w for o, w in [("evidence for", "against the paper's general claim"), ("evidence against", "as the paper argues")]
+              if o != outcome]
+    assert not any(w in rd.plain_words(st) for w in others)
+
+
+def test_judge_agreement_is_spearman_over_the_same_edits() -> None:
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(12)]
+    a = rng.uniform(0, 1, 12)
+    b = a + rng.normal(0, 0.2, 12)
+    sa = rd.Study("m", Path("."), {}, pd.DataFrame(), None, None, None, pd.DataFrame({"key": keys, "true_info": a}))
+    sb = rd.Study("m", Path("."), {}, pd.DataFrame(), None, None, None,
+                  pd.DataFrame({"key": keys[::-1] + ["extra"], "true_info": list(b[::-1]) + [0.5]}))
+    line = rd.judge_agreement(sa, sb)
+    rho = sps.spearmanr(a, b).statistic
+    assert "Over 12 edits" in line and f"Spearman correlation {rho:.2f}" in line
+    assert f"{np.mean(np.abs(a - b) < 0.05):.0%} differ by under 0.05" in line
+
+
+def test_a_missing_report_is_named(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="verdict.json not found"):
+        rd.main(["--study", f"x={tmp_path}", "--out", str(tmp_path / "r.md")])
+    with pytest.raises(SystemExit, match="expected NAME=PATH"):
+        rd.main(["--study", str(tmp_path), "--out", str(tmp_path / "r.md")])
