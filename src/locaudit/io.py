@@ -41,8 +41,9 @@ def cache_dir(*parts: str) -> Path:
 # `.NAME.locaudit-old-PID-RANDOM`), so that a later run recognises what a killed process left behind.
 TMP_TAG = "locaudit-tmp"
 OLD_TAG = "locaudit-old"
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>locaudit-tmp|locaudit-old)-(?:h(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-"
-                      r"[0-9a-z_]+(\.tmp)?$")
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>locaudit-tmp|locaudit-old)-(?:h(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-"
+                     r"[0-9a-z_]+(\.tmp)?$")
+_TEMP_RE = TEMP_RE  # the name edit/export.py imports until it takes TEMP_RE
 # this machine, in temporary names: a process id means something only on the machine that wrote it (run folders
 # can sit on storage that Ray workers of other machines share); another machine's leftovers go after a day
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -89,7 +90,7 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     except OSError:
         return []
     for p in entries:
-        m = _TEMP_RE.match(p.name)
+        m = TEMP_RE.match(p.name)
         legacy = _LEGACY_RE.match(p.name) if m is None else None
         hit = m or legacy
         if hit is None or hit.group("name") != path.name:
@@ -121,7 +122,7 @@ def clean_tree_temps(root: str | os.PathLike) -> list[Path]:
     targets: set[Path] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
-            m = _TEMP_RE.match(n)
+            m = TEMP_RE.match(n)
             if m is not None:
                 targets.add(Path(dirpath) / m.group("name"))
     out: list[Path] = []

@@ -147,7 +147,7 @@ def test_random_write_failures_then_rerun_give_the_clean_results(tmp_path: Path,
     assert len(rows) == n and len({r["key"] for r in rows}) == n and all(r["status"] == "done" for r in rows)
     assert sorted(e["key"] for e in events if e["event"] == "done") == sorted(r["key"] for r in rows)
     assert any(r["attempts"] > 1 for r in rows)  # some trials did fail and ran again
-    leftovers = [p for p in tmp_path.rglob("*") if lio._TEMP_RE.match(p.name)]
+    leftovers = [p for p in tmp_path.rglob("*") if lio.TEMP_RE.match(p.name)]
     assert not leftovers, leftovers[:5]  # every temporary file of a failed write is gone
 
     # the report and the export are complete and readable

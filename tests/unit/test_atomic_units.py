@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locaudit.io import _TEMP_RE
+from locaudit.io import TEMP_RE
 
 STUDY = {
     "name": "units",
@@ -43,7 +43,7 @@ def _spec(tmp: Path):
 
 
 def _temps(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if _TEMP_RE.match(p.name)]
+    return [p for p in root.rglob("*") if TEMP_RE.match(p.name)]
 
 
 class FakeSteps:

@@ -190,7 +190,7 @@ def _run_one(precision: str, root: Path, data: Path) -> dict:
                                                                        if k in ("mc1", "mc2", "kl")}
     gen = [r for r in rows.values() if r["kind"] in ("baseline", "iti", "optimal") and "true" in (r.get("metrics") or {})]
     assert gen, "no judged generations"
-    from locaudit.study.ledger import _artifact_dir  # noqa: F401  (the layout the report reads)
+    from locaudit.study.ledger import artifact_dir  # noqa: F401  (the layout the report reads)
     out["effects"] = {}
     for t in trials:
         if t.kind == "localize":

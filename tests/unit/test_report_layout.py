@@ -223,7 +223,7 @@ def test_figures_fit_the_page_and_stay_in_range(tmp_path: Path, monkeypatch) -> 
         seen["xlim"] = fig.axes[0].get_xlim()
         return Path(path)
 
-    monkeypatch.setattr(F, "_save", keep)
+    monkeypatch.setattr(F, "save_figure", keep)
     F.hist_random_vs_top(pd.DataFrame(rows), "optimal", tmp_path / "x.png", metric="pref_acc", top_k=2)
     lo, hi = seen["xlim"]
     assert -0.02 <= lo < 0.7 < hi <= 1.02

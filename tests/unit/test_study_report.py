@@ -276,7 +276,7 @@ def test_histogram_marks_each_candidate_at_its_own_value(tmp_path: Path, monkeyp
         seen["lines"] = {ln.get_label(): float(ln.get_xdata()[0]) for ln in fig.axes[0].get_lines()}
         return Path(path)
 
-    monkeypatch.setattr(F, "_save", keep)
+    monkeypatch.setattr(F, "save_figure", keep)
     F.hist_random_vs_top(pd.DataFrame(rows), "optimal", tmp_path / "h.png", metric="mc2", top_k=2)
     lines = seen["lines"]
     assert lines["probe top-2 (0.500)"] == pytest.approx(0.5)

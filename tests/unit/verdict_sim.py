@@ -54,7 +54,7 @@ def multinomial_weights(S: int, B: int, q: int, rng: np.random.Generator, mask: 
 
 def old_interval(st: dict, B: int, rng: np.random.Generator, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """The interval before issue 25: a percentile interval of the hierarchical bootstrap whose question
-    resamples keep the two question-id hash halves' sizes (analysis._Engine.weights before the change)."""
+    resamples keep the two question-id hash halves' sizes (analysis.SelectionEngine.weights before the change)."""
     rand, cand = st["rand"], st["cand"][:, 0]
     S, n, q = rand.shape
     half = _half_mask(q)

@@ -48,7 +48,7 @@ def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
     """(edit folder, ledger row or record) of the trial of `run_dir` named by `trial` (key, unique key
     prefix or trial name). Raises ConfigError naming the trials that have edits when none matches."""
     from locaudit.errors import ConfigError
-    from locaudit.study.ledger import Ledger, _artifact_dir, read_trial_record
+    from locaudit.study.ledger import Ledger, artifact_dir, read_trial_record
 
     run_dir = Path(run_dir)
     rows: list[dict] = []
@@ -86,7 +86,7 @@ def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
         status = row.get("status", "?")
         raise ConfigError(f"{run_dir}: trial {row['key']} ({row.get('name')}, {status}) has no edit folder "
                           f"(not an edit trial, or not finished); trials with an edit, {listing}")
-    d = _artifact_dir(run_dir, edit)
+    d = artifact_dir(run_dir, edit)
     if d is None or not d.is_dir():
         raise ConfigError(f"{run_dir}: trial {row['key']}'s edit folder {edit!r} is missing")
     return d, row

@@ -136,7 +136,7 @@ def evaluate(
 
     from locaudit.evaluate.judges import get_judge
     from locaudit.evaluate.judges.data import load_holdout, load_judge_data
-    from locaudit.evaluate.judges.train import _metrics
+    from locaudit.evaluate.judges.train import classifier_metrics
     from locaudit.io import write_json_atomic
 
     fr = _fractions(fractions)
@@ -158,7 +158,7 @@ def evaluate(
         keep = [i for i, s in enumerate(scores) if getattr(s, kind) is not None]
         p = torch.tensor([getattr(scores[i], kind) for i in keep])
         y = torch.tensor([float(ex[i].label) for i in keep])
-        result["kinds"][kind] = dict(_metrics(p, y), n_missing=len(ex) - len(keep))
+        result["kinds"][kind] = dict(classifier_metrics(p, y), n_missing=len(ex) - len(keep))
     typer.echo(json.dumps(result, indent=2))
     if out is not None:
         write_json_atomic(out, result)

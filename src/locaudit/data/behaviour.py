@@ -118,7 +118,7 @@ def questions_from_pairs(pairs: Sequence[PreferencePair]) -> list[Question]:
     return out
 
 
-def _build(
+def build_behaviour(
     name: str,
     questions: list[Question],
     pairs: list[PreferencePair] | None,
@@ -196,7 +196,7 @@ def load_behaviour(
             mc = load_mc(mc_path) if mc_path is not None else load_mc_hub()
             source = {"spec": spec, "hub": "truthfulqa/truthful_qa", "mc": str(mc_path) if mc_path else "hub"}
             name = "truthfulqa-hub"
-        return _build(name, questions, None, mc, seed, fractions, max_questions, source)
+        return build_behaviour(name, questions, None, mc, seed, fractions, max_questions, source)
     if kind in ("caa", "pairs"):
         if not arg:
             raise ConfigError(f"spec {spec!r}: give a name or path after '{kind}:'")
@@ -208,7 +208,8 @@ def load_behaviour(
             pairs = load_caa(arg) if kind == "caa" else load_pairs(arg)
         mc = load_mc(mc_path) if mc_path is not None else []
         name = f"{kind}-{Path(arg).stem if Path(arg).suffix else arg.replace('/', '-')}"
-        return _build(name, questions_from_pairs(pairs), pairs, mc, seed, fractions, max_questions, {"spec": spec})
+        return build_behaviour(name, questions_from_pairs(pairs), pairs, mc, seed, fractions, max_questions,
+                               {"spec": spec})
     raise ConfigError(
         f"behaviour spec {spec!r}: unknown kind {kind!r}; "
         "use truthfulqa:PATH.csv, truthfulqa (the hub's truthfulqa/truthful_qa), caa:NAME_OR_PATH, pairs:PATH or "

@@ -12,8 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from locaudit.data.behaviour import BehaviourData, _build, questions_from_pairs
-from locaudit.data.pairs import PAIR_FIELDS, _pair
+from locaudit.data.behaviour import BehaviourData, build_behaviour, questions_from_pairs
+from locaudit.data.pairs import PAIR_FIELDS, pair_from_record
 from locaudit.data.types import PreferencePair
 from locaudit.errors import DataError
 
@@ -64,7 +64,7 @@ def pairs_from_table(table: Any, columns: Mapping[str, str] | None = None, name:
     pairs = []
     for i, row in enumerate(rows):
         rec = {f: _clean(row.get(c)) for f, c in source.items() if c in row}
-        pairs.append(_pair(name, f"row {i}", rec))  # type: ignore[arg-type]
+        pairs.append(pair_from_record(name, f"row {i}", rec))  # type: ignore[arg-type]
     if not pairs:
         raise DataError(f"{name}: no rows")
     return pairs
@@ -78,5 +78,5 @@ def behaviour_from_table(table: Any, name: str = "table", seed: int = 0,
 
     check_fractions(fractions)
     pairs = pairs_from_table(table, columns, name)
-    return _build(name, questions_from_pairs(pairs), pairs, [], seed, fractions, max_questions,
+    return build_behaviour(name, questions_from_pairs(pairs), pairs, [], seed, fractions, max_questions,
                   {"spec": f"table:{name}", "rows": len(pairs), "type": type(table).__name__})

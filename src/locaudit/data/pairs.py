@@ -51,7 +51,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
         records = _csv_records(path, text)
     else:
         raise DataError(f"{path}: unknown pairs format {suffix!r}; use .jsonl, .json or .csv with fields {PAIR_FIELDS}")
-    pairs = [_pair(path, line, rec) for line, rec in records]
+    pairs = [pair_from_record(path, line, rec) for line, rec in records]
     if not pairs:
         raise DataError(f"{path}: no pairs")
     return pairs
@@ -61,14 +61,14 @@ def load_pairs_hub(spec: str) -> list[PreferencePair]:
     """Pairs from a HuggingFace datasets-hub id, `OWNER/NAME[@CONFIG][:SPLIT]` (split default train), whose
     rows have the fields prompt, chosen, rejected (optional qid), as a local file's. Needs `datasets` and the
     hub (or its local cache; HF_HUB_OFFLINE=1 reads only the cache)."""
-    from locaudit.data.truthfulqa import _import_datasets
+    from locaudit.data.truthfulqa import import_datasets
 
     name, _, split = spec.partition(":")
     name, _, config = name.partition("@")
     if not name.strip() or name.count("/") != 1:
         raise DataError(f"pairs:hf:{spec}: expected a hub id OWNER/NAME[@CONFIG][:SPLIT], e.g. "
                         "pairs:hf:OWNER/NAME:test (string columns prompt, chosen, rejected)")
-    datasets = _import_datasets()
+    datasets = import_datasets()
     try:
         rows = datasets.load_dataset(name.strip(), config.strip() or None, split=split.strip() or "train")
     except Exception as e:  # offline, no cache, unknown id or split
@@ -80,7 +80,7 @@ def load_pairs_hub(spec: str) -> list[PreferencePair]:
         raise DataError(f"hub dataset {name!r} (split {split or 'train'}): no column(s) {missing}; its columns are "
                         f"{rows.column_names}: write the pairs to a JSONL file with fields {PAIR_FIELDS}")
     where = Path(f"hf:{name}")
-    pairs = [_pair(where, f"row {i}", dict(rec)) for i, rec in enumerate(rows)]
+    pairs = [pair_from_record(where, f"row {i}", dict(rec)) for i, rec in enumerate(rows)]
     if not pairs:
         raise DataError(f"hub dataset {name!r} (split {split or 'train'}): no pairs")
     return pairs
@@ -100,7 +100,7 @@ def _csv_records(path: Path, text: str):
     yield from csv_records(path, PAIR_FIELDS, text=text)
 
 
-def _pair(path: Path, line, rec) -> PreferencePair:
+def pair_from_record(path: Path, line, rec) -> PreferencePair:
     where = f"{path}:{line}" if isinstance(line, int) else f"{path}: {line}"
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object with fields {PAIR_FIELDS}, got {type(rec).__name__}")

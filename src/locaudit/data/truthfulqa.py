@@ -94,7 +94,7 @@ def _load_csv(path: Path) -> list[Question]:
     return questions
 
 
-def _import_datasets():
+def import_datasets():
     try:
         import datasets  # noqa: PLC0415 - optional dependency, only for hub=True
     except ImportError as e:
@@ -107,7 +107,7 @@ def _import_datasets():
 
 
 def _hub_config(config: str):
-    datasets = _import_datasets()
+    datasets = import_datasets()
     try:
         return datasets.load_dataset(HUB_ID, config, split="validation")
     except Exception as e:  # offline, no cache, hub error: all mean "use a local file"

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Shaped
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from locaudit.data.prompts import PromptFormat
@@ -173,7 +175,7 @@ def original_cache(lm: LoadedModel, ids: Sequence[Sequence[int]], batch_size: in
     return cache
 
 
-def _cluster_se(sums: torch.Tensor, counts: torch.Tensor) -> float | None:
+def cluster_se(sums: Float[Tensor, "clusters"], counts: Shaped[Tensor, "clusters"]) -> float | None:
     """Cluster-robust SE of the ratio mean sum(S_i)/sum(n_i) with clusters i."""
     n = len(sums)
     if n < 2:
@@ -226,8 +228,8 @@ def kl_ce(
     kl_sums = torch.stack([kl_pos[offsets[i]: offsets[i + 1]].sum() for i in range(len(ids))])
     ce_sums = torch.stack([ce_pos[offsets[i]: offsets[i + 1]].sum() for i in range(len(ids))])
     N = float(counts.sum())
-    return KLCEResult(float(kl_sums.sum() / N), _cluster_se(kl_sums, counts), float(ce_sums.sum() / N),
-                      _cluster_se(ce_sums, counts), int(N), len(ids))
+    return KLCEResult(float(kl_sums.sum() / N), cluster_se(kl_sums, counts), float(ce_sums.sum() / N),
+                      cluster_se(ce_sums, counts), int(N), len(ids))
 
 
 def clear_memory_cache() -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from locaudit.edit.base import Edit
-from locaudit.evaluate.klce import KLCEResult, _cluster_se, head_logits, original_cache
+from locaudit.evaluate.klce import KLCEResult, cluster_se, head_logits, original_cache
 from locaudit.evaluate.upper import forward_from
 from locaudit.evaluate.view import as_edit, edited
 from locaudit.models.batching import pad_id, pad_right
@@ -121,8 +121,8 @@ def shared_kl_ce(lm: LoadedModel, edits: Sequence[Edit | None], layers: Sequence
     for e in range(E):
         kl_sums = torch.stack([kl_pos[e, off[i]: off[i + 1]].sum() for i in range(len(ids))])
         ce_sums = torch.stack([ce_pos[e, off[i]: off[i + 1]].sum() for i in range(len(ids))])
-        out.append(KLCEResult(float(kl_sums.sum() / N), _cluster_se(kl_sums, counts), float(ce_sums.sum() / N),
-                              _cluster_se(ce_sums, counts), int(N), len(ids)))
+        out.append(KLCEResult(float(kl_sums.sum() / N), cluster_se(kl_sums, counts), float(ce_sums.sum() / N),
+                              cluster_se(ce_sums, counts), int(N), len(ids)))
     return out
 
 

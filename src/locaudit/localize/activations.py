@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from locaudit.errors import DataError
@@ -82,7 +84,7 @@ def collect_activations(
     add_special_tokens: bool = True,
     stop_early: bool = True,
     progress: bool = True,
-) -> torch.Tensor:
+) -> Float[Tensor, "N layer head head_dim"]:
     """Float[Tensor, "N layer head head_dim"]: each text's head outputs (o_proj inputs) at one token.
 
     `out_path`: stream rows into this safetensors file (tensor ``heads``, F32) and return a memory map

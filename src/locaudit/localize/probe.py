@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Shaped
+from torch import Tensor
 
 from locaudit.errors import DataError
 from locaudit.heads import Head, HeadSet
@@ -175,8 +177,8 @@ def _newton(Xa: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int, tol: fl
 
 
 def train_probes(
-    X: torch.Tensor,
-    y: torch.Tensor | Sequence[int],
+    X: Float[Tensor, "N layer head head_dim"],
+    y: Shaped[Tensor, "N"] | Sequence[int],
     train_idx: torch.Tensor | Sequence[int],
     val_idx: torch.Tensor | Sequence[int],
     l2: float = 1.0,

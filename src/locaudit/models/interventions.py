@@ -48,6 +48,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch
+from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
 from locaudit.errors import ConfigError
@@ -158,7 +159,8 @@ def module_hooks(sites: ModelSites, fns: Mapping[tuple[str, int], ModuleFn]) -> 
             h.remove()
 
 
-def position_index(positions: Positions, attention_mask: Tensor | None, batch: int, device) -> Tensor | None:
+def position_index(positions: Positions, attention_mask: Shaped[Tensor, "batch pos"] | None, batch: int,
+                   device) -> Int[Tensor, "batch"] | None:
     """Long[Tensor, "batch"] token index per row, or None for all positions.
 
     "last" needs the attention mask (right padding: the last 1 of each row).
@@ -177,9 +179,12 @@ def position_index(positions: Positions, attention_mask: Tensor | None, batch: i
     return idx
 
 
-def _as_3d(x: Tensor, batch: int) -> Tensor:
+def as_3d(x: Float[Tensor, "*rows dim"], batch: int) -> Float[Tensor, "batch pos dim"]:
     """Some attention implementations flatten (batch*pos, dim): view it as [batch, pos, dim]."""
     return x.view(batch, -1, x.shape[-1]) if x.dim() == 2 else x
+
+
+_as_3d = as_3d  # the name localize/tracing.py imports until it takes as_3d
 
 
 class Capture:
@@ -212,7 +217,7 @@ class Capture:
 
     def _read(self, layer: int, x: Tensor) -> None:
         batch = self._batch.get("batch") or x.shape[0]
-        x = _as_3d(x, batch)
+        x = as_3d(x, batch)
         idx = position_index(self._batch.get("positions", self.positions), self._batch.get("mask"), x.shape[0],
                              x.device)
         v = x if idx is None else x[torch.arange(x.shape[0], device=x.device), idx]
@@ -286,15 +291,15 @@ def add(sites: ModelSites, site: str, deltas: Mapping[int, Tensor], positions: P
         yield
 
 
-def head_columns(sites: ModelSites, heads: Sequence[int] | None) -> Tensor | None:
-    """Long[Tensor, "k*head_dim"]: the heads-site coordinates of `heads` (None: all of them)."""
+def head_columns(sites: ModelSites, heads: Sequence[int] | None) -> Int[Tensor, "columns"] | None:
+    """Long[Tensor, "columns"]: the heads-site coordinates of `heads`, head_dim per head (None: all of them)."""
     if heads is None:
         return None
     D = sites.head_dim
     return torch.cat([torch.arange(h * D, (h + 1) * D) for h in sorted(set(int(h) for h in heads))])
 
 
-def head_mask(sites: ModelSites, heads_per_row: Sequence[Sequence[int]]) -> Tensor:
+def head_mask(sites: ModelSites, heads_per_row: Sequence[Sequence[int]]) -> Bool[Tensor, "rows hd"]:
     """Bool[Tensor, "rows head*head_dim"]: row r selects the heads-site columns of heads_per_row[r]
     (a per-row column mask for `replace(mask=...)`; broadcast it over positions with [:, None, :])."""
     D = sites.head_dim
@@ -355,7 +360,7 @@ def replace(sites: ModelSites, site: str, sources: Mapping[int, Tensor], *,
 
     def make_masked(l: int, src: Tensor, where: Tensor) -> SiteFn:
         def fn(x: Tensor) -> Tensor:
-            v = _as_3d(x, copies * src.shape[0]) if src.dim() == 3 else x
+            v = as_3d(x, copies * src.shape[0]) if src.dim() == 3 else x
             if v.shape[0] != copies * src.shape[0] or v.shape[1:] != src.shape[1:]:
                 raise ConfigError(f"replace {site}@{l}: value {tuple(v.shape)} is not {copies} stacked copies "
                                   f"of the source's shape {tuple(src.shape)}")

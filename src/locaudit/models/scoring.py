@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from locaudit.models.batching import pad_right
 from locaudit.models.prefix_cache import PrefixState, cache_kwarg, shared_prefix
@@ -146,14 +148,17 @@ def collate_completions(encoded: Sequence[tuple[list[int], list[int]]], pad_id: 
     return CompletionBatch(ids, att, comp, plen)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def completion_logprobs(model, batch: CompletionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+_accepts_logits_to_keep = accepts_logits_to_keep  # the name localize/tracing.py imports until it takes the public one
+
+
+def completion_logprobs(model, batch: CompletionBatch) -> tuple[Float[Tensor, "batch"], Int[Tensor, "batch"]]:
     """Sum of completion-token log-probs and number of completion tokens.
 
     Returns (Float[Tensor, "batch"] summed log p, Long[Tensor, "batch"] token counts). Gradients flow
@@ -164,7 +169,7 @@ def completion_logprobs(model, batch: CompletionBatch) -> tuple[torch.Tensor, to
     # only positions from the earliest completion start onwards need logits
     first = int(batch.prompt_lengths.min().item()) if len(batch) else 0
     keep = T - max(first - 1, 0)
-    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) and keep < T else {}
+    kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) and keep < T else {}
     logits = model(input_ids=ids, attention_mask=att, use_cache=False, **kwargs).logits
     start = T - logits.shape[1]  # logits[:, j] predicts token start + j + 1
     logits = logits[:, :-1].float()

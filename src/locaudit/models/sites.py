@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from jaxtyping import Float
+from torch import Tensor, nn
 
 from locaudit.errors import ConfigError, UnsupportedModelError
 
@@ -115,7 +116,7 @@ def output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
+def module_at(root: nn.Module, path: str) -> nn.Module:
     obj = root
     for part in path.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
@@ -141,8 +142,8 @@ class ModelSites:
         self.spec = spec
         self.model_type = model_type
         try:
-            self.layer_list: nn.ModuleList = _get(model, spec.layers)  # type: ignore[assignment]
-            self._o_projs = [_get(layer, spec.o_proj) for layer in self.layer_list]
+            self.layer_list: nn.ModuleList = module_at(model, spec.layers)  # type: ignore[assignment]
+            self._o_projs = [module_at(layer, spec.o_proj) for layer in self.layer_list]
         except (AttributeError, IndexError) as e:
             raise UnsupportedModelError(
                 f"model {model_type!r}: site paths layers={spec.layers!r}, o_proj={spec.o_proj!r} do not exist ({e})"
@@ -188,28 +189,28 @@ class ModelSites:
         """Layer l's MLP output projection (input: the MLP hidden activation; output: the MLP output)."""
         if self.spec.mlp_down is None:
             raise UnsupportedModelError(f"model {self.model_type!r}: no MLP down-projection site is registered")
-        return _get(self.layer_list[l], self.spec.mlp_down)
+        return module_at(self.layer_list[l], self.spec.mlp_down)
 
     def mlp(self, l: int) -> nn.Module:
         """Layer l's MLP block; for families without a separate block, its down-projection."""
         if self.spec.mlp is None:
             return self.mlp_down(l)
-        return _get(self.layer_list[l], self.spec.mlp)
+        return module_at(self.layer_list[l], self.spec.mlp)
 
     def o_proj(self, l: int) -> nn.Module:
         """Layer l's attention output projection; its input is the concatenated head outputs."""
         return self._o_projs[l]
 
-    def weight(self, l: int) -> torch.Tensor:
+    def weight(self, l: int) -> Float[Tensor, "d_model hd"]:
         """Float[Tensor, "d_model head*head_dim"]: W^l such that o_proj(o) = W^l o (+ bias)."""
         w = self._o_projs[l].weight
         return w.t() if self.spec.conv1d else w
 
-    def bias(self, l: int) -> torch.Tensor | None:
+    def bias(self, l: int) -> Float[Tensor, "d_model"] | None:
         """Float[Tensor, "d_model"] or None."""
         return getattr(self._o_projs[l], "bias", None)
 
-    def split_heads(self, o: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, o: Float[Tensor, "*batch hd"]) -> Float[Tensor, "*batch head head_dim"]:
         """Float[Tensor, "... head*head_dim"] -> Float[Tensor, "... head head_dim"]."""
         return o.unflatten(-1, (self.n_heads, self.head_dim))
 

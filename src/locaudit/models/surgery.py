@@ -20,7 +20,7 @@ from torch import nn
 
 from locaudit.errors import ConfigError
 from locaudit.models.interventions import Capture, StopForward, capture, site_hooks
-from locaudit.models.sites import SITES, _get
+from locaudit.models.sites import SITES, module_at
 
 
 def prefix_families() -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def capture_input(lm, layer: int, stop: bool = True) -> Iterator[Capture]:
 
 def _layer_parent(lm) -> tuple[nn.Module, str]:
     parent_path, _, attr = lm.sites.spec.layers.rpartition(".")
-    return (_get(lm.model, parent_path) if parent_path else lm.model), attr
+    return (module_at(lm.model, parent_path) if parent_path else lm.model), attr
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from locaudit.study.comparisons import (Analysis, Comparison, analyze, compariso
                                         singles_table)
 from locaudit.study.design import design, design_text, equivalence_needs
 from locaudit.study.frames import (BASE_COLUMNS, LOWER_IS_BETTER, METHOD_LABEL, METHODS, OUTCOMES, PER_QUESTION_FILES,
-                                   PRIMARY_ORDER, PRODUCTS, SELECTION_LABEL, _by_localizer, best_per_localizer,
+                                   PRIMARY_ORDER, PRODUCTS, SELECTION_LABEL, by_localizer, best_per_localizer,
                                    candidates, for_candidate, grid_label, higher_is_better, load_per_question,
                                    merge_selection, metric_columns, metric_label, primary_metric, results_frame,
                                    to_jsonable, trials_frame)

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from locaudit.study import stats as S
-from locaudit.study.frames import (METHODS, _by_localizer, best_per_localizer, candidates, for_candidate, grid_label,
+from locaudit.study.frames import (METHODS, by_localizer, best_per_localizer, candidates, for_candidate, grid_label,
                                    higher_is_better, metric_columns, primary_metric)
-from locaudit.study.selection import _Engine, _Panel
+from locaudit.study.selection import SelectionEngine, SelectionPanel
 from locaudit.study.spec import VerdictSpec
 
 
@@ -104,7 +104,7 @@ class Comparison:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "constant"}
 
 
-def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
+def _selected_row(eng: SelectionEngine, panel: SelectionPanel, metric: str) -> dict | None:
     cfg = eng.cfg
     hib = higher_is_better(metric)
     sgn = 1.0 if hib else -1.0
@@ -174,8 +174,8 @@ def _selected_row(eng: _Engine, panel: _Panel, metric: str) -> dict | None:
     return row
 
 
-def _gain_columns(eng: _Engine, metric: str, method: str, c: np.ndarray, r0: np.ndarray, d: np.ndarray, ht: dict,
-                  noise: str) -> dict:
+def _gain_columns(eng: SelectionEngine, metric: str, method: str, c: np.ndarray, r0: np.ndarray, d: np.ndarray,
+                  ht: dict, noise: str) -> dict:
     """Full alignment's gain over the unedited model, whether it is measurable, the difference as a fraction
     of it and its TOST against the margin (c [R]: the candidate, r0 [n]: the draws as observed, d [R]: the
     difference per replicate)."""
@@ -224,7 +224,7 @@ def _tost(theta: np.ndarray, d: np.ndarray, ht: dict, cfg: VerdictSpec) -> dict:
     return {**S.boot_tost(tb, -cfg.margin, cfg.margin, cfg.alpha), "method": "bootstrap percentile"}
 
 
-def _candidate_seed_values(eng: _Engine, panel: _Panel, metric: str, top: int) -> list[float]:
+def _candidate_seed_values(eng: SelectionEngine, panel: SelectionPanel, metric: str, top: int) -> list[float]:
     sel = eng.selection(panel)
     g = int(sel["sel"][top]) if "sel" in sel else int(sel["A"][top, 0])
     if g < 0:
@@ -250,8 +250,8 @@ def _descriptive_rows(df: pd.DataFrame, method: str, metric: str, primary: str, 
             cand = s[(s["group"] == "top") & s[metric].notna()][metric].tolist()
             rand = s[(s["group"] == "random") & s[metric].notna()][metric].tolist()
         else:
-            cand, _ = _by_localizer(s, metric, "top")
-            rand, _ = _by_localizer(s, metric, "random")
+            cand, _ = by_localizer(s, metric, "top")
+            rand, _ = by_localizer(s, metric, "random")
         if not cand or not rand:
             continue
         c = S.compare(cand, rand, higher_is_better(metric), n_resamples=n_resamples, seed=seed)
@@ -362,7 +362,7 @@ def analyze(df: pd.DataFrame, perq: dict | None = None, config: VerdictSpec | di
         df = for_candidate(df, candidate or cands[0])
     if df.empty or primary_metric(df, cfg.primary_metric) is None:
         return Analysis(None, pd.DataFrame(), pd.DataFrame(), [], pd.DataFrame(), {}, cfg)
-    eng = _Engine(df, perq, cfg, n_resamples, seed)
+    eng = SelectionEngine(df, perq, cfg, n_resamples, seed)
     metrics = metric_columns(df)
     rows: list[dict] = []
     for method, panel in eng.panels.items():
@@ -382,7 +382,7 @@ def comparisons(df: pd.DataFrame, perq: dict | None = None, config: VerdictSpec 
     return analyze(df, perq, config, n_resamples=n_resamples, seed=seed).comparisons
 
 
-def _selected_frame(eng: _Engine, metrics: list[str]) -> pd.DataFrame:
+def _selected_frame(eng: SelectionEngine, metrics: list[str]) -> pd.DataFrame:
     rows = []
     for method, p in eng.panels.items():
         grid = eng.selected_grid(p)
@@ -409,7 +409,7 @@ def gain_fraction(x: float, base: float | None, full: float | None, higher: bool
     return ((x - base) if higher else (base - x)) / gain
 
 
-def _singles(eng: _Engine, ranking: list[tuple[int, int]] | None) -> pd.DataFrame:
+def _singles(eng: SelectionEngine, ranking: list[tuple[int, int]] | None) -> pd.DataFrame:
     """Single heads against full alignment on the primary metric: gain fraction, its lower confidence
     bound, and 'matches' when that bound exceeds 1 - margin after the family's correction."""
     cfg, metric = eng.cfg, eng.primary

@@ -14,7 +14,7 @@ from locaudit.study import stats as S
 from locaudit.study.spec import VerdictSpec
 
 
-def _finite(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
     """x as a float, or None when it is missing or not finite (pandas turns None into NaN)."""
     try:
         f = float(x)
@@ -78,7 +78,7 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
     for (method, n), f, inc in zip(methods, floors, member):
         thr = cfg.alpha / m
         o = obs.get(method, {})
-        g_obs, sd_obs, se_obs = _finite(o.get("gain")), _finite(o.get("random_sd")), _finite(o.get("se_questions"))
+        g_obs, sd_obs, se_obs = (finite_or_none(o.get(k)) for k in ("gain", "random_sd", "se_questions"))
         gain = g_obs if g_obs and g_obs > 0 and o.get("gain_measurable") is True else cfg.assumed_gain
         sd = sd_obs if sd_obs else cfg.assumed_location_sd * gain
         se_q = se_obs if se_obs else (cfg.assumed_question_sd / math.sqrt(nq) if nq else float("nan"))
@@ -90,8 +90,8 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
         se_eq = math.sqrt(sd ** 2 / max(n, 1) + (se_q if math.isfinite(se_q) else 0.0) ** 2)
         eq_power = S.equivalence_power(mabs, se_eq, cfg.alpha) if n > 1 else 0.0
         c = {"method": method, "n_random": n, "p_floor": f, "in_family": bool(inc), "threshold": thr if inc else None,
-             "can_reach_alpha": bool(inc), "draws_needed_for_floor": _draws_to_join(floors, len(out["comparisons"]), cfg.alpha,
-                                                                       cfg.multiplicity),
+             "can_reach_alpha": bool(inc),
+             "draws_needed_for_floor": draws_to_join(floors, len(out["comparisons"]), cfg.alpha, cfg.multiplicity),
              "floor_only": floor_only, "draws_beyond_floor": math.ceil(2 / thr - 1 - 1e-9),
              "noise_ratio": ratio, "power_rule": "rank test and hierarchical t-test" if nq else "rank test",
              "detectable_shift_sd": shift, "detectable_effect": shift * sd if math.isfinite(shift) else None,
@@ -129,7 +129,7 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
     return out
 
 
-def _draws_to_join(floors: list[float], i: int, alpha: float, method: str = "holm", max_n: int = 100000) -> int:
+def draws_to_join(floors: list[float], i: int, alpha: float, method: str = "holm", max_n: int = 100000) -> int:
     """The fewest draws with which comparison i is in its discrete family (others unchanged)."""
     n = S.draws_for_floor(alpha)
     while n < max_n:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from locaudit.io import atomic_path
-from locaudit.study.analysis import (METHOD_LABEL, METHODS, _by_localizer, best_per_localizer, higher_is_better,
+from locaudit.study.analysis import (METHOD_LABEL, METHODS, by_localizer, best_per_localizer, higher_is_better,
                                      metric_label, primary_metric)
 
 COLORS = {"random": "#8c8c8c", "top": "#d62728", "single": "#1f77b4", "all": "#2ca02c", "none": "#000000"}
@@ -32,7 +32,7 @@ DPI = 120
 MAX_WIDTH_IN = 8.5  # 1020 px at DPI
 
 
-def _plt():
+def agg_pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -41,8 +41,8 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
-    plt = _plt()
+def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    plt = agg_pyplot()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
@@ -117,11 +117,11 @@ def hist_random_vs_top(df: pd.DataFrame, method: str, path: str | os.PathLike, m
     if metric is None:
         return None
     best = best_per_localizer(df, method, metric)
-    rand, _ = _by_localizer(best, metric, "random")
-    top, _ = _by_localizer(best, metric, "top")
+    rand, _ = by_localizer(best, metric, "random")
+    top, _ = by_localizer(best, metric, "top")
     if not rand and not top:
         return None
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     if rand:
         bins = min(max(5, len(rand) // 2), 20)
@@ -129,14 +129,14 @@ def hist_random_vs_top(df: pd.DataFrame, method: str, path: str | os.PathLike, m
     ymax = ax.get_ylim()[1] if rand else 1.0
     k = top_k or "K"
     # one line per candidate location (the probe's top-K first, then e.g. patching:top8), never their mean
-    names = _by_localizer(best, metric, "top")[1]
+    names = by_localizer(best, metric, "top")[1]
     order = sorted(range(len(top)), key=lambda i: (":" in names[i], names[i]))
     for n, i in enumerate(order):
         who = names[i].split(":", 1)[0] if ":" in names[i] else "probe"
         color = COLORS["top"] if n == 0 else OTHER_CANDIDATE_COLORS[(n - 1) % len(OTHER_CANDIDATE_COLORS)]
         ax.axvline(float(top[i]), color=color, linestyle="-" if n == 0 else "-.", linewidth=2,
                    label=f"{who} top-{k} ({top[i]:.3f})")
-    full = _by_localizer(best, metric, "all")[0]
+    full = by_localizer(best, metric, "all")[0]
     if full:
         ax.axvline(float(np.mean(full)), color=COLORS["all"], linestyle="--", linewidth=2,
                    label=f"{GROUP_LABEL['all']} ({np.mean(full):.3f})")
@@ -151,7 +151,7 @@ def hist_random_vs_top(df: pd.DataFrame, method: str, path: str | os.PathLike, m
     ax.set_ylabel("random draws")
     ax.set_title(f"{METHOD_LABEL[method]}: {metric_label(metric)}, random vs localized heads")
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _scatter(df: pd.DataFrame, path: str | os.PathLike, x: str, y: str, title: str) -> Path | None:
@@ -161,7 +161,7 @@ def _scatter(df: pd.DataFrame, path: str | os.PathLike, x: str, y: str, title: s
     pts = df[df[x].notna() & df[y].notna()]
     if pts.empty:
         return None
-    plt = _plt()
+    plt = agg_pyplot()
     # panels side by side, the figure at most MAX_WIDTH_IN wide (legible ticks at 800 px)
     w = min(4.25 * len(have), MAX_WIDTH_IN)
     fig, axes = plt.subplots(1, len(have), figsize=(w, 3.7), squeeze=False)
@@ -183,7 +183,7 @@ def _scatter(df: pd.DataFrame, path: str | os.PathLike, x: str, y: str, title: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(title + " (every grid point)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def truth_info_scatter(df: pd.DataFrame, path: str | os.PathLike) -> Path | None:
@@ -203,7 +203,7 @@ def probe_heatmap(val_acc: np.ndarray, path: str | os.PathLike, top_k: int,
                   highlight: list[tuple[int, int]] | None = None) -> Path:
     """Per-head probe validation accuracy (layers x heads); top-K outlined in red, `highlight` (e.g. single
     heads that match full alignment) circled in blue."""
-    plt = _plt()
+    plt = agg_pyplot()
     acc = np.asarray(val_acc, dtype=float)
     L, H = acc.shape
     fig, ax = plt.subplots(figsize=(min(2.5 + 0.35 * H, MAX_WIDTH_IN), min(1.8 + 0.22 * L, 12)))
@@ -220,7 +220,7 @@ def probe_heatmap(val_acc: np.ndarray, path: str | os.PathLike, top_k: int,
     ax.set_yticks(range(0, L, max(1, L // 20)))
     t = f"probe validation accuracy\nred: top-{top_k}"
     ax.set_title(t + ("; blue: single heads matching\nfull alignment (optimal edit)" if highlight else ""), fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: str | os.PathLike,
@@ -233,7 +233,7 @@ def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: s
     metric = s["metric"].iloc[0]
     s = s.sort_values("value", ascending=not higher_is_better(metric))
     best = best_per_localizer(df, method, metric)
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(min(max(5.0, 0.32 * len(s) + 2.5), MAX_WIDTH_IN), 4.0))
     xs = np.arange(len(s))
     base = _baseline(df, metric)
@@ -244,9 +244,9 @@ def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: s
     names = [h or l for h, l in zip(s["head"], s["localizer"])]
     ax.set_xticks(xs[::every])
     ax.set_xticklabels(names[::every], rotation=70, fontsize=7)
-    full = _by_localizer(best, metric, "all")[0]
-    top = _by_localizer(best, metric, "top")[0]
-    rand = _by_localizer(best, metric, "random")[0]
+    full = by_localizer(best, metric, "all")[0]
+    top = by_localizer(best, metric, "top")[0]
+    rand = by_localizer(best, metric, "random")[0]
     if full:
         ax.axhline(np.mean(full), color=COLORS["all"], linestyle="--", linewidth=2, label=f"all heads ({np.mean(full):.3f})")
     if top:
@@ -260,7 +260,7 @@ def single_vs_full(df: pd.DataFrame, singles: pd.DataFrame, method: str, path: s
     ax.set_title(f"{METHOD_LABEL[method]}: single heads vs full alignment", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def grid_curves(df: pd.DataFrame, method: str, path: str | os.PathLike, metric: str | None = None) -> Path | None:
@@ -273,7 +273,7 @@ def grid_curves(df: pd.DataFrame, method: str, path: str | os.PathLike, metric: 
     sub = sub[sub[metric].notna() & sub[xcol].notna()]
     if sub[xcol].nunique() < 2:
         return None
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     seen = set()
     for group in ("random", "single", "all", "top"):
@@ -292,4 +292,4 @@ def grid_curves(df: pd.DataFrame, method: str, path: str | os.PathLike, metric: 
     ax.set_title(f"{METHOD_LABEL[method]}: {metric_label(metric)} over {xcol}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

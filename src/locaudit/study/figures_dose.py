@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from locaudit.study.figures import COLORS, GROUP_LABEL, MAX_WIDTH_IN, _plt, _save
+from locaudit.study.figures import COLORS, GROUP_LABEL, MAX_WIDTH_IN, agg_pyplot, save_figure
 from locaudit.study.matched_kl import DoseCurve
 
 _ORDER = {"random": 0, "single": 1, "all": 2, "top": 3}  # the candidate drawn last, on top
@@ -21,7 +21,7 @@ def gain_vs_kl(curves: list[DoseCurve], res: dict, metric: str, path: str | os.P
     interpolated gain there as a dot; None without curves."""
     if not curves:
         return None
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(min(6.5, MAX_WIDTH_IN), 4.2))
     seen: set[str] = set()
     for c in sorted(curves, key=lambda c: _ORDER.get(c.group, 1)):
@@ -44,4 +44,4 @@ def gain_vs_kl(curves: list[DoseCurve], res: dict, metric: str, path: str | os.P
     ax.set_ylabel(f"gain in {metric} over the unedited model")
     ax.set_title(f"Matched collateral damage: {metric} gain vs KL along training", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)

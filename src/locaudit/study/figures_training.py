@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from locaudit.study.figures import COLORS, GROUP_LABEL, MAX_WIDTH_IN, _plt, _save
+from locaudit.study.figures import COLORS, GROUP_LABEL, MAX_WIDTH_IN, agg_pyplot, save_figure
 
 
 def curve_points(curve: dict) -> tuple[list[float], list[float], tuple[float, float] | None]:
@@ -63,7 +63,7 @@ def learning_curves(curves: list[tuple[str, str, dict]], path: str | os.PathLike
     drawn = [d for d in drawn if len(d[2]) > 1]
     if not drawn:
         return None
-    plt = _plt()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(min(6.5, MAX_WIDTH_IN), 4.0))
     seen: set[str] = set()
     for name, group, xs, ys, kept in sorted(drawn, key=lambda d: d[1] == "top"):
@@ -78,4 +78,4 @@ def learning_curves(curves: list[tuple[str, str, dict]], path: str | os.PathLike
     ax.set_ylabel("validation loss")
     ax.set_title("Optimal edits: validation loss during training (dot: the state kept)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)

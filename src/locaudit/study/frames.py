@@ -149,7 +149,7 @@ def best_per_localizer(df: pd.DataFrame, method: str, select: str) -> pd.DataFra
     return sub.groupby(["localizer", "_seed"], sort=False).head(1).drop(columns="_seed").reset_index(drop=True)
 
 
-def _by_localizer(sub: pd.DataFrame, metric: str, group: str) -> tuple[list[float], list[str]]:
+def by_localizer(sub: pd.DataFrame, metric: str, group: str) -> tuple[list[float], list[str]]:
     """Values of `group`'s localizers (mean over training seeds)."""
     g = sub[(sub["group"] == group) & sub[metric].notna()]
     if g.empty:
@@ -198,7 +198,7 @@ def load_per_question(run_dir: str | Path, rows: Iterable[dict]) -> dict[str, di
     return out
 
 
-def _half(qid: str) -> int:
+def question_half(qid: str) -> int:
     return int(hashlib.sha256(qid.encode()).hexdigest()[:8], 16) % 2
 
 

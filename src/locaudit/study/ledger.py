@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from locaudit.errors import ConfigError
-from locaudit.io import (_TEMP_RE, clean_tree_temps, follow_umask, has_checksums, replace_path, temp_sibling,
+from locaudit.io import (TEMP_RE, clean_tree_temps, follow_umask, has_checksums, replace_path, temp_sibling,
                          verify_checksums, write_checksums, write_json_atomic)
 from locaudit.study.trials import Trial
 
@@ -454,7 +454,7 @@ def nonfinite_message(trial: Trial, bad: list[tuple[str, float]]) -> str:
             f"{causes.get(trial.kind, 'non-finite inputs')}. The trial is failed, nothing of it is kept as done.")
 
 
-def _artifact_dir(run_dir: Path, value: Any) -> Path | None:
+def artifact_dir(run_dir: Path, value: Any) -> Path | None:
     """The folder an artifact entry names, if it is a relative path inside the run folder."""
     if not isinstance(value, str) or not value or Path(value).is_absolute():
         return None
@@ -472,7 +472,7 @@ def check_artifacts(run_dir: Path, artifacts: dict, strict: bool = False) -> str
     for k in ARTIFACT_DIRS:
         if k not in artifacts:
             continue
-        d = _artifact_dir(Path(run_dir), artifacts[k])
+        d = artifact_dir(Path(run_dir), artifacts[k])
         if d is None:
             return f"artifact {k}: {artifacts[k]!r} is not a folder of the run"
         if not d.is_dir():
@@ -488,7 +488,7 @@ def seal_artifacts(run_dir: Path, artifacts: dict, staged: dict[Path, Path] | No
     """Write the checksums of a finished trial's artifact folders (after every file in them is written);
     an artifact under a staged folder (`staged`: final folder -> its staging folder) is sealed where it is."""
     for k in ARTIFACT_DIRS:
-        d = _artifact_dir(Path(run_dir), artifacts.get(k))
+        d = artifact_dir(Path(run_dir), artifacts.get(k))
         if d is not None:
             d = _staged_path(d, staged)
         if d is not None and d.is_dir():
@@ -516,8 +516,8 @@ def staged_trial_folders(run_dir: Path, trial: Trial, staged: Any) -> dict[Path,
     if not isinstance(staged, dict):
         raise ValueError(f"trial {trial.key}: staged folders {staged!r} are not a mapping")
     for final_rel, tmp_rel in staged.items():
-        final, tmp = _artifact_dir(run_dir, final_rel), _artifact_dir(run_dir, tmp_rel)
-        m = _TEMP_RE.match(tmp.name) if tmp is not None else None
+        final, tmp = artifact_dir(run_dir, final_rel), artifact_dir(run_dir, tmp_rel)
+        m = TEMP_RE.match(tmp.name) if tmp is not None else None
         if (final is None or tmp is None or final != run_dir / "trials" / trial.key or tmp.parent != final.parent
                 or m is None or m.group("name") != final.name):
             raise ValueError(f"trial {trial.key}: staged folder {tmp_rel!r} for {final_rel!r} is not its trial "

@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 
 from locaudit.study import stats as S
-from locaudit.study.frames import METHODS, PRODUCTS, _half, grid_label, higher_is_better, primary_metric
+from locaudit.study.frames import METHODS, PRODUCTS, question_half, grid_label, higher_is_better, primary_metric
 from locaudit.study.spec import VerdictSpec
 
 
 # ---------------------------------------------------------------------------------------------- the engine
 @dataclass
-class _Panel:
+class SelectionPanel:
     """One method's trials as arrays: locations x grid points x training seeds."""
 
     method: str
@@ -29,7 +29,7 @@ class _Panel:
     frame: pd.DataFrame
 
 
-def _panel(df: pd.DataFrame, method: str) -> _Panel | None:
+def _panel(df: pd.DataFrame, method: str) -> SelectionPanel | None:
     sub = df[df["kind"] == method].reset_index(drop=True)
     if sub.empty:
         return None
@@ -48,7 +48,7 @@ def _panel(df: pd.DataFrame, method: str) -> _Panel | None:
     for n in names:
         h = sub[(sub["localizer"] == n) & sub["heads"].notna()]["heads"] if "heads" in sub else pd.Series([], dtype=object)
         heads.append(str(h.iloc[0]) if len(h) else None)
-    return _Panel(method, names, groups, heads, grid, keys, sub)
+    return SelectionPanel(method, names, groups, heads, grid, keys, sub)
 
 
 def _take(v: np.ndarray, sel: np.ndarray) -> np.ndarray:
@@ -75,7 +75,7 @@ def _argbest(v: np.ndarray, higher: bool, axis: int = 1) -> np.ndarray:
     return np.where(none, -1, idx)
 
 
-class _Engine:
+class SelectionEngine:
     """Values of every location per bootstrap replicate (axis R: replicate 0 = the data as observed)."""
 
     def __init__(self, df: pd.DataFrame, perq: dict | None, cfg: VerdictSpec, n_resamples: int, seed: int) -> None:
@@ -112,7 +112,7 @@ class _Engine:
                     s = set(self.perq[k][c])
                     qids = s if qids is None else qids & s
             qids = sorted(qids or [])
-            half = np.array([_half(q) for q in qids], dtype=int)
+            half = np.array([question_half(q) for q in qids], dtype=int)
             if len(qids) >= 2 and 0 < half.sum() < len(qids):
                 rng = np.random.default_rng([self.seed, len(qids), sum(map(ord, metric))])
                 w = S.bootstrap_weights(len(qids), self.B, rng)
@@ -178,7 +178,7 @@ class _Engine:
                     se[idx] = by_key.at[k, f"{metric}_se"]
         return val.astype(float), se.astype(float)
 
-    def values(self, panel: _Panel, metric: str, which: str = "all") -> np.ndarray:
+    def values(self, panel: SelectionPanel, metric: str, which: str = "all") -> np.ndarray:
         """[L, G, R]: each location's metric per grid point, training seeds averaged."""
         ck = (panel.method, metric, which)
         if ck in self._cache:
@@ -210,7 +210,7 @@ class _Engine:
         return out if np.isfinite(out[0]) else None
 
     # ---------------------------------------------------------------- selection
-    def selection(self, panel: _Panel) -> dict:
+    def selection(self, panel: SelectionPanel) -> dict:
         """How grid points are chosen for this method (on the primary metric) and the chosen indices."""
         if panel.method in self._sel:
             return self._sel[panel.method]
@@ -230,7 +230,7 @@ class _Engine:
         self._sel[panel.method] = sel
         return sel
 
-    def selected(self, panel: _Panel, metric: str) -> np.ndarray:
+    def selected(self, panel: SelectionPanel, metric: str) -> np.ndarray:
         """[L, R]: each location's value at its chosen grid point (metric read where the primary chose)."""
         ck = (panel.method, metric, "selected")
         if ck in self._cache:
@@ -249,7 +249,7 @@ class _Engine:
         self._cache[ck] = out
         return out
 
-    def selected_grid(self, panel: _Panel) -> list[str]:
+    def selected_grid(self, panel: SelectionPanel) -> list[str]:
         sel = self.selection(panel)
         out = []
         for i in range(len(panel.names)):

@@ -11,7 +11,7 @@ import pandas as pd
 
 from locaudit.study import stats as S
 from locaudit.study.comparisons import Comparison
-from locaudit.study.design import _draws_to_join, _finite, equivalence_needs
+from locaudit.study.design import draws_to_join, finite_or_none, equivalence_needs
 from locaudit.study.frames import METHOD_LABEL, METHODS, SELECTION_LABEL, metric_label, primary_metric
 from locaudit.study.spec import VerdictSpec
 
@@ -50,7 +50,7 @@ def _p(x: Any) -> str:
 
 
 def _pct(x: Any) -> str:
-    x = _finite(x)
+    x = finite_or_none(x)
     return "n/a" if x is None else f"{x + 0.0 if round(x * 100) else 0.0:.0%}"
 
 
@@ -65,13 +65,13 @@ def decide_hint(row: Comparison | dict, cfg: VerdictSpec, floors: list[float] | 
     member = S.discrete_family(floors, cfg.alpha, cfg.multiplicity)
     parts = []
     if not member[index]:
-        need = _draws_to_join(floors, index, cfg.alpha, cfg.multiplicity)
+        need = draws_to_join(floors, index, cfg.alpha, cfg.multiplicity)
         f2 = list(floors)
         f2[index] = S.rank_floor(need)
         m = int(S.discrete_family(f2, cfg.alpha, cfg.multiplicity).sum())
         parts.append(f"the rank test cannot go below {_p(S.rank_floor(n))} with {n} draws; it needs at least {need} "
                      f"draws to reach {_p(cfg.alpha / m)} ({cfg.multiplicity + ', ' if m > 1 else ''}family of {m})")
-    sd0, seq0 = _finite(row.random_sd), _finite(row.se_questions)
+    sd0, seq0 = finite_or_none(row.random_sd), finite_or_none(row.se_questions)
     if member[index] and sd0:  # the design's power (not the observed effect's): the candidate's own noise included
         thr = cfg.alpha / max(1, int(member.sum()))
         ratio = (seq0 or 0.0) / sd0
@@ -80,15 +80,15 @@ def decide_hint(row: Comparison | dict, cfg: VerdictSpec, floors: list[float] | 
             parts.append(f"with {n} draws the rank test detects a candidate {shift:.1f} sd of the draws above them "
                          f"({shift * sd0:.3g}) with {cfg.power:.0%} power, its own question noise ({ratio:.2f} sd) "
                          "included")
-    p_mean, p_rank = _finite(row.p_mean), _finite(row.p_rank)
+    p_mean, p_rank = finite_or_none(row.p_mean), finite_or_none(row.p_rank)
     if p_mean is not None and p_mean > cfg.alpha and p_rank is not None and p_rank <= cfg.alpha:
         parts.append(f"the candidate ranks high, but the hierarchical test of the difference does not reject (p = "
                      f"{_p(p_mean)}; standard error {_fmt(row.se_diff)}: locations {_fmt(row.se_locations)}, "
                      f"questions {_fmt(row.se_questions)}): more test questions or draws shrink it")
-    mabs = _finite(row.margin_abs)
-    sd, se_q = _finite(row.random_sd), _finite(row.se_questions)
+    mabs = finite_or_none(row.margin_abs)
+    sd, se_q = finite_or_none(row.random_sd), finite_or_none(row.se_questions)
     if mabs and sd is not None:
-        need = equivalence_needs(sd, int(row.n_random), se_q or 0.0, _finite(row.n_questions), mabs,
+        need = equivalence_needs(sd, int(row.n_random), se_q or 0.0, finite_or_none(row.n_questions), mabs,
                                  cfg.alpha, cfg.power)
         parts.append(f"for equivalence within ±{cfg.margin:.0%} of full alignment's gain (if truly equal; observed "
                      f"spread sd {sd:.3g}, question SE {(se_q or 0.0) if (se_q or 0) > 1e-12 else 0:.3g}): {need['text']}")
@@ -124,7 +124,7 @@ def _method_lines(r: Comparison, method: str, cfg: VerdictSpec, label: str, K: s
             f"difference {_fmt(r.diff)}, {cfg.level:.0%} t-interval [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]"
             f"{'' if qn else '; question noise not included: no per-question scores or standard errors'}"
             f"{'; the interval omits training noise (one training seed)' if str(r.training_noise).startswith('omitted') else ''}"
-            f"{'; ranks first in ' + _pct(r.rank_stability) + ' of question resamples' if _finite(r.rank_stability) is not None else ''})")
+            f"{'; ranks first in ' + _pct(r.rank_stability) + ' of question resamples' if finite_or_none(r.rank_stability) is not None else ''})")
     eq = ""
     if r.gain_measurable:
         eq = (f"; as a fraction of full alignment's gain the difference is {_pct(r.diff_gain_fraction)}, "

@@ -20,7 +20,7 @@ from locaudit.errors import ConfigError
 from locaudit.evaluate.judges.base import Judge, JudgeScore, check_pairs
 from locaudit.models.batching import length_sorted_batches, pad_id, pad_right
 from locaudit.models.loading import LoadedModel
-from locaudit.models.scoring import _accepts_logits_to_keep, collate_completions, completion_logprobs
+from locaudit.models.scoring import accepts_logits_to_keep, collate_completions, completion_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def yes_probability(lm: LoadedModel, prompts: Sequence[str], kind: str, batch_si
                 x, att = pad_right([ids[i] for i in idx], pad_id(tok))
                 T = x.shape[1]
                 keep = T - int(lens.min()) + 1
-                kw = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+                kw = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
                 logits = model(input_ids=x.to(dev), attention_mask=att.to(dev), use_cache=False, **kw).logits
                 keep = logits.shape[1]  # [b, keep, V]: logits[:, j] is position T - keep + j
                 last = logits[torch.arange(len(idx)), (lens - 1 - (T - keep)).to(logits.device)].float()

@@ -110,7 +110,7 @@ class JudgeTrainConfig(BaseModel):
         return v
 
 
-def _metrics(p: torch.Tensor, y: torch.Tensor) -> dict:
+def classifier_metrics(p: torch.Tensor, y: torch.Tensor) -> dict:
     pred = (p > 0.5).float()
     out = {"n": int(len(y)), "accuracy": float((pred == y).float().mean()) if len(y) else float("nan"),
            "positive_rate": float(y.mean()) if len(y) else float("nan"),
@@ -144,14 +144,14 @@ def _choose_and_fit(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], cfg
         for l2 in grid:
             h = _fit(head, x[~is_val], y[~is_val], l2, cfg.seed)
             p = h.prob(x[is_val])
-            acc = _metrics(p, y[is_val])["accuracy"]
+            acc = classifier_metrics(p, y[is_val])["accuracy"]
             results.append({"head": head, "l2": l2, "val_accuracy": acc})
             log.info("%s: %s l2=%g val acc %.4f", label, head, l2, acc)
             if head not in best_of or acc > best_of[head][0]:
                 best_of[head] = (acc, l2, p)
     if len(best_of) > 1:
         p = torch.stack([b[2] for b in best_of.values()]).mean(0)
-        acc = _metrics(p, y[is_val])["accuracy"]
+        acc = classifier_metrics(p, y[is_val])["accuracy"]
         results.append({"head": "ensemble", "l2": {h: b[1] for h, b in best_of.items()}, "val_accuracy": acc})
         log.info("%s: ensemble of the best %s val acc %.4f", label, list(best_of), acc)
     best = max(results, key=lambda r: r["val_accuracy"])
@@ -266,10 +266,10 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         h_te = has[rows_te]
         if h_te.any():
             p_ref[h_te] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows_te][h_te], ref[rows_te][h_te]))
-        kind_report["held_out"] = _metrics(p_ref, y_te)
-        kind_report["held_out_noref"] = _metrics(heads[(kind, "noref")].prob(hidden[rows_te]), y_te)
+        kind_report["held_out"] = classifier_metrics(p_ref, y_te)
+        kind_report["held_out_noref"] = classifier_metrics(heads[(kind, "noref")].prob(hidden[rows_te]), y_te)
         exact = ref[rows_te][:, LEX_EXACT].sum(1) > 0
-        kind_report["held_out_not_a_reference"] = _metrics(p_ref[~exact], y_te[~exact])
+        kind_report["held_out_not_a_reference"] = classifier_metrics(p_ref[~exact], y_te[~exact])
         curves[f"{kind} held-out"] = (p_ref.tolist(), y_te.tolist())
         hard_te = s.get("held_out_hard", [])
         if hard_te:
@@ -280,9 +280,10 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
                 p_h[h_h] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows_h][h_h], ref[rows_h][h_h]))
             y_h = torch.tensor([float(e.label) for e in hard_te])
             cats = [category[(e.question, e.answer)] for e in hard_te]
-            kind_report["held_out_hard"] = _metrics(p_h, y_h)
+            kind_report["held_out_hard"] = classifier_metrics(p_h, y_h)
             kind_report["held_out_hard_by_category"] = {
-                c: _metrics(p_h[torch.tensor([x == c for x in cats])], y_h[torch.tensor([x == c for x in cats])])
+                c: classifier_metrics(p_h[torch.tensor([x == c for x in cats])],
+                                      y_h[torch.tensor([x == c for x in cats])])
                 for c in sorted(set(cats))}
         report["kinds"][kind] = kind_report
         log.info("%s judge: held-out accuracy %.4f on %d answers to %d held-out questions", kind,
