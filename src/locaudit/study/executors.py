@@ -7,7 +7,8 @@ write conflicts, and a crashed worker can only lose its own trials (recorded as 
 
 A group function has the signature ``fn(trials, spec, run_dir) -> Iterator[(key, result)]``: it gets
 one trial, or several that may share work (optimal edits with equal hyper-parameters), and yields each
-trial's ``{"metrics": {...}, "artifacts": {...}}`` as soon as it is finished.
+trial's ``{"metrics": {...}, "artifacts": {...}, "staged": {...}}`` as soon as it is finished (`staged`:
+the trial folder it wrote into a staging sibling, which the driver puts in place; see `Outcome.staged`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from locaudit.study.spec import StudySpec
 from locaudit.study.trials import Trial
 
-GroupFn = Callable[[list[Trial], StudySpec, Path], Iterator[tuple[str, dict]]]
+
+class Spec(Protocol):
+    """What the executors need of a study's spec (the head study's StudySpec, the Hase study's HaseSpec): what
+    one trial asks of a worker, and the JSON a worker rebuilds the spec from (``type(spec).model_validate``)."""
+
+    resources: Any
+
+    def to_json(self) -> dict: ...
+
+
+GroupFn = Callable[[list[Trial], Any, Path], Iterator[tuple[str, dict]]]
 
 
 @dataclass
@@ -50,7 +61,7 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_group_safely(fn: GroupFn, trials: list[Trial], spec: StudySpec, run_dir: Path) -> Iterator[tuple[str, Outcome]]:
+def run_group_safely(fn: GroupFn, trials: list[Trial], spec: Spec, run_dir: Path) -> Iterator[tuple[str, Outcome]]:
     """Run `fn` on a group; every trial gets exactly one Outcome, failed ones carry the traceback."""
     pending = {t.key for t in trials}
     started, cpu0 = time.time(), time.process_time()
@@ -80,7 +91,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, fn: GroupFn, spec: StudySpec, run_dir: Path) -> None:
+    def __init__(self, fn: GroupFn, spec: Spec, run_dir: Path) -> None:
         self.fn, self.spec, self.run_dir = fn, spec, Path(run_dir)
         self._queue: list[list[Trial]] = []
 
@@ -138,7 +149,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, fn: GroupFn, spec: StudySpec, run_dir: Path, address: str | None = None,
+    def __init__(self, fn: GroupFn, spec: Spec, run_dir: Path, address: str | None = None,
                  cpus: float | None = None, gpus: float | None = None, num_cpus: int | None = None,
                  max_in_flight: int | None = None) -> None:
         import ray

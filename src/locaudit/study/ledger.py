@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS events (
 """
 LEDGER_FILE = "ledger.sqlite"
 RECORD_FILE = "result.json"  # trials/KEY/result.json: a finished trial's record, for `repair`
-ARTIFACT_DIRS = ("activations", "probe", "edit", "eval")  # artifact entries that are folders of the run
+ARTIFACT_DIRS = ("activations", "probe", "edit", "eval", "data")  # artifact entries that are folders of the run
+# ("data": a Hase trial's trials/KEY/data, study/hase/run.py)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 

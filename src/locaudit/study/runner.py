@@ -8,6 +8,11 @@ chosen executor, recording each one as it ends. Done trials are never run again;
 (ledger.py). The real steps write a trial's folder into a temporary sibling (`RunContext.trial_dir`); the driver
 seals it, writes result.json into it and renames it into place whole once the trial is recorded as done. The per-trial work is a group function (default: `locaudit.study.steps.run_group`,
 the real collect / probe / ITI / optimal / evaluation steps); tests inject their own.
+
+Any kind of study runs here: a `StudyPlan` names its trials (dependencies first), its group function and what
+it writes into the ledger before the first trial. `head_plan(spec)` is the head study's (study/trials.py
+`expand`, the real steps, preregistration); the Hase study plugs in its own (study/hase/run.py `hase_plan`)
+and so shares resume, failure handling, the progress display, staged trial folders and the ledger.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -45,6 +51,7 @@ class RunSummary:
     blocked: list[str] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    names: list[str] = field(default_factory=list)  # the trials that ended in this call, by name, in that order
 
     def line(self) -> str:
         c = self.counts
@@ -54,18 +61,61 @@ class RunSummary:
                 + (f", {len(self.blocked)} blocked by failed dependencies" if self.blocked else ""))
 
 
+@dataclass
+class StudyPlan:
+    """What `run_study` runs for one kind of study.
+
+    trials: every trial, dependencies first (ledger.sync records them); fn: the group function that runs them
+    (executors.GroupFn); prepare(ledger): writes the study's meta into the ledger before any trial runs;
+    batch_max: the most trials sharing a batch key that go out as one group; finish(): frees what this process
+    loaded for the trials (run at the end, also after an error); label: the progress bar's."""
+
+    trials: list[Trial]
+    fn: GroupFn
+    prepare: Callable[[Ledger], None]
+    batch_max: int = 1
+    finish: Callable[[], None] | None = None
+    label: str = "study"
+
+
 def default_group_fn() -> GroupFn:
     from locaudit.study.steps import run_group
 
     return run_group
 
 
-def make_executor(name: str, fn: GroupFn, spec: StudySpec, run_dir: Path, address: str | None = None,
-                  cpus: float | None = None, gpus: float | None = None, num_cpus: int | None = None):
+def head_plan(spec: StudySpec, fn: GroupFn | None = None) -> StudyPlan:
+    """The head study's plan: `expand(spec)`, the real steps unless `fn` is given (tests inject their own), the
+    spec, its precision and the preregistered verdict settings in the ledger."""
+
+    def prepare(ledger: Ledger) -> None:
+        ledger.set_meta("spec", spec.to_json())
+        ledger.set_meta("study_name", spec.name)
+        ledger.set_meta("precision", spec.resolved_precision().meta())  # this session's machine (report header)
+        from locaudit.study.preregistration import preregister
+
+        preregister(ledger, spec)  # the verdict's settings and the resolved judge, once, before any result
+
+    def finish() -> None:  # free this process's model and activations
+        from locaudit.study.steps import clear_contexts
+
+        clear_contexts()
+
+    return StudyPlan(expand(spec), fn or default_group_fn(), prepare, spec.optimal.batch_edits,
+                     finish if fn is None else None, f"study {spec.name}")
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(name: str, fn: GroupFn, spec: Any, run_dir: Path, address: str | None = None,
+                  cpus: float | None = None, gpus: float | None = None, num_cpus: int | None = None,
+                  max_in_flight: int | None = None):
     if name == "local":
         return LocalExecutor(fn, spec, run_dir)
     if name == "ray":
-        return RayExecutor(fn, spec, run_dir, address=address, cpus=cpus, gpus=gpus, num_cpus=num_cpus)
+        return RayExecutor(fn, spec, run_dir, address=address, cpus=cpus, gpus=gpus, num_cpus=num_cpus,
+                           max_in_flight=max_in_flight)
     raise ConfigError(f"--executor {name!r}: expected 'local' or 'ray'")
 
 
@@ -85,7 +135,7 @@ def _next_group(todo: list[Trial], status: dict[str, str], batch_max: int) -> li
 
 
 def run_study(
-    spec: StudySpec,
+    spec: Any,
     run_dir: str | Path,
     executor: str = "local",
     address: str | None = None,
@@ -97,21 +147,24 @@ def run_study(
     gpus: float | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
+    plan: StudyPlan | None = None,
+    max_minutes: float | None = None,
+    max_in_flight: int | None = None,
 ) -> RunSummary:
-    """Run (or resume) `spec` in `run_dir`; see the module docstring. `kinds` limits which trial kinds
-    run this time; `max_trials` stops after that many trials have been started."""
+    """Run (or resume) `spec` in `run_dir`; see the module docstring. `plan`: the study's trials and group
+    function (default: the head study's, `head_plan(spec, fn)`); `kinds` limits which trial kinds run this
+    time; `max_trials` stops after that many trials have been started, `max_minutes` starts no trial after
+    that many minutes; `max_in_flight` (Ray): at most this many groups at once."""
     t0 = time.time()
     run_dir = Path(run_dir)
-    trials = expand(spec)
-    own_steps = fn is None
-    fn = fn or default_group_fn()
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: expected 'local' or 'ray'")
+    if plan is not None and fn is not None:
+        raise ConfigError("run_study: give a plan or a group function fn, not both (a plan names its own)")
+    plan = plan or head_plan(spec, fn)
+    trials = plan.trials
     with Ledger(run_dir, writer=True) as ledger:
-        ledger.set_meta("spec", spec.to_json())
-        ledger.set_meta("study_name", spec.name)
-        ledger.set_meta("precision", spec.resolved_precision().meta())  # this session's machine (report header)
-        from locaudit.study.preregistration import preregister
-
-        preregister(ledger, spec)  # the verdict's settings and the resolved judge, once, before any result
+        plan.prepare(ledger)
         sync = ledger.sync(trials)
         reset = ledger.reset_interrupted()
         if reset:
@@ -125,10 +178,10 @@ def run_study(
         status = ledger.status_of()
         todo = [t for t in trials if status.get(t.key) == "pending" and (kinds is None or t.kind in kinds)]
         summary = RunSummary(run_dir, sync["total"], sync["added"], reset)
-        ex = make_executor(executor, fn, spec, run_dir, address, cpus, gpus, num_cpus) if todo else None
+        ex = None
         # the one progress display of a run: the steps show no bars of their own, the bar names the trial running,
         # and log lines print above it instead of through it
-        bar = tqdm(total=len(todo), desc=f"study {spec.name}", unit="trial", disable=not progress)
+        bar = tqdm(total=len(todo), desc=plan.label, unit="trial", disable=not progress)
         quiet_logs = contextlib.ExitStack()
         if progress:
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -137,12 +190,15 @@ def run_study(
         started: set[str] = set()
         inflight: set[str] = set()
         try:
+            if todo:
+                ex = make_executor(executor, plan.fn, spec, run_dir, address, cpus, gpus, num_cpus, max_in_flight)
             while todo or (ex is not None and ex.in_flight()):
                 while ex is not None and ex.in_flight() < ex.capacity and todo:
-                    if max_trials is not None and len(started) >= max_trials:
+                    if ((max_trials is not None and len(started) >= max_trials)
+                            or (max_minutes is not None and time.time() - t0 > 60 * max_minutes)):
                         todo = []
                         break
-                    group = _next_group(todo, status, spec.optimal.batch_edits)
+                    group = _next_group(todo, status, plan.batch_max)
                     if not group:
                         break
                     if max_trials is not None:
@@ -166,6 +222,7 @@ def run_study(
                     summary.ran += 1
                     summary.done += outcome.status == "done"
                     summary.failed += outcome.status == "failed"
+                    summary.names.append(trial.name)
                     bar.update(1)
                     bar.set_postfix_str(f"{trial.name[:40]} {outcome.status}")
         except BaseException:
@@ -178,10 +235,8 @@ def run_study(
             bar.close()
             if ex is not None:
                 ex.shutdown()
-            if own_steps:  # free this process's model and activations
-                from locaudit.study.steps import clear_contexts
-
-                clear_contexts()
+            if plan.finish is not None:
+                plan.finish()
         summary.blocked = [t.key for t in todo]
         summary.counts = ledger.counts()
     summary.wall_s = time.time() - t0
