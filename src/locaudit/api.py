@@ -37,7 +37,7 @@ from locaudit.edit.iti import ITIEdit
 from locaudit.edit.lora import LoRAEdit
 from locaudit.edit.train import TrainLog
 from locaudit.errors import ConfigError
-from locaudit.heads import Head, HeadSet
+from locaudit.heads import Head, HeadSet, Ranking
 from locaudit.localize.activations import ActivationSet
 from locaudit.localize.probe import ProbeResult
 from locaudit.models.loading import DEFAULT_MODEL, LoadedModel
@@ -45,7 +45,7 @@ from locaudit.models.loading import DEFAULT_MODEL, LoadedModel
 __all__ = ["load_model", "load_behaviour", "collect", "probe", "locate", "fit_iti", "train_edit", "evaluate_edit",
            "compare"]
 
-Rankable = ProbeResult | Sequence[Head] | Mapping[str, Sequence[Head]] | None
+Rankable = ProbeResult | Ranking | Sequence[Head] | Mapping[str, Sequence[Head]] | None
 
 
 def load_model(name: Any = DEFAULT_MODEL, dtype: str | None = None, device: str | None = None,
@@ -114,16 +114,18 @@ def probe(acts: ActivationSet, l2: float = 1.0, out: str | os.PathLike | None = 
     return res
 
 
-def _ranking(ranking: Rankable) -> Sequence[Head] | Mapping[str, Sequence[Head]] | None:
+def _ranking(ranking: Rankable) -> Ranking | None:
+    """A heads.Ranking from a ProbeResult (the probe's ranking) or what `Ranking.of` takes."""
     if isinstance(ranking, ProbeResult):
-        return ranking.ranking()
-    return ranking
+        return Ranking.of(ranking.ranking())
+    return Ranking.of(ranking)
 
 
 def locate(heads: str | HeadSet, shape: LoadedModel | ActivationSet | tuple[int, int],
            ranking: Rankable = None) -> HeadSet:
     """A HeadSet from a location string. `shape`: a model, an activation set or (layers, heads);
-    `ranking`: a ProbeResult, a ranking (best first) or {localizer: ranking} for ``patching:top8``."""
+    `ranking`: a ProbeResult, a heads.Ranking, a ranking (best first) or {localizer: ranking} for
+    ``patching:top8``."""
     if isinstance(heads, HeadSet):
         return heads
     if isinstance(shape, LoadedModel):

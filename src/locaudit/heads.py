@@ -12,12 +12,16 @@ String forms (see `HeadSet.parse`):
   ``single@5``            one head drawn with seed 5 (same as ``random1@5``)
   ``single#5@0``          the 6th head (index 5) of the permutation seeded 0 (the studies' distinct
                           single heads; ``single#5@0-top16`` avoids the top 16)
+  ``ranked#2``            the ranking's 3rd best head alone (index 2)
   ``LOCALIZER:FORM``      a ranking form read from another localizer's ranking: ``patching:top16``,
                           ``attribution:top8``, ``probe:random16@3-top16``; without a prefix the
                           ranking is the probe's (``top16`` == ``probe:top16``)
 
-`parse_location(text) -> Location(localizer, form)` splits the prefix; `HeadSet.parse` takes a
-ranking (best first) or a mapping {localizer name: ranking}.
+This module holds the one grammar: `Location.parse(text)` (also `parse_location`) reads a string into a
+`Location` (localizer, kind and numbers) and `Location.resolve(n_layers, n_heads, ranking)` turns it into
+a HeadSet; `HeadSet.parse` is the two in one. A `Ranking` holds the rankings a location may read, best
+first, by localizer (``Ranking.of`` takes a plain sequence of heads as the probe's ranking, or a mapping
+{localizer: heads}). study/localizers.py's `Localizer` is a Location as a study stores it in trial keys.
 """
 
 from __future__ import annotations
@@ -42,23 +46,124 @@ _TOP = re.compile(r"^top(\d+)$")
 _RANDOM = re.compile(r"^random(\d+)@(\d+)(?:-top(\d+))?$")
 _SINGLE = re.compile(r"^single@(\d+)(?:-top(\d+))?$")
 _SINGLE_INDEX = re.compile(r"^single#(\d+)@(\d+)(?:-top(\d+))?$")
+_RANKED = re.compile(r"^ranked#(\d+)$")
 _LOCALIZER = re.compile(r"^([a-z][a-z0-9_]*):(.+)$")
 DEFAULT_LOCALIZER = "probe"
-Rankings = Union[Sequence[Head], Mapping[str, Sequence[Head]]]
+FORMS = ("all, top16, random16@3, random16@3-top16, single@5, single#5@0, ranked#0, L12, L12H3,L20H1 (or 12.3), "
+         "patching:top16")
+KINDS = ("all", "top", "random", "single", "ranked", "heads")  # Location.kind
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Head rankings, best first, by the localizer that ranked them: ``Ranking({"probe": [...], "patching":
+    [...]})``. A location reads one of them (`heads`); an unqualified location reads the probe's."""
+
+    by_localizer: Mapping[str, tuple[Head, ...]] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.by_localizer, Mapping):
+            raise ConfigError(f"Ranking: expected {{localizer name: heads best first}}, got "
+                              f"{type(self.by_localizer).__name__}")
+        clean = {}
+        for name, heads in self.by_localizer.items():
+            try:
+                clean[str(name)] = tuple((int(l), int(h)) for l, h in heads)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"Ranking {name!r}: expected a sequence of (layer, head) pairs") from e
+        object.__setattr__(self, "by_localizer", clean)
+
+    @classmethod
+    def of(cls, value: "RankingLike") -> "Ranking | None":
+        """A Ranking from what callers hold: a Ranking, {localizer: heads}, a sequence of heads (the probe's
+        ranking), or None (no ranking: None)."""
+        if value is None or isinstance(value, Ranking):
+            return value
+        if isinstance(value, Mapping):
+            return cls(value)
+        return cls({DEFAULT_LOCALIZER: value})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.by_localizer))
+
+    def heads(self, localizer: str | None, spec: str) -> tuple[Head, ...]:
+        """The ranking of `localizer` (None: the probe's) that location `spec` reads; ConfigError naming both
+        where it is not here."""
+        name = localizer or DEFAULT_LOCALIZER
+        if name not in self.by_localizer:
+            raise ConfigError(f"location {spec!r} needs the {name!r} ranking; rankings given: "
+                              f"{', '.join(self.names) or 'none'}")
+        return self.by_localizer[name]
+
+
+RankingLike = Union[Ranking, Sequence[Head], Mapping[str, Sequence[Head]], None]
+
+
+def _int(x: str | None) -> int | None:
+    return int(x) if x else None
 
 
 @dataclass(frozen=True)
 class Location:
-    """A parsed location string: the localizer whose ranking it reads (None: none needed, or the
-    default probe's) and the HeadSet form (``top16``, ``random16@3``, ``L12H3`` ...)."""
+    """A parsed location string: the localizer whose ranking it reads (None: none needed, or the default
+    probe's), the form as written (``top16``, ``random16@3``, ``L12H3`` ...) and what the form says: its
+    `kind` (KINDS) and numbers (k heads, seed, index, the top-K set excluded). `Location.parse` builds it."""
 
     localizer: str | None
     form: str
+    kind: str
+    k: int | None = None
+    seed: int | None = None
+    index: int | None = None
+    exclude_top: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Location":
+        """Read a location string (module docstring); ConfigError naming the string and the forms where it
+        is not one. The model's shape and rankings are not needed (`resolve` takes them)."""
+        spec = str(text).strip().replace(" ", "")
+        localizer, f = (m.group(1), m.group(2)) if (m := _LOCALIZER.match(spec)) else (None, spec)
+        if not f:
+            raise ConfigError("empty head set spec; try 'top16', 'random16@3', 'L12H3,L20H1' or 'all'")
+        if f == "all":
+            loc = cls(localizer, f, "all")
+        elif m := _TOP.match(f):
+            loc = cls(localizer, f, "top", k=int(m.group(1)))
+        elif m := _RANDOM.match(f):
+            loc = cls(localizer, f, "random", k=int(m.group(1)), seed=int(m.group(2)), exclude_top=_int(m.group(3)))
+        elif m := _SINGLE.match(f):  # single@5 == random1@5
+            loc = cls(localizer, f, "random", k=1, seed=int(m.group(1)), exclude_top=_int(m.group(2)))
+        elif m := _SINGLE_INDEX.match(f):
+            loc = cls(localizer, f, "single", index=int(m.group(1)), seed=int(m.group(2)),
+                      exclude_top=_int(m.group(3)))
+        elif m := _RANKED.match(f):
+            loc = cls(localizer, f, "ranked", index=int(m.group(1)))
+        else:
+            for part in f.split(","):
+                if not (_EXPLICIT.match(part) or _LAYER.match(part)):
+                    raise ConfigError(f"cannot parse head {part!r} in head set spec {text!r}; expected forms: {FORMS}")
+            loc = cls(localizer, f, "heads")
+        if localizer is not None and not loc.needs_ranking:
+            raise ConfigError(f"location {text!r}: a localizer prefix ({localizer}:) goes with a ranking form "
+                              "such as top16 or random16@3-top16")
+        return loc
+
+    @staticmethod
+    def format(kind: str, k: int | None = None, seed: int | None = None, index: int | None = None,
+               exclude_top: int | None = None, heads: str | None = None, localizer: str | None = None) -> str:
+        """The canonical string of a location's parts, which `parse` reads back (``single@5`` is written
+        ``random1@5``; the default probe's prefix is left out)."""
+        ex = f"-top{exclude_top}" if exclude_top else ""
+        forms = {"top": f"top{k}", "random": f"random{k}@{seed}{ex}", "single": f"single#{index}@{seed}{ex}",
+                 "ranked": f"ranked#{index}", "heads": str(heads), "all": "all"}
+        if kind not in forms:
+            raise ConfigError(f"location kind {kind!r}: expected one of {', '.join(KINDS)}")
+        return forms[kind] if localizer in (None, DEFAULT_LOCALIZER) else f"{localizer}:{forms[kind]}"
 
     @property
     def needs_ranking(self) -> bool:
-        f = self.form
-        return bool(_TOP.match(f)) or ("-top" in f and bool(_RANDOM.match(f) or _SINGLE.match(f) or _SINGLE_INDEX.match(f)))
+        return self.kind in ("top", "ranked") or bool(self.exclude_top)
 
     @property
     def ranking_name(self) -> str:
@@ -68,29 +173,64 @@ class Location:
     def __str__(self) -> str:
         return self.form if self.localizer in (None, DEFAULT_LOCALIZER) else f"{self.localizer}:{self.form}"
 
+    def resolve(self, n_layers: int | None = None, n_heads: int | None = None, ranking: RankingLike = None,
+                name: str | None = None) -> "HeadSet":
+        """The HeadSet on a model with n_layers x n_heads (needed by all, random, single and L<n>), reading
+        `ranking` (a Ranking, or what `Ranking.of` takes) for top<k>, ranked#i and -top<k>. Named `name`, else
+        the location as written (explicit heads by their sorted list)."""
+        spec = name or str(self)
+        given = Ranking.of(ranking) if self.needs_ranking else None
+        heads = given.heads(self.localizer, spec) if given is not None else None
+
+        def need_shape() -> tuple[int, int]:
+            if n_layers is None or n_heads is None:
+                raise ConfigError(f"head set {spec!r} needs the model's number of layers and heads")
+            return n_layers, n_heads
+
+        def need_ranking() -> tuple[Head, ...]:
+            if heads is None:
+                raise ConfigError(f"head set {spec!r} needs the {self.ranking_name} head ranking (for the probe's: "
+                                  "run `locaudit probe` first)")
+            return heads
+
+        excluded = need_ranking()[: self.exclude_top] if self.exclude_top else ()
+        if self.kind == "all":
+            return HeadSet.all(*need_shape())
+        if self.kind == "top":
+            return replace(HeadSet.top(need_ranking(), int(self.k)), name=spec)  # type: ignore[arg-type]
+        if self.kind == "ranked":
+            ranked = need_ranking()
+            if int(self.index) >= len(ranked):  # type: ignore[arg-type]
+                raise ConfigError(f"location {spec!r}: the ranking has only {len(ranked)} heads")
+            return HeadSet((ranked[int(self.index)],), spec)  # type: ignore[arg-type]
+        if self.kind == "single":
+            return HeadSet.single(int(self.index), int(self.seed), *need_shape(), excluded,  # type: ignore[arg-type]
+                                  spec)
+        if self.kind == "random":
+            return HeadSet.random(int(self.k), int(self.seed), *need_shape(),  # type: ignore[arg-type]
+                                  exclude=excluded, name=spec)
+        out: list[Head] = []
+        for part in self.form.split(","):
+            if m := _EXPLICIT.match(part):
+                l, h = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+                out.append((int(l), int(h)))
+            elif m := _LAYER.match(part):
+                out.extend((int(m.group(1)), h) for h in range(need_shape()[1]))
+        hs = HeadSet(tuple(out))
+        if len(hs) < len(out):  # e.g. 'L1H1,1.1': one head written twice
+            dup = sorted({h for h in out if out.count(h) > 1})
+            msg = (f"head set {spec!r} names {', '.join(f'L{l}H{h}' for l, h in dup)} more than once; "
+                   f"merged into {len(hs)} distinct heads")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            log.warning(msg)
+        if n_layers is not None and n_heads is not None:
+            hs.check(n_layers, n_heads)
+        return hs
+
 
 def parse_location(text: str) -> Location:
-    """Split ``LOCALIZER:FORM`` (``patching:top16``); an unqualified form has localizer None."""
-    s = str(text).strip().replace(" ", "")
-    if m := _LOCALIZER.match(s):
-        return Location(m.group(1), m.group(2))
-    return Location(None, s)
-
-
-def pick_ranking(rankings: Rankings | None, localizer: str | None, spec: str) -> Sequence[Head] | None:
-    """The ranking a location reads: a plain sequence is the default localizer's (probe) ranking."""
-    if rankings is None:
-        return None
-    name = localizer or DEFAULT_LOCALIZER
-    if isinstance(rankings, Mapping):
-        if name not in rankings:
-            raise ConfigError(f"head set {spec!r} needs the {name!r} ranking; rankings given: "
-                              f"{', '.join(sorted(rankings)) or 'none'}")
-        return rankings[name]
-    if name != DEFAULT_LOCALIZER:
-        raise ConfigError(f"head set {spec!r} reads the {name!r} ranking, but only the {DEFAULT_LOCALIZER!r} "
-                          "ranking was given (pass a mapping {localizer: ranking})")
-    return rankings
+    """`Location.parse`: ``LOCALIZER:FORM`` (``patching:top16``) or an unqualified form (localizer None)."""
+    return Location.parse(text)
 
 
 @dataclass(frozen=True)
@@ -159,79 +299,12 @@ class HeadSet:
         return cls((pool[int(perm[int(index)])],), name or f"single#{index}@{seed}")
 
     @classmethod
-    def parse(
-        cls,
-        spec: str,
-        n_layers: int | None = None,
-        n_heads: int | None = None,
-        ranking: Rankings | None = None,
-    ) -> "HeadSet":
-        """Parse a location string (module docstring). The shape is needed for all/random/single/L<n>; a
-        ranking (best first; or {localizer: ranking} for ``patching:top16`` forms) for top<k> and -top<k>."""
-        loc = parse_location(spec)
-        s = loc.form
-        if not s:
-            raise ConfigError("empty head set spec; try 'top16', 'random16@3', 'L12H3,L20H1' or 'all'")
-        if loc.localizer is not None and not loc.needs_ranking:
-            raise ConfigError(f"head set {spec!r}: a localizer prefix ({loc.localizer}:) goes with a ranking form "
-                              "such as top16 or random16@3-top16")
-        ranking = pick_ranking(ranking, loc.localizer, spec) if loc.needs_ranking else None
-
-        def need_shape() -> tuple[int, int]:
-            if n_layers is None or n_heads is None:
-                raise ConfigError(f"head set {spec!r} needs the model's number of layers and heads")
-            return n_layers, n_heads
-
-        def named(hs: "HeadSet") -> "HeadSet":
-            return hs if loc.localizer in (None, DEFAULT_LOCALIZER) else replace(hs, name=f"{loc.localizer}:{hs.name}")
-
-        def excluded(top: str | None) -> Sequence[Head]:
-            if top is None:
-                return ()
-            if ranking is None:
-                raise ConfigError(f"head set {spec!r} excludes top{top}: it needs a head ranking")
-            return ranking[: int(top)]
-
-        if s == "all":
-            return cls.all(*need_shape())
-        if m := _TOP.match(s):
-            if ranking is None:
-                raise ConfigError(f"head set {spec!r} needs a head ranking: run `locaudit probe` first")
-            return named(cls.top(ranking, int(m.group(1))))
-        if m := _SINGLE_INDEX.match(s):
-            L, H = need_shape()
-            return named(cls.single(int(m.group(1)), int(m.group(2)), L, H, excluded(m.group(3)), name=s))
-        if m := _RANDOM.match(s) or _SINGLE.match(s):
-            L, H = need_shape()
-            if s.startswith("single"):
-                k, seed, top = 1, int(m.group(1)), m.group(2)
-            else:
-                k, seed, top = int(m.group(1)), int(m.group(2)), m.group(3)
-            return named(cls.random(k, seed, L, H, exclude=excluded(top), name=s))
-        heads: list[Head] = []
-        for part in s.split(","):
-            if m := _EXPLICIT.match(part):
-                l, h = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-                heads.append((int(l), int(h)))
-            elif m := _LAYER.match(part):
-                _, H = need_shape()
-                heads.extend((int(m.group(1)), h) for h in range(H))
-            else:
-                raise ConfigError(
-                    f"cannot parse head {part!r} in head set spec {spec!r}; expected forms: all, top16, "
-                    "random16@3, random16@3-top16, single@5, single#5@0, L12, L12H3,L20H1 (or 12.3), "
-                    "patching:top16"
-                )
-        out = cls(tuple(heads))
-        if len(out) < len(heads):  # e.g. 'L1H1,1.1': one head written twice
-            dup = sorted({h for h in heads if heads.count(h) > 1})
-            msg = (f"head set {spec!r} names {', '.join(f'L{l}H{h}' for l, h in dup)} more than once; "
-                   f"merged into {len(out)} distinct heads")
-            warnings.warn(msg, UserWarning, stacklevel=2)
-            log.warning(msg)
-        if n_layers is not None and n_heads is not None:
-            out.check(n_layers, n_heads)
-        return out
+    def parse(cls, spec: str, n_layers: int | None = None, n_heads: int | None = None,
+              ranking: RankingLike = None) -> "HeadSet":
+        """Parse a location string (module docstring) and resolve it: `Location.parse(spec).resolve(...)`. The
+        shape is needed for all/random/single/L<n>; a ranking (a Ranking, a sequence of heads best first, or
+        {localizer: heads} for ``patching:top16`` forms) for top<k>, ranked#i and -top<k>."""
+        return Location.parse(spec).resolve(n_layers, n_heads, ranking)
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:

@@ -1,39 +1,29 @@
 """A localization as a study names it, before the model's shape and the localizers' rankings are known.
 
-`Localizer` is the hashable description stored in a trial, written in the one location language of
-heads.py (``top16``, ``random16@3``, ``single#5@0``, ``L12H3``, ``all``, ``patching:top16``):
-`Localizer.parse(text)` reads it, `name` prints it, and `resolve(n_layers, n_heads, ranking)` turns it
-into the `HeadSet` to edit. Sampled single heads are the i-th head of one seeded permutation
-(`HeadSet.single`), so they are distinct and raising the number of heads keeps the earlier ones (and
-their trial keys).
+`Localizer` is the hashable description stored in a trial: the parts of a `heads.Location` as trial keys
+store them (heads.py holds the one location grammar: `Location.parse` reads ``top16``, ``random16@3``,
+``single#5@0``, ``ranked#2``, ``L12H3``, ``all``, ``patching:top16``; `Location.format` prints them;
+`Location.resolve` turns them into a HeadSet), plus the one rule that is the study's own: a random draw
+that overlaps the top-K heads too much is redrawn, seeded (`avoid_top`, `max_overlap`). Sampled single
+heads are the i-th head of one seeded permutation (`HeadSet.single`), so they are distinct and raising
+the number of heads keeps the earlier ones (and their trial keys).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from locaudit.errors import ConfigError
-from locaudit.heads import DEFAULT_LOCALIZER, Head, HeadSet, Rankings, parse_location, pick_ranking
-
-_TOP = re.compile(r"^top(\d+)$")
-_RANDOM = re.compile(r"^random(\d+)@(\d+)(?:-top(\d+))?$")
-_SINGLE = re.compile(r"^single@(\d+)(?:-top(\d+))?$")
-_SINGLE_INDEX = re.compile(r"^single#(\d+)@(\d+)(?:-top(\d+))?$")
-_RANKED = re.compile(r"^ranked#(\d+)$")
-
-
-def _int_or_none(x: str | None) -> int | None:
-    return int(x) if x else None
+from locaudit.heads import DEFAULT_LOCALIZER, HeadSet, Location, Ranking, RankingLike
 
 
 @dataclass(frozen=True)
 class Localizer:
-    """kind: top | random | single | ranked | heads | all. `group` is what statistics compare (top vs
-    random ...); `ranked#i` is the ranking's i-th best head alone (0-based), a single head."""
+    """kind: top | random | single | ranked | heads | all (heads.KINDS). `group` is what statistics compare
+    (top vs random ...); `ranked#i` is the ranking's i-th best head alone (0-based), a single head. The fields
+    are a `heads.Location`'s, as trial keys store them, plus the study's redraw rule (avoid_top, max_overlap)."""
 
     kind: str
     k: int | None = None
@@ -52,50 +42,20 @@ class Localizer:
     @property
     def name(self) -> str:
         """The location string (heads.py's language); `Localizer.parse(name)` reads it back."""
-        base = self._form()
-        return f"{self.ranking}:{base}" if self.ranking not in (None, DEFAULT_LOCALIZER) else base
-
-    def _form(self) -> str:
-        ex = f"-top{self.exclude_top}" if self.exclude_top else ""
-        if self.kind == "top":
-            return f"top{self.k}"
-        if self.kind == "random":
-            return f"random{self.k}@{self.seed}{ex}"
-        if self.kind == "single":
-            return f"single#{self.index}@{self.seed}{ex}"
-        if self.kind == "ranked":
-            return f"ranked#{self.index}"
-        if self.kind == "heads":
-            return str(self.heads)
-        return "all"
+        return Location.format(self.kind, self.k, self.seed, self.index, self.exclude_top, self.heads, self.ranking)
 
     @classmethod
     def parse(cls, text: str) -> "Localizer":
-        """Read a location string: top16, random16@3[-top16], single#5@0[-top16], single@5 (= random1@5),
-        L12H3,L20H1 / L12, all, and ranking-qualified forms (patching:top16)."""
-        loc = parse_location(text)
+        """Read a location string (`heads.Location.parse`: top16, random16@3[-top16], single#5@0[-top16],
+        single@5 (= random1@5), ranked#2, L12H3,L20H1 / L12, all, and ranking-qualified forms: patching:top16)."""
+        loc = Location.parse(text)
         ranking = loc.localizer if loc.localizer not in (None, DEFAULT_LOCALIZER) else None
-        f = loc.form
-        if loc.localizer is not None and not loc.needs_ranking:
-            raise ConfigError(f"location {text!r}: a localizer prefix goes with a ranking form "
-                              "(top16, random16@3-top16)")
-        if f == "all":
-            return cls("all")
-        if m := _TOP.match(f):
-            return cls("top", k=int(m.group(1)), ranking=ranking)
-        if m := _RANDOM.match(f):
-            return cls("random", k=int(m.group(1)), seed=int(m.group(2)), exclude_top=_int_or_none(m.group(3)),
-                       ranking=ranking)
-        if m := _SINGLE.match(f):
-            return cls("random", k=1, seed=int(m.group(1)), exclude_top=_int_or_none(m.group(2)), ranking=ranking)
-        if m := _SINGLE_INDEX.match(f):
-            return cls("single", index=int(m.group(1)), seed=int(m.group(2)), exclude_top=_int_or_none(m.group(3)),
-                       ranking=ranking)
-        if m := _RANKED.match(f):
-            return cls("ranked", index=int(m.group(1)), ranking=ranking)
-        if not all(re.match(r"^L\d+$", part) for part in f.split(",")):
-            HeadSet.parse(f)  # explicit heads: raises ConfigError naming the bad part
-        return cls("heads", heads=f)
+        return cls(loc.kind, k=loc.k, seed=loc.seed, index=loc.index, exclude_top=loc.exclude_top,
+                   heads=loc.form if loc.kind == "heads" else None, ranking=ranking)
+
+    @property
+    def location(self) -> Location:
+        return Location.parse(self.name)
 
     @property
     def needs_ranking(self) -> bool:
@@ -113,33 +73,19 @@ class Localizer:
     def from_dict(cls, d: dict) -> "Localizer":
         return cls(**d)
 
-    def resolve(self, n_layers: int, n_heads: int, ranking: Rankings | None = None) -> HeadSet:
-        """The head set on a model with n_layers x n_heads; `ranking` (best first: the probe's, or a mapping
-        {localizer: ranking}) for top / exclude_top."""
+    def resolve(self, n_layers: int, n_heads: int, ranking: RankingLike = None) -> HeadSet:
+        """The head set on a model with n_layers x n_heads (`Location.resolve`, then the redraw rule); `ranking`:
+        a `heads.Ranking` (or what `Ranking.of` takes) for top / ranked / exclude_top / redraws."""
+        ranking = Ranking.of(ranking)
         if self.needs_ranking and ranking is None:
             raise ConfigError(f"localizer {self.name!r} needs the {self.ranking or DEFAULT_LOCALIZER} head ranking")
-        if ranking is not None and self.needs_ranking:
-            ranking = list(pick_ranking(ranking, self.ranking, self.name) or [])
-        exclude = list(ranking[: self.exclude_top]) if self.exclude_top else []  # type: ignore[index]
-        if self.kind == "top":
-            return replace(HeadSet.top(list(ranking), int(self.k)), name=self.name)  # type: ignore[arg-type]
-        if self.kind == "random":
-            draw = HeadSet.random(int(self.k), int(self.seed), n_layers, n_heads, exclude=exclude, name=self.name)  # type: ignore[arg-type]
-            return self._redrawn(draw, n_layers, n_heads, exclude, ranking) if self.redraws else draw  # type: ignore[arg-type]
-        if self.kind == "ranked":
-            ranked = list(ranking)  # type: ignore[arg-type]
-            if int(self.index) >= len(ranked):  # type: ignore[arg-type]
-                raise ConfigError(f"location {self.name!r}: the ranking has only {len(ranked)} heads")
-            return HeadSet((tuple(ranked[int(self.index)]),), self.name)  # type: ignore[arg-type]
-        if self.kind == "single":
-            return HeadSet.single(int(self.index), int(self.seed), n_layers, n_heads, exclude, self.name)  # type: ignore[arg-type]
-        if self.kind == "heads":
-            return HeadSet.parse(str(self.heads), n_layers, n_heads)
-        if self.kind == "all":
-            return HeadSet.all(n_layers, n_heads)
-        raise ConfigError(f"unknown localizer kind {self.kind!r}")
+        draw = self.location.resolve(n_layers, n_heads, ranking)
+        if not self.redraws:
+            return draw
+        top = ranking.heads(self.ranking, self.name)  # type: ignore[union-attr]
+        return self._redrawn(draw, n_layers, n_heads, top[: self.exclude_top] if self.exclude_top else (), top)
 
-    def _redrawn(self, draw: HeadSet, n_layers: int, n_heads: int, exclude: list, ranking: Sequence[Head] | None,
+    def _redrawn(self, draw: HeadSet, n_layers: int, n_heads: int, exclude, ranking,
                  max_attempts: int = 1000) -> HeadSet:
         """The draw, or the first seeded redraw (rng [seed, attempt]) whose overlap with the top-K heads is
         at most max_overlap of the smaller set; meta records the attempt and the overlap."""
