@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from locaudit.io import stable_hash
+from locaudit.study.frames import PRIMARY_ORDER
 from locaudit.study.localizers import Localizer
 from locaudit.study.spec import StudySpec
 
@@ -112,7 +113,6 @@ def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = Non
 
 _METRIC_SOURCE = {"true_info": "gen", "true": "gen", "info": "gen", "mc2": "mc", "mc1": "mc", "mc0": "mc",
                   "pref_acc": "pref", "ab": "ab", "kl": "kl", "ce": "ce"}
-_PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "ab", "pref_acc", "info")
 
 
 def selection_metrics(spec: StudySpec) -> list[str]:
@@ -121,7 +121,7 @@ def selection_metrics(spec: StudySpec) -> list[str]:
     have = set(ev.metrics)
     primary = spec.verdict.primary_metric
     if primary is None or primary.removeprefix("val_") not in _METRIC_SOURCE:
-        sources = [_METRIC_SOURCE[m] for m in _PRIMARY_ORDER
+        sources = [_METRIC_SOURCE[m] for m in PRIMARY_ORDER
                    if _METRIC_SOURCE[m] in have and (_METRIC_SOURCE[m] != "gen" or ev.judge)]
         return sources[:1]
     src = _METRIC_SOURCE[primary.removeprefix("val_")]
