@@ -4,15 +4,14 @@ nothing); a trial failing in its worker is recorded failed; a preloaded model ca
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from hase_fixtures import four_fact_study
 
 from locaudit.errors import ConfigError
 from locaudit.study.hase.run import run_hase
-from locaudit.study.hase.spec import load_hase_spec
 from locaudit.study.ledger import Ledger
 
 pytestmark = pytest.mark.ray
@@ -28,12 +27,7 @@ STUDY = (
 
 
 def _spec(tmp_path: Path):
-    recs = [{"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": obj, "relation_id": rel}
-            for i, (s, rel, obj) in enumerate([("Paris", "R1", "France"), ("Rome", "R1", "Italy"),
-                                               ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru")])]
-    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    (tmp_path / "study.yaml").write_text(STUDY)
-    return load_hase_spec(tmp_path / "study.yaml")
+    return four_fact_study(tmp_path, STUDY)
 
 
 def _rows(run_dir: Path) -> dict:

@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from hase_fixtures import four_fact_study
 
 from locaudit.io import TEMP_RE
 from locaudit.models.tiny import tiny_model
 from locaudit.study.hase import steps
 from locaudit.study.hase.run import META_KEY, run_hase
-from locaudit.study.hase.spec import load_hase_spec
 from locaudit.study.ledger import Ledger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,12 +30,7 @@ STUDY = (
 
 @pytest.fixture
 def spec(tmp_path: Path):
-    recs = [{"id": str(i), "subject": s, "prompt": f"{s} is a city in", "target": obj, "relation_id": rel}
-            for i, (s, rel, obj) in enumerate([("Paris", "R1", "France"), ("Rome", "R1", "Italy"),
-                                               ("Tokyo", "R2", "Japan"), ("Lima", "R2", "Peru")])]
-    (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    (tmp_path / "study.yaml").write_text(STUDY)
-    return load_hase_spec(tmp_path / "study.yaml")
+    return four_fact_study(tmp_path, STUDY)
 
 
 def _leftovers(run: Path) -> list[Path]:
