@@ -21,7 +21,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from locaudit.evaluate.klce import cluster_se
+from locaudit.edit.train import TrainLog, divergence
+from locaudit.evaluate.ab import normalised_match_prob
+from locaudit.evaluate.klce import cluster_se, head_logits
+from locaudit.localize.agreement import ranking_scores
 from locaudit.localize.activations import collect_activations
 from locaudit.localize.probe import train_probes
 from locaudit.models.batching import pad_id
@@ -94,6 +97,10 @@ BOUNDARIES = [
     (collect_activations, {"return"}),
     (train_probes, {"X", "y"}),
     (cluster_se, {"sums", "counts"}),
+    (head_logits, {"h", "return"}),
+    (normalised_match_prob, {"logp_match", "logp_other", "return"}),
+    (ranking_scores, {"return"}),
+    (divergence, {"a", "b"}),
 ]
 
 
@@ -151,6 +158,16 @@ def test_localize_and_evaluate_boundaries_hold(lm):
     assert tuple(res.val_acc.shape) == (L, H)
     se = shape_checked(cluster_se)(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([2, 2, 3]))
     assert se is not None and se > 0
+    logits = shape_checked(head_logits)(lm.model, torch.randn(2, 5, lm.sites.d_model))
+    assert logits.shape == (2, 5, lm.model.config.vocab_size)
+    p = shape_checked(normalised_match_prob)(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0]))
+    assert p[0] > 0.5 and p[1] == 0.5
+    every = [(l, h) for l in range(L) for h in range(H)][::-1]
+    assert shape_checked(ranking_scores)(every, (L, H)).shape == (L, H)
+    a, b = torch.zeros(L, 2, H * D), torch.zeros(L, 2, lm.sites.d_model)
+    assert shape_checked(divergence)(a, b, TrainLog(heads="L0H0", lr=1e-3)) is None
+    with pytest.raises(TypeError, match="layer rank out"):  # b from another model's depth
+        shape_checked(divergence)(a, torch.zeros(L + 1, 2, lm.sites.d_model), TrainLog(heads="L0H0", lr=1e-3))
 
 
 def test_the_check_refuses_wrong_shapes_and_dtypes(lm):

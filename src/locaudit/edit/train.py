@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from locaudit.data.prompts import PromptFormat
@@ -422,7 +424,7 @@ MAX_EDIT_ABS = 1e4  # an edit parameter beyond this magnitude has exploded (Adam
 VAL_LOSS_FACTOR = 10.0  # a validation loss this many times its start (and 1 above it) has diverged
 
 
-def divergence(a: torch.Tensor, b: torch.Tensor, tlog: TrainLog) -> str | None:
+def divergence(a: Float[Tensor, "layer rank hd"], b: Float[Tensor, "layer rank out"], tlog: TrainLog) -> str | None:
     """Why a trained edit cannot be trusted (non-finite or exploding parameters, validation loss far
     above its start), naming the values and the learning rate; None if it looks sane."""
     cause = f"the learning rate lr={tlog.lr:g} is likely too high"

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
@@ -56,7 +58,7 @@ class ABResult:
                 "ab_delta_se": delta_se, "n_ab": n}
 
 
-def normalised_match_prob(logp_match: torch.Tensor, logp_other: torch.Tensor) -> torch.Tensor:
+def normalised_match_prob(logp_match: Float[Tensor, "item"], logp_other: Float[Tensor, "item"]) -> Float[Tensor, "item"]:
     """Float[Tensor, "item"]: exp(m) / (exp(m) + exp(o)) = sigmoid(m - o), computed stably."""
     return torch.sigmoid(logp_match.double() - logp_other.double())
 

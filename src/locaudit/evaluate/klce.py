@@ -96,8 +96,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = 512) -> list[lis
     return ids
 
 
-def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """Float[Tensor, "pos vocab"] logits from final hidden states, with the family's logit soft-capping."""
+def head_logits(model, h: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
+    """Float[Tensor, "... vocab"] logits from final hidden states (Float[Tensor, "... d_model"]), with the family's
+    logit soft-capping."""
     head = output_head(model)
     logits = head(h.to(head.weight.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from locaudit.errors import DataError
 from locaudit.heads import Head
@@ -136,7 +138,7 @@ def agreement_table(scores: dict[str, object], k: int, shape: tuple[int, int] | 
     return rows
 
 
-def ranking_scores(ranking: Sequence[Head], shape: tuple[int, int]) -> torch.Tensor:
+def ranking_scores(ranking: Sequence[Head], shape: tuple[int, int]) -> Float[Tensor, "layer head"]:
     """Float[Tensor, "layer head"]: -rank of each head in a best-first ranking (for `agreement`)."""
     return torch.from_numpy(_as_scores(ranking, shape).reshape(shape))
 
