@@ -556,7 +556,11 @@ def test_each_benchmark_renders_its_table_rows(name: str) -> None:
     rows = _module(name).table_rows(RESULTS[name])
     assert rows and machine().table(rows)["rows"] == rows
     path = ROOT / gen().MEASUREMENTS / f"{name}.json"
-    if path.exists():
+    if path.exists() and gen().load_measurement(path)["provenance"]["kind"] == "run":
+        # a run's record: its table is what the script makes of the results it holds
+        rec = gen().load_measurement(path)
+        assert _module(name).table_rows(rec["results"]) == rec["table"]["rows"], name
+    elif path.exists():
         typed = gen().load_measurement(path)["table"]["rows"]
         assert len(rows) == len(typed)
         for ours, theirs in zip(rows, typed):
