@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 from locaudit.errors import ConfigError
 from locaudit.io import (TEMP_RE, clean_tree_temps, follow_umask, has_checksums, replace_path, temp_sibling,
                          verify_checksums, write_checksums, write_json_atomic)
+from locaudit.study.rundir import LEDGER_FILE, RECORD_FILE, RunDir  # noqa: F401  (re-exported)
 from locaudit.study.trials import Trial
 
 STATUSES = ("pending", "running", "done", "failed")
@@ -68,8 +69,6 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT
 );
 """
-LEDGER_FILE = "ledger.sqlite"
-RECORD_FILE = "result.json"  # trials/KEY/result.json: a finished trial's record, for `repair`
 ARTIFACT_DIRS = ("activations", "probe", "edit", "eval", "data")  # artifact entries that are folders of the run
 # ("data": a Hase trial's trials/KEY/data, study/hase/run.py)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -82,11 +81,7 @@ def repair_hint(run_dir: Path) -> str:
 
 def has_trial_folders(run_dir: Path) -> bool:
     """Whether a run folder holds results of earlier trials (trials/ or shared/ with content)."""
-    for sub in ("trials", "shared"):
-        d = run_dir / sub
-        if d.is_dir() and any(d.iterdir()):
-            return True
-    return False
+    return RunDir(run_dir).has_results()
 
 
 def ledger_file_problem(run_dir: Path) -> str | None:
@@ -442,10 +437,10 @@ invalid_metrics = nonfinite_metrics
 
 def nonfinite_message(trial: Trial, bad: list[tuple[str, float]]) -> str:
     """Why a trial with non-finite metrics fails: the trial, the values and the likely cause."""
-    c = trial.content
+    g = trial.grid
     causes = {
-        "iti": f"the ITI strength alpha={c.get('alpha')!r} or non-finite activations in the collect folder",
-        "optimal": f"training diverged: learning rate lr={c.get('lr')!r} (tau={c.get('tau')!r}) is likely too high",
+        "iti": f"the ITI strength alpha={g.get('alpha')!r} or non-finite activations in the collect folder",
+        "optimal": f"training diverged: learning rate lr={g.get('lr')!r} (tau={g.get('tau')!r}) is likely too high",
         "probe": "non-finite head activations (the collect folder or the model's dtype)",
         "collect": "the model produces non-finite activations (its weights or dtype)",
         "baseline": "the model produces non-finite log-probs (its weights or dtype)",
@@ -519,7 +514,7 @@ def staged_trial_folders(run_dir: Path, trial: Trial, staged: Any) -> dict[Path,
     for final_rel, tmp_rel in staged.items():
         final, tmp = artifact_dir(run_dir, final_rel), artifact_dir(run_dir, tmp_rel)
         m = TEMP_RE.match(tmp.name) if tmp is not None else None
-        if (final is None or tmp is None or final != run_dir / "trials" / trial.key or tmp.parent != final.parent
+        if (final is None or tmp is None or final != RunDir(run_dir).trial(trial.key) or tmp.parent != final.parent
                 or m is None or m.group("name") != final.name):
             raise ValueError(f"trial {trial.key}: staged folder {tmp_rel!r} for {final_rel!r} is not its trial "
                              "folder's staging folder")
@@ -550,7 +545,7 @@ def write_trial_record(run_dir: Path, trial: Trial, status: str, metrics: dict, 
                        cpu_s: float | None, staged: dict[Path, Path] | None = None) -> Path:
     """trials/KEY/result.json: a finished trial's result, what `repair` rebuilds a ledger from (written into
     the trial's staging folder where `staged` has one, which is then put in place whole)."""
-    out = _staged_path(Path(run_dir) / "trials" / trial.key / RECORD_FILE, staged)
+    out = _staged_path(RunDir(run_dir).record(trial.key), staged)
     write_json_atomic(out, {"key": trial.key, "kind": trial.kind, "name": trial.name, "status": status,
                             "metrics": metrics, "artifacts": artifacts, "started": started,
                             "finished": finished, "worker": worker, "cpu_s": cpu_s})
@@ -559,7 +554,7 @@ def write_trial_record(run_dir: Path, trial: Trial, status: str, metrics: dict, 
 
 def read_trial_record(run_dir: Path, key: str) -> tuple[dict | None, str]:
     """(record, "") from trials/KEY/result.json, or (None, why not)."""
-    path = Path(run_dir) / "trials" / key / RECORD_FILE
+    path = RunDir(run_dir).record(key)
     if not path.is_file():
         return None, "no result record"
     try:

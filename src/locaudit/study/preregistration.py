@@ -66,15 +66,13 @@ def judge_record(spec: Any) -> dict:
 
 
 def _default_judge_dir(spec: Any, size: str) -> Path:
-    """The cache folder of the study's default judge (the hold-out as rejudge.study_judge sets it up)."""
+    """The cache folder of the study's default judge (its hold-out: trials.judge_holdout, as the run sets it up)."""
     from locaudit.evaluate.judges.registry import default_judge_dir
-    from locaudit.study.trials import _selection
+    from locaudit.study.trials import judge_holdout
 
-    d, ev = spec.data, spec.evaluation
-    select = _selection(spec)
-    holdout = tuple(sorted({ev.split, select["split"]} if select and "gen" in select["metrics"] else {ev.split}))
-    return default_judge_dir(spec.resolved_data_spec(), holdout, d.seed, tuple(d.fractions), d.max_questions,
-                             size=size)
+    d = spec.data
+    return default_judge_dir(spec.resolved_data_spec(), judge_holdout(spec), d.seed, tuple(d.fractions),
+                             d.max_questions, size=size)
 
 
 def record(spec: Any) -> dict:

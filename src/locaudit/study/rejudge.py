@@ -120,24 +120,14 @@ def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
     return out, summary
 
 
+def study_judge(spec: Any, judge_spec: str, device: str = "auto"):
+    """The judge named `judge_spec`, set up as the study's own (study/judge.py: reference answers of its
+    TruthfulQA file; a judge trained by locaudit holds out the splits the study judges, of exactly its data
+    split). `spec`: a StudySpec or the run's recorded spec (its ledger's meta)."""
+    from locaudit.study.judge import build_judge
+    from locaudit.study.spec import spec_of_run
+
+    return build_judge(spec_of_run(spec), judge_spec, device=device)
 
 
-
-def study_judge(spec: dict, judge_spec: str, device: str = "auto"):
-    """The judge named `judge_spec`, set up as the study's own (reference answers of its TruthfulQA file; a
-    judge trained by locaudit holds out the study's evaluation split of exactly its data split)."""
-    from locaudit.evaluate.judges import get_judge
-    from locaudit.models.loading import resolve_device
-    from locaudit.study.spec import StudySpec
-    from locaudit.study.trials import _selection
-
-    s = StudySpec.model_validate(spec)
-    d = s.data
-    data_spec = s.resolved_data_spec()
-    ev = s.evaluation
-    select = _selection(s)  # as the study's own judge: validation answers scored for selection are held out too
-    holdout = tuple(sorted({ev.split, select["split"]} if select and "gen" in select["metrics"] else {ev.split}))
-    refs = data_spec if data_spec.startswith("truthfulqa:") else None
-    return get_judge(judge_spec, references=refs, holdout=data_spec, holdout_splits=holdout, seed=d.seed,
-                     fractions=tuple(d.fractions), max_questions=d.max_questions, device=str(resolve_device(device)))
 __all__ = ["rejudge_rows", "judge_slug", "study_judge", "JUDGED"]

@@ -37,9 +37,9 @@ from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_cand
                                      results_frame, trials_frame, verdict)
 from locaudit.study.candidates import agreement_rows, rankings_of_run, side_by_side
 from locaudit.study.dose_report import CAPTIONS as DOSE_CAPTIONS, dose_section, insert_section, learning_figure
-from locaudit.study.ledger import Ledger
+from locaudit.study.ledger import LEDGER_FILE, Ledger
 from locaudit.study.preregistration import FIELDS, KEY as PREREG_KEY, deviations, judge_record
-from locaudit.study.spec import VerdictSpec
+from locaudit.study.spec import ProbeSpec, RandomSpec, StudySpec, VerdictSpec, spec_of_run
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
         counts = ledger.counts()
     notes: list[str] = []
     rejudged = None
-    own_judge = judge_record(spec) if spec else {"written": None, "resolved": None}
+    study = spec_of_run(spec, f"{run_dir / LEDGER_FILE}: meta 'spec'") if spec else None
+    own_judge = judge_record(study) if study is not None else {"written": None, "resolved": None}
     if judge is not None:
         rows, rejudged = rejudge_rows(run_dir, rows, judge)
         own = own_judge.get("resolved") or own_judge.get("written")
@@ -354,9 +355,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     # built in a temporary sibling folder and swapped in as one unit once complete (`_put_in_place`): a killed or
     # failed rebuild leaves the previous report whole, never an old index.html beside new tables
     out = staging_dir(final)  # a failed build's folder is removed by the next build (or at exit)
-    top_k = int(((spec.get("localizers") or {}).get("probe") or {}).get("top_k", 16))
-    cfg = VerdictSpec.model_validate(spec.get("verdict") or {})
-    max_overlap = ((spec.get("localizers") or {}).get("random") or {}).get("max_overlap", 0.5)
+    # a ledger without a recorded spec (none written by locaudit lacks one) is read with the spec's defaults
+    top_k = study.top_k_of("probe") if study is not None else ProbeSpec().top_k
+    cfg = study.verdict if study is not None else VerdictSpec()
+    max_overlap = (study.localizers.random if study is not None else RandomSpec()).max_overlap
     all_df = trials_frame(rows)
     res = results_frame(rows)
     tables = export_trials(all_df, out)
@@ -411,7 +413,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     if lc is not None:
         figs["learning_curves"] = lc
     index = out / "index.html"
-    page = _html(spec, counts, all_df, res, comp, singles, v, figs, a, machine, notes, side, per_candidate, agree,
+    page = _html(study, counts, all_df, res, comp, singles, v, figs, a, machine, notes, side, per_candidate, agree,
                  used_judge)
     write_text_atomic(index, insert_section(page, dose.html(_table)) if dose is not None else page)
     return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
@@ -433,13 +435,13 @@ def _put_in_place(rep: Report, final: Path) -> Report:
                   {k: moved(p) for k, p in rep.tables.items()}, rep.verdict)
 
 
-def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
+def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
           singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
           notes: list[str] | None = None, side: list[dict] | None = None, per_candidate: dict | None = None,
           agree: list[dict] | None = None, judge: str | None = None) -> str:
-    name = html.escape(str(spec.get("name", "study")))
-    model = spec.get("model", {}) or {}
-    data = spec.get("data", {}) or {}
+    name = html.escape(spec.name if spec is not None else "study")
+    model_name, dtype = (spec.model.name, spec.model.dtype) if spec is not None else ("?", "?")
+    data = spec.data if spec is not None else None
     total = sum(counts.values())
     status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "pending", "failed"))
     partial = counts.get("done", 0) < total
@@ -447,10 +449,10 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
     cpu = float(all_df["cpu_s"].dropna().sum()) if "cpu_s" in all_df else 0.0
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>locaudit: {name}</title><style>{CSS}</style></head><body>",
              f"<h1>Does editing provide evidence for localization? &mdash; {name}</h1>",
-             f"<p>{html.escape(str(spec.get('description', '')))}</p>",
-             f"<p>Model <code>{html.escape(str(model.get('name')))}</code> ({html.escape(str(model.get('dtype')))}); "
-             f"data <code>{html.escape(str(data.get('spec')))}</code>"
-             f"{', ' + str(data.get('max_questions')) + ' questions' if data.get('max_questions') else ''}"
+             f"<p>{html.escape(spec.description if spec is not None else '')}</p>",
+             f"<p>Model <code>{html.escape(model_name)}</code> ({html.escape(dtype)}); "
+             f"data <code>{html.escape(str(data.spec if data else None))}</code>"
+             f"{', ' + str(data.max_questions) + ' questions' if data and data.max_questions else ''}"
              f"{'; judge <code>' + html.escape(str(judge)) + '</code>' if judge else ''}. "
              f"Trials: {total} ({status}); trial time {wall / 60:.1f} min"
              f"{f' ({cpu / 60:.1f} CPU-min)' if cpu else ''}.</p>"]
@@ -530,6 +532,7 @@ def _html(spec: dict, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, com
     if not failed.empty:
         parts.append("<h2>Failed trials</h2>" + _table(failed, ["key", "kind", "localizer", "attempts", "error"])
                      + "<p class='muted'>Retry with <code>locaudit run STUDY --out RUN --retry-failed</code>.</p>")
-    parts.append("<h2>Study spec</h2><details><summary>JSON</summary><pre>" + html.escape(json.dumps(spec, indent=2))
+    shown = spec.to_json() if spec is not None else {}
+    parts.append("<h2>Study spec</h2><details><summary>JSON</summary><pre>" + html.escape(json.dumps(shown, indent=2))
                  + "</pre></details></body></html>")
     return "\n".join(parts)

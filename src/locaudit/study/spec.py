@@ -398,6 +398,16 @@ class StudySpec(_Strict):
     def random_k(self) -> int:
         return self.localizers.random.k or self.localizers.probe.top_k
 
+    def top_k_of(self, localizer: str = "probe") -> int:
+        """K of a localizer's candidate set: the probe's top_k, or a causal localizer's own (default: the probe's)."""
+        if localizer == "probe":
+            return self.localizers.probe.top_k
+        c = self.localizers.causal().get(localizer)
+        if c is None:
+            raise ConfigError(f"localizers.{localizer}: not an enabled localizer of this study "
+                              f"(enabled: {['probe', *self.localizers.causal()]})")
+        return c.top_k or self.localizers.probe.top_k
+
     def resolved_precision(self):
         """`precision` resolved for the device the model will run on (models/precision.py); no model load."""
         from locaudit.models.loading import resolve_device
@@ -627,6 +637,19 @@ def parse_study(obj: Any, base_dir: str | Path = ".", source: str = "<study>") -
     spec.resolved_model_name()
     spec.resolved_judge()
     return spec
+
+
+def spec_of_run(meta: Any, source: str = "the run's ledger (meta 'spec')") -> StudySpec:
+    """The StudySpec a run recorded (`StudySpec.to_json()` in its ledger's meta), validated; fields of older
+    versions migrated (`migrate_old_fields`). A ConfigError names `source`, the field and the value at fault."""
+    if isinstance(meta, StudySpec):
+        return meta
+    if not isinstance(meta, dict) or not meta:
+        raise ConfigError(f"{source}: no study spec recorded (got {bounded_repr(meta)})")
+    try:
+        return StudySpec.model_validate(migrate_old_fields(meta, source))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
 
 
 def load_study(path: str | Path) -> StudySpec:

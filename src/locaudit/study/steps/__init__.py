@@ -11,17 +11,11 @@ Modules, one job each:
   heuristic.py   baseline, ITI, and 'select' (an edit scored on validation, to choose grid points)
   optimal.py     optimal edits, trained in groups
 
-Files of a run folder:
-  shared/collect-KEY/   activations.safetensors, examples.jsonl, meta.json (localize/activations.py)
-  shared/probe-KEY/     probe_accuracy.csv, ranking.json, probes.safetensors, probe_heatmap.png
-  shared/localize-KEY/  a causal localizer's effects.csv, ranking.json, heatmap, meta.json (localize/effects.py)
-  shared/optimal-TKEY/  a trained optimal edit (edit.safetensors, meta.json, trained.json), keyed by its
-                        training content only: changing the evaluation re-evaluates, never retrains
-  trials/KEY/edit/      an ITI edit (iti.safetensors, meta.json)
-  trials/KEY/eval/      the evaluation (EvalResult files: metrics, generations, judgements); eval/val/ the
-                        validation scores used to choose grid points
-A trial's folder trials/KEY is written into a temporary sibling (`RunContext.trial_dir`) and renamed into place
-whole by the driver once the trial is recorded as done, with its checksums and result.json (runner._record).
+Each step reads its trial's typed payload (`t.as_(ITITrial)`, study/payloads.py) and gets paths from the run
+folder's layout (`ctx.run`, study/rundir.py) and shared results from `ctx.results` (activations, probes,
+causal rankings). A trial's folder trials/KEY is written into a temporary sibling (`RunContext.trial_dir`) and
+renamed into place whole by the driver once the trial is recorded as done, with its checksums and result.json
+(runner._record).
 """
 
 from __future__ import annotations

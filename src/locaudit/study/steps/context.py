@@ -18,6 +18,8 @@ import torch
 from locaudit.errors import ConfigError
 from locaudit.heads import HeadSet
 from locaudit.io import stable_hash
+from locaudit.study.payloads import ITITrial, OptimalTrial
+from locaudit.study.rundir import RunDir
 from locaudit.study.spec import StudySpec
 from locaudit.study.trials import Trial
 
@@ -71,16 +73,17 @@ class EvalView:
 
 
 class RunContext:
-    """What the trials of one study share inside one process; everything loads on first use."""
+    """What the trials of one study share inside one process; everything loads on first use. `run` is the run
+    folder's layout (study/rundir.py), `results` the shared results other trials read (activations, probes,
+    causal rankings)."""
 
     def __init__(self, spec: StudySpec, run_dir: str | Path) -> None:
         self.spec = spec
-        self.run_dir = Path(run_dir)
-        self._acts: dict[str, Any] = {}
-        self._probes: dict[str, Any] = {}
+        self.run = RunDir(Path(run_dir))
+        self.run_dir = self.run.root
+        self.results = SharedResults(self.run)
         self._views: dict[tuple, EvalView] = {}
         self._judges: dict[tuple, Any] = {}
-        self._rankings: dict[str, Any] = {}
         self._staged: dict[str, tuple[Path, Path]] = {}  # trial key -> (trials/KEY, its staging folder)
 
     @cached_property
@@ -113,26 +116,17 @@ class RunContext:
         return PromptFormat(self.spec.data.format, self.spec.data.system)
 
     def judge(self, holdout_splits: tuple[str, ...]):
-        """The study's judge; a judge trained by locaudit never sees the questions of `holdout_splits`
-        (the splits it will judge) of exactly this data split (same file, seed, fractions, subsample)."""
-        if not self.spec.evaluation.judge:
+        """The study's judge (study/judge.py); a judge trained by locaudit never sees the questions of
+        `holdout_splits` (the splits it will judge) of exactly this data split."""
+        judge_spec = self.spec.resolved_judge()
+        if not judge_spec:
             return None
         k = tuple(sorted(holdout_splits))
         if k not in self._judges:
-            from locaudit.evaluate.judges import get_judge
-            from locaudit.models.loading import resolve_device
+            from locaudit.study.judge import build_judge
 
-            d = self.spec.data
-            data_spec = self.spec.resolved_data_spec()
-            refs = data_spec if data_spec.startswith("truthfulqa:") else None
-            self._judges[k] = get_judge(self.spec.resolved_judge(), references=refs, holdout=data_spec,
-                                        holdout_splits=k, seed=d.seed, fractions=tuple(d.fractions),
-                                        max_questions=d.max_questions,
-                                        device=str(resolve_device(self.spec.model.device)))
+            self._judges[k] = build_judge(self.spec, judge_spec, k)
         return self._judges[k]
-
-    def shared_dir(self, kind: str, key: str) -> Path:
-        return self.run_dir / "shared" / f"{kind}-{key}"
 
     def trial_dir(self, key: str) -> Path:
         """Where a trial writes its folder: a new temporary sibling of trials/KEY (`io.staging_dir`), the same one
@@ -141,7 +135,7 @@ class RunContext:
         place, which artifacts record."""
         from locaudit.io import staging_dir
 
-        final = self.run_dir / "trials" / key
+        final = self.run.trial(key)
         if key not in self._staged or not self._staged[key][1].is_dir():
             self._staged[key] = (final, staging_dir(final))
         return self._staged[key][1]
@@ -170,46 +164,70 @@ class RunContext:
                 continue
         return str(p.relative_to(self.run_dir.resolve()))
 
-    def activations(self, collect_key: str):
-        if collect_key not in self._acts:
-            from locaudit.localize.activations import ActivationSet
-
-            self._acts[collect_key] = ActivationSet.load(self.shared_dir("collect", collect_key))
-        return self._acts[collect_key]
-
-    def probe(self, probe_key: str):
-        if probe_key not in self._probes:
-            from locaudit.localize.probe import ProbeResult
-
-            self._probes[probe_key] = ProbeResult.load(self.shared_dir("probe", probe_key))
-        return self._probes[probe_key]
-
     def ranking(self, trial: Trial) -> list | dict | None:
         """The head ranking a trial's localizer reads, best first: the probe's as a list, a causal localizer's
         as {localizer name: ranking} (the form `Localizer.resolve` reads a named ranking from)."""
-        loc = trial.localizer
-        if loc is None or not loc.needs_ranking:
+        p = trial.as_((ITITrial, OptimalTrial))  # type: ignore[arg-type]
+        loc = p.localizer
+        if not loc.needs_ranking:
             return None
-        if getattr(loc, "ranking", None):
-            key = trial.content.get("ranking_trial")
-            if key is None:
+        if loc.ranking:
+            if p.ranking_trial is None:
                 raise ConfigError(f"trial {trial.key} ({trial.name}) reads the {loc.ranking} ranking but names no "
                                   "'localize' trial")
-            if key not in self._rankings:
-                from locaudit.localize.effects import HeadEffects
-
-                self._rankings[key] = HeadEffects.load(self.shared_dir("localize", key)).ranking()
-            return {loc.ranking: self._rankings[key]}
-        probe_key = trial.content.get("probe")
-        if probe_key is None:
+            return {loc.ranking: self.results.ranking(p.ranking_trial)}
+        if p.probe is None:
             raise ConfigError(f"trial {trial.key} ({trial.name}) needs a head ranking but names no localizer trial")
-        return self.probe(probe_key).ranking()
+        return self.results.probe(p.probe).ranking()
 
     def heads(self, trial: Trial) -> HeadSet:
-        loc = trial.localizer
-        assert loc is not None
+        p = trial.as_((ITITrial, OptimalTrial))  # type: ignore[arg-type]
         s = self.lm.sites
-        return loc.resolve(s.n_layers, s.n_heads, self.ranking(trial))
+        return p.localizer.resolve(s.n_layers, s.n_heads, self.ranking(trial))
+
+
+class SharedResults:
+    """The results of shared trials (collect, probe, localize) that other trials read: loaded from the run folder
+    on first use and kept; a step that has just computed one hands it over (`keep_*`) instead of reloading it."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self._acts: dict[str, Any] = {}
+        self._probes: dict[str, Any] = {}
+        self._rankings: dict[str, Any] = {}
+
+    def activations(self, collect_key: str):
+        """The ActivationSet of 'collect' trial `collect_key`."""
+        if collect_key not in self._acts:
+            from locaudit.localize.activations import ActivationSet
+
+            self._acts[collect_key] = ActivationSet.load(self.run.collect(collect_key))
+        return self._acts[collect_key]
+
+    def probe(self, probe_key: str):
+        """The ProbeResult of 'probe' trial `probe_key`."""
+        if probe_key not in self._probes:
+            from locaudit.localize.probe import ProbeResult
+
+            self._probes[probe_key] = ProbeResult.load(self.run.probe(probe_key))
+        return self._probes[probe_key]
+
+    def ranking(self, localize_key: str) -> list:
+        """The head ranking (best first) of 'localize' trial `localize_key`."""
+        if localize_key not in self._rankings:
+            from locaudit.localize.effects import HeadEffects
+
+            self._rankings[localize_key] = HeadEffects.load(self.run.localize(localize_key)).ranking()
+        return self._rankings[localize_key]
+
+    def keep_activations(self, collect_key: str, acts) -> None:
+        self._acts[collect_key] = acts
+
+    def keep_probe(self, probe_key: str, res) -> None:
+        self._probes[probe_key] = res
+
+    def keep_ranking(self, localize_key: str, ranking: list) -> None:
+        self._rankings[localize_key] = ranking
 
 
 _CONTEXTS: dict[tuple[str, str], RunContext] = {}

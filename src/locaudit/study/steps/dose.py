@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 
 from locaudit.io import write_json_atomic
+from locaudit.study.payloads import OptimalTrial
 from locaudit.study.steps.context import RunContext
 from locaudit.study.trials import Trial
 
 DOSE_DIR = "dose"
 DOSE_FILE = "dose.json"
+TRAINED_MARKER = "trained.json"  # a trained edit's record, written last (steps/optimal.py)
 
 
 def save_snapshots(edit, tlog, edit_dir: Path) -> list[int]:
@@ -59,9 +61,10 @@ def evaluate_dose(ctx: RunContext, t: Trial, edit, edit_dir: Path, metrics: dict
     from locaudit.edit.lora import LoRAEdit
     from locaudit.study.steps.evaluation import score_split
 
-    ev = t.content["evaluation"]
+    p = t.as_(OptimalTrial)
+    ev = p.evaluation
     wanted = dose_metrics(ctx)
-    trained = json.loads((Path(edit_dir) / "trained.json").read_text(encoding="utf-8"))
+    trained = json.loads((Path(edit_dir) / TRAINED_MARKER).read_text(encoding="utf-8"))
     last = final_step(trained)
     points = []
     for step, f in dose_points(edit_dir):
@@ -70,15 +73,15 @@ def evaluate_dose(ctx: RunContext, t: Trial, edit, edit_dir: Path, metrics: dict
         d = out_dir / DOSE_DIR / f.name
         m = (scored or {}).get(step)
         if m is None:
-            m = score_split(ctx, ev, LoRAEdit.load(f), ev["split"], ev.get("max_questions"), wanted, d)
+            m = score_split(ctx, ev, LoRAEdit.load(f), ev.split, ev.max_questions, wanted, d)
         points.append({"step": step, "final": False, "eval": ctx.rel(d), "metrics": m})
-    if set(wanted) <= set(ev["metrics"]):  # the trained edit's own evaluation has every dose metric
+    if set(wanted) <= set(ev.metrics):  # the trained edit's own evaluation has every dose metric
         final = {"eval": ctx.rel(out_dir / "eval"), "metrics": {k: v for k, v in metrics.items()}}
     else:
         d = out_dir / DOSE_DIR / "final"
-        final = {"eval": ctx.rel(d), "metrics": score_split(ctx, ev, edit, ev["split"], ev.get("max_questions"), wanted, d)}
+        final = {"eval": ctx.rel(d), "metrics": score_split(ctx, ev, edit, ev.split, ev.max_questions, wanted, d)}
     points.append({"step": last, "final": True, **final})
-    points.sort(key=lambda p: (p["step"] is None, p["step"] or 0, p["final"]))
-    out = {"trial": t.key, "metrics": wanted, "dose_steps": t.content.get("dose_steps"), "points": points}
+    points.sort(key=lambda x: (x["step"] is None, x["step"] or 0, x["final"]))
+    out = {"trial": t.key, "metrics": wanted, "dose_steps": p.dose_steps, "points": points}
     write_json_atomic(out_dir / DOSE_FILE, out)
     return out

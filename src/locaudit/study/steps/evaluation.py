@@ -1,10 +1,10 @@
-"""Score an edit the way the trial says: the metrics, split, subsample and protocol in its content.
+"""Score an edit the way the trial says: the metrics, split, subsample and protocol in its `Evaluation`.
 
-A trial's `content["evaluation"]` holds everything that defines the numbers (metrics, judge, split,
-max_questions, and every EvalConfig field the study sets, such as max_new_tokens); the study's
-execution settings (batch sizes) come from the spec and never change a result. A 'select' trial scores
-another trial's edit on the validation split with the same protocol (`score_split`), for the nested
-choice of grid points.
+A trial's `evaluation` (study/payloads.Evaluation) holds everything that defines the numbers (metrics, judge,
+split, max_questions, and every EvalConfig field the study sets, such as max_new_tokens, in `config`); the
+study's execution settings (batch sizes) come from the spec and never change a result. A 'select' trial scores
+another trial's edit on the validation split with the same protocol (`score_split`), for the nested choice of
+grid points.
 """
 
 from __future__ import annotations
@@ -13,19 +13,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from locaudit.study.payloads import Evaluation
 from locaudit.study.steps.context import RunContext
-from locaudit.study.trials import Trial
-
-# content["evaluation"] keys that are not EvalConfig fields
-_NOT_CONFIG = {"metrics", "judge", "split", "max_questions", "judge_holdout"}
 
 
-def _config(ctx: RunContext, ev: dict):
-    """The EvalConfig of a trial: its content's protocol fields, the study's speed settings."""
+def _config(ctx: RunContext, ev: Evaluation):
+    """The EvalConfig of a trial: its evaluation's EvalConfig fields, the study's speed settings."""
     from locaudit.errors import ConfigError
     from locaudit.evaluate.runner import EvalConfig
 
-    fields = {k: v for k, v in ev.items() if k not in _NOT_CONFIG and k in EvalConfig.model_fields}
+    fields = {k: v for k, v in ev.config.items() if k in EvalConfig.model_fields}
     kl = fields.get("kl_text")
     if isinstance(kl, str) and kl.startswith("file:"):  # the trial names the file by content; the spec says where
         if ctx.spec.eval_protocol().get("kl_text") != kl:
@@ -37,34 +34,34 @@ def _config(ctx: RunContext, ev: dict):
                       precision=ctx.precision.name, progress=False, **fields)
 
 
-def score_split(ctx: RunContext, ev: dict, edit, split: str, n: int | None, metrics: list[str], out_dir: Path) -> dict:
+def _judge(ctx: RunContext, ev: Evaluation, metrics: list[str]):
+    return ctx.judge(ev.holdout) if "gen" in metrics and ev.judge else None
+
+
+def score_split(ctx: RunContext, ev: Evaluation, edit, split: str, n: int | None, metrics: list[str],
+                out_dir: Path) -> dict:
     from locaudit.evaluate.runner import evaluate_edit
 
-    holdout = tuple(ev.get("judge_holdout") or (ev["split"],))
-    judge = ctx.judge(holdout) if "gen" in metrics and ev.get("judge") else None
     result = evaluate_edit(ctx.lm, edit, ctx.eval_view(split, n), split=split, metrics=list(metrics),
-                           judge=judge, out_dir=out_dir, config=_config(ctx, ev))
+                           judge=_judge(ctx, ev, metrics), out_dir=out_dir, config=_config(ctx, ev))
     return flatten_metrics(result)
 
 
-def score_many(ctx: RunContext, ev: dict, edits: list, split: str, n: int | None, metrics: list[str],
+def score_many(ctx: RunContext, ev: Evaluation, edits: list, split: str, n: int | None, metrics: list[str],
                out_dirs: list[Path]) -> list[dict]:
     """`[score_split(ctx, ev, e, split, n, metrics, o) for e, o in zip(edits, out_dirs)]`, computed together
     (evaluate/shared.evaluate_edits: the unedited layers below each edit's lowest edited layer, the primer and
     the prompts run once for all edits): the same numbers, up to float rounding."""
     from locaudit.evaluate.shared import evaluate_edits
 
-    holdout = tuple(ev.get("judge_holdout") or (ev["split"],))
-    judge = ctx.judge(holdout) if "gen" in metrics and ev.get("judge") else None
     results = evaluate_edits(ctx.lm, edits, ctx.eval_view(split, n), split=split, metrics=list(metrics),
-                             judge=judge, out_dirs=out_dirs, config=_config(ctx, ev))
+                             judge=_judge(ctx, ev, metrics), out_dirs=out_dirs, config=_config(ctx, ev))
     return [flatten_metrics(r) for r in results]
 
 
-def evaluate(ctx: RunContext, trial: Trial, edit, out_dir: Path) -> dict[str, float]:
-    """Score `edit` (None = the unedited model) as `trial` says; flat {metric: value}."""
-    ev = trial.content["evaluation"]
-    return score_split(ctx, ev, edit, ev["split"], ev.get("max_questions"), list(ev["metrics"]), out_dir)
+def evaluate(ctx: RunContext, ev: Evaluation, edit, out_dir: Path) -> dict[str, float]:
+    """Score `edit` (None = the unedited model) as evaluation `ev` says, on its split; flat {metric: value}."""
+    return score_split(ctx, ev, edit, ev.split, ev.max_questions, list(ev.metrics), out_dir)
 
 
 def flatten_metrics(result: Any) -> dict[str, float]:

@@ -19,14 +19,13 @@ import torch
 
 from locaudit.errors import LocauditError
 from locaudit.io import has_checksums, verify_checksums, write_checksums, write_json_atomic
+from locaudit.study.payloads import OptimalTrial
 from locaudit.study.steps.context import RunContext
-from locaudit.study.steps.dose import DOSE_FILE, evaluate_dose, save_snapshots
+from locaudit.study.steps.dose import DOSE_FILE, TRAINED_MARKER, evaluate_dose, save_snapshots
 from locaudit.study.steps.evaluation import evaluate, score_many
-from locaudit.study.trials import Trial, training_key
+from locaudit.study.trials import Trial
 
 log = logging.getLogger(__name__)
-
-TRAINED_MARKER = "trained.json"
 
 
 def _subsample(items: list, n: int | None, seed: int) -> list:
@@ -39,30 +38,24 @@ def _subsample(items: list, n: int | None, seed: int) -> list:
 def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dict]]:
     """Train the group's edits in one pass (equal hyper-parameters but the head set and lr), then
     evaluate each; an edit already trained by an earlier attempt is loaded instead."""
-    from locaudit.edit.config import TrainConfig
     from locaudit.edit.lora import LoRAEdit
     from locaudit.edit.multi import train_edits
 
-    c = trials[0].content
+    payload = {t.key: t.as_(OptimalTrial) for t in trials}
+    first = payload[trials[0].key]  # the group's shared settings (batch_key: all but location and lr are equal)
     heads = {t.key: ctx.heads(t) for t in trials}
-    edit_dir = {t.key: ctx.shared_dir("optimal", training_key(t)) for t in trials}
+    edit_dir = {t.key: ctx.run.optimal(payload[t.key].training_key()) for t in trials}
     todo = [t for t in trials if not _trained_ok(edit_dir[t.key])]
     for t in todo:  # an untrusted folder loses its marker first: only a complete retraining restores it
         (edit_dir[t.key] / TRAINED_MARKER).unlink(missing_ok=True)
     diverged: list[str] = []
     if todo:
-        seed = int(c["data"]["seed"])  # the data identity in the trial: the subsample seed
-        train_pairs = _subsample(ctx.data.pairs("train"), c["max_train_pairs"], seed)
-        val_pairs = _subsample(ctx.data.pairs("val"), c["max_val_pairs"], seed + 1)
-        options = dict(c.get("train_options", {}))
-        options.setdefault("max_parallel", max(1, len(todo)))  # train_edits groups edits by lowest layer
-        if c.get("dose_steps"):
-            options["snapshot_steps"] = list(c["dose_steps"])
-        cfg = TrainConfig.make(objective=c["objective"], tau=c["tau"], rank=c["rank"], epochs=c["epochs"],
-                               batch_size=c["batch_size"], seed=c["seed"], progress=False,  # the study's bar shows progress
-                               precision=ctx.precision.name, **options)
+        seed = first.data.seed  # the subsample seed
+        train_pairs = _subsample(ctx.data.pairs("train"), first.max_train_pairs, seed)
+        val_pairs = _subsample(ctx.data.pairs("val"), first.max_val_pairs, seed + 1)
+        cfg = first.train_config(ctx.precision.name, max_parallel=len(todo))
         results = train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
-                              lrs=[float(t.content["lr"]) for t in todo])
+                              lrs=[payload[t.key].lr for t in todo])
         for t, (edit, tlog) in zip(todo, results):
             d = edit_dir[t.key]
             if getattr(tlog, "diverged", None):  # never saved: the trial fails with the reason (below)
@@ -82,7 +75,7 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
     for t in ready:
         d = ctx.trial_dir(t.key)
         edit = edits[t.key]
-        metrics = scored[t.key] if t.key in scored else evaluate(ctx, t, edit, d / "eval")
+        metrics = scored[t.key] if t.key in scored else evaluate(ctx, payload[t.key].evaluation, edit, d / "eval")
         trained = json.loads((edit_dir[t.key] / TRAINED_MARKER).read_text())
         metrics["n_edit_heads"] = float(len(heads[t.key]))
         metrics["train_seconds"] = float(trained.get("seconds", float("nan")))
@@ -90,7 +83,7 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "epoch":
                 metrics[f"train_{k}"] = float(v)
         artifacts = {"edit": ctx.rel(edit_dir[t.key]), "eval": ctx.rel(d / "eval"), "heads": heads[t.key].to_string()}
-        if t.content.get("dose_steps"):  # the training path's snapshots scored (matched collateral damage)
+        if payload[t.key].dose_steps:  # the training path's snapshots scored (matched collateral damage)
             dose = evaluate_dose(ctx, t, edit, edit_dir[t.key], metrics, d, dose_scored.get(t.key))
             metrics["n_dose_points"] = float(len(dose["points"]))
             artifacts["dose"] = ctx.rel(d / DOSE_FILE)
@@ -110,22 +103,22 @@ def _score_group(ctx: RunContext, ready: list[Trial], edits: dict, edit_dir: dic
 
     if not ready:
         return {}, {}
-    ev = ready[0].content["evaluation"]
-    same = [t for t in ready if t.content["evaluation"] == ev]
-    n = ev.get("max_questions")
+    ev = ready[0].as_(OptimalTrial).evaluation
+    same = [t for t in ready if t.as_(OptimalTrial).evaluation == ev]
+    n = ev.max_questions
     outs = [ctx.trial_dir(t.key) / "eval" for t in same]
-    got = score_many(ctx, ev, [edits[t.key] for t in same], ev["split"], n, list(ev["metrics"]), outs)
+    got = score_many(ctx, ev, [edits[t.key] for t in same], ev.split, n, list(ev.metrics), outs)
     scored = {t.key: m for t, m in zip(same, got)}
     jobs = []  # (key, step, snapshot folder, out folder)
     for t in same:
-        if not t.content.get("dose_steps"):
+        if not t.as_(OptimalTrial).dose_steps:
             continue
         last = final_step(json.loads((edit_dir[t.key] / TRAINED_MARKER).read_text(encoding="utf-8")))
         jobs += [(t.key, step, f, ctx.trial_dir(t.key) / DOSE_DIR / f.name)
                  for step, f in dose_points(edit_dir[t.key]) if step != last]
     dose: dict[str, dict[int, dict]] = {}
     if jobs:
-        got = score_many(ctx, ev, [LoRAEdit.load(f) for _, _, f, _ in jobs], ev["split"], n, dose_metrics(ctx),
+        got = score_many(ctx, ev, [LoRAEdit.load(f) for _, _, f, _ in jobs], ev.split, n, dose_metrics(ctx),
                          [o for *_, o in jobs])
         for (key, step, _, _), m in zip(jobs, got):
             dose.setdefault(key, {})[step] = m
