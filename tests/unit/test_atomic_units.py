@@ -194,7 +194,6 @@ def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 
 def test_localize_checks_for_non_finite_effects_before_it_writes(tmp_path, monkeypatch, capsys):
-    import locaudit.localize.causal as causal
     from locaudit.localize.effects import HeadEffects
 
     monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
@@ -208,7 +207,9 @@ def test_localize_checks_for_non_finite_effects_before_it_writes(tmp_path, monke
         per[:, 1, 0] = float("inf")
         return HeadEffects.from_per_example(per, "patching", {"model": lm.name})
 
-    monkeypatch.setattr(causal, "activation_patching", diverged)
+    from locaudit.localize import patching
+
+    monkeypatch.setattr(patching, "activation_patching", diverged)  # the registry imports it by name at each call
     out = tmp_path / "loc"
     code, text = _cli(monkeypatch, capsys, "localize", "--model", "tiny:llama", "--data", f"pairs:{data}",
                       "--max-pairs", "4", "--top-k", "2", "--precision", "fp32", "--out", out)

@@ -308,11 +308,11 @@ def test_localize_heads_caches_by_content(tmp_path, monkeypatch):
     cfg = {"max_pairs": 3, "corruption": "mean"}
     first = localize_heads(lm, _Data(), "patching", cfg, out_dir=tmp_path / "out", progress=False, precision=_P('fp32'))
     assert (tmp_path / "out" / "effects_heatmap.png").exists() and first.n == 3
-    import locaudit.localize.causal as causal
+    import locaudit.localize.patching as patching
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
-    monkeypatch.setattr(causal, "activation_patching", boom)
+    monkeypatch.setattr(patching, "activation_patching", boom)  # the registry imports it by name at each call
     again = localize_heads(lm, _Data(), "patching", cfg, progress=False, precision=_P('fp32'))
     assert torch.allclose(again.effect, first.effect) and again.meta["key"] == first.meta["key"]
     with pytest.raises(AssertionError, match="recomputed"):  # another config is another key

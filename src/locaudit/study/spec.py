@@ -140,9 +140,10 @@ class SingleSpec(_Strict):
 
 
 class CausalSpec(BaseModel):
-    """A causal localizer (activation or attribution patching, localize/patching.py) as a study runs it:
-    its top-K heads become a candidate location, edited and compared with the same random draws as the
-    probe's. Further keys are PatchingConfig fields (corruption, noise_scale, positions, max_pairs, ...)."""
+    """A causal localizer (localize/registry.py: activation or attribution patching, or another registered one) as a
+    study runs it: its top-K heads become a candidate location, edited and compared with the same random draws as
+    the probe's. Further keys are fields of the localizer's config (PatchingConfig: corruption, noise_scale,
+    positions, max_pairs, ...), checked against it by LocalizerSpec."""
 
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     enabled: bool = Field(True, description="Rank heads with this localizer and edit at its top-K.")
@@ -150,35 +151,63 @@ class CausalSpec(BaseModel):
     split: Literal["train", "val"] = Field("train", description="Preference pairs of this split are patched "
                                            "(never the evaluation split).")
 
-    @model_validator(mode="after")
-    def _options(self) -> "CausalSpec":
-        from locaudit.localize.corruptions import PatchingConfig
-
-        check_config_fields(PatchingConfig, dict(self.model_extra or {}), {"format", "top_k"},
-                            "the study (data.format, top_k)", "localizer option")
-        return self
-
     @property
     def options(self) -> dict[str, Any]:
         return dict(sorted((self.model_extra or {}).items()))
 
 
-CAUSAL = ("patching", "attribution")
-
-
 class LocalizerSpec(_Strict):
     probe: ProbeSpec = Field(default_factory=ProbeSpec, description="Probing: the candidate top-K heads.")
-    patching: CausalSpec | None = Field(None, description="Activation patching per head (a causal localizer): "
-                                        "e.g. {top_k: 16, corruption: noise}. Its top-K is a second candidate.")
-    attribution: CausalSpec | None = Field(None, description="Attribution patching (gradient approximation of "
-                                           "activation patching): e.g. {top_k: 16}. Its top-K is another candidate.")
+    causal: dict[str, CausalSpec] = Field(default_factory=dict, description="Causal localizers by registered name "
+                                          "(localize/registry.py: patching = activation patching per head, "
+                                          "attribution = its gradient approximation), e.g. {patching: {top_k: 16, "
+                                          "corruption: noise}}; each one's top-K is a candidate of its own. A "
+                                          "registered name also works as a key of `localizers` itself "
+                                          "(localizers.patching).")
     random: RandomSpec = Field(default_factory=RandomSpec, description="Random K-head draws (the control).")
     single: SingleSpec = Field(default_factory=SingleSpec, description="Single heads (sampled and/or listed).")
     all: bool = Field(True, description="Include every head of every layer (full alignment).")
 
-    def causal(self) -> dict[str, CausalSpec]:
-        """The enabled causal localizers by name, in a stable order."""
-        return {m: c for m in CAUSAL if (c := getattr(self, m)) is not None and c.enabled}
+    @model_validator(mode="before")
+    @classmethod
+    def _named_causal(cls, v: Any) -> Any:
+        """`localizers.NAME` for a registered causal localizer NAME is `localizers.causal.NAME` (null: none)."""
+        from locaudit.localize.registry import causal_names
+
+        if not isinstance(v, dict):
+            return v
+        named = [k for k in v if k in causal_names()]
+        if not named:
+            return v
+        out = {k: x for k, x in v.items() if k not in named}
+        causal = dict(out.get("causal") or {})
+        for k in named:
+            if k in causal:
+                raise ValueError(f"{k} is given twice: as localizers.{k} and localizers.causal.{k}")
+            if v[k] is not None:
+                causal[k] = v[k]
+        out["causal"] = causal
+        return out
+
+    @model_validator(mode="after")
+    def _registered(self) -> "LocalizerSpec":
+        from locaudit.localize.registry import causal_localizer, causal_names
+
+        for name, c in self.causal.items():
+            if name not in causal_names():
+                raise ValueError(f"causal.{name}: not a registered causal localizer; registered: {list(causal_names())}")
+            try:
+                check_config_fields(causal_localizer(name).config, c.options, {"format", "top_k"},
+                                    "the study (data.format, top_k)", "localizer option")
+            except ValueError as e:
+                raise ValueError(f"causal.{name}: {e} (options: {bounded_repr(c.options)})") from None
+        return self
+
+    def enabled_causal(self) -> dict[str, CausalSpec]:
+        """The enabled causal localizers by name, in the registry's order."""
+        from locaudit.localize.registry import causal_names
+
+        return {m: c for m in causal_names() if (c := self.causal.get(m)) is not None and c.enabled}
 
 
 class ITISpec(_Strict):
@@ -402,10 +431,10 @@ class StudySpec(_Strict):
         """K of a localizer's candidate set: the probe's top_k, or a causal localizer's own (default: the probe's)."""
         if localizer == "probe":
             return self.localizers.probe.top_k
-        c = self.localizers.causal().get(localizer)
+        c = self.localizers.enabled_causal().get(localizer)
         if c is None:
-            raise ConfigError(f"localizers.{localizer}: not an enabled localizer of this study "
-                              f"(enabled: {['probe', *self.localizers.causal()]})")
+            raise ConfigError(f"localizers.causal.{localizer}: not an enabled localizer of this study "
+                              f"(enabled: {['probe', *self.localizers.enabled_causal()]})")
         return c.top_k or self.localizers.probe.top_k
 
     def resolved_precision(self):

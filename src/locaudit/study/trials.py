@@ -123,7 +123,7 @@ def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = Non
     out: list[Localizer] = []
     if "top" in groups:
         out.append(Localizer("top", k=top_k))
-        for method in L.causal():  # each causal localizer's top-K: a candidate of its own
+        for method in L.enabled_causal():  # each causal localizer's top-K: a candidate of its own
             out.append(Localizer("top", k=spec.top_k_of(method), ranking=method))
     if "random" in groups:
         ex = top_k if L.random.exclude_top else None
@@ -221,7 +221,7 @@ def expand(spec: StudySpec) -> list[Trial]:
         probe = trial_of(ProbeTrial(**common, collect=collect.key, l2=P.l2), deps=(collect.key,))
         trials.append(probe)
     ranked: dict[str, str] = {}  # causal localizer -> its 'localize' trial key
-    for method, c in spec.localizers.causal().items():
+    for method, c in spec.localizers.enabled_causal().items():
         cfg = {**c.options, "format": spec.data.format, "top_k": spec.top_k_of(method)}
         lt = trial_of(LocalizeTrial(**common, method=method, split=c.split, config=cfg))
         trials.append(lt)
