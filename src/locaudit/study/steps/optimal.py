@@ -36,8 +36,9 @@ def _subsample(items: list, n: int | None, seed: int) -> list:
 
 
 def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dict]]:
-    """Train the group's edits in one pass (equal hyper-parameters but the head set and lr), then
-    evaluate each; an edit already trained by an earlier attempt is loaded instead."""
+    """Train the group's edits together (equal hyper-parameters but the head set and lr; edit/multi.py runs them
+    in passes planned by lowest layer), saving each edit as its pass ends, then evaluate each; an edit already
+    trained by an earlier attempt, killed or not, is loaded instead."""
     from locaudit.edit.lora import LoRAEdit
     from locaudit.edit.multi import train_edits
 
@@ -54,13 +55,13 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         train_pairs = _subsample(ctx.data.pairs("train"), first.max_train_pairs, seed)
         val_pairs = _subsample(ctx.data.pairs("val"), first.max_val_pairs, seed + 1)
         cfg = first.train_config(ctx.precision.name, max_parallel=len(todo))
-        results = train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
-                              lrs=[payload[t.key].lr for t in todo])
-        for t, (edit, tlog) in zip(todo, results):
+
+        def save(i: int, edit, tlog) -> None:  # each edit as its pass ends: a run killed in a later pass keeps it
+            t = todo[i]
             d = edit_dir[t.key]
             if getattr(tlog, "diverged", None):  # never saved: the trial fails with the reason (below)
                 diverged.append(f"trial {t.key} ({t.name}): {tlog.diverged}")
-                continue
+                return
             edit.save(d)
             extra = {"best": tlog.best, "steps": len(tlog.steps)} if tlog.best or tlog.snapshots else {}
             if tlog.snapshots:
@@ -68,6 +69,9 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
             write_json_atomic(d / TRAINED_MARKER, {"seconds": tlog.seconds, "before": tlog.before, "after": tlog.after,
                                                    "n_train": tlog.n_train, "n_val": tlog.n_val, **extra})
             write_checksums(d)  # last: the folder is trusted only while it matches
+
+        train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
+                    lrs=[payload[t.key].lr for t in todo], on_done=save)
     bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
     ready = [t for t in trials if t.key not in bad]
     edits = {t.key: LoRAEdit.load(edit_dir[t.key]) for t in ready}

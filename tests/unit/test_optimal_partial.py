@@ -1,0 +1,88 @@
+"""A study's optimal group trains in passes (edit/multi.py plans them by lowest layer): each pass's edits are
+saved the moment it ends, so a run that dies in a later pass keeps them, and the rerun trains only the rest,
+with the numbers an uninterrupted run gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eval_fixtures import write_judge_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STUDY = """
+name: tiny-partial
+model: {{name: "tiny:llama"}}
+precision: fp32
+data: {{spec: "truthfulqa:{csv}", seed: 1}}
+localizers:
+  probe: {{top_k: 2}}
+  random: {{n: 3}}
+  all: true
+iti: {{enabled: false}}
+optimal:
+  taus: [0.1]
+  epochs: 1
+  max_train_pairs: 8
+  max_val_pairs: 4
+  batch_size: 4
+  batch_edits: 5
+  train_options: {{max_parallel: 2}}
+evaluation: {{metrics: [mc], max_questions: 3}}
+verdict: {{primary_metric: mc2}}
+"""
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _rows(run: Path) -> dict:
+    from locaudit.study.ledger import Ledger
+
+    with Ledger(run) as led:
+        return {r["key"]: r for r in led.rows() if r["kind"] == "optimal"}
+
+
+def test_passes_trained_before_a_kill_are_kept(tmp_path: Path, monkeypatch) -> None:
+    from locaudit.edit import multi
+    from locaudit.study.runner import run_study
+    from locaudit.study.spec import load_study
+    from locaudit.study.steps.optimal import TRAINED_MARKER
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_judge_data(data, mc=True)
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(STUDY.format(csv=data / "TruthfulQA.csv"))
+    spec = load_study(spec_path)
+    real = multi.train_stack
+    passes: list[int] = []
+
+    def dies_in_the_second_pass(lm, heads, *a, **k):
+        passes.append(len(heads))
+        if len(passes) == 2:
+            raise Killed("killed in the second pass")
+        return real(lm, heads, *a, **k)
+
+    monkeypatch.setattr(multi, "train_stack", dies_in_the_second_pass)
+    first = run_study(spec, tmp_path / "run", progress=False)
+    assert first.failed > 0 and len(passes) == 2
+    kept = sorted((tmp_path / "run" / "shared").glob(f"optimal-*/{TRAINED_MARKER}"))
+    assert len(kept) == passes[0] >= 1  # the first pass's edits, saved before the second pass started
+
+    passes.clear()
+    monkeypatch.setattr(multi, "train_stack", lambda lm, heads, *a, **k: passes.append(len(heads)) or real(lm, heads, *a, **k))
+    again = run_study(spec, tmp_path / "run", progress=False, retry_failed=True)  # (a SIGKILL leaves them running: rerun)
+    assert again.failed == 0
+    assert sum(passes) == 5 - len(kept)  # only the edits the kill lost are trained again
+    resumed = _rows(tmp_path / "run")
+    assert all(r["status"] == "done" for r in resumed.values())
+
+    monkeypatch.setattr(multi, "train_stack", real)
+    clean = run_study(spec, tmp_path / "clean", progress=False)
+    assert clean.failed == 0
+    for key, r in _rows(tmp_path / "clean").items():  # the same numbers as a run never killed
+        assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
