@@ -277,18 +277,13 @@ def test_export_both_replaces_the_two_folders_as_one_unit(tmp_path, monkeypatch)
     assert not _temps(tmp_path)
     monkeypatch.undo()
 
-    # an edit with no adapter is refused before anything is written
+    # an edit with no adapter form (the unedited model's) is refused before anything is written
+    from locaudit.edit.base import NoEdit
     from locaudit.errors import ConfigError
 
-    class NoEdit:
-        def describe(self):
-            return {"kind": "none"}
-
-    monkeypatch.setattr(ex, "_kind", lambda e: "none")
     with pytest.raises(ConfigError, match="no adapter"):
         ex.export_both(NoEdit(), lm, tmp_path / "none")
     assert not (tmp_path / "none").exists()
-    monkeypatch.undo()
 
     # success replaces both at once and keeps the user's file
     got = ex.export_both(_iti_edit(lm, 3.0), lm, out, overwrite=True)

@@ -175,7 +175,20 @@ def edit_kinds() -> dict[str, type]:
 
 
 class ExportMixin:
-    """`export(lm, out, format)` for edit classes, delegating to edit/export.py."""
+    """`export(lm, out, format)` for edit classes, delegating to edit/export.py, and the export methods every kind
+    owns, here the unedited model's (no change; no adapter form): a kind that changes the model overrides them."""
+
+    def merged_state(self, lm: LoadedModel) -> dict:
+        """The model's state dict with this edit folded in (here: the model as it is)."""
+        return dict(lm.model.state_dict())
+
+    def peft_config(self, lm: LoadedModel):
+        """This edit as a PEFT adapter on o_proj (edit/export.PeftAdapter), or None where it has no adapter form."""
+        return None
+
+    def adds_o_bias(self) -> bool:
+        """Whether the merged model needs an o_proj bias the family may not declare (edit/export.bias_config)."""
+        return False
 
     def export(self, lm: LoadedModel, out: str | os.PathLike, format: ExportFormat = "merged",
                overwrite: bool = False, **kwargs) -> Path:

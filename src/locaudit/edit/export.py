@@ -1,10 +1,14 @@
 """Export any edit: a merged HuggingFace model folder, or a standard PEFT adapter on o_proj.
 
-Kinds:
-- ``lora`` (the optimal edit) adds sum_k <a_k, o> W b_k to o_proj's output: o_proj's weight becomes
+Each edit kind owns its export, as PEFT's tuners do: `edit.merged_state(lm)` (the model's state dict with the
+edit folded in), `edit.peft_config(lm)` (a `PeftAdapter`: target layers, rank, lora_bias and tensors; None: the
+kind has no adapter form) and `edit.adds_o_bias()` (whether the merged model needs an o_proj bias). This module
+does the rest for every kind: the fingerprint check, a config that declares what the state holds, the rebuilt
+model, the atomic folder and `locaudit_edit.json`. The built-in kinds:
+- ``lora`` (the optimal edit, edit/lora.py) adds sum_k <a_k, o> W b_k to o_proj's output: o_proj's weight becomes
   W + sum_k (W b_k) a_k^T (reparameterised) or W + sum_k b'_k a_k^T (plain). As PEFT LoRA on o_proj:
   lora_A = a [r, H*D], lora_B = [W b_1 .. W b_r] [d, r], lora_alpha = r (PEFT's scaling alpha / r = 1).
-- ``iti`` adds alpha * theta^l to o_proj's input, i.e. the constant alpha * W^l theta^l to its output: an
+- ``iti`` (edit/iti.py) adds alpha * theta^l to o_proj's input, i.e. the constant alpha * W^l theta^l to its output: an
   o_proj bias. Merged, the bias must be DECLARED by the saved config, or transformers drops it on reload
   (the edit would be silently lost). `bias_config` finds the config that declares it: the family's own
   (gpt2, gpt_neox, opt have o_proj biases), its `attention_bias` option (llama, qwen3, gemma 1-3, ...:
@@ -13,7 +17,7 @@ Kinds:
   (mixtral, phi3, gptj: GPT-J's out_proj has no bias and GPTJConfig no switch for one) are refused with a
   pointer to the PEFT export. As PEFT: a rank-1 LoRA with zero A and B and B's bias =
   alpha W theta (`lora_bias=True`), which PEFT adds to o_proj's output.
-- ``none``: merged = a copy of the model; no adapter.
+- ``none`` (edit/base.py): merged = a copy of the model; no adapter.
 
 Both exports check the model fingerprint recorded in the edit against `lm` (`check="error"|"warn"|"off"`)
 and write `locaudit_edit.json` (what was exported, from which model).
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,31 +50,23 @@ _AS_LLAMA = ("mistral", "qwen2")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def lora_factors(edit, lm: LoadedModel, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A Float[Tensor, "rank head*head_dim"], B Float[Tensor, "d_model rank"]) with delta W = B A at `layer`."""
-    return edit.a[layer].clone(), edit.write_vectors(lm.sites, layer).t().contiguous()
+@dataclass(frozen=True)
+class PeftAdapter:
+    """An edit as a PEFT LoRA adapter on o_proj (what `edit.peft_config(lm)` returns): the layers it targets, its
+    rank, whether lora_B carries a bias (PEFT's `lora_bias`), and {layer: {"lora_A.weight": A [rank, H*D],
+    "lora_B.weight": B [d, rank], "lora_B.bias": [d] (with lora_bias)}}; lora_alpha = rank (scaling 1)."""
+
+    layers: list[int]
+    rank: int
+    lora_bias: bool
+    tensors: dict[int, dict[str, torch.Tensor]]
 
 
-def edited_layers(edit) -> list[int]:
-    """Layers where a LoRA edit is non-zero (a stored edit has zero rows elsewhere)."""
-    return [l for l in range(edit.n_layers) if edit.b[l].abs().sum() > 0 and edit.a[l].abs().sum() > 0]
-
-
-def iti_bias(edit, lm: LoadedModel, layer: int) -> torch.Tensor:
-    """Float[Tensor, "d_model"]: alpha * W^l theta^l, what ITI adds to o_proj's output at `layer` (float64)."""
-    W = lm.sites.weight(layer).detach().double().cpu()
-    return W @ edit.shift(layer, "cpu", torch.float64)
-
-
-def iti_layers(edit) -> list[int]:
-    if edit.alpha == 0.0:
-        return []
-    return torch.nonzero(edit.theta.abs().sum(1) > 0).flatten().tolist()
-
-
-def _module_names(lm: LoadedModel) -> dict[int, str]:
+def o_proj_names(lm: LoadedModel) -> dict[int, str]:
+    """{layer: the module name of its o_proj} (the state-dict prefix an edit's merged weights go under)."""
     ids = {id(m): name for name, m in lm.model.named_modules()}
     return {l: ids[id(lm.sites.o_proj(l))] for l in range(lm.sites.n_layers)}
+
 
 
 def verify_edit(edit, lm: LoadedModel) -> None:
@@ -80,11 +77,13 @@ def verify_edit(edit, lm: LoadedModel) -> None:
 
 
 def _kind(edit) -> str:
+    """The edit's kind, once it is known to own its export (merged_state, peft_config, adds_o_bias)."""
     kind = getattr(edit, "kind", None)
-    if kind not in ("none", "iti", "lora"):
-        raise ConfigError(f"edit kind {kind!r} ({type(edit).__name__}) has no export: locaudit exports "
-                          "'iti', 'lora' and 'none' edits")
-    return kind
+    missing = [m for m in ("merged_state", "peft_config", "adds_o_bias") if not callable(getattr(edit, m, None))]
+    if missing:
+        raise ConfigError(f"edit kind {kind!r} ({type(edit).__name__}) has no export: it lacks {missing} "
+                          "(edit/base.ExportMixin gives the unedited model's; CONTRIBUTING.md, 'Add an edit kind')")
+    return str(kind)
 
 
 def edit_fingerprint(edit) -> str | None:
@@ -166,7 +165,7 @@ def bias_config(lm: LoadedModel, need_o_bias: bool) -> tuple[Any, dict[str, tupl
     Raises ConfigError when no such config exists."""
     live = {k: tuple(v.shape) for k, v in lm.model.state_dict().items()}
     base = lm.model.config
-    names = _module_names(lm)
+    names = o_proj_names(lm)
     o_keys = {f"{names[l]}.bias" for l in range(lm.sites.n_layers)}
     candidates: list[tuple[Any, str]] = [(copy.deepcopy(base), "config")]
     if hasattr(base, "attention_bias"):
@@ -209,29 +208,10 @@ def bias_config(lm: LoadedModel, need_o_bias: bool) -> tuple[Any, dict[str, tupl
 
 
 def merged_state(edit, lm: LoadedModel) -> dict[str, torch.Tensor]:
-    """The model's state dict (CPU copies where changed) with the edit folded in: LoRA into o_proj's
-    weight, ITI into o_proj's bias (keys '<o_proj>.bias' added where the model has none)."""
-    kind = _kind(edit)
-    names = _module_names(lm)
-    sd = dict(lm.model.state_dict())
-    if kind == "lora":
-        edit.check(lm.sites)
-        for l in edited_layers(edit):
-            A, B = lora_factors(edit, lm, l)
-            key = f"{names[l]}.weight"
-            w = sd[key]
-            delta = (B.double() @ A.double())  # [d, HD]
-            if lm.sites.spec.conv1d:  # GPT-2 Conv1D stores [in, out]
-                delta = delta.t()
-            sd[key] = (w.detach().double().cpu() + delta).to(w.dtype)
-    elif kind == "iti":
-        edit._check(lm)
-        for l in iti_layers(edit):
-            key = f"{names[l]}.bias"
-            old = sd.get(key)
-            base = old.detach().double().cpu() if old is not None else torch.zeros(lm.sites.d_model, dtype=torch.float64)
-            sd[key] = (base + iti_bias(edit, lm, l)).to(lm.dtype)
-    return sd
+    """The model's state dict (CPU copies where changed) with the edit folded in, as its kind says
+    (`edit.merged_state(lm)`: LoRA into o_proj's weight, ITI into o_proj's bias)."""
+    _kind(edit)
+    return edit.merged_state(lm)
 
 
 def _rebuild(cfg, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
@@ -255,7 +235,7 @@ def _rebuild(cfg, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
 
 def _needs_o_bias(edit, lm: LoadedModel) -> bool:
     has = any(lm.sites.bias(l) is not None for l in range(lm.sites.n_layers))
-    return has or (_kind(edit) == "iti" and bool(iti_layers(edit)))
+    return has or bool(edit.adds_o_bias())
 
 
 # ---------------------------------------------------------------------------------------------- exports
@@ -297,29 +277,14 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     from safetensors.torch import save_file
 
     kind = _kind(edit)
-    if kind == "none":
-        raise ConfigError("the unedited model ('none' edit) has no adapter to export; use the merged format")
     verify_edit(edit, lm)
     check_fingerprint(edit, lm, check)
-    names = _module_names(lm)
-    tensors: dict[str, torch.Tensor] = {}
-    if kind == "lora":
-        edit.check(lm.sites)
-        layers, rank, lora_bias = edited_layers(edit), edit.rank, False
-        for l in layers:
-            A, B = lora_factors(edit, lm, l)
-            prefix = f"base_model.model.{names[l]}"
-            tensors[f"{prefix}.lora_A.weight"] = A.contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = B.contiguous()
-    else:
-        edit._check(lm)
-        layers, rank, lora_bias = iti_layers(edit), 1, True
-        HD, d = lm.sites.n_heads * lm.sites.head_dim, lm.sites.d_model
-        for l in layers:
-            prefix = f"base_model.model.{names[l]}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.zeros(1, HD)
-            tensors[f"{prefix}.lora_B.weight"] = torch.zeros(d, 1)
-            tensors[f"{prefix}.lora_B.bias"] = iti_bias(edit, lm, l).float()
+    adapter = edit.peft_config(lm)
+    if adapter is None:
+        raise ConfigError(f"a {kind!r} edit has no adapter form to export; use the merged format")
+    names = o_proj_names(lm)
+    layers, rank, lora_bias = adapter.layers, adapter.rank, adapter.lora_bias
+    tensors = {f"base_model.model.{names[l]}.{name}": t for l in layers for name, t in adapter.tensors[l].items()}
     if not layers:
         raise ConfigError(f"edit {describe_short(edit)} is zero everywhere: nothing to export as an adapter")
     out = _check_target(Path(out), overwrite)
@@ -335,10 +300,15 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
         write_json_atomic(tmp / EXPORT_META, {"format": "peft", "adapter_of": edit.describe(), "base_model": lm.name,
                                               "base_fingerprint": lm.fingerprint,
                                               "edit_fingerprint": edit_fingerprint(edit),
-                                              "merge": peft_merge_route(kind, lm)})
-    if kind == "iti" and not _has_o_bias(lm):
-        log.warning("ITI adapter for %s: %s", lm.name, peft_merge_route(kind, lm))
+                                              "merge": peft_merge_route(_route_kind(adapter, kind), lm)})
+    if lora_bias and not _has_o_bias(lm):
+        log.warning("%s adapter (a lora_B bias) for %s: %s", kind, lm.name, peft_merge_route("iti", lm))
     return out
+
+
+def _route_kind(adapter: PeftAdapter, kind: str) -> str:
+    """peft_merge_route's question: an adapter whose lora_B carries a bias merges as ITI's does."""
+    return "iti" if adapter.lora_bias else kind
 
 
 BOTH = ("merged", "peft")
@@ -351,8 +321,10 @@ def export_both(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     so OUT holds both new exports or, after any failure or kill, exactly what it held before. Other entries of
     OUT are carried over into the new folder (hard links, else copies) before the swap. Returns {format: folder}."""
     out = Path(out)
-    if _kind(edit) == "none":
-        raise ConfigError("the unedited model ('none' edit) has no adapter to export; use the merged format")
+    kind = _kind(edit)
+    verify_edit(edit, lm)
+    if edit.peft_config(lm) is None:  # refused before any work, as export_peft would refuse it
+        raise ConfigError(f"a {kind!r} edit has no adapter form to export; use the merged format")
     clean_stale_temps(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export folder {out} is a file; give a folder (OUT/merged and OUT/peft go in it)")
@@ -484,7 +456,7 @@ def refuse_save(*args, **kwargs):
 
 
 __all__ = ["export_merged", "export_peft", "check_fingerprint", "edit_fingerprint", "bias_config", "merged_state",
-           "lora_factors", "edited_layers", "iti_bias", "declare_biases", "undeclare_biases", "CHECKS", "EXPORT_META"]
+           "PeftAdapter", "o_proj_names", "declare_biases", "undeclare_biases", "CHECKS", "EXPORT_META"]
 
 
 def read_export_meta(folder: str | os.PathLike) -> dict:

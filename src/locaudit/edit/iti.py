@@ -259,6 +259,41 @@ class ITIEdit(ExportMixin):
         """Float[Tensor, "head*head_dim"]: alpha * theta^l, the vector added to o_proj's input."""
         return (self.alpha * self.theta[layer]).to(device=device, dtype=dtype)
 
+    # ------------------------------------------------------------------ export (edit/export.py)
+    def o_bias(self, lm: LoadedModel, layer: int) -> Tensor:
+        """Float[Tensor, "d_model"]: alpha * W^l theta^l, what the edit adds to o_proj's output at `layer` (float64)."""
+        W = lm.sites.weight(layer).detach().double().cpu()
+        return W @ self.shift(layer, "cpu", torch.float64)
+
+    def adds_o_bias(self) -> bool:
+        return bool(self._active_layers())
+
+    def merged_state(self, lm: LoadedModel) -> dict[str, Tensor]:
+        """`lm`'s state dict with the edit as o_proj biases (keys '<o_proj>.bias' added where the model has none;
+        the saved config must declare them: edit/export.bias_config)."""
+        from locaudit.edit.export import o_proj_names
+
+        self._check(lm)
+        names = o_proj_names(lm)
+        sd = dict(lm.model.state_dict())
+        for l in self._active_layers():
+            key = f"{names[l]}.bias"
+            old = sd.get(key)
+            base = old.detach().double().cpu() if old is not None else torch.zeros(lm.sites.d_model, dtype=torch.float64)
+            sd[key] = (base + self.o_bias(lm, l)).to(lm.dtype)
+        return sd
+
+    def peft_config(self, lm: LoadedModel):
+        """A rank-1 PEFT adapter per edited layer whose only non-zero part is lora_B's bias (alpha W theta)."""
+        from locaudit.edit.export import PeftAdapter
+
+        self._check(lm)
+        HD, d = lm.sites.n_heads * lm.sites.head_dim, lm.sites.d_model
+        layers = self._active_layers()
+        tensors = {l: {"lora_A.weight": torch.zeros(1, HD), "lora_B.weight": torch.zeros(d, 1),
+                       "lora_B.bias": self.o_bias(lm, l).float()} for l in layers}
+        return PeftAdapter(layers, 1, True, tensors)
+
     @contextmanager
     def applied(self, lm: LoadedModel) -> Iterator[None]:
         """Add alpha * theta^l to layer l's o_proj input (the heads site) at every position; hooks removed on exit."""

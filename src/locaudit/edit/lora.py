@@ -273,6 +273,48 @@ class LoRAEdit(ExportMixin):
         W = sites.weight(layer).detach().float().cpu()
         return b @ W.t()
 
+    # ------------------------------------------------------------------ export (edit/export.py)
+    def edited_layers(self) -> list[int]:
+        """Layers where the edit is non-zero (a stored edit has zero rows elsewhere)."""
+        return [l for l in range(self.n_layers) if self.b[l].abs().sum() > 0 and self.a[l].abs().sum() > 0]
+
+    def factors(self, lm: LoadedModel, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A Float[Tensor, "rank head*head_dim"], B Float[Tensor, "d_model rank"]) with delta W = B A at `layer`."""
+        return self.a[layer].clone(), self.write_vectors(lm.sites, layer).t().contiguous()
+
+    def merged_state(self, lm: LoadedModel) -> dict[str, torch.Tensor]:
+        """`lm`'s state dict with the edit folded into o_proj's weight: W + sum_k (W b_k) a_k^T (reparameterised)
+        or W + sum_k b'_k a_k^T (plain), in float64 then the weight's dtype (CPU copies where changed)."""
+        from locaudit.edit.export import o_proj_names
+
+        self.check(lm.sites)
+        names = o_proj_names(lm)
+        sd = dict(lm.model.state_dict())
+        for l in self.edited_layers():
+            A, B = self.factors(lm, l)
+            key = f"{names[l]}.weight"
+            w = sd[key]
+            delta = B.double() @ A.double()  # [d, HD]
+            if lm.sites.spec.conv1d:  # GPT-2 Conv1D stores [in, out]
+                delta = delta.t()
+            sd[key] = (w.detach().double().cpu() + delta).to(w.dtype)
+        return sd
+
+    def peft_config(self, lm: LoadedModel):
+        """A PEFT LoRA adapter on the edited layers' o_proj: lora_A = a [r, H*D], lora_B = [W b_1 .. W b_r] [d, r]."""
+        from locaudit.edit.export import PeftAdapter
+
+        self.check(lm.sites)
+        layers = self.edited_layers()
+        tensors = {}
+        for l in layers:
+            A, B = self.factors(lm, l)
+            tensors[l] = {"lora_A.weight": A.contiguous(), "lora_B.weight": B.contiguous()}
+        return PeftAdapter(layers, self.rank, False, tensors)
+
+    def adds_o_bias(self) -> bool:
+        return False
+
     def describe(self) -> dict:
         keep = ("objective", "config", "model", "final")
         return {"kind": self.kind, "heads": self.heads.to_dict(), "rank": self.rank, "reparam": self.reparam,
