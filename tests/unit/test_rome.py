@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from locaudit.edit.layer_edit import EditRow, LayerEditConfig, score_rows
-from locaudit.edit.rome import compute_second_moment, key_second_moment, rank_one, relative_norms, rome_layer_edits
+from locaudit.edit.rome import (compute_second_moment, compute_second_moments, key_second_moment, rank_one,
+                                relative_norms, rome_layer_edits)
 from locaudit.errors import ConfigError
 from locaudit.models.precision import resolve_precision
 from locaudit.models.tiny import tiny_model
@@ -58,7 +59,12 @@ def test_second_moment_by_hand_and_cached(lm, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(rome, "compute_second_moment", boom)
+    # several layers in the same passes (stopped after the deepest) equal each one alone
+    Cs, n2 = compute_second_moments(lm, [2, 0], w, P)
+    assert n2 == n and set(Cs) == {0, 2}
+    for l in (0, 2):
+        np.testing.assert_allclose(Cs[l].numpy(), _keys_by_hand(lm, l, w)[0], rtol=1e-5, atol=1e-7)
+    monkeypatch.setattr(rome, "compute_second_moments", boom)
     assert torch.equal(key_second_moment(lm, 1, w, P, text_id="tiny-text"), C1)
     with pytest.raises(AssertionError, match="recomputed"):  # another text or layer is another cache entry
         key_second_moment(lm, 1, w[:-1], P, text_id="tiny-text")

@@ -194,5 +194,5 @@ def test_subject_noise_unit_and_clean_position_0():
     assert a.effects == b.effects and not a.pos0_noised and not b.pos0_noised
     # new fields at their defaults stay out of trial keys (old studies keep their keys)
     assert TraceConfig().key_dump() == TraceConfig().model_dump(exclude={"measure", "noise_from", "clean_pos0",
-                                                                         "fraction_positions"})
+                                                                         "fraction_positions", "corruption", "compare"})
     assert TraceConfig(measure="fraction").key_dump()["measure"] == "fraction"

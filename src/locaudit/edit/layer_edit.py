@@ -17,7 +17,8 @@ and layer (the frozen prefix): training and scoring run layers >= l only.
 
 Objectives per editing problem: error_injection / tracing_reversal / fact_amplification minimise the
 token NLL of their target object (mean over its tokens, or summed with `nll: sum` as in Hase's FT-1);
-fact_erasure minimises -log(1 - p(o_true)). With `early_stop`, an edit stops changing once its loss is
+fact_erasure minimises -log(1 - p(o_true)). Fact forcing trains on rows whose subject embeddings are noised
+(EditRow.noise; the states of the frozen prefix carry the noise). With `early_stop`, an edit stops changing once its loss is
 below that value (the others go on).
 """
 
@@ -29,7 +30,7 @@ from typing import ClassVar, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from locaudit.errors import ConfigError, DataError
 from locaudit.io import key_dump
@@ -73,14 +74,43 @@ class LayerEditConfig(BaseModel):
                                                                  "weight of preserving the keys' second moment "
                                                                  "(MEMIT, GPT-J: 15000)")
 
+    forcing_samples: int | None = Field(None, ge=1, description="fact_forcing: noised copies of each fact's prompt "
+                                        "trained on, one noise draw each (null = Hase et al.'s: 10 for ft and lora, "
+                                        "1 for rome and memit)")
+    forcing: dict[str, int | float | str | None] | None = Field(
+        None, description="fact_forcing: settings of this editor replaced for that problem (Hase et al.: ft "
+                          "{steps: 50}, rome {lr: 0.05, steps: 25}); null = the same settings as the other problems")
+
     # fields added after studies were run: left out of a trial's key while at their default, so that old
     # studies keep their trial keys
     NEW_FIELDS: ClassVar[tuple[str, ...]] = ("nll", "early_stop", "clamp_norm_factor", "v_weight_decay", "cov_ridge",
-                                             "cov_tokens", "window", "mom2_update_weight")
+                                             "cov_tokens", "window", "mom2_update_weight", "forcing_samples",
+                                             "forcing")
+
+    @model_validator(mode="after")
+    def _check_forcing(self) -> "LayerEditConfig":
+        if self.forcing:
+            bad = [k for k in self.forcing if k not in type(self).model_fields or k in ("method", "forcing")]
+            if bad:
+                raise ValueError(f"forcing: {bad} are not editor settings that fact forcing can replace")
+            LayerEditConfig.model_validate({**self.model_dump(exclude={"forcing"}), **self.forcing})
+        return self
 
     def key_dump(self) -> dict:
         """The settings a trial key hashes: model_dump() without the newer fields at their defaults."""
         return key_dump(self, self.NEW_FIELDS)
+
+    def for_problem(self, problem: str) -> "LayerEditConfig":
+        """The settings an edit of `problem` runs with (fact_forcing: `forcing` applied)."""
+        if problem != "fact_forcing" or not self.forcing:
+            return self
+        return LayerEditConfig.model_validate({**self.model_dump(exclude={"forcing"}), **self.forcing})
+
+    def noise_samples(self) -> int:
+        """Noised copies of a fact's prompt a fact-forcing edit trains on."""
+        if self.forcing_samples is not None:
+            return int(self.forcing_samples)
+        return 1 if self.method in ("rome", "memit") else 10
 
 
 def site_module(lm, site: str, layer: int) -> torch.nn.Linear:
@@ -96,14 +126,27 @@ def site_module(lm, site: str, layer: int) -> torch.nn.Linear:
 
 
 @dataclass
+class RowNoise:
+    """Noise added to one row's token embeddings (the ``embed`` site's output): `values` Float[n, d] at positions
+    start .. start + n - 1 (fact forcing: the subject's tokens, noised as in causal tracing). `tag` names the draw
+    (a cache of unedited scores keys rows by it)."""
+
+    start: int
+    values: torch.Tensor
+    tag: str
+
+
+@dataclass
 class EditRow:
     """One sequence scored or trained on: prompt ids, completion ids, and the edit (fact) it belongs to.
-    role: 'target' (the objective), 'kl' (unrelated prompt, completion empty), or 'score'."""
+    role: 'target' (the objective), 'kl' (unrelated prompt, completion empty), or 'score'. `noise`: embedding
+    noise of this row (None: the clean prompt)."""
 
     prompt: list[int]
     completion: list[int]
     edit: int
     role: str = "score"
+    noise: RowNoise | None = None
 
 
 @dataclass
@@ -194,27 +237,49 @@ def edit_hook(lm, site: str, layer: int, rows: torch.Tensor, edits: dict) -> Ite
         yield
 
 
-def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None, layer: int) -> torch.Tensor:
+@contextmanager
+def embed_noise(lm, noise: torch.Tensor | None) -> Iterator[None]:
+    """Add Float[R, T, d] `noise` (a batch's RowNoise, zero elsewhere) to the token embeddings of the forward
+    passes inside the block (nothing with None)."""
+    if noise is None:
+        yield
+        return
+    from locaudit.models.interventions import site_hooks
+
+    def fn(out: torch.Tensor) -> torch.Tensor:
+        if out.shape[:2] != noise.shape[:2]:
+            raise ConfigError(f"embedding noise of shape {tuple(noise.shape)} for a batch of {tuple(out.shape)}")
+        return out + noise.to(out.device, out.dtype)
+
+    with site_hooks(lm.sites, {("embed", 0): fn}):
+        yield
+
+
+def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None, layer: int,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states Float[R, T, d] (after the final norm) of a right-padded batch, from the cached
-    states entering `layer` when given. Logits are computed later, only where they are needed."""
+    states entering `layer` when given (`noise` on the embeddings otherwise: the cached states carry it).
+    Logits are computed later, only where they are needed."""
     from locaudit.edit.prefix import run_from_layer
 
     base = lm.model.base_model
     if states is None or layer == 0:
-        return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        with embed_noise(lm, noise):
+            return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     with run_from_layer(lm, layer) as feed:
         feed["h"] = states
         return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def _prefix_states(lm, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor | None:
-    """Float[R, T, d]: the (no-grad) hidden states entering `layer` (None for layer 0, or for a family
-    whose frozen-prefix path is not enabled: then every forward is a full one)."""
+def _prefix_states(lm, ids: torch.Tensor, mask: torch.Tensor, layer: int,
+                   noise: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Float[R, T, d]: the (no-grad) hidden states entering `layer`, with `noise` on the embeddings (None for
+    layer 0, or for a family whose frozen-prefix path is not enabled: then every forward is a full one)."""
     from locaudit.edit.prefix import capture_input, prefix_supported
 
     if layer == 0 or not prefix_supported(lm):
         return None
-    with torch.no_grad(), capture_input(lm, layer) as cap:
+    with torch.no_grad(), capture_input(lm, layer) as cap, embed_noise(lm, noise):
         cap.forward(lm.model.base_model, ids, mask)
     return cap.values[layer]
 
@@ -227,12 +292,33 @@ class Batch:
     starts: list[int]  # first completion position per row
     lens: list[int]  # completion length per row
     plen: list[int]  # prompt length per row
+    noise: torch.Tensor | None = None  # Float[R, T, d]: the rows' embedding noise (None: no row has any)
+
+    def part(self, lo: int, hi: int | None = None) -> "Batch":
+        """Rows lo .. hi - 1 as a batch."""
+        s = slice(lo, hi)
+        return Batch(self.ids[s], self.mask[s], self.rows[s], self.starts[s], self.lens[s], self.plen[s],
+                     None if self.noise is None else self.noise[s])
 
 
 def make_batch(rows: Sequence[EditRow], pad: int, device) -> Batch:
     ids, mask = pad_right([r.prompt + r.completion for r in rows], pad)
+    noise = None
+    if any(r.noise is not None for r in rows):
+        d = next(r.noise.values.shape[-1] for r in rows if r.noise is not None)
+        noise = torch.zeros(len(rows), ids.shape[1], d)
+        for i, r in enumerate(rows):
+            if r.noise is None:
+                continue
+            n = r.noise.values.shape[0]
+            if not 0 <= r.noise.start <= r.noise.start + n <= len(r.prompt) or r.noise.values.shape[-1] != d:
+                raise ConfigError(f"embedding noise of row {i} ({n} positions from {r.noise.start}, width "
+                                  f"{r.noise.values.shape[-1]}) does not fit its prompt of {len(r.prompt)} tokens")
+            noise[i, r.noise.start: r.noise.start + n] = r.noise.values.float()
+        noise = noise.to(device)
     return Batch(ids.to(device), mask.to(device), torch.tensor([r.edit for r in rows], device=device),
-                 [len(r.prompt) for r in rows], [len(r.completion) for r in rows], [len(r.prompt) for r in rows])
+                 [len(r.prompt) for r in rows], [len(r.completion) for r in rows], [len(r.prompt) for r in rows],
+                 noise)
 
 
 def _row_terms(lm, hidden: torch.Tensor, b: Batch, sel: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,13 +373,12 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     all_rows = list(train_rows) + list(score_rows)
     b = make_batch(all_rows, pad, dev)
     with prec.autocast(lm.dtype):
-        states = _prefix_states(lm, b.ids, b.mask, layer)
+        states = _prefix_states(lm, b.ids, b.mask, layer, b.noise)
     n_train = len(train_rows)
     tr = list(range(n_train))
     target_idx = [i for i in tr if all_rows[i].role == "target"]
     kl_idx = [i for i in tr if all_rows[i].role == "kl"]
-    tb = Batch(b.ids[:n_train], b.mask[:n_train], b.rows[:n_train], b.starts[:n_train], b.lens[:n_train],
-               b.plen[:n_train])
+    tb = b.part(0, n_train)
     tstates = states[:n_train] if states is not None else None
     params: dict = {"method": cfg.method}
     if cfg.method == "ft":
@@ -307,7 +392,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     ref_last = None
     if kl_idx and cfg.method == "lora" and cfg.kl_weight > 0:
         with torch.no_grad(), prec.autocast(lm.dtype):
-            hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
+            hidden = _forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
             _, ref_last = _row_terms(lm, hidden, tb, kl_idx)
     opt = torch.optim.Adam(opt_params, lr=cfg.lr)
     counts = _token_counts(tb, target_idx, dev)
@@ -321,7 +406,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             with edit_hook(lm, cfg.site, layer, rows_t, params), prec.autocast(lm.dtype):
-                hidden = _forward(lm, tb.ids, tb.mask, tstates, layer)
+                hidden = _forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
             lp, last = _row_terms(lm, hidden, tb, target_idx + kl_idx)
             lp_t = lp[: len(target_idx)]
             per = target_loss(problem, lp_t, counts, cfg.nll)
@@ -358,9 +443,8 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     # score every score row with its edit (one forward from the cached prefix)
     sel = list(range(n_train, len(all_rows)))
     with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[n_train:], params), prec.autocast(lm.dtype):
-        sb = Batch(b.ids[n_train:], b.mask[n_train:], b.rows[n_train:], b.starts[n_train:], b.lens[n_train:],
-                   b.plen[n_train:])
-        hidden = _forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer)
+        sb = b.part(n_train)
+        hidden = _forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer, sb.noise)
         post, _ = _row_terms(lm, hidden, sb, list(range(len(sel))))
     # the forward pass for scoring must not keep the hook's params alive with grads
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None}
@@ -376,7 +460,7 @@ def score_rows(lm, rows: Sequence[EditRow], batch_size: int = 64, *, precision: 
         idx = order[s: s + batch_size]
         b = make_batch([rows[i] for i in idx], pad_id(lm.tokenizer), lm.device)
         with prec.autocast(lm.dtype):
-            hidden = _forward(lm, b.ids, b.mask, None, 0)
+            hidden = _forward(lm, b.ids, b.mask, None, 0, b.noise)
         lp, _ = _row_terms(lm, hidden, b, list(range(len(idx))))
         out[idx] = lp.float().cpu()
     return out

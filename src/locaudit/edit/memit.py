@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from locaudit.edit.layer_edit import (Batch, EditRow, LayerEditConfig, LayerEdits, _forward,
+from locaudit.edit.layer_edit import (EditRow, LayerEditConfig, LayerEdits, _forward,
                                       _row_terms, edit_hook)
 from locaudit.edit.rome import _check_site, optimise_values, target_batch
 from locaudit.errors import ConfigError, DataError
@@ -118,7 +118,7 @@ def memit_layer_edits(lm, layers: Sequence[int], train_rows: Sequence[EditRow], 
                 st.enter_context(edit_hook(lm, cfg.site, l, e_of, p))
             st.enter_context(module_hooks(lm.sites, hooks))
             st.enter_context(prec.autocast(lm.dtype))
-            _forward(lm, tb.ids, tb.mask, tstates, first)
+            _forward(lm, tb.ids, tb.mask, tstates, first, tb.noise)
         put = lambda v: torch.zeros(n_edits, v.shape[1], device=dev).index_copy(0, e_of, v)  # noqa: E731
         return (put(seen["k"]) if "k" in seen else None), put(seen["h"])
 
@@ -140,12 +140,12 @@ def memit_layer_edits(lm, layers: Sequence[int], train_rows: Sequence[EditRow], 
         rs.append(r.cpu())
     _, h_end = read(params, None)
     left = (z - h_end).norm(dim=1) / delta.norm(dim=1).clamp(min=1e-12)
-    sb = Batch(b.ids[nt:], b.mask[nt:], b.rows[nt:], b.starts[nt:], b.lens[nt:], b.plen[nt:])
+    sb = b.part(nt)
     with torch.no_grad(), ExitStack() as st:
         for l, p in params.items():
             st.enter_context(edit_hook(lm, cfg.site, l, sb.rows, p))
         st.enter_context(prec.autocast(lm.dtype))
-        hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, first)
+        hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, first, sb.noise)
         post, _ = _row_terms(lm, hidden, sb, list(range(len(score_rows))))
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None,
                                "layers": layers, "z": z.cpu(), "h0": h0.cpu(), "k": ks, "r": rs,

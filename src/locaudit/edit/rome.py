@@ -16,6 +16,9 @@ Differences from the reference implementation (kmeng01/rome), stated: k* and del
 prompt only (ROME also averages over random context prefixes and adds a KL term on "{subject} is a"); C
 comes from the text the caller gives (the Hase study uses the shipped Austen excerpts, ~17k SmolLM2 tokens,
 where ROME uses 100,000 Wikipedia samples).
+
+Rows with embedding noise (EditRow.noise; fact forcing) are edited as they are seen: k* and delta come from the
+noised prompt, as in Hase et al.'s fact forcing (ROME run under the subject-noising hook).
 """
 
 from __future__ import annotations
@@ -45,55 +48,87 @@ def _check_site(lm, layer: int, site: str) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def compute_second_moment(lm, layer: int, windows: Sequence[Sequence[int]], precision: ResolvedPrecision
-                          ) -> tuple[torch.Tensor, int]:
-    """(C = mean over every token of `windows` of k k^T, Float64[in, in]; the token count), with k the input
-    of layer `layer`'s MLP down-projection. One window per forward pass (no padding)."""
+def compute_second_moments(lm, layers: Sequence[int], windows: Sequence[Sequence[int]], precision: ResolvedPrecision
+                           ) -> tuple[dict[int, torch.Tensor], int]:
+    """({layer: C = mean over every token of `windows` of k k^T, Float64[in, in]}, the token count) for several
+    layers in the same forward passes, with k the input of each layer's MLP down-projection. One window per
+    forward pass (no padding); the layers above the highest requested one are not run."""
+    from locaudit.models.interventions import capture
+
     prec = require_resolved(precision, "rome")
-    w = _check_site(lm, layer, "mlp_down").weight
-    d = w.shape[1]
-    acc = torch.zeros(d, d, dtype=torch.float64, device=lm.device)
-    n = 0
+    layers = sorted({int(l) for l in layers})
+    acc, n = {}, {}
+    for l in layers:
+        d = _check_site(lm, l, "mlp_down").weight.shape[1]
+        acc[l] = torch.zeros(d, d, dtype=torch.float64, device=lm.device)
+        n[l] = 0
 
-    def grab(x: torch.Tensor, out):
-        nonlocal acc, n
-        k = x.detach().reshape(-1, d).to(torch.float64)
-        acc += k.t() @ k
-        n += k.shape[0]
-        return None
+    def grab(l: int):
+        def fn(x: torch.Tensor, out):
+            k = x.detach().reshape(-1, acc[l].shape[0]).to(torch.float64)
+            acc[l] += k.t() @ k
+            n[l] += k.shape[0]
+            return None
+        return fn
 
-    with module_hooks(lm.sites, {("mlp_down", int(layer)): grab}):
+    with module_hooks(lm.sites, {("mlp_down", l): grab(l) for l in layers}), \
+            capture(lm.sites, "resid_post", [layers[-1]], stop=True) as stop:  # ends each pass there
         for ids in windows:
             if len(ids) < 1:
                 continue
             with prec.autocast(lm.dtype):
-                lm.model.base_model(input_ids=torch.tensor([list(ids)], device=lm.device), use_cache=False)
-    if n == 0:
+                stop.forward(lm.model.base_model, torch.tensor([list(ids)], device=lm.device))
+    if not layers or n[layers[0]] == 0:
         raise DataError("rome: the text for the key second moment has no tokens")
-    return (acc / n).cpu(), n
+    return {l: (acc[l] / n[l]).cpu() for l in layers}, n[layers[0]]
+
+
+def compute_second_moment(lm, layer: int, windows: Sequence[Sequence[int]], precision: ResolvedPrecision
+                          ) -> tuple[torch.Tensor, int]:
+    """(C = mean over every token of `windows` of k k^T, Float64[in, in]; the token count), with k the input
+    of layer `layer`'s MLP down-projection (`compute_second_moments` for one layer)."""
+    Cs, n = compute_second_moments(lm, [layer], windows, precision)
+    return Cs[int(layer)], n
+
+
+def _moment_path(lm, layer: int, windows, precision, text_id: str | None):
+    key = stable_hash({"model": lm.fingerprint, "layer": int(layer), "precision": precision.key,
+                       "windows": stable_hash([list(map(int, w)) for w in windows])}, 24)
+    return cache_dir("rome_cov") / f"{(text_id or 'text').replace('/', '_')}-L{int(layer)}-{key}.safetensors"
+
+
+def key_second_moments(lm, layers: Sequence[int], windows: Sequence[Sequence[int]], precision: ResolvedPrecision,
+                       text_id: str | None = None, cache: bool = True) -> dict[int, torch.Tensor]:
+    """{layer: C = E[k k^T]} (Float64[in, in]) of the layers' down-projection keys over `windows`, each cached under
+    <cache>/rome_cov/ by content: the model fingerprint, layer, precision and the token windows' hash (`text_id`
+    is only a readable part of the file name). The layers not cached are computed in the same forward passes."""
+    from safetensors.torch import load_file, save_file
+
+    out: dict[int, torch.Tensor] = {}
+    for l in sorted({int(x) for x in layers}):
+        path = _moment_path(lm, l, windows, precision, text_id)
+        if cache and path.is_file():
+            try:
+                out[l] = load_file(str(path))["C"]
+            except Exception as e:  # a damaged cache file is recomputed, not trusted
+                log.warning("rome: cached key second moment %s is unreadable (%s); recomputing", path, e)
+    todo = [int(l) for l in layers if int(l) not in out]
+    if todo:
+        Cs, n = compute_second_moments(lm, todo, windows, precision)
+        for l, C in Cs.items():
+            out[l] = C
+            if cache:
+                with atomic_path(_moment_path(lm, l, windows, precision, text_id)) as tmp:
+                    save_file({"C": C.contiguous()}, str(tmp), metadata={"tokens": str(n), "layer": str(l),
+                                                                         "model": str(lm.fingerprint)})
+    return out
 
 
 def key_second_moment(lm, layer: int, windows: Sequence[Sequence[int]], precision: ResolvedPrecision,
                       text_id: str | None = None, cache: bool = True) -> torch.Tensor:
-    """C = E[k k^T] (Float64[in, in]) of layer `layer`'s down-projection keys over `windows`, cached under
-    <cache>/rome_cov/ by content: the model fingerprint, layer, precision and the token windows' hash
-    (`text_id` is only a readable part of the file name)."""
-    from safetensors.torch import load_file, save_file
-
-    key = stable_hash({"model": lm.fingerprint, "layer": int(layer), "precision": precision.key,
-                       "windows": stable_hash([list(map(int, w)) for w in windows])}, 24)
-    path = cache_dir("rome_cov") / f"{(text_id or 'text').replace('/', '_')}-L{int(layer)}-{key}.safetensors"
-    if cache and path.is_file():
-        try:
-            return load_file(str(path))["C"]
-        except Exception as e:  # a damaged cache file is recomputed, not trusted
-            log.warning("rome: cached key second moment %s is unreadable (%s); recomputing", path, e)
-    C, n = compute_second_moment(lm, layer, windows, precision)
-    if cache:
-        with atomic_path(path) as tmp:
-            save_file({"C": C.contiguous()}, str(tmp), metadata={"tokens": str(n), "layer": str(layer),
-                                                                 "model": str(lm.fingerprint)})
-    return C
+    """C = E[k k^T] (Float64[in, in]) of layer `layer`'s down-projection keys over `windows`, cached by content
+    (`key_second_moments` for one layer)."""
+    return key_second_moments(lm, [layer], windows, precision, text_id, cache)[int(layer)]
 
 
 def rank_one(C: torch.Tensor, k: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -133,9 +168,9 @@ def target_batch(lm, method: str, train_rows: Sequence[EditRow], score_rows: Seq
         raise ConfigError(f"{method}: key positions {list(key_pos)} must lie inside each target row's prompt")
     b = make_batch(list(train_rows) + list(score_rows), pad_id(lm.tokenizer), lm.device)
     with prec.autocast(lm.dtype):
-        states = _prefix_states(lm, b.ids, b.mask, first)
+        states = _prefix_states(lm, b.ids, b.mask, first, b.noise)
     nt = len(train_rows)
-    tb = Batch(b.ids[:nt], b.mask[:nt], b.rows[:nt], b.starts[:nt], b.lens[:nt], b.plen[:nt])
+    tb = b.part(0, nt)
     return b, states, nt, tb, (states[:nt] if states is not None else None)
 
 
@@ -174,7 +209,7 @@ def optimise_values(lm, tb: Batch, tstates: torch.Tensor | None, from_layer: int
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             with module_hooks(lm.sites, {at: lambda x, out: _add_at(out, add)}), prec.autocast(lm.dtype):
-                hidden = _forward(lm, tb.ids, tb.mask, tstates, from_layer)
+                hidden = _forward(lm, tb.ids, tb.mask, tstates, from_layer, tb.noise)
             lp, _ = _row_terms(lm, hidden, tb, list(range(nt)))
             per = target_loss(problem, lp, counts, cfg.nll)
             losses.append(float(per.detach().mean()))
@@ -224,7 +259,7 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
         return None
 
     with torch.no_grad(), module_hooks(lm.sites, {("mlp_down", layer): grab}), prec.autocast(lm.dtype):
-        _forward(lm, tb.ids, tb.mask, tstates, layer)
+        _forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
     k_star = torch.zeros(n_edits, W.shape[1], device=dev).index_copy(0, e_of, seen["k"])
     wk = k_star @ W.detach().float().t()  # W k* without bias: the scale of delta
     v0 = torch.zeros(n_edits, W.shape[0], device=dev).index_copy(0, e_of, seen["v"])
@@ -236,8 +271,8 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
     params = {"method": "rome", "a": a, "b": d}
     sel = list(range(nt, b.ids.shape[0]))
     with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[nt:], params), prec.autocast(lm.dtype):
-        sb = Batch(b.ids[nt:], b.mask[nt:], b.rows[nt:], b.starts[nt:], b.lens[nt:], b.plen[nt:])
-        hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, layer)
+        sb = b.part(nt)
+        hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, layer, sb.noise)
         post, _ = _row_terms(lm, hidden, sb, list(range(len(sel))))
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None,
                                "k": k_star.cpu(), "v": (v0 + d).cpu(), "delta_norm": d.norm(dim=1).cpu()}
@@ -251,4 +286,4 @@ def relative_norms(lm, edits: LayerEdits) -> list[float]:
     return [float(edits.delta(e).float().norm()) / wn for e in range(n)]
 
 
-__all__ = ["compute_second_moment", "key_second_moment", "rank_one", "rome_layer_edits", "relative_norms"]
+__all__ = ["compute_second_moment", "compute_second_moments", "key_second_moment", "key_second_moments", "rank_one", "rome_layer_edits", "relative_norms"]

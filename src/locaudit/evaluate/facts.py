@@ -9,6 +9,16 @@ prompt, prompt tokens never count). For the editing problems of Hase et al.:
 | tracing_reversal     | o_noise       | same with o_noise, the corrupted run's top token | p_post(o_noise) > p_post(o_true) |
 | fact_erasure         | o_true (down) | (p_pre(o_true) - p_post(o_true)) / p_pre(o_true)  | p_post(o_true) < p_pre(o_true) / 2 |
 | fact_amplification   | o_true (up)   | (p_post(o_true) - p_pre(o_true)) / (1 - p_pre(o_true)) | p_post(o_true) > p_pre(o_true) |
+| fact_forcing         | o_true, on the noised-subject prompt | as fact_amplification, with p(. | subject noised) | p_post(o_true | noised) > p_post(o_noise | noised) |
+
+Fact forcing (Hase et al. 2023, google/belief-localization `--fact_forcing`): the edit must make the model give
+the true object when the subject's token embeddings are noised as in causal tracing (the corrupted run). The
+edit is trained on the noised prompt (noise on the subject's embeddings, several noise samples for fine-tuning,
+one for ROME / MEMIT, as the paper) and measured on it: p_pre and p_post are probabilities under the same noise
+(the paper draws both from one seed; here the rewrite prompt is scored under the first training sample). The
+efficacy compares o_true with o_noise, the corrupted run's most likely next token (the paper's
+`request_baseline`); where that token is the object's own first token (the noise does not move the prediction)
+there is no baseline and the efficacy is p_post(o_true | noised) > p_pre(o_true | noised).
 
 Neighbourhood specificity (ROME's NS, for problems with a new object): the share of other facts of the same
 relation whose own object stays more likely than the new object after the edit. `neighbour_drift`
@@ -33,8 +43,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-PROBLEMS = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification")
+PROBLEMS = ("error_injection", "tracing_reversal", "fact_erasure", "fact_amplification", "fact_forcing")
 NEW_OBJECT_PROBLEMS = ("error_injection", "tracing_reversal")
+# problems whose edited prompt is the corrupted one (the subject's embeddings noised, as in causal tracing)
+NOISED_PROBLEMS = ("fact_forcing",)
 
 
 def _p(logp: float) -> float:
@@ -51,13 +63,16 @@ def rewrite_score(problem: str, pre_true: float, post_true: float, pre_new: floa
     a, b = _p(pre_true), _p(post_true)
     if problem == "fact_erasure":
         return (a - b) / max(a, 1e-12)
-    if problem == "fact_amplification":
+    if problem in ("fact_amplification", "fact_forcing"):
         return (b - a) / max(1.0 - a, 1e-12)
     raise ValueError(f"editing problem {problem!r} is not one of {PROBLEMS}")
 
 
 def efficacy(problem: str, pre_true: float, post_true: float, post_new: float | None = None) -> float:
-    """1.0 if the edit reached its goal (see the table above), else 0.0."""
+    """1.0 if the edit reached its goal (see the table above), else 0.0. fact_forcing: `post_new` is the
+    log-prob of the corrupted run's prediction o_noise (None: no baseline, compared with `pre_true`)."""
+    if problem == "fact_forcing":
+        return float(post_true > (post_new if post_new is not None else pre_true))
     if problem in NEW_OBJECT_PROBLEMS:
         return float(post_new > post_true)
     if problem == "fact_erasure":
@@ -115,7 +130,9 @@ def combined_score(*scores: float) -> float:
 def fact_metrics(problem: str, pre: dict, post: dict) -> dict[str, float]:
     """All metrics of one edit. `pre` / `post`: {"true": logp, "new": logp, "nb_true": [..], "nb_new": [..],
     optionally "nb_target": [..] (the edit's target object on each neighbour prompt), "para_true": [..],
-    "para_new": [..] (the paraphrase prompts)}."""
+    "para_new": [..] (the paraphrase prompts)}.
+    For fact_forcing, "true" (and "para_true") are scored on the noised-subject prompt, and "new", when present, is
+    the corrupted run's prediction o_noise on it (the efficacy's baseline)."""
     m = {
         "rewrite_score": rewrite_score(problem, pre["true"], post["true"], pre.get("new"), post.get("new")),
         "efficacy": efficacy(problem, pre["true"], post["true"], post.get("new")),
@@ -123,6 +140,8 @@ def fact_metrics(problem: str, pre: dict, post: dict) -> dict[str, float]:
     }
     if problem in NEW_OBJECT_PROBLEMS:
         m["p_new_pre"], m["p_new_post"] = _p(pre["new"]), _p(post["new"])
+    elif problem == "fact_forcing" and "new" in pre:
+        m["p_noise_top_pre"], m["p_noise_top_post"] = _p(pre["new"]), _p(post["new"])
     m.update(neighbourhood(problem, pre.get("nb_true", []), post.get("nb_true", []), post.get("nb_new")))
     if "nb_target" in pre:
         m["neighbourhood_stability"] = neighbourhood_stability(pre["nb_target"], post["nb_target"])

@@ -17,6 +17,10 @@ Tracing effect(l), `measure`:
 Noise unit, `noise_from`: "embedding" (default, the original: std of the whole embedding matrix) or
 "subject" (ROME's: std of the embeddings of the traced facts' subject tokens). `clean_pos0`: position 0
 (the attention sink) is never noised (a subject starting there loses its first token from the noise).
+`corruption: str` (symmetric token replacement) replaces the subject's tokens by another traced fact's subject
+of as many tokens at the same place (one replacement per sample, `str_replacements`) instead of adding noise: an
+in-distribution corrupted run. `compare` lists other settings (noise scales, str, position 0) that a Hase study
+traces too and reports beside the main variable.
 Split-half reliability: the noise samples' two halves are two independent draws (two seeds in effect), so
 every fact also gets its tracing curve from each half (`halves`) at no extra cost; `split_half_reliability`
 correlates them over (fact, layer) and applies Spearman-Brown. Every (noise sample, restored layer) variant of
@@ -55,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
@@ -95,9 +99,32 @@ class TraceConfig(BaseModel):
     fraction_positions: Literal["all", "subject_and_last"] = Field(
         "all", description="fraction: the positions the max runs over: every token (Hase), or the subject's tokens "
                            "and the last token (where ROME's effects sit; about 3x cheaper on known_1000 prompts)")
+    corruption: Literal["noise", "str"] = Field(
+        "noise", description="noise: Gaussian noise on the subject's embeddings (ROME); str: symmetric token "
+                             "replacement, the subject's tokens replaced by another traced fact's subject of as many "
+                             "tokens (one per sample; noise_scale and noise_from unused)")
+    compare: list[dict] = Field(
+        [], description="other tracing settings traced as well, each a set of this section's fields that replace "
+                        "its own (e.g. {noise_scale: 1.5}, {corruption: str}, {clean_pos0: false}); a Hase study "
+                        "reports each one's reliability and R^2 beside the main variable's (costs a tracing each)")
 
     # added after studies were traced: left out of a trial's key at their defaults (which are the old behaviour)
-    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("measure", "noise_from", "clean_pos0", "fraction_positions")
+    NEW_FIELDS: ClassVar[tuple[str, ...]] = ("measure", "noise_from", "clean_pos0", "fraction_positions", "corruption",
+                                             "compare")
+
+    @model_validator(mode="after")
+    def _check_compare(self) -> "TraceConfig":
+        for i, v in enumerate(self.compare):
+            bad = [k for k in v if k not in type(self).model_fields or k in ("compare", "grid_facts", "max_rows")]
+            if bad or not v:
+                raise ValueError(f"compare[{i}]: {bad or 'nothing'} is not a tracing setting to compare (any field "
+                                 "but compare, grid_facts and max_rows)")
+            self.variant(i)
+        return self
+
+    def variant(self, i: int) -> "TraceConfig":
+        """The settings of compare[i]: this config with its fields replaced (no grid, no further compare)."""
+        return TraceConfig.model_validate({**self.model_dump(), **self.compare[i], "compare": [], "grid_facts": 0})
 
     def key_dump(self) -> dict:
         return key_dump(self, self.NEW_FIELDS)
@@ -340,13 +367,16 @@ def _noise(cfg: TraceConfig, fact_index: int, n: int, n_subj: int, d: int, scale
 def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | None = None, fact_index: int = 0,
                layers: Sequence[int] | None = None, grid: bool = False, *, precision: ResolvedPrecision,
                noise_std: float | None = None, method: Literal["shared", "full"] = "shared",
-               share_positions: bool = True) -> TracedFact:
+               share_positions: bool = True, replacements: Sequence[Sequence[int]] | None = None) -> TracedFact:
     """Trace one fact at every layer in `layers` (default all) for every kind of `cfg.kinds`.
 
     With `grid`, also the (layer x position) effects of every kind (one row per sample, layer, position).
     `method`: "shared" computes each row only above its first restored layer and from its restored position
     on (module docstring; `share_positions=False` keeps every position); "full" runs every row through the
     whole model (the reference). Both give the same numbers up to floating-point rounding.
+    `replacements` (corruption "str"): per noise sample, the token ids replacing the subject's (as many); the
+    corrupted run adds embed(replacement) - embed(subject) at the subject's positions, which is the run on the
+    replaced tokens. Empty: no same-length replacement exists, and the fact's tracing is NaN.
     """
     from locaudit.data.facts import object_ids, subject_token_span
 
@@ -360,16 +390,26 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
     answer = object_ids(tok, target)[0]
     w = cfg.window_for(L)
     clean, p_clean = _clean_states(lm, ids, cfg.kinds)
-    if noise_std is not None:
-        std = noise_std
-    elif cfg.noise_from == "subject":
-        from types import SimpleNamespace
-
-        std = subject_embedding_std(lm, [SimpleNamespace(prompt=prompt, subject=subject)])
-    else:
-        std = embedding_std(lm)
     n = cfg.n_noise
-    noise = _noise(cfg, fact_index, n, subj[1] - subj[0], lm.sites.d_model, cfg.noise_scale * std).to(lm.device)
+    if cfg.corruption == "str":
+        if replacements is None:
+            raise ConfigError("tracing corruption 'str' needs the replacement subjects (trace_facts draws them)")
+        if not replacements:
+            nan = [float("nan")] * L
+            return TracedFact(float(p_clean[answer]), float("nan"), {k: list(nan) for k in cfg.kinds}, subj, T, -1,
+                              {}, {}, False)
+        noise = replacement_noise(lm, ids[0, subj[0]: subj[1]], replacements).to(lm.device)
+        n = noise.shape[0]
+    else:
+        if noise_std is not None:
+            std = noise_std
+        elif cfg.noise_from == "subject":
+            from types import SimpleNamespace
+
+            std = subject_embedding_std(lm, [SimpleNamespace(prompt=prompt, subject=subject)])
+        else:
+            std = embedding_std(lm)
+        noise = _noise(cfg, fact_index, n, subj[1] - subj[0], lm.sites.d_model, cfg.noise_scale * std).to(lm.device)
     if cfg.clean_pos0 and subj[0] == 0:
         noise[:, 0] = 0  # the attention sink stays clean
     pos0_noised = subj[0] == 0 and not cfg.clean_pos0
@@ -461,18 +501,59 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
     return TracedFact(pcl, float(p_corrupt), effects, subj, T, noise_top, grids, halves, pos0_noised)
 
 
+@torch.no_grad()
+def replacement_noise(lm, subject_ids: torch.Tensor, replacements: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Float[n, s, d]: embed(replacement) - embed(subject) per replacement (each as long as the subject), so that
+    adding it at the ``embed`` site gives the run on the replaced tokens (position embeddings, added later by
+    models that have them, are the same)."""
+    emb = lm.sites.embed()
+    s = int(subject_ids.numel())
+    if any(len(r) != s for r in replacements):
+        raise ConfigError(f"symmetric token replacement: every replacement must have the subject's {s} tokens")
+    rep = torch.tensor([list(map(int, r)) for r in replacements], device=lm.device)
+    base = emb(subject_ids.to(lm.device).view(1, -1)).float()
+    return (emb(rep).float() - base).cpu()
+
+
+def str_replacements(tokenizer, facts, n: int, seed: int) -> list[list[list[int]]]:
+    """Per fact, `n` replacement subjects for symmetric token replacement (Zhang & Nanda 2024): the in-prompt token
+    ids of other facts' subjects with as many tokens and the same place (at position 0 or not, so a leading space
+    matches), different from the fact's own, drawn with replacement (seeded by seed and fact index). A fact with no
+    such subject gets none (its tracing is NaN)."""
+    import random
+
+    from locaudit.data.facts import subject_token_span
+
+    subj = []
+    for f in facts:
+        s0, s1 = subject_token_span(tokenizer, f.prompt, f.subject)
+        subj.append((tuple(tokenizer(f.prompt)["input_ids"][s0:s1]), s0 == 0))
+    out = []
+    for i, (ids, at0) in enumerate(subj):
+        pool = sorted({o for o, z in subj if len(o) == len(ids) and z == at0 and o != ids})
+        r = random.Random(int(seed) * 1_000_003 + i)
+        out.append([list(r.choice(pool)) for _ in range(n)] if pool else [])
+    return out
+
+
 def trace_facts(lm, facts, cfg: TraceConfig | None = None, layers: Sequence[int] | None = None,
                 grid_facts: int | None = None, *, precision: ResolvedPrecision, progress: bool = True,
-                method: Literal["shared", "full"] = "shared") -> list[TracedFact]:
+                method: Literal["shared", "full"] = "shared", only: Sequence[int] | None = None) -> list[TracedFact]:
     """Trace every fact (Fact objects); the first `grid_facts` (default cfg.grid_facts) also get the
-    (layer x position) grid. `method`: as in `trace_fact`."""
+    (layer x position) grid. `method`: as in `trace_fact`. `only`: trace these fact indices alone (the others are
+    None in the list); noise, noise unit and replacements are those of the whole list."""
     cfg = cfg or TraceConfig()
     grid_facts = cfg.grid_facts if grid_facts is None else grid_facts
-    std = subject_embedding_std(lm, facts) if cfg.noise_from == "subject" else embedding_std(lm)
+    reps = str_replacements(lm.tokenizer, facts, cfg.n_noise, cfg.seed) if cfg.corruption == "str" else None
+    std = None
+    if cfg.corruption == "noise":
+        std = subject_embedding_std(lm, facts) if cfg.noise_from == "subject" else embedding_std(lm)
+    keep = set(range(len(facts))) if only is None else set(only)
     out = []
     for i, f in enumerate(tqdm(facts, desc="causal tracing", disable=not progress)):
         out.append(trace_fact(lm, f.prompt, f.subject, f.target, cfg, i, layers, grid=i < grid_facts,
-                              precision=precision, noise_std=std, method=method))
+                              precision=precision, noise_std=std, method=method,
+                              replacements=None if reps is None else reps[i]) if i in keep else None)
     return out
 
 

@@ -5,7 +5,8 @@ with the F-tests of what tracing adds to the layer, per problem and method), ver
 layer against a null that keeps each layer's mean: permutation of tracing curves across facts and the
 leave-one-fact-out layer-mean-removed contrast; the cross-fitted best fixed layer; per problem and method,
 and the fact counts), r2_by_measure.csv (the R^2 table for each of Hase's success measures: rewrite, paraphrase
-where the facts have paraphrases, neighbourhood, combined), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
+where the facts have paraphrases, neighbourhood, combined), r2_by_tracing.csv (with tracing.compare: the
+tracing variable's reliability and R^2 under each compared setting beside the main one), edits.csv (every (fact, layer) edit), tracing_heatmap_<kind>.png, success_by_layer.png,
 scatter_<problem>_<method>.png, index.html. Rebuilt from the ledger at any time (also mid-study).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locaudit.io import strict_json, write_json_atomic, write_text_atomic
+from locaudit.io import write_json_atomic, write_text_atomic
 from locaudit.study.hase.analysis import MEASURES, argmax_vs_random, measure_r2, regressions
 from locaudit.study.hase.run import META_KEY, read_data
 from locaudit.study.hase.spec import HaseSpec
@@ -111,6 +112,36 @@ def measure_summary(mt: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def variant_tables(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame) -> pd.DataFrame:
+    """The tracing variable under each of tracing.compare's settings beside the main one, per (problem, method):
+    its split-half reliability (Spearman-Brown), R^2 alone, added R^2 over the layer (layer * tracing) with its
+    bootstrap CI and F-test p, and the mean corrupted probability. Empty without compare."""
+    if df.empty or not tracing or not tracing.get("compare"):
+        return pd.DataFrame()
+    kind = spec.tracing_kind(spec.editing.config(spec.editing.methods[0]).site)
+    A, out = spec.analysis, []
+    main = {"settings": {}, "reliability": tracing.get("reliability", {}), "facts": tracing["facts"]}
+    for name, v in [("main", main)] + [(json.dumps(c["settings"], sort_keys=True), c) for c in tracing["compare"]]:
+        eff = {(fid, int(l)): e for fid, t in v["facts"].items() for l, e in enumerate(t["effects"].get(kind, []))}
+        pc = [t["p_corrupt"] for t in v["facts"].values()  # null (NaN): no corrupted run (str without a partner)
+              if isinstance(t["p_corrupt"], (int, float)) and t["p_corrupt"] == t["p_corrupt"]]
+        rel = v["reliability"].get(kind, {})
+        for (problem, method), g in df.groupby(["problem", "method"], sort=True):
+            d = pd.DataFrame({"fact": g["fact"], "layer": g["layer"], "success": g[A.success],
+                              "tracing": [eff.get((str(f), int(l)), float("nan")) for f, l in zip(g["fact"], g["layer"])]})
+            d = d.dropna(subset=["success", "tracing"])
+            if d.empty or d["layer"].nunique() < 2 or d["fact"].nunique() < 3:
+                continue
+            r = {x["model"]: x for x in regressions(d, A.bootstrap, A.seed).rows()}
+            ai = r["added_interaction"]
+            out.append({"problem": problem, "method": method, "tracing": name, "tracing_kind": kind,
+                        "n_facts": int(d["fact"].nunique()), "reliability_sb": rel.get("spearman_brown", float("nan")),
+                        "mean_p_corrupt": float(np.mean(pc)) if pc else float("nan"),
+                        "r2_tracing": r["tracing"]["r2"], "added_interaction": ai["r2"], "added_ci_low": ai["ci_low"],
+                        "added_ci_high": ai["ci_high"], "F_p_interaction": ai["F_p"]})
+    return pd.DataFrame(out)
+
+
 def _figures(spec: HaseSpec, tracing: dict | None, df: pd.DataFrame, out: Path) -> list[str]:
     from locaudit.localize.tracing import CATEGORIES, TracedFact, category_heatmap
 
@@ -195,8 +226,34 @@ def _tracing_summary(tracing: dict | None) -> dict:
         kinds = sorted({k for v in tracing["facts"].values() for k in v["effects"]})
         rel = {k: split_half_reliability(traced, k) for k in kinds}
     return {"measure": tracing.get("measure", "diff"), "noise_from": tracing.get("noise_from", "embedding"),
-            "clean_pos0": tracing.get("clean_pos0", False), "reliability": rel,
-            "position0": tracing.get("position0", {})}
+            "clean_pos0": tracing.get("clean_pos0", False), "corruption": tracing.get("corruption", "noise"),
+            "reliability": rel, "position0": tracing.get("position0", {}),
+            "compare": [{k: c[k] for k in ("settings", "n_retraced", "reliability", "position0")}
+                        for c in tracing.get("compare", [])]}
+
+
+def position0_text(ts: dict) -> str:
+    """What the study did with position 0 and what that changes, in words (from the position-0 summary of the main
+    tracing and, where tracing.compare flips clean_pos0, of that variant)."""
+    p0 = ts.get("position0") or {}
+    if not p0:
+        return ""
+    if ts.get("clean_pos0"):
+        s = (f"kept clean: {p0.get('n_clean')} facts traced with it clean, of which {p0.get('n_nothing_noised', 0)} "
+             "have a one-token subject at position 0 (nothing noised, no tracing value).")
+    else:
+        s = (f"noised with the subject: {p0.get('n_noised')} facts had position 0 noised (mean p drop "
+             f"{_f(p0.get('mean_p_drop_noised'))} vs {_f(p0.get('mean_p_drop_clean'))} for the "
+             f"{p0.get('n_clean')} whose subject starts later).")
+    flip = [c for c in ts.get("compare", []) if set(c.get("settings", {})) == {"clean_pos0"}]
+    for c in flip:
+        q = c.get("position0", {})
+        s += (f" Traced again with clean_pos0 = {c['settings']['clean_pos0']} ({c.get('n_retraced')} facts re-traced): "
+              f"{q.get('n_noised')} facts with position 0 noised, mean p drop {_f(q.get('mean_p_drop_noised'))}; "
+              "its reliability and R^2 are in the tracing-settings table.")
+    if not flip:
+        s += " Its effect on R^2 is measured by tracing.compare: [{clean_pos0: " + str(not ts.get("clean_pos0")).lower() + "}]."
+    return s
 
 
 def edit_norms(df: pd.DataFrame) -> list[dict]:
@@ -246,6 +303,9 @@ def build_report(run_dir: str | Path) -> Path:
     write_text_atomic(out / "r2.csv", table.to_csv(index=False) if not table.empty else "")
     mt = measure_tables(spec, df)
     write_text_atomic(out / "r2_by_measure.csv", mt.to_csv(index=False) if not mt.empty else "")
+    vt = variant_tables(spec, tracing, df)
+    if not vt.empty:
+        write_text_atomic(out / "r2_by_tracing.csv", vt.to_csv(index=False))
     has_para = "paraphrase_score" in df and df["paraphrase_score"].notna().any()
     fact_counts = facts["counts"] if facts else {}
     write_json_atomic(out / "verdict.json", {"facts": fact_counts, "known_top_k": facts and facts["known_top_k"],
@@ -253,6 +313,7 @@ def build_report(run_dir: str | Path) -> Path:
                                              "r2_by_measure": measure_summary(mt).to_dict("records"),
                                              "paraphrases": bool(has_para),
                                              "edit_norms": edit_norms(df),
+                                             "r2_by_tracing": vt.to_dict("records"),
                                              "tracing": _tracing_summary(tracing),
                                              "trials": counts})
     figs = _figures(spec, tracing, df, out)
@@ -282,13 +343,19 @@ def build_report(run_dir: str | Path) -> Path:
     parts.append(_table_html(measure_summary(mt)))
     ts = _tracing_summary(tracing)
     if ts:
-        parts.append(f"<p>Tracing variable: {e(ts['measure'])} (noise unit: {e(ts['noise_from'])} std; position 0 "
+        parts.append(f"<p>Tracing variable: {e(ts['measure'])} (corruption {e(ts['corruption'])}; noise unit: "
+                     f"{e(ts['noise_from'])} std; position 0 "
                      f"{'kept clean' if ts['clean_pos0'] else 'noised when the subject starts there'}). Its split-half "
                      "reliability (two halves of the noise samples; Spearman-Brown for the full curve) bounds the R^2 "
                      "tracing can reach:</p>")
         parts.append(_table_html(pd.DataFrame(list(ts["reliability"].values()))))
         if ts["position0"]:
-            parts.append(f"<p>Position 0: {e(json.dumps(strict_json(ts['position0'])))}</p>")
+            parts.append(f"<p>Position 0 (the attention sink; most known_1000 subjects start there when the "
+                         f"tokenizer adds no BOS): {e(position0_text(ts))}</p>")
+    if not vt.empty:
+        parts.append("<h2>The tracing variable under other settings (tracing.compare): reliability and R^2 beside "
+                     "the main variable's</h2>")
+        parts.append(_table_html(vt))
     parts.append("<h2>Size of the edits: ||dW|| / ||W|| (Frobenius) per editor</h2>")
     parts.append(_table_html(pd.DataFrame(edit_norms(df))))
     for f in figs:
@@ -317,6 +384,13 @@ def summary_text(run_dir: str | Path) -> str:
     for k, r in (v.get("tracing") or {}).get("reliability", {}).items():
         lines.append(f"  tracing[{k}] split-half r = {_f(r.get('r'))}, Spearman-Brown = {_f(r.get('spearman_brown'))} "
                      f"({r.get('n_facts')} facts)")
+    for r in v.get("r2_by_tracing", []):
+        lines.append(f"  {r['problem']:<18} {r['method']:<5} tracing {r['tracing']:<28} reliability "
+                     f"{_f(r['reliability_sb'])} R2 {_f(r['r2_tracing'])} added {_f(r['added_interaction'])} "
+                     f"[{_f(r['added_ci_low'])}, {_f(r['added_ci_high'])}] F p = {_f(r['F_p_interaction'], '.3g')}")
+    p0 = position0_text(v.get("tracing") or {})
+    if p0:
+        lines.append("  position 0: " + p0)
     for r in v.get("edit_norms", []):
         lines.append(f"  ||dW||/||W|| {r['problem']:<18} {r['method']:<5} mean {_f(r['mean'], '.3g')} "
                      f"median {_f(r['median'], '.3g')} max {_f(r['max'], '.3g')} (n={r['n']})")
