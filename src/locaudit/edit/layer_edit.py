@@ -18,8 +18,8 @@ and layer (the frozen prefix): training and scoring run layers >= l only.
 Objectives per editing problem: error_injection / tracing_reversal / fact_amplification minimise the
 token NLL of their target object (mean over its tokens, or summed with `nll: sum` as in Hase's FT-1);
 fact_erasure minimises -log(1 - p(o_true)). Fact forcing trains on rows whose subject embeddings are noised
-(EditRow.noise; the states of the frozen prefix carry the noise). With `early_stop`, an edit stops changing once its loss is
-below that value (the others go on).
+(EditRow.noise; the states of the frozen prefix carry the noise). With `early_stop`, an edit stops changing once
+its loss is below that value (the others go on).
 """
 
 from __future__ import annotations

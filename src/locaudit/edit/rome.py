@@ -286,4 +286,5 @@ def relative_norms(lm, edits: LayerEdits) -> list[float]:
     return [float(edits.delta(e).float().norm()) / wn for e in range(n)]
 
 
-__all__ = ["compute_second_moment", "compute_second_moments", "key_second_moment", "key_second_moments", "rank_one", "rome_layer_edits", "relative_norms"]
+__all__ = ["compute_second_moment", "compute_second_moments", "key_second_moment", "key_second_moments", "rank_one",
+           "rome_layer_edits", "relative_norms"]

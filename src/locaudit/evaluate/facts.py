@@ -9,7 +9,7 @@ prompt, prompt tokens never count). For the editing problems of Hase et al.:
 | tracing_reversal     | o_noise       | same with o_noise, the corrupted run's top token | p_post(o_noise) > p_post(o_true) |
 | fact_erasure         | o_true (down) | (p_pre(o_true) - p_post(o_true)) / p_pre(o_true)  | p_post(o_true) < p_pre(o_true) / 2 |
 | fact_amplification   | o_true (up)   | (p_post(o_true) - p_pre(o_true)) / (1 - p_pre(o_true)) | p_post(o_true) > p_pre(o_true) |
-| fact_forcing         | o_true, on the noised-subject prompt | as fact_amplification, with p(. | subject noised) | p_post(o_true | noised) > p_post(o_noise | noised) |
+| fact_forcing         | o_true (up, subject noised) | as fact_amplification, on the noised prompt | p_post(o_true) > p_post(o_noise) |
 
 Fact forcing (Hase et al. 2023, google/belief-localization `--fact_forcing`): the edit must make the model give
 the true object when the subject's token embeddings are noised as in causal tracing (the corrupted run). The
