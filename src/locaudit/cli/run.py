@@ -171,7 +171,9 @@ def _observed(spec, run_dir: Path) -> tuple[dict[str, str], object, dict[str, li
 
 
 def _has_run(run_dir: Path) -> bool:
-    return (run_dir / "ledger.sqlite").exists() or (run_dir / "trials").is_dir()
+    from locaudit.study.rundir import RunDir
+
+    return RunDir(run_dir).is_run()
 
 
 def pilot_spread(observed, n_questions: int | None):
