@@ -7,6 +7,7 @@ generations.jsonl, mc_items.jsonl and judgements.jsonl (where computed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -40,6 +41,10 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass when scoring.")
     gen_batch_size: int = Field(16, ge=1, description="Questions generated together.")
     max_new_tokens: int = Field(50, ge=1, description="Greedy tokens per generated answer at most.")
+    gen_max_questions: int | None = Field(None, ge=1, description="Generate and judge only N of the split's "
+                                          "questions (MC, KL and CE still use all of them): True*Info as a cheaper "
+                                          "secondary metric. The N are fixed by question id (the lowest SHA-256 "
+                                          "hashes), the same for every edit and every run, whatever the split's order.")
     max_length: int = Field(512, ge=8, description="Longest scored sequence in tokens (prompt cut from the left).")
     kl_text: str | None = Field("austen", description="Generic English text for KL/CE (collateral damage, as ITI): a "
                                 "corpus name (austen: public-domain excerpts shipped with locaudit; austen-debian"
@@ -200,7 +205,8 @@ def evaluate_edit(
         from locaudit.evaluate.generate import generate_answers
 
         t0 = time.perf_counter()
-        recs = generate_answers(lm, edit, questions, fmt, cfg.max_new_tokens, cfg.gen_batch_size,
+        recs = generate_answers(lm, edit, gen_subset(questions, cfg.gen_max_questions), fmt, cfg.max_new_tokens,
+                                cfg.gen_batch_size,
                                 out_path=out / "generations.jsonl" if out is not None else None,
                                 progress=cfg.progress, precision=ac, max_length=max_len)
         res.n_generated = len(recs)
@@ -222,6 +228,17 @@ def evaluate_edit(
     if write_result:
         record_result(res, out, csv_path)
     return res
+
+
+def gen_subset(questions: Sequence[Any], n: int | None) -> list:
+    """The `n` questions generation runs on (all where n is None or not smaller): those whose qid has the lowest
+    SHA-256, in the split's order. Fixed by the ids alone, so every edit, run and split order gets the same
+    questions, and a category-sorted file (TruthfulQA's) gives a spread of categories, not its first ones."""
+    questions = list(questions)
+    if n is None or n >= len(questions):
+        return questions
+    keep = set(sorted(range(len(questions)), key=lambda i: hashlib.sha256(str(questions[i].qid).encode()).hexdigest())[:n])
+    return [q for i, q in enumerate(questions) if i in keep]
 
 
 def record_result(res: EvalResult, out: Path | None, csv_path: str | Path | None = None) -> None:

@@ -286,6 +286,9 @@ class OptimalSpec(_Strict):
 # EvalConfig fields a study sets elsewhere (format: data.format; precision: the study's) or that only
 # change speed: every other EvalConfig field defines results, so it is part of the evaluation trials' keys
 EVAL_NOT_IN_KEYS = ("format", "precision", "batch_size", "gen_batch_size", "progress")
+# EvalConfig fields added after studies had run: in a trial's key only when set, so that leaving them at their
+# default ("as before") keeps every existing key (tests/unit/test_trial_keys.py)
+EVAL_KEYED_IF_SET = ("gen_max_questions",)
 
 
 class EvalSpec(_Strict):
@@ -502,7 +505,8 @@ class StudySpec(_Strict):
         from locaudit.evaluate.runner import EvalConfig
 
         cfg = EvalConfig(**self.evaluation.config_fields()).model_dump(mode="json")
-        out = {k: v for k, v in sorted(cfg.items()) if k not in EVAL_NOT_IN_KEYS}
+        out = {k: v for k, v in sorted(cfg.items())
+               if k not in EVAL_NOT_IN_KEYS and not (k in EVAL_KEYED_IF_SET and v is None)}
         kl = self.resolved_kl_text()
         if kl is not None and Path(kl).is_file():
             out["kl_text"] = "file:" + _content_id(kl)
