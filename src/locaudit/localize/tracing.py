@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.io import key_dump
-from locaudit.models.interventions import _as_3d, capture, site_hooks
+from locaudit.models.interventions import as_3d, capture, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
 from locaudit.models.surgery import prefix_supported, run_from_layer
 
@@ -211,9 +211,9 @@ def _site(kind: str) -> str:
 
 def _last_only(lm) -> dict:
     """Ask for the last position's logits only where the model supports it (prompts here are unpadded)."""
-    from locaudit.models.scoring import _accepts_logits_to_keep
+    from locaudit.models.scoring import accepts_logits_to_keep
 
-    return {"logits_to_keep": 1} if _accepts_logits_to_keep(lm.model) else {}
+    return {"logits_to_keep": 1} if accepts_logits_to_keep(lm.model) else {}
 
 
 @torch.no_grad()
@@ -224,7 +224,7 @@ def _clean_states(lm, ids: torch.Tensor, kinds: Sequence[str]) -> tuple[dict[str
 
     def grab(k: str, l: int):
         def fn(x: torch.Tensor) -> None:
-            states[k][l] = _as_3d(x, 1)[0].detach()  # OPT's MLP runs on (batch * pos, d)
+            states[k][l] = as_3d(x, 1)[0].detach()  # OPT's MLP runs on (batch * pos, d)
         return fn
 
     with site_hooks(lm.sites, {(_site(k), l): grab(k, l) for k in kinds for l in range(L)}):
@@ -263,7 +263,7 @@ def _restore_fns(kind: str, restore: list[tuple[list[int], int]], clean: torch.T
 
     def restore_at(l: int, ri: torch.Tensor, pi: torch.Tensor):
         def fn(x: torch.Tensor) -> torch.Tensor:
-            t = _as_3d(x, len(restore)).clone()  # OPT's MLP runs on (batch * pos, d)
+            t = as_3d(x, len(restore)).clone()  # OPT's MLP runs on (batch * pos, d)
             t[ri, pi - offset] = clean[l, pi].to(t.dtype)
             return t.view(x.shape)
         return fn
