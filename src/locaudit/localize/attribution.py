@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from locaudit.localize.corruptions import PatchingConfig, patch_positions
 from locaudit.localize.effects import HeadEffects
 from locaudit.localize.stability import record_stability
-from locaudit.localize.patching import _as3d, _meta, _Plan, capture_heads, embedding_hook, pair_metric, source_values
-from locaudit.models.interventions import grad_hooks, site_hooks
+from locaudit.localize.patching import PatchPlan, capture_heads, embedding_hook, pair_metric, run_meta, source_values
+from locaudit.models.interventions import as_3d, grad_hooks, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
 
 
@@ -44,7 +44,7 @@ def attribution_patching(lm, pairs: Sequence, config: PatchingConfig | None = No
     """AtP of every head on `pairs`: HeadEffects with effect/se [L, H], per-pair AtP [n, L, H] and, with
     `config.graddrop`, the extra score ``graddrop`` [L, H]."""
     config = config or PatchingConfig()
-    plan = _Plan(lm, pairs, config)
+    plan = PatchPlan(lm, pairs, config)
     sites = lm.sites
     L, H, D = sites.shape
     prec = require_resolved(precision, "attribution")
@@ -73,7 +73,7 @@ def attribution_patching(lm, pairs: Sequence, config: PatchingConfig | None = No
             per[idx] = sign * out["atp"]
             if gd is not None:
                 gd[idx] = out["graddrop"]
-    meta = _meta(lm, plan, prec, "attribution", m_base_all, m_src_all)
+    meta = run_meta(lm, plan, prec, "attribution", m_base_all, m_src_all)
     record_stability(meta, per, config.top_k, config.rank_by, config.pair_seed)
     meta["qk_fix"] = "not applicable: nodes are head outputs, downstream of their own attention softmax"
     extra = {"graddrop": gd.mean(0).float()} if gd is not None else {}
@@ -113,8 +113,8 @@ def _attribute(lm, base, base_noise, rows, tb, src_vals, pair_of, B: int, graddr
         def atp(gs, layers) -> torch.Tensor:
             res = torch.zeros(B, L, H, dtype=torch.float64, device=dev)
             for l in layers:
-                g = _as3d(gs[l], R)[rows_d, tb_d].double()  # [P, HD]
-                o = _as3d(outs[l], R)[rows_d, tb_d].detach().double()
+                g = as_3d(gs[l], R)[rows_d, tb_d].double()  # [P, HD]
+                o = as_3d(outs[l], R)[rows_d, tb_d].detach().double()
                 dlt = src_vals[l].double() - o
                 prod = (g * dlt).view(-1, H, D).sum(-1)  # [P, H]
                 res[:, l].index_add_(0, pair_d, prod)

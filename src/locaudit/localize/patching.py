@@ -83,10 +83,6 @@ def embedding_hook(lm, noise: torch.Tensor | None, require_grad: bool = False) -
         yield
 
 
-def _as3d(o: torch.Tensor, rows: int) -> torch.Tensor:
-    return o if o.dim() == 3 else o.view(rows, -1, o.shape[-1])  # some kernels flatten (batch*pos, HD)
-
-
 def capture_heads(lm, batch: CompletionBatch, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One no-grad forward: (m per pair Float64[B], per layer the o_proj input Float[Tensor, "2B T HD"])."""
     L = lm.sites.n_layers
@@ -113,7 +109,7 @@ def base_metric(lm, batch: CompletionBatch, noise: torch.Tensor | None) -> tuple
     return m, outs
 
 
-class _Plan:
+class PatchPlan:
     """Everything one localizer run needs: pairs, token ids, batches, noise level, which run is base."""
 
     def __init__(self, lm, pairs: Sequence, config: PatchingConfig) -> None:
@@ -168,7 +164,7 @@ class _Plan:
         return self.means
 
 
-def source_values(plan: _Plan, l: int, src_acts, rows, ts) -> torch.Tensor:
+def source_values(plan: PatchPlan, l: int, src_acts, rows, ts) -> torch.Tensor:
     """Float[Tensor, "P HD"]: the source value at the patched positions of layer l."""
     if src_acts is None:
         return plan.means[l].unsqueeze(0).expand(rows.numel(), -1)  # type: ignore[index]
@@ -191,7 +187,7 @@ def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = Non
     meta records the mean metric of the clean, corrupted and base runs.
     """
     config = config or PatchingConfig()
-    plan = _Plan(lm, pairs, config)
+    plan = PatchPlan(lm, pairs, config)
     sites = lm.sites
     L, H, D = sites.shape
     heads = _heads_to_patch(config, L, H)
@@ -229,7 +225,7 @@ def activation_patching(lm, pairs: Sequence, config: PatchingConfig | None = Non
                     bar.update(len(chunk) * B)
     finally:
         bar.close()
-    meta = _meta(lm, plan, prec, "patching", m_base_all, m_src_all)
+    meta = run_meta(lm, plan, prec, "patching", m_base_all, m_src_all)
     meta["heads_patched"] = len(heads)
     record_stability(meta, per, config.top_k, config.rank_by, config.pair_seed)
     return HeadEffects.from_per_example(per, "patching", meta, keep=config.keep_per_example)
@@ -258,7 +254,7 @@ def patched_metric(lm, base: CompletionBatch, base_noise, chunk: Sequence[Head],
         return pair_metric(lm.model, repeat_batch(base, k).to(dev), k).cpu()
 
 
-def _meta(lm, plan: _Plan, prec, method: str, m_base: torch.Tensor, m_src: torch.Tensor) -> dict:
+def run_meta(lm, plan: PatchPlan, prec, method: str, m_base: torch.Tensor, m_src: torch.Tensor) -> dict:
     c = plan.config
     clean, corrupt = (m_src, m_base) if plan.direction == "denoise" else (m_base, m_src)
     return {
