@@ -84,7 +84,7 @@ def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _judge_values(scores: Sequence[Any], n: int, name: str) -> tuple[list[float | None], list[float | None]]:
+def judge_values(scores: Sequence[Any], n: int, name: str) -> tuple[list[float | None], list[float | None]]:
     """Per-answer (truth, info) from JudgeScore-like objects or dicts; None where the judge does not score it."""
     if len(scores) != n:
         raise DataError(f"judge {name!r} returned {len(scores)} scores for {n} answers")
@@ -215,7 +215,7 @@ def evaluate_edit(
             t0 = time.perf_counter()
             name = str(getattr(judge, "name", type(judge).__name__))
             scores = judge.score([r.question for r in recs], [r.answer for r in recs])
-            truth, info = _judge_values(scores, len(recs), name)
+            truth, info = judge_values(scores, len(recs), name)
             res.set_judged(truth, info, name, cfg.judge_threshold)
             if out is not None:
                 write_text_atomic(out / "judgements.jsonl", "".join(

@@ -62,7 +62,7 @@ def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
     object with `name` and `score(questions, answers) -> [JudgeScore | dict]` (locaudit.evaluate.judges).
     """
     from locaudit.evaluate.results import EvalResult
-    from locaudit.evaluate.runner import _judge_values
+    from locaudit.evaluate.runner import judge_values
     from locaudit.study.steps.evaluation import flatten_metrics
 
     run_dir = Path(run_dir)
@@ -86,7 +86,7 @@ def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
     if pairs:
         log.info("re-scoring %d distinct answers of %d trials with judge %s", len(pairs), len(todo), name)
         raw = judge.score([q for q, _ in pairs], [a for _, a in pairs])
-        truth, info = _judge_values(raw, len(pairs), name)
+        truth, info = judge_values(raw, len(pairs), name)
         scores = {p: (t, i) for p, t, i in zip(pairs, truth, info)}
     for key in todo:
         recs = [{"qid": g["qid"], "answer": g["answer"], "truth": scores[(g["question"], g["answer"])][0],
