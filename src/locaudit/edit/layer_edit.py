@@ -255,8 +255,8 @@ def embed_noise(lm, noise: torch.Tensor | None) -> Iterator[None]:
         yield
 
 
-def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None, layer: int,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
+def layer_forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None, layer: int,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states Float[R, T, d] (after the final norm) of a right-padded batch, from the cached
     states entering `layer` when given (`noise` on the embeddings otherwise: the cached states carry it).
     Logits are computed later, only where they are needed."""
@@ -271,7 +271,7 @@ def _forward(lm, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | N
         return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def _prefix_states(lm, ids: torch.Tensor, mask: torch.Tensor, layer: int,
+def prefix_states(lm, ids: torch.Tensor, mask: torch.Tensor, layer: int,
                    noise: torch.Tensor | None = None) -> torch.Tensor | None:
     """Float[R, T, d]: the (no-grad) hidden states entering `layer`, with `noise` on the embeddings (None for
     layer 0, or for a family whose frozen-prefix path is not enabled: then every forward is a full one)."""
@@ -321,7 +321,7 @@ def make_batch(rows: Sequence[EditRow], pad: int, device) -> Batch:
                  noise)
 
 
-def _row_terms(lm, hidden: torch.Tensor, b: Batch, sel: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def row_terms(lm, hidden: torch.Tensor, b: Batch, sel: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum log p of each selected row's completion Float[S], next-token log-probs at each row's last
     prompt position Float[S, V]). The LM head runs only at the positions that predict completion tokens."""
     pos_r, pos_t, spans = [], [], []
@@ -353,7 +353,8 @@ def target_loss(problem: str, lp: torch.Tensor, counts: torch.Tensor, nll: str =
     return -lp / counts if nll == "mean" else -lp
 
 
-def _token_counts(b: Batch, sel: Sequence[int], device) -> torch.Tensor:
+def token_counts(b: Batch, sel: Sequence[int], device) -> torch.Tensor:
+    """Float[S]: each selected row's completion token count (at least 1), the per-row loss normaliser."""
     return torch.tensor([max(b.lens[i], 1) for i in sel], device=device, dtype=torch.float32)
 
 
@@ -373,7 +374,7 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     all_rows = list(train_rows) + list(score_rows)
     b = make_batch(all_rows, pad, dev)
     with prec.autocast(lm.dtype):
-        states = _prefix_states(lm, b.ids, b.mask, layer, b.noise)
+        states = prefix_states(lm, b.ids, b.mask, layer, b.noise)
     n_train = len(train_rows)
     tr = list(range(n_train))
     target_idx = [i for i in tr if all_rows[i].role == "target"]
@@ -392,10 +393,10 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     ref_last = None
     if kl_idx and cfg.method == "lora" and cfg.kl_weight > 0:
         with torch.no_grad(), prec.autocast(lm.dtype):
-            hidden = _forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
-            _, ref_last = _row_terms(lm, hidden, tb, kl_idx)
+            hidden = layer_forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
+            _, ref_last = row_terms(lm, hidden, tb, kl_idx)
     opt = torch.optim.Adam(opt_params, lr=cfg.lr)
-    counts = _token_counts(tb, target_idx, dev)
+    counts = token_counts(tb, target_idx, dev)
     losses = []
     rows_t = tb.rows
     was = [p.requires_grad for p in lm.model.parameters()]
@@ -406,8 +407,8 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             with edit_hook(lm, cfg.site, layer, rows_t, params), prec.autocast(lm.dtype):
-                hidden = _forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
-            lp, last = _row_terms(lm, hidden, tb, target_idx + kl_idx)
+                hidden = layer_forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
+            lp, last = row_terms(lm, hidden, tb, target_idx + kl_idx)
             lp_t = lp[: len(target_idx)]
             per = target_loss(problem, lp_t, counts, cfg.nll)
             loss = per.sum()  # edits are independent: the sum gives each its own gradient
@@ -444,8 +445,8 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     sel = list(range(n_train, len(all_rows)))
     with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[n_train:], params), prec.autocast(lm.dtype):
         sb = b.part(n_train)
-        hidden = _forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer, sb.noise)
-        post, _ = _row_terms(lm, hidden, sb, list(range(len(sel))))
+        hidden = layer_forward(lm, sb.ids, sb.mask, states[n_train:] if states is not None else None, layer, sb.noise)
+        post, _ = row_terms(lm, hidden, sb, list(range(len(sel))))
     # the forward pass for scoring must not keep the hook's params alive with grads
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None}
 
@@ -460,7 +461,7 @@ def score_rows(lm, rows: Sequence[EditRow], batch_size: int = 64, *, precision: 
         idx = order[s: s + batch_size]
         b = make_batch([rows[i] for i in idx], pad_id(lm.tokenizer), lm.device)
         with prec.autocast(lm.dtype):
-            hidden = _forward(lm, b.ids, b.mask, None, 0, b.noise)
-        lp, _ = _row_terms(lm, hidden, b, list(range(len(idx))))
+            hidden = layer_forward(lm, b.ids, b.mask, None, 0, b.noise)
+        lp, _ = row_terms(lm, hidden, b, list(range(len(idx))))
         out[idx] = lp.float().cpu()
     return out

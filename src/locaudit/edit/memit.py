@@ -34,9 +34,8 @@ from typing import Sequence
 
 import torch
 
-from locaudit.edit.layer_edit import (EditRow, LayerEditConfig, LayerEdits, _forward,
-                                      _row_terms, edit_hook)
-from locaudit.edit.rome import _check_site, optimise_values, target_batch
+from locaudit.edit.layer_edit import EditRow, LayerEditConfig, LayerEdits, edit_hook, layer_forward, row_terms
+from locaudit.edit.rome import check_site, optimise_values, target_batch
 from locaudit.errors import ConfigError, DataError
 from locaudit.models.interventions import module_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
@@ -92,7 +91,7 @@ def memit_layer_edits(lm, layers: Sequence[int], train_rows: Sequence[EditRow], 
     if not layers or layers != sorted(set(layers)):
         raise ConfigError(f"memit: the window {layers} must be ascending distinct layers")
     for l in layers:
-        _check_site(lm, l, cfg.site)
+        check_site(lm, l, cfg.site)
         if l not in Cs:
             raise ConfigError(f"memit: no key second moment C for window layer {l}")
     first, last = layers[0], layers[-1]
@@ -118,7 +117,7 @@ def memit_layer_edits(lm, layers: Sequence[int], train_rows: Sequence[EditRow], 
                 st.enter_context(edit_hook(lm, cfg.site, l, e_of, p))
             st.enter_context(module_hooks(lm.sites, hooks))
             st.enter_context(prec.autocast(lm.dtype))
-            _forward(lm, tb.ids, tb.mask, tstates, first, tb.noise)
+            layer_forward(lm, tb.ids, tb.mask, tstates, first, tb.noise)
         put = lambda v: torch.zeros(n_edits, v.shape[1], device=dev).index_copy(0, e_of, v)  # noqa: E731
         return (put(seen["k"]) if "k" in seen else None), put(seen["h"])
 
@@ -145,8 +144,8 @@ def memit_layer_edits(lm, layers: Sequence[int], train_rows: Sequence[EditRow], 
         for l, p in params.items():
             st.enter_context(edit_hook(lm, cfg.site, l, sb.rows, p))
         st.enter_context(prec.autocast(lm.dtype))
-        hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, first, sb.noise)
-        post, _ = _row_terms(lm, hidden, sb, list(range(len(score_rows))))
+        hidden = layer_forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, first, sb.noise)
+        post, _ = row_terms(lm, hidden, sb, list(range(len(score_rows))))
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None,
                                "layers": layers, "z": z.cpu(), "h0": h0.cpu(), "k": ks, "r": rs,
                                "residual_left": left.cpu(), "delta_norm": delta.norm(dim=1).cpu()}

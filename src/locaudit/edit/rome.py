@@ -28,8 +28,8 @@ from typing import Sequence
 
 import torch
 
-from locaudit.edit.layer_edit import (Batch, EditRow, LayerEditConfig, LayerEdits, _forward, _prefix_states,
-                                      _row_terms, _token_counts, edit_hook, make_batch, site_module, target_loss)
+from locaudit.edit.layer_edit import (Batch, EditRow, LayerEditConfig, LayerEdits, edit_hook, layer_forward, make_batch,
+                                      prefix_states, row_terms, site_module, target_loss, token_counts)
 from locaudit.errors import ConfigError, DataError
 from locaudit.io import atomic_path, cache_dir, stable_hash
 from locaudit.models.batching import pad_id
@@ -39,7 +39,7 @@ from locaudit.models.precision import ResolvedPrecision, require_resolved
 log = logging.getLogger(__name__)
 
 
-def _check_site(lm, layer: int, site: str) -> torch.nn.Linear:
+def check_site(lm, layer: int, site: str) -> torch.nn.Linear:
     if site != "mlp_down":
         raise ConfigError(f"rome edits the MLP down-projection (site: mlp_down); site {site!r} is not supported")
     if not 0 <= int(layer) < lm.sites.n_layers:
@@ -59,7 +59,7 @@ def compute_second_moments(lm, layers: Sequence[int], windows: Sequence[Sequence
     layers = sorted({int(l) for l in layers})
     acc, n = {}, {}
     for l in layers:
-        d = _check_site(lm, l, "mlp_down").weight.shape[1]
+        d = check_site(lm, l, "mlp_down").weight.shape[1]
         acc[l] = torch.zeros(d, d, dtype=torch.float64, device=lm.device)
         n[l] = 0
 
@@ -168,7 +168,7 @@ def target_batch(lm, method: str, train_rows: Sequence[EditRow], score_rows: Seq
         raise ConfigError(f"{method}: key positions {list(key_pos)} must lie inside each target row's prompt")
     b = make_batch(list(train_rows) + list(score_rows), pad_id(lm.tokenizer), lm.device)
     with prec.autocast(lm.dtype):
-        states = _prefix_states(lm, b.ids, b.mask, first, b.noise)
+        states = prefix_states(lm, b.ids, b.mask, first, b.noise)
     nt = len(train_rows)
     tb = b.part(0, nt)
     return b, states, nt, tb, (states[:nt] if states is not None else None)
@@ -200,7 +200,7 @@ def optimise_values(lm, tb: Batch, tstates: torch.Tensor | None, from_layer: int
         return h
 
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    counts = _token_counts(tb, list(range(nt)), dev)
+    counts = token_counts(tb, list(range(nt)), dev)
     losses: list[float] = []
     was = [p.requires_grad for p in lm.model.parameters()]
     for p in lm.model.parameters():
@@ -209,8 +209,8 @@ def optimise_values(lm, tb: Batch, tstates: torch.Tensor | None, from_layer: int
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             with module_hooks(lm.sites, {at: lambda x, out: _add_at(out, add)}), prec.autocast(lm.dtype):
-                hidden = _forward(lm, tb.ids, tb.mask, tstates, from_layer, tb.noise)
-            lp, _ = _row_terms(lm, hidden, tb, list(range(nt)))
+                hidden = layer_forward(lm, tb.ids, tb.mask, tstates, from_layer, tb.noise)
+            lp, _ = row_terms(lm, hidden, tb, list(range(nt)))
             per = target_loss(problem, lp, counts, cfg.nll)
             losses.append(float(per.detach().mean()))
             if cfg.early_stop is not None and bool((per.detach() < cfg.early_stop).all()):
@@ -244,7 +244,7 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
     Returns (edits: LayerEdits(method='rome', a, b), Float[len(score_rows)] summed completion log-probs after
     the edit, info {"loss_first", "loss_last", "frozen_prefix", "k", "v", "delta_norm"})."""
     prec = require_resolved(precision, "rome")
-    W = _check_site(lm, layer, cfg.site).weight
+    W = check_site(lm, layer, cfg.site).weight
     b, states, nt, tb, tstates = target_batch(lm, "rome", train_rows, score_rows, n_edits, key_pos, layer, prec)
     dev = lm.device
     ri = torch.arange(nt, device=dev)
@@ -259,7 +259,7 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
         return None
 
     with torch.no_grad(), module_hooks(lm.sites, {("mlp_down", layer): grab}), prec.autocast(lm.dtype):
-        _forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
+        layer_forward(lm, tb.ids, tb.mask, tstates, layer, tb.noise)
     k_star = torch.zeros(n_edits, W.shape[1], device=dev).index_copy(0, e_of, seen["k"])
     wk = k_star @ W.detach().float().t()  # W k* without bias: the scale of delta
     v0 = torch.zeros(n_edits, W.shape[0], device=dev).index_copy(0, e_of, seen["v"])
@@ -272,8 +272,8 @@ def rome_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], key_pos: Seq
     sel = list(range(nt, b.ids.shape[0]))
     with torch.no_grad(), edit_hook(lm, cfg.site, layer, b.rows[nt:], params), prec.autocast(lm.dtype):
         sb = b.part(nt)
-        hidden = _forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, layer, sb.noise)
-        post, _ = _row_terms(lm, hidden, sb, list(range(len(sel))))
+        hidden = layer_forward(lm, sb.ids, sb.mask, states[nt:] if states is not None else None, layer, sb.noise)
+        post, _ = row_terms(lm, hidden, sb, list(range(len(sel))))
     return edits, post.cpu(), {"loss_first": losses[0], "loss_last": losses[-1], "frozen_prefix": states is not None,
                                "k": k_star.cpu(), "v": (v0 + d).cpu(), "delta_norm": d.norm(dim=1).cpu()}
 
