@@ -43,7 +43,6 @@ TMP_TAG = "locaudit-tmp"
 OLD_TAG = "locaudit-old"
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>locaudit-tmp|locaudit-old)-(?:h(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-"
                      r"[0-9a-z_]+(\.tmp)?$")
-_TEMP_RE = TEMP_RE  # the name edit/export.py imports until it takes TEMP_RE
 # this machine, in temporary names: a process id means something only on the machine that wrote it (run folders
 # can sit on storage that Ray workers of other machines share); another machine's leftovers go after a day
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]

@@ -505,17 +505,17 @@ def garbage_trained_edit_folder_is_retrained_not_trusted(env: Env) -> None:
     from locaudit.edit.lora import LoRAEdit
     from locaudit.heads import HeadSet
     from locaudit.io import write_checksums
-    from locaudit.study.steps import TRAINED_MARKER, _trained_ok
+    from locaudit.study.steps import TRAINED_MARKER, trained_ok
 
     d = env.tmp / "optimal"
     LoRAEdit(torch.zeros(2, 1, 8), _layer0(torch.ones(2, 1, 8)), HeadSet.parse("L0H0")).save(d)
     (d / TRAINED_MARKER).write_text("{}")
     write_checksums(d)
-    assert _trained_ok(d)
+    assert trained_ok(d)
     (d / "edit.safetensors").write_bytes(os.urandom(300))
-    assert not _trained_ok(d)
+    assert not trained_ok(d)
     (d / "checksums.json").unlink()  # a folder from before checksums: loaded, and refused as garbage
-    assert not _trained_ok(d)
+    assert not trained_ok(d)
 
 
 @case

@@ -132,7 +132,7 @@ def export_command(
 ) -> None:
     """Export an edit (ITI, optimal LoRA, or none) as a merged HF model and/or a PEFT adapter."""
     from locaudit.edit.base import load_edit
-    from locaudit.edit.export import _check_target, export_both, export_merged, export_peft
+    from locaudit.edit.export import check_target, export_both, export_merged, export_peft
     from locaudit.errors import ConfigError
     from locaudit.models.loading import resolve_device
 
@@ -171,7 +171,7 @@ def export_command(
         written = {f: str(p) for f, p in export_both(edit, lm, out, overwrite=overwrite, check=check).items()}
     else:
         f = value(fmt)
-        _check_target(Path(out), overwrite)  # refuse before any work
+        check_target(Path(out), overwrite)  # refuse before any work
         fn = export_merged if f == "merged" else export_peft
         written = {f: str(fn(edit, lm, Path(out), overwrite=overwrite, check=check))}
     if not json_out:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from locaudit.errors import ConfigError
-from locaudit.io import _TEMP_RE, atomic_dir, clean_stale_temps, replace_path, temp_sibling, write_json_atomic
+from locaudit.io import TEMP_RE, atomic_dir, clean_stale_temps, replace_path, temp_sibling, write_json_atomic
 from locaudit.models.loading import LoadedModel, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def check_fingerprint(edit, lm: LoadedModel, check: str = "error") -> str | None
     return msg
 
 
-def _check_target(out: Path, overwrite: bool) -> Path:
+def check_target(out: Path, overwrite: bool) -> Path:
     """Refuse a non-empty `out` unless `overwrite`, before any work; nothing is deleted here: the new export
     is written beside `out` and swapped in only once complete (`io.atomic_dir`). Leftovers of a killed
     export beside `out` are cleaned first, so they never block a rerun."""
@@ -250,7 +250,7 @@ def export_merged(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool
     _kind(edit)  # refuses an unknown edit kind, naming it
     verify_edit(edit, lm)  # acts only where it declares, finite and bounded, of the model's shapes
     check_fingerprint(edit, lm, check)
-    out = _check_target(Path(out), overwrite)
+    out = check_target(Path(out), overwrite)
     cfg, fresh, how = bias_config(lm, _needs_o_bias(edit, lm))
     sd = merged_state(edit, lm)
     for k, shape in fresh.items():  # zero biases the new config declares (q/k/v, unedited layers' o_proj)
@@ -287,7 +287,7 @@ def export_peft(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     tensors = {f"base_model.model.{names[l]}.{name}": t for l in layers for name, t in adapter.tensors[l].items()}
     if not layers:
         raise ConfigError(f"edit {describe_short(edit)} is zero everywhere: nothing to export as an adapter")
-    out = _check_target(Path(out), overwrite)
+    out = check_target(Path(out), overwrite)
     config = LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", lora_bias=lora_bias,
         target_modules=[names[l] for l in layers], fan_in_fan_out=bool(lm.sites.spec.conv1d),
@@ -329,7 +329,7 @@ def export_both(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export folder {out} is a file; give a folder (OUT/merged and OUT/peft go in it)")
     for f in BOTH:  # refuse before any work, as a single-format export does
-        _check_target(out / f, overwrite)
+        check_target(out / f, overwrite)
     tmp = temp_sibling(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -338,7 +338,7 @@ def export_both(edit, lm: LoadedModel, out: str | os.PathLike, overwrite: bool =
         export_peft(edit, lm, tmp / "peft", base_model_name_or_path=base_model_name_or_path, check=check)
         if out.is_dir():
             for entry in sorted(out.iterdir()):
-                if entry.name not in BOTH and not _TEMP_RE.match(entry.name):
+                if entry.name not in BOTH and not TEMP_RE.match(entry.name):
                     _carry(entry, tmp / entry.name)
         replace_path(tmp, out)
     finally:
@@ -456,7 +456,7 @@ def refuse_save(*args, **kwargs):
 
 
 __all__ = ["export_merged", "export_peft", "check_fingerprint", "edit_fingerprint", "bias_config", "merged_state",
-           "PeftAdapter", "o_proj_names", "declare_biases", "undeclare_biases", "CHECKS", "EXPORT_META"]
+           "PeftAdapter", "o_proj_names", "declare_biases", "undeclare_biases", "CHECKS", "EXPORT_META", "check_target"]
 
 
 def read_export_meta(folder: str | os.PathLike) -> dict:

@@ -184,9 +184,6 @@ def as_3d(x: Float[Tensor, "*rows dim"], batch: int) -> Float[Tensor, "batch pos
     return x.view(batch, -1, x.shape[-1]) if x.dim() == 2 else x
 
 
-_as_3d = as_3d  # the name localize/tracing.py imports until it takes as_3d
-
-
 class Capture:
     """Values of one site at chosen layers, from the forwards run through `forward` (or any forward).
 

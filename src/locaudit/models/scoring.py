@@ -155,9 +155,6 @@ def accepts_logits_to_keep(model) -> bool:
         return False
 
 
-_accepts_logits_to_keep = accepts_logits_to_keep  # the name localize/tracing.py imports until it takes the public one
-
-
 def completion_logprobs(model, batch: CompletionBatch) -> tuple[Float[Tensor, "batch"], Int[Tensor, "batch"]]:
     """Sum of completion-token log-probs and number of completion tokens.
 

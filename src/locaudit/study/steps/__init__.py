@@ -29,15 +29,14 @@ from locaudit.study.steps.context import (EvalView, RunContext, clear_contexts, 
                                           seed_everything)
 from locaudit.study.steps.evaluation import evaluate, flatten_metrics
 from locaudit.study.steps.heuristic import run_baseline, run_iti, run_select
-from locaudit.study.steps.optimal import TRAINED_MARKER, run_optimal
-from locaudit.study.steps.optimal import _trained_ok  # noqa: F401  (re-exported for tests)
+from locaudit.study.steps.optimal import TRAINED_MARKER, run_optimal, trained_ok
 from locaudit.study.trials import training_key
 from locaudit.study.steps.shared import run_collect, run_judge, run_localize, run_probe
 from locaudit.study.trials import Trial
 
 __all__ = ["STEPS", "BATCHED", "register_step", "run_group", "RunContext", "EvalView", "context", "clear_contexts",
            "load_study_model", "seed_everything", "evaluate", "flatten_metrics", "TRAINED_MARKER", "training_key",
-           "_trained_ok"]
+           "trained_ok"]
 
 # kind -> fn(ctx, trial) -> {"metrics": {...}, "artifacts": {...}}
 STEPS: dict[str, Callable] = {"collect": run_collect, "probe": run_probe, "localize": run_localize, "judge": run_judge,

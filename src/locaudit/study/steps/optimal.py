@@ -46,7 +46,7 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
     first = payload[trials[0].key]  # the group's shared settings (batch_key: all but location and lr are equal)
     heads = {t.key: ctx.heads(t) for t in trials}
     edit_dir = {t.key: ctx.run.optimal(payload[t.key].training_key()) for t in trials}
-    todo = [t for t in trials if not _trained_ok(edit_dir[t.key])]
+    todo = [t for t in trials if not trained_ok(edit_dir[t.key])]
     for t in todo:  # an untrusted folder loses its marker first: only a complete retraining restores it
         (edit_dir[t.key] / TRAINED_MARKER).unlink(missing_ok=True)
     diverged: list[str] = []
@@ -129,7 +129,7 @@ def _score_group(ctx: RunContext, ready: list[Trial], edits: dict, edit_dir: dic
     return scored, dose
 
 
-def _trained_ok(d: Path) -> bool:
+def trained_ok(d: Path) -> bool:
     """Whether a trained-edit folder can be trusted: its marker is there and its files match their
     checksums (a folder from before checksums is trusted if it loads and is finite, then sealed)."""
     if not (d / TRAINED_MARKER).exists():
