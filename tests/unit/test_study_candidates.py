@@ -65,7 +65,11 @@ def test_causal_localizers_add_candidates_with_their_own_rankings(spec) -> None:
     trials = expand(spec)
     loc = {t.content["method"]: t for t in trials if t.kind == "localize"}
     assert set(loc) == {"patching", "attribution"}
-    assert loc["patching"].content["config"] == {"corruption": "noise", "format": "plain", "max_pairs": 8, "top_k": 3}
+    from locaudit.localize.corruptions import PatchingConfig
+
+    # the whole resolved config: the study's options over the defaults
+    assert loc["patching"].content["config"] == PatchingConfig(corruption="noise", format="plain", max_pairs=8,
+                                                                top_k=3).model_dump(mode="json")
     tops = [t for t in trials if t.kind == "optimal" and t.group == "top"]
     by_rank = {t.content["localizer"].get("ranking", "probe"): t for t in tops}
     assert set(by_rank) == {"probe", "patching", "attribution"}

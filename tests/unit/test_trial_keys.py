@@ -43,7 +43,9 @@ STUDIES = {
     },
 }
 
-# (kind, key) of every trial of each study, in expansion order: computed before the typed payloads
+# (kind, key) of every trial of each study, in expansion order: computed before the typed payloads, but for the
+# localize trials and the trials that read their rankings (ITI and optimal with a ranking_trial, and their select
+# trials), re-keyed when localize trials came to hold the localizer's whole resolved config and its VERSION
 PINNED: dict[str, list[tuple[str, str]]] = {
     'plain': [
         ('collect', '3d8ace723eebfe87'), ('probe', '631866085e0db99a'), ('baseline', '23fb6a417cff5535'),
@@ -55,12 +57,12 @@ PINNED: dict[str, list[tuple[str, str]]] = {
         ('optimal', '2fa9714bae8ac53e'), ('optimal', '34a48b6f01899c4f'),
     ],
     'full': [
-        ('collect', 'c61674d847cb3808'), ('probe', 'f5d897b587fb77f7'), ('localize', '71513870d8dcc703'),
-        ('localize', '58002f25b331ec11'), ('judge', '0fffd4e1cdecaa9e'), ('baseline', '4a84298dd291428e'),
+        ('collect', 'c61674d847cb3808'), ('probe', 'f5d897b587fb77f7'), ('localize', 'a78db5cba8228442'),
+        ('localize', '406ce47e2bc3edf2'), ('judge', '0fffd4e1cdecaa9e'), ('baseline', '4a84298dd291428e'),
         ('iti', 'd1c4dc401d385abb'), ('select', 'ff80ea534b737bdc'), ('iti', 'a8444faefd742427'),
-        ('select', 'd531de488d654a5b'), ('iti', '4d9b260630df0e2b'), ('select', 'f2a001c59a5c2711'),
-        ('iti', '219af79cfa82d88f'), ('select', '974381bdec359c70'), ('iti', '1bc2e8dfa9a9e4f0'),
-        ('select', '2f6eae93cf6ce471'), ('iti', '691a7740b6f8f674'), ('select', '8ed06de6e2941288'),
+        ('select', 'd531de488d654a5b'), ('iti', 'd223658966628860'), ('select', '6f11970b003a5df8'),
+        ('iti', '6cc8febd80460ce6'), ('select', 'a55d70b537f987d2'), ('iti', '5e7ad2adf58e2b1e'),
+        ('select', 'f146b32ff0059624'), ('iti', 'b40d14d74df75aed'), ('select', '10aec194b8e4e53e'),
         ('iti', '81fb1ee49ccb4827'), ('select', '5c3e2f3788c22bfe'), ('iti', '2d92f10f5824d838'),
         ('select', '43379e7155c0a4d4'), ('iti', '950f3849391090d1'), ('select', '705dffb8e8c9411c'),
         ('iti', '27c8ba8a42c697eb'), ('select', '55fe453dba9cb7b7'), ('optimal', '99b948b2548640dc'),
@@ -69,17 +71,17 @@ PINNED: dict[str, list[tuple[str, str]]] = {
         ('select', 'ef15839fdf9cc9f7'), ('optimal', 'c9bbcaf337a3f5ea'), ('select', 'f0c18b25e5940bc2'),
         ('optimal', '9a78de211e4eb223'), ('select', 'f2319461f82141c5'), ('optimal', 'c8466d13ad7b0aab'),
         ('select', '548008b24f00e0da'), ('optimal', '32d4921f92a7a96b'), ('select', 'a88e60e37c3bd2d4'),
-        ('optimal', '397a22804640b9db'), ('select', '7e8ef18f2e559fd4'), ('optimal', '9d5a4e0f62bb8cea'),
-        ('select', '8d98011c2920ab31'), ('optimal', 'c909b84c54899203'), ('select', '0254692709b434fc'),
-        ('optimal', 'a65c0a06b658fd3d'), ('select', '5fae60593e3880f6'), ('optimal', 'be7831b465828f01'),
-        ('select', '3c471865fc9076e2'), ('optimal', '46ddb979a66c7ff6'), ('select', 'c2eab2dc27056627'),
-        ('optimal', 'd04d23e315a60e97'), ('select', '330fed08a21572fd'), ('optimal', 'a9a7784f6f6c29d0'),
-        ('select', '5dd749961e3dac6a'), ('optimal', 'ebf879dcbf7a8fe1'), ('select', 'e2be96eb27aca97e'),
-        ('optimal', '28fd26a0a5d89dab'), ('select', '9b08e94560ba6ea8'), ('optimal', 'ed521d8830461bf5'),
-        ('select', 'c95e1475d0a51f66'), ('optimal', 'ac8913da32c182da'), ('select', '4704997615ebb2cd'),
-        ('optimal', 'c488f18d8e2d1732'), ('select', '0b44d9df42ba7bc3'), ('optimal', '2c222078506c77f4'),
-        ('select', '42b67f6f1fcb3feb'), ('optimal', '3c667b22ea3a70f4'), ('select', '03bd80ac0f958d0c'),
-        ('optimal', 'abc8d9d27ee62dc6'), ('select', '0d5bef5ef8572b16'), ('optimal', '4dd2c61e42c3437b'),
+        ('optimal', '39cb617072caadbf'), ('select', 'c5ebd0d193af8d4a'), ('optimal', 'c41538fc978452fd'),
+        ('select', 'c479786a20e08a0a'), ('optimal', 'cdc393c55264268a'), ('select', '9e9247caa9223cd4'),
+        ('optimal', '721ea8f6a19108d7'), ('select', '13ed1839c725ab06'), ('optimal', '9b6a759f23975c34'),
+        ('select', '5f6f3ec09b47c581'), ('optimal', 'ec41b8fc48babee8'), ('select', 'b90844de3de9060f'),
+        ('optimal', '5972ae7d13027c11'), ('select', '2b03df9fad7a2715'), ('optimal', 'c92714b9a7150cad'),
+        ('select', '16851b0ed22c7185'), ('optimal', '75a65eb25f7787ba'), ('select', 'c317e8d5c2bae1c5'),
+        ('optimal', '70df5d658806debb'), ('select', '2299b1529f377c2f'), ('optimal', '6259cbe3506a8106'),
+        ('select', 'f367998d73924d21'), ('optimal', 'c3a3597804878755'), ('select', 'feb30a03df532ae6'),
+        ('optimal', '9224b31e36e704de'), ('select', '0c046bad50b4bf2e'), ('optimal', 'fc5caf75704d5057'),
+        ('select', '53caeffa5b1df5cc'), ('optimal', 'a86cf5dd53d89089'), ('select', 'd6167fb990e60ca0'),
+        ('optimal', 'e1aa1ea5cfe9f7cb'), ('select', '40808a368a66f902'), ('optimal', '4dd2c61e42c3437b'),
         ('select', 'c1ea28cb2efb38f8'), ('optimal', '8da0a82a4697dc1c'), ('select', '33d792d6ccdc4bbd'),
         ('optimal', '6826dcde52e65212'), ('select', '1cbdd02cbaf7d662'), ('optimal', '4f1c5e6716c57157'),
         ('select', 'e661d7923900ea53'), ('optimal', '146ec69b2d95bdde'), ('select', '9bc5f1d10f4c7e70'),
@@ -168,3 +170,64 @@ def test_bad_content_names_the_field(folder: Path) -> None:
         iti.as_(OptimalTrial)
     with pytest.raises(ConfigError, match="no payload model"):
         Trial("k", "nope", {}).payload
+
+
+def test_localize_key_holds_the_resolved_config_and_version(folder: Path) -> None:
+    """A localize trial holds every field of its localizer's config, defaults included, and its VERSION."""
+    from locaudit.localize.corruptions import PatchingConfig
+    from locaudit.localize.patching import VERSION
+
+    loc = [t for t in _trials(folder, "full") if t.kind == "localize"]
+    assert [t.content["method"] for t in loc] == ["patching", "attribution"]
+    for t in loc:
+        assert set(t.content["config"]) == set(PatchingConfig.model_fields)
+        assert t.content["version"] == VERSION
+    assert loc[0].content["config"]["positions"] == "completion"  # a default the study file leaves unset
+    assert loc[0].content["config"]["corruption"] == "noise" and loc[0].content["config"]["top_k"] == 3
+
+
+def _changed(before: list[Trial], after: list[Trial]) -> set[str]:
+    """Keys (of `before`) that differ in `after` (the two expansions list the same trials in order)."""
+    assert [t.kind for t in before] == [t.kind for t in after]
+    return {b.key for b, a in zip(before, after) if a.key != b.key}
+
+
+def _rekeyed(trials: list[Trial], methods: set[str]) -> set[str]:
+    """The keys a re-keyed localize trial of `methods` moves: itself, the trials reading its ranking, their selects."""
+    loc = {t.key for t in trials if t.kind == "localize" and t.content["method"] in methods}
+    ranked = {t.key for t in trials if t.content.get("ranking_trial") in loc}
+    return loc | ranked | {t.key for t in trials if t.kind == "select" and t.content["of"] in ranked}
+
+
+def test_a_changed_default_changes_the_localize_key(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study file leaving `positions` unset gets new localize keys (and new keys for the trials reading their
+    rankings, and their selects) when the default changes; every other trial keeps its key."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    import locaudit.localize.corruptions as corruptions
+
+    before = _trials(folder, "full")
+
+    class Later(corruptions.PatchingConfig):  # the same config with another default
+        positions: Literal["all", "prompt", "last", "completion"] = Field("last")
+
+    monkeypatch.setattr(corruptions, "PatchingConfig", Later)  # what the registry imports by name
+    after = _trials(folder, "full")
+    assert next(t for t in after if t.kind == "localize").content["config"]["positions"] == "last"
+    moved = _rekeyed(before, {"patching", "attribution"})
+    assert len(moved) > 2 and _changed(before, after) == moved
+    monkeypatch.undo()
+    assert [t.key for t in _trials(folder, "full")] == [t.key for t in before]
+
+
+def test_a_changed_version_changes_the_localize_key(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import locaudit.localize.attribution as attribution
+    import locaudit.localize.patching as patching
+
+    before = _trials(folder, "full")
+    monkeypatch.setattr(patching, "VERSION", patching.VERSION + 1)
+    assert _changed(before, _trials(folder, "full")) == _rekeyed(before, {"patching"})
+    monkeypatch.setattr(attribution, "VERSION", attribution.VERSION + 1)
+    assert _changed(before, _trials(folder, "full")) == _rekeyed(before, {"patching", "attribution"})

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from locaudit.localize.corruptions import PatchingConfig, patch_positions
 from locaudit.localize.effects import HeadEffects
 from locaudit.localize.stability import record_stability
+from locaudit.localize.patching import VERSION  # noqa: F401  (patching's corruptions and meta: one version keys both)
 from locaudit.localize.patching import PatchPlan, capture_heads, embedding_hook, pair_metric, run_meta, source_values
 from locaudit.models.interventions import as_3d, grad_hooks, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved

@@ -142,12 +142,15 @@ class ProbeTrial(TrialPayload):
 
 
 class LocalizeTrial(TrialPayload):
-    """A causal localizer's head ranking; `config` holds PatchingConfig fields, top_k and format always set."""
+    """A causal localizer's head ranking; `config` is the localizer's whole resolved config (every field, defaults
+    included) and `version` its VERSION, so a changed default or version gives a new key."""
 
     kind: Literal["localize"] = "localize"
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"version"})
     method: str
     split: str
     config: dict[str, Any]
+    version: int | None = None  # the localizer's VERSION (its module's); unset in trials of older runs
 
     @property
     def top_k(self) -> int:

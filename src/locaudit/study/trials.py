@@ -116,6 +116,20 @@ def trial_of(payload: TrialPayload, deps: tuple[str, ...] = (), batch_fields: tu
     return t
 
 
+def localize_config(method: str, options: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """A causal localizer's resolved config (every field of its config class, defaults included, as JSON values)
+    and its VERSION (the `VERSION` of the module defining its function; None where it has none): what a localize
+    trial is keyed on, so a study file that leaves a field unset gets a new key when that field's default or the
+    localizer's version changes."""
+    import inspect
+
+    from locaudit.localize.registry import causal_localizer
+
+    loc = causal_localizer(method)
+    version = getattr(inspect.getmodule(loc.fn), "VERSION", None)
+    return loc.make_config(options).model_dump(mode="json"), (int(version) if version is not None else None)
+
+
 def localizers_of(spec: StudySpec, groups: list[str], n_random: int | None = None) -> list[Localizer]:
     """The localizers of the chosen groups, in a stable order (`n_random`: only the first n random draws)."""
     L = spec.localizers
@@ -222,8 +236,9 @@ def expand(spec: StudySpec) -> list[Trial]:
         trials.append(probe)
     ranked: dict[str, str] = {}  # causal localizer -> its 'localize' trial key
     for method, c in spec.localizers.enabled_causal().items():
-        cfg = {**c.options, "format": spec.data.format, "top_k": spec.top_k_of(method)}
-        lt = trial_of(LocalizeTrial(**common, method=method, split=c.split, config=cfg))
+        cfg, version = localize_config(method, {**c.options, "format": spec.data.format,
+                                                "top_k": spec.top_k_of(method)})
+        lt = trial_of(LocalizeTrial(**common, method=method, split=c.split, config=cfg, version=version))
         trials.append(lt)
         ranked[method] = lt.key
 
