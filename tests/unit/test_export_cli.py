@@ -100,6 +100,24 @@ def test_export_run_folder_needs_a_trial_and_lists_them(tmp_path, study_run):
                            catch_exceptions=False)
 
 
+def test_run_folder_without_its_ledger_finds_the_edit_by_its_record(tmp_path, study_run):
+    """trial_edit_dir reads trials/KEY/result.json where the ledger is gone; the study's model comes from the
+    ledger's spec, and is None without a ledger (the edit's own record names the model then)."""
+    import shutil
+
+    from locaudit.cli.export import _study_model, is_run_dir, trial_edit_dir
+    from locaudit.study.rundir import LEDGER_FILE
+
+    row = next(iter(_trials_with_edits(study_run).values()))
+    assert _study_model(study_run) == "tiny:llama"
+    copy = tmp_path / "run"
+    shutil.copytree(study_run, copy)
+    (copy / LEDGER_FILE).unlink()
+    assert is_run_dir(copy) and _study_model(copy) is None
+    d, rec = trial_edit_dir(copy, row["key"][:12])
+    assert rec["key"] == row["key"] and d == copy / row["artifacts"]["edit"] and d.is_dir()
+
+
 def test_export_from_an_edit_folder(tmp_path):
     from locaudit.edit.iti import ITIEdit
     from locaudit.heads import HeadSet

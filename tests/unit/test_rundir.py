@@ -31,6 +31,17 @@ def test_has_results_and_is_run(tmp_path: Path) -> None:
     assert run.has_results()
 
 
+def test_recorded_keys_are_the_trials_with_a_record(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    assert run.recorded_keys() == []  # no trials/ yet
+    for key in ("k2", "k1", "k3"):
+        run.trial(key).mkdir(parents=True)
+    run.record("k2").write_text("{}")
+    run.record("k1").write_text("{}")
+    run.record("k3").mkdir()  # not a file: not a record
+    assert run.recorded_keys() == ["k1", "k2"]
+
+
 def test_select_trials_name_the_edit_folders_the_steps_write(tmp_path: Path) -> None:
     """A 'select' trial's edit_dir is where the ITI step saves its edit (trials/KEY/edit) or the optimal step its
     trained edit (shared/optimal-TKEY), both spelled by RunDir."""

@@ -38,10 +38,9 @@ class Format(str, Enum):
 
 def is_run_dir(path: Path) -> bool:
     """A study run folder (a ledger or trial folders), not an edit folder (meta.json)."""
-    from locaudit.study.ledger import LEDGER_FILE
+    from locaudit.study.rundir import RunDir
 
-    return path.is_dir() and not (path / "meta.json").exists() and (
-        (path / LEDGER_FILE).exists() or (path / "trials").is_dir())
+    return path.is_dir() and not (path / "meta.json").exists() and RunDir(path).is_run()
 
 
 def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
@@ -49,6 +48,7 @@ def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
     prefix or trial name). Raises ConfigError naming the trials that have edits when none matches."""
     from locaudit.errors import ConfigError
     from locaudit.study.ledger import Ledger, artifact_dir, read_trial_record
+    from locaudit.study.rundir import RunDir
 
     run_dir = Path(run_dir)
     rows: list[dict] = []
@@ -56,8 +56,8 @@ def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
         with Ledger(run_dir) as led:
             rows = led.rows(in_spec_only=False)
     except ConfigError:
-        for rec_path in sorted((run_dir / "trials").glob("*/result.json")):
-            rec, _ = read_trial_record(run_dir, rec_path.parent.name)
+        for key in RunDir(run_dir).recorded_keys():
+            rec, _ = read_trial_record(run_dir, key)
             if rec is not None:
                 rows.append(rec)
     def has_edit(r: dict) -> bool:
@@ -90,6 +90,21 @@ def trial_edit_dir(run_dir: str | Path, trial: str) -> tuple[Path, dict]:
     if d is None or not d.is_dir():
         raise ConfigError(f"{run_dir}: trial {row['key']}'s edit folder {edit!r} is missing")
     return d, row
+
+
+def _study_model(run_dir: Path) -> str | None:
+    """The model the run's recorded study spec names; None where the run records no readable spec, or a spec
+    that does not name its model (the edit's own record then says which model it was made on)."""
+    from locaudit.errors import ConfigError
+    from locaudit.study.ledger import Ledger
+    from locaudit.study.spec import spec_of_run
+
+    try:
+        with Ledger(run_dir) as led:
+            spec = spec_of_run(led.get_meta("spec", {}), f"{run_dir}: the ledger's study spec")
+    except ConfigError:
+        return None
+    return spec.model.name if "model" in spec.model_fields_set else None
 
 
 def _recorded_model(edit) -> str | None:
@@ -147,14 +162,7 @@ def export_command(
             except ConfigError as e:
                 raise ConfigError(f"{source} is a study run folder: pass --trial KEY ({str(e).split('; ', 1)[-1]})")
         edit_dir, row = trial_edit_dir(source, trial)
-        from locaudit.study.ledger import Ledger
-
-        try:
-            with Ledger(source) as led:
-                spec = led.get_meta("spec", {}) or {}
-        except ConfigError:
-            spec = {}
-        study_model = (spec.get("model") or {}).get("name") if isinstance(spec, dict) else None
+        study_model = _study_model(source)
         if not json_out:
             typer.echo(f"trial {row['key']} ({row.get('name')}): edit {edit_dir}")
     else:

@@ -74,6 +74,10 @@ class RunDir:
     def trials(self) -> Path:
         return self.root / TRIALS
 
+    def recorded_keys(self) -> list[str]:
+        """The keys of the trials that have a record (trials/KEY/result.json), sorted."""
+        return sorted(p.parent.name for p in self.trials.glob(f"*/{RECORD_FILE}") if p.is_file())
+
     def has_results(self) -> bool:
         """Whether trials/ or shared/ holds anything."""
         return any((self.root / sub).is_dir() and any((self.root / sub).iterdir()) for sub in (TRIALS, SHARED))
