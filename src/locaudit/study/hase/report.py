@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from locaudit.study.hase.analysis import MEASURES, argmax_vs_random, measure_r2,
 from locaudit.study.hase.run import META_KEY, read_data
 from locaudit.study.hase.spec import HaseSpec
 from locaudit.study.ledger import Ledger
+
+log = logging.getLogger(__name__)
 
 
 def _plt():
@@ -53,6 +56,22 @@ def collect(run_dir: Path) -> tuple[HaseSpec, dict | None, dict | None, pd.DataF
     return spec, facts, tracing, pd.DataFrame(edits), counts
 
 
+def finite_rows(d: pd.DataFrame, what: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows of `d` (fact, layer, tracing, success) with a finite tracing effect and success, and the counts of
+    those left out: rows, and facts left with no row (a fact whose tracing is NaN at every layer: no corrupted run,
+    as under symmetric replacement without a partner, or a one-token subject at a clean position 0). A warning
+    names the counts."""
+    ok = np.isfinite(d["tracing"].to_numpy(dtype=float)) & np.isfinite(d["success"].to_numpy(dtype=float))
+    kept = d[ok]
+    counts = {"n_rows_skipped": int((~ok).sum()),
+              "n_facts_skipped": int(d["fact"].nunique() - kept["fact"].nunique())}
+    if counts["n_rows_skipped"]:
+        log.warning("%s: %d of %d (fact, layer) rows have no finite tracing effect or success and are left out of "
+                    "the analysis (%d fact(s) entirely)", what, counts["n_rows_skipped"], len(d),
+                    counts["n_facts_skipped"])
+    return kept, counts
+
+
 def analyze(spec: HaseSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     """The R^2 table and the verdicts, per (problem, method)."""
     kind = spec.tracing_kind(spec.editing.config(spec.editing.methods[0]).site)
@@ -64,14 +83,17 @@ def analyze(spec: HaseSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]
         col = f"tracing_{kind}"
         if col not in g:
             continue
-        d = pd.DataFrame({"fact": g["fact"], "layer": g["layer"], "tracing": g[col], "success": g[A.success]})
+        d = pd.DataFrame({"fact": g["fact"], "layer": g["layer"], "tracing": pd.to_numeric(g[col], errors="coerce"),
+                          "success": pd.to_numeric(g[A.success], errors="coerce")})
+        d, skipped = finite_rows(d, f"{problem} {method}")
         if d["layer"].nunique() < 2 or d["fact"].nunique() < 3:
             continue
         res = regressions(d, A.bootstrap, A.seed)
         for row in res.rows():
             tables.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **row})
         v = argmax_vs_random(d, A.bootstrap, A.alpha, A.margin, A.seed, n_perm=A.permutations)
-        verdicts.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **v})
+        verdicts.append({"problem": problem, "method": method, "tracing_kind": kind, "success": A.success, **v,
+                         **skipped})
     return pd.DataFrame(tables), verdicts
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +65,23 @@ def expand_hase(spec: HaseSpec, n_layers: int) -> list[HaseTrial]:
     out = [facts, trace]
     for problem in spec.editing.problems:
         for method in spec.editing.methods:
-            cfg = spec.editing.config(method).key_dump()  # old studies keep their trial keys
+            cfg = edit_key_config(spec.editing.config(method).key_dump(), problem)
             for layer in spread_order(layers):
                 out.append(_trial("hase_edit", {**ident, "facts_trial": facts.key, "trace_trial": trace.key,
                                                 "problem": problem, "method": method, "layer": layer,
                                                 "config": cfg}, (facts.key, trace.key)))
     return out
+
+
+FORCING_ONLY = ("forcing", "forcing_samples")  # editor settings that only fact forcing reads
+
+
+def edit_key_config(cfg: dict, problem: str) -> dict:
+    """The editor settings an edit trial of `problem` hashes (`cfg`: LayerEditConfig.key_dump(), which leaves newer
+    fields out at their defaults, so old studies keep their keys): the fact-forcing-only settings (`forcing`,
+    `forcing_samples`) only for fact_forcing, so setting them leaves the keys of every other problem's trials as
+    they were."""
+    return cfg if problem == "fact_forcing" else {k: v for k, v in cfg.items() if k not in FORCING_ONLY}
 
 
 def spread_order(layers: list[int]) -> list[int]:
@@ -192,9 +204,38 @@ def run_hase(spec: HaseSpec, run_dir: str | Path, lm=None, max_trials: int | Non
     return {"counts": summary.counts, "ran": summary.names, "wall_s": summary.wall_s}
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _finite_mean(xs) -> float:
-    v = [x for x in xs if x is not None and x == x and abs(x) != float("inf")]
-    return sum(v) / len(v) if v else 0.0
+    """The mean of the finite values (NaN, inf and null, a NaN written to JSON, left out); NaN where none is."""
+    v = [float(x) for x in xs if _finite(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def max_effect(effects) -> float:
+    """A fact's largest finite tracing effect; NaN where none is finite (no corrupted run: symmetric replacement
+    without a partner, or a one-token subject at a clean position 0)."""
+    v = [float(e) for e in effects if _finite(e)]
+    return max(v) if v else float("nan")
+
+
+def recordable(metrics: dict) -> dict:
+    """`metrics` without its NaN values (the ledger records finite numbers only; a left-out metric is one no fact
+    gave a value for, and the counts beside it say how many facts had none)."""
+    return {k: v for k, v in metrics.items() if _finite(v)}
+
+
+def trace_metrics(tr: dict, kinds) -> dict:
+    """The trace trial's metrics: per tracing kind, the mean over facts of each fact's largest effect (facts with no
+    finite effect left out, and counted in n_untraced_KIND; the mean left out where no fact has one), and n_facts."""
+    out: dict[str, float] = {"n_facts": float(len(tr["facts"]))}
+    for k in kinds:
+        m = [max_effect(v["effects"].get(k, [])) for v in tr["facts"].values()]
+        out[f"mean_max_effect_{k}"] = _finite_mean(m)
+        out[f"n_untraced_{k}"] = float(sum(not _finite(x) for x in m))
+    return recordable(out)
 
 
 def _run_trial(t: HaseTrial, spec: HaseSpec, lm, run_dir: Path, out: Path, precision, steps) -> dict:
@@ -213,13 +254,10 @@ def _run_trial(t: HaseTrial, spec: HaseSpec, lm, run_dir: Path, out: Path, preci
         facts = [Fact.from_dict(d) for d in facts_data["facts"]]
         tr = steps.run_tracing(lm, spec, facts, t.content["layers"], precision, progress=False)
         write_json_atomic(out / "tracing.json", tr)
-        kinds = spec.tracing.kinds
-        return {f"mean_max_effect_{k}": _finite_mean([max(e for e in v["effects"][k] if e == e)
-                                                      for v in tr["facts"].values()]) for k in kinds} | \
-            {"n_facts": float(len(facts))}
+        return trace_metrics(tr, spec.tracing.kinds)
     tracing = read_data(run_dir, t.content["trace_trial"], "tracing.json")
     rows = steps.edit_at_layer(lm, spec, facts_data, tracing, t.content["problem"], t.content["method"],
                                t.content["layer"], precision, progress=False)
     write_json_atomic(out / "edits.json", rows)
-    return {"rewrite_score": _finite_mean([r["rewrite_score"] for r in rows]),
-            "efficacy": _finite_mean([r["efficacy"] for r in rows]), "n_facts": float(len(rows))}
+    return recordable({"rewrite_score": _finite_mean([r["rewrite_score"] for r in rows]),
+                       "efficacy": _finite_mean([r["efficacy"] for r in rows]), "n_facts": float(len(rows))})
