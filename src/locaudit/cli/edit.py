@@ -9,12 +9,10 @@ from typing import Optional
 
 import typer
 
-from locaudit.cli.options import (
-    DType, data_option, device_option, dtype_option,
-    format_option, max_questions_option, model_option, precision_option,
-    seed_option, value,
-)
 from locaudit.cli import options as opt
+from locaudit.cli.options import (DType, config_option, data_option, device_option, dtype_option, format_option,
+                                  max_questions_option, model_option, precision_option, seed_option, value)
+from locaudit.edit.config import TrainConfig
 from locaudit.models.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -34,19 +32,16 @@ def edit(
                               "random16@3-top16, single@5, L12, L12H3,L20H1 or all."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="Folder written by `locaudit probe`; its "
                                          "ranking resolves topK head sets."),
-    objective: str = typer.Option("ipo", "--objective", help="ipo (the paper's), dpo or sft (NLL of the "
-                                  "preferred answer, a sanity baseline)."),
-    tau: float = typer.Option(0.1, "--tau", **opt.positive("--tau"), help="IPO tau: the target average log-ratio gap is 1/(2 tau)."),
-    beta: float = typer.Option(0.1, "--beta", **opt.positive("--beta"), help="DPO beta."),
-    lr: Optional[float] = typer.Option(None, "--lr", **opt.positive("--lr"), help="Learning rate; default follows the paper by "
-                                       "head-set size (2e-3 one head, 5e-4 16 heads, 1e-4 all heads)."),
-    epochs: int = typer.Option(2, "--epochs", **opt.count("--epochs"), help="Passes over the training pairs."),
-    batch_size: int = typer.Option(4, "--batch-size", **opt.count("--batch-size"), help="Preference pairs per micro-batch."),
-    grad_accum: int = typer.Option(1, "--grad-accum", **opt.count("--grad-accum"), help="Micro-batches per optimizer step."),
-    rank: int = typer.Option(1, "--rank", **opt.count("--rank"), help="Rank r of the edit."),
-    reparam: bool = typer.Option(True, "--reparam/--plain", help="Reparameterised <a,o> W b (the paper's) "
-                                 "or plain LoRA <a,o> b'."),
-    train_seed: int = typer.Option(0, "--train-seed", **opt.seed_range("--train-seed"), help="Seed of the initialisation and batch order."),
+    objective: str = config_option(TrainConfig, "objective", "--objective"),
+    tau: float = config_option(TrainConfig, "tau", "--tau"),
+    beta: float = config_option(TrainConfig, "beta", "--beta"),
+    lr: Optional[float] = config_option(TrainConfig, "lr", "--lr"),
+    epochs: int = config_option(TrainConfig, "epochs", "--epochs"),
+    batch_size: int = config_option(TrainConfig, "batch_size", "--batch-size"),
+    grad_accum: int = config_option(TrainConfig, "grad_accum", "--grad-accum"),
+    rank: int = config_option(TrainConfig, "rank", "--rank"),
+    reparam: bool = config_option(TrainConfig, "reparam", "--reparam/--plain"),
+    train_seed: int = config_option(TrainConfig, "seed", "--train-seed"),
     seed: int = seed_option(),
     max_questions: Optional[int] = max_questions_option(),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", **opt.count("--max-pairs"), help="Seeded subset of training pairs."),
@@ -54,10 +49,9 @@ def edit(
     val_split: str = typer.Option("val", "--val-split", help="Held-out split for validation loss and "
                                   "preference accuracy: val or test."),
     fmt: str = format_option(),
-    max_length: int = typer.Option(256, "--max-length", **opt.count("--max-length", 8), help="Maximum tokens of prompt + answer."),
+    max_length: int = config_option(TrainConfig, "max_length", "--max-length"),
     precision: Precision = precision_option(),
-    frozen_prefix: bool = typer.Option(True, "--frozen-prefix/--no-frozen-prefix", help="Cache the states "
-                                       "below the lowest edited layer and run only the layers above."),
+    frozen_prefix: bool = config_option(TrainConfig, "frozen_prefix", "--frozen-prefix/--no-frozen-prefix"),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", help="Gradient "
                                                  "checkpointing: recompute layer activations in the backward pass "
                                                  "(less training memory for more time: "
@@ -70,14 +64,13 @@ def edit(
                                                "on o_proj."),
     dtype: DType = dtype_option(),
     device: str = device_option(),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = config_option(TrainConfig, "progress", "--progress/--no-progress"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
                                            "checkpoint (off by default; only for models you trust)."),
 ) -> None:
     """Train an optimal localized edit at a head set on preference pairs and save it."""
     from locaudit.data.behaviour import load_behaviour
     from locaudit.data.prompts import PromptFormat
-    from locaudit.edit.config import TrainConfig
     from locaudit.edit.train import train_edit
     from locaudit.errors import ConfigError
     from locaudit.heads import HeadSet

@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import re
 from enum import Enum
+from typing import get_args
 
+import annotated_types as at
 import typer
 
 from locaudit.errors import LocauditError
+from locaudit.fields import config_field, described
 from locaudit.models.precision import Precision
 
 PRECISION_HELP = ("Compute precision: auto (bf16 on GPUs with bf16, and on CPUs with AMX or AVX512-BF16 where a "
@@ -189,6 +192,24 @@ def bounded(option: str, bound: float) -> dict:
 # shift alpha * sigma * u is hundreds of times a head's whole activation spread: no steering experiment, only a
 # path to fp16 overflow (edit/base.MAX_EDIT_VALUE bounds |alpha * theta| itself, for any alpha)
 MAX_ALPHA = 1e3
+
+
+# ---------------------------------------------------------------------------------------------- config fields
+def config_option(config, name: str, *flags: str, note: str = ""):
+    """An option that sets `config`'s field `name` (a pydantic config: TrainConfig, EvalConfig): the field's
+    default, its description as the help (then `note`) and, for a number, its range (ge/gt/le/lt) as the type."""
+    fi = config_field(config, name)
+    kinds = {k for k in (get_args(fi.annotation) or (fi.annotation,)) if k is not type(None)}
+    rng: dict = {}
+    if kinds in ({int}, {float}):
+        bound = {"lo": None, "hi": None, "lo_open": False, "hi_open": False}
+        for m in fi.metadata:
+            if isinstance(m, (at.Ge, at.Gt)):
+                bound.update(lo=getattr(m, "ge", getattr(m, "gt", None)), lo_open=isinstance(m, at.Gt))
+            elif isinstance(m, (at.Le, at.Lt)):
+                bound.update(hi=getattr(m, "le", getattr(m, "lt", None)), hi_open=isinstance(m, at.Lt))
+        rng = _number(flags[0].split("/")[0], kind=kinds.pop(), **bound)
+    return typer.Option(fi.default, *flags, help=described(config, name, note), **rng)
 
 
 def value(x) -> str:

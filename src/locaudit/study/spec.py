@@ -22,7 +22,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from locaudit.edit.config import TrainConfig
 from locaudit.errors import ConfigError
+from locaudit.evaluate.runner import EvalConfig
+from locaudit.fields import from_config
 from locaudit.models.precision import PrecisionName
 from locaudit.io import file_sha256, stable_hash
 
@@ -239,10 +242,11 @@ class OptimalSpec(_Strict):
     taus: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="IPO tau grid.")
     lr: LRGrid = Field(default_factory=LRGrid, description="Learning-rate grid per localizer group (paper: "
                        "1e-4 all heads, 5e-4 16 heads, 2e-3 one head).")
-    objective: Literal["ipo", "dpo", "sft"] = Field("ipo", description="Training objective.")
-    rank: int = Field(1, ge=1, description="LoRA rank (1 in the paper).")
-    epochs: int = Field(2, ge=1, description="Epochs over the training pairs.")
-    batch_size: int = Field(4, ge=1, description="Pairs per optimiser step.")
+    # TrainConfig's own fields, set by name (their type, default, range and description are TrainConfig's)
+    objective: from_config(TrainConfig, "objective")
+    rank: from_config(TrainConfig, "rank")
+    epochs: from_config(TrainConfig, "epochs")
+    batch_size: from_config(TrainConfig, "batch_size")
     max_train_pairs: int | None = Field(None, ge=1, description="Subsample the training pairs (seeded by data.seed).")
     max_val_pairs: int | None = Field(256, ge=1, description="Subsample the validation pairs (training curve only).")
     train_options: dict[str, Any] = Field(default_factory=dict, description="Further TrainConfig fields "
@@ -267,16 +271,12 @@ class OptimalSpec(_Strict):
     @field_validator("dose_steps")
     @classmethod
     def _dose_steps(cls, v: list[float]) -> list[float]:
-        from locaudit.edit.config import TrainConfig
-
         check_config_fields(TrainConfig, {"snapshot_steps": v}, set(), "", "TrainConfig field")
         return v
 
     @field_validator("train_options")
     @classmethod
     def _train_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from locaudit.edit.config import TrainConfig
-
         check_config_fields(TrainConfig, v, {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed",
                                              "progress", "precision", "snapshot_steps"},
                             "the study's own fields (taus, lr, rank, dose_steps, ...)", "TrainConfig field")
@@ -291,6 +291,9 @@ EVAL_NOT_IN_KEYS = ("format", "precision", "batch_size", "gen_batch_size", "prog
 EVAL_KEYED_IF_SET = ("gen_max_questions",)
 
 
+SPEED_ONLY = "Speed only: not part of trial keys."
+
+
 class EvalSpec(_Strict):
     """How edits are scored. Further keys are EvalConfig fields (evaluate/runner.py): protocol, kl_text,
     kl_max_tokens, judge_threshold, max_length, ... (the same validated config as the Python API)."""
@@ -302,10 +305,11 @@ class EvalSpec(_Strict):
                               "${VAR:-default} expands.")
     split: Literal["train", "val", "test"] = Field("test", description="Questions to evaluate on.")
     max_questions: int | None = Field(None, ge=1, description="Evaluate on the first N questions of the split.")
-    max_new_tokens: int = Field(50, ge=1, description="Greedy generation length.")
-    mc_primer: bool = Field(False, description="TruthfulQA's six-shot QA primer before each MC prompt.")
-    batch_size: int = Field(32, ge=1, description="Scoring batch size (speed only).")
-    gen_batch_size: int = Field(16, ge=1, description="Generation batch size (speed only).")
+    # EvalConfig's own fields, set by name (their type, default, range and description are EvalConfig's)
+    max_new_tokens: from_config(EvalConfig, "max_new_tokens")
+    mc_primer: from_config(EvalConfig, "mc_primer")
+    batch_size: from_config(EvalConfig, "batch_size", SPEED_ONLY)
+    gen_batch_size: from_config(EvalConfig, "gen_batch_size", SPEED_ONLY)
     baseline: bool = Field(True, description="Also evaluate the unedited model.")
     selection: Literal["validation", "cross-fit"] = Field(
         "validation", description="How each location's grid point (alpha; tau x lr) is chosen when it has more "
@@ -318,8 +322,6 @@ class EvalSpec(_Strict):
 
     @model_validator(mode="after")
     def _config_fields(self) -> "EvalSpec":
-        from locaudit.evaluate.runner import EvalConfig
-
         check_config_fields(EvalConfig, dict(self.model_extra or {}), {"format", "precision", "progress"},
                             "the study (data.format, precision)", "evaluation field",
                             known=set(type(self).model_fields) | set(EvalConfig.model_fields) - set(EVAL_NOT_IN_KEYS))
@@ -490,8 +492,6 @@ class StudySpec(_Strict):
 
     def resolved_kl_text(self) -> str | None:
         """evaluation.kl_text with ${VAR} expanded and a file path made absolute; a corpus name as it is."""
-        from locaudit.evaluate.runner import EvalConfig
-
         t = self.evaluation.config_fields().get("kl_text", EvalConfig.model_fields["kl_text"].default)
         if t is None:
             return None
@@ -502,8 +502,6 @@ class StudySpec(_Strict):
     def eval_protocol(self) -> dict[str, Any]:
         """Every result-defining EvalConfig field, defaults included, as trial keys hash it (a KL text
         file by its content, so moving it keeps keys and editing it changes them)."""
-        from locaudit.evaluate.runner import EvalConfig
-
         cfg = EvalConfig(**self.evaluation.config_fields()).model_dump(mode="json")
         out = {k: v for k, v in sorted(cfg.items())
                if k not in EVAL_NOT_IN_KEYS and not (k in EVAL_KEYED_IF_SET and v is None)}
