@@ -14,6 +14,7 @@ import torch
 
 from locaudit.errors import ConfigError
 from locaudit.localize.effects import HeadEffects
+from locaudit.localize.stability import record_stability, topk_stability
 from locaudit.study.analysis import analyze, candidates, for_candidate, results_frame
 from locaudit.study.ledger import Ledger
 from locaudit.study.report import build_report
@@ -42,7 +43,11 @@ def fake(trials, spec, run_dir):
         if t.kind == "localize":
             out = Path(run_dir) / "shared" / f"localize-{t.key}"
             g = torch.Generator().manual_seed(0 if t.content["method"] == "patching" else 1)
-            HeadEffects(torch.randn(3, 4, generator=g), torch.full((3, 4), 0.1), 8, t.content["method"]).save(out)
+            meta = {}
+            if t.content["method"] == "patching":  # patching's result carries its split-half stability
+                record_stability(meta, torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(2)), 3, "abs", 0)
+            HeadEffects(torch.randn(3, 4, generator=g), torch.full((3, 4), 0.1), 8, t.content["method"],
+                        meta=meta).save(out)
             yield t.key, {"metrics": {"n_pairs": 8.0}, "artifacts": {"localize": str(out.relative_to(run_dir))}}
             continue
         if t.kind in ("collect", "probe"):
@@ -125,3 +130,30 @@ def test_each_candidate_is_judged_against_the_same_draws(tmp_path: Path, spec) -
     assert "gatekeeping across 3 localizers" in v["localizers"]["probe"]["headline"]
     html = rep.index.read_text()
     assert "Localizers side by side" in html and "Agreement between localizers" in html
+    # each causal localizer's top-K stability, in the report's localizers section and in verdict.json
+    assert "Stability of the localizers' top-K" in html
+    st = pd.read_csv(rep.out_dir / "localizer_stability.csv").set_index("localizer")
+    want = topk_stability(torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(2)), 3, "abs", 0)
+    assert st.loc["patching", "overlap"] == pytest.approx(want["overlap"])
+    assert st.loc["patching", "spearman"] == pytest.approx(want["spearman"])
+    assert st.loc["patching", "k"] == 3 and st.loc["patching", "chance"] == pytest.approx(3 / 12)
+    assert st.loc["patching", "top_all"] == " ".join(want["top_all"])
+    assert "no stability" in st.loc["attribution", "note"] and "probe" not in st.index
+    vs = {r["localizer"]: r for r in v["localizer_stability"]}
+    assert vs["patching"]["jaccard"] == pytest.approx(want["jaccard"]) and "note" in vs["attribution"]
+
+
+def test_top_k_comes_from_the_runs_spec(tmp_path: Path, spec) -> None:
+    """A candidate's K is the run's StudySpec's (top_k_of), not a fixed fallback; without a spec, the K its trial
+    recorded."""
+    from locaudit.study.candidates import rankings_of_run
+
+    out = tmp_path / "loc"
+    HeadEffects(torch.randn(3, 4), torch.full((3, 4), 0.1), 8, "patching").save(out)
+    rows = [{"kind": "localize", "status": "done", "artifacts": {"localize": "loc"},
+             "spec": {"content": {"method": "patching", "config": {}}}},
+            {"kind": "localize", "status": "done", "artifacts": {"localize": "loc"},
+             "spec": {"content": {"method": "attribution", "config": {"top_k": 5}}}}]
+    got = rankings_of_run(tmp_path, rows, study=spec)
+    assert got["patching"]["top_k"] == 3 and got["attribution"]["top_k"] == 3  # the spec's, over the recorded 5
+    assert rankings_of_run(tmp_path, rows)["attribution"]["top_k"] == 5

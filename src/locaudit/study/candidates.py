@@ -5,7 +5,8 @@ attribution patching). Every candidate's top-K set is edited like the probe's an
 SAME random draws, full alignment and unedited model (`analysis.for_candidate`). Tested against the same
 null, the localizers form one family, by serial gatekeeping: the primary localizer (the probe) first, in its
 own headline family; the others only when it passes all its tests, together in one family (`side_by_side`). Agreement between localizers (Jaccard of top-K sets, Spearman over all heads) is set
-against what two random K-sets / rankings give (hypergeometric and Monte-Carlo nulls).
+against what two random K-sets / rankings give (hypergeometric and Monte-Carlo nulls); each causal localizer's
+top-K stability between disjoint halves of its pairs (`stability_rows`) says how far its own ranking can be trusted.
 """
 
 from __future__ import annotations
@@ -16,20 +17,34 @@ from typing import Any
 
 import pandas as pd
 
+from locaudit.errors import ConfigError
 from locaudit.study.analysis import analyze, candidates, for_candidate, primary_metric, verdict
-from locaudit.study.spec import VerdictSpec
+from locaudit.study.spec import ProbeSpec, StudySpec, VerdictSpec
 from locaudit.study.stats import gatekeeping
 
 log = logging.getLogger(__name__)
 
 
-def rankings_of_run(run_dir: Path, rows: list[dict], probe=None, notes: list[str] | None = None) -> dict[str, dict]:
+def _top_k(study: StudySpec | None, localizer: str, recorded: Any) -> int:
+    """K of a localizer's candidate set: the run's StudySpec's (StudySpec.top_k_of), else the K its result recorded
+    (a localize trial's config always holds top_k), else the probe's default."""
+    if study is not None:
+        try:
+            return study.top_k_of(localizer)
+        except ConfigError:  # a localizer the run's spec no longer enables: the K its trial ran with
+            pass
+    return int(recorded) if recorded is not None else ProbeSpec().top_k
+
+
+def rankings_of_run(run_dir: Path, rows: list[dict], probe=None, notes: list[str] | None = None,
+                    study: StudySpec | None = None) -> dict[str, dict]:
     """{localizer: {"ranking": [(l, h), ...] best first, "shape": (L, H), "top_k": K}} for the probe and every
-    finished causal localizer trial of a run; an unreadable folder is skipped and named in `notes`."""
+    finished causal localizer trial of a run (K from the run's `study` spec); an unreadable folder is skipped and
+    named in `notes`."""
     out: dict[str, dict] = {}
     if probe is not None:
         out["probe"] = {"ranking": probe.ranking(), "shape": tuple(probe.val_acc.shape),
-                        "top_k": int(probe.meta.get("top_k", 16))}
+                        "top_k": _top_k(study, "probe", probe.meta.get("top_k"))}
     for r in rows:
         if r["kind"] != "localize" or r["status"] != "done" or not (r.get("artifacts") or {}).get("localize"):
             continue
@@ -45,9 +60,37 @@ def rankings_of_run(run_dir: Path, rows: list[dict], probe=None, notes: list[str
             if notes is not None:
                 notes.append(msg)
             continue
-        out[str(content.get("method", path.name))] = {
-            "ranking": eff.ranking(), "shape": eff.shape, "effects": eff,
-            "top_k": int((content.get("config") or {}).get("top_k", 16))}
+        name = str(content.get("method", path.name))
+        out[name] = {"ranking": eff.ranking(), "shape": eff.shape, "effects": eff,
+                     "top_k": _top_k(study, name, (content.get("config") or {}).get("top_k"))}
+    return out
+
+
+STABILITY_KEY = ["localizer", "k", "n_pairs", "half_pairs", "overlap", "chance", "jaccard", "spearman"]
+
+
+def stability_rows(rankings: dict[str, dict]) -> list[dict]:
+    """Each causal localizer's top-K stability between two disjoint halves of its pairs (localize/stability.py,
+    the result's meta["stability"]): overlap of the halves' top-K sets (with its chance level K / heads), Jaccard,
+    Spearman over all heads, the full sample's top-K and its layer histogram. A localizer whose result has none
+    (results of older versions; fewer than 2 pairs; no per-pair effects) gets a row with a note."""
+    out = []
+    for name, r in rankings.items():
+        eff = r.get("effects")
+        if eff is None:  # the probe: no pair halves
+            continue
+        st = eff.meta.get("stability")
+        if not isinstance(st, dict) or "overlap" not in st:
+            note = st.get("note") if isinstance(st, dict) else None
+            out.append({"localizer": name, "note": note or "no stability in this result (computed from localizer "
+                        "version 2 on, with the per-pair effects kept)"})
+            continue
+        out.append({"localizer": name, **{k: st.get(k) for k in STABILITY_KEY[1:]},
+                    "top_all": " ".join(st.get("top_all") or []), "top_a": " ".join(st.get("top_a") or []),
+                    "top_b": " ".join(st.get("top_b") or []),
+                    "layer_hist": " ".join(f"L{l}:{c}" for l, c in enumerate((st.get("layer_hist") or {}).get("all")
+                                                                              or []) if c),
+                    "seed": st.get("seed"), "rank_by": st.get("rank_by")})
     return out
 
 

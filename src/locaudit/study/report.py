@@ -11,6 +11,8 @@
   selected.csv      every location at the grid point chosen for it (not on the reported data)
   flags.csv         random draws that coincide with, overlap or duplicate other locations
   timing.csv        trials, wall and CPU seconds per trial kind
+  localizers.csv, agreement.csv, localizer_stability.csv   with causal localizers: each one's verdict, their
+                    agreement, and each one's top-K stability between disjoint halves of its pairs
   verdict.json      the verdict, its lines and its numbers (strict JSON: NaN is null)
 The outcomes (evidence for / suggestive / evidence against / inconclusive / no signal) are defined in
 docs/verdict.md; verdict.json also carries the pre-registered settings and any deviation from them.
@@ -35,7 +37,7 @@ from locaudit.io import (atomic_path, follow_umask, replace_path, staging_dir, w
 from locaudit.study import figures as F
 from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_candidate, load_per_question, metric_columns,
                                      results_frame, trials_frame, verdict)
-from locaudit.study.candidates import agreement_rows, rankings_of_run, side_by_side
+from locaudit.study.candidates import STABILITY_KEY, agreement_rows, rankings_of_run, side_by_side, stability_rows
 from locaudit.study.dose_report import CAPTIONS as DOSE_CAPTIONS, dose_section, insert_section, learning_figure
 from locaudit.study.ledger import LEDGER_FILE, Ledger
 from locaudit.study.preregistration import FIELDS, KEY as PREREG_KEY, deviations, judge_record
@@ -379,9 +381,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     if pre is None:
         notes.append("This run's ledger has no pre-registered verdict settings (runs started before they were "
                      "recorded): nothing to compare the analysis with.")
-    rankings = rankings_of_run(run_dir, rows, probe, notes)
+    rankings = rankings_of_run(run_dir, rows, probe, notes, study)
     side, per_candidate = side_by_side(res, perq, cfg, rankings, n_resamples, max_overlap)
     agree = agreement_rows(rankings) if len(rankings) > 1 else []
+    stability = stability_rows(rankings)
+    if stability:
+        tables["localizer_stability.csv"] = _write_df(pd.DataFrame(stability), out / "localizer_stability.csv")
     if side:
         tables["localizers.csv"] = _write_df(pd.DataFrame(side), out / "localizers.csv")
     if agree:
@@ -397,6 +402,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
           "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
           "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
           "localizers": per_candidate, "localizer_table": side, "agreement": agree,
+          "localizer_stability": stability,
           "judge": ({**rejudged, "rejudged": True} if rejudged else
                     {"judge": own_judge.get("resolved"), "written": own_judge.get("written"), "rejudged": False}),
           "preregistered": pre, "analysed": {**{k: getattr(cfg, k) for k in FIELDS}, "verdict": cfg.model_dump(),
@@ -414,7 +420,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
         figs["learning_curves"] = lc
     index = out / "index.html"
     page = _html(study, counts, all_df, res, comp, singles, v, figs, a, machine, notes, side, per_candidate, agree,
-                 used_judge)
+                 used_judge, stability)
     write_text_atomic(index, insert_section(page, dose.html(_table)) if dose is not None else page)
     return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
 
@@ -438,7 +444,7 @@ def _put_in_place(rep: Report, final: Path) -> Report:
 def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
           singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
           notes: list[str] | None = None, side: list[dict] | None = None, per_candidate: dict | None = None,
-          agree: list[dict] | None = None, judge: str | None = None) -> str:
+          agree: list[dict] | None = None, judge: str | None = None, stability: list[dict] | None = None) -> str:
     name = html.escape(spec.name if spec is not None else "study")
     model_name, dtype = (spec.model.name, spec.model.dtype) if spec is not None else ("?", "?")
     data = spec.data if spec is not None else None
@@ -492,6 +498,13 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
             "(hypergeometric: mean and 95th percentile of the Jaccard, p = P(overlap >= observed)) and two random "
             "rankings (Monte-Carlo 95th percentile of Spearman).") + "</p>"
             + _key_table(pd.DataFrame(agree), AGREEMENT_KEY, csv="agreement.csv"))
+    if stability:
+        parts.append("<h2>Stability of the localizers' top-K</h2><p class='muted'>" + html.escape(
+            "Each causal localizer's pairs split into two disjoint, seeded halves, heads ranked on each: overlap = "
+            "the share of the top-K the halves share (chance = K / heads: two random K-sets), Jaccard of the two "
+            "top-K sets, Spearman of the halves' scores over all heads. Each half has half the pairs, so this is a "
+            "lower bound on the stability of the ranking from all pairs.") + "</p>"
+            + _key_table(pd.DataFrame(stability), STABILITY_KEY + ["note"], csv="localizer_stability.csv"))
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for k, p in figs.items():
