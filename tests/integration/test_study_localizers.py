@@ -46,3 +46,15 @@ def test_causal_candidates_are_edited_at_their_localizers_top_heads(tmp_path: Pa
         assert t.content["ranking_trial"] == lt.key
         got = sorted(tuple(map(int, m)) for m in re.findall(r"L(\d+)H(\d+)", rows[t.key]["artifacts"]["heads"]))
         assert got == sorted((int(l), int(h)) for l, h in ranking[:2])
+    # the report's localizers section: each localizer's split-half stability from its own result, K from the spec
+    import json
+
+    from locaudit.study.report import build_report
+
+    rep = build_report(tmp_path / "run", n_resamples=99)
+    st = {r["localizer"]: r for r in json.loads((rep.out_dir / "verdict.json").read_text())["localizer_stability"]}
+    assert set(st) == {"patching", "attribution"}
+    for method, lt in localize.items():
+        want = HeadEffects.load(tmp_path / "run" / rows[lt.key]["artifacts"]["localize"]).meta["stability"]
+        assert st[method]["k"] == 2 and st[method]["n_pairs"] == 2 and st[method]["overlap"] == want["overlap"]
+        assert st[method]["top_all"] == " ".join(want["top_all"])
