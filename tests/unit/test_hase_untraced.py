@@ -78,6 +78,10 @@ def test_analysis_skips_untraced_rows_with_a_counted_warning(tmp_path: Path, cap
             assert np.asarray(v[k], dtype=object).tolist() == np.asarray(v2[k], dtype=object).tolist() or \
                 np.allclose(np.asarray(v[k], dtype=float), np.asarray(v2[k], dtype=float), equal_nan=True), k
     assert analyze(spec, full)[1][0]["n_rows_skipped"] == 0
+    from locaudit.study.hase.report import _skipped_note
+
+    assert _skipped_note(v) == (" Left out: 7 (fact, layer) rows without a finite tracing effect or success "
+                                "(2 facts entirely).") and _skipped_note(v2) == ""
 
 
 def _edit_keys(spec) -> dict[tuple[str, str, int], str]:

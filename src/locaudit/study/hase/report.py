@@ -353,7 +353,7 @@ def build_report(run_dir: str | Path) -> Path:
                  "mean success predicts?</h2><ul>")
     for v in verdicts:
         parts.append(f"<li><b>{e(v['problem'])} / {e(v['method'])}: {e(v['outcome'])}</b>. "
-                     f"{e(v.get('text', v.get('reason', '')))}{e(_verdict_numbers(v))}</li>")
+                     f"{e(v.get('text', v.get('reason', '')))}{e(_verdict_numbers(v))}{e(_skipped_note(v))}</li>")
     parts.append("</ul><h2>R^2 of edit success (tracing alone, layer alone, both, layer * tracing), with the "
                  "F-tests of what tracing adds to the layer</h2>")
     parts.append(_table_html(table))
@@ -419,8 +419,15 @@ def summary_text(run_dir: str | Path) -> str:
     for d in v["verdicts"]:
         lines.append(f"  verdict {d['problem']} / {d['method']}: {d['outcome']} "
                      f"(theta={d.get('theta')}, p_perm={d.get('p_perm')}, p_contrast={d.get('p_contrast')}, "
-                     f"tost_p={d.get('tost_p')})")
+                     f"tost_p={d.get('tost_p')}){_skipped_note(d)}")
     return "\n".join(lines)
+
+
+def _skipped_note(v: dict) -> str:
+    """The rows the analysis left out for want of a finite tracing effect or success (empty when none)."""
+    n = int(v.get("n_rows_skipped") or 0)
+    return (f" Left out: {n} (fact, layer) rows without a finite tracing effect or success "
+            f"({int(v.get('n_facts_skipped') or 0)} facts entirely).") if n else ""
 
 
 __all__ = ["build_report", "collect", "analyze", "measure_tables", "measure_summary", "summary_text"]
