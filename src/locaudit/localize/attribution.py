@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from locaudit.localize.corruptions import PatchingConfig, patch_positions
 from locaudit.localize.effects import HeadEffects
 from locaudit.localize.stability import record_stability
-from locaudit.localize.patching import VERSION  # noqa: F401  (patching's corruptions and meta: one version keys both)
+from locaudit.localize.patching import VERSION  # patching's corruptions and meta: one version keys both
 from locaudit.localize.patching import PatchPlan, capture_heads, embedding_hook, pair_metric, run_meta, source_values
 from locaudit.models.interventions import as_3d, grad_hooks, site_hooks
 from locaudit.models.precision import ResolvedPrecision, require_resolved
@@ -138,4 +138,4 @@ def _attribute(lm, base, base_noise, rows, tb, src_vals, pair_of, B: int, graddr
         return res
 
 
-__all__ = ["attribution_patching"]
+__all__ = ["attribution_patching", "VERSION"]
