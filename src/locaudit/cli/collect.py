@@ -37,8 +37,7 @@ def collect(
                                    "from the left, keeping the last token)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read/write the content-keyed cache "
                                "(model + data + format), so a repeated run is instant."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
-                                           "checkpoint (off unless you trust it)."),
+    trust_remote_code: bool = opt.trust_remote_code_option(),
 ) -> None:
     """Collect per-head activations (o_proj inputs at the last token) of a behaviour's probe examples."""
     from locaudit.data.behaviour import load_behaviour

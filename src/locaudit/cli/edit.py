@@ -65,8 +65,7 @@ def edit(
     dtype: DType = dtype_option(),
     device: str = device_option(),
     progress: bool = config_option(TrainConfig, "progress", "--progress/--no-progress"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
-                                           "checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option(),
 ) -> None:
     """Train an optimal localized edit at a head set on preference pairs and save it."""
     from locaudit.data.behaviour import load_behaviour

@@ -86,7 +86,7 @@ def evaluate(
                                        "(default OUT/results.csv)."),
     dtype: DType = dtype_option(),
     device: str = device_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the checkpoint."),
+    trust_remote_code: bool = opt.trust_remote_code_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the whole result (result.json's content) as one "
                                   "strict JSON object instead of text."),
 ) -> None:

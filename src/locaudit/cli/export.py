@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 
+from locaudit.cli import options as opt
 from locaudit.cli.options import DType, device_option, dtype_option, value
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,7 @@ def export_command(
                                    "complete, so a failed or killed export leaves the old one whole."),
     dtype: DType = dtype_option(),
     device: str = device_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
-                                           "checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option(),
     json_out: bool = typer.Option(False, "--json", help="Print one strict JSON object (edit, model, fingerprint, "
                                   "written folders, how the adapter merges) instead of text."),
 ) -> None:

@@ -53,8 +53,7 @@ def iti(
     dtype: DType = dtype_option("Stored weights' dtype for --generate: fp32, bf16 or fp16."),
     precision: Precision = precision_option(),
     device: str = device_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
-                                           "checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option(),
 ) -> None:
     """Fit ITI steering (mass-mean shift, sigma-scaled) at a head set and save it as an edit folder."""
     from locaudit.edit.iti import fit_iti

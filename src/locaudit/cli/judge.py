@@ -79,8 +79,7 @@ def train(
     batch_size: int = typer.Option(64, "--batch-size", **opt.count("--batch-size"), help="Backbone batch size for the feature pass."),
     precision: Precision = precision_option(),
     device: str = device_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the "
-                                           "backbone's checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option("the backbone's checkpoint"),
     threads: Optional[int] = typer.Option(None, "--threads", **opt.count("--threads"), help="torch CPU threads (1 is fastest on a busy "
                                           "machine)."),
     max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", **opt.count("--max-train-examples"), help="Cap on training "
@@ -126,8 +125,7 @@ def evaluate(
     device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here too."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with an hf: "
-                                           "judge's checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option("an hf: judge's checkpoint"),
 ) -> None:
     """Accuracy of any judge on the labelled judge data of the held-out questions."""
     import random
@@ -173,8 +171,7 @@ def score(
                                              "(needed by reference and default judges)."),
     device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with an hf: "
-                                           "judge's checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option("an hf: judge's checkpoint"),
 ) -> None:
     """Score (question, answer) pairs from a JSONL file with any judge."""
     from locaudit.errors import DataError
@@ -210,8 +207,7 @@ def audit(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json and reliability.png."),
     device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the judgement cache."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with an hf: "
-                                           "judge's checkpoint (off by default; only for models you trust)."),
+    trust_remote_code: bool = opt.trust_remote_code_option("an hf: judge's checkpoint"),
 ) -> None:
     """How a judge does on answers that edited models actually give: accuracy, balanced accuracy and
     calibration (ECE) against labels read by hand, with TruthfulQA's BLEU/ROUGE acc beside it."""

@@ -69,8 +69,7 @@ def localize(
     device: str = device_option(),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Read/write the content-keyed cache (model, data, "
                                "split, method, settings, precision)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run code shipped with the checkpoint "
-                                           "(off unless you trust it)."),
+    trust_remote_code: bool = opt.trust_remote_code_option(),
 ) -> None:
     """Rank every attention head by its causal effect on a behaviour's preference log-ratio."""
     from pydantic import ValidationError

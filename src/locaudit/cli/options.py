@@ -91,6 +91,11 @@ def seed_range(option: str) -> dict:
     return _number(option, kind=int, lo=0, hi=MAX_SEED)
 
 
+def trust_remote_code_option(what: str = "the checkpoint") -> bool:
+    return typer.Option(False, "--trust-remote-code", help=f"Run code shipped with {what} (off by default; only "
+                        "for models you trust).")
+
+
 def max_questions_option():
     return typer.Option(None, "--max-questions", **count("--max-questions"), help=MAX_QUESTIONS_HELP)
 
