@@ -31,6 +31,13 @@ def test_spec_fields_are_the_configs(spec, config, name, note) -> None:
     assert getattr(spec(), name) == getattr(config(), name)
 
 
+def test_eval_spec_passes_its_evalconfig_fields_and_extras() -> None:
+    e = EvalSpec(max_new_tokens=7, kl_max_tokens=64, metrics=["mc"])
+    assert e.config_fields() == {"max_new_tokens": 7, "mc_primer": False, "batch_size": 32, "gen_batch_size": 16,
+                                 "kl_max_tokens": 64}
+    assert EvalConfig(**e.config_fields()).max_new_tokens == 7
+
+
 def test_spec_fields_keep_the_configs_range_and_choices() -> None:
     with pytest.raises(ValidationError, match="rank"):
         OptimalSpec(rank=0)
@@ -49,8 +56,10 @@ def test_a_model_restating_a_field_follows_the_config() -> None:
         steps: int = Field(7, ge=2, le=9, description="optimizer steps")
         names: list[str] = Field(default_factory=lambda: ["a"], description="names")
 
+    note = "Toy's."
+
     class Restating(BaseModel):
-        steps: from_config(Toy, "steps", "Toy's.")
+        steps: from_config(Toy, "steps", note)
         names: from_config(Toy, "names")
 
     r = Restating()

@@ -328,9 +328,9 @@ class EvalSpec(_Strict):
         return self
 
     def config_fields(self) -> dict[str, Any]:
-        """The EvalConfig fields this study sets (the shared ones and the extra keys)."""
-        return {"max_new_tokens": self.max_new_tokens, "mc_primer": self.mc_primer,
-                "batch_size": self.batch_size, "gen_batch_size": self.gen_batch_size, **(self.model_extra or {})}
+        """The EvalConfig fields this study sets: its own fields that EvalConfig has too, and the extra keys."""
+        shared = {n: getattr(self, n) for n in type(self).model_fields if n in EvalConfig.model_fields}
+        return {**shared, **(self.model_extra or {})}
 
     @field_validator("metrics")
     @classmethod
