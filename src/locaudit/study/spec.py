@@ -7,6 +7,9 @@ load: unknown fields are rejected and every error names the field path and the v
 
 Strings in ``data.spec`` and ``data.mc_path`` may use ``${VAR}`` or ``${VAR:-default}``; relative
 paths there resolve against the YAML file's folder.
+
+The `localizers` section's models are in study/localizer_spec.py, the `iti` and `optimal` sections' in
+study/edit_spec.py, and what they all share in study/spec_base.py; every name is importable from here too.
 """
 
 from __future__ import annotations
@@ -14,51 +17,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-import reprlib
-import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from locaudit.edit.config import TrainConfig
 from locaudit.errors import ConfigError
 from locaudit.evaluate.runner import EvalConfig
 from locaudit.fields import from_config
 from locaudit.models.precision import PrecisionName
 from locaudit.io import file_sha256, stable_hash
+from locaudit.study.edit_spec import ITISpec, LRGrid, OptimalSpec  # noqa: F401  (re-exported)
+from locaudit.study.localizer_spec import CausalSpec, LocalizerSpec, ProbeSpec, RandomSpec, SingleSpec  # noqa: F401
+from locaudit.study.spec_base import GROUPS, Group, Seed, _Strict, bounded_repr, check_config_fields  # noqa: F401
 
 log = logging.getLogger(__name__)
-Group = Literal["top", "random", "single", "all"]
-GROUPS: tuple[str, ...] = ("top", "random", "single", "all")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PATH_KINDS = ("truthfulqa", "pairs", "caa")
-
-
-def check_config_fields(config_cls: type[BaseModel], fields: dict[str, Any], owned: set[str], owner: str, what: str,
-                        known: set[str] | None = None) -> None:
-    """Fields a study passes to a library config (`config_cls`): none that the study sets itself (`owned`,
-    by `owner`), none unknown, and valid for the config; a ValueError names them."""
-    clash = sorted(owned & set(fields))
-    if clash:
-        raise ValueError(f"{clash} are set by {owner}, not here")
-    unknown = sorted(set(fields) - set(config_cls.model_fields))
-    if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known or config_cls.model_fields)}")
-    try:
-        config_cls(**fields)
-    except ValidationError as e:
-        raise ValueError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
-
-
-# a seed is a 32-bit unsigned integer: numpy's generators refuse negative seeds, and TrainConfig, PatchingConfig
-# and tracing derive torch generator seeds as seed * 1_000_003 + index, which must fit in 64 bits
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number is finite
 
 
 class ModelSpec(_Strict):
@@ -88,198 +64,6 @@ class DataSpec(_Strict):
     def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
         if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"fractions must be non-negative and sum to 1, got {list(v)}")
-        return v
-
-
-class ProbeSpec(_Strict):
-    top_k: int = Field(16, ge=1, description="The candidate localization: the K heads of best validation accuracy.")
-    l2: float = Field(1.0, gt=0, description="L2 penalty of the per-head logistic-regression probes (1/C; "
-                      "1.0 = scikit-learn's default, as ITI uses).")
-    collect_batch_size: int = Field(16, ge=1, description="Batch size when collecting head activations.")
-
-
-class RandomSpec(_Strict):
-    n: int = Field(20, ge=0, description="Number of random K-head draws (seeds seed_start..seed_start+n-1). "
-                   "A rank p-value cannot go below 1/(n+1): 19 draws reach 0.05 for one test, 39 for two.")
-    k: int | None = Field(None, ge=1, description="Heads per draw; default: probe.top_k.")
-    seed_start: Seed = Field(0, description="First draw seed.")
-    seeds: list[Seed] | None = Field(None, description="Explicit draw seeds (replaces n / seed_start).")
-    exclude_top: bool = Field(False, description="Never draw one of the probe's top-K heads.")
-    max_overlap: float | None = Field(0.5, ge=0, le=1, description="Redraw (seeded, reproducibly) a draw that "
-                                      "shares more than this fraction of its heads with the probe's top-K; null: "
-                                      "never redraw. The report flags overlapping and duplicate draws either way.")
-    iti_n: int | None = Field(None, ge=0, description="ITI uses only the first iti_n draws (default: all), e.g. "
-                              "to fit a budget; the report then says how far that comparison is underpowered.")
-
-    def draw_seeds(self) -> list[int]:
-        return list(self.seeds) if self.seeds is not None else list(range(self.seed_start, self.seed_start + self.n))
-
-
-class SingleSpec(_Strict):
-    n: int = Field(0, ge=0, description="Number of distinct single heads sampled (a seeded permutation of all heads).")
-    seed: Seed = Field(0, description="Seed of that permutation; raising n keeps the earlier heads.")
-    top: int = Field(0, ge=0, description="Also edit each of the probe's N best heads alone (locations "
-                     "ranked#0..ranked#N-1): does the best-probed head on its own match full alignment?")
-    heads: list[str] = Field(default_factory=list, description="Listed single heads, e.g. ['L12H3', '20.1'].")
-    exclude_top: bool = Field(False, description="Never sample one of the probe's top-K heads.")
-
-    @field_validator("heads")
-    @classmethod
-    def _heads(cls, v: list[str]) -> list[str]:
-        from locaudit.heads import HeadSet
-
-        seen: dict = {}
-        for s in v:
-            hs = HeadSet.parse(s)
-            if len(hs) != 1:
-                raise ValueError(f"single head {s!r} names {len(hs)} heads; give one head per entry")
-            if hs in seen:  # two spellings of one head (L1H1, 1.1) would make two trials of one head
-                msg = f"localizers.single.heads: {s!r} is {seen[hs]!r} again; merged into one trial"
-                warnings.warn(msg, UserWarning, stacklevel=2)
-                log.warning(msg)
-            else:
-                seen[hs] = s
-        return list(seen.values())
-
-
-class CausalSpec(BaseModel):
-    """A causal localizer (localize/registry.py: activation or attribution patching, or another registered one) as a
-    study runs it: its top-K heads become a candidate location, edited and compared with the same random draws as
-    the probe's. Further keys are fields of the localizer's config (PatchingConfig: corruption, noise_scale,
-    positions, max_pairs, ...), checked against it by LocalizerSpec."""
-
-    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
-    enabled: bool = Field(True, description="Rank heads with this localizer and edit at its top-K.")
-    top_k: int | None = Field(None, ge=1, description="Heads in its candidate set; default: probe.top_k.")
-    split: Literal["train", "val"] = Field("train", description="Preference pairs of this split are patched "
-                                           "(never the evaluation split).")
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(sorted((self.model_extra or {}).items()))
-
-
-class LocalizerSpec(_Strict):
-    probe: ProbeSpec = Field(default_factory=ProbeSpec, description="Probing: the candidate top-K heads.")
-    causal: dict[str, CausalSpec] = Field(default_factory=dict, description="Causal localizers by registered name "
-                                          "(localize/registry.py: patching = activation patching per head, "
-                                          "attribution = its gradient approximation), e.g. {patching: {top_k: 16, "
-                                          "corruption: noise}}; each one's top-K is a candidate of its own. A "
-                                          "registered name also works as a key of `localizers` itself "
-                                          "(localizers.patching).")
-    random: RandomSpec = Field(default_factory=RandomSpec, description="Random K-head draws (the control).")
-    single: SingleSpec = Field(default_factory=SingleSpec, description="Single heads (sampled and/or listed).")
-    all: bool = Field(True, description="Include every head of every layer (full alignment).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _named_causal(cls, v: Any) -> Any:
-        """`localizers.NAME` for a registered causal localizer NAME is `localizers.causal.NAME` (null: none)."""
-        from locaudit.localize.registry import causal_names
-
-        if not isinstance(v, dict):
-            return v
-        named = [k for k in v if k in causal_names()]
-        if not named:
-            return v
-        out = {k: x for k, x in v.items() if k not in named}
-        causal = dict(out.get("causal") or {})
-        for k in named:
-            if k in causal:
-                raise ValueError(f"{k} is given twice: as localizers.{k} and localizers.causal.{k}")
-            if v[k] is not None:
-                causal[k] = v[k]
-        out["causal"] = causal
-        return out
-
-    @model_validator(mode="after")
-    def _registered(self) -> "LocalizerSpec":
-        from locaudit.localize.registry import causal_localizer, causal_names
-
-        for name, c in self.causal.items():
-            if name not in causal_names():
-                raise ValueError(f"causal.{name}: not a registered causal localizer; registered: {list(causal_names())}")
-            try:
-                check_config_fields(causal_localizer(name).config, c.options, {"format", "top_k"},
-                                    "the study (data.format, top_k)", "localizer option")
-            except ValueError as e:
-                raise ValueError(f"causal.{name}: {e} (options: {bounded_repr(c.options)})") from None
-        return self
-
-    def enabled_causal(self) -> dict[str, CausalSpec]:
-        """The enabled causal localizers by name, in the registry's order."""
-        from locaudit.localize.registry import causal_names
-
-        return {m: c for m in causal_names() if (c := self.causal.get(m)) is not None and c.enabled}
-
-
-class ITISpec(_Strict):
-    enabled: bool = Field(True, description="Run ITI (heuristic) edits.")
-    # |alpha| <= 1000, as the CLI's --alpha: 30x the strengths in the literature (cli/options.MAX_ALPHA says why)
-    alphas: list[Annotated[float, Field(ge=-1e3, le=1e3)]] = Field(default_factory=lambda: [5.0, 15.0], min_length=1,
-                                                                  description="Alpha grid (|alpha| <= 1000).")
-    direction: Literal["mass_mean", "probe"] = Field("mass_mean", description="ITI direction.")
-    localizers: list[Group] = Field(default_factory=lambda: ["top", "random"], description="Where to edit.")
-
-
-class LRGrid(_Strict):
-    top: list[float] = Field(default_factory=lambda: [5e-4], min_length=1, description="Learning rates, top-K heads.")
-    random: list[float] = Field(default_factory=lambda: [5e-4], min_length=1, description="Learning rates, random draws.")
-    single: list[float] = Field(default_factory=lambda: [2e-3], min_length=1, description="Learning rates, single heads.")
-    all: list[float] = Field(default_factory=lambda: [1e-4], min_length=1, description="Learning rates, all heads.")
-
-    @model_validator(mode="after")
-    def _positive(self) -> "LRGrid":
-        for g in GROUPS:
-            for lr in getattr(self, g):
-                if not lr > 0:
-                    raise ValueError(f"{g}: learning rate must be > 0, got {lr}")
-        return self
-
-
-class OptimalSpec(_Strict):
-    enabled: bool = Field(True, description="Run optimal (trained, localized LoRA) edits.")
-    taus: list[float] = Field(default_factory=lambda: [0.1], min_length=1, description="IPO tau grid.")
-    lr: LRGrid = Field(default_factory=LRGrid, description="Learning-rate grid per localizer group (paper: "
-                       "1e-4 all heads, 5e-4 16 heads, 2e-3 one head).")
-    # TrainConfig's own fields, set by name (their type, default, range and description are TrainConfig's)
-    objective: from_config(TrainConfig, "objective")
-    rank: from_config(TrainConfig, "rank")
-    epochs: from_config(TrainConfig, "epochs")
-    batch_size: from_config(TrainConfig, "batch_size")
-    max_train_pairs: int | None = Field(None, ge=1, description="Subsample the training pairs (seeded by data.seed).")
-    max_val_pairs: int | None = Field(256, ge=1, description="Subsample the validation pairs (training curve only).")
-    train_options: dict[str, Any] = Field(default_factory=dict, description="Further TrainConfig fields "
-                                          "(edit/config.py), e.g. {warmup_ratio: 0.1}; precision is the "
-                                          "study's own field.")
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="Training seeds (replicates).")
-    localizers: list[Group] = Field(default_factory=lambda: list(GROUPS), description="Where to edit.")
-    batch_edits: int = Field(1, ge=1, description="Train up to this many edits with equal hyper-parameters in "
-                             "one pass (speed only; not part of trial keys).")
-    dose_steps: list[float] = Field(default_factory=list, description="A dose curve per optimal edit (matched "
-                                    "collateral damage, docs/verdict.md): the edit's state after these optimizer steps "
-                                    "(a value in (0, 1): a fraction of the planned steps; >= 1: a step count) is also "
-                                    "scored on the primary metric and KL. Empty: none (part of trial keys only when set).")
-
-    @field_validator("taus")
-    @classmethod
-    def _taus(cls, v: list[float]) -> list[float]:
-        if any(not t > 0 for t in v):
-            raise ValueError(f"taus must be > 0, got {v}")
-        return v
-
-    @field_validator("dose_steps")
-    @classmethod
-    def _dose_steps(cls, v: list[float]) -> list[float]:
-        check_config_fields(TrainConfig, {"snapshot_steps": v}, set(), "", "TrainConfig field")
-        return v
-
-    @field_validator("train_options")
-    @classmethod
-    def _train_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        check_config_fields(TrainConfig, v, {"objective", "tau", "lr", "rank", "epochs", "batch_size", "seed",
-                                             "progress", "precision", "snapshot_steps"},
-                            "the study's own fields (taus, lr, rank, dose_steps, ...)", "TrainConfig field")
         return v
 
 
@@ -590,17 +374,6 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
             msg = "unknown field (not part of the study schema; check its spelling)"
         lines.append(f"  {loc}: {msg} (value: {bounded_repr(err.get('input'))})")
     return "\n".join(lines)
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 4, 4, 4, 4
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 40, 40
-
-
-def bounded_repr(value: Any, limit: int = 80) -> str:
-    """repr of a value in bounded time and length (a deep or shared structure is never fully walked)."""
-    shown = _REPR.repr(value)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 MAX_STUDY_BYTES = 1 << 20  # a study file is a page of YAML
