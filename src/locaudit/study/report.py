@@ -441,10 +441,9 @@ def _put_in_place(rep: Report, final: Path) -> Report:
                   {k: moved(p) for k, p in rep.tables.items()}, rep.verdict)
 
 
-def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
-          singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
-          notes: list[str] | None = None, side: list[dict] | None = None, per_candidate: dict | None = None,
-          agree: list[dict] | None = None, judge: str | None = None, stability: list[dict] | None = None) -> str:
+def _html_head(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, judge: str | None,
+               machine: dict | None, notes: list[str] | None) -> list[str]:
+    """The page's head: title, model, data, trial counts and time, the machine, notes, and whether it is partial."""
     name = html.escape(spec.name if spec is not None else "study")
     model_name, dtype = (spec.model.name, spec.model.dtype) if spec is not None else ("?", "?")
     data = spec.data if spec is not None else None
@@ -472,6 +471,12 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
     if partial:
         parts.append("<p class='muted'><b>Partial report:</b> the study is not finished; numbers and figures use the "
                      "trials done so far. Rebuild with <code>locaudit report RUN</code>.</p>")
+    return parts
+
+
+def _html_verdict(v, a) -> list[str]:
+    """The verdict's headline and lines, and its table with the outcomes' definitions."""
+    parts: list[str] = []
     parts.append("<div class='verdict'><p class='head'>" + html.escape(v.headline) + "</p><ul>"
                  + "".join(f"<li>{html.escape(x)}</li>" for x in v.lines) + "</ul>"
                  + (f"<p class='muted'>Missing: {html.escape(', '.join(v.missing))}</p>" if v.missing else "") + "</div>")
@@ -483,6 +488,13 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
             f"design's floor; evidence against = TOST within ±{cfg.margin:.0%} of full alignment's "
             "gain; inconclusive = neither; no signal = the metric does not vary or full alignment has no measurable "
             "gain.") + "</p>" + _key_table(pd.DataFrame(v.table), VERDICT_KEY, csv="verdict.csv"))
+    return parts
+
+
+def _html_localizers(side: list[dict] | None, per_candidate: dict | None, agree: list[dict] | None,
+                     stability: list[dict] | None) -> list[str]:
+    """The localizers side by side, their agreement and the stability of their top-K (where there are several)."""
+    parts: list[str] = []
     if side:
         parts.append("<h2>Localizers side by side</h2><p class='muted'>" + html.escape(
             "Each localizer's top-K heads are edited like the probe's and compared with the same random draws, full "
@@ -505,6 +517,12 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
             "top-K sets, Spearman of the halves' scores over all heads. Each half has half the pairs, so this is a "
             "lower bound on the stability of the ranking from all pairs.") + "</p>"
             + _key_table(pd.DataFrame(stability), STABILITY_KEY + ["note"], csv="localizer_stability.csv"))
+    return parts
+
+
+def _html_figures(figs: dict[str, Path]) -> list[str]:
+    """The figures, each with its caption; a wide one spans the page."""
+    parts: list[str] = []
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for k, p in figs.items():
@@ -513,6 +531,12 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
             wide = " class='wide'" if size and size[0] > WIDE_FIGURE_PX else ""
             parts.append(f"<figure{wide}>{_img(p)}<figcaption>{html.escape(CAPTIONS.get(k, k))}</figcaption></figure>")
         parts.append("</div>")
+    return parts
+
+
+def _html_comparisons(comp: pd.DataFrame, singles: pd.DataFrame, a) -> list[str]:
+    """The candidate-vs-random comparisons, the single heads, and the flagged draws and grid selection."""
+    parts: list[str] = []
     cols = ["method", "metric", "outcome", "p_combined_adj", "p_rank", "p_floor", "p_mean", "tost_p_adj",
             "candidate_mean", "random_mean", "diff", "scope", "family", "selection", "n_random", "random_sd", "ci_low",
             "ci_high", "percentile", "p_rank_adj", "tost_p", "tost_low", "tost_high", "z", "p_combined",
@@ -531,6 +555,12 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
     if a is not None and a.selection:
         parts.append("<p class='muted'>" + html.escape("; ".join(f"{m}: grid points {SELECTION_LABEL.get(x, x)}"
                                                              for m, x in a.selection.items())) + "</p>")
+    return parts
+
+
+def _html_results(all_df: pd.DataFrame, res: pd.DataFrame, a) -> list[str]:
+    """Compute time, every result row (flagged draws marked) and the failed trials."""
+    parts: list[str] = []
     parts.append("<h2>Compute</h2>" + _table(timing_table(all_df)))
     metrics = metric_columns(res)
     shown = res
@@ -545,6 +575,16 @@ def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.Da
     if not failed.empty:
         parts.append("<h2>Failed trials</h2>" + _table(failed, ["key", "kind", "localizer", "attempts", "error"])
                      + "<p class='muted'>Retry with <code>locaudit run STUDY --out RUN --retry-failed</code>.</p>")
+    return parts
+
+
+def _html(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, res: pd.DataFrame, comp: pd.DataFrame,
+          singles: pd.DataFrame, v, figs: dict[str, Path], a=None, machine: dict | None = None,
+          notes: list[str] | None = None, side: list[dict] | None = None, per_candidate: dict | None = None,
+          agree: list[dict] | None = None, judge: str | None = None, stability: list[dict] | None = None) -> str:
+    parts = (_html_head(spec, counts, all_df, judge, machine, notes) + _html_verdict(v, a)
+             + _html_localizers(side, per_candidate, agree, stability) + _html_figures(figs)
+             + _html_comparisons(comp, singles, a) + _html_results(all_df, res, a))
     shown = spec.to_json() if spec is not None else {}
     parts.append("<h2>Study spec</h2><details><summary>JSON</summary><pre>" + html.escape(json.dumps(shown, indent=2))
                  + "</pre></details></body></html>")
