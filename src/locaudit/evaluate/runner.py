@@ -102,6 +102,87 @@ def judge_values(scores: Sequence[Any], n: int, name: str) -> tuple[list[float |
     return truth, info
 
 
+def _timed(res: EvalResult, name: str, t0: float) -> None:
+    """Record the seconds since `t0` that metric `name` took."""
+    res.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+def _score_mc(lm: LoadedModel, edit: Edit | None, data: Any, split: str, cfg: EvalConfig, fmt: Any, ac: Any,
+              max_len: int, out: Path | None, res: EvalResult) -> None:
+    """Multiple choice (MC1/MC2) on the split's MC items, into `res` (and out/mc_items.jsonl)."""
+    from locaudit.evaluate.mc import TRUTHFULQA_QA_PRIMER, score_mc
+
+    t0 = time.perf_counter()
+    items = data.mc_items(split)
+    if not items:
+        log.warning("data %r has no MC items in split %r: MC skipped", res.data, split)
+        res.n_mc = 0
+    else:
+        primer = cfg.mc_primer and fmt.protocol == "bare"
+        res.mc_prefix = fmt.protocol if fmt.protocol != "bare" else ("primer" if primer else "none")
+        mc = score_mc(lm, edit, items, fmt, TRUTHFULQA_QA_PRIMER if primer else "", cfg.batch_size,
+                      max_len, precision=ac)
+        for k, v in mc.summary().items():
+            setattr(res, k, v)
+        if out is not None:
+            write_mc_items(out / "mc_items.jsonl", mc)
+    _timed(res, "mc", t0)
+
+
+def _score_klce(lm: LoadedModel, edit: Edit | None, data: Any, split: str, questions: Sequence[Any], cfg: EvalConfig,
+                fmt: Any, ac: Any, max_len: int, res: EvalResult) -> None:
+    """KL to the unedited model and cross-entropy, on the split's answers and/or a held-out text, into `res`."""
+    from locaudit.evaluate.klce import heldout_texts, kl_ce
+    from locaudit.evaluate.texts import corpus_windows, load_corpus
+
+    t0 = time.perf_counter()
+    answers = None
+    if cfg.kl_answers or not cfg.kl_text:
+        if not questions:
+            raise DataError(f"split {split!r} of {res.data!r} has no questions for KL/CE on its answers")
+        answers = kl_ce(lm, edit, heldout_texts(questions, fmt.bare(), lm.tokenizer), batch_size=cfg.batch_size,
+                        max_length=max_len, precision=ac, progress=cfg.progress)
+        res.kl_answers, res.kl_answers_se = answers.kl, answers.kl_se
+        res.ce_answers, res.ce_answers_se = answers.ce, answers.ce_se
+        res.n_kl_answers_tokens = answers.n_tokens
+    if cfg.kl_text:
+        corpus = load_corpus(cfg.kl_text)
+        r = kl_ce(lm, edit, ids=corpus_windows(corpus, lm.tokenizer, max_len, cfg.kl_max_tokens),
+                  batch_size=cfg.batch_size, precision=ac, progress=cfg.progress)
+        res.kl_text, res.kl_text_fingerprint = corpus.name, corpus.fingerprint
+    else:
+        r = answers
+        res.kl_text, res.kl_text_fingerprint = "answers", getattr(data, "fingerprint", "") or None
+    for k, v in r.summary().items():
+        setattr(res, k, v)
+    _timed(res, "klce", t0)
+
+
+def _score_gen(lm: LoadedModel, edit: Edit | None, questions: Sequence[Any], judge: Any, cfg: EvalConfig, fmt: Any,
+               ac: Any, max_len: int, out: Path | None, res: EvalResult) -> None:
+    """Generated answers (out/generations.jsonl) and, with a judge, their True/Info scores, into `res`."""
+    from locaudit.evaluate.generate import generate_answers
+
+    t0 = time.perf_counter()
+    recs = generate_answers(lm, edit, gen_subset(questions, cfg.gen_max_questions), fmt, cfg.max_new_tokens,
+                            cfg.gen_batch_size,
+                            out_path=out / "generations.jsonl" if out is not None else None,
+                            progress=cfg.progress, precision=ac, max_length=max_len)
+    res.n_generated = len(recs)
+    _timed(res, "gen", t0)
+    if judge is not None and recs:
+        t0 = time.perf_counter()
+        name = str(getattr(judge, "name", type(judge).__name__))
+        scores = judge.score([r.question for r in recs], [r.answer for r in recs])
+        truth, info = judge_values(scores, len(recs), name)
+        res.set_judged(truth, info, name, cfg.judge_threshold)
+        if out is not None:
+            write_text_atomic(out / "judgements.jsonl", "".join(
+                json.dumps({"qid": r.qid, "answer": r.answer, "truth": t, "info": i}, ensure_ascii=False) + "\n"
+                for r, t, i in zip(recs, truth, info)))
+        _timed(res, "judge", t0)
+
+
 def evaluate_edit(
     lm: LoadedModel,
     edit: Edit | None,
@@ -134,53 +215,11 @@ def evaluate_edit(
     max_len = context_limit(lm, cfg.max_length)  # a model's context caps every scored sequence
     res = result_header(lm, edit, data, split, fmt, metrics, len(questions), prec)
 
-    def timed(name: str, t0: float) -> None:
-        res.seconds[name] = round(time.perf_counter() - t0, 3)
-
     if "mc" in metrics:
-        from locaudit.evaluate.mc import TRUTHFULQA_QA_PRIMER, score_mc
-
-        t0 = time.perf_counter()
-        items = data.mc_items(split)
-        if not items:
-            log.warning("data %r has no MC items in split %r: MC skipped", res.data, split)
-            res.n_mc = 0
-        else:
-            primer = cfg.mc_primer and fmt.protocol == "bare"
-            res.mc_prefix = fmt.protocol if fmt.protocol != "bare" else ("primer" if primer else "none")
-            mc = score_mc(lm, edit, items, fmt, TRUTHFULQA_QA_PRIMER if primer else "", cfg.batch_size,
-                          max_len, precision=ac)
-            for k, v in mc.summary().items():
-                setattr(res, k, v)
-            if out is not None:
-                write_mc_items(out / "mc_items.jsonl", mc)
-        timed("mc", t0)
+        _score_mc(lm, edit, data, split, cfg, fmt, ac, max_len, out, res)
 
     if "kl" in metrics or "ce" in metrics:
-        from locaudit.evaluate.klce import heldout_texts, kl_ce
-        from locaudit.evaluate.texts import corpus_windows, load_corpus
-
-        t0 = time.perf_counter()
-        answers = None
-        if cfg.kl_answers or not cfg.kl_text:
-            if not questions:
-                raise DataError(f"split {split!r} of {res.data!r} has no questions for KL/CE on its answers")
-            answers = kl_ce(lm, edit, heldout_texts(questions, fmt.bare(), lm.tokenizer), batch_size=cfg.batch_size,
-                            max_length=max_len, precision=ac, progress=cfg.progress)
-            res.kl_answers, res.kl_answers_se = answers.kl, answers.kl_se
-            res.ce_answers, res.ce_answers_se = answers.ce, answers.ce_se
-            res.n_kl_answers_tokens = answers.n_tokens
-        if cfg.kl_text:
-            corpus = load_corpus(cfg.kl_text)
-            r = kl_ce(lm, edit, ids=corpus_windows(corpus, lm.tokenizer, max_len, cfg.kl_max_tokens),
-                      batch_size=cfg.batch_size, precision=ac, progress=cfg.progress)
-            res.kl_text, res.kl_text_fingerprint = corpus.name, corpus.fingerprint
-        else:
-            r = answers
-            res.kl_text, res.kl_text_fingerprint = "answers", getattr(data, "fingerprint", "") or None
-        for k, v in r.summary().items():
-            setattr(res, k, v)
-        timed("klce", t0)
+        _score_klce(lm, edit, data, split, questions, cfg, fmt, ac, max_len, res)
 
     if "pref" in metrics:
         from locaudit.evaluate.preferences import score_preferences
@@ -189,7 +228,7 @@ def evaluate_edit(
         p = score_preferences(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len, precision=ac)
         for k, v in p.summary().items():
             setattr(res, k, v)
-        timed("pref", t0)
+        _timed(res, "pref", t0)
 
     if "ab" in metrics:  # CAA's A/B behaviour metric (evaluate/ab.py)
         from locaudit.evaluate.ab import score_ab, with_ab_fields
@@ -199,29 +238,10 @@ def evaluate_edit(
         for k, v in score_ab(lm, edit, data.pairs(split), fmt.bare(), cfg.batch_size, max_len,
                             precision=ac).summary().items():
             setattr(res, k, v)
-        timed("ab", t0)
+        _timed(res, "ab", t0)
 
     if "gen" in metrics:
-        from locaudit.evaluate.generate import generate_answers
-
-        t0 = time.perf_counter()
-        recs = generate_answers(lm, edit, gen_subset(questions, cfg.gen_max_questions), fmt, cfg.max_new_tokens,
-                                cfg.gen_batch_size,
-                                out_path=out / "generations.jsonl" if out is not None else None,
-                                progress=cfg.progress, precision=ac, max_length=max_len)
-        res.n_generated = len(recs)
-        timed("gen", t0)
-        if judge is not None and recs:
-            t0 = time.perf_counter()
-            name = str(getattr(judge, "name", type(judge).__name__))
-            scores = judge.score([r.question for r in recs], [r.answer for r in recs])
-            truth, info = judge_values(scores, len(recs), name)
-            res.set_judged(truth, info, name, cfg.judge_threshold)
-            if out is not None:
-                write_text_atomic(out / "judgements.jsonl", "".join(
-                    json.dumps({"qid": r.qid, "answer": r.answer, "truth": t, "info": i}, ensure_ascii=False) + "\n"
-                    for r, t, i in zip(recs, truth, info)))
-            timed("judge", t0)
+        _score_gen(lm, edit, questions, judge, cfg, fmt, ac, max_len, out, res)
     elif judge is not None:
         log.warning("a judge was given but 'gen' is not among the metrics: True/Info not computed")
 
