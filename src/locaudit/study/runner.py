@@ -134,6 +134,52 @@ def _next_group(todo: list[Trial], status: dict[str, str], batch_max: int) -> li
     return []
 
 
+def _bring_up_to_date(ledger: Ledger, plan: StudyPlan, retry_failed: bool) -> tuple[dict, list]:
+    """The ledger brought up to date with the plan before a run: its trials synced, trials interrupted by a dead
+    process reset, done trials whose artifacts fail their checksums made pending, failed ones retried if asked.
+    Returns (`Ledger.sync`'s counts, the keys reset)."""
+    plan.prepare(ledger)
+    sync = ledger.sync(plan.trials)
+    reset = ledger.reset_interrupted()
+    if reset:
+        log.info("restarting %d trial(s) interrupted by a dead process", len(reset))
+    for key, why in recheck_done(ledger):  # a done trial is trusted only while its artifacts are intact
+        log.warning("trial %s runs again: %s", key, why)
+    if retry_failed:
+        n = len(ledger.retry_failed())
+        if n:
+            log.info("retrying %d failed trial(s)", n)
+    return sync, reset
+
+
+def _submit(ex: Any, ledger: Ledger, plan: StudyPlan, todo: list[Trial], status: dict[str, str], started: set[str],
+            inflight: set[str], bar: Any, max_trials: int | None, t0: float, max_minutes: float | None) -> list[Trial]:
+    """Start groups of ready trials until the executor is full: each marked running in the ledger and in
+    `status`, `started` and `inflight`. Returns the trials still to do (none once `max_trials` have started
+    or `max_minutes` have passed since `t0`)."""
+    while ex.in_flight() < ex.capacity and todo:
+        if ((max_trials is not None and len(started) >= max_trials)
+                or (max_minutes is not None and time.time() - t0 > 60 * max_minutes)):
+            todo = []
+            break
+        group = _next_group(todo, status, plan.batch_max)
+        if not group:
+            break
+        if max_trials is not None:
+            group = group[: max_trials - len(started)]
+        keys = [t.key for t in group]
+        ledger.mark_running(keys, worker=ex.name)
+        for k in keys:
+            status[k] = "running"
+            started.add(k)
+            inflight.add(k)
+        todo = [t for t in todo if t.key not in set(keys)]
+        ex.submit(group)
+        bar.set_postfix_str(f"running {group[0].name[:40]}" + (f" (+{len(group) - 1})" if len(group) > 1
+                                                                else ""))
+    return todo
+
+
 def run_study(
     spec: Any,
     run_dir: str | Path,
@@ -164,17 +210,7 @@ def run_study(
     plan = plan or head_plan(spec, fn)
     trials = plan.trials
     with Ledger(run_dir, writer=True) as ledger:
-        plan.prepare(ledger)
-        sync = ledger.sync(trials)
-        reset = ledger.reset_interrupted()
-        if reset:
-            log.info("restarting %d trial(s) interrupted by a dead process", len(reset))
-        for key, why in recheck_done(ledger):  # a done trial is trusted only while its artifacts are intact
-            log.warning("trial %s runs again: %s", key, why)
-        if retry_failed:
-            n = len(ledger.retry_failed())
-            if n:
-                log.info("retrying %d failed trial(s)", n)
+        sync, reset = _bring_up_to_date(ledger, plan, retry_failed)
         status = ledger.status_of()
         todo = [t for t in trials if status.get(t.key) == "pending" and (kinds is None or t.kind in kinds)]
         summary = RunSummary(run_dir, sync["total"], sync["added"], reset)
@@ -193,26 +229,8 @@ def run_study(
             if todo:
                 ex = make_executor(executor, plan.fn, spec, run_dir, address, cpus, gpus, num_cpus, max_in_flight)
             while todo or (ex is not None and ex.in_flight()):
-                while ex is not None and ex.in_flight() < ex.capacity and todo:
-                    if ((max_trials is not None and len(started) >= max_trials)
-                            or (max_minutes is not None and time.time() - t0 > 60 * max_minutes)):
-                        todo = []
-                        break
-                    group = _next_group(todo, status, plan.batch_max)
-                    if not group:
-                        break
-                    if max_trials is not None:
-                        group = group[: max_trials - len(started)]
-                    keys = [t.key for t in group]
-                    ledger.mark_running(keys, worker=ex.name)
-                    for k in keys:
-                        status[k] = "running"
-                        started.add(k)
-                        inflight.add(k)
-                    todo = [t for t in todo if t.key not in set(keys)]
-                    ex.submit(group)
-                    bar.set_postfix_str(f"running {group[0].name[:40]}" + (f" (+{len(group) - 1})" if len(group) > 1
-                                                                            else ""))
+                if ex is not None:
+                    todo = _submit(ex, ledger, plan, todo, status, started, inflight, bar, max_trials, t0, max_minutes)
                 if ex is None or not ex.in_flight():
                     break  # what is left waits on dependencies that failed or were not run
                 for trial, outcome in ex.collect():
