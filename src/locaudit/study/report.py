@@ -385,19 +385,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     side, per_candidate = side_by_side(res, perq, cfg, rankings, n_resamples, max_overlap)
     agree = agreement_rows(rankings) if len(rankings) > 1 else []
     stability = stability_rows(rankings)
-    if stability:
-        tables["localizer_stability.csv"] = _write_df(pd.DataFrame(stability), out / "localizer_stability.csv")
-    if side:
-        tables["localizers.csv"] = _write_df(pd.DataFrame(side), out / "localizers.csv")
-    if agree:
-        tables["agreement.csv"] = _write_df(pd.DataFrame(agree), out / "agreement.csv")
-    tables["comparisons.csv"] = _write_df(comp, out / "comparisons.csv")
-    tables["verdict.csv"] = _write_df(pd.DataFrame(v.table), out / "verdict.csv")
-    tables["singles.csv"] = _write_df(singles, out / "singles.csv")
-    tables["selected.csv"] = _write_df(a.selected, out / "selected.csv")
-    tables["flags.csv"] = _write_df(pd.DataFrame(a.flags, columns=["method", "localizer", "heads", "issue", "overlap"]),
-                                    out / "flags.csv")
-    tables["timing.csv"] = _write_df(timing_table(all_df), out / "timing.csv")
+    _write_tables(out, tables, all_df, a, v, side, agree, stability)
     vd = {"headline": v.headline, "outcome": v.outcome, "lines": v.lines, "table": v.table, "missing": v.missing,
           "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
           "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -423,6 +411,24 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
                  used_judge, stability)
     write_text_atomic(index, insert_section(page, dose.html(_table)) if dose is not None else page)
     return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
+
+
+def _write_tables(out: Path, tables: dict[str, Path], all_df: pd.DataFrame, a, v, side: list[dict],
+                  agree: list[dict], stability: list[dict]) -> None:
+    """The analysis's CSV tables written into the report folder `out`, each added to `tables` by file name."""
+    if stability:
+        tables["localizer_stability.csv"] = _write_df(pd.DataFrame(stability), out / "localizer_stability.csv")
+    if side:
+        tables["localizers.csv"] = _write_df(pd.DataFrame(side), out / "localizers.csv")
+    if agree:
+        tables["agreement.csv"] = _write_df(pd.DataFrame(agree), out / "agreement.csv")
+    tables["comparisons.csv"] = _write_df(a.comparisons, out / "comparisons.csv")
+    tables["verdict.csv"] = _write_df(pd.DataFrame(v.table), out / "verdict.csv")
+    tables["singles.csv"] = _write_df(a.singles, out / "singles.csv")
+    tables["selected.csv"] = _write_df(a.selected, out / "selected.csv")
+    tables["flags.csv"] = _write_df(pd.DataFrame(a.flags, columns=["method", "localizer", "heads", "issue", "overlap"]),
+                                    out / "flags.csv")
+    tables["timing.csv"] = _write_df(timing_table(all_df), out / "timing.csv")
 
 
 def _put_in_place(rep: Report, final: Path) -> Report:
