@@ -225,6 +225,39 @@ def _crossfit_fixed(S: np.ndarray) -> np.ndarray:
     return loo.argmax(1)
 
 
+def _state_outcome(out: dict, S: np.ndarray, n: int, den0: np.ndarray, theta: float, gain_low: float, p_perm: float,
+                   p_contrast: float, tost: dict, alpha: float, margin: float) -> None:
+    """`argmax_vs_random`'s outcome and its sentence (out["outcome"], out["text"]) from the tests' results in
+    `out` and those given, with the note on the cross-fitted best fixed layer."""
+    fixed_note = ""
+    if np.isfinite(out["p_beats_best_fixed"]):
+        beats = out["p_beats_best_fixed"] <= alpha and out["diff_vs_best_fixed"] > 0
+        fixed_note = (f" Against the best fixed layer (chosen on the other facts), tracing's layer "
+                      f"{'edits better' if beats else 'does not edit measurably better'} "
+                      f"(difference {out['diff_vs_best_fixed']:+.3f}, p = {out['p_beats_best_fixed']:.3g}).")
+    tol = 1e-9 * (1.0 + float(np.abs(S).max()))  # per fact: rounding of the leave-one-out means
+    if not np.isfinite(theta) or den0[0] <= tol * n or gain_low <= tol:
+        out["outcome"] = "no signal"
+        out["text"] = ("Edit success shows no fact-level variation beyond each layer's mean: nothing for tracing "
+                       "to inform (no signal).")
+    elif p_perm <= alpha and p_contrast <= alpha and theta > 0:
+        out["outcome"] = "evidence for"
+        out["text"] = ("Tracing-based evidence for where to edit: yes. The layer where a fact's tracing peaks edits "
+                       "that fact better than its layer's mean success predicts (permutation of tracing curves "
+                       f"across facts p = {p_perm:.3g}; layer-mean-removed contrast theta = {theta:.3f}, "
+                       f"p = {p_contrast:.3g}).") + fixed_note
+    elif tost["p"] <= alpha:
+        out["outcome"] = "evidence against"
+        out["text"] = ("Tracing-based evidence for where to edit: none. Once each layer's mean success is removed, "
+                       f"the layer where tracing peaks gains less than {margin:.0%} of the fact-level oracle gain "
+                       f"(theta = {theta:.3f}, TOST p = {tost['p']:.3g}; permutation p = {p_perm:.3g}).") + fixed_note
+    else:
+        out["outcome"] = "inconclusive"
+        out["text"] = ("Inconclusive: tracing's layer is neither shown better than its layer's mean (permutation "
+                       f"p = {p_perm:.3g}, contrast p = {p_contrast:.3g}) nor shown equivalent within {margin:.0%} "
+                       "of the fact-level oracle gain; more facts would decide it.") + fixed_note
+
+
 def argmax_vs_random(df: pd.DataFrame, n_boot: int = 1000, alpha: float = 0.05, margin: float = 0.1,
                      seed: int = 0, n_perm: int = 2000) -> dict:
     """The tracing-argmax layer against a null that keeps each layer's mean (see the module docstring);
@@ -286,31 +319,5 @@ def argmax_vs_random(df: pd.DataFrame, n_boot: int = 1000, alpha: float = 0.05, 
     })
     gain_low = float(np.quantile(den / n, alpha)) if n_boot else float(den0[0] / n)
     out["oracle_gain_low"] = gain_low
-    fixed_note = ""
-    if np.isfinite(out["p_beats_best_fixed"]):
-        beats = out["p_beats_best_fixed"] <= alpha and out["diff_vs_best_fixed"] > 0
-        fixed_note = (f" Against the best fixed layer (chosen on the other facts), tracing's layer "
-                      f"{'edits better' if beats else 'does not edit measurably better'} "
-                      f"(difference {out['diff_vs_best_fixed']:+.3f}, p = {out['p_beats_best_fixed']:.3g}).")
-    tol = 1e-9 * (1.0 + float(np.abs(S).max()))  # per fact: rounding of the leave-one-out means
-    if not np.isfinite(theta) or den0[0] <= tol * n or gain_low <= tol:
-        out["outcome"] = "no signal"
-        out["text"] = ("Edit success shows no fact-level variation beyond each layer's mean: nothing for tracing "
-                       "to inform (no signal).")
-    elif p_perm <= alpha and p_contrast <= alpha and theta > 0:
-        out["outcome"] = "evidence for"
-        out["text"] = ("Tracing-based evidence for where to edit: yes. The layer where a fact's tracing peaks edits "
-                       "that fact better than its layer's mean success predicts (permutation of tracing curves "
-                       f"across facts p = {p_perm:.3g}; layer-mean-removed contrast theta = {theta:.3f}, "
-                       f"p = {p_contrast:.3g}).") + fixed_note
-    elif tost["p"] <= alpha:
-        out["outcome"] = "evidence against"
-        out["text"] = ("Tracing-based evidence for where to edit: none. Once each layer's mean success is removed, "
-                       f"the layer where tracing peaks gains less than {margin:.0%} of the fact-level oracle gain "
-                       f"(theta = {theta:.3f}, TOST p = {tost['p']:.3g}; permutation p = {p_perm:.3g}).") + fixed_note
-    else:
-        out["outcome"] = "inconclusive"
-        out["text"] = ("Inconclusive: tracing's layer is neither shown better than its layer's mean (permutation "
-                       f"p = {p_perm:.3g}, contrast p = {p_contrast:.3g}) nor shown equivalent within {margin:.0%} "
-                       "of the fact-level oracle gain; more facts would decide it.") + fixed_note
+    _state_outcome(out, S, n, den0, theta, gain_low, p_perm, p_contrast, tost, alpha, margin)
     return out
