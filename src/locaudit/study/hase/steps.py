@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -206,6 +206,36 @@ def subject_noise(lm, spec: HaseSpec, prompt: str, subject: str, fact_id: str, n
     return [RowNoise(s0, vals[k], f"{seed}:{k}:{std!r}") for k in range(n)]
 
 
+def _edit_group(lm, method: str, layer: int, group: list, train: list[EditRow], score: list[EditRow], problem: str,
+                cfg: Any, precision: ResolvedPrecision) -> tuple[Any, torch.Tensor, dict]:
+    """A group's E facts edited together at `layer` by `method` (rome, memit: the window centred on `layer`, or a
+    trained edit): (edits, the score rows' log-probs after the edit, info)."""
+    tok = lm.tokenizer
+    if method == "rome":
+        C = rome_second_moment(lm, layer, cfg, precision)
+        keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
+        return rome_layer_edits(lm, layer, train, keys, score, len(group), problem, cfg, C, precision)
+    elif method == "memit":  # "at layer l": the window centred on l (Hase et al.)
+        window = window_layers(layer, lm.sites.n_layers, cfg.window)
+        Cs = rome_second_moments(lm, window, cfg, precision)
+        keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
+        return memit_layer_edits(lm, window, train, keys, score, len(group), problem, cfg, Cs,
+                                 precision)
+    else:
+        return train_layer_edits(lm, layer, train, score, len(group), problem, cfg, precision)
+
+
+def _pick(v: torch.Tensor, rows: dict) -> dict:
+    """One fact's scores from `v` (a value per score row) by its rows' indices (`rows`: name -> index or list)."""
+    d = {"true": float(v[rows["true"]])}
+    for k in ("nb_true", "nb_new", "nb_target", "para_true", "para_new"):
+        if k in rows and (rows[k] or not k.startswith("para")):
+            d[k] = [float(v[i]) for i in rows[k]]
+    if "new" in rows:
+        d["new"] = float(v[rows["new"]])
+    return d
+
+
 def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: str, method: str, layer: int,
                   precision: ResolvedPrecision, progress: bool = True) -> list[dict]:
     """Edit every studied fact at `layer` (E facts per group share forward passes and the frozen prefix)
@@ -271,31 +301,11 @@ def edit_at_layer(lm, spec: HaseSpec, facts_data: dict, tracing: dict, problem: 
                         score.append(EditRow(P(q), new, e))
             index.append(rows)
         pre = _pre_scores(lm, score, precision)
-        if method == "rome":
-            C = rome_second_moment(lm, layer, cfg, precision)
-            keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
-            edits, post, info = rome_layer_edits(lm, layer, train, keys, score, len(group), problem, cfg, C, precision)
-        elif method == "memit":  # "at layer l": the window centred on l (Hase et al.)
-            window = window_layers(layer, lm.sites.n_layers, cfg.window)
-            Cs = rome_second_moments(lm, window, cfg, precision)
-            keys = [subject_token_span(tok, f.prompt, f.subject)[1] - 1 for f, _ in group]
-            edits, post, info = memit_layer_edits(lm, window, train, keys, score, len(group), problem, cfg, Cs,
-                                                  precision)
-        else:
-            edits, post, info = train_layer_edits(lm, layer, train, score, len(group), problem, cfg, precision)
+        edits, post, info = _edit_group(lm, method, layer, group, train, score, problem, cfg, precision)
         norms = window_relative_norms(lm, edits) if method == "memit" else relative_norms(lm, edits)
 
-        def pick(v: torch.Tensor, rows: dict) -> dict:
-            d = {"true": float(v[rows["true"]])}
-            for k in ("nb_true", "nb_new", "nb_target", "para_true", "para_new"):
-                if k in rows and (rows[k] or not k.startswith("para")):
-                    d[k] = [float(v[i]) for i in rows[k]]
-            if "new" in rows:
-                d["new"] = float(v[rows["new"]])
-            return d
-
         for e, ((f, _), rows) in enumerate(zip(group, index)):
-            m = fact_metrics(problem, pick(pre, rows), pick(post, rows))
+            m = fact_metrics(problem, _pick(pre, rows), _pick(post, rows))
             tr = tracing["facts"][f.id]
             row = {"fact": f.id, "relation_id": f.relation_id, "layer": layer, "problem": problem, "method": method,
                    **m, "loss_first": info["loss_first"], "loss_last": info["loss_last"],
