@@ -68,6 +68,8 @@ def edit(
     trust_remote_code: bool = opt.trust_remote_code_option(),
 ) -> None:
     """Train an optimal localized edit at a head set on preference pairs and save it."""
+    # Long on purpose: most of its lines are its typer options, one per flag of `locaudit edit`; the body builds the
+    # TrainConfig from them and trains.
     from locaudit.data.behaviour import load_behaviour
     from locaudit.data.prompts import PromptFormat
     from locaudit.edit.train import train_edit

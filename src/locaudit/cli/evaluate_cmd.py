@@ -91,6 +91,8 @@ def evaluate(
                                   "strict JSON object instead of text."),
 ) -> None:
     """Evaluate an edit (or the unedited model) on one split with every asked-for metric."""
+    # Long on purpose: most of its lines are its typer options, one per flag of `locaudit evaluate`; the body builds
+    # the EvalConfig from them and evaluates.
     import json
 
     from locaudit.data.behaviour import load_behaviour

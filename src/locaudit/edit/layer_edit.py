@@ -367,6 +367,8 @@ def train_layer_edits(lm, layer: int, train_rows: Sequence[EditRow], score_rows:
     lora, role 'kl' (unrelated prompts). Returns (edits, Float[len(score_rows)] summed completion log-probs
     after the edit, info {"loss_first", "loss_last", "frozen_prefix"}).
     """
+    # Long on purpose: one training pass of E edits together (frozen prefix, the optimizer loop, scoring with the
+    # trained edits) over shared tensors; it reads as the algorithm it is.
     prec = require_resolved(precision, "layer_edit")
     module = site_module(lm, cfg.site, layer)
     w = module.weight

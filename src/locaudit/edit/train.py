@@ -273,6 +273,9 @@ def train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Encod
 def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
                  enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
                  label: str, precision: ResolvedPrecision) -> tuple[LoRAStack, list[TrainLog]]:
+    # Long on purpose: one training loop (micro-batches, gradient accumulation, schedule, early stopping, dose
+    # snapshots) whose steps share the optimizer, the stack and the step count; pieces would pass most of that state
+    # back and forth.
     t0 = time.perf_counter()
     E = len(heads_list)
     dev = lm.device

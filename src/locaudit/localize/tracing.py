@@ -378,6 +378,8 @@ def trace_fact(lm, prompt: str, subject: str, target: str, cfg: TraceConfig | No
     corrupted run adds embed(replacement) - embed(subject) at the subject's positions, which is the run on the
     replaced tokens. Empty: no same-length replacement exists, and the fact's tracing is NaN.
     """
+    # Long on purpose: one pass of causal tracing of a fact (clean run, corrupted runs, each kind's restored rows per
+    # layer and position), kept whole so that its numerics stay as verified against the full-model reference.
     from locaudit.data.facts import object_ids, subject_token_span
 
     cfg = cfg or TraceConfig()
