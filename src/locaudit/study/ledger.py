@@ -414,6 +414,27 @@ def recheck_done(ledger: Ledger) -> list[tuple[str, str]]:
     return bad
 
 
+def _restore_done(led: Ledger, trials: list[Trial]) -> int:
+    """Mark done again, in the ledger being rebuilt, each trial whose ``result.json`` passes `record_problem` and
+    whose artifact folders match their checksums; returns how many."""
+    restored = 0
+    for t in trials:
+        rec, _ = read_trial_record(led.run_dir, t.key)
+        if rec is None or check_artifacts(led.run_dir, rec["artifacts"], strict=True):
+            continue
+        finished = float(rec.get("finished") or time.time())
+        started = float(rec.get("started") or finished)
+        with led.transaction() as c:
+            c.execute(
+                "UPDATE trials SET status = 'done', attempts = 1, started = ?, finished = ?, duration_s = ?, "
+                "cpu_s = ?, worker = ?, metrics = ?, artifacts = ?, error = NULL WHERE key = ?",
+                (started, finished, finished - started, rec.get("cpu_s"), rec.get("worker"),
+                 json.dumps(rec["metrics"], sort_keys=True), json.dumps(rec["artifacts"], sort_keys=True), t.key))
+            led._event(c, t.key, "repaired", f"restored from {RECORD_FILE}")
+        restored += 1
+    return restored
+
+
 def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> dict:
     """Rebuild a damaged, empty or missing ledger from the trial folders, keeping the old file as a backup.
 
@@ -456,21 +477,7 @@ def repair(run_dir: str | os.PathLike, trials: Iterable[Trial], meta: dict) -> d
             led.set_meta(k, v)
         trials = list(trials)
         led.sync(trials)
-        restored = 0
-        for t in trials:
-            rec, _ = read_trial_record(led.run_dir, t.key)
-            if rec is None or check_artifacts(led.run_dir, rec["artifacts"], strict=True):
-                continue
-            finished = float(rec.get("finished") or time.time())
-            started = float(rec.get("started") or finished)
-            with led.transaction() as c:
-                c.execute(
-                    "UPDATE trials SET status = 'done', attempts = 1, started = ?, finished = ?, duration_s = ?, "
-                    "cpu_s = ?, worker = ?, metrics = ?, artifacts = ?, error = NULL WHERE key = ?",
-                    (started, finished, finished - started, rec.get("cpu_s"), rec.get("worker"),
-                     json.dumps(rec["metrics"], sort_keys=True), json.dumps(rec["artifacts"], sort_keys=True), t.key))
-                led._event(c, t.key, "repaired", f"restored from {RECORD_FILE}")
-            restored += 1
+        restored = _restore_done(led, trials)
         led.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         led.conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to move into place
         led.conn.close()
