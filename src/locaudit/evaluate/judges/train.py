@@ -30,7 +30,7 @@ from locaudit.errors import ConfigError
 from locaudit.evaluate.judges.base import References, normalise_question
 from locaudit.evaluate.judges.calibration import expected_calibration_error, reliability_diagram
 from locaudit.evaluate.judges.hardneg import hard_negatives
-from locaudit.evaluate.judges.data import JudgeExample, load_holdout, load_judge_data
+from locaudit.evaluate.judges.data import HoldOut, JudgeExample, load_holdout, load_judge_data
 from locaudit.evaluate.judges.features import PairEncoder
 from locaudit.models.precision import PrecisionName, as_precision, migrate_autocast_field
 from locaudit.evaluate.judges.heads import Head, fit_logistic, fit_mlp
@@ -183,15 +183,21 @@ def _capped_pairs(examples: Sequence[JudgeExample], cap: int | None, seed: str, 
     return keep
 
 
-def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
-    """Train, evaluate on the held-out questions, save to `out_dir`; returns the report (also in judge.json)."""
-    from locaudit.models.loading import load_model
+def _judge_prob(heads: dict, kind: str, hidden: torch.Tensor, ref: torch.Tensor, has: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+    """The judge's probability for `rows` as it scores: the reference head where references exist (`has`), the
+    no-reference head elsewhere."""
+    p = heads[(kind, "noref")].prob(hidden[rows])
+    h = has[rows]
+    if h.any():
+        p[h] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows][h], ref[rows][h]))
+    return p
 
-    t0 = time.time()
-    final = Path(out_dir)
-    check_judge_target(final)  # before any work
-    holdout = load_holdout(cfg.holdout, cfg.holdout_splits, cfg.seed, cfg.fractions, cfg.max_questions)
-    references = References.from_spec(cfg.holdout)
+
+def _judge_splits(cfg: JudgeTrainConfig, holdout: HoldOut) -> tuple[dict, dict, dict, dict]:
+    """The judge data of each kind split by question (train/unmatched vs held out, capped as `cfg` asks), with
+    the hard negatives added: (each question's role, {kind: {part: examples}}, the hard negatives by part,
+    each hard negative's category)."""
     data: dict[str, list[JudgeExample]] = {}
     for kind in cfg.kinds:
         path = cfg.truth_data if kind == "truth" else cfg.info_data
@@ -224,6 +230,19 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
             else:
                 split[kind]["held_out_hard"] = extra
     category = {(h.question, h.answer): h.category for ex in hard.values() for h in ex}
+    return role, split, hard, category
+
+
+def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
+    """Train, evaluate on the held-out questions, save to `out_dir`; returns the report (also in judge.json)."""
+    from locaudit.models.loading import load_model
+
+    t0 = time.time()
+    final = Path(out_dir)
+    check_judge_target(final)  # before any work
+    holdout = load_holdout(cfg.holdout, cfg.holdout_splits, cfg.seed, cfg.fractions, cfg.max_questions)
+    references = References.from_spec(cfg.holdout)
+    role, split, hard, category = _judge_splits(cfg, holdout)
     if lm is None:
         lm = load_model(cfg.model, dtype="fp32", device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     encoder = PairEncoder(lm, cfg.layers, batch_size=cfg.batch_size, max_length=cfg.max_length,
@@ -262,10 +281,7 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
             heads[(kind, variant)] = head
             kind_report[variant] = {"selection": search}
         # held-out: the judge as it scores (ref head where references exist), and the no-reference head alone
-        p_ref = heads[(kind, "noref")].prob(hidden[rows_te])
-        h_te = has[rows_te]
-        if h_te.any():
-            p_ref[h_te] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows_te][h_te], ref[rows_te][h_te]))
+        p_ref = _judge_prob(heads, kind, hidden, ref, has, rows_te)
         kind_report["held_out"] = classifier_metrics(p_ref, y_te)
         kind_report["held_out_noref"] = classifier_metrics(heads[(kind, "noref")].prob(hidden[rows_te]), y_te)
         exact = ref[rows_te][:, LEX_EXACT].sum(1) > 0
@@ -274,10 +290,7 @@ def train_judge(cfg: JudgeTrainConfig, out_dir: str | Path, lm=None) -> dict:
         hard_te = s.get("held_out_hard", [])
         if hard_te:
             rows_h = torch.tensor([index[(e.question, e.answer)] for e in hard_te], dtype=torch.long)
-            p_h = heads[(kind, "noref")].prob(hidden[rows_h])
-            h_h = has[rows_h]
-            if h_h.any():
-                p_h[h_h] = heads[(kind, "ref")].prob(head_input("ref", hidden[rows_h][h_h], ref[rows_h][h_h]))
+            p_h = _judge_prob(heads, kind, hidden, ref, has, rows_h)
             y_h = torch.tensor([float(e.label) for e in hard_te])
             cats = [category[(e.question, e.answer)] for e in hard_te]
             kind_report["held_out_hard"] = classifier_metrics(p_h, y_h)
