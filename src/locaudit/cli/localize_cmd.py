@@ -58,6 +58,9 @@ def localize(
     top_k: int = typer.Option(16, "--top-k", **opt.count("--top-k"), help="How many of the best heads to print and outline."),
     graddrop: bool = typer.Option(False, "--graddrop/--no-graddrop", help="Attribution: also compute AtP*'s "
                                   "GradDrop score (L extra backward passes)."),
+    qk_fix: bool = typer.Option(False, "--qk-fix/--no-qk-fix", help="Attribution: also score each head's query "
+                                "and key nodes with AtP*'s QK fix (extra scores query, key; their linear AtP "
+                                "query_atp, key_atp)."),
     batch_pairs: int = typer.Option(4, "--batch-pairs", **opt.count("--batch-pairs"), help="Pairs per batch (two sequences each)."),
     tokens_per_forward: int = typer.Option(16384, "--tokens-per-forward", **opt.count("--tokens-per-forward", 64), help="Patching stacks one copy of the "
                                            "batch per head, up to about this many tokens per forward."),
@@ -86,7 +89,7 @@ def localize(
         config = PatchingConfig(corruption=corruption, direction=direction, noise_scale=noise_scale,
                                 noise_seed=seed, contrast=contrast, contrast_seed=seed, positions=positions,
                                 max_pairs=max_pairs or None, pair_seed=seed, heads=heads, rank_by=rank_by,
-                                top_k=top_k, graddrop=graddrop, batch_pairs=batch_pairs,
+                                top_k=top_k, graddrop=graddrop, qk_fix=qk_fix, batch_pairs=batch_pairs,
                                 tokens_per_forward=tokens_per_forward, format=fmt)
     except ValidationError as e:
         first = e.errors()[0]

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -103,9 +103,25 @@ class PatchingConfig(BaseModel):
     top_k: int = Field(16, ge=1, description="Heads outlined in the heatmap and taken by a study's top-K.")
     graddrop: bool = Field(False, description="Attribution only: also compute AtP*'s GradDrop score (L extra "
                            "backward passes), a check for cancellation across paths.")
+    qk_fix: bool = Field(False, description="Attribution only: also score each head's query and key nodes with "
+                         "AtP*'s QK fix (the node's effect through its own attention softmax computed exactly by "
+                         "re-running that layer's attention, the rest linearised; about (H + KV heads) / copies "
+                         "extra attention calls per layer), next to their plain AtP.")
     format: Literal["plain", "chat"] = Field("plain", description="Prompt format of the pairs.")
     max_length: int = Field(256, ge=8, description="Longest (prompt + completion) in tokens.")
     keep_per_example: bool = Field(True, description="Keep the per-pair effects [n, L, H] in the result.")
+
+    # fields added after localize runs were cached: left out of model_dump() (so of the cache and study keys,
+    # and meta["config"]) at the value that gives the earlier runs' results, so those keys hold
+    OLD_BEHAVIOUR: ClassVar[dict[str, Any]] = {"qk_fix": False}
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """pydantic's model_dump without the fields of OLD_BEHAVIOUR at their old-behaviour values."""
+        d = super().model_dump(**kwargs)
+        for k, old in self.OLD_BEHAVIOUR.items():
+            if k in d and d[k] == old:
+                d.pop(k)
+        return d
 
     @model_validator(mode="after")
     def _check(self) -> "PatchingConfig":

@@ -36,10 +36,13 @@ Primitives, each a context manager that removes its hooks on exit, also on error
 - `grad_capture(sites, site, layers)`: value and d(loss)/d(value) from one forward + backward.
 - `grad_hooks(sites, {(site, l): fn})`: fn(grad) -> replacement gradient or None, registered on the
   value in each forward (e.g. zero the gradient through one layer's attention and MLP outputs).
-- `module_hooks(sites, {(module, l): fn})` on the modules `MODULE_NAMES` (o_proj, mlp_down, mlp, layer):
-  fn(input, output) -> replacement output or None, with the module's first input and its output as
-  the module returns it (a tensor or a tuple), for code that needs both (a LoRA delta, a per-row weight
-  update) or a layer's whole output (models/surgery.py `skipped_layers`).
+- `module_hooks(sites, {(module, l): fn})` on the modules `MODULE_NAMES` (o_proj, mlp_down, mlp, layer,
+  attention, q_proj, k_proj): fn(input, output) -> replacement output or None, with the module's first
+  input and its output as the module returns it (a tensor or a tuple), for code that needs both (a LoRA
+  delta, a per-row weight update) or a layer's whole output (models/surgery.py `skipped_layers`).
+  q_proj / k_proj may be one fused module (`ModelSites.qk_columns` gives a head's columns).
+- `module_calls(sites, module, layers)`: record each call's (args, kwargs) of a module (e.g. the
+  attention module, to call it again on the same inputs with a node patched).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ MODEL_SITE_NAMES: tuple[str, ...] = ("embed", "final")  # one per model: layer 0
 # where each site's value is read: the module's input (a forward pre-hook) or its output (a forward hook)
 _READS_INPUT = {"heads": True, "attn_out": False, "mlp_in": True, "mlp_out": False, "resid_pre": True,
                 "resid_post": False, "embed": False, "final": True}
-MODULE_NAMES: tuple[str, ...] = ("o_proj", "mlp_down", "mlp", "layer")
+MODULE_NAMES: tuple[str, ...] = ("o_proj", "mlp_down", "mlp", "layer", "attention", "q_proj", "k_proj")
 Positions = Union[str, Tensor, Sequence[int]]
 # fn(value: Float[Tensor, "batch pos ..."]) -> replacement (same shape) or None (read only)
 SiteFn = Callable[[Tensor], Union[Tensor, None]]
@@ -132,7 +135,8 @@ def hook_module(sites: ModelSites, module: str, layer: int) -> nn.Module:
         raise ConfigError(f"unknown module {module!r}; modules: {', '.join(MODULE_NAMES)}")
     if not 0 <= int(layer) < sites.n_layers:
         raise ConfigError(f"module {module}@{layer}: layer outside the model's {sites.n_layers} layers")
-    get = {"o_proj": sites.o_proj, "mlp_down": sites.mlp_down, "mlp": sites.mlp, "layer": sites.layer}[module]
+    get = {"o_proj": sites.o_proj, "mlp_down": sites.mlp_down, "mlp": sites.mlp, "layer": sites.layer,
+           "attention": sites.attention, "q_proj": sites.q_proj, "k_proj": sites.k_proj}[module]
     return get(int(layer))
 
 
@@ -154,6 +158,23 @@ def module_hooks(sites: ModelSites, fns: Mapping[tuple[str, int], ModuleFn]) -> 
                 return fn(args[0] if args else kwargs.get("hidden_states"), output)
             handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def module_calls(sites: ModelSites, module: str, layers: Sequence[int]) -> Iterator[dict[int, tuple]]:
+    """Record the (args, kwargs) of each call of `module` (MODULE_NAMES) at `layers` in the forwards run
+    inside the block: calls[l], the last call's, as the module received them (not detached, not copied)."""
+    calls: dict[int, tuple] = {}
+    handles = []
+    try:
+        for l in layers:
+            def pre(_mod, args, kwargs, l=int(l)):
+                calls[l] = (args, kwargs)
+            handles.append(hook_module(sites, module, int(l)).register_forward_pre_hook(pre, with_kwargs=True))
+        yield calls
     finally:
         for h in handles:
             h.remove()
