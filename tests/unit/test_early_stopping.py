@@ -150,3 +150,22 @@ def test_learning_curves_figure(tmp_path) -> None:
     assert xs[0] == 0 and xs == sorted(xs) and kept == (out[0][1].best["step"], pytest.approx(out[0][1].best["val_loss"]))
     assert learning_curves(curves, tmp_path / "lc.png").is_file()
     assert learning_curves([("x", "top", {"epochs": [], "steps": []})], tmp_path / "none.png") is None
+
+
+def test_a_long_pass_logs_its_progress(monkeypatch, caplog) -> None:
+    """A pass logs where it is at early-stopping checks (at most every PROGRESS_EVERY_S) and when it ends: a
+    study's group of edits that trains for an hour is not silent."""
+    lm = tiny_model("llama", n_layers=2)
+    cfg = dict(BASE, eval_every=1, patience=100)
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="locaudit.edit.train"):
+        train_edit(lm, HeadSet.parse("L0H1"), pairs(4), pairs(4), config=cfg)
+    lines = [r.getMessage() for r in caplog.records]
+    checks = [m for m in lines if "validation IPO loss" in m]
+    assert len(checks) == 3 * 2 + 1 and "step 6 of at most 6" in checks[-1] and "0 of 1 edit(s) stopped" in checks[-1]
+    assert any("trained 6 step(s)" in m for m in lines)
+    caplog.clear()
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 1e9)
+    with caplog.at_level("INFO", logger="locaudit.edit.train"):
+        train_edit(lm, HeadSet.parse("L0H1"), pairs(4), pairs(4), config=cfg)
+    assert not [r for r in caplog.records if "validation IPO loss" in r.getMessage()]

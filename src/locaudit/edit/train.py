@@ -44,6 +44,7 @@ from locaudit.models.scoring import completion_logprobs
 from locaudit.models.surgery import checkpointed_layers, prefix_supported, run_from_layer
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 60.0  # a training pass logs its progress at early-stopping checks at most this often
 
 
 class TrainingError(LocauditError, RuntimeError):
@@ -313,6 +314,7 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     stopper = EarlyStopping(stack, cfg.patience, cfg.min_delta) if cfg.eval_every is not None else None
     snap_at = set(cfg.resolved_snapshots(total))
     last_eval: tuple[int, list[dict]] | None = None  # (step, per-edit validation) of the latest early-stopping check
+    said = [time.perf_counter()]  # when progress was last logged
 
     def check(step: int, epoch: float) -> list[dict]:
         """Early stopping: validation of every edit after `step` optimizer steps, recorded and judged."""
@@ -324,6 +326,11 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
             if not was[e]:
                 logs[e].evals.append({"step": step, "epoch": epoch, **v})
         last_eval = (step, vals)
+        if time.perf_counter() - said[0] >= PROGRESS_EVERY_S:  # a long pass says where it is, at most once a minute
+            said[0] = time.perf_counter()
+            log.info("%s: step %d of at most %d (%.0f s); validation %s loss %s; %d of %d edit(s) stopped",
+                     label or f"{E} edit(s)", step, total, said[0] - t0, cfg.objective.upper(),
+                     " ".join(f"{v['val_loss']:.4g}" for v in vals), sum(stopper.is_stopped(e) for e in range(E)), E)
         return vals
 
     step = 0
@@ -405,6 +412,7 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
         finally:
             bar.close()
     secs = time.perf_counter() - t0
+    log.info("%s: trained %d step(s) in %.0f s", label or f"{E} edit(s)", step, secs)
     for e, lg in enumerate(logs):
         lg.seconds = secs
         lg.diverged = divergence(*stack.edit_tensors(e), lg)
