@@ -5,8 +5,9 @@
 #   2. the quickstart on the GPU twice, back to back, each from an empty cache: as `auto` picks (bf16 on a
 #      bf16 GPU) and with --precision fp32; wall time and peak GPU memory of each;
 #   3. (PARTS=answer, not in the default) the answer studies: for SmolLM2, and for Gemma 3 270M where the
-#      gemma3 extra is installed, the pilot (validation split), the dry-run sized by it, then the study;
-#      wall time, peak GPU memory and the verdict of each.
+#      gemma3 extra is installed, the learning-rate sweep and its choice (validation split), the pilot
+#      (validation split) at the chosen rate, the dry-run sized by it, then the study; wall time, peak GPU
+#      memory and the verdict of each.
 # It prints one JSON line per measurement and writes them to $OUT/gpu_check.jsonl (OUT defaults to ./gpu_check).
 #
 #   bash benchmarks/gpu_check.sh            # both parts
@@ -83,10 +84,15 @@ EOF
     done
 fi
 answer_model() {  # $1: study stem (answer_smollm2 | answer_gemma3)
+    # the learning-rate sweep (validation), the choice (scripts/choose_lr.py, written into copies of the pilot
+    # and study files under $OUT/derived), the pilot (validation), the dry-run sized by it, then the study
     local stem=$1 rc
-    for part in pilot study; do
-        local file="studies/${stem}.yaml" run="$OUT/${stem}"
-        [[ $part == pilot ]] && file="studies/${stem}_pilot.yaml" && run="$OUT/${stem}-pilot"
+    export LOCAUDIT_DATA=${LOCAUDIT_DATA:-$PWD/../shared/data}  # the copies live elsewhere: data by absolute path
+    mkdir -p "$OUT/derived"
+    for part in lr pilot study; do
+        local file="studies/${stem}_${part}.yaml" run="$OUT/${stem}-${part}"
+        [[ $part == pilot ]] && file="$OUT/derived/${stem}_pilot.yaml"
+        [[ $part == study ]] && file="$OUT/derived/${stem}.yaml" && run="$OUT/${stem}"
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 1000 > "$OUT/mem-$stem-$part.txt" 2>/dev/null &
         local smi=$!
         local t0=$(date +%s.%N)
@@ -96,6 +102,11 @@ answer_model() {  # $1: study stem (answer_smollm2 | answer_gemma3)
         fi
         "$PY" -m locaudit run "$file" --out "$run" --json > "$OUT/$stem-$part.json" 2> "$OUT/$stem-$part.log"
         rc=$?
+        if [[ $part == lr ]]; then
+            "$PY" scripts/choose_lr.py "$run" --apply "studies/${stem}_pilot.yaml" --apply "studies/${stem}.yaml" \
+                --out-dir "$OUT/derived" > "$OUT/$stem-lr-choice.txt" 2>&1
+            "$PY" scripts/choose_lr.py "$run" --json > "$OUT/$stem-lr-choice.json" 2>/dev/null
+        fi
         set -e
         local t1=$(date +%s.%N)
         kill "$smi" 2>/dev/null || true
@@ -109,6 +120,10 @@ except Exception:
 print(json.dumps({"what": f"{stem} {part} on cuda", "rc": int(rc), "wall_s": round(float(t1) - float(t0), 1),
                   "peak_gpu_mib": int(peak) if peak else None, "headline": verdict}))
 PYEOF
+        if [[ $part == lr && ! -f "$OUT/derived/${stem}_pilot.yaml" ]]; then
+            echo "no $OUT/derived/${stem}_pilot.yaml: the learning-rate sweep failed (see $OUT/$stem-lr-choice.txt)"
+            return 1
+        fi
     done
 }
 

@@ -12,8 +12,8 @@ alike and nothing is tuned on test. The table gives each rate's gain over the un
 standard error over questions (a gain is "measurable" when it is at least twice that SE). A choice at the edge
 of the grid is flagged: the best rate may lie beyond it.
 
-`--apply FILE` writes FILE's copy to --out-dir (same name) with `optimal.lr` set to the chosen rate for every
-group, the rest of the file (comments included) unchanged; `--json` prints the choice as one JSON object.
+`--apply FILE` writes FILE's copy to --out-dir (same name), or FILE itself with --in-place, with `optimal.lr` set
+to the chosen rate for every group, the rest of the file (comments included) unchanged; `--json` prints the choice as one JSON object.
 Exit status 1 when the sweep has no finished full-alignment trial on the validation split, or its gain is not
 measurable.
 """
@@ -111,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="the sweep's run folder")
     ap.add_argument("--metric", default="mc2", help="per-question metric to choose on (default mc2)")
     ap.add_argument("--apply", action="append", type=Path, default=[], help="study file to copy with the rate")
-    ap.add_argument("--out-dir", type=Path, help="where --apply writes its copies")
+    ap.add_argument("--out-dir", type=Path, help="where --apply writes its copies (relative paths in a copy, such as "
+                    "the data default, then resolve against --out-dir: set LOCAUDIT_DATA)")
+    ap.add_argument("--in-place", action="store_true", help="--apply rewrites the study files themselves")
     ap.add_argument("--json", action="store_true", help="print the choice as JSON")
     a = ap.parse_args(argv)
+    if a.apply and (a.out_dir is None) == (not a.in_place):
+        ap.error("--apply needs exactly one of --out-dir and --in-place")
     table, base, nq = sweep_table(a.run, a.metric)
     c = choose(table)
     if a.json:
@@ -128,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
               f"({'measurable' if c['measurable'] else 'NOT measurable'} at {MEASURABLE_SE:g} SE)"
               + ("; at the edge of the grid: the best rate may lie beyond it" if c["at_edge"] else ""))
     if a.apply:
-        if a.out_dir is None:
-            ap.error("--apply needs --out-dir")
-        a.out_dir.mkdir(parents=True, exist_ok=True)
+        if a.out_dir is not None:
+            a.out_dir.mkdir(parents=True, exist_ok=True)
         for f in a.apply:
-            (a.out_dir / f.name).write_text(apply_lr(f.read_text(), c["lr"], str(f)))
-            print(f"wrote {a.out_dir / f.name}")
+            dest = f if a.in_place else a.out_dir / f.name
+            text = apply_lr(f.read_text(), c["lr"], str(f))
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(dest)  # atomic: a study file is never half written
+            print(f"wrote {dest}")
     return 0 if c["measurable"] else 1
 
 

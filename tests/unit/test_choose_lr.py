@@ -103,3 +103,14 @@ def test_apply_needs_a_one_line_lr() -> None:
     assert out.replace(out.splitlines()[3], "") == text.replace(text.splitlines()[3], "")  # nothing else changes
     with pytest.raises(SystemExit, match="one-line"):
         cl.apply_lr("optimal:\n  lr:\n    top: [1e-3]\n", 1e-3, "y.yaml")
+
+
+def test_in_place_and_out_dir_are_exclusive(tmp_path: Path) -> None:
+    cl = _script()
+    from locaudit.errors import ConfigError
+
+    for bad in ([], ["--in-place", "--out-dir", str(tmp_path)]):
+        with pytest.raises(SystemExit):  # checked before the sweep is read
+            cl.main([str(tmp_path), "--apply", "x.yaml", *bad])
+    with pytest.raises(ConfigError, match="ledger.sqlite is missing"):
+        cl.main([str(tmp_path)])
