@@ -27,6 +27,7 @@ from locaudit.errors import ConfigError
 from locaudit.io import staging_dir, write_json_atomic
 from locaudit.study.hase.spec import HaseSpec
 from locaudit.study.ledger import Ledger
+from locaudit.study.rundir import trial_rel
 from locaudit.study.runner import StudyPlan, run_study
 from locaudit.study.trials import Trial, make_trial
 
@@ -104,7 +105,8 @@ def spread_order(layers: list[int]) -> list[int]:
 
 
 def data_dir(run_dir: Path, key: str) -> Path:
-    return Path(run_dir) / "trials" / key / "data"
+    """trials/KEY/data: a Hase trial's data files (study/rundir.py's layout)."""
+    return Path(run_dir) / trial_rel(key, "data")
 
 
 def read_data(run_dir: Path, key: str, name: str):
@@ -165,7 +167,7 @@ class HaseGroup:
         lm = self.lm if self.lm is not None else _worker_model(spec)
         precision = spec.resolved()
         for t in trials:
-            final = run_dir / "trials" / t.key
+            final = run_dir / trial_rel(t.key)
             tmp = staging_dir(final)
             try:
                 metrics = _run_trial(t, spec, lm, run_dir, tmp / "data", precision, steps)
