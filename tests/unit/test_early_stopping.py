@@ -169,3 +169,48 @@ def test_a_long_pass_logs_its_progress(monkeypatch, caplog) -> None:
     with caplog.at_level("INFO", logger="locaudit.edit.train"):
         train_edit(lm, HeadSet.parse("L0H1"), pairs(4), pairs(4), config=cfg)
     assert not [r for r in caplog.records if "validation IPO loss" in r.getMessage()]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stopped_edits_leave_the_batch_with_the_numbers_of_separate_runs(precision, monkeypatch) -> None:
+    """Once early stopping stops an edit of a pass, the batch carries copies for the other edits only (the rest of
+    the pass costs less), and every edit is still what training it alone gives: same best step, same parameters
+    within the rounding of a differently sized GEMM."""
+    lm = tiny_model("llama", n_layers=3)
+    heads = [HeadSet.parse("L0H1"), HeadSet.parse("L1H0,L2H2"), HeadSet.parse("L2H3")]
+    lrs = [0.2, 1e-4, 0.05]
+    train = pairs(6)
+    cfg = dict(BASE, precision=precision, tau=2.0, eval_every=1, patience=2, max_epochs=6, max_parallel=3,
+               group_copy_cost=0.0)
+    copies: list[int] = []
+    real = train_mod.StackRunner.logps
+
+    def counting(self, enc, idx, states):
+        copies.append(self.stack.n_active)
+        return real(self, enc, idx, states)
+
+    monkeypatch.setattr(train_mod.StackRunner, "logps", counting)
+    out = train_edits(lm, heads, train, train, config=cfg, lrs=lrs)
+    stops = [lg.stopped_step for _, lg in out]
+    assert stops[0] is not None and any(s is None or s > stops[0] for s in stops)  # one edit stops before another
+    assert copies[0] == 3 and min(copies) < 3 and copies == sorted(copies, reverse=True)
+    for (edit, lg), hs, lr in zip(out, heads, lrs):
+        if lg.stopped_step is not None:  # no training step after its stop
+            assert all(s["step"] < lg.stopped_step for s in lg.steps)
+        alone, lg1 = train_edit(lm, hs, train, train, config=dict(cfg, lr=lr, max_parallel=1))
+        assert lg.best["step"] == lg1.best["step"] and lg.stopped_step == lg1.stopped_step
+        tol = 1e-4 if precision == "fp32" else 2e-2
+        torch.testing.assert_close(edit.b, alone.b, rtol=tol, atol=tol * max(1e-6, float(alone.b.abs().max())))
+        torch.testing.assert_close(edit.a, alone.a, rtol=tol, atol=tol * float(alone.a.abs().max()))
+
+
+def test_set_active_checks_its_subset() -> None:
+    lm = tiny_model("llama", n_layers=2)
+    stack = build_stack(lm.sites, [HeadSet.parse("L0H0"), HeadSet.parse("L1H1"), HeadSet.parse("L1H0")])
+    stack.set_active([0, 2])
+    assert stack.n_active == 2
+    stack.set_active([0, 1, 2])
+    assert stack.active is None and stack.n_active == 3
+    for bad in ([], [2, 0], [0, 0], [3], [-1]):
+        with pytest.raises(ConfigError, match="set_active"):
+            stack.set_active(bad)

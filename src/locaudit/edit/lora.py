@@ -93,16 +93,37 @@ class LoRAStack(nn.Module):
         # one parameter pair per edit, so each edit can have its own optimizer group (lr, clipping)
         self.a_params = nn.ParameterList([nn.Parameter(a[e].clone(), requires_grad=trainable) for e in range(E)])
         self.b_params = nn.ParameterList([nn.Parameter(b[e].clone(), requires_grad=trainable) for e in range(E)])
+        # the edits whose copies a batch carries, in order (None: all): training drops the edits early stopping
+        # has stopped, so their copies cost nothing for the rest of the pass
+        self.active: list[int] | None = None
 
     @property
     def n_edits(self) -> int:
         return len(self.a_params)
 
+    @property
+    def n_active(self) -> int:
+        """How many copies of a batch the attached stack expects: one per active edit."""
+        return self.n_edits if self.active is None else len(self.active)
+
+    def set_active(self, edits: Sequence[int] | None) -> None:
+        """Route batch copies to these edits only (ascending, non-empty), or to all of them (None)."""
+        if edits is not None:
+            edits = [int(e) for e in edits]
+            if not edits or edits != sorted(set(edits)) or edits[0] < 0 or edits[-1] >= self.n_edits:
+                raise ConfigError(f"LoRAStack.set_active: {edits} is not an ascending, non-empty subset of "
+                                  f"0..{self.n_edits - 1}")
+            if len(edits) == self.n_edits:
+                edits = None
+        self.active = edits
+
     def edit_parameters(self, e: int) -> list[nn.Parameter]:
         return [self.a_params[e], self.b_params[e]]
 
     def _slot(self, params: nn.ParameterList, mask: torch.Tensor, i: int) -> torch.Tensor:
-        """Float[Tensor, "edit rank dim"]: the masked parameters of every edit at layer slot i."""
+        """Float[Tensor, "edit rank dim"]: the masked parameters of every active edit at layer slot i."""
+        if self.active is not None:
+            return torch.stack([params[e][i] for e in self.active]) * mask[self.active, i]
         if len(params) == 1:
             return params[0][i].unsqueeze(0) * mask[:, i]
         return torch.stack([p[i] for p in params]) * mask[:, i]
@@ -121,10 +142,11 @@ class LoRAStack(nn.Module):
 
     def delta(self, i: int, o: torch.Tensor) -> torch.Tensor:
         """Float[Tensor, "E*B pos d_model"]: the edits' change of o_proj's output at layer slot i, for
-        o: Float[Tensor, "E*B pos head*head_dim"] (copy e of the batch goes to edit e)."""
-        E = self.n_edits
+        o: Float[Tensor, "E*B pos head*head_dim"] (copy e of the batch goes to active edit e)."""
+        E = self.n_active
         if o.shape[0] % E:
-            raise ConfigError(f"a stack of {E} edits needs a batch replicated {E} times, got batch size {o.shape[0]}")
+            raise ConfigError(f"a stack of {E} active edits needs a batch replicated {E} times, got batch size "
+                              f"{o.shape[0]}")
         x = o.reshape(E, -1, o.shape[-1])  # [E, B*T, HD]
         a_eff = self._slot(self.a_params, self.a_mask, i)  # [E, r, HD]
         z = torch.matmul(x, a_eff.to(x.dtype).transpose(1, 2))  # [E, B*T, r]

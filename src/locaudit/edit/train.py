@@ -209,10 +209,11 @@ class StackRunner:
                 self.feed, self.active = None, False
 
     def logps(self, enc: EncodedPairs, idx: Sequence[int], states: PrefixStates | None) -> PairLogps:
-        """Policy PairLogps with tensors [E, B] (edit e on copy e of the batch of pairs `idx`); inside `session`."""
+        """Policy PairLogps with tensors [E, B] for the stack's E active edits (active edit e on copy e of the
+        batch of pairs `idx`); inside `session`."""
         if not self.active:
             raise RuntimeError("StackRunner.logps runs inside StackRunner.session()")
-        E, B = self.stack.n_edits, len(idx)
+        E, B = self.stack.n_active, len(idx)
         # packed: short pairs in one row, so that a small batch is one larger matrix product
         batch = pack_pairs(enc, idx, one_row=None) if self.packed else enc.batch(idx)
         dev = self.lm.device
@@ -227,9 +228,10 @@ class StackRunner:
         sums, counts = sums.float().view(E, 2 * B), counts.view(E, 2 * B)
         return PairLogps(sums[:, :B], sums[:, B:], counts[:, :B], counts[:, B:])
 
-    def evaluate(self, enc: EncodedPairs, ref: PairLogps | None, states: PrefixStates | None) -> list[dict]:
-        """Per edit: validation loss, preference accuracy and mean margin (no grad, length-sorted batches)."""
-        E = self.stack.n_edits
+    def evaluate(self, enc: EncodedPairs, ref: PairLogps | None, states: PrefixStates | None) -> list[dict | None]:
+        """Per edit of the stack: validation loss, preference accuracy and mean margin (no grad, length-sorted
+        batches); None for an edit that is not active (stopped early: it is not run)."""
+        E = self.stack.n_active
         order = length_sorted(enc)
         per = max(1, self.config.eval_batch_size // (2 * E))  # pairs per forward: 2 sequences x E copies
         parts = []
@@ -240,14 +242,14 @@ class StackRunner:
         idx_all = [i for idx, _ in parts for i in idx]
         cat = PairLogps(*(torch.cat([getattr(p, f) for _, p in parts], dim=1).cpu()
                           for f in ("chosen", "rejected", "n_chosen", "n_rejected")))
-        out = []
-        for e in range(E):
+        out: list[dict | None] = [None] * self.stack.n_edits
+        active = self.stack.active if self.stack.active is not None else range(self.stack.n_edits)
+        for e, k in enumerate(active):
             pol = cat.index((e, slice(None)))
             stats = preference_stats(pol)
             r = ref.index(idx_all) if ref is not None else None
             loss = pair_loss(self.config.objective, pol, r, self.config.tau, self.config.beta)
-            out.append({"val_loss": float(loss.mean()), "val_accuracy": stats["accuracy"],
-                        "val_margin": stats["margin"]})
+            out[k] = {"val_loss": float(loss.mean()), "val_accuracy": stats["accuracy"], "val_margin": stats["margin"]}
         return out
 
 
@@ -321,16 +323,19 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
         nonlocal last_eval
         vals = runner.evaluate(enc_val, ref_val, st_val)
         was = [stopper.is_stopped(e) for e in range(E)]  # a stopped edit's curve ends where it stopped
-        stopper.update(step, [v["val_loss"] for v in vals])
+        stopper.update(step, [v["val_loss"] if v is not None else math.nan for v in vals])
         for e, v in enumerate(vals):
-            if not was[e]:
+            if not was[e] and v is not None:
                 logs[e].evals.append({"step": step, "epoch": epoch, **v})
         last_eval = (step, vals)
+        if not stopper.all_stopped:  # stopped edits leave the batch: the rest of the pass runs only the others
+            stack.set_active([e for e in range(E) if not stopper.is_stopped(e)])
         if time.perf_counter() - said[0] >= PROGRESS_EVERY_S:  # a long pass says where it is, at most once a minute
             said[0] = time.perf_counter()
             log.info("%s: step %d of at most %d (%.0f s); validation %s loss %s; %d of %d edit(s) stopped",
                      label or f"{E} edit(s)", step, total, said[0] - t0, cfg.objective.upper(),
-                     " ".join(f"{v['val_loss']:.4g}" for v in vals), sum(stopper.is_stopped(e) for e in range(E)), E)
+                     " ".join(f"{v['val_loss']:.4g}" if v is not None else "-" for v in vals),
+                     sum(stopper.is_stopped(e) for e in range(E)), E)
         return vals
 
     step = 0
@@ -346,16 +351,17 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                 batches = [perm[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
                 epoch_loss = torch.zeros(E)
                 acc_loss = torch.zeros(E)
+                n_seen = [0] * E  # micro-batches each edit trained on this epoch (a stopped edit leaves the batch)
                 opt.zero_grad(set_to_none=True)
-                n_done = len(batches)
                 for k, idx in enumerate(batches):
                     group_start = (k // cfg.grad_accum) * cfg.grad_accum
                     group_size = min(cfg.grad_accum, len(batches) - group_start)
+                    act = list(range(E)) if stack.active is None else list(stack.active)
                     pol = runner.logps(enc_train, idx, st_train)
                     ref = ref_train.index(idx).to(dev) if ref_train is not None else None
-                    losses = pair_loss(cfg.objective, pol, ref, cfg.tau, cfg.beta).mean(-1)  # [E]
+                    losses = pair_loss(cfg.objective, pol, ref, cfg.tau, cfg.beta).mean(-1)  # [active edits]
                     if not torch.isfinite(losses.detach()).all():
-                        bad = [heads_list[e].name for e in range(E) if not math.isfinite(float(losses[e].detach()))]
+                        bad = [heads_list[e].name for j, e in enumerate(act) if not math.isfinite(float(losses[j].detach()))]
                         raise TrainingError(
                             f"non-finite {cfg.objective} loss at optimizer step {step} (epoch {epoch}, micro-batch {k}) "
                             f"on pairs {idx} (qids {[enc_train.pairs[i].qid for i in idx]}) for edit(s) {bad}: "
@@ -363,8 +369,12 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                         )
                     (losses.sum() / group_size).backward()
                     ld = losses.detach().float().cpu()
-                    epoch_loss += ld
-                    acc_loss += ld / group_size
+                    full = torch.zeros(E)
+                    full[act] = ld
+                    epoch_loss += full
+                    acc_loss += full / group_size
+                    for e in act:
+                        n_seen[e] += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(ld.mean()):.4f}", epoch=epoch)
                     if k + 1 == group_start + group_size:
@@ -381,7 +391,7 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                         opt.step()
                         sched.step()
                         opt.zero_grad(set_to_none=True)
-                        for e in range(E):
+                        for e in act:  # the edits this step trained
                             logs[e].steps.append({"step": step, "epoch": epoch, "loss": float(acc_loss[e]),
                                                   "lr": lr_now[e], "grad_norm": norms[e]})
                         acc_loss.zero_()
@@ -393,14 +403,14 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                         if stopper is not None and step % cfg.eval_every == 0:
                             check(step, epoch + (k + 1) / len(batches))
                             if stopper.all_stopped:
-                                n_done = k + 1
                                 break
-                rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / n_done)} for e in range(E)]
+                rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / max(n_seen[e], 1))} for e in range(E)]
                 if enc_val is not None and cfg.eval_each_epoch:
                     vals = (last_eval[1] if last_eval is not None and last_eval[0] == step
                             else runner.evaluate(enc_val, ref_val, st_val))
                     for e, v in enumerate(vals):
-                        rec[e].update(v)
+                        if v is not None:
+                            rec[e].update(v)
                 for e in range(E):
                     logs[e].epochs.append(rec[e])
                 if stopper is not None and stopper.all_stopped:
@@ -411,6 +421,7 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                 _finish_early_stopping(stopper, logs, step)
         finally:
             bar.close()
+            stack.set_active(None)
     secs = time.perf_counter() - t0
     log.info("%s: trained %d step(s) in %.0f s", label or f"{E} edit(s)", step, secs)
     for e, lg in enumerate(logs):
