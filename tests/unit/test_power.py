@@ -45,6 +45,11 @@ def test_equivalence_power_matches_simulation() -> None:
         assert S.equivalence_power(margin, se, alpha, true) == pytest.approx(sim, abs=0.005)
     se_need = S.se_for_equivalence(margin, alpha, 0.8)
     assert S.equivalence_power(margin, se_need, alpha) == pytest.approx(0.8, abs=1e-9)
+    # the narrowest powered margin inverts it: at that margin the power is the target, wider more, narrower less
+    m = S.margin_for_equivalence(se, alpha, 0.8)
+    assert S.se_for_equivalence(m, alpha, 0.8) == pytest.approx(se)
+    assert S.equivalence_power(m, se, alpha) == pytest.approx(0.8, abs=1e-9)
+    assert S.equivalence_power(0.9 * m, se, alpha) < 0.8 < S.equivalence_power(1.1 * m, se, alpha)
 
 
 STUDY = {"name": "design", "model": {"name": "tiny:llama"}, "data": {"spec": "pairs:pairs.jsonl"},
@@ -202,6 +207,9 @@ def test_dry_run_sizes_a_design_by_a_pilot(tmp_path: Path) -> None:
     assert assumed["spread"] == "assumed" and opt["spread"] == "observed"
     assert opt["n_random"] == 39 and opt["random_sd"] != assumed["random_sd"]
     assert d["cost"]["optimal"]["mean_wall_s"] is not None  # the pilot's timings
+    se_eq = math.sqrt(opt["random_sd"] ** 2 / 39 + opt["se_questions"] ** 2)  # the powered margin: at it, 80% power
+    assert S.equivalence_power(opt["powered_margin"], se_eq, opt.get("alpha", 0.05)) == pytest.approx(0.8, abs=1e-6)
+    assert opt["powered_margin_fraction"] == pytest.approx(opt["powered_margin"] / opt["gain"])
     # SE ~ 1/sqrt(n): a pilot on 100 questions sizes a study on 400 with half its SE
     obs = pd.DataFrame([{"n_questions": 100, "se_questions": 0.04, "random_sd": 0.1}])
     assert pilot_spread(obs, 400)["se_questions"].iloc[0] == pytest.approx(0.02)

@@ -89,6 +89,8 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
         mabs = cfg.margin * gain
         se_eq = math.sqrt(sd ** 2 / max(n, 1) + (se_q if math.isfinite(se_q) else 0.0) ** 2)
         eq_power = S.equivalence_power(mabs, se_eq, cfg.alpha) if n > 1 else 0.0
+        # the narrowest margin this design shows equivalence within, with the target power (TOST, true difference 0)
+        m_pow = S.margin_for_equivalence(se_eq, cfg.alpha, cfg.power) if n > 1 else None
         c = {"method": method, "n_random": n, "p_floor": f, "in_family": bool(inc), "threshold": thr if inc else None,
              "can_reach_alpha": bool(inc),
              "draws_needed_for_floor": draws_to_join(floors, len(out["comparisons"]), cfg.alpha, cfg.multiplicity),
@@ -97,7 +99,8 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
              "detectable_shift_sd": shift, "detectable_effect": shift * sd if math.isfinite(shift) else None,
              "detectable_gain_fraction": shift * sd / gain if math.isfinite(shift) else None,
              "spread": "observed" if sd_obs else "assumed", "random_sd": sd, "gain": gain, "se_questions": se_q,
-             "margin_abs": mabs, "equivalence_power": eq_power}
+             "margin_abs": mabs, "equivalence_power": eq_power, "powered_margin": m_pow,
+             "powered_margin_fraction": m_pow / gain if m_pow is not None and gain > 0 else None}
         need = equivalence_needs(sd, n, se_q if math.isfinite(se_q) else 0.0, nq, mabs, cfg.alpha, cfg.power)
         c.update(draws_for_equivalence=need["draws_only"], questions_for_equivalence=need["questions_only"],
                  draws_and_questions_for_equivalence=list(need["both"]), equivalence_needs=need["text"])
@@ -154,7 +157,9 @@ def design_text(d: dict) -> list[str]:
         lines.append(f"  {c['method']}: {c['n_random']} draws, smallest p {c['p_floor']:.3g}"
                      f"{', threshold ' + format(c['threshold'], '.3g') if c['threshold'] else ''}; {det}; "
                      f"equivalence power {c['equivalence_power']:.0%} ({c['spread']} spread: sd {c['random_sd']:.3g}, "
-                     f"question SE {c['se_questions']:.3g})")
+                     f"question SE {c['se_questions']:.3g})"
+                     + (f"; {d['power']:.0%} power for equivalence within ±{c['powered_margin']:.3g} "
+                        f"({c['powered_margin_fraction']:.0%} of the gain)" if c.get("powered_margin_fraction") else ""))
     for kind, c in d["cost"].items():
         lines.append(f"  cost {kind}: {c['trials']} trials" + (f" x {c['mean_wall_s']:.0f} s = {c['total_wall_s'] / 60:.1f} min"
                                                                 if c["mean_wall_s"] is not None else " (not measured yet)"))

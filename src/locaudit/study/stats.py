@@ -579,6 +579,12 @@ def equivalence_power(margin: float, se: float, alpha: float, true_diff: float =
     return float(max(0.0, p))
 
 
+def margin_for_equivalence(se: float, alpha: float, power: float = 0.8) -> float:
+    """The narrowest TOST margin shown with `power` at standard error `se` (true difference 0): the inverse of
+    `se_for_equivalence`."""
+    return float(se * (sps.norm.ppf(1 - alpha) + sps.norm.ppf((1 + power) / 2)))
+
+
 def se_for_equivalence(margin: float, alpha: float, power: float = 0.8) -> float:
     """The standard error at which TOST shows equivalence of a true difference 0 with `power`."""
     return float(margin / (sps.norm.ppf(1 - alpha) + sps.norm.ppf((1 + power) / 2)))
