@@ -205,3 +205,25 @@ def test_trial_keys_unchanged_without_dose_steps(tmp_path: Path) -> None:
     dosed = expand(parse_study({**STUDY, "optimal": {**STUDY["optimal"], "dose_steps": [0.5]}}, tmp_path, "s.yaml"))
     changed = {t.key for t in plain} ^ {t.key for t in dosed}
     assert changed and all(t.kind in ("optimal", "select") for t in plain + dosed if t.key in changed)
+
+
+def test_dose_curves_only_where_asked(tmp_path: Path) -> None:
+    """optimal.dose_localizers: the groups left out train and score as without dose steps (same trial keys)."""
+    from locaudit.study.spec import parse_study
+    from locaudit.study.trials import expand
+
+    from test_study_report import STUDY
+
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    plain = {t.key: t for t in expand(parse_study(STUDY, tmp_path, "s.yaml"))}
+    some = expand(parse_study({**STUDY, "optimal": {**STUDY["optimal"], "dose_steps": [0.5],
+                                                   "dose_localizers": ["top", "all"]}}, tmp_path, "s.yaml"))
+    groups = set()
+    for t in some:
+        if t.kind != "optimal":
+            continue
+        g = t.localizer.group
+        groups.add(g)
+        assert ("dose_steps" in t.content) == (g in ("top", "all"))
+        assert (t.key in plain) == (g not in ("top", "all"))  # left-out groups keep their keys
+    assert {"top", "all"} < groups and groups - {"top", "all"}

@@ -59,6 +59,9 @@ class OptimalSpec(_Strict):
                                     "collateral damage, docs/verdict.md): the edit's state after these optimizer steps "
                                     "(a value in (0, 1): a fraction of the planned steps; >= 1: a step count) is also "
                                     "scored on the primary metric and KL. Empty: none (part of trial keys only when set).")
+    dose_localizers: list[Group] = Field(default_factory=lambda: list(GROUPS), description="The localizer groups "
+                                         "whose edits get a dose curve (each point costs one evaluation; the "
+                                         "matched-KL verdict compares top, random and all heads).")
 
     @field_validator("taus")
     @classmethod

@@ -280,7 +280,8 @@ def expand(spec: StudySpec) -> list[Trial]:
                                          max_train_pairs=O.max_train_pairs, max_val_pairs=O.max_val_pairs,
                                          train_options=dict(sorted(O.train_options.items())), seed=seed,
                                          evaluation=evaluation, ranking_trial=rk,
-                                         dose_steps=list(O.dose_steps) or None),  # keys unchanged when unset
+                                         dose_steps=(list(O.dose_steps) or None) if loc.group in O.dose_localizers
+                                         else None),  # keys unchanged when unset
                             deps=deps, batch_fields=("localizer", "probe", "lr")))
                         if select and gridded:
                             trials.append(_select_trial(t, select, judge))
