@@ -328,14 +328,9 @@ def test_localize_cli_end_to_end(tmp_path, monkeypatch):
     from locaudit.cli.main import app
 
     monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
-    lm = tiny_model("gpt2")
-    lm.model.save_pretrained(str(tmp_path / "model"))
-    lm.tokenizer.save_pretrained(str(tmp_path / "model"))
-    data = tmp_path / "pairs.jsonl"
-    with data.open("w") as f:
-        for i in range(20):
-            f.write(json.dumps({"prompt": f"What is item {i}?", "chosen": f"Good {i % 4}.",
-                                "rejected": f"Bad bad {i % 3}!"}) + "\n")
+    from localize_fixtures import saved_model_and_pairs
+
+    _, data = saved_model_and_pairs(tmp_path, 20)
     out = tmp_path / "loc"
     args = ["localize", "--model", str(tmp_path / "model"), "--data", f"pairs:{data}", "--method", "attribution",
             "--max-pairs", "4", "--top-k", "3", "--precision", "fp32", "--graddrop", "--out", str(out)]
