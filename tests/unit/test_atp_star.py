@@ -261,9 +261,9 @@ def test_localize_cli_qk_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
     from localize_fixtures import saved_model_and_pairs
 
-    _, data = saved_model_and_pairs(tmp_path, 8)
+    model, data = saved_model_and_pairs(tmp_path, 8)
     out = tmp_path / "loc"
-    args = ["localize", "--model", str(tmp_path / "model"), "--data", f"pairs:{data}", "--method", "attribution",
+    args = ["localize", "--model", str(model), "--data", f"pairs:{data}", "--method", "attribution",
             "--max-pairs", "4", "--top-k", "3", "--precision", "fp32", "--qk-fix", "--out", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -330,9 +330,9 @@ def test_localize_cli_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
     from localize_fixtures import saved_model_and_pairs
 
-    _, data = saved_model_and_pairs(tmp_path, 20)
+    model, data = saved_model_and_pairs(tmp_path, 20)
     out = tmp_path / "loc"
-    args = ["localize", "--model", str(tmp_path / "model"), "--data", f"pairs:{data}", "--method", "attribution",
+    args = ["localize", "--model", str(model), "--data", f"pairs:{data}", "--method", "attribution",
             "--max-pairs", "4", "--top-k", "3", "--precision", "fp32", "--graddrop", "--out", str(out)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
