@@ -9,7 +9,13 @@ the same numbers (the script reports the largest differences). One-at-a-time is 
 run (the study calls evaluate_edit per trial); the ideal ratio, if the layers below each edit's lowest layer
 were free and everything above cost what it does alone, is printed beside the measured one.
 
+Generation (`--gen-questions N`, 0 to skip): the same edits' greedy answers to N test questions under ITI's
+protocol, `generate_many` (the LoRA edits and the unedited model `--gen-edits-together` at a time, one block of
+each question batch per edit) against `generate_answers` per edit, the same batch of `--gen-batch-size`
+questions per edit on both sides; the script reports how many answers differ (fp32: none expected).
+
     python benchmarks/bench_shared_eval.py [--questions 40] [--singles 8] [--metrics mc,kl,ce] [--precision auto]
+                                           [--gen-questions 16] [--gen-edits-together 8]
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ def main() -> None:
     ap.add_argument("--kl-max-tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="precision of both sides")
+    ap.add_argument("--gen-questions", type=int, default=16, help="questions generated per edit (0: no generation)")
+    ap.add_argument("--gen-batch-size", type=int, default=16, help="questions per edit in a generation batch")
+    ap.add_argument("--gen-edits-together", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=50)
     ap.add_argument("--csv", default=str(CSV))
     add_out_option(ap, "bench_shared_eval")
     args = ap.parse_args()
@@ -124,19 +134,50 @@ def main() -> None:
         "ideal_speedup_from_layer_sharing": round(ideal, 2),
         "max_abs_diff": diff,
         "mc2": {nm: round(r.mc2, 4) for nm, r in zip(names, together)} if "mc" in metrics else None,
-        "generation": "not shared (evaluate_edits runs gen per edit)",
+        "generation": bench_generation(lm, edits, data, args) if args.gen_questions else None,
     }
     emit(args.out, "bench_shared_eval", "N edits evaluated together vs one at a time on SmolLM2", machine, out,
          table_rows(out))
 
 
+def bench_generation(lm, edits, data, args) -> dict:
+    """generate_many vs generate_answers per edit on the same questions, edits and precision."""
+    from locaudit.data.prompts import PromptFormat
+    from locaudit.evaluate.generate import generate_answers
+    from locaudit.evaluate.shared_gen import generate_many
+    from locaudit.models.precision import resolve_precision
+
+    prec = resolve_precision(args.precision, lm.device)
+    qs = data.questions("test")[: args.gen_questions]
+    fmt = PromptFormat("plain", protocol="iti")
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, precision=prec)
+    generate_answers(lm, None, qs[:2], fmt, progress=False, **kw)  # warm-up
+    t0 = time.perf_counter()
+    together = generate_many(lm, edits, qs, fmt, edits_together=args.gen_edits_together, progress=False, **kw)
+    t_together = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    alone = [generate_answers(lm, e, qs, fmt, progress=False, **kw) for e in edits]
+    t_alone = time.perf_counter() - t0
+    differ = sum(a.answer != b.answer for ra, rb in zip(alone, together) for a, b in zip(ra, rb))
+    return {"questions": len(qs), "n_edits": len(edits), "edits_together": args.gen_edits_together,
+            "batch_size": args.gen_batch_size, "max_new_tokens": args.max_new_tokens,
+            "seconds_together": round(t_together, 2), "seconds_one_at_a_time": round(t_alone, 2),
+            "speedup": round(t_alone / t_together, 2), "answers_differing": differ,
+            "answers": sum(len(r) for r in alone)}
+
+
 def table_rows(r: dict) -> list[list[str]]:
-    """The README's row (machine.COLUMNS) from this benchmark's results."""
+    """The README's rows (machine.COLUMNS) from this benchmark's results."""
     diff = max(r["max_abs_diff"].values(), default=0.0)
+    g = r.get("generation")
+    gen = [[f"{g['n_edits']} edits' greedy answers generated together ({g['edits_together']} at a time; "
+            f"{g['questions']} questions, {g['max_new_tokens']} new tokens at most)",
+            f"{g['seconds_together']:.1f} s", f"each edit alone {g['seconds_one_at_a_time']:.1f} s",
+            f"{g['speedup']:.2f}x, {g['answers_differing']} of {g['answers']} answers differ"]] if g else []
     return [[f"{r['n_edits']} edits evaluated together ({', '.join(r['metrics'])}; {r['questions']} questions)",
              f"{r['seconds_together']:.1f} s", f"the same edits one at a time {r['seconds_one_at_a_time']:.1f} s",
              f"{r['speedup']:.2f}x (ideal from layer sharing {r['ideal_speedup_from_layer_sharing']:.2f}x), "
-             f"same numbers within {short(diff)}"]]
+             f"same numbers within {short(diff)}"]] + gen
 
 
 if __name__ == "__main__":

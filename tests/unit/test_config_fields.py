@@ -15,7 +15,8 @@ from locaudit.study.spec import SPEED_ONLY, EvalSpec, OptimalSpec
 
 SPEC_FIELDS = [(OptimalSpec, TrainConfig, n, "") for n in ("objective", "rank", "epochs", "batch_size")] + [
     (EvalSpec, EvalConfig, "max_new_tokens", ""), (EvalSpec, EvalConfig, "mc_primer", ""),
-    (EvalSpec, EvalConfig, "batch_size", SPEED_ONLY), (EvalSpec, EvalConfig, "gen_batch_size", SPEED_ONLY)]
+    (EvalSpec, EvalConfig, "batch_size", SPEED_ONLY), (EvalSpec, EvalConfig, "gen_batch_size", SPEED_ONLY),
+    (EvalSpec, EvalConfig, "gen_edits_together", SPEED_ONLY)]
 
 
 def test_sentence() -> None:
@@ -34,7 +35,7 @@ def test_spec_fields_are_the_configs(spec, config, name, note) -> None:
 def test_eval_spec_passes_its_evalconfig_fields_and_extras() -> None:
     e = EvalSpec(max_new_tokens=7, kl_max_tokens=64, metrics=["mc"])
     assert e.config_fields() == {"max_new_tokens": 7, "mc_primer": False, "batch_size": 32, "gen_batch_size": 16,
-                                 "kl_max_tokens": 64}
+                                 "gen_edits_together": 8, "kl_max_tokens": 64}
     assert EvalConfig(**e.config_fields()).max_new_tokens == 7
 
 

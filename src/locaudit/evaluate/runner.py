@@ -40,6 +40,8 @@ class EvalConfig(BaseModel):
                                              "before issue 11). Preference scoring and answer-text KL stay bare.")
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass when scoring.")
     gen_batch_size: int = Field(16, ge=1, description="Questions generated together.")
+    gen_edits_together: int = Field(8, ge=1, description="evaluate_edits only: optimal (LoRA) edits generated in one "
+                                    "batch, gen_batch_size questions each (evaluate/shared_gen.py); speed only.")
     max_new_tokens: int = Field(50, ge=1, description="Greedy tokens per generated answer at most.")
     gen_max_questions: int | None = Field(None, ge=1, description="Generate and judge only N of the split's "
                                           "questions (MC, KL and CE still use all of them): True*Info as a cheaper "
@@ -159,17 +161,21 @@ def _score_klce(lm: LoadedModel, edit: Edit | None, data: Any, split: str, quest
 
 
 def _score_gen(lm: LoadedModel, edit: Edit | None, questions: Sequence[Any], judge: Any, cfg: EvalConfig, fmt: Any,
-               ac: Any, max_len: int, out: Path | None, res: EvalResult) -> None:
-    """Generated answers (out/generations.jsonl) and, with a judge, their True/Info scores, into `res`."""
-    from locaudit.evaluate.generate import generate_answers
+               ac: Any, max_len: int, out: Path | None, res: EvalResult, recs: Sequence[Any] | None = None) -> None:
+    """Generated answers (out/generations.jsonl) and, with a judge, their True/Info scores, into `res`.
+    `recs`: this edit's answers generated already (evaluate/shared_gen.py, with the time set by the caller)."""
+    from locaudit.evaluate.generate import generate_answers, save_generations
 
     t0 = time.perf_counter()
-    recs = generate_answers(lm, edit, gen_subset(questions, cfg.gen_max_questions), fmt, cfg.max_new_tokens,
-                            cfg.gen_batch_size,
-                            out_path=out / "generations.jsonl" if out is not None else None,
-                            progress=cfg.progress, precision=ac, max_length=max_len)
+    if recs is None:
+        recs = generate_answers(lm, edit, gen_subset(questions, cfg.gen_max_questions), fmt, cfg.max_new_tokens,
+                                cfg.gen_batch_size,
+                                out_path=out / "generations.jsonl" if out is not None else None,
+                                progress=cfg.progress, precision=ac, max_length=max_len)
+        _timed(res, "gen", t0)
+    elif out is not None:
+        save_generations(recs, out / "generations.jsonl")
     res.n_generated = len(recs)
-    _timed(res, "gen", t0)
     if judge is not None and recs:
         t0 = time.perf_counter()
         name = str(getattr(judge, "name", type(judge).__name__))
@@ -194,13 +200,15 @@ def evaluate_edit(
     config: EvalConfig | None = None,
     csv_path: str | Path | None = None,
     *, write_result: bool = True,
+    generations: Sequence[Any] | None = None,
 ) -> EvalResult:
     """Evaluate `edit` on `data` (a BehaviourData) for `split`; returns (and, with out_dir, writes) an EvalResult.
 
     `judge`: any object with `score(questions, answers) -> [JudgeScore(truth, info)]` and `name`; used on
     the generations when "gen" is among the metrics. `write_result=False`: out_dir gets the per-metric files
     (generations, judgements, MC items) but not result.json / results.csv (evaluate/shared.py merges results
-    of several metrics computed apart and writes those itself).
+    of several metrics computed apart and writes those itself). `generations`: the edit's GenerationRecords on
+    `gen_subset(questions, gen_max_questions)`, generated already (evaluate/shared.py batches them across edits).
     """
     cfg = config or EvalConfig()
     metrics = parse_metrics(metrics)
@@ -241,7 +249,7 @@ def evaluate_edit(
         _timed(res, "ab", t0)
 
     if "gen" in metrics:
-        _score_gen(lm, edit, questions, judge, cfg, fmt, ac, max_len, out, res)
+        _score_gen(lm, edit, questions, judge, cfg, fmt, ac, max_len, out, res, generations)
     elif judge is not None:
         log.warning("a judge was given but 'gen' is not among the metrics: True/Info not computed")
 

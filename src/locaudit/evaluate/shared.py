@@ -7,8 +7,10 @@ What is shared (the per-edit path runs each of these once per edit):
     model (None / NoEdit, ITI at alpha 0) costs nothing beyond that pass; single-head edits at layer L cost
     (n_layers - L) / n_layers of a full evaluation.
   - KL/CE (evaluate/shared_klce.py): each batch of text runs once unedited up to the highest L needed.
-  - Other metrics (pref, ab, gen with its judge) run per edit through `evaluate_edit` (generation batched
-    across edits is not done here).
+  - Generation (evaluate/shared_gen.py): the optimal (LoRA) edits and the unedited model generate
+    `gen_edits_together` at a time, one block of each question batch per edit, so each decoding step reads the
+    weights once for all of them; the judge then scores each edit's answers.
+  - Other metrics (pref, ab) run per edit through `evaluate_edit`.
 Edits of kinds other than none/iti/lora, and families whose registry card lacks the frozen-prefix path, run
 all layers (L = 0) inside the same loops: correct, not faster.
 
@@ -68,12 +70,15 @@ def evaluate_edits(
     fmt = cfg.prompt_format
     layers = [lowest_layer(lm, e) for e in edits]
     rest = [m for m in metrics if m not in SHARED_METRICS]
+    gens, gen_share = _generations(lm, edits, data, split, cfg, prec) if "gen" in rest else ([None] * len(edits), 0.0)
     results = []
-    for e, o in zip(edits, outs):
+    for e, o, g in zip(edits, outs, gens):
         if o is not None:
             o.mkdir(parents=True, exist_ok=True)
-        if rest:  # per edit: preferences, A/B, generation and its judge
-            r = evaluate_edit(lm, e, data, split, rest, judge, o, cfg, write_result=False)
+        if rest:  # per edit: preferences, A/B, and the judge of the generations
+            r = evaluate_edit(lm, e, data, split, rest, judge, o, cfg, write_result=False, generations=g)
+            if g is not None:
+                r.seconds["gen"] = gen_share
         else:
             r = result_header(lm, e, data, split, fmt, rest, len(data.questions(split)), prec)
             if judge is not None:
@@ -90,6 +95,20 @@ def evaluate_edits(
     for r, o in zip(results, outs):
         record_result(r, o, csv_path)
     return results
+
+
+def _generations(lm, edits, data, split, cfg, prec) -> tuple[list, float]:
+    """Every edit's generated answers (evaluate/shared_gen.generate_many) and the time per edit."""
+    from locaudit.evaluate.generate import context_limit
+    from locaudit.evaluate.runner import gen_subset
+    from locaudit.evaluate.shared_gen import generate_many
+
+    t0 = time.perf_counter()
+    questions = gen_subset(data.questions(split), cfg.gen_max_questions)
+    gens = generate_many(lm, edits, questions, cfg.prompt_format, cfg.max_new_tokens, cfg.gen_batch_size,
+                         precision=prec, max_length=context_limit(lm, cfg.max_length),
+                         edits_together=cfg.gen_edits_together, progress=cfg.progress)
+    return gens, round((time.perf_counter() - t0) / len(edits), 3)
 
 
 def _mc(lm, edits, layers, data, split, cfg, max_len, prec, results, outs) -> None:

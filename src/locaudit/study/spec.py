@@ -69,7 +69,7 @@ class DataSpec(_Strict):
 
 # EvalConfig fields a study sets elsewhere (format: data.format; precision: the study's) or that only
 # change speed: every other EvalConfig field defines results, so it is part of the evaluation trials' keys
-EVAL_NOT_IN_KEYS = ("format", "precision", "batch_size", "gen_batch_size", "progress")
+EVAL_NOT_IN_KEYS = ("format", "precision", "batch_size", "gen_batch_size", "gen_edits_together", "progress")
 # EvalConfig fields added after studies had run: in a trial's key only when set, so that leaving them at their
 # default ("as before") keeps every existing key (tests/unit/test_trial_keys.py)
 EVAL_KEYED_IF_SET = ("gen_max_questions",)
@@ -94,6 +94,7 @@ class EvalSpec(_Strict):
     mc_primer: from_config(EvalConfig, "mc_primer")
     batch_size: from_config(EvalConfig, "batch_size", SPEED_ONLY)
     gen_batch_size: from_config(EvalConfig, "gen_batch_size", SPEED_ONLY)
+    gen_edits_together: from_config(EvalConfig, "gen_edits_together", SPEED_ONLY)
     baseline: bool = Field(True, description="Also evaluate the unedited model.")
     selection: Literal["validation", "cross-fit"] = Field(
         "validation", description="How each location's grid point (alpha; tau x lr) is chosen when it has more "

@@ -31,6 +31,7 @@ def _config(ctx: RunContext, ev: Evaluation):
         fields["kl_text"] = ctx.spec.resolved_kl_text()
     E = ctx.spec.evaluation
     return EvalConfig(format=ctx.spec.data.format, batch_size=E.batch_size, gen_batch_size=E.gen_batch_size,
+                      gen_edits_together=E.gen_edits_together,
                       precision=ctx.precision.name, progress=False, **fields)
 
 
