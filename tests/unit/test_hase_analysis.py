@@ -266,6 +266,29 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     from locaudit.study.hase.report import summary_text
 
     assert "||dW||/||W||" in summary_text(tmp_path / "run") and "rome" in summary_text(tmp_path / "run")
+    # docs/results.md's Hase section (scripts/results_doc.py --hase) carries the report's numbers, and --check
+    # catches a typed figure
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "results_doc.py"
+    sp = importlib.util.spec_from_file_location("results_doc", path)
+    rd = importlib.util.module_from_spec(sp)
+    sys.modules["results_doc"] = rd
+    sp.loader.exec_module(rd)
+    out = tmp_path / "docs" / "results.md"
+    assert rd.main(["--hase", f"Tiny={tmp_path / 'run'}", "--out", str(out)]) == 0
+    text = out.read_text()
+    r = next(x for x in v["r2_by_measure"] if (x["problem"], x["method"], x["measure"]) ==
+             ("error_injection", "rome", "rewrite_score"))
+    vd = next(x for x in v["verdicts"] if (x["problem"], x["method"]) == ("error_injection", "rome"))
+    row = next(line for line in text.splitlines() if line.startswith("| error_injection | rome |"))
+    assert f"| {r['r2_layer']:.3f} |" in row and f"**{vd['outcome']}**" in row
+    assert f"r = {tr['reliability']['mlp']['r']:.3f}" in text and "Cost: facts 1 trial(s)" in text
+    assert (tmp_path / "docs" / "results" / "hase-tiny" / "success_by_layer.png").exists()
+    assert rd.main(["--hase", f"Tiny={tmp_path / 'run'}", "--out", str(out), "--check"]) == 0
+    out.write_text(text.replace(f"| {r['r2_layer']:.3f} |", "| 0.999 |", 1))
+    assert rd.main(["--hase", f"Tiny={tmp_path / 'run'}", "--out", str(out), "--check"]) == 1
 
 
 def test_spread_order_covers_depth_first():
