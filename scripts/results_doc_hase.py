@@ -84,6 +84,29 @@ def _verdict_lines(v: dict) -> list[str]:
     return out
 
 
+def overall(v: dict) -> str | None:
+    """One sentence from the verdicts by fixed rules: how many (problem, editor) pairs say what, and in how many
+    the best fixed layer (chosen on the other facts) edits better than tracing's peak layer (95% CI below 0)."""
+    vs = v.get("verdicts") or []
+    if not vs:
+        return None
+    counts: dict[str, int] = {}
+    for x in vs:
+        counts[x["outcome"]] = counts.get(x["outcome"], 0) + 1
+    worse = [f"{x['problem']} / {x['method']}" for x in vs
+             if (x.get("diff_vs_best_fixed_ci") or [None, None])[1] is not None and x["diff_vs_best_fixed_ci"][1] < 0]
+    text = (f"Of {len(vs)} (problem, editor) pairs, " + ", ".join(f"{n} {o}" for o, n in counts.items()) + ". ")
+    if counts.get("evidence for"):
+        text += "Where the verdict is 'evidence for', tracing carries fact-level information about where to edit. "
+    if len(counts) == 1 and "inconclusive" in counts:
+        text += "No pair decides the question either way on this many facts. "
+    if worse:
+        text += (f"In {len(worse)} of {len(vs)} ({'; '.join(worse)}) one fixed layer, chosen on the other facts, edits "
+                 "measurably better than the layer where each fact's tracing peaks (95% interval of the difference "
+                 "below zero): for choosing where to edit, tracing did worse than ignoring it.")
+    return text.strip()
+
+
 def render_hase(name: str, run: Path, fig_root: Path, out: Path, copy: bool) -> list[str]:
     report = run / "report"
     v = json.loads((report / "verdict.json").read_text(encoding="utf-8"))
@@ -104,6 +127,9 @@ def render_hase(name: str, run: Path, fig_root: Path, out: Path, copy: bool) -> 
                   f"{r.get('n_facts')} facts: the ceiling against which tracing's R² is read.", ""]
     lines += ["### R² of the rewrite score, and the verdict", "", *_r2_rows(v), ""]
     lines += _verdict_lines(v) + [""]
+    summary = overall(v)
+    if summary:
+        lines += ["In plain words: " + summary, ""]
     if not v.get("paraphrases"):
         lines += ["No paraphrase score: the facts carry no paraphrase prompts (known_1000 has none), so "
                   "generalisation is not measured.", ""]

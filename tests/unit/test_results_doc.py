@@ -97,3 +97,18 @@ def test_a_missing_report_is_named(tmp_path) -> None:
         rd.main(["--study", f"x={tmp_path}", "--out", str(tmp_path / "r.md")])
     with pytest.raises(SystemExit, match="expected NAME=PATH"):
         rd.main(["--study", str(tmp_path), "--out", str(tmp_path / "r.md")])
+
+
+def test_hase_plain_words_follow_the_verdicts() -> None:
+    from results_doc_hase import overall
+
+    def vd(outcome, hi):
+        return {"problem": "p", "method": "m", "outcome": outcome, "diff_vs_best_fixed_ci": [hi - 0.1, hi]}
+
+    text = overall({"verdicts": [vd("inconclusive", 0.05), vd("inconclusive", -0.01)]})
+    assert text.startswith("Of 2 (problem, editor) pairs, 2 inconclusive.") and "either way" in text
+    assert "In 1 of 2" in text and "tracing did worse than ignoring it" in text
+    text = overall({"verdicts": [vd("evidence for", 0.2), vd("evidence against", 0.01)]})
+    assert "1 evidence for, 1 evidence against" in text and "carries fact-level information" in text
+    assert "either way" not in text and "did worse" not in text
+    assert overall({"verdicts": []}) is None
