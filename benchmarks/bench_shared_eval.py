@@ -169,7 +169,7 @@ def bench_generation(lm, edits, data, args) -> dict:
 def table_rows(r: dict) -> list[list[str]]:
     """The README's rows (machine.COLUMNS) from this benchmark's results."""
     diff = max(r["max_abs_diff"].values(), default=0.0)
-    g = r.get("generation")
+    g = r.get("generation") if isinstance(r.get("generation"), dict) else None  # older files: a note
     gen = [[f"{g['n_edits']} edits' greedy answers generated together ({g['edits_together']} at a time; "
             f"{g['questions']} questions, {g['max_new_tokens']} new tokens at most)",
             f"{g['seconds_together']:.1f} s", f"each edit alone {g['seconds_one_at_a_time']:.1f} s",

@@ -40,8 +40,9 @@ class EvalConfig(BaseModel):
                                              "before issue 11). Preference scoring and answer-text KL stay bare.")
     batch_size: int = Field(32, ge=1, description="Sequences per forward pass when scoring.")
     gen_batch_size: int = Field(16, ge=1, description="Questions generated together.")
-    gen_edits_together: int = Field(8, ge=1, description="evaluate_edits only: optimal (LoRA) edits generated in one "
-                                    "batch, gen_batch_size questions each (evaluate/shared_gen.py); speed only.")
+    gen_edits_together: int = Field(8, ge=1, description="Edits generated in one batch when many are evaluated together "
+                                    "(the optimal LoRA edits and the unedited model; gen_batch_size questions each; "
+                                    "evaluate/shared_gen.py).")
     max_new_tokens: int = Field(50, ge=1, description="Greedy tokens per generated answer at most.")
     gen_max_questions: int | None = Field(None, ge=1, description="Generate and judge only N of the split's "
                                           "questions (MC, KL and CE still use all of them): True*Info as a cheaper "
