@@ -274,7 +274,8 @@ def position0_text(ts: dict) -> str:
               f"{q.get('n_noised')} facts with position 0 noised, mean p drop {_f(q.get('mean_p_drop_noised'))}; "
               "its reliability and R^2 are in the tracing-settings table.")
     if not flip:
-        s += " Its effect on R^2 is measured by tracing.compare: [{clean_pos0: " + str(not ts.get("clean_pos0")).lower() + "}]."
+        s += (" Its effect on R^2 was not measured in this study; to measure it, add tracing.compare: [{clean_pos0: "
+              + str(not ts.get("clean_pos0")).lower() + "}].")
     return s
 
 
