@@ -117,6 +117,7 @@ def greedy_generate(
     progress: bool = True,
     max_prompt_tokens: int | None = None,
     share_prefix: bool = True,
+    copies: int = 1,
 ) -> list[str]:
     """Greedy continuations of `prompts` (batched, left-padded), cut at the first stop string.
 
@@ -125,14 +126,18 @@ def greedy_generate(
     `share_prefix`: a prefix common to all prompts (ITI's instruction and QA primer) runs once, and each
     batch continues from a copy of its KV cache, padded after it (models/prefix_cache.py): the same
     answers for a fraction of the prompt compute.
+    `copies` > 1: every batch runs `copies` times stacked along the batch axis (copy c = rows c*b..(c+1)*b-1, as
+    edit/lora.LoRAStack routes a stack of edits); the answers are then [copy c's answers..., for c in copies],
+    i.e. `copies * len(prompts)` strings, copy-major.
     """
     from transformers import StoppingCriteriaList
 
     tok, model = lm.tokenizer, lm.model
     config = _generation_config(lm, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generate", unit="q", disable=not progress)
+    C = max(1, int(copies))
+    out: list[str] = [""] * (C * len(prompts))
+    bar = tqdm(total=C * len(prompts), desc="generate", unit="answer", disable=not progress)
     trunc = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
     if max_prompt_tokens:
         n_long = sum(len(x) > max_prompt_tokens for x in tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"])
@@ -142,9 +147,9 @@ def greedy_generate(
     with padding_side(tok, "left"), truncation_side(tok, "left"), torch.no_grad():
         if share_prefix and len(prompts) > 1:
             ids = tok(list(prompts), add_special_tokens=add_special_tokens, **trunc)["input_ids"]
-            state = shared_prefix(model, ids, device=lm.device)
+            state = shared_prefix(model, ids, device=lm.device, rows=C)
             if state is not None:
-                _generate_from_prefix(lm, state, ids, order, out, config, stops, batch_size, bar)
+                _generate_from_prefix(lm, state, ids, order, out, config, stops, batch_size, bar, C)
                 bar.close()
                 return out
         for s in range(0, len(order), batch_size):
@@ -153,18 +158,25 @@ def greedy_generate(
                       add_special_tokens=add_special_tokens, **trunc).to(lm.device)
             T = enc["input_ids"].shape[1]
             stopping = StoppingCriteriaList([_StopOnStrings(tok, T, stops)]) if stops else None
-            gen = model.generate(**enc, generation_config=config, stopping_criteria=stopping)
-            texts = tok.batch_decode(gen[:, T:], skip_special_tokens=False)
-            for i, t in zip(idx, texts):
-                out[i] = strip_stop(_drop_special(t, tok), stops)
-            bar.update(len(idx))
+            gen = model.generate(input_ids=enc["input_ids"].repeat(C, 1), attention_mask=enc["attention_mask"].repeat(C, 1),
+                                 generation_config=config, stopping_criteria=stopping)
+            _collect(tok, gen[:, T:], idx, len(prompts), out, stops)
+            bar.update(C * len(idx))
     bar.close()
     return out
 
 
+def _collect(tok, new_ids: torch.Tensor, idx: list[int], n: int, out: list[str], stops: Sequence[str]) -> None:
+    """Decode a batch of `copies * len(idx)` rows (copy-major) into out[c * n + i]."""
+    texts = tok.batch_decode(new_ids, skip_special_tokens=False)
+    for r, t in enumerate(texts):
+        out[(r // len(idx)) * n + idx[r % len(idx)]] = strip_stop(_drop_special(t, tok), stops)
+
+
 def _generate_from_prefix(lm: LoadedModel, state: PrefixState, ids: list[list[int]], order: list[int], out: list[str],
-                          config, stops: Sequence[str], batch_size: int, bar) -> None:
-    """Greedy answers for prompts that all start with `state`'s prefix: [prefix][pad...][rest of prompt]."""
+                          config, stops: Sequence[str], batch_size: int, bar, copies: int = 1) -> None:
+    """Greedy answers for prompts that all start with `state`'s prefix: [prefix][pad...][rest of prompt]; `state`
+    has one cache row per copy."""
     from transformers import StoppingCriteriaList
 
     tok, model = lm.tokenizer, lm.model
@@ -175,15 +187,14 @@ def _generate_from_prefix(lm: LoadedModel, state: PrefixState, ids: list[list[in
         rest = [ids[i][P:] for i in idx]
         B, T = len(idx), max(len(r) for r in rest)
         tail, tail_mask = pad_left(rest, pad)  # [prefix][pad...][rest of prompt]
-        inp = torch.cat([torch.tensor([state.ids] * B, dtype=torch.long), tail], 1)
-        att = torch.cat([torch.ones((B, P), dtype=torch.long), tail_mask], 1)
+        inp = torch.cat([torch.tensor([state.ids] * B, dtype=torch.long), tail], 1).repeat(copies, 1)
+        att = torch.cat([torch.ones((B, P), dtype=torch.long), tail_mask], 1).repeat(copies, 1)
         stopping = StoppingCriteriaList([_StopOnStrings(tok, P + T, stops)]) if stops else None
+        # cache_for repeats each row B times: copy c's prefix row serves its block of B prompts
         gen = model.generate(input_ids=inp.to(lm.device), attention_mask=att.to(lm.device), generation_config=config,
                              stopping_criteria=stopping, **{kw: state.cache_for(B)})
-        texts = tok.batch_decode(gen[:, P + T:], skip_special_tokens=False)
-        for i, t in zip(idx, texts):
-            out[i] = strip_stop(_drop_special(t, tok), stops)
-        bar.update(B)
+        _collect(tok, gen[:, P + T:], idx, len(ids), out, stops)
+        bar.update(copies * B)
 
 
 def _drop_special(text: str, tok) -> str:
@@ -212,16 +223,25 @@ def generate_answers(
     """Greedy answers to `questions` with `edit` applied at every position; optionally saved as JSONL.
 
     `max_length`: prompt + answer tokens at most (default: the model's context); longer prompts lose their start."""
-    prompts = [fmt.prompt(q.question, lm.tokenizer) for q in questions]
-    special = add_special_tokens_for(fmt, lm.tokenizer, prompts[0]) if prompts else True
     with edited(lm, edit, precision=precision):
-        limit = context_limit(lm, max_length or 10**9)
-        answers = greedy_generate(lm, prompts, max_new_tokens, fmt.stop_strings(lm.tokenizer), batch_size,
-                                  special, progress, max_prompt_tokens=max(limit - max_new_tokens, 1) if limit < 10**9 else None)
+        answers = answer_texts(lm, questions, fmt, max_new_tokens, batch_size, progress, max_length)
     records = [GenerationRecord(q.qid, q.question, a) for q, a in zip(questions, answers)]
     if out_path is not None:
         save_generations(records, out_path)
     return records
+
+
+def answer_texts(lm: LoadedModel, questions: Sequence[Question], fmt: PromptFormat, max_new_tokens: int,
+                 batch_size: int, progress: bool = True, max_length: int | None = None, copies: int = 1) -> list[str]:
+    """Greedy answers to `questions` in `fmt` under whatever edit and precision the caller has applied
+    (`greedy_generate`, `copies` copy-major blocks of answers)."""
+    prompts = [fmt.prompt(q.question, lm.tokenizer) for q in questions]
+    if not prompts:
+        return []
+    special = add_special_tokens_for(fmt, lm.tokenizer, prompts[0])
+    limit = context_limit(lm, max_length or 10**9)
+    return greedy_generate(lm, prompts, max_new_tokens, fmt.stop_strings(lm.tokenizer), batch_size, special, progress,
+                           max_prompt_tokens=max(limit - max_new_tokens, 1) if limit < 10**9 else None, copies=copies)
 
 
 def save_generations(records: Sequence[GenerationRecord], path: str | Path) -> Path:

@@ -65,22 +65,24 @@ class PrefixState:
         return c
 
 
-def run_prefix(model, ids: Sequence[int], device=None) -> PrefixState:
+def run_prefix(model, ids: Sequence[int], device=None, rows: int = 1) -> PrefixState:
     """Run `ids` once (no grad) and keep its KV cache; call inside the edit and precision contexts that
-    the continuations will run under."""
+    the continuations will run under. `rows` > 1: as many identical rows (one per copy of a stacked edit batch,
+    edit/lora.LoRAStack), so the cache has `rows` rows; last_logits is then that of the first row."""
     device = device or next(model.parameters()).device
-    x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    x = torch.tensor([list(ids)] * rows, dtype=torch.long, device=device)
     with torch.no_grad():
         out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
     cache = out["cache"] if "cache" in out else out.past_key_values
     return PrefixState(list(ids), cache, out.logits[0, -1].detach())
 
 
-def shared_prefix(model, seqs: Sequence[Sequence[int]], min_len: int = MIN_PREFIX, device=None) -> PrefixState | None:
-    """The common prefix of `seqs` run once, or None when it is shorter than `min_len` tokens. One token is
-    always left to each sequence, so every continuation has an input of its own."""
+def shared_prefix(model, seqs: Sequence[Sequence[int]], min_len: int = MIN_PREFIX, device=None,
+                  rows: int = 1) -> PrefixState | None:
+    """The common prefix of `seqs` run once (`rows` rows, see run_prefix), or None when it is shorter than `min_len`
+    tokens. One token is always left to each sequence, so every continuation has an input of its own."""
     n = common_prefix_len(seqs)
     n = min(n, min((len(s) for s in seqs), default=0) - 1)
     if n < min_len:
         return None
-    return run_prefix(model, list(seqs[0][:n]), device)
+    return run_prefix(model, list(seqs[0][:n]), device, rows)
