@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from eval_fixtures import write_judge_data
 
@@ -86,3 +87,47 @@ def test_passes_trained_before_a_kill_are_kept(tmp_path: Path, monkeypatch) -> N
     assert clean.failed == 0
     for key, r in _rows(tmp_path / "clean").items():  # the same numbers as a run never killed
         assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
+
+
+def test_a_pass_killed_part_way_goes_on_from_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """With early stopping, a pass checkpoints after every check (edit/resume.py): a run killed inside a pass
+    resumes it at its last checkpoint, not at step 0, and ends with the numbers of a run never killed."""
+    import json
+
+    from locaudit.edit import train as train_mod
+    from locaudit.study.runner import run_study
+    from locaudit.study.spec import load_study
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_judge_data(data, mc=True)
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(STUDY.format(csv=data / "TruthfulQA.csv").replace(
+        "{max_parallel: 2}", "{max_parallel: 2, eval_every: 1, patience: 5}"))
+    spec = load_study(spec_path)
+    real = train_mod.StackRunner.logps
+    calls = [0]
+
+    def dies_after_a_step(self, enc, idx, states):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 2:  # the second training forward of the first pass: step 1 is checkpointed
+                raise Killed("killed inside the first pass")
+        return real(self, enc, idx, states)
+
+    monkeypatch.setattr(train_mod.StackRunner, "logps", dies_after_a_step)
+    first = run_study(spec, tmp_path / "run", progress=False)
+    assert first.failed > 0
+    assert len(list((tmp_path / "run" / "shared" / "passes").glob("pass-*/pass.safetensors"))) == 1
+    monkeypatch.setattr(train_mod.StackRunner, "logps", real)
+    again = run_study(spec, tmp_path / "run", progress=False, retry_failed=True)
+    assert again.failed == 0
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "run" / "shared").glob("optimal-*/meta.json")]
+    assert len(metas) == 5 and 1 <= sum(m["curve"].get("resumed_at") == [1] for m in metas) <= 2  # the first pass
+    assert not list((tmp_path / "run" / "shared" / "passes").glob("pass-*"))  # removed with its edits saved
+    resumed = _rows(tmp_path / "run")
+    clean = run_study(spec, tmp_path / "clean", progress=False)
+    assert clean.failed == 0
+    for key, r in _rows(tmp_path / "clean").items():
+        assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
+        assert resumed[key]["metrics"]["train_val_loss"] == pytest.approx(r["metrics"]["train_val_loss"], abs=1e-7), key

@@ -12,12 +12,14 @@ groups (edit/reference.py, edit/prefix.py).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
 from locaudit.edit.config import TrainConfig
 from locaudit.edit.lora import LoRAEdit
+from locaudit.edit.resume import PassCheckpoint
 from locaudit.edit.train import TrainLog, make_edit, prepare, train_stack
 from locaudit.models.surgery import prefix_supported
 from locaudit.heads import HeadSet
@@ -28,12 +30,14 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
                 val_pairs: Sequence[PreferencePair] | None = None, fmt: PromptFormat | None = None,
                 config: TrainConfig | dict | None = None, lrs: Sequence[float] | None = None,
                 on_done: Callable[[int, LoRAEdit, TrainLog], None] | None = None,
-                **overrides) -> list[tuple[LoRAEdit, TrainLog]]:
+                resume_dir: str | Path | None = None, **overrides) -> list[tuple[LoRAEdit, TrainLog]]:
     """Train one edit per head set, in groups of at most `config.max_parallel` that share each pass
     (`plan_groups`); same result as separate `train_edit` runs with the same config. `lrs` overrides the
     per-edit learning rates. `on_done(i, edit, log)` is called for edit i (its index in `heads_list`) as soon as
     its group has trained, before the next group starts: a caller saves it there, so a long run killed part way
-    loses at most the group in training."""
+    loses at most the group in training; with `resume_dir`, each group also checkpoints its pass there
+    (edit/resume.py), so that it loses at most the steps since its last early-stopping check. A group's checkpoint
+    is removed once `on_done` has returned for all its edits."""
     p = prepare(lm, heads_list, train_pairs, val_pairs, fmt, config, lrs, **overrides)
     cfg, fmt, lrs, enc_train, enc_val = p.config, p.fmt, p.lrs, p.enc_train, p.enc_val
     heads_list = list(heads_list)
@@ -47,12 +51,15 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
         group = order[g: end]
         hs = [heads_list[i] for i in group]
         label = hs[0].name if len(hs) == 1 else f"edits {g + 1}-{g + len(hs)} of {len(order)}"
-        stack, logs = train_stack(lm, hs, enc_train, enc_val, cfg, [lrs[i] for i in group], label, p.precision)
+        ckpt = PassCheckpoint(resume_dir) if resume_dir is not None else None
+        stack, logs = train_stack(lm, hs, enc_train, enc_val, cfg, [lrs[i] for i in group], label, p.precision, ckpt)
         for e, i in enumerate(group):
             out[i] = (make_edit(lm, stack, e, heads_list[i], cfg, lrs[i], fmt, logs[e], enc_train, enc_val, p.precision),
                       logs[e])
             if on_done is not None:
                 on_done(i, *out[i])
+        if ckpt is not None:
+            ckpt.clear()
     return out  # type: ignore[return-value]
 
 

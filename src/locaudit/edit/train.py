@@ -35,6 +35,10 @@ from locaudit.edit.objectives import PairLogps, pair_loss, preference_stats
 from locaudit.edit.packed import check_packed, pack_pairs, packed_lengths, packed_logprobs
 from locaudit.edit.prefix import PREFIX_CACHE, PrefixStates
 from locaudit.edit.reference import reference_logps
+from locaudit.edit.resume import EVERY_STEPS as RESUME_EVERY_STEPS
+from locaudit.edit.resume import PassCheckpoint, pass_key
+from locaudit.edit.resume import capture as capture_state
+from locaudit.edit.resume import restore as resume_state
 from locaudit.edit.stopping import EarlyStopping
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
@@ -74,6 +78,7 @@ class TrainLog:
     best: dict = field(default_factory=dict)  # the evaluation of the state returned: {step, val_loss, ...}
     stopped_step: int | None = None  # optimizer steps done when patience ran out (None: it never did)
     steps_run: int | None = None  # optimizer steps the pass ran (early stopping)
+    resumed_at: list[int] = field(default_factory=list)  # optimizer steps at which the pass resumed (edit/resume.py)
     # TrainConfig.snapshot_steps: {optimizer steps done: (a, b) full-model tensors}; not part of to_dict
     snapshots: dict = field(default_factory=dict, repr=False)
 
@@ -89,7 +94,7 @@ class TrainLog:
         """The curve as JSON-able data: the snapshots' tensors left out, the early-stopping fields only when used
         (a run without them records what it recorded before they existed)."""
         d = {k: v for k, v in asdict(replace(self, snapshots={})).items() if k != "snapshots"}
-        for k in ("evals", "best", "stopped_step", "steps_run"):
+        for k in ("evals", "best", "stopped_step", "steps_run", "resumed_at"):
             if not d[k] and d[k] != 0:
                 d.pop(k)
         if self.snapshots:
@@ -262,20 +267,24 @@ def validation_before(config: TrainConfig, ref_val: PairLogps) -> dict:
 
 def train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
                 enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
-                label: str = "", precision: ResolvedPrecision | None = None) -> tuple[LoRAStack, list[TrainLog]]:
+                label: str = "", precision: ResolvedPrecision | None = None,
+                checkpoint: PassCheckpoint | None = None) -> tuple[LoRAStack, list[TrainLog]]:
     """Train len(heads_list) edits together; returns the trained stack and one TrainLog per edit. `precision`:
-    `config.precision` resolved once by the caller (`prepare`); None resolves it here (a direct call)."""
+    `config.precision` resolved once by the caller (`prepare`); None resolves it here (a direct call).
+    `checkpoint`: the pass writes its state there after every early-stopping check and, started again, goes on
+    from it (edit/resume.py); it is bound to this pass's key here, and the caller clears it once the edits are saved."""
     if len(lrs) != len(heads_list):
         raise ConfigError(f"train_stack: {len(lrs)} learning rates for {len(heads_list)} edits")
     prec = as_precision(config.precision, lm.device) if precision is None else require_resolved(precision, "train_stack")
     with frozen_bf16_weights(lm.model, prec.name == "bf16" and prec.form == "bf16-weights"
                              and lm.dtype != torch.bfloat16 and config.cast_frozen_weights):
-        return _train_stack(lm, heads_list, enc_train, enc_val, config, lrs, label, prec)
+        return _train_stack(lm, heads_list, enc_train, enc_val, config, lrs, label, prec, checkpoint)
 
 
 def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: EncodedPairs,
                  enc_val: EncodedPairs | None, config: TrainConfig, lrs: Sequence[float],
-                 label: str, precision: ResolvedPrecision) -> tuple[LoRAStack, list[TrainLog]]:
+                 label: str, precision: ResolvedPrecision,
+                 checkpoint: PassCheckpoint | None = None) -> tuple[LoRAStack, list[TrainLog]]:
     # Long on purpose: one training loop (micro-batches, gradient accumulation, schedule, early stopping, dose
     # snapshots) whose steps share the optimizer, the stack and the step count; pieces would pass most of that state
     # back and forth.
@@ -317,6 +326,13 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     snap_at = set(cfg.resolved_snapshots(total))
     last_eval: tuple[int, list[dict]] | None = None  # (step, per-edit validation) of the latest early-stopping check
     said = [time.perf_counter()]  # when progress was last logged
+    resumed = None
+    if checkpoint is not None:
+        checkpoint.bind(pass_key(lm.fingerprint, [hs.to_string() for hs in heads_list], list(lrs), cfg.key_dump(),
+                                 enc_train.key, enc_val.key if enc_val is not None else None, runner.precision.key,
+                                 {"tiled": tiled, "packed": runner.packed, "prefix": runner.use_prefix}))
+        resumed = checkpoint.load()
+    ckpt_every = cfg.eval_every or RESUME_EVERY_STEPS
 
     def check(step: int, epoch: float) -> list[dict]:
         """Early stopping: validation of every edit after `step` optimizer steps, recorded and judged."""
@@ -338,22 +354,38 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                      sum(stopper.is_stopped(e) for e in range(E)), E)
         return vals
 
-    step = 0
+    step, start_epoch, skip = 0, 0, 0
+    if resumed is not None:  # go on where an earlier attempt of this very pass checkpointed
+        resume_state(resumed, stack, opt, sched, stopper, logs)
+        step, start_epoch, skip = resumed.step, resumed.epoch, resumed.next_batch
+        last_eval = tuple(resumed.info["last_eval"]) if resumed.info["last_eval"] is not None else None
+        t0 = time.perf_counter() - resumed.seconds  # the pass's cost: this attempt's set-up is not counted twice
+        for lg in logs:
+            lg.resumed_at.append(step)
+        log.info("%s: resuming at optimizer step %d (epoch %d, micro-batch %d) from %s", label or f"{E} edit(s)",
+                 step, start_epoch, skip, checkpoint.path)
     with runner.session():
-        bar = tqdm(total=epochs * n_micro, desc=label or f"train {E} edit(s)", disable=not cfg.progress,
-                   leave=False)
+        bar = tqdm(total=epochs * n_micro, initial=start_epoch * n_micro + skip, desc=label or f"train {E} edit(s)",
+                   disable=not cfg.progress, leave=False)
         try:
-            if stopper is not None:
+            if stopper is not None and resumed is None:
                 check(0, 0.0)  # the unedited state (b = 0) is the first candidate
-            for epoch in range(epochs):
+            for epoch in range(start_epoch, epochs):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
                 perm = torch.randperm(n, generator=g).tolist()
                 batches = [perm[s: s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
                 epoch_loss = torch.zeros(E)
                 acc_loss = torch.zeros(E)
                 n_seen = [0] * E  # micro-batches each edit trained on this epoch (a stopped edit leaves the batch)
+                if resumed is not None and epoch == start_epoch:
+                    epoch_loss = torch.tensor(resumed.info["epoch_loss"], dtype=epoch_loss.dtype)
+                    n_seen = list(resumed.info["n_seen"])
+                else:
+                    skip = 0
                 opt.zero_grad(set_to_none=True)
                 for k, idx in enumerate(batches):
+                    if k < skip:  # trained before the checkpoint this attempt resumed from
+                        continue
                     group_start = (k // cfg.grad_accum) * cfg.grad_accum
                     group_size = min(cfg.grad_accum, len(batches) - group_start)
                     act = list(range(E)) if stack.active is None else list(stack.active)
@@ -404,6 +436,9 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                             check(step, epoch + (k + 1) / len(batches))
                             if stopper.all_stopped:
                                 break
+                        if checkpoint is not None and step % ckpt_every == 0:
+                            checkpoint.save(capture_state(stack, opt, sched, stopper, logs, step, epoch, k + 1,
+                                                          time.perf_counter() - t0, epoch_loss, n_seen, last_eval))
                 rec = [{"epoch": epoch + 1, "train_loss": float(epoch_loss[e] / max(n_seen[e], 1))} for e in range(E)]
                 if enc_val is not None and cfg.eval_each_epoch:
                     vals = (last_eval[1] if last_eval is not None and last_eval[0] == step

@@ -3,6 +3,7 @@
   ledger.sqlite           the ledger (study/ledger.py)
   shared/KIND-KEY/        results other trials read: collect-, probe-, localize- (by trial key) and optimal-
                           (a trained optimal edit, keyed by its training content only: OptimalTrial.training_key)
+  shared/passes/pass-KEY/ a training pass in progress (edit/resume.py), removed once its edits are saved
   trials/KEY/             a trial's own folder: edit/ (an ITI edit), eval/ (its evaluation; eval/val/ for
                           selection), dose.json and dose/, result.json (its record, what `repair` reads)
   report/                 the report (study/report.py); report-<judge>/ when re-judged
@@ -62,6 +63,11 @@ class RunDir:
 
     def optimal(self, training_key: str) -> Path:
         return self.shared("optimal", training_key)
+
+    @property
+    def passes(self) -> Path:
+        """shared/passes/: the checkpoints of training passes in progress (edit/resume.py)."""
+        return self.root / SHARED / "passes"
 
     def trial(self, key: str) -> Path:
         return self.root / trial_rel(key)

@@ -71,7 +71,7 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
             write_checksums(d)  # last: the folder is trusted only while it matches
 
         train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
-                    lrs=[payload[t.key].lr for t in todo], on_done=save)
+                    lrs=[payload[t.key].lr for t in todo], on_done=save, resume_dir=ctx.run.passes)
     bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
     ready = [t for t in trials if t.key not in bad]
     edits = {t.key: LoRAEdit.load(edit_dir[t.key]) for t in ready}

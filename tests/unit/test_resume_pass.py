@@ -1,0 +1,148 @@
+"""A training pass killed part way goes on from its last checkpoint (edit/resume.py) and ends exactly where an
+uninterrupted pass ends: parameters, training curves, early stopping and dose snapshots, under fp32 and bf16."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from locaudit.data.types import PreferencePair
+from locaudit.edit import reference as reference_mod
+from locaudit.edit import resume as resume_mod
+from locaudit.edit import train as train_mod
+from locaudit.edit.multi import train_edits
+from locaudit.heads import HeadSet
+from locaudit.models.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pairs(n: int, offset: int = 0) -> list[PreferencePair]:
+    return [PreferencePair(f"q{i}", f"What is item {i}?", f"It is good {i % 4}.", f"Bad bad {i % 3}!")
+            for i in range(offset, offset + n)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+    reference_mod.clear_memory()
+    train_mod.PREFIX_CACHE.clear()
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+HEADS = [HeadSet.parse("L0H1"), HeadSet.parse("L0H0,L2H2"), HeadSet.parse("L1H3")]
+LRS = [0.2, 1e-3, 0.05]
+# 8 pairs in micro-batches of 2, 2 per optimizer step: 2 steps an epoch; early stopping checks every step
+CFG = dict(progress=False, reference_disk_cache=False, batch_size=2, grad_accum=2, warmup_ratio=0.25, tau=2.0,
+           eval_every=1, patience=3, max_epochs=6, snapshot_steps=[0.25, 0.5], max_parallel=3, group_copy_cost=0.0)
+
+
+def run(lm, precision, resume_dir=None, kill_after=None, lrs=LRS, monkeypatch=None):
+    """train_edits on the tiny model; with kill_after, the process 'dies' at that forward of the training loop."""
+    if kill_after is not None:
+        calls = [0]
+        real = train_mod.StackRunner.logps
+
+        def dying(self, enc, idx, states):
+            if torch.is_grad_enabled():  # a training forward (validation runs without grad)
+                calls[0] += 1
+                if calls[0] > kill_after:
+                    raise Killed()
+            return real(self, enc, idx, states)
+
+        monkeypatch.setattr(train_mod.StackRunner, "logps", dying)
+    try:
+        return train_edits(lm, HEADS, pairs(8), pairs(4, 50), config=dict(CFG, precision=precision), lrs=lrs,
+                           resume_dir=resume_dir)
+    finally:
+        if kill_after is not None:
+            monkeypatch.undo()
+
+
+def same(a, b) -> None:
+    for (ea, la), (eb, lb) in zip(a, b):
+        assert torch.equal(ea.a, eb.a) and torch.equal(ea.b, eb.b)
+        assert la.steps == lb.steps and la.evals == lb.evals and la.epochs == lb.epochs
+        assert la.best == lb.best and la.stopped_step == lb.stopped_step and la.steps_run == lb.steps_run
+        assert sorted(la.snapshots) == sorted(lb.snapshots)
+        for s in la.snapshots:
+            assert all(torch.equal(x, y) for x, y in zip(la.snapshots[s], lb.snapshots[s]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kill_after", [3, 4, 13])  # mid-epoch; at an epoch end; edit 0 two checks past its best
+def test_a_killed_pass_resumes_to_the_uninterrupted_result(precision, kill_after, tmp_path, monkeypatch) -> None:
+    lm = tiny_model("llama", n_layers=3)
+    whole = run(lm, precision)
+    assert any(lg.stopped_step is not None for _, lg in whole)  # early stopping is part of what is resumed
+    with pytest.raises(Killed):
+        run(lm, precision, tmp_path / "passes", kill_after, monkeypatch=monkeypatch)
+    saved = list((tmp_path / "passes").glob("pass-*/pass.safetensors"))
+    assert len(saved) == 1  # the pass checkpointed before it died
+    resumed = run(lm, precision, tmp_path / "passes")
+    same(whole, resumed)
+    at = (kill_after // 2)  # micro-batches trained before the kill, 2 per step: the last checkpointed step
+    assert [lg.resumed_at for _, lg in resumed] == [[at]] * 3
+    assert resumed[0][0].meta["curve"]["resumed_at"] == [at]
+    assert not list((tmp_path / "passes").glob("pass-*"))  # removed once the edits are returned
+
+
+def test_a_checkpoint_of_another_pass_is_not_used(tmp_path, monkeypatch, caplog) -> None:
+    """Different learning rates make another pass: its checkpoint is ignored and this one starts from step 0."""
+    lm = tiny_model("llama", n_layers=3)
+    with pytest.raises(Killed):
+        run(lm, "fp32", tmp_path / "p", 5, monkeypatch=monkeypatch)
+    other = [0.1, 1e-3, 0.05]
+    fresh = run(lm, "fp32", tmp_path / "p", lrs=other)
+    assert all(lg.resumed_at == [] for _, lg in fresh)
+    same(run(lm, "fp32", lrs=other), fresh)
+    assert len(list((tmp_path / "p").glob("pass-*"))) == 1  # the other pass's checkpoint is left alone
+
+
+def test_an_unreadable_checkpoint_restarts_the_pass(tmp_path, monkeypatch, caplog) -> None:
+    lm = tiny_model("llama", n_layers=3)
+    with pytest.raises(Killed):
+        run(lm, "fp32", tmp_path / "p", 5, monkeypatch=monkeypatch)
+    (f,) = (tmp_path / "p").glob("pass-*/pass.safetensors")
+    f.write_bytes(f.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="locaudit.edit.resume"):
+        again = run(lm, "fp32", tmp_path / "p")
+    assert any("cannot resume" in r.getMessage() and str(f) in r.getMessage() for r in caplog.records)
+    assert all(lg.resumed_at == [] for _, lg in again)
+    same(run(lm, "fp32"), again)
+
+
+def test_without_early_stopping_it_checkpoints_every_few_steps(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_mod, "RESUME_EVERY_STEPS", 2)
+    lm = tiny_model("llama", n_layers=2)
+    cfg = dict(progress=False, reference_disk_cache=False, batch_size=2, epochs=2, precision="fp32")
+    heads = [HeadSet.parse("L0H1"), HeadSet.parse("L1H0")]
+    whole = train_edits(lm, heads, pairs(8), None, config=cfg, lrs=[0.05, 0.05])
+    real = train_mod.StackRunner.logps
+    calls = [0]
+
+    def dying(self, enc, idx, states):
+        calls[0] += 1
+        if calls[0] > 7:
+            raise Killed()
+        return real(self, enc, idx, states)
+
+    monkeypatch.setattr(train_mod.StackRunner, "logps", dying)
+    with pytest.raises(Killed):
+        train_edits(lm, heads, pairs(8), None, config=cfg, lrs=[0.05, 0.05], resume_dir=tmp_path)
+    monkeypatch.setattr(train_mod.StackRunner, "logps", real)
+    resumed = train_edits(lm, heads, pairs(8), None, config=cfg, lrs=[0.05, 0.05], resume_dir=tmp_path)
+    same(whole, resumed)
+    assert resumed[0][1].resumed_at == [6]  # 7 steps done; the last checkpoint after step 6
+
+
+def test_state_keeps_non_finite_floats_and_int_keys() -> None:
+    x = {"a": [float("nan"), float("inf"), -float("inf"), 1.5], "b": {3: "x"}, "c": None}
+    y = resume_mod._dec(resume_mod._enc(x))
+    assert y["a"][0] != y["a"][0] and y["a"][1:] == [float("inf"), -float("inf"), 1.5]
+    assert y["b"] == {3: "x"} and y["c"] is None
