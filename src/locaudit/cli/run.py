@@ -60,8 +60,8 @@ def run(
                                 "trials stay done, the rest run again."),
 ) -> None:
     """Run a study: probe, ITI and optimal edits at the top-K, random, single and all heads, evaluation,
-    statistics and report. Resumable: finished trials are kept, interrupted ones restart, failed ones
-    wait for --retry-failed."""
+    statistics and report. Resumable: finished trials are kept, interrupted ones restart (an optimal edit's
+    training pass goes on from its last early-stopping check), failed ones wait for --retry-failed."""
     # Long on purpose: most of its lines are its typer options, one per flag of `locaudit run`; the body is one flow
     # from the study file to the run and its report.
     from locaudit.errors import ConfigError
