@@ -44,6 +44,10 @@ def run(
                                          "pilot's run folder instead of the study's assumptions: its observed "
                                          "spread over random draws, full alignment's gain, the per-question SE "
                                          "(rescaled to this study's question count) and its trial timings."),
+    measure: bool = typer.Option(False, "--measure", help="With --dry-run: load the study's model and time an "
+                                 "optimizer step, a validation pass and an evaluation on this machine (a few "
+                                 "minutes), then estimate the optimal edits' cost, before any pilot has run: a range, "
+                                 "from the earliest early stop to the step cap."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable strict JSON instead of text (with "
                                   "--dry-run: trials and design checks; after a run: the verdict, also with "
                                   "--no-report, which then writes no report folder)."),
@@ -91,8 +95,10 @@ def run(
                    f"to run; backup: {r['backup'] or 'none (there was no ledger file)'}")
     if pilot is not None and not dry_run:
         raise typer.BadParameter("--pilot sizes a design: use it with --dry-run", param_hint="--pilot")
+    if measure and not dry_run:
+        raise typer.BadParameter("--measure times a design's pieces: use it with --dry-run", param_hint="--measure")
     if dry_run:
-        _dry_run(spec, run_dir, json_out, pilot)
+        _dry_run(spec, run_dir, json_out, pilot, measure)
         return
     summary = run_study(spec, run_dir, executor=executor, address=address, retry_failed=retry_failed, kinds=kinds,
                         max_trials=max_trials, cpus=cpus, gpus=gpus, num_cpus=num_cpus)
@@ -190,7 +196,7 @@ def pilot_spread(observed, n_questions: int | None):
     return out
 
 
-def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None) -> None:
+def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None, measure: bool = False) -> None:
     """The trials with their status, then the design checks (analysis.design): observed spread and timings
     from a pilot's run folder (--pilot), else from the run folder where it has results, else the study's
     assumptions."""
@@ -223,6 +229,10 @@ def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None) -> N
         if status.get(t.key, "new") != "done":
             todo[t.kind] = todo.get(t.kind, 0) + 1
     d = design(spec, observed, _test_questions(spec), mean_t, todo)
+    if measure:
+        from locaudit.study.cost_probe import measure_study
+
+        d["measured_cost"] = measure_study(spec)
     if as_json:
         import json
 
@@ -238,6 +248,11 @@ def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None) -> N
     typer.echo(f"{len(trials)} trials: " + ", ".join(f"{n} {k}" for k, n in by.items()))
     for line in design_text(d):
         typer.echo(line)
+    if measure:
+        from locaudit.study.cost_probe import measure_text
+
+        for line in measure_text(d["measured_cost"]):
+            typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

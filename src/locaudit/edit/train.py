@@ -577,3 +577,48 @@ def train_edit(lm: LoadedModel, heads: HeadSet, train_pairs: Sequence[Preference
     if tlog.diverged:
         raise TrainingError(f"edit at {heads.name} diverged: {tlog.diverged}; it was not saved")
     return edit, tlog
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def time_training(lm: LoadedModel, heads: HeadSet, enc_train: EncodedPairs, enc_val: EncodedPairs | None,
+                  config: TrainConfig, lr: float, precision: ResolvedPrecision, steps: int = 4) -> dict:
+    """Seconds per optimizer step of one edit at `heads`, and of one validation pass over `enc_val`, as
+    `train_stack` runs them (same layout, frozen prefix, micro-batches); wall and process-CPU seconds. The
+    reference log-probs and prefix states are computed first and not counted (a pass computes them once per
+    dataset). For a study's measured dry-run cost (study/cost_probe.py); the edit trained here is thrown away."""
+    precision = require_resolved(precision, "time_training")
+    stack = build_stack(lm.sites, [heads], config.rank, config.reparam, seeds=[config.seed]).to(lm.device)
+    runner = StackRunner(lm, stack, config, precision)
+    tiled = runner.choose_logp_fn(enc_train)
+    need_ref = config.objective in ("ipo", "dpo")
+    ref = reference_logps(lm, enc_train, precision, config.eval_batch_size, False, False, tiled,
+                          runner.packed) if need_ref else None
+    ref_val = reference_logps(lm, enc_val, precision, config.eval_batch_size, False, False, tiled,
+                              runner.packed) if enc_val is not None and need_ref else None
+    st_train = runner.states(enc_train)
+    st_val = runner.states(enc_val) if enc_val is not None else None
+    opt = torch.optim.AdamW(stack.edit_parameters(0), lr=float(lr))
+    n_micro = steps * config.grad_accum
+    order = [i % len(enc_train) for i in range(n_micro * config.batch_size)]
+    out = {"steps": steps, "lowest_layer": runner.lowest, "frozen_prefix": runner.use_prefix}
+    with runner.session():
+        w0, c0 = _clock()
+        for k in range(n_micro):
+            idx = order[k * config.batch_size: (k + 1) * config.batch_size]
+            pol = runner.logps(enc_train, idx, st_train)
+            r = ref.index(idx).to(lm.device) if ref is not None else None
+            loss = pair_loss(config.objective, pol, r, config.tau, config.beta).mean()
+            (loss / config.grad_accum).backward()
+            if (k + 1) % config.grad_accum == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        w1, c1 = _clock()
+        out.update(step_wall_s=(w1 - w0) / steps, step_cpu_s=(c1 - c0) / steps)
+        if enc_val is not None:
+            runner.evaluate(enc_val, ref_val, st_val)
+            w2, c2 = _clock()
+            out.update(val_wall_s=w2 - w1, val_cpu_s=c2 - c1, n_val=len(enc_val))
+    return out

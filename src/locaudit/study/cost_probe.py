@@ -1,0 +1,158 @@
+"""What a study's optimal edits will cost on this machine, measured before any trial runs (`locaudit run STUDY
+--dry-run --measure`).
+
+A pilot's ledger gives trial costs (`--pilot`), but the first study on a new model has none. This module times the
+study's own building blocks, on its model, precision, data and settings: a few optimizer steps of an edit at all
+heads (the costliest start: no frozen prefix), one validation pass, and one evaluation of an edit on a few
+questions (MC on the split, KL, and greedy generation), then multiplies them out per optimal trial:
+
+    training  = steps x (L - lowest layer) / L x (step + validation / eval_every)
+    evaluation = MC per question x questions + KL + generation per question x generated questions
+    dose       = (MC + KL) per dose point
+
+How many steps an edit trains is not known before it runs (early stopping): the estimate is a range, from the
+earliest stop (`patience` checks without improvement) to the cap (`max_epochs` epochs). Edits trained together
+in one pass cost less than this (edit/multi.py: about `group_copy_cost` of a pass of their own), so the upper
+end is an upper bound. Each figure is given in wall seconds and in process-CPU seconds (CPU time is steadier
+when other work shares the machine; wall time is what a run on a quiet machine would take).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+Q_MC = 16  # questions timed for MC (scaled to the split's count)
+Q_GEN = 4  # questions timed for generation (scaled to the generated count)
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t: tuple[float, float]) -> dict[str, float]:
+    w, c = _clock()
+    return {"wall_s": w - t[0], "cpu_s": c - t[1]}
+
+
+def measure_study(spec: Any, steps: int = 4) -> dict:
+    """Measure the pieces (module docstring) and estimate each optimal trial's cost; returns
+    {"measured": {...}, "optimal": {"trials", "low_wall_s", "high_wall_s", "low_cpu_s", "high_cpu_s", ...}}."""
+    from locaudit.edit.lora import LoRAEdit, build_stack
+    from locaudit.edit.train import prepare, time_training
+    from locaudit.heads import HeadSet
+    from locaudit.study.payloads import OptimalTrial
+    from locaudit.study.steps.context import RunContext
+    from locaudit.study.steps.evaluation import _config
+    from locaudit.study.steps.optimal import _subsample
+    from locaudit.study.trials import expand
+    from locaudit.evaluate.runner import evaluate_edit
+
+    trials = [t for t in expand(spec) if t.kind == "optimal"]
+    if not trials:
+        return {"measured": {}, "optimal": None}
+    with tempfile.TemporaryDirectory(prefix="locaudit-measure-") as tmp:
+        ctx = RunContext(spec, Path(tmp))
+        lm = ctx.lm
+        L, H = lm.sites.n_layers, lm.sites.n_heads
+        first = trials[0].as_(OptimalTrial)
+        cfg = first.train_config(ctx.precision.name)
+        seed = first.data.seed
+        train_pairs = _subsample(ctx.data.pairs("train"), first.max_train_pairs, seed)
+        val_pairs = _subsample(ctx.data.pairs("val"), first.max_val_pairs, seed + 1)
+        every = HeadSet.all(L, H)
+        n_batch = steps * cfg.grad_accum * cfg.batch_size
+        p = prepare(lm, [every], train_pairs[:n_batch], val_pairs, ctx.fmt, cfg, [first.lr])
+        train = time_training(lm, every, p.enc_train, p.enc_val, p.config, first.lr, p.precision, steps)
+
+        ev = first.evaluation
+        ecfg = _config(ctx, ev)
+        stack = build_stack(lm.sites, [every], cfg.rank, cfg.reparam, seeds=[cfg.seed])
+        a, b = stack.edit_tensors(0)
+        edit = LoRAEdit(a, b, every, cfg.reparam)  # b = 0 at initialisation: the unedited model, at an edit's cost
+        split = ev.split
+        n_split = len(ctx.eval_view(split, ev.max_questions).questions(split))
+        q = min(Q_MC, n_split)
+        metrics = list(ev.metrics)
+        measured: dict[str, Any] = {"train": train, "n_split": n_split}
+        if "mc" in metrics:
+            t = _clock()
+            evaluate_edit(lm, edit, ctx.eval_view(split, q), split=split, metrics=["mc"], config=ecfg,
+                          write_result=False)
+            measured["mc"] = {**_since(t), "questions": q}
+        if "kl" in metrics or "ce" in metrics:
+            t = _clock()
+            evaluate_edit(lm, edit, ctx.eval_view(split, q), split=split, metrics=["kl"], config=ecfg,
+                          write_result=False)
+            measured["kl"] = _since(t)
+        n_gen = 0
+        if "gen" in metrics:
+            n_gen = min(n_split, ecfg.gen_max_questions or n_split)
+            qg = min(Q_GEN, n_gen)
+            t = _clock()
+            evaluate_edit(lm, edit, ctx.eval_view(split, qg), split=split, metrics=["gen"], config=ecfg,
+                          write_result=False)
+            measured["gen"] = {**_since(t), "questions": qg}
+        measured["n_gen"] = n_gen
+        est = _estimate(ctx, trials, cfg, measured, len(p.enc_val) if p.enc_val is not None else 0,
+                        len(train_pairs))
+    return {"measured": measured, "optimal": est}
+
+
+def _estimate(ctx, trials: list, cfg, m: dict, n_val: int, n_train: int) -> dict:
+    """Per trial: its training range (steps from the earliest stop to the cap, scaled by the layers it runs)
+    plus its evaluations; summed over the trials, in wall and CPU seconds."""
+    from locaudit.study.payloads import OptimalTrial
+
+    L = ctx.lm.sites.n_layers
+    tr = m["train"]
+    steps_per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
+    cap = cfg.resolved_epochs() * steps_per_epoch
+    low_steps = min(cap, cfg.eval_every * cfg.patience) if cfg.eval_every else cap
+    out = {"trials": len(trials), "steps_low": low_steps, "steps_high": cap}
+    for unit in ("wall_s", "cpu_s"):
+        kind = unit.split("_")[0]
+        step = tr[f"step_{kind}_s"] + (tr.get(f"val_{kind}_s", 0.0) / cfg.eval_every if cfg.eval_every else 0.0)
+        ev = 0.0
+        if "mc" in m:
+            ev += m["mc"][unit] / m["mc"]["questions"] * m["n_split"]
+        if "kl" in m:
+            ev += m["kl"][unit]
+        gen = m["gen"][unit] / m["gen"]["questions"] * m["n_gen"] if "gen" in m else 0.0
+        dose_eval = ev  # a dose point is scored on the primary metric and KL
+        lo = hi = 0.0
+        for t in trials:
+            p = t.as_(OptimalTrial)
+            if p.localizer.needs_ranking or not cfg.frozen_prefix:  # the ranking is not known yet: from layer 0
+                frac = 1.0
+            else:
+                frac = (L - min(ctx.heads(t).layers)) / L
+            points = len(p.dose_steps or [])
+            fixed = ev + gen + points * dose_eval
+            lo += low_steps * frac * step + fixed
+            hi += cap * frac * step + fixed
+        out[f"low_{unit}"], out[f"high_{unit}"] = lo, hi
+        out[f"step_{unit}"], out[f"eval_{unit}"] = step, ev + gen
+    return out
+
+
+def measure_text(r: dict) -> list[str]:
+    """The measurement as lines for the terminal."""
+    o, m = r.get("optimal"), r.get("measured") or {}
+    if not o:
+        return ["  measured cost: no optimal trials"]
+    tr = m["train"]
+    lines = [f"  measured on this machine: an optimizer step at all heads {tr['step_wall_s']:.2f} s wall "
+             f"({tr['step_cpu_s']:.2f} s CPU)"
+             + (f", a validation pass over {tr['n_val']} pairs {tr['val_wall_s']:.1f} s" if "val_wall_s" in tr else "")
+             + (f", MC {m['mc']['wall_s'] / m['mc']['questions']:.2f} s per question" if "mc" in m else "")
+             + (f", KL {m['kl']['wall_s']:.1f} s per edit" if "kl" in m else "")
+             + (f", generation {m['gen']['wall_s'] / m['gen']['questions']:.1f} s per question" if "gen" in m else "")]
+    lines.append(f"  cost optimal (measured, {o['trials']} trials, each trained {o['steps_low']} to {o['steps_high']} "
+                 f"steps: early stopping decides): {o['low_wall_s'] / 3600:.1f} to {o['high_wall_s'] / 3600:.1f} h "
+                 f"wall ({o['low_cpu_s'] / 3600:.1f} to {o['high_cpu_s'] / 3600:.1f} h CPU), edits trained one at a "
+                 "time; a pass of several costs less")
+    return lines
