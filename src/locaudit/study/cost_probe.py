@@ -3,8 +3,9 @@
 
 A pilot's ledger gives trial costs (`--pilot`), but the first study on a new model has none. This module times the
 study's own building blocks, on its model, precision, data and settings: a few optimizer steps of an edit at all
-heads (the costliest start: no frozen prefix), one validation pass, and one evaluation of an edit on a few
-questions (MC on the split, KL, and greedy generation), then multiplies them out per optimal trial:
+heads (the costliest start: no frozen prefix), one validation pass, and an evaluation of a few edits together on a
+few questions (MC on the split, KL, and greedy generation; evaluate/shared.py, as a study's group of edits is
+scored), then multiplies them out per optimal trial:
 
     training  = steps x (L - lowest layer) / L x (step + validation / eval_every)
     evaluation = MC per question x questions + KL + generation per question x generated questions
@@ -27,6 +28,7 @@ from typing import Any
 
 Q_MC = 16  # questions timed for MC (scaled to the split's count)
 Q_GEN = 4  # questions timed for generation (scaled to the generated count)
+N_EVAL = 4  # edits evaluated together, as a study's group is (per-edit cost: the time / N_EVAL)
 
 
 def _clock() -> tuple[float, float]:
@@ -49,7 +51,7 @@ def measure_study(spec: Any, steps: int = 4) -> dict:
     from locaudit.study.steps.evaluation import _config
     from locaudit.study.steps.optimal import _subsample
     from locaudit.study.trials import expand
-    from locaudit.evaluate.runner import evaluate_edit
+    from locaudit.evaluate.shared import evaluate_edits
 
     trials = [t for t in expand(spec) if t.kind == "optimal"]
     if not trials:
@@ -70,32 +72,37 @@ def measure_study(spec: Any, steps: int = 4) -> dict:
 
         ev = first.evaluation
         ecfg = _config(ctx, ev)
-        stack = build_stack(lm.sites, [every], cfg.rank, cfg.reparam, seeds=[cfg.seed])
-        a, b = stack.edit_tensors(0)
-        edit = LoRAEdit(a, b, every, cfg.reparam)  # b = 0 at initialisation: the unedited model, at an edit's cost
+        # evaluated as a study's group is (evaluate/shared.py: several edits together), at the head sets of its
+        # first trials that need no ranking (random draws, single heads), with b = 0: an edit's cost, no change
+        sets = [ctx.heads(t) for t in trials if not t.as_(OptimalTrial).localizer.needs_ranking][:N_EVAL] or [every]
+        edits = []
+        for hs in sets:
+            a, b = build_stack(lm.sites, [hs], cfg.rank, cfg.reparam, seeds=[cfg.seed]).edit_tensors(0)
+            edits.append(LoRAEdit(a, b, hs, cfg.reparam))
         split = ev.split
         n_split = len(ctx.eval_view(split, ev.max_questions).questions(split))
         q = min(Q_MC, n_split)
         metrics = list(ev.metrics)
-        measured: dict[str, Any] = {"train": train, "n_split": n_split}
+        measured: dict[str, Any] = {"train": train, "n_split": n_split, "edits_together": len(edits)}
+
+        def per_edit(t) -> dict[str, float]:
+            return {k: v / len(edits) for k, v in _since(t).items()}
+
         if "mc" in metrics:
             t = _clock()
-            evaluate_edit(lm, edit, ctx.eval_view(split, q), split=split, metrics=["mc"], config=ecfg,
-                          write_result=False)
-            measured["mc"] = {**_since(t), "questions": q}
+            evaluate_edits(lm, edits, ctx.eval_view(split, q), split=split, metrics=["mc"], config=ecfg)
+            measured["mc"] = {**per_edit(t), "questions": q}
         if "kl" in metrics or "ce" in metrics:
             t = _clock()
-            evaluate_edit(lm, edit, ctx.eval_view(split, q), split=split, metrics=["kl"], config=ecfg,
-                          write_result=False)
-            measured["kl"] = _since(t)
+            evaluate_edits(lm, edits, ctx.eval_view(split, q), split=split, metrics=["kl"], config=ecfg)
+            measured["kl"] = per_edit(t)
         n_gen = 0
         if "gen" in metrics:
             n_gen = min(n_split, ecfg.gen_max_questions or n_split)
             qg = min(Q_GEN, n_gen)
             t = _clock()
-            evaluate_edit(lm, edit, ctx.eval_view(split, qg), split=split, metrics=["gen"], config=ecfg,
-                          write_result=False)
-            measured["gen"] = {**_since(t), "questions": qg}
+            evaluate_edits(lm, edits, ctx.eval_view(split, qg), split=split, metrics=["gen"], config=ecfg)
+            measured["gen"] = {**per_edit(t), "questions": qg}
         measured["n_gen"] = n_gen
         est = _estimate(ctx, trials, cfg, measured, len(p.enc_val) if p.enc_val is not None else 0,
                         len(train_pairs))
