@@ -74,7 +74,8 @@ def measure_study(spec: Any, steps: int = 4) -> dict:
         ecfg = _config(ctx, ev)
         # evaluated as a study's group is (evaluate/shared.py: several edits together), at the head sets of its
         # first trials that need no ranking (random draws, single heads), with b = 0: an edit's cost, no change
-        sets = [ctx.heads(t) for t in trials if not t.as_(OptimalTrial).localizer.needs_ranking][:N_EVAL] or [every]
+        sets = [_heads(ctx, t) for t in trials if t.as_(OptimalTrial).localizer.kind not in ("top", "ranked")]
+        sets = sets[:N_EVAL] or [every]
         edits = []
         for hs in sets:
             a, b = build_stack(lm.sites, [hs], cfg.rank, cfg.reparam, seeds=[cfg.seed]).edit_tensors(0)
@@ -109,6 +110,22 @@ def measure_study(spec: Any, steps: int = 4) -> dict:
     return {"measured": measured, "optimal": est}
 
 
+def _heads(ctx, trial):
+    """The trial's head set; a draw that excludes the ranking's top heads (random16@3-top16, single heads) is drawn
+    against a stand-in ranking (all heads in a seeded order): the ranking is not known before the study runs, and
+    excluding a few heads barely moves where the draw's lowest layer falls."""
+    from locaudit.study.payloads import OptimalTrial
+
+    loc = trial.as_(OptimalTrial).localizer
+    if not loc.needs_ranking:
+        return ctx.heads(trial)
+    import numpy as np
+
+    L, H = ctx.lm.sites.n_layers, ctx.lm.sites.n_heads
+    order = np.random.default_rng(0).permutation(L * H).tolist()
+    return loc.resolve(L, H, [(i // H, i % H) for i in order])
+
+
 def _estimate(ctx, trials: list, cfg, m: dict, n_val: int, n_train: int) -> dict:
     """Per trial: its training range (steps from the earliest stop to the cap, scaled by the layers it runs)
     plus its evaluations; summed over the trials, in wall and CPU seconds."""
@@ -133,10 +150,10 @@ def _estimate(ctx, trials: list, cfg, m: dict, n_val: int, n_train: int) -> dict
         lo = hi = 0.0
         for t in trials:
             p = t.as_(OptimalTrial)
-            if p.localizer.needs_ranking or not cfg.frozen_prefix:  # the ranking is not known yet: from layer 0
-                frac = 1.0
+            if p.localizer.kind in ("top", "ranked") or not cfg.frozen_prefix:  # the ranking is not known yet:
+                frac = 1.0  # from layer 0, the upper bound
             else:
-                frac = (L - min(ctx.heads(t).layers)) / L
+                frac = (L - min(_heads(ctx, t).layers)) / L
             points = len(p.dose_steps or [])
             fixed = ev + gen + points * dose_eval
             lo += low_steps * frac * step + fixed
