@@ -63,3 +63,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_caches(tmp_path, monkeypatch):
+    """Training tests: the reference log-probs and prefix states start empty, and the disk cache is the test's
+    own; use with `pytestmark = pytest.mark.usefixtures("fresh_caches")`."""
+    from locaudit.edit import reference as reference_mod
+    from locaudit.edit import train as train_mod
+
+    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
+    reference_mod.clear_memory()
+    train_mod.PREFIX_CACHE.clear()

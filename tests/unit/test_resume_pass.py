@@ -8,27 +8,14 @@ import logging
 import pytest
 import torch
 
-from locaudit.data.types import PreferencePair
-from locaudit.edit import reference as reference_mod
 from locaudit.edit import resume as resume_mod
 from locaudit.edit import train as train_mod
 from locaudit.edit.multi import train_edits
 from locaudit.heads import HeadSet
 from locaudit.models.tiny import tiny_model
+from train_fixtures import toy_pairs as pairs
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def pairs(n: int, offset: int = 0) -> list[PreferencePair]:
-    return [PreferencePair(f"q{i}", f"What is item {i}?", f"It is good {i % 4}.", f"Bad bad {i % 3}!")
-            for i in range(offset, offset + n)]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCAUDIT_CACHE", str(tmp_path / "cache"))
-    reference_mod.clear_memory()
-    train_mod.PREFIX_CACHE.clear()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_caches")
 
 
 class Killed(Exception):
