@@ -56,7 +56,7 @@ def test_estimate_is_the_measured_pieces_multiplied_out(tmp_path: Path, precisio
     r = measure_study(spec, steps=2)
     m, o = r["measured"], r["optimal"]
     tr = m["train"]
-    assert tr["steps"] == 2 and tr["lowest_layer"] == 0 and tr["n_val"] == 4
+    assert tr["steps"] == 2 and tr["n_val"] == 4
     assert m["edits_together"] == 4  # evaluated together, as the group is: the 3 random draws, a single head
     assert all(tr[k] > 0 for k in ("step_wall_s", "step_cpu_s", "val_wall_s", "val_cpu_s"))
     # 1 top + 3 random + 2 single + 1 all = 7 trials; 12 pairs / batch 2 = 6 steps an epoch, 3 epochs at most,

@@ -40,11 +40,45 @@ def _since(t: tuple[float, float]) -> dict[str, float]:
     return {"wall_s": w - t[0], "cpu_s": c - t[1]}
 
 
+def time_training(lm, heads, enc_train, enc_val, config, lr: float, precision, steps: int) -> dict:
+    """Seconds per optimizer step of one edit at `heads` (`train_stack` itself on `enc_train`: `steps` optimizer
+    steps' worth of pairs, one epoch), and of one validation pass over `enc_val` (`StackRunner.evaluate`, what an
+    early-stopping check runs). A first pass with validation fills the caches a study fills once per dataset
+    (reference log-probs, prefix states, the layout check), so neither timing includes them. Wall and process-CPU
+    seconds."""
+    from locaudit.edit.lora import build_stack
+    from locaudit.edit.reference import reference_logps
+    from locaudit.edit.train import StackRunner, train_stack
+
+    base = config.model_copy(update={"epochs": 1, "max_epochs": 1, "eval_every": None, "eval_each_epoch": False,
+                                     "snapshot_steps": None, "progress": False})
+    warm = base.model_copy(update={"eval_every": steps, "patience": 10 ** 6}) if enc_val is not None else base
+    train_stack(lm, [heads], enc_train, enc_val, warm, [lr], "measure (warm-up)", precision)
+    t = _clock()
+    train_stack(lm, [heads], enc_train, None, base, [lr], "measure", precision)
+    plain = _since(t)
+    out: dict = {"steps": steps, "n_val": len(enc_val) if enc_val is not None else 0}
+    for k in ("wall", "cpu"):
+        out[f"step_{k}_s"] = plain[f"{k}_s"] / steps
+    if enc_val is not None:
+        runner = StackRunner(lm, build_stack(lm.sites, [heads], base.rank, base.reparam).to(lm.device), base, precision)
+        runner.choose_logp_fn(enc_train)
+        ref = reference_logps(lm, enc_val, precision, base.eval_batch_size, base.reference_disk_cache, False,
+                              runner.tiled, runner.packed) if base.objective in ("ipo", "dpo") else None
+        states = runner.states(enc_val)
+        with runner.session():
+            t = _clock()
+            runner.evaluate(enc_val, ref, states)
+            val = _since(t)
+        out.update({f"val_{k}_s": val[f"{k}_s"] for k in ("wall", "cpu")})
+    return out
+
+
 def measure_study(spec: Any, steps: int = 4) -> dict:
     """Measure the pieces (module docstring) and estimate each optimal trial's cost; returns
     {"measured": {...}, "optimal": {"trials", "low_wall_s", "high_wall_s", "low_cpu_s", "high_cpu_s", ...}}."""
     from locaudit.edit.lora import LoRAEdit, build_stack
-    from locaudit.edit.train import prepare, time_training
+    from locaudit.edit.train import prepare
     from locaudit.heads import HeadSet
     from locaudit.study.payloads import OptimalTrial
     from locaudit.study.steps.context import RunContext
