@@ -133,3 +133,45 @@ def test_state_keeps_non_finite_floats_and_int_keys() -> None:
     y = resume_mod._dec(resume_mod._enc(x))
     assert y["a"][0] != y["a"][0] and y["a"][1:] == [float("inf"), -float("inf"), 1.5]
     assert y["b"] == {3: "x"} and y["c"] is None
+
+
+def test_a_later_attempt_plans_the_same_passes(tmp_path, monkeypatch) -> None:
+    """An attempt skips the edits an earlier one saved but plans them with the rest (`skip`), so the pass that was
+    killed is the same group of edits again and resumes from its checkpoint; the result is the uninterrupted one."""
+    lm = tiny_model("llama", n_layers=3)
+    heads = [HeadSet.parse("L0H1"), HeadSet.parse("L0H2"), HeadSet.parse("L0H3"), HeadSet.parse("L0H0,L1H1")]
+    lrs = [0.05, 0.02, 0.01, 0.03]
+    cfg = dict(CFG, precision="fp32", max_parallel=2)
+    whole = train_edits(lm, heads, pairs(8), pairs(4, 50), config=cfg, lrs=lrs)
+    passes: list[list[str]] = []
+    real_stack, real_logps = train_mod.train_stack, train_mod.StackRunner.logps
+    import locaudit.edit.multi as multi_mod
+
+    def recording(lm_, hs, *a, **k):
+        passes.append([h.name for h in hs])
+        return real_stack(lm_, hs, *a, **k)
+
+    calls = [0]
+
+    def dying(self, enc, idx, states):
+        if torch.is_grad_enabled() and len(passes) == 2:  # inside the second pass
+            calls[0] += 1
+            if calls[0] > 3:
+                raise Killed()
+        return real_logps(self, enc, idx, states)
+
+    monkeypatch.setattr(multi_mod, "train_stack", recording)
+    monkeypatch.setattr(train_mod.StackRunner, "logps", dying)
+    saved = {}
+    with pytest.raises(Killed):
+        train_edits(lm, heads, pairs(8), pairs(4, 50), config=cfg, lrs=lrs, resume_dir=tmp_path,
+                    on_done=lambda i, e, lg: saved.setdefault(i, (e, lg)))
+    assert len(passes) == 2 and len(saved) == 2  # the first pass's edits were saved, the second pass was killed
+    monkeypatch.setattr(train_mod.StackRunner, "logps", real_logps)
+    passes.clear()
+    again = train_edits(lm, heads, pairs(8), pairs(4, 50), config=cfg, lrs=lrs, resume_dir=tmp_path, skip=list(saved))
+    assert all(again[i] is None for i in saved) and len(passes) == 1
+    rest = [i for i in range(4) if i not in saved]
+    assert all(again[i][1].resumed_at == [1] for i in rest)  # 3 micro-batches: the checkpoint after step 1
+    same([whole[i] for i in rest], [again[i] for i in rest])
+    same([whole[i] for i in saved], [saved[i] for i in saved])

@@ -13,7 +13,7 @@ groups (edit/reference.py, edit/prefix.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from locaudit.data.prompts import PromptFormat
 from locaudit.data.types import PreferencePair
@@ -30,14 +30,18 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
                 val_pairs: Sequence[PreferencePair] | None = None, fmt: PromptFormat | None = None,
                 config: TrainConfig | dict | None = None, lrs: Sequence[float] | None = None,
                 on_done: Callable[[int, LoRAEdit, TrainLog], None] | None = None,
-                resume_dir: str | Path | None = None, **overrides) -> list[tuple[LoRAEdit, TrainLog]]:
+                resume_dir: str | Path | None = None, skip: Collection[int] = (),
+                **overrides) -> list[tuple[LoRAEdit, TrainLog] | None]:
     """Train one edit per head set, in groups of at most `config.max_parallel` that share each pass
     (`plan_groups`); same result as separate `train_edit` runs with the same config. `lrs` overrides the
     per-edit learning rates. `on_done(i, edit, log)` is called for edit i (its index in `heads_list`) as soon as
     its group has trained, before the next group starts: a caller saves it there, so a long run killed part way
     loses at most the group in training; with `resume_dir`, each group also checkpoints its pass there
     (edit/resume.py), so that it loses at most the steps since its last early-stopping check. A group's checkpoint
-    is removed once `on_done` has returned for all its edits."""
+    is removed once `on_done` has returned for all its edits. `skip`: indices of edits an earlier attempt trained
+    already; they are planned with the rest, so that every attempt groups the edits alike (the planner breaks ties
+    by position, and a pass's checkpoint is found again only by the same group), but not trained (None in the
+    result)."""
     p = prepare(lm, heads_list, train_pairs, val_pairs, fmt, config, lrs, **overrides)
     cfg, fmt, lrs, enc_train, enc_val = p.config, p.fmt, p.lrs, p.enc_train, p.enc_val
     heads_list = list(heads_list)
@@ -47,8 +51,11 @@ def train_edits(lm: LoadedModel, heads_list: Sequence[HeadSet], train_pairs: Seq
     starts = [min(heads_list[i].layers) if prefix else 0 for i in order]
     copy_cost = cfg.group_copy_cost if cfg.group_copy_cost is not None else (0.85 if lm.device.type == "cpu" else 0.35)
     out: list[tuple[LoRAEdit, TrainLog] | None] = [None] * len(heads_list)
+    skip = set(skip)
     for g, end in plan_groups(starts, L, cfg.max_parallel, copy_cost):
-        group = order[g: end]
+        group = [i for i in order[g: end] if i not in skip]
+        if not group:
+            continue
         hs = [heads_list[i] for i in group]
         label = hs[0].name if len(hs) == 1 else f"edits {g + 1}-{g + len(hs)} of {len(order)}"
         ckpt = PassCheckpoint(resume_dir) if resume_dir is not None else None

@@ -92,6 +92,8 @@ class PassCheckpoint:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.key: str | None = None
+        self.heads: list[str] = []
+        self.lrs: list[float] = []
 
     @property
     def path(self) -> Path:
@@ -99,14 +101,16 @@ class PassCheckpoint:
             raise RuntimeError("PassCheckpoint: bind(key) first")
         return self.root / f"pass-{self.key}" / FILE
 
-    def bind(self, key: str) -> "PassCheckpoint":
-        self.key = key
+    def bind(self, key: str, heads: list[str] | None = None, lrs: list[float] | None = None) -> "PassCheckpoint":
+        """Select the pass `key`; its head sets and learning rates are written beside its state (for a reader)."""
+        self.key, self.heads, self.lrs = key, list(heads or []), [float(x) for x in lrs or []]
         return self
 
     def save(self, state: PassState) -> None:
         from safetensors.torch import save_file
 
-        info = {"format": FORMAT, "key": self.key, "step": state.step, "epoch": state.epoch,
+        info = {"format": FORMAT, "key": self.key, "heads": self.heads, "lrs": self.lrs, "step": state.step,
+                "epoch": state.epoch,
                 "next_batch": state.next_batch, "seconds": state.seconds, "info": _enc(state.info)}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.tensors.items()}
         with atomic_path(self.path) as tmp:

@@ -330,7 +330,8 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
     if checkpoint is not None:
         checkpoint.bind(pass_key(lm.fingerprint, [hs.to_string() for hs in heads_list], list(lrs), cfg.key_dump(),
                                  enc_train.key, enc_val.key if enc_val is not None else None, runner.precision.key,
-                                 {"tiled": tiled, "packed": runner.packed, "prefix": runner.use_prefix}))
+                                 {"tiled": tiled, "packed": runner.packed, "prefix": runner.use_prefix}),
+                        [hs.to_string() for hs in heads_list], list(lrs))
         resumed = checkpoint.load()
     ckpt_every = cfg.eval_every or RESUME_EVERY_STEPS
 

@@ -54,7 +54,9 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         seed = first.data.seed  # the subsample seed
         train_pairs = _subsample(ctx.data.pairs("train"), first.max_train_pairs, seed)
         val_pairs = _subsample(ctx.data.pairs("val"), first.max_val_pairs, seed + 1)
-        cfg = first.train_config(ctx.precision.name, max_parallel=len(todo))
+        cfg = first.train_config(ctx.precision.name, max_parallel=len(trials))
+        at = {t.key: j for j, t in enumerate(todo)}
+        pos = {i: at[t.key] for i, t in enumerate(trials) if t.key in at}  # index in trials -> index in todo
 
         def save(i: int, edit, tlog) -> None:  # each edit as its pass ends: a run killed in a later pass keeps it
             t = todo[i]
@@ -70,8 +72,10 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
                                                    "n_train": tlog.n_train, "n_val": tlog.n_val, **extra})
             write_checksums(d)  # last: the folder is trusted only while it matches
 
-        train_edits(ctx.lm, [heads[t.key] for t in todo], train_pairs, val_pairs, ctx.fmt, cfg,
-                    lrs=[payload[t.key].lr for t in todo], on_done=save, resume_dir=ctx.run.passes)
+        # planned over every edit of the group, trained or not, so that each attempt forms the same passes
+        train_edits(ctx.lm, [heads[t.key] for t in trials], train_pairs, val_pairs, ctx.fmt, cfg,
+                    lrs=[payload[t.key].lr for t in trials], on_done=lambda i, edit, tlog: save(pos[i], edit, tlog),
+                    resume_dir=ctx.run.passes, skip=[i for i, t in enumerate(trials) if t.key not in at])
     bad = {t.key for t in todo if not (edit_dir[t.key] / TRAINED_MARKER).exists()}
     ready = [t for t in trials if t.key not in bad]
     edits = {t.key: LoRAEdit.load(edit_dir[t.key]) for t in ready}
