@@ -4,6 +4,8 @@
   shared/KIND-KEY/        results other trials read: collect-, probe-, localize- (by trial key) and optimal-
                           (a trained optimal edit, keyed by its training content only: OptimalTrial.training_key)
   shared/passes/pass-KEY/ a training pass in progress (edit/resume.py), removed once its edits are saved
+  shared/scores/score-KEY/ a trained edit's scores as a group's chunk ends (steps/evaluation.score_many), so a
+                          run killed while scoring a group does not score that chunk again
   trials/KEY/             a trial's own folder: edit/ (an ITI edit), eval/ (its evaluation; eval/val/ for
                           selection), dose.json and dose/, result.json (its record, what `repair` reads)
   report/                 the report (study/report.py); report-<judge>/ when re-judged
@@ -68,6 +70,11 @@ class RunDir:
     def passes(self) -> Path:
         """shared/passes/: the checkpoints of training passes in progress (edit/resume.py)."""
         return self.root / SHARED / "passes"
+
+    @property
+    def scores(self) -> Path:
+        """shared/scores/: trained edits' scores, keyed by content (steps/evaluation.score_many)."""
+        return self.root / SHARED / "scores"
 
     def trial(self, key: str) -> Path:
         return self.root / trial_rel(key)

@@ -95,6 +95,10 @@ class EvalSpec(_Strict):
     batch_size: from_config(EvalConfig, "batch_size", SPEED_ONLY)
     gen_batch_size: from_config(EvalConfig, "gen_batch_size", SPEED_ONLY)
     gen_edits_together: from_config(EvalConfig, "gen_edits_together", SPEED_ONLY)
+    score_chunk: int = Field(16, ge=1, description="Trained edits (and dose snapshots) of a group scored in one "
+                             "shared pass; each chunk's scores are kept as it ends, so a run killed while scoring "
+                             "a long group goes on from the last finished chunk. Larger chunks share more work "
+                             "(the layers below the edits, the primer) but lose more to a kill. " + SPEED_ONLY)
     baseline: bool = Field(True, description="Also evaluate the unedited model.")
     selection: Literal["validation", "cross-fit"] = Field(
         "validation", description="How each location's grid point (alpha; tau x lr) is chosen when it has more "

@@ -9,12 +9,18 @@ grid points.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
+from locaudit.io import stable_hash, write_json_atomic
 from locaudit.study.payloads import Evaluation
 from locaudit.study.steps.context import RunContext
+
+log = logging.getLogger(__name__)
 
 
 def _config(ctx: RunContext, ev: Evaluation):
@@ -49,15 +55,77 @@ def score_split(ctx: RunContext, ev: Evaluation, edit, split: str, n: int | None
 
 
 def score_many(ctx: RunContext, ev: Evaluation, edits: list, split: str, n: int | None, metrics: list[str],
-               out_dirs: list[Path]) -> list[dict]:
+               out_dirs: list[Path], sources: list[Path] | None = None) -> list[dict]:
     """`[score_split(ctx, ev, e, split, n, metrics, o) for e, o in zip(edits, out_dirs)]`, computed together
     (evaluate/shared.evaluate_edits: the unedited layers below each edit's lowest edited layer, the primer and
-    the prompts run once for all edits): the same numbers, up to float rounding."""
+    the prompts run once for all edits): the same numbers, up to float rounding.
+
+    With `sources` (the folder each edit was loaded from), the edits are scored `evaluation.score_chunk` at a
+    time and each edit's scores (its out_dir and metrics) are kept in the run's shared/scores/, under a key of
+    its files and of everything that defines its numbers (`scored_key`): a run killed part way through a long
+    group keeps the chunks it finished, and the next attempt copies those and scores only the rest."""
     from locaudit.evaluate.shared import evaluate_edits
 
-    results = evaluate_edits(ctx.lm, edits, ctx.eval_view(split, n), split=split, metrics=list(metrics),
-                             judge=_judge(ctx, ev, metrics), out_dirs=out_dirs, config=_config(ctx, ev))
-    return [flatten_metrics(r) for r in results]
+    view, judge, cfg = ctx.eval_view(split, n), _judge(ctx, ev, metrics), _config(ctx, ev)
+    if sources is None:
+        results = evaluate_edits(ctx.lm, edits, view, split=split, metrics=list(metrics), judge=judge,
+                                 out_dirs=out_dirs, config=cfg)
+        return [flatten_metrics(r) for r in results]
+    if len(sources) != len(edits) or len(out_dirs) != len(edits):
+        raise ValueError(f"score_many: {len(edits)} edits, {len(sources)} sources, {len(out_dirs)} out_dirs")
+    kept = [ctx.run.scores / f"score-{scored_key(ctx, ev, s, split, n, metrics)}" for s in sources]
+    out: list[dict | None] = [_restore(k, Path(o)) for k, o in zip(kept, out_dirs)]
+    todo = [i for i, m in enumerate(out) if m is None]
+    if len(todo) < len(edits):
+        log.info("%d of %d edit(s) already scored by an earlier attempt (%s); scoring the other %d",
+                 len(edits) - len(todo), len(edits), ctx.run.scores, len(todo))
+    chunk = ctx.spec.evaluation.score_chunk
+    for j in range(0, len(todo), chunk):
+        part = todo[j:j + chunk]
+        results = evaluate_edits(ctx.lm, [edits[i] for i in part], view, split=split, metrics=list(metrics),
+                                 judge=judge, out_dirs=[out_dirs[i] for i in part], config=cfg)
+        for i, r in zip(part, results):
+            out[i] = m = flatten_metrics(r)
+            if all(math.isfinite(v) for v in m.values()):  # a non-finite value fails the trial: not kept
+                _keep(kept[i], Path(out_dirs[i]), m)
+    return out  # type: ignore[return-value]
+
+
+SCORED_FILE = "scored.json"
+
+
+def scored_key(ctx: RunContext, ev: Evaluation, source: Path, split: str, n: int | None, metrics: list[str]) -> str:
+    """What an edit's scores depend on: the files of the folder it was loaded from (not its subfolders: a
+    trained edit's dose snapshots), the model, the evaluated questions, the metrics, the trial's evaluation
+    and the precision."""
+    from locaudit.io import CHECKSUM_FILE, file_sha256
+
+    files = {f.name: file_sha256(f, 64) for f in sorted(Path(source).iterdir())
+             if f.is_file() and f.name != CHECKSUM_FILE and not f.name.startswith(".")}
+    return stable_hash({"edit": files, "model": ctx.spec.model_identity(), "data": ctx.eval_view(split, n).fingerprint,
+                        "metrics": sorted(metrics), "evaluation": ev.model_dump(mode="json"),
+                        "precision": ctx.precision.name}, 24)
+
+
+def _keep(kept: Path, out_dir: Path, metrics: dict[str, float]) -> None:
+    """Copy a scored edit's out_dir and metrics into `kept`, whole or not at all."""
+    from locaudit.io import replace_path, staging_dir
+
+    tmp = staging_dir(kept)
+    shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
+    write_json_atomic(tmp / SCORED_FILE, {"metrics": metrics})  # last: a folder without it is not used
+    replace_path(tmp, kept)
+
+
+def _restore(kept: Path, out_dir: Path) -> dict[str, float] | None:
+    """The metrics kept in `kept` (its files copied into out_dir); None where there are none or they are unreadable."""
+    try:
+        got = json.loads((kept / SCORED_FILE).read_text(encoding="utf-8"))
+        metrics = {str(k): float(v) for k, v in got["metrics"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    shutil.copytree(kept, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(SCORED_FILE))
+    return metrics
 
 
 def evaluate(ctx: RunContext, ev: Evaluation, edit, out_dir: Path) -> dict[str, float]:

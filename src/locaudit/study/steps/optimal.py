@@ -115,7 +115,8 @@ def _score_group(ctx: RunContext, ready: list[Trial], edits: dict, edit_dir: dic
     same = [t for t in ready if t.as_(OptimalTrial).evaluation == ev]
     n = ev.max_questions
     outs = [ctx.trial_dir(t.key) / "eval" for t in same]
-    got = score_many(ctx, ev, [edits[t.key] for t in same], ev.split, n, list(ev.metrics), outs)
+    got = score_many(ctx, ev, [edits[t.key] for t in same], ev.split, n, list(ev.metrics), outs,
+                     sources=[edit_dir[t.key] for t in same])
     scored = {t.key: m for t, m in zip(same, got)}
     jobs = []  # (key, step, snapshot folder, out folder)
     for t in same:
@@ -127,7 +128,7 @@ def _score_group(ctx: RunContext, ready: list[Trial], edits: dict, edit_dir: dic
     dose: dict[str, dict[int, dict]] = {}
     if jobs:
         got = score_many(ctx, ev, [LoRAEdit.load(f) for _, _, f, _ in jobs], ev.split, n, dose_metrics(ctx),
-                         [o for *_, o in jobs])
+                         [o for *_, o in jobs], sources=[f for _, _, f, _ in jobs])
         for (key, step, _, _), m in zip(jobs, got):
             dose.setdefault(key, {})[step] = m
     return scored, dose
