@@ -159,23 +159,28 @@ def _test_questions(spec) -> int | None:
     return min(n, spec.evaluation.max_questions) if spec.evaluation.max_questions else n
 
 
-def _observed(spec, run_dir: Path) -> tuple[dict[str, str], object, dict[str, list[float]]]:
-    """A run folder's trial status, its comparisons table (None before results) and its trial timings."""
+def _observed(spec, run_dir: Path) -> tuple[dict[str, str], object, dict[str, list[float]], dict[str, int]]:
+    """A run folder's trial status, its comparisons table (None before results), its done trials' wall times by
+    kind (each with the time its earlier, unfinished attempts ran) and, by kind, how many of those attempts ran
+    for an unknown time (killed before the ledger kept heartbeats: those kinds' times are lower bounds)."""
     from locaudit.study.analysis import analyze, load_per_question, results_frame
     from locaudit.study.ledger import Ledger
 
     with Ledger(run_dir) as led:
         status = led.status_of()
-        rows = led.rows()
+        rows = led.rows_with_cost()
     timings: dict[str, list[float]] = {}
+    unknown: dict[str, int] = {}
     for r in rows:
         if r["status"] == "done" and r.get("duration_s") is not None:
-            timings.setdefault(r["kind"], []).append(float(r["duration_s"]))
+            timings.setdefault(r["kind"], []).append(float(r["duration_s"]) + float(r["lost_s"]))
+            if r["lost_unknown"]:
+                unknown[r["kind"]] = unknown.get(r["kind"], 0) + int(r["lost_unknown"])
     res = results_frame(rows)
     observed = None
     if not res.empty:
         observed = analyze(res, load_per_question(run_dir, rows), spec.verdict, n_resamples=999).comparisons
-    return status, observed, timings
+    return status, observed, timings, unknown
 
 
 def _has_run(run_dir: Path) -> bool:
@@ -206,18 +211,21 @@ def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None, meas
 
     trials = expand(spec)
     status: dict[str, str] = {}
-    observed, timings = None, {}
+    observed, timings, unknown = None, {}, {}
     if _has_run(run_dir):
-        status, observed, timings = _observed(spec, run_dir)
+        status, observed, timings, unknown = _observed(spec, run_dir)
     if pilot is not None:
         if not _has_run(pilot):
             raise LocauditError(f"--pilot {pilot}: not a run folder (no ledger.sqlite or trials/)")
-        _, p_obs, p_times = _observed(spec, pilot)
+        _, p_obs, p_times, p_unknown = _observed(spec, pilot)
         if p_obs is None or p_obs.empty:
             raise LocauditError(f"--pilot {pilot}: the pilot has no finished results to size the design by")
         observed = pilot_spread(p_obs, _test_questions(spec))
         for k, v in p_times.items():
-            timings.setdefault(k, v)
+            if k not in timings:
+                timings[k] = v
+                if k in p_unknown:
+                    unknown[k] = p_unknown[k]
     from locaudit.study.trials import KINDS
 
     by: dict[str, int] = {}
@@ -228,7 +236,7 @@ def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None, meas
     for t in trials:
         if status.get(t.key, "new") != "done":
             todo[t.kind] = todo.get(t.kind, 0) + 1
-    d = design(spec, observed, _test_questions(spec), mean_t, todo)
+    d = design(spec, observed, _test_questions(spec), mean_t, todo, unknown)
     if measure:
         from locaudit.study.cost_probe import measure_study
 

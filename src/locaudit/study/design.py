@@ -51,11 +51,14 @@ def equivalence_needs(sd: float, n: int, se_q: float, n_q: float | None, margin_
 
 # ---------------------------------------------------------------------------------------------- design
 def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | None = None,
-           timings: dict[str, float] | None = None, counts: dict[str, int] | None = None) -> dict:
+           timings: dict[str, float] | None = None, counts: dict[str, int] | None = None,
+           unknown_attempts: dict[str, int] | None = None) -> dict:
     """Power and design checks of a study before (or while) it runs: per comparison, the smallest reachable
     p-value, the family's threshold, the effect detectable with the target power, equivalence power, an
     estimated cost per trial kind, and warnings when the design cannot support a verdict. `observed`
-    (a comparisons table) replaces the assumed spread where it has numbers."""
+    (a comparisons table) replaces the assumed spread where it has numbers. `timings`: mean wall seconds per
+    trial by kind; `unknown_attempts`: by kind, how many attempts behind those means ran for an unknown time
+    (their cost is then a lower bound, and says so)."""
     cfg: VerdictSpec = spec.verdict
     R = spec.localizers.random
     n_all = len(R.draw_seeds())
@@ -128,7 +131,8 @@ def design(spec: Any, observed: pd.DataFrame | None = None, n_questions: int | N
         out["warnings"].append(f"evaluation.split is {spec.evaluation.split!r}: the verdict should be reported on test.")
     for kind, n in (counts or {}).items():
         t = (timings or {}).get(kind)
-        out["cost"][kind] = {"trials": n, "mean_wall_s": t, "total_wall_s": t * n if t is not None else None}
+        out["cost"][kind] = {"trials": n, "mean_wall_s": t, "total_wall_s": t * n if t is not None else None,
+                             "unknown_attempts": int((unknown_attempts or {}).get(kind, 0))}
     return out
 
 
@@ -162,6 +166,9 @@ def design_text(d: dict) -> list[str]:
                         f"({c['powered_margin_fraction']:.0%} of the gain)" if c.get("powered_margin_fraction") else ""))
     for kind, c in d["cost"].items():
         lines.append(f"  cost {kind}: {c['trials']} trials" + (f" x {c['mean_wall_s']:.0f} s = {c['total_wall_s'] / 60:.1f} min"
-                                                                if c["mean_wall_s"] is not None else " (not measured yet)"))
+                                                                if c["mean_wall_s"] is not None else " (not measured yet)")
+                     + (f" (at least: {c['unknown_attempts']} earlier attempt(s) of these trials were killed before the "
+                        "ledger kept heartbeats, and their time is not in it; `--measure` prices the edits afresh)"
+                        if c.get("unknown_attempts") and c["mean_wall_s"] is not None else ""))
     lines += [f"WARNING: {w}" for w in d["warnings"]]
     return lines

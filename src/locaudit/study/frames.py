@@ -17,7 +17,7 @@ METHOD_LABEL = {"iti": "ITI (heuristic edit)", "optimal": "optimal edit", "basel
 PRIMARY_ORDER = ("true_info", "true", "mc2", "mc1", "mc0", "ab", "pref_acc", "info")
 LOWER_IS_BETTER = ("kl", "ce", "loss", "nll", "perplexity")
 BASE_COLUMNS = ("key", "kind", "method", "group", "localizer", "candidate", "alpha", "tau", "lr", "seed", "status",
-                "attempts", "duration_s", "cpu_s", "heads", "edit_dir", "eval_dir", "precision", "cpu_capability",
+                "attempts", "duration_s", "cpu_s", "lost_s", "lost_unknown", "heads", "edit_dir", "eval_dir", "precision", "cpu_capability",
                 "error", "of")
 OUTCOMES = ("evidence for", "suggestive", "evidence against", "inconclusive", "no signal")
 # per-question score files of an evaluation folder: {file: {field: component}}
@@ -62,6 +62,7 @@ def trials_frame(rows: Iterable[dict]) -> pd.DataFrame:
              "alpha": t.grid.get("alpha"), "tau": t.grid.get("tau"), "lr": t.grid.get("lr"),
              "seed": t.replicate if t.kind == "optimal" else None, "of": t.content.get("of"),
              "status": r["status"], "attempts": r["attempts"], "duration_s": r.get("duration_s"), "cpu_s": r.get("cpu_s"),
+             "lost_s": r.get("lost_s", 0.0), "lost_unknown": r.get("lost_unknown", 0),
              "heads": art.get("heads"), "edit_dir": art.get("edit"), "eval_dir": art.get("eval"),
              "precision": art.get("precision"), "cpu_capability": art.get("cpu_capability"),
              "error": err[0] if err else None}

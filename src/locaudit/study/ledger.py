@@ -2,10 +2,12 @@
 
 Only the driver writes (workers return their results), each trial's end is one transaction, and a
 lock file keeps a second driver out of the same run folder. So a row marked ``running`` at start-up was
-left by a process that died: `reset_interrupted` puts it back to ``pending``.
+left by a process that died: `reset_interrupted` puts it back to ``pending``, booking the time it ran (up
+to its run's last heartbeat, `Heartbeat`) as a ``lost`` event, as a stop (`release`) and a retry of a failed
+trial (`retry_failed`) do: `lost_time` sums them, so a trial's cost counts its attempts that did not finish.
 
 Tables: ``trials`` (key, kind, name, grp, spec JSON, status, attempts, timings, CPU seconds, worker, metrics JSON,
-artifacts JSON, error, in_spec), ``events`` (start / done / failed / reset per trial, for audits) and
+artifacts JSON, error, in_spec), ``events`` (start / done / failed / reset / lost per trial, for audits and costs) and
 ``meta`` (the study spec, so `locaudit report RUN` needs nothing else).
 
 Damage: a ledger that is not an SQLite database, is truncated or fails SQLite's quick check is refused
@@ -20,14 +22,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
+import math
 import os
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from locaudit.errors import ConfigError
 from locaudit.io import clean_tree_temps, temp_sibling
@@ -39,7 +44,11 @@ from locaudit.study.records import (ARTIFACT_DIRS, METRIC_BOUND, artifact_dir, c
                                     seal_artifacts, staged_trial_folders, write_trial_record)  # (re-exported)
 from locaudit.study.trials import Trial
 
+log = logging.getLogger(__name__)
+
 STATUSES = ("pending", "running", "done", "failed")
+LOST_EVENT = "lost"  # the time an attempt of a trial ran without finishing (Ledger.lost_time)
+HEARTBEAT_PREFIX = "heartbeat:"  # meta key of a session's last sign of life (Heartbeat)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
@@ -268,21 +277,84 @@ class Ledger:
         return {"total": len(trials), "added": added}
 
     def reset_interrupted(self) -> list[str]:
-        """Rows left 'running' by a dead driver (we hold the lock, so no live one exists) -> 'pending'."""
+        """Rows left 'running' by a dead driver (we hold the lock, so no live one exists) -> 'pending'. The time
+        they ran is kept as 'lost' events: up to their session's last heartbeat (`Heartbeat`), else unknown."""
         with self.transaction() as c:
-            keys = [r["key"] for r in c.execute("SELECT key FROM trials WHERE status = 'running'")]
-            for k in keys:
-                c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (k,))
-                self._event(c, k, "reset", "interrupted: was running when its process died")
-        return keys
+            rows = c.execute("SELECT * FROM trials WHERE status = 'running'").fetchall()
+            beats = {r["k"][len(HEARTBEAT_PREFIX):]: json.loads(r["v"])
+                     for r in c.execute("SELECT k, v FROM meta WHERE k LIKE ?", (HEARTBEAT_PREFIX + "%",))}
+            self._record_lost(c, rows, lambda r: beats.get(r["session"]), "interrupted")
+            for r in rows:
+                c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (r["key"],))
+                self._event(c, r["key"], "reset", "interrupted: was running when its process died")
+        return [r["key"] for r in rows]
 
     def retry_failed(self) -> list[str]:
         with self.transaction() as c:
-            keys = [r["key"] for r in c.execute("SELECT key FROM trials WHERE status = 'failed' AND in_spec = 1")]
-            for k in keys:
-                c.execute("UPDATE trials SET status = 'pending' WHERE key = ?", (k,))
-                self._event(c, k, "retry")
-        return keys
+            rows = c.execute("SELECT * FROM trials WHERE status = 'failed' AND in_spec = 1").fetchall()
+            self._record_lost(c, rows, lambda r: r["finished"], "failed")
+            for r in rows:
+                c.execute("UPDATE trials SET status = 'pending' WHERE key = ?", (r["key"],))
+                self._event(c, r["key"], "retry")
+        return [r["key"] for r in rows]
+
+    def _record_lost(self, c: sqlite3.Connection, rows: list, end_of: Callable[[Any], float | None], why: str) -> None:
+        """A 'lost' event per row: its share of the time its attempt ran before it was reset or retried. The trials
+        of one batch ran together (they share their session and start: `mark_running` stamps a batch at once; a
+        failed batch's trials share the time of its last finished trial), so the batch's span, from its start (or
+        the end of the last trial of the session recorded done since) to its end, is shared equally among them,
+        as a finished batch's time is among its trials. With one batch in flight (the local executor) that is its
+        time exactly; with several (Ray) a share can only be too small."""
+        groups: dict[tuple, list] = {}
+        for r in rows:
+            if r["started"] is not None:
+                groups.setdefault((r["session"], r["started"]), []).append(r)
+        for (session, start), members in groups.items():
+            covered = c.execute("SELECT MAX(finished) AS f FROM trials WHERE session = ? AND status = 'done' AND "
+                                "finished >= ?", (session, start)).fetchone()["f"]
+            end = max((e for e in (end_of(r) for r in members) if e is not None), default=None)
+            share = None if end is None else max(0.0, end - max(start, covered or start)) / len(members)
+            for r in members:
+                self._event(c, r["key"], LOST_EVENT, json.dumps({"seconds": share, "why": why}))
+
+    def lost_time(self) -> dict[str, dict[str, float]]:
+        """{key: {"lost_s": seconds, "lost_unknown": attempts}}: what each trial's attempts that did not finish
+        (killed, stopped, failed and retried) ran, known, and how many of them ran for an unknown time (killed
+        before heartbeats were written, or reset by a locaudit that did not yet book lost time: a 'reset' or
+        'retry' event without its 'lost' one). A trial's cost is its duration_s plus lost_s."""
+        out: dict[str, dict[str, float]] = {}
+        ends: dict[str, int] = {}  # resets and retries, each of which ended an attempt
+        for r in self.conn.execute("SELECT key, event, detail FROM events WHERE event IN (?, 'reset', 'retry')",
+                                   (LOST_EVENT,)):
+            if r["event"] != LOST_EVENT:
+                ends[r["key"]] = ends.get(r["key"], 0) + 1
+                continue
+            d = out.setdefault(r["key"], {"lost_s": 0.0, "lost_unknown": 0, "_n": 0})
+            d["_n"] += 1
+            try:
+                sec = json.loads(r["detail"] or "{}").get("seconds")
+            except (ValueError, AttributeError):
+                sec = None
+            if isinstance(sec, (int, float)) and math.isfinite(sec):
+                d["lost_s"] += float(sec)
+            else:
+                d["lost_unknown"] += 1
+        for key, n in ends.items():
+            d = out.setdefault(key, {"lost_s": 0.0, "lost_unknown": 0, "_n": 0})
+            d["lost_unknown"] += max(0, n - d["_n"])
+        for d in out.values():
+            del d["_n"]
+        return out
+
+    def rows_with_cost(self, in_spec_only: bool = True) -> list[dict]:
+        """`rows()`, each with `lost_s` and `lost_unknown` (`lost_time`; 0 where none)."""
+        lost = self.lost_time()
+        return [{**r, **lost.get(r["key"], {"lost_s": 0.0, "lost_unknown": 0})} for r in self.rows(in_spec_only)]
+
+    def beat(self, conn: sqlite3.Connection | None = None) -> None:
+        """This session's heartbeat: the time it was last known alive (meta heartbeat:SESSION)."""
+        (conn or self.conn).execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+                                    (HEARTBEAT_PREFIX + self.session, json.dumps(time.time())))
 
     def mark_running(self, keys: Iterable[str], worker: str = "") -> None:
         now = time.time()
@@ -327,11 +399,15 @@ class Ledger:
             self._event(c, key, "invalid", reason[-2000:])
 
     def release(self, keys: Iterable[str]) -> None:
-        """Put started trials back to pending (a clean stop, e.g. Ctrl-C)."""
+        """Put started trials back to pending (a clean stop, e.g. Ctrl-C), keeping the time they ran."""
+        keys = list(keys)
+        now = time.time()
         with self.transaction() as c:
-            for k in keys:
-                c.execute("UPDATE trials SET status = 'pending' WHERE key = ? AND status = 'running'", (k,))
-                self._event(c, k, "reset", "released")
+            rows = [r for k in keys for r in c.execute("SELECT * FROM trials WHERE key = ? AND status = 'running'", (k,))]
+            self._record_lost(c, rows, lambda r: now, "stopped")
+            for r in rows:
+                c.execute("UPDATE trials SET status = 'pending' WHERE key = ? AND status = 'running'", (r["key"],))
+                self._event(c, r["key"], "reset", "released")
 
     # ------------------------------------------------------------------ reading
     def rows(self, in_spec_only: bool = True, status: str | None = None) -> list[dict]:
@@ -400,6 +476,47 @@ def _decode(r: sqlite3.Row) -> dict:
     for f in ("metrics", "artifacts"):
         d[f] = json.loads(d[f]) if d[f] else {}
     return d
+
+
+class Heartbeat:
+    """`with Heartbeat(ledger):` marks the ledger's session alive every `interval` seconds from a thread of its own
+    (with its own connection), so that a run killed without warning (SIGKILL, a lost machine) leaves how long its
+    trials ran: the next run books it to them as 'lost' time (Ledger.reset_interrupted). A beat that cannot be
+    written is skipped (logged once); it never stops the run."""
+
+    def __init__(self, ledger: Ledger, interval: float = 60.0) -> None:
+        self.ledger, self.interval = ledger, float(interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Heartbeat":
+        self.ledger.beat()
+        self._thread = threading.Thread(target=self._run, name="locaudit-ledger-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        warned = False
+        conn = None
+        try:
+            conn = sqlite3.connect(str(self.ledger.path), timeout=self.ledger._busy_timeout_s, isolation_level=None)
+            while not self._stop.wait(self.interval):
+                try:
+                    self.ledger.beat(conn)
+                except sqlite3.Error as e:
+                    if not warned:
+                        log.warning("ledger heartbeat not written (%s); the run goes on", e)
+                        warned = True
+        except sqlite3.Error as e:
+            log.warning("ledger heartbeat not started (%s); the run goes on", e)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------- integrity

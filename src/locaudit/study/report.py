@@ -95,20 +95,35 @@ def export_trials(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def trial_wall_s(df: pd.DataFrame) -> pd.Series:
+    """Each trial's wall seconds: its finishing attempt's (`duration_s`) plus its earlier attempts' (`lost_s`)."""
+    lost = df["lost_s"].fillna(0.0) if "lost_s" in df else 0.0
+    return df["duration_s"].fillna(0.0) + lost
+
+
 def timing_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per trial kind: trials done, wall and CPU seconds (sum and mean)."""
+    """Per trial kind: trials done, wall seconds (sum and mean; a trial's wall time is its finishing attempt's
+    plus what its earlier attempts ran without finishing, `lost_s`, of which `lost_unknown` attempts ran for an
+    unknown time) and CPU seconds of the finishing attempts."""
     if df.empty:
         return pd.DataFrame()
     d = df[df["status"] == "done"]
     if d.empty:
         return pd.DataFrame()
+    d = d.assign(wall=trial_wall_s(d))
     g = d.groupby("kind", sort=False)
-    out = pd.DataFrame({"trials": g.size(), "wall_s": g["duration_s"].sum(), "mean_wall_s": g["duration_s"].mean()})
+    out = pd.DataFrame({"trials": g.size(), "wall_s": g["wall"].sum(), "mean_wall_s": g["wall"].mean()})
+    if "lost_s" in d:
+        out["earlier_attempts_s"] = g["lost_s"].sum()
+        out["unknown_attempts"] = g["lost_unknown"].sum().astype(int)
     if "cpu_s" in d and d["cpu_s"].notna().any():
         out["cpu_s"] = g["cpu_s"].sum()
     out = out.reset_index()
     total = {"kind": "total", "trials": int(out["trials"].sum()), "wall_s": float(out["wall_s"].sum()),
              "mean_wall_s": None}
+    if "lost_s" in d:
+        total["earlier_attempts_s"] = float(out["earlier_attempts_s"].sum())
+        total["unknown_attempts"] = int(out["unknown_attempts"].sum())
     if "cpu_s" in out:
         total["cpu_s"] = float(out["cpu_s"].sum())
     return pd.concat([out, pd.DataFrame([total])], ignore_index=True)
@@ -340,7 +355,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
         spec = ledger.get_meta("spec", {}) or {}
         pre = ledger.get_meta(PREREG_KEY)
         machine = ledger.get_meta("precision", {}) or {}
-        rows = ledger.rows()
+        rows = ledger.rows_with_cost()
         counts = ledger.counts()
     notes: list[str] = []
     rejudged = None
@@ -456,7 +471,8 @@ def _html_head(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, judge
     total = sum(counts.values())
     status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "pending", "failed"))
     partial = counts.get("done", 0) < total
-    wall = float(all_df["duration_s"].dropna().sum()) if "duration_s" in all_df else 0.0
+    wall = float(trial_wall_s(all_df).sum()) if "duration_s" in all_df else 0.0
+    unknown = int(all_df["lost_unknown"].sum()) if "lost_unknown" in all_df else 0
     cpu = float(all_df["cpu_s"].dropna().sum()) if "cpu_s" in all_df else 0.0
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>locaudit: {name}</title><style>{CSS}</style></head><body>",
              f"<h1>Does editing provide evidence for localization? &mdash; {name}</h1>",
@@ -466,7 +482,8 @@ def _html_head(spec: StudySpec | None, counts: dict, all_df: pd.DataFrame, judge
              f"{', ' + str(data.max_questions) + ' questions' if data and data.max_questions else ''}"
              f"{'; judge <code>' + html.escape(str(judge)) + '</code>' if judge else ''}. "
              f"Trials: {total} ({status}); trial time {wall / 60:.1f} min"
-             f"{f' ({cpu / 60:.1f} CPU-min)' if cpu else ''}.</p>"]
+             f"{f' ({cpu / 60:.1f} CPU-min)' if cpu else ''}"
+             f"{f', more: {unknown} attempt(s) killed before the ledger kept heartbeats ran for an unknown time' if unknown else ''}.</p>"]
     if machine:
         parts.append("<p class='muted'>" + html.escape(
             f"Precision {machine.get('precision', '?')} (asked: {machine.get('precision_requested', '?')}; "

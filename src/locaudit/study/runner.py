@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from locaudit.errors import ConfigError
 from locaudit.study.executors import GroupFn, LocalExecutor, Outcome, RayExecutor
-from locaudit.study.ledger import (Ledger, commit_trial_folders, discard_trial_folders, nonfinite_message,
+from locaudit.study.ledger import (Heartbeat, Ledger, commit_trial_folders, discard_trial_folders, nonfinite_message,
                                    nonfinite_metrics, recheck_done, seal_artifacts, staged_trial_folders,
                                    write_trial_record)
 from locaudit.study.spec import StudySpec
 from locaudit.study.trials import Trial, expand
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 60.0  # how often a run marks itself alive in the ledger (a killed run's trials keep their time)
 
 
 @dataclass
@@ -219,6 +220,7 @@ def run_study(
         # and log lines print above it instead of through it
         bar = tqdm(total=len(todo), desc=plan.label, unit="trial", disable=not progress)
         quiet_logs = contextlib.ExitStack()
+        quiet_logs.enter_context(Heartbeat(ledger, HEARTBEAT_S))  # a killed run's trial time is kept (lost_time)
         if progress:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
