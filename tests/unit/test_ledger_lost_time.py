@@ -80,6 +80,9 @@ def test_a_stopped_and_a_failed_batch_book_their_time(tmp_path: Path, keys: list
         _batch(led, keys[2:4], 2000.0)  # a batch that fails 90 s in: both trials carry the batch's span
         for k in keys[2:4]:
             led.finish(k, "failed", error="boom", started=2000.0, finished=2090.0)
+        later = led.rows(status="pending")[0]["key"]  # the run goes on: a later batch is done before the retry
+        _batch(led, [later], 2100.0)
+        led.finish(later, "done", {"m": 1.0}, started=2100.0, finished=2200.0)
         led.retry_failed()
         lost = led.lost_time()
     for k in keys[2:4]:

@@ -283,7 +283,7 @@ class Ledger:
             rows = c.execute("SELECT * FROM trials WHERE status = 'running'").fetchall()
             beats = {r["k"][len(HEARTBEAT_PREFIX):]: json.loads(r["v"])
                      for r in c.execute("SELECT k, v FROM meta WHERE k LIKE ?", (HEARTBEAT_PREFIX + "%",))}
-            self._record_lost(c, rows, lambda r: beats.get(r["session"]), "interrupted")
+            self._record_lost(c, rows, lambda r: beats.get(r["session"]), "interrupted", exact_end=False)
             for r in rows:
                 c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (r["key"],))
                 self._event(c, r["key"], "reset", "interrupted: was running when its process died")
@@ -298,21 +298,25 @@ class Ledger:
                 self._event(c, r["key"], "retry")
         return [r["key"] for r in rows]
 
-    def _record_lost(self, c: sqlite3.Connection, rows: list, end_of: Callable[[Any], float | None], why: str) -> None:
+    def _record_lost(self, c: sqlite3.Connection, rows: list, end_of: Callable[[Any], float | None], why: str,
+                     exact_end: bool = True) -> None:
         """A 'lost' event per row: its share of the time its attempt ran before it was reset or retried. The trials
         of one batch ran together (they share their session and start: `mark_running` stamps a batch at once; a
         failed batch's trials share the time of its last finished trial), so the batch's span, from its start (or
         the end of the last trial of the session recorded done since) to its end, is shared equally among them,
         as a finished batch's time is among its trials. With one batch in flight (the local executor) that is its
-        time exactly; with several (Ray) a share can only be too small."""
+        time exactly; with several (Ray) a share can only be too small. `exact_end`: the end is when the batch
+        stopped (a failure, a stop), so trials done after it belong to later batches; else (a kill) it is the last
+        heartbeat, and every trial of the session done since the batch's start came before the kill."""
         groups: dict[tuple, list] = {}
         for r in rows:
             if r["started"] is not None:
                 groups.setdefault((r["session"], r["started"]), []).append(r)
         for (session, start), members in groups.items():
-            covered = c.execute("SELECT MAX(finished) AS f FROM trials WHERE session = ? AND status = 'done' AND "
-                                "finished >= ?", (session, start)).fetchone()["f"]
             end = max((e for e in (end_of(r) for r in members) if e is not None), default=None)
+            upto = end if exact_end and end is not None else math.inf
+            covered = c.execute("SELECT MAX(finished) AS f FROM trials WHERE session = ? AND status = 'done' AND "
+                                "finished >= ? AND finished <= ?", (session, start, upto)).fetchone()["f"]
             share = None if end is None else max(0.0, end - max(start, covered or start)) / len(members)
             for r in members:
                 self._event(c, r["key"], LOST_EVENT, json.dumps({"seconds": share, "why": why}))
