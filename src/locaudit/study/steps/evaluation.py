@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,15 @@ def score_many(ctx: RunContext, ev: Evaluation, edits: list, split: str, n: int 
     chunk = ctx.spec.evaluation.score_chunk
     for j in range(0, len(todo), chunk):
         part = todo[j:j + chunk]
+        t0 = time.perf_counter()
         results = evaluate_edits(ctx.lm, [edits[i] for i in part], view, split=split, metrics=list(metrics),
                                  judge=judge, out_dirs=[out_dirs[i] for i in part], config=cfg)
         for i, r in zip(part, results):
             out[i] = m = flatten_metrics(r)
             if all(math.isfinite(v) for v in m.values()):  # a non-finite value fails the trial: not kept
                 _keep(kept[i], Path(out_dirs[i]), m)
+        log.info("scored %d of %d edit(s) (%s) in %.0f s", min(j + chunk, len(todo)), len(todo),
+                 ", ".join(metrics), time.perf_counter() - t0)
     return out  # type: ignore[return-value]
 
 
