@@ -125,3 +125,30 @@ def test_run_books_a_killed_run_and_the_dry_run_and_report_count_it(tmp_path: Pa
     assert "cost optimal: 4 trials x 100 s" in text and "at least: 2 earlier attempt(s)" in text
     text = "\n".join(design_text(design(spec, None, 10, {"optimal": 100.0}, {"optimal": 4})))
     assert "at least" not in text
+
+
+def test_an_invalidated_attempt_books_its_time(tmp_path: Path, keys: list[str]) -> None:
+    """A done trial whose artifacts fail their check runs again: the attempt that made them counts in its cost,
+    and it does not hide an older kill of unknown length (which has a 'reset' event and no 'lost' one)."""
+    with Ledger(tmp_path / "run", writer=True) as led:
+        with led.transaction() as c:
+            led._event(c, keys[0], "reset", "interrupted: was running when its process died")
+        _batch(led, keys[:1], 1000.0)
+        led.finish(keys[0], "done", {"m": 1.0}, started=1000.0, finished=1070.0)
+        led.invalidate(keys[0], "checksum mismatch")
+        led.invalidate(keys[0], "checksum mismatch")  # no longer done: nothing more to book
+        assert led.row(keys[0])["status"] == "pending"
+        assert led.lost_time()[keys[0]] == {"lost_s": pytest.approx(70.0), "lost_unknown": 1}
+
+
+def test_a_dead_sessions_heartbeat_goes_once_its_time_is_booked(tmp_path: Path, keys: list[str]) -> None:
+    with Ledger(tmp_path / "run", writer=True) as led:
+        dead = led.session
+        _batch(led, keys[:2], 1000.0)
+        _beat(led, 1100.0)
+    with Ledger(tmp_path / "run", writer=True) as led:
+        led.beat()
+        led.reset_interrupted()
+        assert led.lost_time()[keys[0]]["lost_s"] == pytest.approx(50.0)
+        assert led.get_meta(HEARTBEAT_PREFIX + dead) is None
+        assert led.get_meta(HEARTBEAT_PREFIX + led.session) is not None

@@ -284,6 +284,8 @@ class Ledger:
             beats = {r["k"][len(HEARTBEAT_PREFIX):]: json.loads(r["v"])
                      for r in c.execute("SELECT k, v FROM meta WHERE k LIKE ?", (HEARTBEAT_PREFIX + "%",))}
             self._record_lost(c, rows, lambda r: beats.get(r["session"]), "interrupted", exact_end=False)
+            # a dead session's heartbeat has done its job once its trials' time is booked (we hold the lock)
+            c.execute("DELETE FROM meta WHERE k LIKE ? AND k != ?", (HEARTBEAT_PREFIX + "%", HEARTBEAT_PREFIX + self.session))
             for r in rows:
                 c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (r["key"],))
                 self._event(c, r["key"], "reset", "interrupted: was running when its process died")
@@ -334,11 +336,12 @@ class Ledger:
                 ends[r["key"]] = ends.get(r["key"], 0) + 1
                 continue
             d = out.setdefault(r["key"], {"lost_s": 0.0, "lost_unknown": 0, "_n": 0})
-            d["_n"] += 1
             try:
-                sec = json.loads(r["detail"] or "{}").get("seconds")
+                detail = json.loads(r["detail"] or "{}")
+                sec, why = detail.get("seconds"), detail.get("why")
             except (ValueError, AttributeError):
-                sec = None
+                sec, why = None, None
+            d["_n"] += why != "invalid"  # an invalidated attempt has no reset or retry event to pair with
             if isinstance(sec, (int, float)) and math.isfinite(sec):
                 d["lost_s"] += float(sec)
             else:
@@ -397,10 +400,15 @@ class Ledger:
             self._event(c, key, status, (error or "")[-2000:] or None)
 
     def invalidate(self, key: str, reason: str) -> None:
-        """A done trial whose artifacts failed their check goes back to pending (it will run again)."""
+        """A done trial whose artifacts failed their check goes back to pending (it will run again). The attempt
+        that produced them ran for nothing: its time is kept as a 'lost' event, so the trial's cost counts it."""
         with self.transaction() as c:
-            c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ? AND status = 'done'", (key,))
+            row = c.execute("SELECT duration_s FROM trials WHERE key = ? AND status = 'done'", (key,)).fetchone()
+            if row is None:
+                return
+            c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (key,))
             self._event(c, key, "invalid", reason[-2000:])
+            self._event(c, key, LOST_EVENT, json.dumps({"seconds": row["duration_s"], "why": "invalid"}))
 
     def release(self, keys: Iterable[str]) -> None:
         """Put started trials back to pending (a clean stop, e.g. Ctrl-C), keeping the time they ran."""
