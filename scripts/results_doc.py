@@ -216,6 +216,9 @@ def render(studies: list[Study], judges: dict[str, list[Study]], fig_root: Path,
         mt = matched_table(st.matched)
         if mt:
             lines += ["### Matched collateral damage", "", mt, ""]
+        tr = (v.get("training") or {}).get("line")
+        if tr:
+            lines += ["### Training", "", tr, ""]
         for other in judges.get(st.name, []):
             jn = (other.verdict.get("judge") or {}).get("judge", other.report.name)
             lines += [f"### Under another judge: `{jn}`", "",

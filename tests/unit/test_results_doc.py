@@ -112,3 +112,21 @@ def test_hase_plain_words_follow_the_verdicts() -> None:
     assert "1 evidence for, 1 evidence against" in text and "carries fact-level information" in text
     assert "either way" not in text and "did worse" not in text
     assert overall({"verdicts": []}) is None
+
+
+def test_the_page_says_how_training_ended_where_the_report_does(run, tmp_path) -> None:
+    import json
+    import shutil
+
+    out = tmp_path / "docs" / "results.md"
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0
+    assert "### Training" not in out.read_text()  # the fake run trained nothing with early stopping
+    rep = tmp_path / "run" / "report"
+    shutil.copytree(run / "report", rep)
+    v = json.loads((rep / "verdict.json").read_text())
+    v["training"] = {"line": "Training ended by early stopping or by the step cap: probe top-K: 1 of 1 plateaued.",
+                     "groups": []}
+    (rep / "verdict.json").write_text(json.dumps(v))
+    assert rd.main(["--study", f"Tiny model={rep.parent}", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### Training\n\nTraining ended by early stopping or by the step cap: probe top-K: 1 of 1 plateaued." in text

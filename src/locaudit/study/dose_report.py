@@ -4,7 +4,8 @@
 dose curves on the primary metric (per question where the evaluation wrote per-question scores: the gain of a
 question is its score minus the unedited model's), runs study/matched_kl.py at the KL budget and draws the gain
 vs KL figure (study/figures_dose.py). Without any dose curve it returns None and the report is unchanged.
-`learning_figure` draws the validation curves of edits trained with early stopping (study/figures_training.py).
+`training_section` draws the validation curves of edits trained with early stopping and tells how each edit's
+training ended: a plateau or the step cap (study/figures_training.py).
 """
 
 from __future__ import annotations
@@ -135,12 +136,31 @@ def dose_section(run_dir: str | Path, rows: list[dict], res: pd.DataFrame, selec
     return DoseSection(r, summary_line(r, metric), pd.DataFrame(r["locations"]), figs)
 
 
-def learning_figure(run_dir: str | Path, rows: list[dict], out: Path) -> Path | None:
-    """The validation curves of edits trained with early stopping (None where no edit was)."""
-    from locaudit.study.figures_training import learning_curves, read_curves
+@dataclass
+class TrainingSection:
+    """The learning curves of the edits trained with early stopping, and how their training ended."""
+
+    figure: Path | None
+    per_edit: pd.DataFrame
+    per_group: pd.DataFrame
+    line: str | None
+
+    def html(self, table: Callable[[pd.DataFrame], str]) -> str:
+        return ("<h2>How the optimal edits' training ended</h2>" + (f"<p>{html.escape(self.line)}</p>" if self.line else "")
+                + table(self.per_group) + "<details><summary>Every edit</summary>" + table(self.per_edit) + "</details>")
+
+
+def training_section(run_dir: str | Path, rows: list[dict], out: Path) -> TrainingSection | None:
+    """The validation curves (out/learning_curves.png) and the training-status tables of the edits trained with
+    early stopping (None where no edit was)."""
+    from locaudit.study.figures_training import learning_curves, read_curves, status_line, training_status
 
     curves = [c for c in read_curves(Path(run_dir), rows) if c[2].get("evals")]
-    return learning_curves(curves, out / "learning_curves.png") if curves else None
+    if not curves:
+        return None
+    per_edit, per_group = training_status(curves)
+    return TrainingSection(learning_curves(curves, out / "learning_curves.png"), per_edit, per_group,
+                           status_line(per_group))
 
 
 CAPTIONS = {

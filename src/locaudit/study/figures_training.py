@@ -3,7 +3,8 @@ steps, one line per edit, coloured by localizer group, the state kept (the best 
 
 The curve is read from each trained edit's meta.json ("curve": edit.train.TrainLog): the early-stopping
 evaluations where there are any (TrainConfig.eval_every), else the unedited model at step 0 and the end of every
-epoch. Colours as study/figures.py.
+epoch. Colours as study/figures.py. `training_status` tells, per edit and per localizer group, whether early stopping
+ended the edit's training (its validation loss plateaued) or the step cap did (it may still have been improving).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import pandas as pd
 
 from locaudit.study.figures import COLORS, GROUP_LABEL, MAX_WIDTH_IN, agg_pyplot, save_figure
 
@@ -79,3 +82,51 @@ def learning_curves(curves: list[tuple[str, str, dict]], path: str | os.PathLike
     ax.set_title("Optimal edits: validation loss during training (dot: the state kept)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
+
+
+def training_status(curves: list[tuple[str, str, dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per edit trained with early stopping, one per localizer group) from read_curves' output.
+
+    Per edit: `plateaued` (patience ran out: its validation loss stopped improving), else it trained to the step
+    cap; `best_at_last_check` (the state kept is the last one checked: still improving when training ended);
+    `steps` (where its training ended), `best_step`, `val_loss_before` and `val_loss_kept`. Per group: the edit
+    count, how many plateaued and how many ended at the cap still improving, and the range of best steps. An
+    edit that ends at the cap still improving is less near its optimum than one that plateaued: where groups
+    differ in that, so may their gains, for a reason that is not the location."""
+    rows = []
+    for name, group, c in curves:
+        evals = [e for e in c.get("evals") or [] if "val_loss" in e]
+        if not evals:
+            continue
+        best = c.get("best") or {}
+        stopped = c.get("stopped_step")
+        last = int(evals[-1]["step"])
+        rows.append({"localizer": name, "group": group, "plateaued": stopped is not None,
+                     "steps": int(stopped if stopped is not None else (c.get("steps_run") or last)),
+                     "best_step": int(best.get("step", last)), "best_at_last_check": int(best.get("step", -1)) == last,
+                     "val_loss_before": (c.get("before") or {}).get("val_loss", evals[0]["val_loss"]),
+                     "val_loss_kept": best.get("val_loss")})
+    per_edit = pd.DataFrame(rows, columns=["localizer", "group", "plateaued", "steps", "best_step",
+                                           "best_at_last_check", "val_loss_before", "val_loss_kept"])
+    if per_edit.empty:
+        return per_edit, pd.DataFrame()
+    g = per_edit.groupby("group", sort=False)
+    per_group = pd.DataFrame({
+        "edits": g.size(), "plateaued": g["plateaued"].sum(),
+        "at_cap_improving": g.apply(lambda d: int((~d["plateaued"] & d["best_at_last_check"]).sum())),
+        "best_step_median": g["best_step"].median(), "best_step_min": g["best_step"].min(),
+        "best_step_max": g["best_step"].max(), "val_loss_kept_median": g["val_loss_kept"].median(),
+    }).reset_index()
+    for c in ("edits", "plateaued", "at_cap_improving", "best_step_min", "best_step_max"):
+        per_group[c] = per_group[c].astype(int)
+    return per_edit, per_group
+
+
+def status_line(per_group: pd.DataFrame) -> str | None:
+    """One sentence on how the groups' training ended (None without early stopping)."""
+    if per_group.empty:
+        return None
+    parts = [f"{GROUP_LABEL.get(r.group, r.group)}: {r.plateaued} of {r.edits} plateaued"
+             + (f", {r.at_cap_improving} still improving at the step cap" if r.at_cap_improving else "")
+             + f" (best steps {r.best_step_min}-{r.best_step_max})" for r in per_group.itertuples()]
+    return "Training ended by early stopping or by the step cap: " + "; ".join(parts) + "."

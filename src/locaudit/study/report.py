@@ -38,7 +38,7 @@ from locaudit.study import figures as F
 from locaudit.study.analysis import (METHODS, SELECTION_LABEL, analyze, for_candidate, load_per_question, metric_columns,
                                      results_frame, trials_frame, verdict)
 from locaudit.study.candidates import STABILITY_KEY, agreement_rows, rankings_of_run, side_by_side, stability_rows
-from locaudit.study.dose_report import CAPTIONS as DOSE_CAPTIONS, dose_section, insert_section, learning_figure
+from locaudit.study.dose_report import CAPTIONS as DOSE_CAPTIONS, dose_section, insert_section, training_section
 from locaudit.study.ledger import LEDGER_FILE, Ledger
 from locaudit.study.preregistration import FIELDS, KEY as PREREG_KEY, deviations, judge_record
 from locaudit.study.spec import ProbeSpec, RandomSpec, StudySpec, VerdictSpec, spec_of_run
@@ -401,6 +401,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     agree = agreement_rows(rankings) if len(rankings) > 1 else []
     stability = stability_rows(rankings)
     _write_tables(out, tables, all_df, a, v, side, agree, stability)
+    training = training_section(run_dir, rows, out)  # edits trained with early stopping (None without)
     vd = {"headline": v.headline, "outcome": v.outcome, "lines": v.lines, "table": v.table, "missing": v.missing,
           "counts": counts, "primary_metric": a.primary, "selection": a.selection, "flags": a.flags,
           "config": cfg.model_dump(), "precision": machine, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -411,6 +412,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
           "preregistered": pre, "analysed": {**{k: getattr(cfg, k) for k in FIELDS}, "verdict": cfg.model_dump(),
                                               "judge": used_judge, "primary_metric_used": a.primary},
           "deviations": devs}
+    if training is not None and not training.per_group.empty:
+        vd["training"] = {"line": training.line, "groups": training.per_group.to_dict("records")}
     if dose is not None:  # matched collateral damage (study/dose_report.py)
         vd["matched_kl"] = dose.result
         tables["matched_kl.csv"] = _write_df(dose.table, out / "matched_kl.csv")
@@ -418,13 +421,17 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     tables["verdict.json"] = out / "verdict.json"
     figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
     figs.update(dose.figures if dose is not None else {})
-    lc = learning_figure(run_dir, rows, out)  # edits trained with early stopping (None without)
-    if lc is not None:
-        figs["learning_curves"] = lc
+    if training is not None:
+        if training.figure is not None:
+            figs["learning_curves"] = training.figure
+        tables["training.csv"] = _write_df(training.per_edit, out / "training.csv")
     index = out / "index.html"
     page = _html(study, counts, all_df, res, comp, singles, v, figs, a, machine, notes, side, per_candidate, agree,
                  used_judge, stability)
-    write_text_atomic(index, insert_section(page, dose.html(_table)) if dose is not None else page)
+    for section in (dose, training):
+        if section is not None:
+            page = insert_section(page, section.html(_table))
+    write_text_atomic(index, page)
     return _put_in_place(Report(out, index, figs, tables, json.loads((out / "verdict.json").read_text())), final)
 
 
