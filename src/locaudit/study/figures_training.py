@@ -110,10 +110,9 @@ def training_status(curves: list[tuple[str, str, dict]]) -> tuple[pd.DataFrame, 
                                            "best_at_last_check", "val_loss_before", "val_loss_kept"])
     if per_edit.empty:
         return per_edit, pd.DataFrame()
-    g = per_edit.groupby("group", sort=False)
+    g = per_edit.assign(at_cap_improving=~per_edit["plateaued"] & per_edit["best_at_last_check"]).groupby("group", sort=False)
     per_group = pd.DataFrame({
-        "edits": g.size(), "plateaued": g["plateaued"].sum(),
-        "at_cap_improving": g.apply(lambda d: int((~d["plateaued"] & d["best_at_last_check"]).sum())),
+        "edits": g.size(), "plateaued": g["plateaued"].sum(), "at_cap_improving": g["at_cap_improving"].sum(),
         "best_step_median": g["best_step"].median(), "best_step_min": g["best_step"].min(),
         "best_step_max": g["best_step"].max(), "val_loss_kept_median": g["val_loss_kept"].median(),
     }).reset_index()
