@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("collect", "probe", "localize_cmd", "iti", "edit", "evaluate_cmd", "judge", "run", "report", "export", "hase",
+COMMANDS = ("collect", "probe", "localize_cmd", "iti", "edit", "evaluate_cmd", "judge", "run", "report", "pack", "export", "hase",
             "data")
 
 

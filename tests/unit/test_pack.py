@@ -1,0 +1,166 @@
+"""`locaudit pack`: a run's results without its activations, resumed in another folder (another machine's
+stand-in) with the numbers of a run never interrupted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_fixtures import write_judge_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STUDY = """
+name: tiny-pack
+model: {{name: "tiny:llama"}}
+precision: {precision}
+data: {{spec: "truthfulqa:{csv}", seed: 1}}
+localizers:
+  probe: {{top_k: 2}}
+  random: {{n: 3}}
+  all: true
+iti: {{enabled: false}}
+optimal:
+  taus: [0.1]
+  epochs: 1
+  max_train_pairs: 8
+  max_val_pairs: 4
+  batch_size: 4
+  batch_edits: 5
+  train_options: {{max_parallel: 2, eval_every: 1, patience: 5}}
+evaluation: {{metrics: [mc], max_questions: 3}}
+verdict: {{primary_metric: mc2}}
+"""
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _optimal(run: Path) -> dict:
+    from locaudit.study.ledger import Ledger
+
+    with Ledger(run) as led:
+        return {r["key"]: r for r in led.rows() if r["kind"] == "optimal"}
+
+
+def _spec(tmp_path: Path, precision: str):
+    from locaudit.study.spec import load_study
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    write_judge_data(data, mc=True)
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY.format(csv=data / "TruthfulQA.csv", precision=precision))
+    return load_study(path)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_path: Path, monkeypatch,
+                                                                            precision: str) -> None:
+    from locaudit.edit import multi
+    from locaudit.edit import train as train_mod
+    from locaudit.study.pack import PACKED_EVENT, pack_run
+    from locaudit.study.runner import run_study
+
+    spec = _spec(tmp_path, precision)
+    real, real_stack = train_mod.StackRunner.logps, multi.train_stack
+    passes, calls = [0], [0]
+
+    def counted(*a, **k):
+        passes[0] += 1
+        calls[0] = 0
+        return real_stack(*a, **k)
+
+    def dies_in_the_second_pass(self, enc, idx, states):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if passes[0] == 2 and calls[0] == 2:  # the first pass is saved; the second has a checkpoint at step 1
+                raise Killed("machine gone")
+        return real(self, enc, idx, states)
+
+    monkeypatch.setattr(multi, "train_stack", counted)
+    monkeypatch.setattr(train_mod.StackRunner, "logps", dies_in_the_second_pass)
+    first = run_study(spec, tmp_path / "run", progress=False)
+    assert first.failed > 0
+    run = tmp_path / "run"
+    assert list((run / "shared").glob("collect-*")), "the run's activations exist before packing"
+    assert list((run / "shared" / "passes").glob("pass-*/pass.safetensors")), "a pass was interrupted"
+    trained_before = {p.parent.name for p in (run / "shared").glob("optimal-*/meta.json")}
+    assert trained_before
+
+    summary = pack_run(run, tmp_path / "pack")
+    pack = tmp_path / "pack"
+    assert not list(pack.glob("shared/collect-*"))  # activations left out
+    assert {p.parent.name for p in pack.glob("shared/optimal-*/meta.json")} == trained_before
+    assert list(pack.glob("shared/passes/pass-*/pass.safetensors"))  # the checkpoint travels
+    assert not (pack / "ledger.sqlite-wal").exists() and not (pack / ".lock").exists()
+    assert len(summary.pending) == 1 and "left out" in summary.line()  # the collect trial: recomputed
+    with sqlite3.connect(pack / "ledger.sqlite") as c:
+        kinds = dict(c.execute("SELECT key, kind FROM trials").fetchall())
+        assert kinds[summary.pending[0]] == "collect"
+        status = dict(c.execute("SELECT key, status FROM trials").fetchall())
+        assert status[summary.pending[0]] == "pending"
+        events = c.execute("SELECT key, event FROM events WHERE key = ?", (summary.pending[0],)).fetchall()
+        assert (summary.pending[0], PACKED_EVENT) in events
+        assert all(e != "lost" for _, e in events)  # nothing ran for nothing
+
+    # the pack is carried elsewhere (another path stands in for another machine) and resumed there
+    elsewhere = tmp_path / "elsewhere" / "run"
+    shutil.copytree(pack, elsewhere)
+    monkeypatch.setattr(train_mod.StackRunner, "logps", real)
+    again = run_study(spec, elsewhere, progress=False, retry_failed=True)
+    assert again.failed == 0
+    metas = [json.loads(p.read_text()) for p in elsewhere.glob("shared/optimal-*/meta.json")]
+    assert len(metas) == 5 and any(m["curve"].get("resumed_at") for m in metas)  # from the checkpoint
+    resumed = _optimal(elsewhere)
+    clean = run_study(spec, tmp_path / "clean", progress=False)
+    assert clean.failed == 0
+    for key, r in _optimal(tmp_path / "clean").items():
+        assert resumed[key]["status"] == "done"
+        assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
+
+
+def test_pack_refuses_what_would_lose_data(tmp_path: Path) -> None:
+    from locaudit.errors import ConfigError
+    from locaudit.study.ledger import Ledger
+    from locaudit.study.pack import pack_run
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="not a run folder"):
+        pack_run(run, tmp_path / "p")
+    with Ledger(run, writer=True):
+        pass
+    with pytest.raises(ConfigError, match="outside the run folder"):
+        pack_run(run, run / "pack")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an earlier pack"):
+        pack_run(run, other)
+    assert (other / "mine.txt").read_text() == "keep me"
+    first = pack_run(run, tmp_path / "p")
+    assert (tmp_path / "p" / "ledger.sqlite").is_file() and first.pending == []
+    pack_run(run, tmp_path / "p")  # an earlier pack is replaced as a whole
+    assert (tmp_path / "p" / "ledger.sqlite").is_file()
+
+
+def test_pack_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from locaudit.cli.main import app
+    from locaudit.study.ledger import Ledger
+
+    run = tmp_path / "run"
+    with Ledger(run, writer=True):
+        pass
+    res = CliRunner().invoke(app, ["pack", str(run), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert "packed" in res.output and str(tmp_path / "p") in res.output
+    res = CliRunner().invoke(app, ["pack", "--help"])
+    assert "resumes from" in res.output
