@@ -22,7 +22,7 @@ def _batch(led: Ledger, keys: list[str], started: float) -> None:
     led.mark_running(keys)
     with led.transaction() as c:
         for k in keys:
-            c.execute("UPDATE trials SET started = ? WHERE key = ?", (started, k))
+            c.execute("UPDATE trials SET started = ?, batch = ? WHERE key = ?", (started, started, k))
 
 
 def _beat(led: Ledger, at: float) -> None:
@@ -49,6 +49,49 @@ def test_a_killed_batch_books_its_time_up_to_the_last_heartbeat(tmp_path: Path, 
     for k in keys[1:]:  # 1040 .. 1100 after the done one, shared by the 3 still running
         assert lost[k] == {"lost_s": pytest.approx(20.0), "lost_unknown": 0}
     assert keys[0] not in lost
+
+
+def test_another_batch_in_flight_does_not_shorten_a_killed_batch(tmp_path: Path, keys: list[str]) -> None:
+    """Ray runs several batches at once: a trial of batch B that finishes while batch A runs is B's time, not A's."""
+    with Ledger(tmp_path / "run", writer=True) as led:
+        _batch(led, keys[:2], 1000.0)  # batch A: 2 trials
+        _batch(led, keys[2:3], 1010.0)  # batch B: 1 trial, done at 1060 (its worker started it at 1012)
+        led.finish(keys[2], "done", {"m": 1.0}, started=1012.0, finished=1060.0)
+        _beat(led, 1100.0)
+    with Ledger(tmp_path / "run", writer=True) as led:
+        assert sorted(led.reset_interrupted()) == sorted(keys[:2])
+        lost = led.lost_time()
+    for k in keys[:2]:  # A ran 1000 .. 1100, all of it lost, shared by its 2 trials
+        assert lost[k] == {"lost_s": pytest.approx(50.0), "lost_unknown": 0}
+
+
+def test_rows_from_before_batches_were_stamped_fall_back_to_their_session(tmp_path: Path, keys: list[str]) -> None:
+    """A ledger written before the `batch` column: its running rows have none, and any trial of their session done
+    since their start shortens their span (a share that can only be too small, as before)."""
+    with Ledger(tmp_path / "run", writer=True) as led:
+        _batch(led, keys[:2], 1000.0)
+        _batch(led, keys[2:3], 1010.0)
+        led.finish(keys[2], "done", {"m": 1.0}, started=1012.0, finished=1060.0)
+        _beat(led, 1100.0)
+        with led.transaction() as c:
+            c.execute("UPDATE trials SET batch = NULL")
+    with Ledger(tmp_path / "run", writer=True) as led:
+        led.reset_interrupted()
+        lost = led.lost_time()
+    for k in keys[:2]:  # 1060 .. 1100, shared by 2
+        assert lost[k] == {"lost_s": pytest.approx(20.0), "lost_unknown": 0}
+
+
+def test_an_old_ledger_gains_the_batch_column(tmp_path: Path, keys: list[str]) -> None:
+    import sqlite3
+
+    db = tmp_path / "run" / "ledger.sqlite"
+    with sqlite3.connect(db) as c:  # as a ledger of an earlier version: no batch column
+        c.execute("ALTER TABLE trials DROP COLUMN batch")
+    with Ledger(tmp_path / "run", writer=True) as led:
+        led.mark_running(keys[:1])
+        row = next(r for r in led.rows() if r["key"] == keys[0])
+        assert row["batch"] == row["started"]
 
 
 def test_a_kill_without_heartbeat_is_an_attempt_of_unknown_length(tmp_path: Path, keys: list[str]) -> None:

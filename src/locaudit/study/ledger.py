@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS trials (
     cpu_s REAL,
     worker TEXT,
     session TEXT,
+    batch REAL,
     metrics TEXT,
     artifacts TEXT,
     error TEXT,
@@ -182,6 +183,8 @@ class Ledger:
             cols = {r["name"] for r in self.conn.execute("PRAGMA table_info(trials)")}
             if "cpu_s" not in cols:  # ledgers written before CPU time was recorded
                 self.conn.execute("ALTER TABLE trials ADD COLUMN cpu_s REAL")
+            if "batch" not in cols:  # ledgers written before batches were stamped (their rows keep NULL)
+                self.conn.execute("ALTER TABLE trials ADD COLUMN batch REAL")
 
     # ------------------------------------------------------------------ lifecycle
     def _take_lock(self) -> None:
@@ -303,22 +306,28 @@ class Ledger:
     def _record_lost(self, c: sqlite3.Connection, rows: list, end_of: Callable[[Any], float | None], why: str,
                      exact_end: bool = True) -> None:
         """A 'lost' event per row: its share of the time its attempt ran before it was reset or retried. The trials
-        of one batch ran together (they share their session and start: `mark_running` stamps a batch at once; a
-        failed batch's trials share the time of its last finished trial), so the batch's span, from its start (or
-        the end of the last trial of the session recorded done since) to its end, is shared equally among them,
-        as a finished batch's time is among its trials. With one batch in flight (the local executor) that is its
-        time exactly; with several (Ray) a share can only be too small. `exact_end`: the end is when the batch
-        stopped (a failure, a stop), so trials done after it belong to later batches; else (a kill) it is the last
-        heartbeat, and every trial of the session done since the batch's start came before the kill."""
+        of one batch ran together (`mark_running` stamps a batch at once: its `batch` column, which a trial's end
+        does not overwrite; a failed batch's trials share the time of its last finished trial), so the batch's span,
+        from its start (or the end of the last trial of the same batch recorded done since) to its end, is shared
+        equally among them, as a finished batch's time is among its trials. Trials of other batches of the session
+        (several in flight, with Ray) do not shorten it. Rows of a ledger from before batches were stamped (`batch`
+        NULL) fall back to their session: any trial of it done since the start counts, so with several batches in
+        flight a share can only be too small. `exact_end`: the end is when the batch stopped (a failure, a stop),
+        so trials done after it belong to later work; else (a kill) it is the last heartbeat, and every trial of
+        the batch done since its start came before the kill."""
         groups: dict[tuple, list] = {}
         for r in rows:
             if r["started"] is not None:
-                groups.setdefault((r["session"], r["started"]), []).append(r)
-        for (session, start), members in groups.items():
+                batch = r["batch"] if "batch" in r.keys() else None
+                groups.setdefault((r["session"], batch if batch is not None else r["started"], batch is not None),
+                                  []).append(r)
+        for (session, start, stamped), members in groups.items():
             end = max((e for e in (end_of(r) for r in members) if e is not None), default=None)
             upto = end if exact_end and end is not None else math.inf
-            covered = c.execute("SELECT MAX(finished) AS f FROM trials WHERE session = ? AND status = 'done' AND "
-                                "finished >= ? AND finished <= ?", (session, start, upto)).fetchone()["f"]
+            same = "batch = ?" if stamped else "? IS NOT NULL"  # the batch's own trials, or (old rows) the session's
+            covered = c.execute(f"SELECT MAX(finished) AS f FROM trials WHERE session = ? AND {same} AND "
+                                "status = 'done' AND finished >= ? AND finished <= ?",
+                                (session, start, start, upto)).fetchone()["f"]
             share = None if end is None else max(0.0, end - max(start, covered or start)) / len(members)
             for r in members:
                 self._event(c, r["key"], LOST_EVENT, json.dumps({"seconds": share, "why": why}))
@@ -368,9 +377,10 @@ class Ledger:
         with self.transaction() as c:
             for k in keys:
                 cur = c.execute(
-                    "UPDATE trials SET status = 'running', attempts = attempts + 1, started = ?, finished = NULL, "
-                    "duration_s = NULL, cpu_s = NULL, worker = ?, session = ?, error = NULL WHERE key = ? AND status = 'pending'",
-                    (now, worker, self.session, k))
+                    "UPDATE trials SET status = 'running', attempts = attempts + 1, started = ?, batch = ?, "
+                    "finished = NULL, duration_s = NULL, cpu_s = NULL, worker = ?, session = ?, error = NULL "
+                    "WHERE key = ? AND status = 'pending'",
+                    (now, now, worker, self.session, k))
                 if cur.rowcount != 1:
                     raise RuntimeError(f"trial {k} is not pending; cannot start it")
                 self._event(c, k, "start", worker)
