@@ -12,41 +12,13 @@ import pytest
 import torch
 
 from eval_fixtures import write_judge_data
+from test_optimal_partial import STUDY, Killed, _rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STUDY = """
-name: tiny-pack
-model: {{name: "tiny:llama"}}
-precision: {precision}
-data: {{spec: "truthfulqa:{csv}", seed: 1}}
-localizers:
-  probe: {{top_k: 2}}
-  random: {{n: 3}}
-  all: true
-iti: {{enabled: false}}
-optimal:
-  taus: [0.1]
-  epochs: 1
-  max_train_pairs: 8
-  max_val_pairs: 4
-  batch_size: 4
-  batch_edits: 5
-  train_options: {{max_parallel: 2, eval_every: 1, patience: 5}}
-evaluation: {{metrics: [mc], max_questions: 3}}
-verdict: {{primary_metric: mc2}}
-"""
-
-
-class Killed(RuntimeError):
-    pass
-
-
-def _optimal(run: Path) -> dict:
-    from locaudit.study.ledger import Ledger
-
-    with Ledger(run) as led:
-        return {r["key"]: r for r in led.rows() if r["kind"] == "optimal"}
+# test_optimal_partial's tiny study, with early stopping (a pass checkpoints after every step) at either precision
+PACK_STUDY = STUDY.replace("name: tiny-partial", "name: tiny-pack").replace(
+    "{{max_parallel: 2}}", "{{max_parallel: 2, eval_every: 1, patience: 5}}")
 
 
 def _spec(tmp_path: Path, precision: str):
@@ -56,7 +28,7 @@ def _spec(tmp_path: Path, precision: str):
     data.mkdir(exist_ok=True)
     write_judge_data(data, mc=True)
     path = tmp_path / "study.yaml"
-    path.write_text(STUDY.format(csv=data / "TruthfulQA.csv", precision=precision))
+    path.write_text(PACK_STUDY.format(csv=data / "TruthfulQA.csv").replace("precision: fp32", f"precision: {precision}"))
     return load_study(path)
 
 
@@ -118,10 +90,10 @@ def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_p
     assert again.failed == 0
     metas = [json.loads(p.read_text()) for p in elsewhere.glob("shared/optimal-*/meta.json")]
     assert len(metas) == 5 and any(m["curve"].get("resumed_at") for m in metas)  # from the checkpoint
-    resumed = _optimal(elsewhere)
+    resumed = _rows(elsewhere)
     clean = run_study(spec, tmp_path / "clean", progress=False)
     assert clean.failed == 0
-    for key, r in _optimal(tmp_path / "clean").items():
+    for key, r in _rows(tmp_path / "clean").items():
         assert resumed[key]["status"] == "done"
         assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
 
