@@ -1,0 +1,63 @@
+"""The packs under results/ (`locaudit pack`) are the data that docs/results.md is built from and that a long study
+resumes from: each must still belong to its study file (the same trial keys, so that `locaudit run` goes on from
+it rather than starting over), hold intact artifacts and stay small (no activations)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKS = sorted(p.parent for p in (ROOT / "results").glob("*/ledger.sqlite"))
+MAX_PACK_BYTES = 50_000_000
+
+
+def _study_file(name: str) -> Path:
+    for f in sorted((ROOT / "studies").glob("*.yaml")):
+        if (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("name") == name:
+            return f
+    raise AssertionError(f"no study file in studies/ is named {name!r}")
+
+
+def _ledger(pack: Path) -> tuple[dict, dict]:
+    with sqlite3.connect(f"file:{pack / 'ledger.sqlite'}?mode=ro", uri=True) as c:
+        c.row_factory = sqlite3.Row
+        meta = {r["k"]: r["v"] for r in c.execute("SELECT k, v FROM meta")}
+        trials = {r["key"]: dict(r) for r in c.execute("SELECT * FROM trials WHERE in_spec = 1")}
+    return meta, trials
+
+
+def test_the_packs_are_found() -> None:
+    if not (ROOT / "results").is_dir():
+        pytest.skip("no results/ folder in this checkout: no pack to check")
+    assert PACKS, "results/ exists but holds no pack (a folder with ledger.sqlite)"
+
+
+@pytest.mark.parametrize("pack", PACKS, ids=[p.name for p in PACKS])
+def test_a_pack_belongs_to_its_study_file(pack: Path) -> None:
+    from locaudit.study.spec import load_study
+    from locaudit.study.trials import expand
+
+    meta, trials = _ledger(pack)
+    name = json.loads(meta["study_name"]) if meta["study_name"].startswith('"') else meta["study_name"]
+    keys = {t.key for t in expand(load_study(_study_file(name)))}
+    assert set(trials) == keys, (f"{pack}: the study file's trials and the pack's differ ({len(keys - set(trials))} "
+                                 f"new, {len(set(trials) - keys)} gone): `locaudit run` would not go on from it")
+
+
+@pytest.mark.parametrize("pack", PACKS, ids=[p.name for p in PACKS])
+def test_a_pack_is_intact_and_small(pack: Path) -> None:
+    from locaudit.study.records import check_artifacts
+
+    _, trials = _ledger(pack)
+    for key, r in trials.items():
+        if r["status"] == "done":
+            problem = check_artifacts(pack, json.loads(r["artifacts"] or "{}"))
+            assert problem is None, f"{pack}: trial {key} ({r['name']}): {problem}"
+    assert not list(pack.glob("shared/collect-*")), f"{pack} holds activations (`locaudit pack` leaves them out)"
+    size = sum(f.stat().st_size for f in pack.rglob("*") if f.is_file())
+    assert size < MAX_PACK_BYTES, f"{pack} is {size / 1e6:.1f} MB"
