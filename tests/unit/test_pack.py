@@ -116,6 +116,12 @@ def test_pack_refuses_what_would_lose_data(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not an earlier pack"):
         pack_run(run, other)
     assert (other / "mine.txt").read_text() == "keep me"
+    with Ledger(tmp_path / "busy", writer=True):  # an earlier pack that a run is going on from, right now
+        pass
+    with Ledger(tmp_path / "busy", writer=True), pytest.raises(ConfigError, match="is using it"):
+        pack_run(run, tmp_path / "busy")
+    assert (tmp_path / "busy" / "ledger.sqlite").is_file()
+    pack_run(run, tmp_path / "busy")  # once that run has stopped, it is an earlier pack like any other
     first = pack_run(run, tmp_path / "p")
     assert (tmp_path / "p" / "ledger.sqlite").is_file() and first.pending == []
     pack_run(run, tmp_path / "p")  # an earlier pack is replaced as a whole
