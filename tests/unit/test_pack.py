@@ -37,7 +37,8 @@ def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_p
                                                                             precision: str) -> None:
     from locaudit.edit import multi
     from locaudit.edit import train as train_mod
-    from locaudit.study.pack import PACKED_EVENT, pack_run
+    from locaudit.study.ledger import PACKED_EVENT
+    from locaudit.study.pack import pack_run
     from locaudit.study.runner import run_study
 
     spec = _spec(tmp_path, precision)
@@ -72,15 +73,14 @@ def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_p
     assert {p.parent.name for p in pack.glob("shared/optimal-*/meta.json")} == trained_before
     assert list(pack.glob("shared/passes/pass-*/pass.safetensors"))  # the checkpoint travels
     assert not (pack / "ledger.sqlite-wal").exists() and not (pack / ".lock").exists()
-    assert len(summary.pending) == 1 and "left out" in summary.line()  # the collect trial: recomputed
+    assert len(summary.left_out) == 1 and "without their activations" in summary.line()
     with sqlite3.connect(pack / "ledger.sqlite") as c:
         kinds = dict(c.execute("SELECT key, kind FROM trials").fetchall())
-        assert kinds[summary.pending[0]] == "collect"
+        assert kinds[summary.left_out[0]] == "collect"
         status = dict(c.execute("SELECT key, status FROM trials").fetchall())
-        assert status[summary.pending[0]] == "pending"
-        events = c.execute("SELECT key, event FROM events WHERE key = ?", (summary.pending[0],)).fetchall()
-        assert (summary.pending[0], PACKED_EVENT) in events
-        assert all(e != "lost" for _, e in events)  # nothing ran for nothing
+        assert status[summary.left_out[0]] == "done"  # stays done while no trial still to run reads it
+        events = c.execute("SELECT key, event FROM events WHERE key = ?", (summary.left_out[0],)).fetchall()
+        assert (summary.left_out[0], PACKED_EVENT) in events
 
     # the pack is carried elsewhere (another path stands in for another machine) and resumed there
     elsewhere = tmp_path / "elsewhere" / "run"
@@ -88,6 +88,7 @@ def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_p
     monkeypatch.setattr(train_mod.StackRunner, "logps", real)
     again = run_study(spec, elsewhere, progress=False, retry_failed=True)
     assert again.failed == 0
+    assert not list(elsewhere.glob("shared/collect-*"))  # the probe was done: nothing read the activations again
     metas = [json.loads(p.read_text()) for p in elsewhere.glob("shared/optimal-*/meta.json")]
     assert len(metas) == 5 and any(m["curve"].get("resumed_at") for m in metas)  # from the checkpoint
     resumed = _rows(elsewhere)
@@ -96,6 +97,28 @@ def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_p
     for key, r in _rows(tmp_path / "clean").items():
         assert resumed[key]["status"] == "done"
         assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
+
+
+def test_a_left_out_collect_runs_again_when_a_trial_still_to_run_reads_it(tmp_path: Path) -> None:
+    """Packed right after the collect, before the probe: the probe reads the activations, so the resumed run
+    collects them again first (without booking lost time), then goes on to the end."""
+    from locaudit.study.ledger import Ledger
+    from locaudit.study.pack import pack_run
+    from locaudit.study.runner import run_study
+
+    spec = _spec(tmp_path, "fp32")
+    first = run_study(spec, tmp_path / "run", progress=False, max_trials=1)
+    with Ledger(tmp_path / "run") as led:
+        assert [r["kind"] for r in led.rows() if r["status"] == "done"] == ["collect"]
+    summary = pack_run(tmp_path / "run", tmp_path / "pack")
+    assert first.failed == 0 and len(summary.left_out) == 1
+    again = run_study(spec, tmp_path / "pack", progress=False)
+    assert again.failed == 0
+    assert list((tmp_path / "pack" / "shared").glob("collect-*"))  # collected again
+    with Ledger(tmp_path / "pack") as led:
+        assert all(r["status"] == "done" for r in led.rows())
+        assert summary.left_out[0] not in led.lost_time()  # recomputed on purpose: no lost time
+        assert "invalid" in [r["event"] for r in led.events(summary.left_out[0])]
 
 
 def test_pack_refuses_what_would_lose_data(tmp_path: Path) -> None:
@@ -123,7 +146,7 @@ def test_pack_refuses_what_would_lose_data(tmp_path: Path) -> None:
     assert (tmp_path / "busy" / "ledger.sqlite").is_file()
     pack_run(run, tmp_path / "busy")  # once that run has stopped, it is an earlier pack like any other
     first = pack_run(run, tmp_path / "p")
-    assert (tmp_path / "p" / "ledger.sqlite").is_file() and first.pending == []
+    assert (tmp_path / "p" / "ledger.sqlite").is_file() and first.left_out == []
     pack_run(run, tmp_path / "p")  # an earlier pack is replaced as a whole
     assert (tmp_path / "p" / "ledger.sqlite").is_file()
 

@@ -22,8 +22,8 @@ def pack(
     out: Path = typer.Option(..., "--out", "-o", help="The pack's folder, outside the run folder; an earlier pack "
                              "there is replaced as a whole."),
     activations: bool = typer.Option(False, "--activations/--no-activations", help="Also copy the probe examples' "
-                                     "activations (shared/collect-*, tens of MB); without them their trials "
-                                     "run again on resume (minutes)."),
+                                     "activations (shared/collect-*, tens to hundreds of MB); without them, "
+                                     "they are collected again (minutes) only if a trial still to run reads them."),
 ) -> None:
     """Copy a study run's results into a small folder that `locaudit run --out` resumes from on any machine.
 

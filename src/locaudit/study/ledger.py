@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 STATUSES = ("pending", "running", "done", "failed")
 LOST_EVENT = "lost"  # the time an attempt of a trial ran without finishing (Ledger.lost_time)
 HEARTBEAT_PREFIX = "heartbeat:"  # meta key of a session's last sign of life (Heartbeat)
+PACKED_EVENT = "packed"  # a done trial whose artifact folders `locaudit pack` left out (study/pack.py)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
@@ -409,16 +410,22 @@ class Ledger:
                  json.dumps(artifacts or {}, sort_keys=True), error, worker, key))
             self._event(c, key, status, (error or "")[-2000:] or None)
 
-    def invalidate(self, key: str, reason: str) -> None:
+    def invalidate(self, key: str, reason: str, lost: bool = True) -> None:
         """A done trial whose artifacts failed their check goes back to pending (it will run again). The attempt
-        that produced them ran for nothing: its time is kept as a 'lost' event, so the trial's cost counts it."""
+        that produced them ran for nothing: its time is kept as a 'lost' event, so the trial's cost counts it
+        (`lost=False`: artifacts left out of a pack on purpose, recomputed; nothing was wasted)."""
         with self.transaction() as c:
             row = c.execute("SELECT duration_s FROM trials WHERE key = ? AND status = 'done'", (key,)).fetchone()
             if row is None:
                 return
             c.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (key,))
             self._event(c, key, "invalid", reason[-2000:])
-            self._event(c, key, LOST_EVENT, json.dumps({"seconds": row["duration_s"], "why": "invalid"}))
+            if lost:
+                self._event(c, key, LOST_EVENT, json.dumps({"seconds": row["duration_s"], "why": "invalid"}))
+
+    def keys_with_event(self, event: str) -> set[str]:
+        """The keys of the trials that have at least one `event` event."""
+        return {r["key"] for r in self.conn.execute("SELECT DISTINCT key FROM events WHERE event = ?", (event,))}
 
     def release(self, keys: Iterable[str]) -> None:
         """Put started trials back to pending (a clean stop, e.g. Ctrl-C), keeping the time they ran."""
@@ -542,14 +549,35 @@ class Heartbeat:
 
 
 # ---------------------------------------------------------------------------------------------- integrity
-def recheck_done(ledger: Ledger) -> list[tuple[str, str]]:
-    """Done trials whose artifact folders fail their checksums go back to pending: (key, reason) each."""
+def _absent(run_dir: Path, artifacts: dict) -> bool:
+    """Whether some artifact folder of a trial is absent altogether (not damaged: gone)."""
+    for k in ARTIFACT_DIRS:
+        d = artifact_dir(Path(run_dir), artifacts[k]) if k in artifacts else None
+        if d is not None and not d.exists():
+            return True
+    return False
+
+
+def recheck_done(ledger: Ledger, needed: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """Done trials whose artifact folders fail their checksums go back to pending: (key, reason) each.
+
+    A trial whose folders `locaudit pack` left out (a 'packed' event; activations, recomputed in minutes) stays
+    done while no trial still to run reads them: it runs again only when a key in `needed` (the dependencies of
+    the trials still to run; None: every such trial counts as needed) names it, and that is not lost time."""
+    packed = ledger.keys_with_event(PACKED_EVENT)
+    need = None if needed is None else set(needed)
     bad = []
     for r in ledger.rows(status="done"):
         problem = check_artifacts(ledger.run_dir, r["artifacts"])
-        if problem:
-            ledger.invalidate(r["key"], problem)
-            bad.append((r["key"], problem))
+        if not problem:
+            continue
+        left_out = r["key"] in packed and _absent(ledger.run_dir, r["artifacts"])
+        if left_out and need is not None and r["key"] not in need:
+            continue
+        if left_out:
+            problem = f"left out of a pack and needed again: {problem}"
+        ledger.invalidate(r["key"], problem, lost=not left_out)
+        bad.append((r["key"], problem))
     return bad
 
 

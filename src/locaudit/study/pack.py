@@ -7,12 +7,15 @@ lost time). What is large can be recomputed in minutes: the probe examples' acti
 the report. `pack_run` copies the former into DEST and leaves the latter out:
 
   DEST/ledger.sqlite   a consistent snapshot of the ledger (SQLite's online backup, so the run may be live);
-                       trials whose artifacts were left out are put back to pending in it, with a 'packed' event
+                       done trials whose artifacts were left out get a 'packed' event in it: they stay done
+                       while no trial still to run reads them (ledger.recheck_done), and run again, without
+                       booking lost time, when one does
   DEST/trials/, DEST/shared/ (without collect-* unless `activations=True`), as in the run folder
 
 `locaudit run STUDY --out DEST` then goes on from there, on any machine: finished trials are kept (their
 artifact checksums are checked as at every start), a training pass resumes from its last early-stopping check,
-a group's scoring from its last kept chunk, and the trials left out run again. DEST is built beside itself and
+a group's scoring from its last kept chunk, and the activations are collected again only if a trial still to
+run reads them. DEST is built beside itself and
 swapped in at once, so a pack killed part way leaves the previous pack whole.
 """
 
@@ -29,20 +32,20 @@ from pathlib import Path
 
 from locaudit.errors import ConfigError
 from locaudit.io import TMP_TAG, atomic_dir
+from locaudit.study.ledger import PACKED_EVENT
 from locaudit.study.records import ARTIFACT_DIRS
 from locaudit.study.rundir import LEDGER_FILE, SHARED, TRIALS, RunDir
 
 LEFT_OUT_KINDS = ("collect",)  # shared/KIND-* folders that are recomputed rather than packed (activations)
-PACKED_EVENT = "packed"
 
 
 @dataclass
 class PackSummary:
-    """What a pack holds: files and bytes per part, and the trials put back to pending (their artifacts left out)."""
+    """What a pack holds: files and bytes per part, and the done trials whose artifacts were left out."""
 
     dest: Path
     parts: dict[str, tuple[int, int]] = field(default_factory=dict)  # part -> (files, bytes)
-    pending: list[str] = field(default_factory=list)  # keys of trials left out, to run again
+    left_out: list[str] = field(default_factory=list)  # keys of done trials whose artifacts were left out
     status: dict[str, int] = field(default_factory=dict)  # the packed ledger's trial counts by status
 
     @property
@@ -53,8 +56,9 @@ class PackSummary:
         parts = ", ".join(f"{k} {n} file(s) {b / 1e6:.2f} MB" for k, (n, b) in sorted(self.parts.items()))
         st = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items()))
         out = f"packed {self.bytes / 1e6:.2f} MB into {self.dest}: {parts}; trials: {st}"
-        if self.pending:
-            out += f"; {len(self.pending)} trial(s) left out run again on resume (recomputed, not lost)"
+        if self.left_out:
+            out += (f"; {len(self.left_out)} trial(s) packed without their activations (run again only if a trial "
+                    "still to run needs them)")
         return out
 
 
@@ -107,10 +111,11 @@ def _backup_ledger(src: Path, dst: Path) -> None:
         s.close()
 
 
-def _put_back(db: Path, activations: bool) -> tuple[list[str], dict[str, int]]:
-    """In the packed ledger, done trials whose artifacts were left out go back to pending, with a 'packed' event
-    (not a 'lost' one: nothing ran for nothing). Returns their keys and the trial counts by status."""
-    pending: list[str] = []
+def _mark_left_out(db: Path, activations: bool) -> tuple[list[str], dict[str, int]]:
+    """In the packed ledger, each done trial whose artifacts were left out gets a 'packed' event: it stays done
+    while no trial still to run reads them, and runs again, without booking lost time, once one does
+    (ledger.recheck_done). Returns their keys and the trial counts by status."""
+    left: list[str] = []
     conn = sqlite3.connect(str(db), isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
@@ -119,17 +124,16 @@ def _put_back(db: Path, activations: bool) -> tuple[list[str], dict[str, int]]:
             arts = json.loads(r["artifacts"] or "{}")
             rels = [Path(arts[k]) for k in ARTIFACT_DIRS if isinstance(arts.get(k), str) and arts[k]]
             if any(rel.parts and not rel.is_absolute() and _left_out(rel, activations) for rel in rels):
-                conn.execute("UPDATE trials SET status = 'pending', worker = NULL WHERE key = ?", (r["key"],))
                 conn.execute("INSERT INTO events (key, event, time, session, detail) VALUES (?, ?, ?, NULL, ?)",
-                             (r["key"], PACKED_EVENT, time.time(),
-                              "packed without its artifacts (recomputable): runs again on resume"))
-                pending.append(r["key"])
+                             (r["key"], PACKED_EVENT, time.time(), "packed without its artifacts (recomputable): "
+                              "runs again if a trial still to run needs them"))
+                left.append(r["key"])
         conn.execute("COMMIT")
         status = {row[0]: int(row[1]) for row in
                   conn.execute("SELECT status, COUNT(*) FROM trials WHERE in_spec = 1 GROUP BY status")}
     finally:
         conn.close()
-    return pending, status
+    return left, status
 
 
 def pack_run(run_dir: str | Path, dest: str | Path, activations: bool = False) -> PackSummary:
@@ -166,6 +170,6 @@ def pack_run(run_dir: str | Path, dest: str | Path, activations: bool = False) -
                 shutil.copy2(src, target)
                 n, b = summary.parts.get(_part_of(rel), (0, 0))
                 summary.parts[_part_of(rel)] = (n + 1, b + target.stat().st_size)
-        summary.pending, summary.status = _put_back(tmp / LEDGER_FILE, activations)
+        summary.left_out, summary.status = _mark_left_out(tmp / LEDGER_FILE, activations)
         summary.parts[LEDGER_FILE] = (1, (tmp / LEDGER_FILE).stat().st_size)
     return summary

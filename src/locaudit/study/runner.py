@@ -144,13 +144,18 @@ def _bring_up_to_date(ledger: Ledger, plan: StudyPlan, retry_failed: bool) -> tu
     reset = ledger.reset_interrupted()
     if reset:
         log.info("restarting %d trial(s) interrupted by a dead process", len(reset))
-    for key, why in recheck_done(ledger):  # a done trial is trusted only while its artifacts are intact
-        log.warning("trial %s runs again: %s", key, why)
     if retry_failed:
         n = len(ledger.retry_failed())
         if n:
             log.info("retrying %d failed trial(s)", n)
-    return sync, reset
+    deps = {t.key: t.deps for t in plan.trials}
+    while True:  # a done trial is trusted only while its artifacts are intact (or, packed, while none reads them)
+        todo = {r["key"] for r in ledger.rows() if r["status"] in ("pending", "running")}
+        bad = recheck_done(ledger, needed={d for k in todo for d in deps.get(k, ())})
+        for key, why in bad:
+            log.warning("trial %s runs again: %s", key, why)
+        if not bad:  # each pass can only make done trials pending, so this ends
+            return sync, reset
 
 
 def _submit(ex: Any, ledger: Ledger, plan: StudyPlan, todo: list[Trial], status: dict[str, str], started: set[str],
