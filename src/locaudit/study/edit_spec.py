@@ -57,8 +57,10 @@ class OptimalSpec(_Strict):
                              "one pass (speed only; not part of trial keys).")
     dose_steps: list[float] = Field(default_factory=list, description="A dose curve per optimal edit (matched "
                                     "collateral damage, docs/verdict.md): the edit's state after these optimizer steps "
-                                    "(a value in (0, 1): a fraction of the planned steps; >= 1: a step count) is also "
-                                    "scored on the primary metric and KL. Empty: none (part of trial keys only when set).")
+                                    "(a value in (0, 1): a fraction of the planned steps, which with early stopping are the "
+                                    "cap's, train_options.max_epochs; >= 1: a step count, what an edit stopping "
+                                    "early by patience still reaches) is also scored on the primary metric and KL. "
+                                    "Empty: none (part of trial keys only when set).")
     dose_localizers: list[Group] = Field(default_factory=lambda: list(GROUPS), description="The localizer groups "
                                          "whose edits get a dose curve (each point costs one evaluation; the "
                                          "matched-KL verdict compares top, random and all heads).")
