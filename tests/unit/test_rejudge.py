@@ -149,3 +149,22 @@ def test_cli_report_judge(run: Path, monkeypatch) -> None:
     assert res.exit_code == 0, res.output
     assert seen == {"spec": "rejudge", "judge": "trained:elsewhere"}
     assert (run / f"report-{judge_slug('contrarian')}" / "verdict.json").is_file()
+
+
+def test_a_report_says_when_true_info_mixes_judges(run: Path) -> None:
+    """A run carried across machines trains the default judge on each: the report names the judges its trials
+    were judged by, and says how to re-score with one, only when there is more than one."""
+    with Ledger(run) as led:
+        evals = [r["artifacts"]["eval"] for r in led.rows() if (r.get("artifacts") or {}).get("eval")]
+    for ev in evals:
+        (run / ev / "result.json").write_text(json.dumps({"judge": "trained:aaaa+refs@1"}))
+    one = build_report(run)
+    assert one.verdict["judges_used"] == {"trained:aaaa+refs@1": len(evals)}
+    assert "different judges" not in one.index.read_text()
+    (run / evals[0] / "result.json").write_text(json.dumps({"judge": "trained:bbbb+refs@1"}))
+    two = build_report(run)
+    assert two.verdict["judges_used"] == {"trained:aaaa+refs@1": len(evals) - 1, "trained:bbbb+refs@1": 1}
+    page = two.index.read_text()
+    assert "2 different judges" in page and "--judge" in page
+    again = build_report(run, judge=Contrarian())  # re-scored by one judge: one entry
+    assert list(again.verdict["judges_used"].values()) == [len(evals)]

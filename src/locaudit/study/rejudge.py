@@ -54,6 +54,25 @@ def _generations(run_dir: Path, row: dict) -> list[dict] | None:
     return recs
 
 
+def judges_used(run_dir: str | Path, rows: Sequence[dict]) -> dict[str, int]:
+    """{judge identity: number of finished trials} over the trials whose evaluation was judged, as each trial's
+    eval/result.json names its judge (a trained judge's name carries a hash of its weights). More than one entry
+    means True/Info mix judges: a run carried across machines, each of which trained the default judge anew."""
+    out: dict[str, int] = {}
+    for r in rows:
+        ev = (r.get("artifacts") or {}).get("eval") if r.get("status") == "done" else None
+        path = Path(run_dir) / ev / "result.json" if ev else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            name = json.loads(path.read_text(encoding="utf-8")).get("judge")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name:
+            out[str(name)] = out.get(str(name), 0) + 1
+    return out
+
+
 def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
                  progress: bool = True) -> tuple[list[dict], dict[str, Any]]:
     """(rows with judge metrics recomputed by `judge`, a summary {judge, slug, trials, answers, scored}).

@@ -348,7 +348,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
                  judge=None) -> Report:
     """Rebuild RUN/report from the ledger (see the module docstring). With `judge` (a Judge), True/Info are
     re-scored by it from the saved answers (study/rejudge.py) and the report goes to RUN/report-<judge>."""
-    from locaudit.study.rejudge import rejudge_rows
+    from locaudit.study.rejudge import judges_used, rejudge_rows
 
     run_dir = Path(run_dir)
     with Ledger(run_dir) as ledger:
@@ -367,6 +367,14 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
         notes.append(f"True and Info re-scored by the judge {rejudged['judge']} from the saved answers of "
                      f"{rejudged['trials']} trials ({rejudged['answers']} answers); the run's own judge was {own}. "
                      "MC, KL and CE do not use a judge and are unchanged.")
+    used = judges_used(run_dir, rows) if rejudged is None else {rejudged["judge"]: rejudged["trials"]}
+    if len(used) > 1:
+        own = own_judge.get("resolved") or own_judge.get("written")
+        notes.append(f"True and Info come from {len(used)} different judges ("
+                     + "; ".join(f"{k}: {n} trial(s)" for k, n in sorted(used.items()))
+                     + "): the trials were judged where the judge was trained separately (a run carried across "
+                     f"machines trains the default judge on each). `locaudit report {run_dir} --judge {own}` "
+                     "re-scores every saved answer with one.")
     default_out = run_dir / (f"report-{rejudged['slug']}" if rejudged else "report")
     final = Path(out_dir) if out_dir is not None else default_out
     # built in a temporary sibling folder and swapped in as one unit once complete (`_put_in_place`): a killed or
@@ -411,7 +419,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
                     {"judge": own_judge.get("resolved"), "written": own_judge.get("written"), "rejudged": False}),
           "preregistered": pre, "analysed": {**{k: getattr(cfg, k) for k in FIELDS}, "verdict": cfg.model_dump(),
                                               "judge": used_judge, "primary_metric_used": a.primary},
-          "deviations": devs}
+          "deviations": devs, "judges_used": used}
     if training is not None and not training.per_group.empty:
         vd["training"] = {"line": training.line, "groups": training.per_group.to_dict("records")}
     if dose is not None:  # matched collateral damage (study/dose_report.py)
