@@ -325,10 +325,11 @@ class Ledger:
         for (session, start, stamped), members in groups.items():
             end = max((e for e in (end_of(r) for r in members) if e is not None), default=None)
             upto = end if exact_end and end is not None else math.inf
-            same = "batch = ?" if stamped else "? IS NOT NULL"  # the batch's own trials, or (old rows) the session's
-            covered = c.execute(f"SELECT MAX(finished) AS f FROM trials WHERE session = ? AND {same} AND "
-                                "status = 'done' AND finished >= ? AND finished <= ?",
-                                (session, start, start, upto)).fetchone()["f"]
+            q = "SELECT MAX(finished) AS f FROM trials WHERE session = ? AND status = 'done' AND finished >= ? AND finished <= ?"
+            args: tuple = (session, start, upto)
+            if stamped:  # the batch's own trials only; unstamped (old) rows: any trial of the session
+                q, args = q + " AND batch = ?", args + (start,)
+            covered = c.execute(q, args).fetchone()["f"]
             share = None if end is None else max(0.0, end - max(start, covered or start)) / len(members)
             for r in members:
                 self._event(c, r["key"], LOST_EVENT, json.dumps({"seconds": share, "why": why}))
