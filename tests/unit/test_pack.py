@@ -81,6 +81,21 @@ def test_a_pack_resumes_elsewhere_with_the_numbers_of_an_uninterrupted_run(tmp_p
         assert status[summary.left_out[0]] == "done"  # stays done while no trial still to run reads it
         events = c.execute("SELECT key, event FROM events WHERE key = ?", (summary.left_out[0],)).fetchall()
         assert (summary.left_out[0], PACKED_EVENT) in events
+    # no text of the dataset in the pack; the per-question scores and every folder's seal are intact
+    from locaudit.io import CHECKSUM_FILE, verify_checksums
+
+    answers = [a for it in json.loads((tmp_path / "data" / "mc_task.json").read_text())
+               for a in (*it["mc1_targets"], *it["mc2_targets"])]
+    packed = {p.relative_to(pack): p.read_text() for p in pack.rglob("mc_items.jsonl")}
+    assert packed and summary.stripped >= len(packed)
+    for rel, text in packed.items():
+        assert not any(a in text for a in answers) and "What is true about" not in text, rel
+        ran = [json.loads(x) for x in (run / rel).read_text().splitlines()]
+        got = [json.loads(x) for x in text.splitlines()]
+        assert [(r["qid"], r["mc2"], list(r["logprobs"].values())) for r in ran] == \
+               [(g["qid"], g["mc2"], g["logprobs_in_order"]) for g in got]
+    for manifest in pack.rglob(CHECKSUM_FILE):
+        assert verify_checksums(manifest.parent) is None, manifest
 
     # the pack is carried elsewhere (another path stands in for another machine) and resumed there
     elsewhere = tmp_path / "elsewhere" / "run"

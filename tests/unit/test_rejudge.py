@@ -168,3 +168,52 @@ def test_a_report_says_when_true_info_mixes_judges(run: Path) -> None:
     assert "2 different judges" in page and "--judge" in page
     again = build_report(run, judge=Contrarian())  # re-scored by one judge: one entry
     assert list(again.verdict["judges_used"].values()) == [len(evals)]
+
+
+class Asked:
+    """A judge that keeps the questions it is asked, and judges like the run's own."""
+
+    name = "asked"
+
+    def __init__(self) -> None:
+        self.questions: list[str] = []
+
+    def score(self, questions, answers):
+        self.questions += list(questions)
+        return [JudgeScore(truth=0.9 if "right" in a else 0.2, info=0.8) for a in answers]
+
+
+def test_a_packs_answers_are_judged_with_their_questions_looked_up_by_qid(run: Path, tmp_path: Path) -> None:
+    """A pack keeps no question text (pack_text.py); re-judging it asks the judge the same questions, taken
+    from the study's data by qid, and gives the numbers of the run; without the data it says what is missing."""
+    from locaudit.errors import DataError
+    from locaudit.study.pack import pack_run
+
+    summary = pack_run(run, tmp_path / "pack")
+    pack = tmp_path / "pack"
+    assert summary.stripped > 0
+    for f in pack.rglob("generations.jsonl"):
+        assert "Question" not in f.read_text()
+    with Ledger(run) as led:
+        rows = led.rows()
+    here, there = Asked(), Asked()
+    a, _ = rejudge_rows(run, rows, here)
+    b, _ = rejudge_rows(pack, rows, there, questions=lambda: {q: f"Question {q}?" for q in QIDS})
+    assert sorted(there.questions) == sorted(here.questions) and here.questions
+    assert [r["metrics"] for r in a] == [r["metrics"] for r in b]
+    with pytest.raises(DataError, match="generations.jsonl line 1: the answer has no question"):
+        rejudge_rows(pack, rows, Asked())
+    with pytest.raises(DataError, match="'q0' is not in the study's data"):
+        rejudge_rows(pack, rows, Asked(), questions=lambda: {})
+
+
+def test_study_questions_reads_every_question_of_the_studys_data(tmp_path: Path) -> None:
+    from eval_fixtures import write_judge_data
+    from locaudit.data.truthfulqa import question_id
+    from locaudit.study.rejudge import study_questions
+
+    write_judge_data(tmp_path, mc=True)
+    spec = parse_study({**STUDY, "data": {"spec": f"truthfulqa:{tmp_path / 'TruthfulQA.csv'}"}}, tmp_path, "s.yaml")
+    got = study_questions(spec)
+    texts = [line.split(",")[2] for line in (tmp_path / "TruthfulQA.csv").read_text().splitlines()[1:]]
+    assert got == {question_id(t): t for t in texts}

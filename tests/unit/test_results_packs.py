@@ -1,10 +1,12 @@
 """The packs under results/ (`locaudit pack`) are the data that docs/results.md is built from and that a long study
 resumes from: each must still belong to its study file (the same trial keys, so that `locaudit run` goes on from
-it rather than starting over), hold intact artifacts and stay small (no activations)."""
+it rather than starting over), hold intact artifacts, stay small (no activations) and hold no copy of the
+dataset's text (the data is read from ../shared/data, never copied into the repository)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -65,3 +67,30 @@ def test_a_pack_is_intact_and_small(pack: Path) -> None:
     assert not list(pack.glob("shared/collect-*")), f"{pack} holds activations (`locaudit pack` leaves them out)"
     size = sum(f.stat().st_size for f in pack.rglob("*") if f.is_file())
     assert size < MAX_PACK_BYTES, f"{pack} is {size / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("pack", PACKS, ids=[p.name for p in PACKS])
+def test_a_pack_holds_no_text_of_the_dataset(pack: Path) -> None:
+    """Its evaluation files keep scores by qid (pack_text.py); with the data at hand, no question of TruthfulQA
+    appears anywhere in the pack's text files."""
+    from locaudit.io import read_jsonl
+
+    for f in pack.rglob("generations.jsonl"):
+        assert all("question" not in r for _, r in read_jsonl(f)), f"{f}: holds the questions (pack again)"
+    for f in pack.rglob("mc_items.jsonl"):
+        assert all("logprobs" not in r for _, r in read_jsonl(f)), f"{f}: holds the answers' text (pack again)"
+    csv = Path(os.environ.get("LOCAUDIT_DATA", ROOT.parent / "shared" / "data")) / "truthfulqa/data/v1/TruthfulQA.csv"
+    if not csv.is_file():
+        pytest.skip(f"{csv} is missing: the structural checks passed, the text search needs the data")
+    from locaudit.data.truthfulqa import load_truthfulqa
+
+    def text_of(f: Path) -> str:  # the model's own answers may quote a question: they are its output, not data
+        if f.suffix == ".jsonl":
+            return "\n".join(json.dumps({k: v for k, v in r.items() if k != "answer"}, ensure_ascii=False)
+                             for _, r in read_jsonl(f) if isinstance(r, dict))
+        return f.read_text(encoding="utf-8", errors="replace")
+
+    text = "\n".join(text_of(f) for f in pack.rglob("*")
+                     if f.is_file() and f.suffix in (".json", ".jsonl", ".csv", ".txt", ".html"))
+    found = [q.question for q in load_truthfulqa(csv) if q.question in text]
+    assert not found, f"{pack} holds {len(found)} TruthfulQA question(s), e.g. {found[0]!r}"

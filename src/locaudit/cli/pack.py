@@ -29,8 +29,10 @@ def pack(
 
     Kept: the ledger (timings, lost time), every trial's record and evaluation, trained edits, kept scores of
     a group's chunks and the checkpoints of training passes in progress. Left out: activations (unless
-    --activations) and the report, both recomputed. A long study can so outlive the machine it started on, and
-    its results can be shared or committed beside the document that cites them."""
+    --activations) and the report, both recomputed, and the dataset's own text: evaluation files keep their
+    scores by question id (`report --judge` looks the questions up in the study's data). A long study can so
+    outlive the machine it started on, and its results can be shared or committed beside the document that
+    cites them."""
     from locaudit.study.pack import pack_run
 
     summary = pack_run(run, out, activations=activations)

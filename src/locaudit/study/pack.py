@@ -10,7 +10,9 @@ the report. `pack_run` copies the former into DEST and leaves the latter out:
                        done trials whose artifacts were left out get a 'packed' event in it: they stay done
                        while no trial still to run reads them (ledger.recheck_done), and run again, without
                        booking lost time, when one does
-  DEST/trials/, DEST/shared/ (without collect-* unless `activations=True`), as in the run folder
+  DEST/trials/, DEST/shared/ (without collect-* unless `activations=True`), as in the run folder, except that
+                       evaluation files hold no text of the dataset (pack_text.py: the questions of generated
+                       answers, the reference answers keyed by their text), so a pack can be committed
 
 `locaudit run STUDY --out DEST` then goes on from there, on any machine: finished trials are kept (their
 artifact checksums are checked as at every start), a training pass resumes from its last early-stopping check,
@@ -33,6 +35,7 @@ from pathlib import Path
 from locaudit.errors import ConfigError
 from locaudit.io import TMP_TAG, atomic_dir
 from locaudit.study.ledger import PACKED_EVENT
+from locaudit.study.pack_text import strip_dataset_text
 from locaudit.study.records import ARTIFACT_DIRS
 from locaudit.study.rundir import LEDGER_FILE, SHARED, TRIALS, RunDir
 
@@ -47,6 +50,7 @@ class PackSummary:
     parts: dict[str, tuple[int, int]] = field(default_factory=dict)  # part -> (files, bytes)
     left_out: list[str] = field(default_factory=list)  # keys of done trials whose artifacts were left out
     status: dict[str, int] = field(default_factory=dict)  # the packed ledger's trial counts by status
+    stripped: int = 0  # evaluation files rewritten without the dataset's text (pack_text.py)
 
     @property
     def bytes(self) -> int:
@@ -56,6 +60,8 @@ class PackSummary:
         parts = ", ".join(f"{k} {n} file(s) {b / 1e6:.2f} MB" for k, (n, b) in sorted(self.parts.items()))
         st = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items()))
         out = f"packed {self.bytes / 1e6:.2f} MB into {self.dest}: {parts}; trials: {st}"
+        if self.stripped:
+            out += f"; {self.stripped} evaluation file(s) without the dataset's questions and answers"
         if self.left_out:
             out += (f"; {len(self.left_out)} trial(s) packed without their activations (run again only if a trial "
                     "still to run needs them)")
@@ -168,8 +174,12 @@ def pack_run(run_dir: str | Path, dest: str | Path, activations: bool = False) -
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, target)
+        summary.stripped = strip_dataset_text(tmp)
+        for f in sorted(tmp.rglob("*")):
+            rel = f.relative_to(tmp)
+            if f.is_file() and rel.parts[0] in (TRIALS, SHARED):
                 n, b = summary.parts.get(_part_of(rel), (0, 0))
-                summary.parts[_part_of(rel)] = (n + 1, b + target.stat().st_size)
+                summary.parts[_part_of(rel)] = (n + 1, b + f.stat().st_size)
         summary.left_out, summary.status = _mark_left_out(tmp / LEDGER_FILE, activations)
         summary.parts[LEDGER_FILE] = (1, (tmp / LEDGER_FILE).stat().st_size)
     return summary

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from locaudit.errors import DataError
 from locaudit.io import read_jsonl, strict_json, write_text_atomic
@@ -37,7 +37,26 @@ def judge_slug(name: str) -> str:
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def _generations(run_dir: Path, row: dict) -> list[dict] | None:
+class _Questions:
+    """qid -> question text, loaded once and only if a saved answer lacks its question (a pack's: pack_text.py)."""
+
+    def __init__(self, load: Callable[[], Mapping[str, str]] | None) -> None:
+        self._load, self._map = load, None
+
+    def get(self, qid: str, path: Path, line: int) -> str:
+        if self._load is None:
+            raise DataError(f"{path} line {line}: the answer has no question (a pack's answers keep only its qid) "
+                            "and no data was given to look it up")
+        if self._map is None:
+            self._map = dict(self._load())
+        q = self._map.get(qid)
+        if not isinstance(q, str):
+            raise DataError(f"{path} line {line}: question {qid!r} is not in the study's data; is LOCAUDIT_DATA "
+                            "(or the study's data path) the file the run was scored on?")
+        return q
+
+
+def _generations(run_dir: Path, row: dict, questions: _Questions) -> list[dict] | None:
     ev = (row.get("artifacts") or {}).get("eval")
     if row.get("status") != "done" or not ev:
         return None
@@ -49,9 +68,22 @@ def _generations(run_dir: Path, row: dict) -> list[dict] | None:
     except Exception as e:
         raise DataError(f"{path}: unreadable generations ({e}); re-run that trial or leave it out") from e
     for i, rec in enumerate(recs):
-        if not all(isinstance(rec.get(f), str) for f in ("qid", "question", "answer")):
-            raise DataError(f"{path} line {i + 1}: needs string fields qid, question and answer")
+        if not (isinstance(rec, dict) and all(isinstance(rec.get(f), str) for f in ("qid", "answer"))):
+            raise DataError(f"{path} line {i + 1}: needs string fields qid and answer (and question, or the "
+                            "study's data to look it up)")
+        if not isinstance(rec.get("question"), str):
+            rec["question"] = questions.get(rec["qid"], path, i + 1)
     return recs
+
+
+def study_questions(study: Any) -> dict[str, str]:
+    """{qid: question} of every question of a study's data (a StudySpec), whatever its split."""
+    from locaudit.data.behaviour import load_behaviour
+
+    d = study.data
+    data = load_behaviour(study.resolved_data_spec(), seed=d.seed, fractions=d.fractions,
+                          mc_path=study.resolved_mc_path())
+    return {q.qid: q.question for q in data.all_questions}
 
 
 def judges_used(run_dir: str | Path, rows: Sequence[dict]) -> dict[str, int]:
@@ -73,12 +105,13 @@ def judges_used(run_dir: str | Path, rows: Sequence[dict]) -> dict[str, int]:
     return out
 
 
-def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
-                 progress: bool = True) -> tuple[list[dict], dict[str, Any]]:
+def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any, progress: bool = True,
+                 questions: Callable[[], Mapping[str, str]] | None = None) -> tuple[list[dict], dict[str, Any]]:
     """(rows with judge metrics recomputed by `judge`, a summary {judge, slug, trials, answers, scored}).
 
     Rows without saved generations (not finished, no `gen` metric) are returned unchanged. `judge` is any
     object with `name` and `score(questions, answers) -> [JudgeScore | dict]` (locaudit.evaluate.judges).
+    `questions`: called (once, if needed) for {qid: question} where a saved answer has no question (a pack's).
     """
     from locaudit.evaluate.results import EvalResult
     from locaudit.evaluate.runner import judge_values
@@ -88,7 +121,8 @@ def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any,
     name = str(getattr(judge, "name", type(judge).__name__))
     slug = judge_slug(name)
     folder = run_dir / "rejudged" / slug
-    gens = {r["key"]: g for r in rows if (g := _generations(run_dir, r))}
+    qs = _Questions(questions)
+    gens = {r["key"]: g for r in rows if (g := _generations(run_dir, r, qs))}
     cached: dict[str, list[dict]] = {}
     for key in gens:
         p = folder / f"{key}.jsonl"
@@ -149,4 +183,4 @@ def study_judge(spec: Any, judge_spec: str, device: str = "auto"):
     return build_judge(spec_of_run(spec), judge_spec, device=device)
 
 
-__all__ = ["rejudge_rows", "judge_slug", "study_judge", "JUDGED"]
+__all__ = ["rejudge_rows", "judge_slug", "study_judge", "study_questions", "JUDGED"]

@@ -348,7 +348,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
                  judge=None) -> Report:
     """Rebuild RUN/report from the ledger (see the module docstring). With `judge` (a Judge), True/Info are
     re-scored by it from the saved answers (study/rejudge.py) and the report goes to RUN/report-<judge>."""
-    from locaudit.study.rejudge import judges_used, rejudge_rows
+    from locaudit.study.rejudge import judges_used, rejudge_rows, study_questions
 
     run_dir = Path(run_dir)
     with Ledger(run_dir) as ledger:
@@ -362,7 +362,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
     study = spec_of_run(spec, f"{run_dir / LEDGER_FILE}: meta 'spec'") if spec else None
     own_judge = judge_record(study) if study is not None else {"written": None, "resolved": None}
     if judge is not None:
-        rows, rejudged = rejudge_rows(run_dir, rows, judge)
+        rows, rejudged = rejudge_rows(run_dir, rows, judge,
+                                      questions=(lambda: study_questions(study)) if study is not None else None)
         own = own_judge.get("resolved") or own_judge.get("written")
         notes.append(f"True and Info re-scored by the judge {rejudged['judge']} from the saved answers of "
                      f"{rejudged['trials']} trials ({rejudged['answers']} answers); the run's own judge was {own}. "
