@@ -180,3 +180,26 @@ def test_pack_cli(tmp_path: Path) -> None:
     assert "packed" in res.output and str(tmp_path / "p") in res.output
     res = CliRunner().invoke(app, ["pack", "--help"])
     assert "resumes from" in res.output
+
+
+def test_stripping_reseals_an_intact_folder_and_leaves_a_damaged_one_damaged(tmp_path: Path) -> None:
+    from locaudit.io import verify_checksums, write_checksums
+    from locaudit.study.pack_text import strip_dataset_text
+
+    def folder(name: str) -> Path:
+        d = tmp_path / "trials" / name / "eval"
+        d.mkdir(parents=True)
+        (d / "generations.jsonl").write_text(json.dumps({"qid": "q1", "question": "Is it?", "answer": "Yes."}) + "\n")
+        (d / "mc_items.jsonl").write_text(json.dumps({"qid": "q1", "mc1": 1.0, "mc2": 0.75, "mc0": None,
+                                                      "logprobs": {"Yes": -1.0, "No": -2.0}}) + "\n")
+        (d / "result.json").write_text("{}")
+        write_checksums(d)
+        return d
+
+    ok, bad = folder("ok"), folder("bad")
+    (bad / "result.json").write_text('{"tampered": 1}')
+    assert strip_dataset_text(tmp_path) == 4
+    assert verify_checksums(ok) is None and verify_checksums(bad) is not None
+    assert json.loads((ok / "generations.jsonl").read_text()) == {"qid": "q1", "answer": "Yes."}
+    assert json.loads((ok / "mc_items.jsonl").read_text())["logprobs_in_order"] == [-1.0, -2.0]
+    assert strip_dataset_text(tmp_path) == 0  # nothing left to strip

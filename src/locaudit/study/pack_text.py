@@ -62,8 +62,7 @@ def strip_dataset_text(root: str | Path) -> int:
     module docstring); returns the number of files rewritten. A file that is not JSON lines is left as it is."""
     root = Path(root)
     files = sorted(f for name in STRIPPERS for f in root.rglob(name) if f.is_file() and not f.is_symlink())
-    seals = {f: _sealing(f, root) for f in files}
-    intact = {d: verify_checksums(d) is None for d in set(seals.values()) if d is not None}
+    intact: dict[Path, bool] = {}  # a sealing folder -> whether its manifest matched, checked before its first rewrite
     changed, resealed = 0, set()
     for f in files:
         try:
@@ -73,10 +72,13 @@ def strip_dataset_text(root: str | Path) -> int:
         new = [STRIPPERS[f.name](r) if isinstance(r, dict) else r for r in recs]
         if new == recs:
             continue
+        seal = _sealing(f, root)
+        if seal is not None and seal not in intact:
+            intact[seal] = verify_checksums(seal) is None
         write_text_atomic(f, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))  # as written
         changed += 1
-        if seals[f] is not None and intact[seals[f]]:
-            resealed.add(seals[f])
+        if seal is not None and intact[seal]:
+            resealed.add(seal)
     for d in sorted(resealed):
         write_checksums(d)
     return changed
