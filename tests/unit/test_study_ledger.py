@@ -153,6 +153,18 @@ def test_second_driver_is_locked_out(tmp_path: Path) -> None:
         assert led.counts()["done"] == 0
 
 
+def test_lock_held_sees_a_live_writer_only(tmp_path: Path) -> None:
+    from locaudit.study.ledger import lock_held
+    lock = tmp_path / "run" / ".lock"
+    assert not lock_held(lock)  # no lock file yet
+    with Ledger(tmp_path / "run", writer=True):
+        assert lock_held(lock)
+        assert lock_held(lock)  # asking does not take it
+    assert lock.exists() and not lock_held(lock)  # released on close; the file stays
+    with Ledger(tmp_path / "run", writer=True):  # and asking left it free for the next writer
+        assert lock_held(lock)
+
+
 def test_ledger_refuses_double_finish(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     t = expand(spec)[0]

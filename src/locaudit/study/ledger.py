@@ -115,6 +115,26 @@ def ledger_file_problem(run_dir: Path) -> str | None:
     return None
 
 
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on `fd` without waiting; False where another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether a live process holds a run folder's lock file (a Ledger's writer takes it with flock)."""
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+
+
 class LedgerDamagedError(ConfigError):
     """The ledger file is damaged, truncated, empty or missing beside trial folders."""
 
@@ -194,9 +214,7 @@ class Ledger:
         except OSError as e:
             raise ConfigError(f"cannot write the lock file {self.run_dir / '.lock'}: {e.strerror or e} "
                               "(is the run folder read-only? use another --out)") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             os.close(fd)
             raise ConfigError(f"another locaudit run is using {self.run_dir} (its lock {self.run_dir / '.lock'} "
                               "is held); wait for it to finish or use another --out") from None

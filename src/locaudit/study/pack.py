@@ -23,7 +23,6 @@ swapped in at once, so a pack killed part way leaves the previous pack whole.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from locaudit.errors import ConfigError
 from locaudit.io import TMP_TAG, atomic_dir
-from locaudit.study.ledger import PACKED_EVENT
+from locaudit.study.ledger import PACKED_EVENT, lock_held
 from locaudit.study.pack_text import strip_dataset_text
 from locaudit.study.records import ARTIFACT_DIRS
 from locaudit.study.rundir import LEDGER_FILE, SHARED, TRIALS, RunDir
@@ -83,18 +82,6 @@ def _left_out(rel: Path, activations: bool) -> bool:
         return True
     return (not activations and rel.parts[0] == SHARED and len(rel.parts) > 1
             and rel.parts[1].split("-", 1)[0] in LEFT_OUT_KINDS)
-
-
-def _locked(lock: Path) -> bool:
-    """Whether a live process holds a run folder's lock (Ledger takes it with flock)."""
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock taken here
-    return False
 
 
 def _backup_ledger(src: Path, dst: Path) -> None:
@@ -157,7 +144,7 @@ def pack_run(run_dir: str | Path, dest: str | Path, activations: bool = False) -
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / LEDGER_FILE).is_file())):
         raise ConfigError(f"--out {dest} exists and is not an earlier pack (no {LEDGER_FILE} in it); "
                           "choose a new folder")
-    if (dest / ".lock").exists() and _locked(dest / ".lock"):
+    if lock_held(dest / ".lock"):
         raise ConfigError(f"--out {dest}: a locaudit run is using it (its lock {dest / '.lock'} is held); a pack "
                           "would replace the folder under it: pack elsewhere, or stop that run first")
     summary = PackSummary(dest)
