@@ -130,3 +130,31 @@ def test_the_page_says_how_training_ended_where_the_report_does(run, tmp_path) -
     assert rd.main(["--study", f"Tiny model={rep.parent}", "--out", str(out)]) == 0
     text = out.read_text()
     assert "### Training\n\nTraining ended by early stopping or by the step cap: probe top-K: 1 of 1 plateaued." in text
+
+
+def test_a_study_rendered_later_keeps_the_pages_other_sections(run, tmp_path) -> None:
+    out = tmp_path / "docs" / "results.md"
+    other = "## Does localization inform editing? (Hase et al. 2023) — Some model\n\nR² 0.123, typed by its own run.\n"
+    out.parent.mkdir(parents=True)
+    out.write_text(rd.HEADER + "\n" + other)
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0
+    text = out.read_text()
+    heads = [h for h, _ in rd.split_sections(text)]
+    assert heads == [other.splitlines()[0], rd.STUDY_HEADING.format(name="Tiny model")]
+    assert other in text and text.count("R² 0.123") == 1
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--check"]) == 0
+    # re-rendered in place (not appended again), and an edit to its own section is caught while the kept one is not
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0 and out.read_text() == text
+    out.write_text(text.replace("R² 0.123", "R² 0.456"))
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--check"]) == 0
+    out.write_text(text.replace("| optimal |", "| optimal (typed) |", 1))
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--check"]) == 1
+    # --fresh: only the sections given
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--fresh"]) == 0
+    assert "R² 0.123" not in out.read_text() and len(rd.split_sections(out.read_text())) == 1
+
+
+def test_the_committed_page_keeps_itself() -> None:
+    page = ROOT / "docs" / "results.md"
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith(rd.HEADER) and rd.merge(text, []) == text
