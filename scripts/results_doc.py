@@ -216,7 +216,7 @@ def merge(existing: str | None, sections: list[tuple[str, str]]) -> str:
     leaves the others alone. New sections follow the kept ones, in the order given."""
     new = dict(sections)
     kept = split_sections(existing) if existing else []
-    blocks = [new.pop(h, b) for h, b in kept] + [b for h, b in sections if h in new]
+    blocks = [new.pop(h, b) for h, b in kept] + [new.pop(h) for h, _ in sections if h in new]
     return "\n".join([HEADER] + [b.rstrip() + "\n" for b in blocks])
 
 

@@ -158,3 +158,5 @@ def test_the_committed_page_keeps_itself() -> None:
     page = ROOT / "docs" / "results.md"
     text = page.read_text(encoding="utf-8")
     assert text.startswith(rd.HEADER) and rd.merge(text, []) == text
+    twice = [("## A", "## A\n\nfirst\n"), ("## A", "## A\n\nsecond\n")]  # the same study given twice: once
+    assert rd.merge(None, twice) == rd.HEADER + "\n## A\n\nsecond\n"
