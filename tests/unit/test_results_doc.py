@@ -158,5 +158,10 @@ def test_the_committed_page_keeps_itself() -> None:
     page = ROOT / "docs" / "results.md"
     text = page.read_text(encoding="utf-8")
     assert text.startswith(rd.HEADER) and rd.merge(text, []) == text
-    twice = [("## A", "## A\n\nfirst\n"), ("## A", "## A\n\nsecond\n")]  # the same study given twice: once
+
+
+def test_a_study_given_twice_gets_one_section_the_last() -> None:
+    twice = [("## A", "## A\n\nfirst\n"), ("## A", "## A\n\nsecond\n")]
     assert rd.merge(None, twice) == rd.HEADER + "\n## A\n\nsecond\n"
+    kept = rd.merge(None, [("## A", "## A\n\nold\n"), ("## B", "## B\n\nb\n")])
+    assert rd.merge(kept, twice) == rd.HEADER + "\n## A\n\nsecond\n\n## B\n\nb\n"
