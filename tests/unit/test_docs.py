@@ -40,7 +40,7 @@ def design_of(name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- generated parts
-def test_generated_parts_are_current() -> None:
+def test_generated_parts_are_current(shared_data) -> None:
     """`make docs` would change nothing: no table derived from the source is stale."""
     import difflib
 
@@ -71,7 +71,7 @@ def _copy_docs(dst: Path) -> None:
     shutil.copytree(ROOT / gen().MEASUREMENTS, dst / gen().MEASUREMENTS)
 
 
-def test_a_deliberately_edited_figure_is_caught_and_regenerated(tmp_path) -> None:
+def test_a_deliberately_edited_figure_is_caught_and_regenerated(tmp_path, shared_data) -> None:
     """The check fails on a hand-edited figure inside a generated part and passes on the generated text."""
     g = gen()
     _copy_docs(tmp_path)
@@ -200,7 +200,7 @@ def _split(spec) -> tuple[int, ...] | None:
 
 
 @pytest.mark.parametrize("name", [p.name for p in gen().study_files()])
-def test_study_header_numbers_are_the_dry_runs(name: str) -> None:
+def test_study_header_numbers_are_the_dry_runs(name: str, shared_data) -> None:
     """A study file's header states only the trial counts, draws, floors, shifts and question numbers that
     `locaudit run FILE --dry-run` computes."""
     names = {p.name for p in gen().study_files()}
@@ -260,7 +260,7 @@ def readme_study_claims() -> list[tuple[str, list[str]]]:
     return out
 
 
-def test_readme_numbers_about_a_study_are_the_dry_runs() -> None:
+def test_readme_numbers_about_a_study_are_the_dry_runs(shared_data) -> None:
     """The README's paragraphs and table rows about a study file state its dry run's numbers (a block naming
     several study files must agree with one of them)."""
     errors = []
@@ -273,7 +273,7 @@ def test_readme_numbers_about_a_study_are_the_dry_runs() -> None:
     assert not errors, "\n".join(errors)
 
 
-def test_the_claim_check_catches_a_wrong_number() -> None:
+def test_the_claim_check_catches_a_wrong_number(shared_data) -> None:
     s = design_of("quickstart.yaml")
     assert dry_run_claims("19 random 8-head draws; 1/20 = 0.05", s) == []
     assert dry_run_claims("20 random 8-head draws", s) and dry_run_claims("1/20 = 0.06", s)
@@ -371,7 +371,7 @@ def test_every_measurement_file_states_where_and_when() -> None:
             assert "not re-run" in g.source_line(p.name, rec), p.name
 
 
-def test_a_figure_edited_in_the_doc_is_caught(tmp_path) -> None:
+def test_a_figure_edited_in_the_doc_is_caught(tmp_path, shared_data) -> None:
     """A figure typed over in the rendered benchmark table makes `--check` fail; `make docs` writes back the
     figure of its measurement file, and the check then passes."""
     g = gen()
@@ -390,7 +390,7 @@ def test_a_figure_edited_in_the_doc_is_caught(tmp_path) -> None:
     assert g.stale(tmp_path) == {}
 
 
-def test_a_figure_edited_in_its_file_makes_the_doc_stale(tmp_path) -> None:
+def test_a_figure_edited_in_its_file_makes_the_doc_stale(tmp_path, shared_data) -> None:
     """The doc follows its measurement file: change a figure there and the rendered table is stale until
     regenerated, and the regenerated one shows the new figure with the file's provenance."""
     g = gen()
