@@ -44,7 +44,7 @@ def test_the_packs_are_found() -> None:
 
 
 @pytest.mark.parametrize("pack", PACKS, ids=[p.name for p in PACKS])
-def test_a_pack_belongs_to_its_study_file(pack: Path) -> None:
+def test_a_pack_belongs_to_its_study_file(pack: Path, shared_data) -> None:
     from locaudit.study.spec import load_study
     from locaudit.study.trials import expand
 

@@ -88,13 +88,13 @@ def default_judge(holdout: str, holdout_splits: Sequence[str] = ("test",), seed:
     from locaudit.evaluate.judges.train import JudgeTrainConfig, train_judge
     from locaudit.evaluate.judges.trained import load_trained_judge
 
+    n_train, n_held, cap_by = _size(size)  # a bad size is named before anything is looked for
     data = judge_data_dir()
     if data is None:
         raise ConfigError("the default judge is trained on TruthfulQA's finetune_truth.jsonl / finetune_info.jsonl; "
                           "set LOCAUDIT_JUDGE_DATA to their folder, or train one with `locaudit judge train` "
                           "and pass --judge trained:DIR")
     out = default_judge_dir(holdout, holdout_splits, seed, fractions, max_questions, model, size)
-    n_train, n_held, cap_by = _size(size)
     if not (out / "judge.json").is_file():
         log.warning("no default judge for this hold-out yet: training one now (once; about 5-10 min on a 2-core CPU) "
                     "into %s. Splits %s of %s (seed %d) are held out of its training.", out,
