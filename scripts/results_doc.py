@@ -2,6 +2,7 @@
 
     python scripts/results_doc.py --study "SmolLM2-135M-Instruct=runs/answer-smollm2" \
         [--judge "SmolLM2-135M-Instruct=runs/answer-smollm2/report-gemma"] [--hase "SmolLM2-135M-Instruct=runs/hase_smollm2"]
+        [--planned "Gemma 3 270M=docs/plans/answer_gemma3.json"]
         [--out docs/results.md] [--check]
 
 Each `--study NAME=RUN` reads RUN/report (built by `locaudit run` / `locaudit report`): verdict.json and
@@ -10,7 +11,8 @@ matched KL, where the study has dose curves), timing.csv (trial costs) and the f
 docs/results/NAME-SLUG/. Each `--judge NAME=REPORT` adds a report of the same run re-scored by another judge
 (`locaudit report RUN --judge SPEC`): its verdict on the judged metrics beside the study's own, and the
 agreement of the two judges over every finished edit (Spearman correlation of the edits' True*Info, the share of
-edits whose True*Info differ by under 0.05). `--check` exits 1 when the file on disk differs from what the
+edits whose True*Info differ by under 0.05). Each `--planned NAME=DRYRUN` is a study designed but not run yet,
+from its dry-run's JSON (results_doc_planned.py): its design checks and measured cost, and the line that runs it. `--check` exits 1 when the file on disk differs from what the
 reports give (the docs test runs it on the committed reports).
 
 The page is one section per study (`## ` heading); a run renders the sections of the studies it is given and keeps
@@ -36,6 +38,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_doc_hase import render_hase  # noqa: E402
+from results_doc_planned import render_planned  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("hist_{m}.png", "single_vs_full_{m}.png", "dose_kl.png", "learning_curves.png")  # {m}: an edit method
@@ -287,13 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study", action="append", default=[], help="NAME=RUN (the report is RUN/report)")
     ap.add_argument("--judge", action="append", default=[], help="NAME=REPORT: the same run re-scored by another judge")
     ap.add_argument("--hase", action="append", default=[], help="NAME=RUN: a Hase study (locaudit hase run/report)")
+    ap.add_argument("--planned", action="append", default=[],
+                    help="NAME=DRYRUN: a study not run yet, from `locaudit run STUDY --dry-run --measure --json > "
+                         "DRYRUN` (a later --study NAME=RUN replaces its section)")
     ap.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     ap.add_argument("--check", action="store_true", help="exit 1 if the file differs from what the reports give")
     ap.add_argument("--fresh", action="store_true",
                     help="write only the sections given here (by default the page's other sections are kept)")
     args = ap.parse_args(argv)
-    if not args.study and not args.hase:
-        ap.error("at least one --study NAME=RUN or --hase NAME=RUN")
+    if not args.study and not args.hase and not args.planned:
+        ap.error("at least one --study NAME=RUN, --hase NAME=RUN or --planned NAME=DRYRUN")
     out = Path(args.out)
     studies = [load_report(n, p / "report") for n, p in _pairs(args.study, "--study")]
     names = {s.name for s in studies}
@@ -304,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         judges.setdefault(n, []).append(load_report(n, p))
     sections = [render_study(st, judges.get(st.name, []), out.parent / "results", out, copy=not args.check)
                 for st in studies]
+    for n, p in _pairs(args.planned, "--planned"):
+        if n in names:
+            raise SystemExit(f"results_doc: --planned {n}: also given as --study (a finished study replaces its plan)")
+        lines = render_planned(p, STUDY_HEADING.format(name=n))
+        sections.append((lines[0], "\n".join(lines).rstrip() + "\n"))
     for n, p in _pairs(args.hase, "--hase"):
         lines = render_hase(n, p, out.parent / "results", out, not args.check)
         sections.append((lines[0], "\n".join(lines).rstrip() + "\n"))
@@ -313,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         same = out.is_file() and out.read_text(encoding="utf-8") == text
         print(f"{out}: {'up to date' if same else 'differs from the reports: run scripts/results_doc.py'}")
         return 0 if same else 1
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)

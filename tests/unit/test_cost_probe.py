@@ -58,6 +58,9 @@ def test_estimate_is_the_measured_pieces_multiplied_out(tmp_path: Path, precisio
     tr = m["train"]
     assert tr["steps"] == 2 and tr["n_val"] == 4
     assert m["edits_together"] == 4  # evaluated together, as the group is: the 3 random draws, a single head
+    w = m["machine"]  # where it was measured, kept beside the numbers
+    assert w["precision"] == precision and w["device"] == "cpu" and w["threads"] == 1
+    assert w["cpu_capability"] and w["torch"] and w["measured_at"].endswith("Z")
     assert all(tr[k] > 0 for k in ("step_wall_s", "step_cpu_s", "val_wall_s", "val_cpu_s"))
     # 1 top + 3 random + 2 single + 1 all = 7 trials; 12 pairs / batch 2 = 6 steps an epoch, 3 epochs at most,
     # the earliest stop after patience 2 checks of every 2 steps
@@ -82,7 +85,8 @@ def test_cli_dry_run_measure_prints_the_range(tmp_path: Path) -> None:
     path = _spec(tmp_path)
     res = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--dry-run", "--measure"])
     assert res.exit_code == 0, res.output
-    assert "measured on this machine: an optimizer step at all heads" in res.output
+    assert "measured on this machine (cpu, " in res.output and "fp32, 1 thread(s), " in res.output
+    assert "): an optimizer step at all heads" in res.output
     assert "cost optimal (measured, 7 trials, each trained 4 to 18 steps" in res.output
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--measure"])

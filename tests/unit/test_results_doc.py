@@ -165,3 +165,80 @@ def test_a_study_given_twice_gets_one_section_the_last() -> None:
     assert rd.merge(None, twice) == rd.HEADER + "\n## A\n\nsecond\n"
     kept = rd.merge(None, [("## A", "## A\n\nold\n"), ("## B", "## B\n\nb\n")])
     assert rd.merge(kept, twice) == rd.HEADER + "\n## A\n\nsecond\n\n## B\n\nb\n"
+
+
+@pytest.fixture(scope="module")
+def dry_run_json(tmp_path_factory) -> Path:
+    """`locaudit run STUDY --dry-run --measure --json` on the tiny study of test_cost_probe.py, as a file."""
+    import json
+
+    from test_cost_probe import _spec
+    from typer.testing import CliRunner
+
+    from locaudit.cli.main import app
+
+    root = tmp_path_factory.mktemp("planned")
+    study = _spec(root)
+    res = CliRunner().invoke(app, ["run", str(study), "--out", str(root / "run"), "--dry-run", "--measure", "--json"])
+    assert res.exit_code == 0, res.output
+    # the JSON keeps the line that runs what it checked (without --dry-run)
+    assert json.loads(res.stdout)["command"] == f"locaudit run {study.as_posix()} --out {(root / 'run').as_posix()}"
+    path = root / "dryrun.json"
+    path.write_text(res.stdout)
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_planned_study_shows_its_design_and_measured_cost_until_its_run_replaces_it(run, dry_run_json,
+                                                                                     tmp_path) -> None:
+    import json
+
+    from locaudit.study.cost_probe import measure_text
+
+    d = json.loads(dry_run_json.read_text())
+    out = tmp_path / "docs" / "results.md"
+    assert rd.main(["--planned", f"Tiny model={dry_run_json}", "--out", str(out)]) == 0
+    text = out.read_text()
+    heading = rd.STUDY_HEADING.format(name="Tiny model")
+    assert [h for h, _ in rd.split_sections(text)] == [heading]
+    n = sum(d["counts"].values())
+    assert d["counts"]["optimal"] == 7 and n == len(d["trials"])
+    assert (f"**Not run yet.** Study `tiny-measure`: {n} trials ("
+            + ", ".join(f"{k} {kind}" for kind, k in d["counts"].items()) + f"); {n} new.") in text
+    assert "Design (alpha 0.05" in text and "assumed" in text  # no pilot: the study's assumed spread, said so
+    for line in measure_text(d["design"]["measured_cost"]):  # the measurement's own lines, with where it was made
+        assert line.strip() in text
+    assert f"{d['design']['measured_cost']['measured']['machine']['cpu_capability']}, fp32, 1 thread(s)" in text
+    assert f"```bash\n{d['command']}\n" in text
+    # the finished study of the same name replaces the plan in place; both at once is refused
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert [h for h, _ in rd.split_sections(text)] == [heading] and "Not run yet" not in text
+    with pytest.raises(SystemExit, match="also given as --study"):
+        rd.main(["--study", f"Tiny model={run}", "--planned", f"Tiny model={dry_run_json}", "--out", str(out)])
+
+
+def test_a_planned_study_without_a_measurement_is_named(dry_run_json, tmp_path) -> None:
+    import json
+
+    d = json.loads(dry_run_json.read_text())
+    del d["design"]["measured_cost"]
+    bad = tmp_path / "plain.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(SystemExit, match=r"plain.json: missing design.measured_cost \(run the dry-run with --measure\)"):
+        rd.main(["--planned", f"x={bad}", "--out", str(tmp_path / "r.md")])
+    with pytest.raises(SystemExit, match="no such file"):
+        rd.main(["--planned", f"x={tmp_path / 'none.json'}", "--out", str(tmp_path / "r.md")])
+
+
+def test_the_committed_pages_planned_studies_are_their_dry_runs(monkeypatch) -> None:
+    """A "Not run yet" section of docs/results.md is what its committed dry-run JSON renders, nothing typed."""
+    import re
+
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    planned = [(h, re.search(r"From `([^`]+\.json)`", b)) for h, b in rd.split_sections(text) if "**Not run yet.**" in b]
+    for heading, src in planned:
+        assert src, f"{heading}: a planned section names the dry-run it renders"
+        name = heading.split(" — ", 1)[1]
+        assert rd.main(["--planned", f"{name}={src.group(1)}", "--out", "docs/results.md", "--check"]) == 0, heading

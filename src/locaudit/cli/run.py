@@ -98,7 +98,10 @@ def run(
     if measure and not dry_run:
         raise typer.BadParameter("--measure times a design's pieces: use it with --dry-run", param_hint="--measure")
     if dry_run:
-        _dry_run(spec, run_dir, json_out, pilot, measure)
+        cmd = " ".join(["locaudit run", study.as_posix(), "--out", Path(run_dir).as_posix()]
+                       + (["--model", model.strip()] if model is not None else [])
+                       + (["--precision", precision.value] if precision is not None else []))
+        _dry_run(spec, run_dir, json_out, pilot, measure, cmd)
         return
     summary = run_study(spec, run_dir, executor=executor, address=address, retry_failed=retry_failed, kinds=kinds,
                         max_trials=max_trials, cpus=cpus, gpus=gpus, num_cpus=num_cpus)
@@ -201,10 +204,11 @@ def pilot_spread(observed, n_questions: int | None):
     return out
 
 
-def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None, measure: bool = False) -> None:
+def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None, measure: bool = False,
+             command: str | None = None) -> None:
     """The trials with their status, then the design checks (analysis.design): observed spread and timings
     from a pilot's run folder (--pilot), else from the run folder where it has results, else the study's
-    assumptions."""
+    assumptions. `command`: the `locaudit run` line that runs what was checked (kept in the JSON)."""
     from locaudit.errors import LocauditError
     from locaudit.study.analysis import design, design_text
     from locaudit.study.trials import expand
@@ -246,7 +250,7 @@ def _dry_run(spec, run_dir: Path, as_json: bool, pilot: Path | None = None, meas
 
         from locaudit.io import strict_json
 
-        payload = {"study": spec.name, "run_dir": str(run_dir), "counts": by,
+        payload = {"study": spec.name, "run_dir": str(run_dir), "command": command, "counts": by,
                    "trials": [{"key": t.key, "kind": t.kind, "name": t.name, "status": status.get(t.key, "new")}
                               for t in trials], "design": d}
         typer.echo(json.dumps(strict_json(payload), indent=2, allow_nan=False))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,8 @@ def measure_study(spec: Any, steps: int = 4) -> dict:
         n_split = len(ctx.eval_view(split, ev.max_questions).questions(split))
         q = min(Q_MC, n_split)
         metrics = list(ev.metrics)
-        measured: dict[str, Any] = {"train": train, "n_split": n_split, "edits_together": len(edits)}
+        measured: dict[str, Any] = {"train": train, "n_split": n_split, "edits_together": len(edits),
+                                    "machine": machine(ctx.precision)}
 
         def per_edit(t) -> dict[str, float]:
             return {k: v / len(edits) for k, v in _since(t).items()}
@@ -142,6 +144,17 @@ def measure_study(spec: Any, steps: int = 4) -> dict:
         est = _estimate(ctx, trials, cfg, measured, len(p.enc_val) if p.enc_val is not None else 0,
                         len(train_pairs))
     return {"measured": measured, "optimal": est}
+
+
+def machine(precision: Any) -> dict[str, Any]:
+    """Where the pieces were timed, for a measurement kept beside the numbers: the resolved precision and the
+    CPU's (or GPU's) capability, torch's threads and version, and when (UTC)."""
+    import torch
+
+    meta = precision.meta()
+    return {"precision": meta["precision"], "device": meta["device"], "cpu_capability": meta["cpu_capability"],
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _heads(ctx, trial):
@@ -203,7 +216,10 @@ def measure_text(r: dict) -> list[str]:
     if not o:
         return ["  measured cost: no optimal trials"]
     tr = m["train"]
-    lines = [f"  measured on this machine: an optimizer step at all heads {tr['step_wall_s']:.2f} s wall "
+    w = m.get("machine")  # absent from a measurement written before it was kept
+    where = (f" ({w['device']}, {w['cpu_capability']}, {w['precision']}, {w['threads']} thread(s), "
+             f"{w['measured_at']})" if w else "")
+    lines = [f"  measured on this machine{where}: an optimizer step at all heads {tr['step_wall_s']:.2f} s wall "
              f"({tr['step_cpu_s']:.2f} s CPU)"
              + (f", a validation pass over {tr['n_val']} pairs {tr['val_wall_s']:.1f} s" if "val_wall_s" in tr else "")
              + (f", MC {m['mc']['wall_s'] / m['mc']['questions']:.2f} s per question" if "mc" in m else "")
