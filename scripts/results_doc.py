@@ -216,11 +216,14 @@ def split_sections(text: str) -> list[tuple[str, str]]:
 def merge(existing: str | None, sections: list[tuple[str, str]]) -> str:
     """The page with `sections` (heading, block) rendered now, and every section of `existing` that none of them
     replaces kept as it was, in place: studies finished at different times share one page, and re-rendering one
-    leaves the others alone. New sections follow the kept ones, in the order given."""
+    leaves the others alone. New sections follow the kept ones, in the order given; then the paper's question
+    (Wang & Veitch's sections) leads, ahead of every other kind of section, each kind keeping that order."""
     new = dict(sections)
     kept = split_sections(existing) if existing else []
-    blocks = [new.pop(h, b) for h, b in kept] + [new.pop(h) for h, _ in sections if h in new]
-    return "\n".join([HEADER] + [b.rstrip() + "\n" for b in blocks])
+    blocks = [(h, new.pop(h, b)) for h, b in kept] + [(h, new.pop(h)) for h, _ in sections if h in new]
+    lead = STUDY_HEADING.split("{", 1)[0]
+    blocks.sort(key=lambda hb: not hb[0].startswith(lead))  # stable: each kind keeps its order
+    return "\n".join([HEADER] + [b.rstrip() + "\n" for _, b in blocks])
 
 
 def render_study(st: Study, others: list[Study], fig_root: Path, out: Path, copy: bool) -> tuple[str, str]:

@@ -140,7 +140,7 @@ def test_a_study_rendered_later_keeps_the_pages_other_sections(run, tmp_path) ->
     assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0
     text = out.read_text()
     heads = [h for h, _ in rd.split_sections(text)]
-    assert heads == [other.splitlines()[0], rd.STUDY_HEADING.format(name="Tiny model")]
+    assert heads == [rd.STUDY_HEADING.format(name="Tiny model"), other.splitlines()[0]]  # the paper's question leads
     assert other in text and text.count("R² 0.123") == 1
     assert rd.main(["--study", f"Tiny model={run}", "--out", str(out), "--check"]) == 0
     # re-rendered in place (not appended again), and an edit to its own section is caught while the kept one is not
@@ -165,6 +165,16 @@ def test_a_study_given_twice_gets_one_section_the_last() -> None:
     assert rd.merge(None, twice) == rd.HEADER + "\n## A\n\nsecond\n"
     kept = rd.merge(None, [("## A", "## A\n\nold\n"), ("## B", "## B\n\nb\n")])
     assert rd.merge(kept, twice) == rd.HEADER + "\n## A\n\nsecond\n\n## B\n\nb\n"
+
+
+def test_the_papers_question_leads_the_page_each_kind_in_its_order() -> None:
+    wv = [rd.STUDY_HEADING.format(name=n) for n in ("M1", "M2", "M3")]
+    page = rd.merge(None, [("## Hase 1", "## Hase 1\n"), (wv[1], wv[1] + "\n"), ("## Hase 2", "## Hase 2\n"),
+                           (wv[0], wv[0] + "\n")])
+    assert [h for h, _ in rd.split_sections(page)] == [wv[1], wv[0], "## Hase 1", "## Hase 2"]
+    later = rd.merge(page, [(wv[2], wv[2] + "\n"), (wv[0], wv[0] + "\nnew\n")])  # replaced in place, new after
+    assert [h for h, _ in rd.split_sections(later)] == [wv[1], wv[0], wv[2], "## Hase 1", "## Hase 2"]
+    assert "new" in later and rd.merge(later, []) == later
 
 
 @pytest.fixture(scope="module")
