@@ -112,6 +112,33 @@ def test_report_complete_study(tmp_path: Path, spec) -> None:
     assert "null" in (rep.out_dir / "verdict.json").read_text()  # NaN numbers (e.g. welch_seeds_p) became null
 
 
+@pytest.mark.parametrize("primary", [None, "mc2"])
+def test_the_histograms_and_grid_curves_show_the_verdicts_metric(tmp_path: Path, primary, monkeypatch) -> None:
+    """The figures of the headline comparison plot the metric the verdict rests on: the study's
+    verdict.primary_metric where it names one (MC2 here), not the first of the frame's metrics (True*Info)."""
+    import locaudit.study.figures as F
+
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    study = {**STUDY, "verdict": {"primary_metric": primary}} if primary else STUDY
+    spec = parse_study(study, tmp_path, "s.yaml")
+    run = tmp_path / "run"
+    run_study(spec, run, fn=paper_like, progress=False)
+    seen: dict[str, list] = {"hist": [], "grid": []}
+    for name, fig in (("hist", "hist_random_vs_top"), ("grid", "grid_curves")):
+        real = getattr(F, fig)
+
+        def spy(*a, _real=real, _name=name, **k):
+            seen[_name].append(k.get("metric"))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(F, fig, spy)
+    rep = build_report(run, n_resamples=99)
+    want = primary or "true_info"
+    assert rep.verdict["primary_metric"] == want
+    assert seen["hist"] == [want, want] and seen["grid"] == [want, want]  # ITI and optimal
+    assert "hist_optimal" in rep.figures and "grid_optimal" in rep.figures
+
+
 def test_best_grid_point_selection(tmp_path: Path, spec) -> None:
     run = tmp_path / "run"
     run_study(spec, run, fn=paper_like, progress=False)

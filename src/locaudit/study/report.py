@@ -289,7 +289,8 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere}
 
 
 def _figures(run_dir: Path, out: Path, res: pd.DataFrame, selected: pd.DataFrame, singles: pd.DataFrame, probe,
-             top_k: int) -> dict[str, Path]:
+             top_k: int, primary: str | None) -> dict[str, Path]:
+    """The report's figures; the histograms and grid curves show `primary`, the metric the verdict rests on."""
     figs: dict[str, Path] = {}
 
     def add(name: str, p):
@@ -297,13 +298,13 @@ def _figures(run_dir: Path, out: Path, res: pd.DataFrame, selected: pd.DataFrame
             figs[name] = Path(p)
 
     for m in METHODS:
-        add(f"hist_{m}", F.hist_random_vs_top(selected, m, out / f"hist_{m}.png", top_k=top_k))
+        add(f"hist_{m}", F.hist_random_vs_top(selected, m, out / f"hist_{m}.png", metric=primary, top_k=top_k))
     add("truth_info", F.truth_info_scatter(res, out / "truth_info.png"))
     add("kl_mc", F.kl_mc_scatter(res, out / "kl_mc.png"))
     for m in METHODS:
         add(f"single_vs_full_{m}", F.single_vs_full(selected, singles, m, out / f"single_vs_full_{m}.png", top_k=top_k))
     for m in METHODS:
-        add(f"grid_{m}", F.grid_curves(res, m, out / f"grid_{m}.png"))
+        add(f"grid_{m}", F.grid_curves(res, m, out / f"grid_{m}.png", metric=primary))
     if probe is None:
         (out / "probe_heatmap.png").unlink(missing_ok=True)  # never show a stale heatmap of an earlier build
     if probe is not None:
@@ -428,7 +429,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, n_resam
         tables["matched_kl.csv"] = _write_df(dose.table, out / "matched_kl.csv")
     write_json_atomic(out / "verdict.json", vd)
     tables["verdict.json"] = out / "verdict.json"
-    figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k)
+    figs = _figures(run_dir, out, res, a.selected, singles, probe, top_k, a.primary)
     figs.update(dose.figures if dose is not None else {})
     if training is not None:
         if training.figure is not None:
