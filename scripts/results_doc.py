@@ -12,8 +12,9 @@ docs/results/NAME-SLUG/. Each `--judge NAME=REPORT` adds a report of the same ru
 (`locaudit report RUN --judge SPEC`): its verdict on the judged metrics beside the study's own, and the
 agreement of the two judges over every finished edit (Spearman correlation of the edits' True*Info, the share of
 edits whose True*Info differ by under 0.05). Each `--planned NAME=DRYRUN` is a study designed but not run yet,
-from its dry-run's JSON (results_doc_planned.py): its design checks and measured cost, and the line that runs it. `--check` exits 1 when the file on disk differs from what the
-reports give (the docs test runs it on the committed reports).
+from its dry-run's JSON (results_doc_planned.py): its design checks and measured cost, and the line that runs it.
+`--check` exits 1 when the file on disk differs from what the reports give (the docs test runs it on the committed
+reports).
 
 The page is one section per study (`## ` heading); a run renders the sections of the studies it is given and keeps
 every other section of the existing page as it was (`--fresh`: only the given ones), so studies finished at

@@ -41,17 +41,17 @@ def render_planned(path: Path, heading: str) -> list[str]:
     status: dict[str, int] = {}
     for t in d.get("trials", []):
         status[t["status"]] = status.get(t["status"], 0) + 1
-    assumed = sorted({c.get("spread") for c in des.get("comparisons", []) if c.get("spread")})
+    spreads = sorted({c.get("spread") for c in des.get("comparisons", []) if c.get("spread")})
     lines = [heading, "",
              f"**Not run yet.** Study `{d['study']}`: {sum(counts.values())} trials ("
              + ", ".join(f"{n} {k}" for k, n in counts.items()) + "); "
              + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ". "
              f"From `{path.as_posix()}` (`locaudit run ... --dry-run --measure --json`).", "",
              "### Design and power", "",
-             f"Spread of the random draws: {', '.join(assumed) or 'n/a'} (a pilot's observed spread replaces an "
+             f"Spread of the random draws: {', '.join(spreads) or 'n/a'} (a pilot's observed spread replaces an "
              "assumed one: `--dry-run --pilot`).", "", "```"]
     lines += [ln for ln in design_text(des) if not ln.lstrip().startswith("cost ")]
-    lines += ["```", "", "### Cost here", "", "```"]
+    lines += ["```", "", "### Cost where it was measured", "", "```"]
     lines += [ln.strip() for ln in measure_text(des["measured_cost"])]
     run = d.get("command") or f"locaudit run STUDY --out {d.get('run_dir', 'RUN')}"
     lines += ["```", "", "To run it: first what its study file's header lists before it (a validation sweep that "
