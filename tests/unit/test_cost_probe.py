@@ -91,3 +91,17 @@ def test_cli_dry_run_measure_prints_the_range(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--measure"])
     assert bad.exit_code != 0 and "--dry-run" in bad.output
+
+
+def test_dry_run_json_keeps_the_line_that_runs_it_with_its_overrides(tmp_path: Path) -> None:
+    import json
+
+    from locaudit.cli.main import app
+
+    path = _spec(tmp_path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--dry-run", "--json", "--precision", "bf16"])
+    assert res.exit_code == 0, res.output
+    cmd = json.loads(res.stdout)["command"]
+    assert cmd == f"locaudit run {path.as_posix()} --out {out.as_posix()} --precision bf16"
+    assert not out.exists()
