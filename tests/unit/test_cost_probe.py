@@ -32,7 +32,7 @@ optimal:
   batch_size: 2
   dose_steps: [0.5]
   dose_localizers: [top, random, all]
-  train_options: {{eval_every: 2, patience: 2, max_epochs: 3}}
+  train_options: {{eval_every: 2, patience: 2, max_epochs: 3, warmup_ratio: 0.3}}
 evaluation: {{metrics: [mc, kl], max_questions: 6}}
 verdict: {{primary_metric: mc2}}
 """
@@ -63,8 +63,9 @@ def test_estimate_is_the_measured_pieces_multiplied_out(tmp_path: Path, precisio
     assert w["cpu_capability"] and w["torch"] and w["measured_at"].endswith("Z")
     assert all(tr[k] > 0 for k in ("step_wall_s", "step_cpu_s", "val_wall_s", "val_cpu_s"))
     # 1 top + 3 random + 2 single + 1 all = 7 trials; 12 pairs / batch 2 = 6 steps an epoch, 3 epochs at most,
-    # the earliest stop after patience 2 checks of every 2 steps
-    assert o["trials"] == 7 and o["steps_low"] == 4 and o["steps_high"] == 18
+    # 18 steps, the first ceil(0.3 x 18) = 6 of them warm-up: the earliest stop is 2 checks (every 2 steps)
+    # counted from step 6, at step 8 (at step 4 if warm-up checks counted)
+    assert o["trials"] == 7 and o["steps_low"] == 8 and o["steps_high"] == 18
     step = tr["step_wall_s"] + tr["val_wall_s"] / 2
     assert o["step_wall_s"] == pytest.approx(step)
     ev = m["mc"]["wall_s"] / m["mc"]["questions"] * m["n_split"] + m["kl"]["wall_s"]
@@ -74,7 +75,7 @@ def test_estimate_is_the_measured_pieces_multiplied_out(tmp_path: Path, precisio
     L = 2
     fixed = 7 * ev + 5 * ev  # every trial's evaluation; one dose point each for top, 3 random and all
     assert 7 * 18 * step / L - 1e-9 <= o["high_wall_s"] - fixed <= 7 * 18 * step + 1e-9
-    assert o["low_wall_s"] - fixed == pytest.approx((o["high_wall_s"] - fixed) * 4 / 18)
+    assert o["low_wall_s"] - fixed == pytest.approx((o["high_wall_s"] - fixed) * 8 / 18)
     assert math.isfinite(o["high_cpu_s"]) and o["low_cpu_s"] <= o["high_cpu_s"]
     assert not list(tmp_path.glob("**/ledger.sqlite"))  # nothing of a run is written
 
@@ -87,7 +88,7 @@ def test_cli_dry_run_measure_prints_the_range(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "measured on this machine (cpu, " in res.output and "fp32, 1 thread(s), " in res.output
     assert "): an optimizer step at all heads" in res.output
-    assert "cost optimal (measured, 7 trials, each trained 4 to 18 steps" in res.output
+    assert "cost optimal (measured, 7 trials, each trained 8 to 18 steps" in res.output
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run"), "--measure"])
     assert bad.exit_code != 0 and "--dry-run" in bad.output

@@ -43,6 +43,61 @@ def test_stopper_keeps_the_best_state_and_stops_after_patience() -> None:
     assert all(float(p.detach().abs().max()) == 0.0 for p in stack.edit_parameters(1))
 
 
+def test_evaluations_inside_the_warmup_do_not_count_against_patience() -> None:
+    lm = tiny_model("llama", n_layers=2)
+    flat = [5.0] * 12
+    for count_from, stop_at in ((0, 2), (5, 6), (11, None)):
+        stack = build_stack(lm.sites, [HeadSet.parse("L0H0")])
+        stop = EarlyStopping(stack, patience=2, count_from=count_from)
+        for step, loss in enumerate(flat):
+            stop.update(step, [loss])
+        assert stop.stopped_at == [stop_at] and stop.best_step == [0]
+    stack = build_stack(lm.sites, [HeadSet.parse("L0H0")])  # an improvement after the warm-up resets the count
+    stop = EarlyStopping(stack, patience=2, count_from=3)
+    for step, loss in enumerate([5.0, 5.0, 5.0, 5.0, 4.0, 4.0, 4.0, 4.0]):
+        stop.update(step, [loss])
+    assert stop.best_step == [4] and stop.stopped_at == [6]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_edit_that_gains_nothing_trains_through_its_warmup(precision) -> None:
+    """min_delta = 1 makes every evaluation count as no improvement. 6 pairs in micro-batches of 2 for 4 epochs:
+    12 steps, the first 6 of them warm-up. Patience 2 then stops the edit at step 7 (its evaluations at steps 6 and 7),
+    not at step 2 inside the warm-up where the learning rate is still a fraction of the one chosen."""
+    lm = tiny_model("llama", n_layers=2)
+    cfg = dict(BASE, precision=precision, warmup_ratio=0.5, eval_every=1, patience=2, max_epochs=4, min_delta=1.0)
+    edit, lg = train_edit(lm, HeadSet.parse("L0H1"), pairs(6), pairs(3, 40), config=cfg)
+    made = TrainConfig.make(**{k: v for k, v in cfg.items() if k != "precision"})
+    assert made.total_steps(6) == 12 and made.warmup_steps(6) == 6 and made.earliest_stop(6) == 7
+    assert lg.patience_from == 6 and lg.stopped_step == 7 and lg.best["step"] == 0
+    assert [s["step"] for s in lg.steps] == list(range(7))  # it trained until its stop, no step after it
+    assert lg.to_dict()["patience_from"] == 6 and edit.meta["curve"]["patience_from"] == 6
+    assert float(edit.b.abs().max()) == 0.0  # the state kept is the unedited one
+
+
+def test_the_earliest_stop_counts_from_the_first_check_after_the_warmup() -> None:
+    cfg = TrainConfig.make(batch_size=4, max_epochs=4, eval_every=16, patience=3, warmup_ratio=0.1)
+    assert cfg.total_steps(1024) == 1024 and cfg.warmup_steps(1024) == 103
+    assert cfg.earliest_stop(1024) == 112 + 2 * 16  # checks at 112, 128, 144
+    assert cfg.model_copy(update={"warmup_ratio": 0.0}).earliest_stop(1024) == 48  # checks at 16, 32, 48
+    assert cfg.model_copy(update={"eval_every": None}).earliest_stop(1024) == 2 * 256  # epochs (2) without it
+    assert cfg.model_copy(update={"patience": 100}).earliest_stop(1024) == 1024  # never before the cap
+
+
+def test_a_curve_stopped_inside_its_warmup_by_the_old_count_is_stale() -> None:
+    from locaudit.edit.stopping import stopped_in_warmup
+
+    evals = [{"step": s, "val_loss": 25.0} for s in range(0, 65, 16)]
+    old = {"evals": evals, "stopped_step": 64}
+    assert stopped_in_warmup(old, warmup_steps=103, patience=3)
+    assert not stopped_in_warmup(old, warmup_steps=32, patience=3)  # its 3 counted checks (32, 48, 64) after it
+    assert stopped_in_warmup(old, warmup_steps=33, patience=3)
+    assert not stopped_in_warmup({**old, "patience_from": 103}, warmup_steps=103, patience=3)  # today's count
+    assert not stopped_in_warmup({"evals": evals, "stopped_step": None}, warmup_steps=103, patience=3)
+    late = {"evals": [{"step": s} for s in range(0, 193, 16)], "stopped_step": 192}
+    assert not stopped_in_warmup(late, warmup_steps=103, patience=3)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_returned_edit_is_the_best_validation_snapshot(precision) -> None:
     """Validation on the training pairs with a high learning rate and a wide IPO target (tau = 2: a gap of 0.25)

@@ -131,3 +131,58 @@ def test_a_pass_killed_part_way_goes_on_from_its_checkpoint(tmp_path: Path, monk
     for key, r in _rows(tmp_path / "clean").items():
         assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key
         assert resumed[key]["metrics"]["train_val_loss"] == pytest.approx(r["metrics"]["train_val_loss"], abs=1e-7), key
+
+
+def test_an_edit_stopped_inside_its_warmup_by_the_old_count_is_trained_again(tmp_path: Path, monkeypatch,
+                                                                              caplog) -> None:
+    """Early-stopping evaluations inside the learning-rate warm-up no longer count against patience. A saved edit
+    whose curve says the old count stopped it there (no `patience_from`, its counted checks before the warm-up's
+    end) is not what its settings mean now: the rerun trains its pass again and ends with a clean run's numbers."""
+    import json
+    import logging
+
+    from locaudit.edit import multi
+    from locaudit.io import write_checksums
+    from locaudit.study.runner import run_study
+    from locaudit.study.spec import load_study
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_judge_data(data, mc=True)
+    spec_path = tmp_path / "study.yaml"  # 8 pairs in batches of 4, 4 epochs: 8 steps, the first 4 warm-up
+    spec_path.write_text(STUDY.format(csv=data / "TruthfulQA.csv").replace(
+        "{max_parallel: 2}", "{max_parallel: 2, eval_every: 1, patience: 1, max_epochs: 4, warmup_ratio: 0.5}"))
+    spec = load_study(spec_path)
+    real = multi.train_stack
+    passes: list[int] = []
+
+    def dies_in_the_second_pass(lm, heads, *a, **k):
+        passes.append(len(heads))
+        if len(passes) == 2:
+            raise Killed("killed in the second pass")
+        return real(lm, heads, *a, **k)
+
+    monkeypatch.setattr(multi, "train_stack", dies_in_the_second_pass)
+    assert run_study(spec, tmp_path / "run", progress=False).failed > 0
+    metas = sorted((tmp_path / "run" / "shared").glob("optimal-*/meta.json"))
+    assert len(metas) == passes[0] >= 1
+    for m in metas:  # as the first pass's edits would have been saved by the old count
+        meta = json.loads(m.read_text())
+        assert meta["curve"]["patience_from"] == 4
+        del meta["curve"]["patience_from"]
+        meta["curve"].update(stopped_step=1, evals=meta["curve"]["evals"][:2])
+        m.write_text(json.dumps(meta))
+        write_checksums(m.parent)  # a sound folder: only its curve says it is stale
+
+    passes.clear()
+    monkeypatch.setattr(multi, "train_stack", lambda lm, heads, *a, **k: passes.append(len(heads)) or real(lm, heads, *a, **k))
+    with caplog.at_level(logging.WARNING, logger="locaudit.study.steps.optimal"):
+        again = run_study(spec, tmp_path / "run", progress=False, retry_failed=True)
+    assert again.failed == 0 and sum(passes) == 5  # the first pass is trained again with the two the kill lost
+    assert sum("learning-rate warm-up" in r.getMessage() for r in caplog.records) == len(metas)
+    assert all(json.loads(m.read_text())["curve"]["patience_from"] == 4 for m in metas)
+    resumed = _rows(tmp_path / "run")
+    monkeypatch.setattr(multi, "train_stack", real)
+    assert run_study(spec, tmp_path / "clean", progress=False).failed == 0
+    for key, r in _rows(tmp_path / "clean").items():
+        assert resumed[key]["metrics"]["mc2"] == pytest.approx(r["metrics"]["mc2"], abs=1e-6), key

@@ -29,7 +29,7 @@ CFG = dict(progress=False, reference_disk_cache=False, batch_size=2, grad_accum=
            eval_every=1, patience=3, max_epochs=6, snapshot_steps=[0.25, 0.5], max_parallel=3, group_copy_cost=0.0)
 
 
-def run(lm, precision, resume_dir=None, kill_after=None, lrs=LRS, monkeypatch=None):
+def run(lm, precision, resume_dir=None, kill_after=None, lrs=LRS, monkeypatch=None, cfg=None):
     """train_edits on the tiny model; with kill_after, the process 'dies' at that forward of the training loop."""
     if kill_after is not None:
         calls = [0]
@@ -44,7 +44,7 @@ def run(lm, precision, resume_dir=None, kill_after=None, lrs=LRS, monkeypatch=No
 
         monkeypatch.setattr(train_mod.StackRunner, "logps", dying)
     try:
-        return train_edits(lm, HEADS, pairs(8), pairs(4, 50), config=dict(CFG, precision=precision), lrs=lrs,
+        return train_edits(lm, HEADS, pairs(8), pairs(4, 50), config=dict(cfg or CFG, precision=precision), lrs=lrs,
                            resume_dir=resume_dir)
     finally:
         if kill_after is not None:
@@ -175,3 +175,57 @@ def test_a_later_attempt_plans_the_same_passes(tmp_path, monkeypatch) -> None:
     assert all(again[i][1].resumed_at == [1] for i in rest)  # 3 micro-batches: the checkpoint after step 1
     same([whole[i] for i in rest], [again[i] for i in rest])
     same([whole[i] for i in saved], [saved[i] for i in saved])
+
+
+WARM = dict(CFG, warmup_ratio=0.5)  # 12 steps, the first 6 of them warm-up
+
+
+def _as_saved_before_the_warmup_rule(path, change) -> None:
+    """Rewrite a pass checkpoint as locaudit wrote it before patience skipped the warm-up (no count_from),
+    then apply `change` to its early-stopping record."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["locaudit_pass"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    stopper = meta["info"]["stopper"]
+    del stopper["count_from"]
+    change(stopper)
+    save_file(tensors, str(path), metadata={"locaudit_pass": json.dumps(meta)})
+
+
+def _warm_run(lm, resume_dir=None, kill_after=None, monkeypatch=None):
+    return run(lm, "fp32", resume_dir, kill_after, monkeypatch=monkeypatch, cfg=WARM)
+
+
+def test_an_older_checkpoint_counts_its_warmup_evaluations_again(tmp_path, monkeypatch) -> None:
+    """A checkpoint saved inside the warm-up by the old count (evaluations there counted against patience) resumes
+    with each edit's count taken again from its curve: the pass ends where an uninterrupted one does."""
+    lm = tiny_model("llama", n_layers=3)
+    whole = _warm_run(lm)
+    with pytest.raises(Killed):
+        _warm_run(lm, tmp_path / "p", 8, monkeypatch)  # 4 steps done, inside the 6-step warm-up
+    (f,) = (tmp_path / "p").glob("pass-*/pass.safetensors")
+    _as_saved_before_the_warmup_rule(f, lambda s: s.update(bad=[2 if at is None else b
+                                                               for b, at in zip(s["bad"], s["stopped_at"])]))
+    resumed = _warm_run(lm, tmp_path / "p")
+    assert [lg.resumed_at for _, lg in resumed] == [[4]] * 3
+    same(whole, resumed)
+
+
+def test_an_older_checkpoint_with_an_edit_stopped_in_its_warmup_trains_the_pass_again(tmp_path, monkeypatch,
+                                                                                        caplog) -> None:
+    lm = tiny_model("llama", n_layers=3)
+    whole = _warm_run(lm)
+    with pytest.raises(Killed):
+        _warm_run(lm, tmp_path / "p", 8, monkeypatch)
+    (f,) = (tmp_path / "p").glob("pass-*/pass.safetensors")
+    _as_saved_before_the_warmup_rule(f, lambda s: s.update(stopped_at=[None, 3, None]))  # edit 1, by the old count
+    with caplog.at_level(logging.WARNING, logger="locaudit.edit.train"):
+        again = _warm_run(lm, tmp_path / "p")
+    assert any("not resuming" in r.getMessage() and "warm-up" in r.getMessage() for r in caplog.records)
+    assert all(lg.resumed_at == [] for _, lg in again)
+    same(whole, again)

@@ -89,7 +89,8 @@ class TrainConfig(BaseModel):
         "optimizer steps (and at step 0), keep each edit's best-validation state, freeze an edit after `patience` "
         "evaluations without an improvement of `min_delta`, end the pass when every edit is frozen; the edit "
         "returned is its best state. Needs validation pairs. None: train `epochs` epochs, keep the last state")
-    patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement before an edit stops")
+    patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement before an edit stops "
+                          "(those inside the learning-rate warm-up do not count)")
     min_delta: float = Field(0.0, ge=0, description="early stopping: the least validation-loss decrease that counts "
                              "as an improvement")
     max_epochs: int | None = Field(
@@ -143,6 +144,26 @@ class TrainConfig(BaseModel):
     def resolved_epochs(self) -> int:
         """Epochs a pass may run: max_epochs (else epochs) with early stopping, epochs without."""
         return self.epochs if self.eval_every is None else (self.max_epochs or self.epochs)
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps a pass over `n_train` pairs may run: resolved_epochs x steps per epoch."""
+        return self.resolved_epochs() * math.ceil(math.ceil(n_train / self.batch_size) / self.grad_accum)
+
+    def warmup_steps(self, n_train: int) -> int:
+        """Optimizer steps of linear learning-rate warm-up (warmup_ratio of total_steps, rounded up); early
+        stopping counts no evaluation before it against patience."""
+        return math.ceil(self.warmup_ratio * self.total_steps(n_train))
+
+    def earliest_stop(self, n_train: int) -> int:
+        """The fewest optimizer steps a pass over `n_train` pairs can run: with early stopping, `patience` checks
+        without improvement counted from the first check at or after the warm-up's end (a check at step 0 only
+        sets the reference); without it, total_steps."""
+        total = self.total_steps(n_train)
+        if self.eval_every is None:
+            return total
+        ev = self.eval_every
+        first = max(ev, math.ceil(self.warmup_steps(n_train) / ev) * ev)
+        return min(total, first + (self.patience - 1) * ev)
 
     def resolved_snapshots(self, total_steps: int) -> list[int]:
         """snapshot_steps as optimizer step counts in 1..total_steps (fractions of `total_steps` rounded, at least 1)."""

@@ -175,7 +175,7 @@ def capture(stack, opt: torch.optim.Optimizer, sched, stopper, logs: list, step:
                 tensors[f"snap.{e}.{s}.{j}"] = t
     if stopper is not None:
         info["stopper"] = {"best_loss": stopper.best_loss, "best_step": stopper.best_step, "bad": stopper.bad,
-                           "stopped_at": stopper.stopped_at,
+                           "stopped_at": stopper.stopped_at, "count_from": stopper.count_from,
                            "has_best": [s is not None for s in stopper.best_state]}
         for e, st in enumerate(stopper.best_state):
             for j, t in enumerate(st or []):
@@ -184,7 +184,9 @@ def capture(stack, opt: torch.optim.Optimizer, sched, stopper, logs: list, step:
 
 
 def restore(state: PassState, stack, opt: torch.optim.Optimizer, sched, stopper, logs: list) -> None:
-    """Put `state` (from `capture` on the same pass) back into the loop's objects."""
+    """Put `state` (from `capture` on the same pass) back into the loop's objects. A state saved before early
+    stopping's patience skipped the warm-up has its edits' counts of evaluations without improvement counted
+    again from their curves (`stale_stop` says whether one of its edits was stopped by the old count)."""
     t, info = state.tensors, state.info
     with torch.no_grad():
         for e in range(stack.n_edits):
@@ -210,6 +212,23 @@ def restore(state: PassState, stack, opt: torch.optim.Optimizer, sched, stopper,
         s = info["stopper"]
         stopper.best_loss = [float(x) for x in s["best_loss"]]
         stopper.best_step, stopper.bad, stopper.stopped_at = list(s["best_step"]), list(s["bad"]), list(s["stopped_at"])
+        if "count_from" not in s:  # saved before warm-up evaluations stopped counting: count them again without those
+            stopper.bad = [b if stopper.stopped_at[e] is not None else
+                           sum(1 for v in logs[e].evals if stopper.best_step[e] < int(v["step"]) and
+                               int(v["step"]) >= stopper.count_from)
+                           for e, b in enumerate(stopper.bad)]
         stopper.best_state = [
             [t[f"best.{e}.{j}"].clone() for j in range(len(stack.edit_parameters(e)))] if has else None
             for e, has in enumerate(s["has_best"])]
+
+
+def stale_stop(state: PassState, warmup_steps: int, patience: int) -> bool:
+    """Whether a pass state saved before patience skipped the warm-up holds an edit that its old count stopped
+    inside the warm-up (edit.stopping.stopped_in_warmup): such a state cannot go on under today's rule."""
+    from locaudit.edit.stopping import stopped_in_warmup
+
+    s = state.info.get("stopper")
+    if not s or "count_from" in s:
+        return False
+    return any(at is not None and stopped_in_warmup({"stopped_step": at, "evals": d["evals"]}, warmup_steps, patience)
+               for at, d in zip(s["stopped_at"], state.info["logs"]))

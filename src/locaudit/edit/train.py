@@ -39,6 +39,7 @@ from locaudit.edit.resume import EVERY_STEPS as RESUME_EVERY_STEPS
 from locaudit.edit.resume import PassCheckpoint, pass_key
 from locaudit.edit.resume import capture as capture_state
 from locaudit.edit.resume import restore as resume_state
+from locaudit.edit.resume import stale_stop
 from locaudit.edit.stopping import EarlyStopping
 from locaudit.errors import ConfigError, LocauditError
 from locaudit.heads import HeadSet
@@ -77,6 +78,7 @@ class TrainLog:
     evals: list[dict] = field(default_factory=list)  # {step, epoch, val_loss, val_accuracy, val_margin}
     best: dict = field(default_factory=dict)  # the evaluation of the state returned: {step, val_loss, ...}
     stopped_step: int | None = None  # optimizer steps done when patience ran out (None: it never did)
+    patience_from: int | None = None  # the first step whose evaluation counted against patience (the warm-up's end)
     steps_run: int | None = None  # optimizer steps the pass ran (early stopping)
     resumed_at: list[int] = field(default_factory=list)  # optimizer steps at which the pass resumed (edit/resume.py)
     # TrainConfig.snapshot_steps: {optimizer steps done: (a, b) full-model tensors}; not part of to_dict
@@ -94,7 +96,7 @@ class TrainLog:
         """The curve as JSON-able data: the snapshots' tensors left out, the early-stopping fields only when used
         (a run without them records what it recorded before they existed)."""
         d = {k: v for k, v in asdict(replace(self, snapshots={})).items() if k != "snapshots"}
-        for k in ("evals", "best", "stopped_step", "steps_run", "resumed_at"):
+        for k in ("evals", "best", "stopped_step", "patience_from", "steps_run", "resumed_at"):
             if not d[k] and d[k] != 0:
                 d.pop(k)
         if self.snapshots:
@@ -318,11 +320,14 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     n = len(enc_train)
     n_micro = math.ceil(n / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
     epochs = cfg.resolved_epochs()
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, math.ceil(cfg.warmup_ratio * total)))
-    stopper = EarlyStopping(stack, cfg.patience, cfg.min_delta) if cfg.eval_every is not None else None
+    total, warmup = cfg.total_steps(n), cfg.warmup_steps(n)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, warmup))
+    stopper = None
+    if cfg.eval_every is not None:  # patience counts from the end of the warm-up
+        stopper = EarlyStopping(stack, cfg.patience, cfg.min_delta, count_from=warmup)
+        for lg in logs:
+            lg.patience_from = warmup
     snap_at = set(cfg.resolved_snapshots(total))
     last_eval: tuple[int, list[dict]] | None = None  # (step, per-edit validation) of the latest early-stopping check
     said = [time.perf_counter()]  # when progress was last logged
@@ -333,6 +338,11 @@ def _train_stack(lm: LoadedModel, heads_list: Sequence[HeadSet], enc_train: Enco
                                  {"tiled": tiled, "packed": runner.packed, "prefix": runner.use_prefix}),
                         [hs.to_string() for hs in heads_list], list(lrs))
         resumed = checkpoint.load()
+        if resumed is not None and stopper is not None and stale_stop(resumed, warmup, cfg.patience):
+            log.warning("%s: not resuming from %s: an edit in it was stopped by evaluations inside the learning-rate "
+                        "warm-up, which no longer count against patience; training the pass again",
+                        label or f"{E} edit(s)", checkpoint.path)
+            resumed = None
     ckpt_every = cfg.eval_every or RESUME_EVERY_STEPS
 
     def check(step: int, epoch: float) -> list[dict]:

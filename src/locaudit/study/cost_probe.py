@@ -12,7 +12,7 @@ scored), then multiplies them out per optimal trial:
     dose       = (MC + KL) per dose point
 
 How many steps an edit trains is not known before it runs (early stopping): the estimate is a range, from the
-earliest stop (`patience` checks without improvement) to the cap (`max_epochs` epochs). Edits trained together
+earliest stop (`patience` checks without improvement after the learning-rate warm-up) to the cap (`max_epochs` epochs). Edits trained together
 in one pass cost less than this (edit/multi.py: about `group_copy_cost` of a pass of their own), so the upper
 end is an upper bound. Each figure is given in wall seconds and in process-CPU seconds (CPU time is steadier
 when other work shares the machine; wall time is what a run on a quiet machine would take).
@@ -180,9 +180,7 @@ def _estimate(ctx, trials: list, cfg, m: dict, n_val: int, n_train: int) -> dict
 
     L = ctx.lm.sites.n_layers
     tr = m["train"]
-    steps_per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
-    cap = cfg.resolved_epochs() * steps_per_epoch
-    low_steps = min(cap, cfg.eval_every * cfg.patience) if cfg.eval_every else cap
+    cap, low_steps = cfg.total_steps(n_train), cfg.earliest_stop(n_train)
     out = {"trials": len(trials), "steps_low": low_steps, "steps_high": cap}
     for unit in ("wall_s", "cpu_s"):
         kind = unit.split("_")[0]

@@ -46,7 +46,8 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
     first = payload[trials[0].key]  # the group's shared settings (batch_key: all but location and lr are equal)
     heads = {t.key: ctx.heads(t) for t in trials}
     edit_dir = {t.key: ctx.run.optimal(payload[t.key].training_key()) for t in trials}
-    todo = [t for t in trials if not trained_ok(edit_dir[t.key])]
+    cfg = first.train_config(ctx.precision.name, max_parallel=len(trials))
+    todo = [t for t in trials if not trained_ok(edit_dir[t.key]) or stopped_by_warmup(edit_dir[t.key], cfg)]
     for t in todo:  # an untrusted folder loses its marker first: only a complete retraining restores it
         (edit_dir[t.key] / TRAINED_MARKER).unlink(missing_ok=True)
     diverged: list[str] = []
@@ -54,7 +55,6 @@ def run_optimal(ctx: RunContext, trials: list[Trial]) -> Iterator[tuple[str, dic
         seed = first.data.seed  # the subsample seed
         train_pairs = _subsample(ctx.data.pairs("train"), first.max_train_pairs, seed)
         val_pairs = _subsample(ctx.data.pairs("val"), first.max_val_pairs, seed + 1)
-        cfg = first.train_config(ctx.precision.name, max_parallel=len(trials))
         at = {t.key: j for j, t in enumerate(todo)}
         pos = {i: at[t.key] for i, t in enumerate(trials) if t.key in at}  # index in trials -> index in todo
 
@@ -132,6 +132,25 @@ def _score_group(ctx: RunContext, ready: list[Trial], edits: dict, edit_dir: dic
         for (key, step, _, _), m in zip(jobs, got):
             dose.setdefault(key, {})[step] = m
     return scored, dose
+
+
+def stopped_by_warmup(d: Path, cfg) -> bool:
+    """Whether the trained edit in `d` was stopped by early-stopping evaluations inside its learning-rate warm-up
+    (edit.stopping.stopped_in_warmup): trained before those stopped counting, it is retrained under `cfg`."""
+    from locaudit.edit.stopping import stopped_in_warmup
+
+    if cfg.eval_every is None:
+        return False
+    try:
+        curve = json.loads((d / "meta.json").read_text(encoding="utf-8")).get("curve") or {}
+    except (OSError, ValueError):
+        return False  # trained_ok has judged the folder
+    if not curve.get("n_train") or not stopped_in_warmup(curve, cfg.warmup_steps(int(curve["n_train"])), cfg.patience):
+        return False
+    log.warning("retraining the edit in %s: early stopping stopped it at step %s on evaluations inside its "
+                "learning-rate warm-up (%d steps), which no longer count against patience", d, curve["stopped_step"],
+                cfg.warmup_steps(int(curve["n_train"])))
+    return True
 
 
 def trained_ok(d: Path) -> bool:
