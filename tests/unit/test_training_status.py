@@ -34,12 +34,27 @@ def test_status_tells_a_plateau_from_the_step_cap() -> None:
     assert not e.loc["r@1", "plateaued"] and not e.loc["r@1", "best_at_last_check"]
     assert e.loc["r@0", "val_loss_before"] == 25.0 and e.loc["r@0", "val_loss_kept"] == 18.0
     g = per_group.set_index("group")
-    assert g.loc["top"].to_dict() == {"edits": 1, "plateaued": 1, "at_cap_improving": 0, "best_step_median": 32.0,
+    assert g.loc["top"].to_dict() == {"edits": 1, "plateaued": 1, "at_cap_improving": 0, "kept_unedited": 0,
+                                      "best_step_median": 32.0,
                                       "best_step_min": 32, "best_step_max": 32, "val_loss_kept_median": 18.0}
     assert (g.loc["random", "edits"], g.loc["random", "plateaued"], g.loc["random", "at_cap_improving"]) == (3, 1, 1)
     line = status_line(per_group)
     assert "probe top-K: 1 of 1 plateaued (best steps 32-32)" in line
     assert "random heads: 1 of 3 plateaued, 1 still improving at the step cap (best steps 32-128)" in line
+
+
+def test_status_counts_the_edits_that_kept_the_unedited_state() -> None:
+    """A single head whose validation loss only rose from its start keeps the identity edit (best step 0): the
+    report says so beside 'plateaued', which alone would read as an edit trained to its optimum."""
+    NOTHING = _curve([25.0, 25.001, 25.01, 25.02, 25.03], 16, 144, 144)
+    per_edit, per_group = training_status([("s@0", "single", NOTHING), ("s@1", "single", PLATEAU),
+                                           ("top4", "top", PLATEAU)])
+    assert per_edit.set_index("localizer")["kept_unedited"].to_dict() == {"s@0": True, "s@1": False, "top4": False}
+    g = per_group.set_index("group")
+    assert (g.loc["single", "kept_unedited"], g.loc["top", "kept_unedited"]) == (1, 0)
+    line = status_line(per_group)
+    assert "single heads: 2 of 2 plateaued, 1 kept the unedited state (no check beat it on validation)" in line
+    assert "probe top-K: 1 of 1 plateaued (best steps 32-32)" in line
 
 
 def test_status_without_early_stopping_is_empty() -> None:

@@ -89,6 +89,8 @@ def training_status(curves: list[tuple[str, str, dict]]) -> tuple[pd.DataFrame, 
 
     Per edit: `plateaued` (patience ran out: its validation loss stopped improving), else it trained to the step
     cap; `best_at_last_check` (the state kept is the last one checked: still improving when training ended);
+    `kept_unedited` (no check beat the unedited model, step 0: the edit kept is the identity, and its gain says
+    only that this location's training found nothing on validation);
     `steps` (where its training ended), `best_step`, `val_loss_before` and `val_loss_kept`. Per group: the edit
     count, how many plateaued and how many ended at the cap still improving, and the range of best steps. An
     edit that ends at the cap still improving is less near its optimum than one that plateaued: where groups
@@ -104,19 +106,21 @@ def training_status(curves: list[tuple[str, str, dict]]) -> tuple[pd.DataFrame, 
         rows.append({"localizer": name, "group": group, "plateaued": stopped is not None,
                      "steps": int(stopped if stopped is not None else (c.get("steps_run") or last)),
                      "best_step": int(best.get("step", last)), "best_at_last_check": int(best.get("step", -1)) == last,
+                     "kept_unedited": bool(best) and int(best.get("step", -1)) == 0,
                      "val_loss_before": (c.get("before") or {}).get("val_loss", evals[0]["val_loss"]),
                      "val_loss_kept": best.get("val_loss")})
     per_edit = pd.DataFrame(rows, columns=["localizer", "group", "plateaued", "steps", "best_step",
-                                           "best_at_last_check", "val_loss_before", "val_loss_kept"])
+                                           "best_at_last_check", "kept_unedited", "val_loss_before", "val_loss_kept"])
     if per_edit.empty:
         return per_edit, pd.DataFrame()
     g = per_edit.assign(at_cap_improving=~per_edit["plateaued"] & per_edit["best_at_last_check"]).groupby("group", sort=False)
     per_group = pd.DataFrame({
         "edits": g.size(), "plateaued": g["plateaued"].sum(), "at_cap_improving": g["at_cap_improving"].sum(),
+        "kept_unedited": g["kept_unedited"].sum(),
         "best_step_median": g["best_step"].median(), "best_step_min": g["best_step"].min(),
         "best_step_max": g["best_step"].max(), "val_loss_kept_median": g["val_loss_kept"].median(),
     }).reset_index()
-    for c in ("edits", "plateaued", "at_cap_improving", "best_step_min", "best_step_max"):
+    for c in ("edits", "plateaued", "at_cap_improving", "kept_unedited", "best_step_min", "best_step_max"):
         per_group[c] = per_group[c].astype(int)
     return per_edit, per_group
 
@@ -127,5 +131,6 @@ def status_line(per_group: pd.DataFrame) -> str | None:
         return None
     parts = [f"{GROUP_LABEL.get(r.group, r.group)}: {r.plateaued} of {r.edits} plateaued"
              + (f", {r.at_cap_improving} still improving at the step cap" if r.at_cap_improving else "")
+             + (f", {r.kept_unedited} kept the unedited state (no check beat it on validation)" if r.kept_unedited else "")
              + f" (best steps {r.best_step_min}-{r.best_step_max})" for r in per_group.itertuples()]
     return "Training ended by early stopping or by the step cap: " + "; ".join(parts) + "."
