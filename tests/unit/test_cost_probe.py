@@ -106,3 +106,21 @@ def test_dry_run_json_keeps_the_line_that_runs_it_with_its_overrides(tmp_path: P
     cmd = json.loads(res.stdout)["command"]
     assert cmd == f"locaudit run {path.as_posix()} --out {out.as_posix()} --precision bf16"
     assert not out.exists()
+
+
+def test_dry_run_json_line_carries_the_model_override_quoted_for_a_shell(tmp_path: Path) -> None:
+    """--model runs the design on another model: the kept line names it, and a path with a space stays one word."""
+    import json
+    import shlex
+
+    from locaudit.cli.main import app
+
+    folder = tmp_path / "my studies"
+    folder.mkdir()
+    path = _spec(folder)
+    out = tmp_path / "run two"
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--dry-run", "--json", "--model", "tiny:gpt2"])
+    assert res.exit_code == 0, res.output
+    cmd = json.loads(res.stdout)["command"]
+    assert shlex.split(cmd) == ["locaudit", "run", path.as_posix(), "--out", out.as_posix(), "--model", "tiny:gpt2"]
+    assert not out.exists()

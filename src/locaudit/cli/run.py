@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -98,9 +99,9 @@ def run(
     if measure and not dry_run:
         raise typer.BadParameter("--measure times a design's pieces: use it with --dry-run", param_hint="--measure")
     if dry_run:
-        cmd = " ".join(["locaudit run", study.as_posix(), "--out", Path(run_dir).as_posix()]
-                       + (["--model", model.strip()] if model is not None else [])
-                       + (["--precision", precision.value] if precision is not None else []))
+        cmd = shlex.join(["locaudit", "run", study.as_posix(), "--out", Path(run_dir).as_posix()]
+                         + (["--model", model.strip()] if model is not None else [])
+                         + (["--precision", precision.value] if precision is not None else []))  # quoted for a shell
         _dry_run(spec, run_dir, json_out, pilot, measure, cmd)
         return
     summary = run_study(spec, run_dir, executor=executor, address=address, retry_failed=retry_failed, kinds=kinds,
