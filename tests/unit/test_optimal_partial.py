@@ -47,20 +47,25 @@ def _rows(run: Path) -> dict:
         return {r["key"]: r for r in led.rows() if r["kind"] == "optimal"}
 
 
-def test_passes_trained_before_a_kill_are_kept(tmp_path: Path, monkeypatch) -> None:
-    from locaudit.edit import multi
-    from locaudit.study.runner import run_study
+def _spec(tmp_path: Path, options: str | None = None):
+    """The tiny study with its data written under tmp_path; `options` replaces its train_options."""
     from locaudit.study.spec import load_study
-    from locaudit.study.steps.optimal import TRAINED_MARKER
 
     data = tmp_path / "data"
     data.mkdir()
     write_judge_data(data, mc=True)
     spec_path = tmp_path / "study.yaml"
-    spec_path.write_text(STUDY.format(csv=data / "TruthfulQA.csv"))
-    spec = load_study(spec_path)
+    text = STUDY.format(csv=data / "TruthfulQA.csv")
+    spec_path.write_text(text.replace("{max_parallel: 2}", options) if options else text)
+    return load_study(spec_path)
+
+
+def _die_in_the_second_pass(monkeypatch, passes: list[int]):
+    """Make the group's second training pass 'die' (each pass's edit count goes into `passes`); returns the real
+    train_stack."""
+    from locaudit.edit import multi
+
     real = multi.train_stack
-    passes: list[int] = []
 
     def dies_in_the_second_pass(lm, heads, *a, **k):
         passes.append(len(heads))
@@ -69,6 +74,17 @@ def test_passes_trained_before_a_kill_are_kept(tmp_path: Path, monkeypatch) -> N
         return real(lm, heads, *a, **k)
 
     monkeypatch.setattr(multi, "train_stack", dies_in_the_second_pass)
+    return real
+
+
+def test_passes_trained_before_a_kill_are_kept(tmp_path: Path, monkeypatch) -> None:
+    from locaudit.edit import multi
+    from locaudit.study.runner import run_study
+    from locaudit.study.steps.optimal import TRAINED_MARKER
+
+    spec = _spec(tmp_path)
+    passes: list[int] = []
+    real = _die_in_the_second_pass(monkeypatch, passes)
     first = run_study(spec, tmp_path / "run", progress=False)
     assert first.failed > 0 and len(passes) == 2
     kept = sorted((tmp_path / "run" / "shared").glob(f"optimal-*/{TRAINED_MARKER}"))
@@ -144,25 +160,11 @@ def test_an_edit_stopped_inside_its_warmup_by_the_old_count_is_trained_again(tmp
     from locaudit.edit import multi
     from locaudit.io import write_checksums
     from locaudit.study.runner import run_study
-    from locaudit.study.spec import load_study
 
-    data = tmp_path / "data"
-    data.mkdir()
-    write_judge_data(data, mc=True)
-    spec_path = tmp_path / "study.yaml"  # 8 pairs in batches of 4, 4 epochs: 8 steps, the first 4 warm-up
-    spec_path.write_text(STUDY.format(csv=data / "TruthfulQA.csv").replace(
-        "{max_parallel: 2}", "{max_parallel: 2, eval_every: 1, patience: 1, max_epochs: 4, warmup_ratio: 0.5}"))
-    spec = load_study(spec_path)
-    real = multi.train_stack
+    # 8 pairs in batches of 4, 4 epochs: 8 steps, the first 4 warm-up
+    spec = _spec(tmp_path, "{max_parallel: 2, eval_every: 1, patience: 1, max_epochs: 4, warmup_ratio: 0.5}")
     passes: list[int] = []
-
-    def dies_in_the_second_pass(lm, heads, *a, **k):
-        passes.append(len(heads))
-        if len(passes) == 2:
-            raise Killed("killed in the second pass")
-        return real(lm, heads, *a, **k)
-
-    monkeypatch.setattr(multi, "train_stack", dies_in_the_second_pass)
+    real = _die_in_the_second_pass(monkeypatch, passes)
     assert run_study(spec, tmp_path / "run", progress=False).failed > 0
     metas = sorted((tmp_path / "run" / "shared").glob("optimal-*/meta.json"))
     assert len(metas) == passes[0] >= 1
