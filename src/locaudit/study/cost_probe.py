@@ -12,15 +12,14 @@ scored), then multiplies them out per optimal trial:
     dose       = (MC + KL) per dose point
 
 How many steps an edit trains is not known before it runs (early stopping): the estimate is a range, from the
-earliest stop (`patience` checks without improvement after the learning-rate warm-up) to the cap (`max_epochs` epochs). Edits trained together
-in one pass cost less than this (edit/multi.py: about `group_copy_cost` of a pass of their own), so the upper
-end is an upper bound. Each figure is given in wall seconds and in process-CPU seconds (CPU time is steadier
+earliest stop (`patience` checks without improvement after the learning-rate warm-up,
+`TrainConfig.earliest_stop`) to the cap (`max_epochs` epochs). Edits trained together in one pass cost less
+than this (edit/multi.py: about `group_copy_cost` of a pass of their own), so the upper end is an upper bound. Each figure is given in wall seconds and in process-CPU seconds (CPU time is steadier
 when other work shares the machine; wall time is what a run on a quiet machine would take).
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from datetime import datetime, timezone

@@ -92,7 +92,8 @@ def training_status(curves: list[tuple[str, str, dict]]) -> tuple[pd.DataFrame, 
     `kept_unedited` (no check beat the unedited model, step 0: the edit kept is the identity, and its gain says
     only that this location's training found nothing on validation);
     `steps` (where its training ended), `best_step`, `val_loss_before` and `val_loss_kept`. Per group: the edit
-    count, how many plateaued and how many ended at the cap still improving, and the range of best steps. An
+    count, how many plateaued, how many ended at the cap still improving, how many kept the unedited state, and
+    the range of best steps. An
     edit that ends at the cap still improving is less near its optimum than one that plateaued: where groups
     differ in that, so may their gains, for a reason that is not the location."""
     rows = []
