@@ -5,11 +5,11 @@
         [--planned "Gemma 3 270M=docs/plans/answer_gemma3.json"]
         [--out docs/results.md] [--check]
 
-Each `--study NAME=RUN` reads RUN/report (built by `locaudit run` / `locaudit report`): verdict.json and
-verdict.csv (the headline table), singles.csv (single heads vs full alignment), matched_kl.csv (the gain at
-matched KL, where the study has dose curves), timing.csv (trial costs) and the figures, which are copied to
-docs/results/NAME-SLUG/. Each `--judge NAME=REPORT` adds a report of the same run re-scored by another judge
-(`locaudit report RUN --judge SPEC`): its verdict on the judged metrics beside the study's own, and the
+Each `--study NAME=RUN` reads RUN/report (built by `locaudit run` / `locaudit report`): verdict.json (the headline
+table, and the comparison at matched KL where the study has dose curves), comparisons.csv (the secondary metrics:
+True*Info, True, Info, MC1), singles.csv (single heads vs full alignment), timing.csv (trial costs) and the figures,
+which are copied to docs/results/NAME-SLUG/. Each `--judge NAME=REPORT` adds a report of the same run re-scored by
+another judge (`locaudit report RUN --judge SPEC`): its comparisons on the judged metrics beside the study's own, and the
 agreement of the two judges over every finished edit (Spearman correlation of the edits' True*Info, the share of
 edits whose True*Info differ by under 0.05). Each `--planned NAME=DRYRUN` is a study designed but not run yet,
 from its dry-run's JSON (results_doc_planned.py): its design checks and measured cost, and the line that runs it.
@@ -47,6 +47,7 @@ FIGURE_TITLES = {"hist": "{m}: random draws (histogram) with the candidate and f
                  "single_vs_full": "{m}: single heads vs full alignment", "dose_kl": "Gain vs KL on generic text (dose curves)",
                  "learning_curves": "Validation IPO loss while training (early stopping)"}
 JUDGED = ("true_info", "true", "info", "true_info_prob")
+SECONDARY = ("true_info", "true", "info", "mc1")  # secondary metrics the page shows, where the study has them
 
 
 @dataclass
@@ -56,9 +57,9 @@ class Study:
     verdict: dict
     table: pd.DataFrame
     singles: pd.DataFrame | None
-    matched: pd.DataFrame | None
     timing: pd.DataFrame | None
     results: pd.DataFrame | None
+    comparisons: pd.DataFrame | None = None
 
 
 def _csv(path: Path) -> pd.DataFrame | None:
@@ -78,8 +79,8 @@ def load_report(name: str, report: Path) -> Study:
         raise SystemExit(f"results_doc: {vpath} not found: build the report first (`locaudit report RUN`)")
     verdict = json.loads(vpath.read_text(encoding="utf-8"))
     table = pd.DataFrame(verdict.get("table") or [])
-    return Study(name, report, verdict, table, _csv(report / "singles.csv"), _csv(report / "matched_kl.csv"),
-                 _csv(report / "timing.csv"), _csv(report / "results.csv"))
+    return Study(name, report, verdict, table, _csv(report / "singles.csv"),
+                 _csv(report / "timing.csv"), _csv(report / "results.csv"), _csv(report / "comparisons.csv"))
 
 
 def slug(name: str) -> str:
@@ -100,10 +101,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def verdict_table(t: pd.DataFrame) -> str:
-    """The headline table: one row per edit method on its metric (verdict.csv's columns, rounded)."""
+def verdict_table(t: pd.DataFrame, empty: str = "_No headline comparison: the study has no finished comparison of "
+                                                "the candidate with random draws._") -> str:
+    """The headline table: one row per edit method on its metric (verdict.csv's columns, rounded); comparisons.csv
+    rows render alike (same columns)."""
     if t.empty:
-        return "_No headline comparison: the study has no finished comparison of the candidate with random draws._"
+        return empty
     rows = []
     for _, r in t.iterrows():
         rows.append([str(r["method"]), str(r["metric"]), f"**{r['outcome']}**", _f(r.get("candidate_mean")),
@@ -137,13 +140,36 @@ def singles_summary(s: pd.DataFrame | None, metric: str | None) -> str | None:
             f"{_f(best['gain_fraction_lcb'], 2)}).")
 
 
-def matched_table(m: pd.DataFrame | None) -> str | None:
-    if m is None or m.empty:
+def secondary_rows(st: Study, metrics: tuple[str, ...] = SECONDARY) -> pd.DataFrame:
+    """The candidate-vs-draws comparisons of the secondary metrics (comparisons.csv, at each location's selected
+    grid point; their own family, not the headline's), in the order of `metrics`; empty where there are none."""
+    c = st.comparisons
+    if c is None or c.empty or not {"metric", "scope", "family"} <= set(c.columns):
+        return pd.DataFrame()
+    rows = c[(c["scope"] == "selected") & (c["family"] == "secondary") & c["metric"].isin(metrics)]
+    return rows.sort_values("metric", key=lambda m: m.map(metrics.index), kind="stable")
+
+
+def matched_table(v: dict) -> str | None:
+    """The comparison at matched KL (verdict.json's matched_kl): the budget, the candidate's and the draws' gains
+    there and how many reached it, the difference with its interval and the tests; every location's gain at the
+    budget stays in the report (matched_kl.csv)."""
+    m = v.get("matched_kl") or {}
+    if not m or m.get("budget") is None:
         return None
-    keep = [c for c in m.columns if c in ("method", "metric", "budget", "kl_budget", "candidate", "candidate_gain",
-                                          "random_mean", "random_mean_gain", "n_random", "diff", "ci_low", "ci_high",
-                                          "p_combined", "tost_p", "outcome", "reached")]
-    return _md_table(keep, [[_f(v) if not isinstance(v, str) else v for v in row] for row in m[keep].itertuples(index=False)])
+    n = m.get("n_random")
+    reached = m.get("candidate_reached")
+    row = [f"**{m.get('outcome', 'n/a')}**", f"{_f(m.get('budget'))} ({m.get('budget_source', 'n/a')})",
+           f"{_f(m.get('candidate_gain'))} ({'reached' if reached else 'not reached' if reached is not None else 'n/a'})",
+           f"{_f(m.get('random_mean_gain'))} ± {_f(m.get('random_sd_gain'))} ({m.get('random_reached', 'n/a')} of "
+           f"{n if n is not None else 'n/a'} reached)",
+           f"{_f(m.get('diff'))} [{_f(m.get('ci_low'))}, {_f(m.get('ci_high'))}]", _f(m.get("p_rank")),
+           _f(m.get("p_mean")), _f(m.get("full_gain")), _f(m.get("tost_p"))]
+    table = _md_table(["outcome", "KL budget", "candidate gain", "random mean ± sd gain", "difference [CI]", "rank p",
+                       "t-test p", "full alignment's gain", "TOST p"], [row])
+    return (f"The gain in {m.get('metric', 'the primary metric')} over the unedited model at one KL on generic text "
+            "(each edit's training path interpolated; a path that never reaches the budget keeps its trained gain); "
+            "a secondary comparison, outside the headline family (docs/verdict.md).\n\n" + table)
 
 
 def cost_line(st: Study) -> str | None:
@@ -245,10 +271,13 @@ def render_study(st: Study, others: list[Study], fig_root: Path, out: Path, copy
         lines += [f"Cost: {c}", ""]
     lines += ["### Verdict", "", f"**{v.get('headline', '')}**", "", verdict_table(st.table), ""]
     lines += ["In plain words: " + plain_words(st), ""]
+    sec = secondary_rows(st)
+    if not sec.empty:
+        lines += ["Secondary metrics (their own family, not adjusted with the headline):", "", verdict_table(sec), ""]
     s = singles_summary(st.singles, m)
     if s:
         lines += ["### Single heads", "", s, ""]
-    mt = matched_table(st.matched)
+    mt = matched_table(v)
     if mt:
         lines += ["### Matched collateral damage", "", mt, ""]
     tr = (v.get("training") or {}).get("line")
@@ -257,8 +286,7 @@ def render_study(st: Study, others: list[Study], fig_root: Path, out: Path, copy
     for other in others:
         jn = (other.verdict.get("judge") or {}).get("judge", other.report.name)
         lines += [f"### Under another judge: `{jn}`", "",
-                  verdict_table(other.table[other.table["metric"].isin(JUDGED)] if not other.table.empty
-                                else other.table), ""]
+                  verdict_table(secondary_rows(other, JUDGED), "_No judged comparison in this report._"), ""]
         ag = judge_agreement(st, other)
         if ag:
             lines += [ag, ""]

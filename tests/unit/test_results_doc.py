@@ -71,7 +71,7 @@ def test_the_page_carries_the_reports_numbers_and_figures(run, tmp_path) -> None
                                             ("inconclusive", "absence of a difference is not equivalence")])
 def test_plain_words_follow_the_outcome(outcome: str, words: str) -> None:
     st = rd.Study("m", Path("."), {}, pd.DataFrame([{"method": "optimal", "metric": "mc2", "outcome": outcome}]),
-                  None, None, None, None)
+                  singles=None, timing=None, results=None)
     assert words in rd.plain_words(st) and outcome in rd.plain_words(st)
     others = [w for o, w in [("evidence for", "against the paper's general claim"), ("evidence against", "as the paper argues")]
               if o != outcome]
@@ -83,9 +83,10 @@ def test_judge_agreement_is_spearman_over_the_same_edits() -> None:
     keys = [f"k{i}" for i in range(12)]
     a = rng.uniform(0, 1, 12)
     b = a + rng.normal(0, 0.2, 12)
-    sa = rd.Study("m", Path("."), {}, pd.DataFrame(), None, None, None, pd.DataFrame({"key": keys, "true_info": a}))
-    sb = rd.Study("m", Path("."), {}, pd.DataFrame(), None, None, None,
-                  pd.DataFrame({"key": keys[::-1] + ["extra"], "true_info": list(b[::-1]) + [0.5]}))
+    sa = rd.Study("m", Path("."), {}, pd.DataFrame(), singles=None, timing=None,
+                  results=pd.DataFrame({"key": keys, "true_info": a}))
+    sb = rd.Study("m", Path("."), {}, pd.DataFrame(), singles=None, timing=None,
+                  results=pd.DataFrame({"key": keys[::-1] + ["extra"], "true_info": list(b[::-1]) + [0.5]}))
     line = rd.judge_agreement(sa, sb)
     rho = sps.spearmanr(a, b).statistic
     assert "Over 12 edits" in line and f"Spearman correlation {rho:.2f}" in line
@@ -252,3 +253,59 @@ def test_the_committed_pages_planned_studies_are_their_dry_runs(monkeypatch) -> 
         assert src, f"{heading}: a planned section names the dry-run it renders"
         name = heading.split(" — ", 1)[1]
         assert rd.main(["--planned", f"{name}={src.group(1)}", "--out", "docs/results.md", "--check"]) == 0, heading
+
+
+def test_secondary_metrics_and_another_judges_comparisons_are_shown(run, tmp_path) -> None:
+    """The secondary metrics' comparisons (comparisons.csv: selected grid point, secondary family) follow the
+    headline; a re-judged report's judged metrics come from its comparisons.csv, not from its headline table."""
+    import shutil
+
+    out = tmp_path / "docs" / "results.md"
+    c = pd.read_csv(run / "report" / "comparisons.csv")
+    mc1 = c[(c["method"] == "optimal") & (c["metric"] == "mc1") & (c["scope"] == "selected")
+            & (c["family"] == "secondary")].iloc[0]
+    assert rd.main(["--study", f"Tiny model={run}", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Secondary metrics (their own family" in text
+    row = next(line for line in text.splitlines() if line.startswith("| optimal | mc1 |"))
+    assert f"**{mc1['outcome']}**" in row and f"| {mc1['candidate_mean']:.3f} |" in row
+    assert sum(line.startswith("| optimal | mc1 |") for line in text.splitlines()) == 1  # not its descriptive rows
+    judged = tmp_path / "report-judge"
+    shutil.copytree(run / "report", judged)
+    ti = mc1.copy()
+    ti["metric"], ti["candidate_mean"], ti["outcome"] = "true_info", 0.777, "evidence against"
+    pd.concat([c, ti.to_frame().T]).to_csv(judged / "comparisons.csv", index=False)
+    assert rd.main(["--study", f"Tiny model={run}", "--judge", f"Tiny model={judged}", "--out", str(out)]) == 0
+    text = out.read_text()
+    other = text.split("### Under another judge", 1)[1]
+    assert "| optimal | true_info | **evidence against** | 0.777 |" in other
+    assert "| optimal | mc1 |" not in other  # only the judged metrics change with the judge
+    assert "true_info" not in text.split("### Under another judge", 1)[0]  # the study's own judge scored none
+    (judged / "comparisons.csv").write_text(c[c["metric"] != "true_info"].to_csv(index=False))
+    assert rd.main(["--study", f"Tiny model={run}", "--judge", f"Tiny model={judged}", "--out", str(out)]) == 0
+    assert "_No judged comparison in this report._" in out.read_text()
+
+
+def test_matched_kl_is_one_row_of_the_decision(run, tmp_path) -> None:
+    import json
+    import shutil
+
+    rep = tmp_path / "run" / "report"
+    shutil.copytree(run / "report", rep)
+    out = tmp_path / "docs" / "results.md"
+    assert rd.main(["--study", f"Tiny model={rep.parent}", "--out", str(out)]) == 0
+    assert "### Matched collateral damage" not in out.read_text()  # the fake run has no dose curves
+    v = json.loads((rep / "verdict.json").read_text())
+    v["matched_kl"] = {"budget": 0.478, "budget_source": "0.5 x full alignment's KL (0.9561)", "metric": "mc2",
+                       "candidate_gain": 0.267, "candidate_reached": False, "random_mean_gain": 0.237,
+                       "random_sd_gain": 0.0403, "random_reached": 12, "n_random": 39, "diff": 0.0296,
+                       "ci_low": 0.0004, "ci_high": 0.0587, "p_rank": 0.225, "p_mean": 0.0234, "full_gain": 0.228,
+                       "tost_p": 0.675, "outcome": "inconclusive",
+                       "locations": [{"localizer": f"random16@{i}", "gain": 0.2} for i in range(39)]}
+    (rep / "verdict.json").write_text(json.dumps(v))
+    assert rd.main(["--study", f"Tiny model={rep.parent}", "--out", str(out)]) == 0
+    section = out.read_text().split("### Matched collateral damage", 1)[1].split("###", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| **")]
+    assert rows == ["| **inconclusive** | 0.478 (0.5 x full alignment's KL (0.9561)) | 0.267 (not reached) | "
+                    "0.237 ± 0.040 (12 of 39 reached) | 0.030 [0.0004, 0.059] | 0.225 | 0.023 | 0.228 | 0.675 |"]
+    assert "random16@" not in section  # every location's gain stays in the report
