@@ -182,8 +182,17 @@ def cost_line(st: Study) -> str | None:
     parts = ", ".join(f"{r.kind} {int(r.trials)} x {_f(r.mean_wall_s / 60, 1)} min" for r in t.itertuples()
                       if r.kind != "total" and r.trials > 0)
     row = tot.iloc[0]
-    return (f"{int(row['trials'])} trials, {_f(row['wall_s'] / 3600, 2)} h of trial wall time "
-            f"({_f(row['cpu_s'] / 3600, 2)} CPU-h): {parts}.")
+    cpu = row.get("cpu_s")
+    cpu = _f(cpu / 3600, 2) if isinstance(cpu, (int, float)) and math.isfinite(cpu) else "n/a"
+    earlier = float(row.get("earlier_attempts_s", 0) or 0)
+    unknown = int(row.get("unknown_attempts", 0) or 0)
+    if earlier > 0 or unknown > 0:  # interrupted attempts (a resumed pass goes on from its checkpoint): their CPU is not known
+        when = (f", {_f(earlier / 3600, 2)} h of it in earlier attempts that were interrupted"
+                + (f" (and {unknown} more of unknown length: a lower bound)" if unknown else "")
+                + f"; {cpu} CPU-h in the attempts that finished")
+    else:
+        when = f" ({cpu} CPU-h)"
+    return f"{int(row['trials'])} trials, {_f(row['wall_s'] / 3600, 2)} h of trial wall time{when}: {parts}."
 
 
 def judge_agreement(a: Study, b: Study, metric: str = "true_info") -> str | None:

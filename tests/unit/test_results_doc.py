@@ -309,3 +309,19 @@ def test_matched_kl_is_one_row_of_the_decision(run, tmp_path) -> None:
     assert rows == ["| **inconclusive** | 0.478 (0.5 x full alignment's KL (0.9561)) | 0.267 (not reached) | "
                     "0.237 ± 0.040 (12 of 39 reached) | 0.030 [0.0004, 0.059] | 0.225 | 0.023 | 0.228 | 0.675 |"]
     assert "random16@" not in section  # every location's gain stays in the report
+
+
+def test_the_cost_line_says_what_interrupted_attempts_ran() -> None:
+    def line(**total):
+        t = pd.DataFrame([{"kind": "optimal", "trials": 2, "wall_s": 7200.0, "mean_wall_s": 3600.0},
+                          {"kind": "total", "trials": 2, "wall_s": 7200.0, "mean_wall_s": None, **total}])
+        return rd.cost_line(rd.Study("m", Path("."), {}, pd.DataFrame(), singles=None, timing=t, results=None))
+
+    assert line(cpu_s=3600.0, earlier_attempts_s=0.0, unknown_attempts=0) == (
+        "2 trials, 2.00 h of trial wall time (1.00 CPU-h): optimal 2 x 60.0 min.")
+    assert line(cpu_s=3600.0, earlier_attempts_s=5400.0, unknown_attempts=0) == (
+        "2 trials, 2.00 h of trial wall time, 1.50 h of it in earlier attempts that were interrupted; 1.00 CPU-h in "
+        "the attempts that finished: optimal 2 x 60.0 min.")
+    assert "(and 1 more of unknown length: a lower bound)" in line(cpu_s=3600.0, earlier_attempts_s=0.0,
+                                                                   unknown_attempts=1)
+    assert "(n/a CPU-h)" in line()  # a ledger without CPU times
