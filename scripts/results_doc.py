@@ -9,8 +9,8 @@ Each `--study NAME=RUN` reads RUN/report (built by `locaudit run` / `locaudit re
 table, and the comparison at matched KL where the study has dose curves), comparisons.csv (the secondary metrics:
 True*Info, True, Info, MC1), singles.csv (single heads vs full alignment), timing.csv (trial costs) and the figures,
 which are copied to docs/results/NAME-SLUG/. Each `--judge NAME=REPORT` adds a report of the same run re-scored by
-another judge (`locaudit report RUN --judge SPEC`): its comparisons on the judged metrics beside the study's own, and the
-agreement of the two judges over every finished edit (Spearman correlation of the edits' True*Info, the share of
+another judge (`locaudit report RUN --judge SPEC`): its comparisons on the judged metrics beside the study's own,
+and the agreement of the two judges over every finished edit (Spearman correlation of the edits' True*Info, the share of
 edits whose True*Info differ by under 0.05). Each `--planned NAME=DRYRUN` is a study designed but not run yet,
 from its dry-run's JSON (results_doc_planned.py): its design checks and measured cost, and the line that runs it.
 `--check` exits 1 when the file on disk differs from what the reports give (the docs test runs it on the committed
@@ -160,7 +160,8 @@ def matched_table(v: dict) -> str | None:
     n = m.get("n_random")
     reached = m.get("candidate_reached")
     row = [f"**{m.get('outcome', 'n/a')}**", f"{_f(m.get('budget'))} ({m.get('budget_source', 'n/a')})",
-           f"{_f(m.get('candidate_gain'))} ({'reached' if reached else 'not reached' if reached is not None else 'n/a'})",
+           f"{_f(m.get('candidate_gain'))} "
+           f"({'reached' if reached else 'not reached' if reached is not None else 'n/a'})",
            f"{_f(m.get('random_mean_gain'))} ± {_f(m.get('random_sd_gain'))} ({m.get('random_reached', 'n/a')} of "
            f"{n if n is not None else 'n/a'} reached)",
            f"{_f(m.get('diff'))} [{_f(m.get('ci_low'))}, {_f(m.get('ci_high'))}]", _f(m.get("p_rank")),
@@ -186,7 +187,7 @@ def cost_line(st: Study) -> str | None:
     cpu = _f(cpu / 3600, 2) if isinstance(cpu, (int, float)) and math.isfinite(cpu) else "n/a"
     earlier = float(row.get("earlier_attempts_s", 0) or 0)
     unknown = int(row.get("unknown_attempts", 0) or 0)
-    if earlier > 0 or unknown > 0:  # interrupted attempts (a resumed pass goes on from its checkpoint): their CPU is not known
+    if earlier > 0 or unknown > 0:  # interrupted attempts (a resumed pass goes on from its checkpoint): CPU not known
         when = (f", {_f(earlier / 3600, 2)} h of it in earlier attempts that were interrupted"
                 + (f" (and {unknown} more of unknown length: a lower bound)" if unknown else "")
                 + f"; {cpu} CPU-h in the attempts that finished")
