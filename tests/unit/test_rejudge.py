@@ -217,3 +217,26 @@ def test_study_questions_reads_every_question_of_the_studys_data(tmp_path: Path)
     got = study_questions(spec)
     texts = [line.split(",")[2] for line in (tmp_path / "TruthfulQA.csv").read_text().splitlines()[1:]]
     assert got == {question_id(t): t for t in texts}
+
+
+def test_a_stopped_rejudge_keeps_the_chunks_it_scored(run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    class Stops(Contrarian):
+        def score(self, questions, answers):
+            if self.scored:
+                raise KeyboardInterrupt  # stopped during its second chunk
+            return super().score(questions, answers)
+
+    with Ledger(run) as led:
+        rows = led.rows()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run, fresh)
+    n_eval = sum(1 for r in rows if (r.get("artifacts") or {}).get("eval"))
+    with pytest.raises(KeyboardInterrupt):
+        rejudge_rows(run, rows, Stops(), chunk_answers=2 * len(QIDS))
+    assert len(list((run / "rejudged").glob("*/*.jsonl"))) == 2  # the first chunk's two trials
+    resumed, summary = rejudge_rows(run, rows, Contrarian(), chunk_answers=2 * len(QIDS))
+    assert summary["trials"] == n_eval
+    whole, _ = rejudge_rows(fresh, rows, Contrarian())  # one uninterrupted call, one chunk
+    assert [r["metrics"] for r in resumed] == [r["metrics"] for r in whole]

@@ -1,9 +1,9 @@
 """Re-score a study's answers with another judge: does the verdict depend on the judge?
 
 Every finished trial keeps its greedy answers (`eval/generations.jsonl`). `rejudge_rows` scores them all
-with another judge in one batched call (a (question, answer) pair that several trials share is scored
-once), writes each trial's judgements to `RUN/rejudged/<judge slug>/<trial key>.jsonl` (kept: a second
-report with the same judge scores nothing), and returns the ledger rows with True, Info and True*Info
+with another judge in batched calls over chunks of trials (a (question, answer) pair that several trials share
+is scored once), writes each trial's judgements to `RUN/rejudged/<judge slug>/<trial key>.jsonl` as its chunk
+ends (kept: a second report with the same judge scores nothing, and a stopped one goes on from there), and returns the ledger rows with True, Info and True*Info
 recomputed exactly as the evaluation computes them (`EvalResult.set_judged`, at the trial's threshold).
 The report then reads the new judgements per question (`analysis.load_per_question` follows
 `artifacts["judgements"]`). MC, KL, CE and preferences do not use a judge and are unchanged.
@@ -105,13 +105,29 @@ def judges_used(run_dir: str | Path, rows: Sequence[dict]) -> dict[str, int]:
     return out
 
 
+def _chunks(keys: list[str], gens: Mapping[str, list[dict]], size: int) -> list[list[str]]:
+    """`keys` in order, cut into runs of trials holding about `size` answers each (a trial is never split)."""
+    out: list[list[str]] = []
+    n = 0
+    for k in keys:
+        if not out or n >= size:
+            out.append([])
+            n = 0
+        out[-1].append(k)
+        n += len(gens[k])
+    return out
+
+
 def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any, progress: bool = True,
-                 questions: Callable[[], Mapping[str, str]] | None = None) -> tuple[list[dict], dict[str, Any]]:
+                 questions: Callable[[], Mapping[str, str]] | None = None,
+                 chunk_answers: int = 512) -> tuple[list[dict], dict[str, Any]]:
     """(rows with judge metrics recomputed by `judge`, a summary {judge, slug, trials, answers, scored}).
 
     Rows without saved generations (not finished, no `gen` metric) are returned unchanged. `judge` is any
     object with `name` and `score(questions, answers) -> [JudgeScore | dict]` (locaudit.evaluate.judges).
     `questions`: called (once, if needed) for {qid: question} where a saved answer has no question (a pack's).
+    `chunk_answers`: the trials are scored in chunks of about this many answers, each trial's judgements written as
+    its chunk ends, so that a re-judge stopped part way keeps what it scored (a distinct answer is scored once).
     """
     from locaudit.evaluate.results import EvalResult
     from locaudit.evaluate.runner import judge_values
@@ -134,20 +150,25 @@ def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any, progress
             except Exception:  # a damaged cache file is re-scored
                 pass
     todo = [k for k in gens if k not in cached]
-    pairs = list(dict.fromkeys((g["question"], g["answer"]) for k in todo for g in gens[k]))
+    n_pairs = len(dict.fromkeys((g["question"], g["answer"]) for k in todo for g in gens[k]))
     scores: dict[tuple[str, str], tuple[float | None, float | None]] = {}
-    if pairs:
-        log.info("re-scoring %d distinct answers of %d trials with judge %s", len(pairs), len(todo), name)
-        raw = judge.score([q for q, _ in pairs], [a for _, a in pairs])
-        truth, info = judge_values(raw, len(pairs), name)
-        scores = {p: (t, i) for p, t, i in zip(pairs, truth, info)}
-    for key in todo:
-        recs = [{"qid": g["qid"], "answer": g["answer"], "truth": scores[(g["question"], g["answer"])][0],
-                 "info": scores[(g["question"], g["answer"])][1]} for g in gens[key]]
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / f"{key}.jsonl", "".join(json.dumps(strict_json(x), allow_nan=False) + "\n"
-                                                           for x in recs))
-        cached[key] = recs
+    if n_pairs:
+        log.info("re-scoring %d distinct answers of %d trials with judge %s", n_pairs, len(todo), name)
+    # in chunks of trials, each trial's judgements written as its chunk ends: a stopped re-judge keeps what it scored
+    for chunk in _chunks(todo, gens, chunk_answers):
+        pairs = list(dict.fromkeys((g["question"], g["answer"]) for k in chunk for g in gens[k]
+                                   if (g["question"], g["answer"]) not in scores))
+        if pairs:
+            raw = judge.score([q for q, _ in pairs], [a for _, a in pairs])
+            truth, info = judge_values(raw, len(pairs), name)
+            scores.update({p: (t, i) for p, t, i in zip(pairs, truth, info)})
+        for key in chunk:
+            recs = [{"qid": g["qid"], "answer": g["answer"], "truth": scores[(g["question"], g["answer"])][0],
+                     "info": scores[(g["question"], g["answer"])][1]} for g in gens[key]]
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / f"{key}.jsonl", "".join(json.dumps(strict_json(x), allow_nan=False) + "\n"
+                                                               for x in recs))
+            cached[key] = recs
     out = []
     for r in rows:
         if r["key"] not in cached:
@@ -169,7 +190,7 @@ def rejudge_rows(run_dir: str | Path, rows: Sequence[dict], judge: Any, progress
         r["artifacts"] = {**(r.get("artifacts") or {}), "judgements": str((folder / f"{r['key']}.jsonl").relative_to(run_dir))}
         out.append(r)
     summary = {"judge": name, "slug": slug, "trials": len(cached), "answers": sum(len(v) for v in cached.values()),
-               "scored": len(pairs)}
+               "scored": len(scores)}
     return out, summary
 
 
