@@ -5,8 +5,9 @@ with another judge in batched calls over chunks of trials (a (question, answer) 
 is scored once), writes each trial's judgements to `RUN/rejudged/<judge slug>/<trial key>.jsonl` as its chunk
 ends (kept: a second report with the same judge scores nothing, and a stopped one goes on from there), and
 returns the ledger rows with True, Info and True*Info recomputed exactly as the evaluation computes them
-(`EvalResult.set_judged`, at the trial's threshold). The report then reads the new judgements per question (`analysis.load_per_question` follows
-`artifacts["judgements"]`). MC, KL, CE and preferences do not use a judge and are unchanged.
+(`EvalResult.set_judged`, at the trial's threshold). The report then reads the new judgements per question
+(`analysis.load_per_question` follows `artifacts["judgements"]`). MC, KL, CE and preferences do not use a judge
+and are unchanged.
 
 This asks how much the conclusion rests on one judge (e.g. locaudit's default judge, whose features come
 from the model under study, against one on another backbone, or an API judge). Agreement between two
